@@ -1,0 +1,100 @@
+//! The admin listener: `/healthz` (the process answers) and `/readyz` (200 only while a snapshot
+//! is in force). Loopback by default; it exposes no key material.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::snapshot::SnapshotStore;
+
+/// Serve the admin endpoints until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    store: Arc<SnapshotStore>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(5));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; }
+            },
+        };
+        let store = store.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let store = store.clone();
+            async move { Ok::<_, Infallible>(route(&store, &req)) }
+        });
+        let conn = graceful.watch(
+            builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned(),
+        );
+        tokio::spawn(conn);
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
+}
+
+fn route(store: &SnapshotStore, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({"error": "method not allowed"}),
+        );
+    }
+    match req.uri().path() {
+        "/healthz" => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
+        "/readyz" => {
+            let current = store.current();
+            match current.as_ref() {
+                Some(s) => {
+                    let age = store
+                        .loaded_at()
+                        .and_then(|t| SystemTime::now().duration_since(t).ok())
+                        .map(|d| d.as_secs_f64());
+                    json(
+                        StatusCode::OK,
+                        serde_json::json!({"ready": true, "revision": s.revision, "keys": s.key_count(),
+                                           "quarantined": s.quarantined.len(), "loaded_seconds_ago": age}),
+                    )
+                }
+                None => json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    serde_json::json!({"ready": false, "reason": "no snapshot in force"}),
+                ),
+            }
+        }
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "not found"}),
+        ),
+    }
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}

@@ -1,0 +1,831 @@
+//! Configuration: the TOML file plus `KEYGATE__SECTION__KEY` environment overrides, read with the
+//! `config` crate into serde types ([`RawConfig`]), then validated into [`Settings`], the typed,
+//! checked form the rest of keygate uses.
+//!
+//! Every problem is reported with the dotted name of the key it concerns and what is wrong with
+//! it, and validation collects all problems instead of stopping at the first (`keygate config
+//! check` prints them all). Nothing here binds a socket or reads a snapshot.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderName;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::credential::{CredentialHeaders, PrefixRule, PrefixRules};
+use crate::path::PathOptions;
+use crate::routes::{RoutePattern, RouteTable};
+
+/// One problem with the configuration: the dotted key and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "config: {}: {}", self.key, self.message)
+    }
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("{}", render_problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+fn render_problems(problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems.iter().map(Problem::to_string).collect();
+    lines.join("\n")
+}
+
+impl ConfigError {
+    /// Every problem found, one per line when displayed.
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            ConfigError::Read { .. } => vec![self.to_string()],
+            ConfigError::Invalid(p) => p.iter().map(Problem::to_string).collect(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw, as written in the file. `deny_unknown_fields` turns a typo into an error naming the key.
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub environment: Option<String>,
+    #[serde(default)]
+    pub key_prefixes: Vec<RawPrefixRule>,
+    #[serde(default)]
+    pub snapshot: RawSnapshot,
+    #[serde(default)]
+    pub proxy: RawProxy,
+    #[serde(default)]
+    pub admin: RawListen,
+    #[serde(default)]
+    pub credentials: RawCredentials,
+    #[serde(default)]
+    pub identity_headers: RawIdentityHeaders,
+    #[serde(default)]
+    pub paths: RawPaths,
+    #[serde(default)]
+    pub routes: RawRoutes,
+    #[serde(default)]
+    pub idempotency: RawIdempotency,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub runtime: RawRuntime,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrefixRule {
+    pub prefix: String,
+    pub environment: String,
+    #[serde(default = "yes")]
+    pub checksum: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawSnapshot {
+    pub source: Option<String>,
+    pub path: Option<PathBuf>,
+    pub poll_interval: Option<String>,
+    pub pepper_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxy {
+    pub listen: Option<String>,
+    pub upstream: Option<String>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    pub connect_timeout: Option<String>,
+    pub upstream_timeout: Option<String>,
+    pub header_read_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub max_header_bytes: Option<usize>,
+    pub max_headers: Option<usize>,
+    pub pool_idle_per_host: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawListen {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawCredentials {
+    pub authorization_header: Option<String>,
+    pub api_key_header: Option<String>,
+    pub forward: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentityHeaders {
+    pub partner_id: Option<String>,
+    pub org_id: Option<String>,
+    pub key_id: Option<String>,
+    pub key_environment: Option<String>,
+    pub scopes: Option<String>,
+    pub request_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawPaths {
+    pub allow_semicolon: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoutes {
+    pub unmatched: Option<String>,
+    #[serde(default)]
+    pub rule: Vec<RawRouteRule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteRule {
+    pub route: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdempotency {
+    pub required: Option<bool>,
+    pub header: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Option<String>,
+    pub format: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawRuntime {
+    pub flavor: Option<String>,
+    pub worker_threads: Option<usize>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated.
+
+/// The checked configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub policy: Arc<Policy>,
+    pub snapshot: SnapshotSettings,
+    pub proxy: Option<ProxySettings>,
+    pub admin: Option<SocketAddr>,
+    pub headers: Arc<HeaderNames>,
+    pub log: LogSettings,
+    pub runtime: RuntimeSettings,
+}
+
+/// What the decision needs besides the snapshot: plain data, shared by every front.
+#[derive(Debug)]
+pub struct Policy {
+    /// The key environment this keygate serves.
+    pub environment: String,
+    pub prefixes: PrefixRules,
+    /// Route pattern → scopes the route needs (all of them).
+    pub routes: RouteTable<Arc<[Arc<str>]>>,
+    pub unmatched: Unmatched,
+    pub path: PathOptions,
+    pub idempotency_required: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmatched {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone)]
+pub struct SnapshotSettings {
+    pub path: PathBuf,
+    /// How often the file is stat-ed as a fallback for (and a check on) inotify.
+    pub poll_interval: Duration,
+    /// The pepper for `hmac-sha256:` digests, read from the environment at start.
+    pub pepper: Option<Arc<[u8]>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub listen: SocketAddr,
+    /// `scheme://authority` of the upstream, no path.
+    pub upstream: http::uri::Authority,
+    pub upstream_scheme: http::uri::Scheme,
+    pub trusted_proxies: Arc<[IpNet]>,
+    pub connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub pool_idle_per_host: usize,
+}
+
+/// Header names keygate reads and writes, all configurable.
+#[derive(Debug, Clone)]
+pub struct HeaderNames {
+    pub credentials: CredentialHeaders,
+    /// Forward credentials upstream instead of removing them.
+    pub forward_credentials: bool,
+    pub partner_id: HeaderName,
+    pub org_id: HeaderName,
+    pub key_id: HeaderName,
+    pub key_environment: HeaderName,
+    pub scopes: HeaderName,
+    pub request_id: HeaderName,
+    pub idempotency_key: HeaderName,
+}
+
+impl HeaderNames {
+    /// The identity header names: every inbound variant of these is stripped.
+    pub fn identity(&self) -> [&HeaderName; 6] {
+        [
+            &self.partner_id,
+            &self.org_id,
+            &self.key_id,
+            &self.key_environment,
+            &self.scopes,
+            &self.request_id,
+        ]
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub level: String,
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeFlavor {
+    MultiThread,
+    CurrentThread,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RuntimeSettings {
+    pub flavor: RuntimeFlavor,
+    /// 0 = one per core.
+    pub worker_threads: usize,
+}
+
+/// Read `path` (TOML) and the `KEYGATE__…` environment, then validate.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    load_with_env(path, std::env::vars())
+}
+
+/// As [`load`], with the environment given explicitly (tests).
+pub fn load_with_env(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Settings, ConfigError> {
+    let raw = read_raw(path, env)?;
+    validate(raw)
+}
+
+/// Parse TOML text (no environment overrides) and validate: used by `keygate demo` and tests.
+pub fn from_toml(text: &str) -> Result<Settings, ConfigError> {
+    let raw: RawConfig = config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| ConfigError::Read {
+            path: "<inline>".into(),
+            message: e.to_string(),
+        })?;
+    validate(raw)
+}
+
+fn read_raw(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<RawConfig, ConfigError> {
+    let shown = path.display().to_string();
+    if !path.exists() {
+        return Err(ConfigError::Read {
+            path: shown,
+            message: "no such file".into(),
+        });
+    }
+    let env: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("KEYGATE__"))
+        .collect();
+    let environment = config::Environment::with_prefix("KEYGATE")
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true)
+        .list_separator(",")
+        .with_list_parse_key("proxy.trusted_proxies")
+        .source(Some(env));
+    config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        .add_source(environment)
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| ConfigError::Read {
+            path: shown,
+            message: e.to_string(),
+        })
+}
+
+/// Check everything and build [`Settings`], or list every problem.
+pub fn validate(raw: RawConfig) -> Result<Settings, ConfigError> {
+    let mut v = Validator::default();
+
+    let environment = match raw.environment.as_deref() {
+        None => {
+            v.problem("environment", "is required (e.g. \"live\")");
+            String::new()
+        }
+        Some(e) if !is_token(e) => {
+            v.problem(
+                "environment",
+                format!("{e:?} must be letters, digits, '_' or '-'"),
+            );
+            String::new()
+        }
+        Some(e) => e.to_owned(),
+    };
+
+    let mut prefixes = Vec::new();
+    for (i, p) in raw.key_prefixes.iter().enumerate() {
+        let key = format!("key_prefixes[{i}]");
+        if p.prefix.is_empty()
+            || !p
+                .prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            v.problem(
+                format!("{key}.prefix"),
+                format!("{:?} must be 1 or more of A-Z a-z 0-9 _", p.prefix),
+            );
+        }
+        if !is_token(&p.environment) {
+            v.problem(
+                format!("{key}.environment"),
+                format!("{:?} must be letters, digits, '_' or '-'", p.environment),
+            );
+        }
+        if raw.key_prefixes[..i].iter().any(|q| q.prefix == p.prefix) {
+            v.problem(
+                format!("{key}.prefix"),
+                format!("{:?} is configured twice", p.prefix),
+            );
+        }
+        prefixes.push(PrefixRule {
+            prefix: p.prefix.clone(),
+            environment: p.environment.clone(),
+            checksum: p.checksum,
+        });
+    }
+
+    let snapshot = v.snapshot(&raw.snapshot);
+    let proxy = v.proxy(&raw.proxy);
+    let admin = v.listen("admin.listen", raw.admin.listen.as_deref());
+    let headers = v.headers(&raw.credentials, &raw.identity_headers, &raw.idempotency);
+
+    let unmatched = match raw.routes.unmatched.as_deref().unwrap_or("allow") {
+        "allow" => Unmatched::Allow,
+        "deny" => Unmatched::Deny,
+        other => {
+            v.problem(
+                "routes.unmatched",
+                format!("{other:?} must be \"allow\" or \"deny\""),
+            );
+            Unmatched::Allow
+        }
+    };
+    let mut rules = Vec::new();
+    for (i, r) in raw.routes.rule.iter().enumerate() {
+        let key = format!("routes.rule[{i}]");
+        match RoutePattern::parse(&r.route) {
+            Ok(p) => {
+                let mut scopes: Vec<Arc<str>> = Vec::new();
+                for s in &r.scopes {
+                    if !is_scope(s) {
+                        v.problem(
+                            format!("{key}.scopes"),
+                            format!("{s:?} is not a valid scope"),
+                        );
+                    } else if !scopes.iter().any(|x| &**x == s) {
+                        scopes.push(Arc::from(s.as_str()));
+                    }
+                }
+                rules.push((p, Arc::<[Arc<str>]>::from(scopes)));
+            }
+            Err(e) => v.problem(format!("{key}.route"), e.to_string()),
+        }
+    }
+    let routes = match RouteTable::new(rules) {
+        Ok(t) => t,
+        Err(e) => {
+            v.problem("routes.rule", e.to_string());
+            RouteTable::new(Vec::new()).expect("an empty route table is valid")
+        }
+    };
+
+    let log = LogSettings {
+        level: raw.log.level.clone().unwrap_or_else(|| "info".into()),
+        json: match raw.log.format.as_deref().unwrap_or("pretty") {
+            "pretty" => false,
+            "json" => true,
+            other => {
+                v.problem(
+                    "log.format",
+                    format!("{other:?} must be \"pretty\" or \"json\""),
+                );
+                false
+            }
+        },
+    };
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level) {
+        v.problem("log.level", format!("{:?}: {e}", log.level));
+    }
+    let runtime = RuntimeSettings {
+        flavor: match raw.runtime.flavor.as_deref().unwrap_or("multi_thread") {
+            "multi_thread" => RuntimeFlavor::MultiThread,
+            "current_thread" => RuntimeFlavor::CurrentThread,
+            other => {
+                v.problem(
+                    "runtime.flavor",
+                    format!("{other:?} must be \"multi_thread\" or \"current_thread\""),
+                );
+                RuntimeFlavor::MultiThread
+            }
+        },
+        worker_threads: raw.runtime.worker_threads.unwrap_or(0),
+    };
+
+    if proxy.is_none() && admin.is_none() && v.problems.is_empty() {
+        v.problem(
+            "proxy.listen",
+            "no front is configured: set proxy.listen (and proxy.upstream)",
+        );
+    }
+
+    if !v.problems.is_empty() {
+        return Err(ConfigError::Invalid(v.problems));
+    }
+    Ok(Settings {
+        policy: Arc::new(Policy {
+            environment,
+            prefixes: PrefixRules::new(prefixes),
+            routes,
+            unmatched,
+            path: PathOptions {
+                allow_semicolon: raw.paths.allow_semicolon.unwrap_or(false),
+            },
+            idempotency_required: raw.idempotency.required.unwrap_or(false),
+        }),
+        snapshot: snapshot.expect("no problems means a snapshot section"),
+        proxy,
+        admin,
+        headers: Arc::new(headers),
+        log,
+        runtime,
+    })
+}
+
+#[derive(Default)]
+struct Validator {
+    problems: Vec<Problem>,
+}
+
+impl Validator {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, key: &str, value: Option<&str>, default: Duration) -> Duration {
+        let Some(text) = value else { return default };
+        match humantime::parse_duration(text) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.problem(key, format!("{text:?} must be more than zero"));
+                default
+            }
+            Err(_) => {
+                self.problem(
+                    key,
+                    format!(
+                        "{text:?} is not a duration with a unit, like \"250ms\", \"5s\" or \"1m\""
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn listen(&mut self, key: &str, value: Option<&str>) -> Option<SocketAddr> {
+        let text = value.map(str::trim).filter(|s| !s.is_empty())?;
+        match text.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem(
+                    key,
+                    format!("{text:?} is not an address like \"127.0.0.1:8080\""),
+                );
+                None
+            }
+        }
+    }
+
+    fn header(&mut self, key: &str, value: Option<&str>, default: &'static str) -> HeaderName {
+        let text = value.unwrap_or(default);
+        match HeaderName::from_bytes(text.to_ascii_lowercase().as_bytes()) {
+            Ok(h) => h,
+            Err(_) => {
+                self.problem(key, format!("{text:?} is not a valid header name"));
+                HeaderName::from_static(default)
+            }
+        }
+    }
+
+    fn snapshot(&mut self, raw: &RawSnapshot) -> Option<SnapshotSettings> {
+        match raw.source.as_deref().unwrap_or("file") {
+            "file" => {}
+            other @ ("http" | "grpc") => {
+                self.problem(
+                    "snapshot.source",
+                    format!("{other:?} is not supported by this version yet; use \"file\""),
+                );
+            }
+            other => self.problem("snapshot.source", format!("{other:?} must be \"file\"")),
+        }
+        let path = match &raw.path {
+            Some(p) if !p.as_os_str().is_empty() => p.clone(),
+            _ => {
+                self.problem("snapshot.path", "is required (the snapshot JSON file)");
+                PathBuf::new()
+            }
+        };
+        let poll_interval = self.duration(
+            "snapshot.poll_interval",
+            raw.poll_interval.as_deref(),
+            Duration::from_secs(1),
+        );
+        let pepper = match raw.pepper_env.as_deref() {
+            None => None,
+            Some(var) => match std::env::var_os(var) {
+                Some(v) if !v.is_empty() => Some(Arc::from(v.as_encoded_bytes())),
+                _ => {
+                    self.problem(
+                        "snapshot.pepper_env",
+                        format!("the environment variable {var:?} is not set or empty"),
+                    );
+                    None
+                }
+            },
+        };
+        Some(SnapshotSettings {
+            path,
+            poll_interval,
+            pepper,
+        })
+    }
+
+    fn proxy(&mut self, raw: &RawProxy) -> Option<ProxySettings> {
+        let listen = self.listen("proxy.listen", raw.listen.as_deref());
+        let upstream = match (listen, raw.upstream.as_deref()) {
+            (None, _) => None,
+            (Some(_), None) => {
+                self.problem("proxy.upstream", "is required when proxy.listen is set");
+                None
+            }
+            (Some(_), Some(text)) => self.upstream(text),
+        };
+        let mut trusted = Vec::new();
+        for (i, c) in raw.trusted_proxies.iter().enumerate() {
+            match parse_cidr(c) {
+                Some(n) => trusted.push(n),
+                None => self.problem(
+                    format!("proxy.trusted_proxies[{i}]"),
+                    format!("{c:?} is not a CIDR like \"10.0.0.0/8\" or an IP address"),
+                ),
+            }
+        }
+        let connect_timeout = self.duration(
+            "proxy.connect_timeout",
+            raw.connect_timeout.as_deref(),
+            secs(2),
+        );
+        let upstream_timeout = self.duration(
+            "proxy.upstream_timeout",
+            raw.upstream_timeout.as_deref(),
+            secs(30),
+        );
+        let header_read_timeout = self.duration(
+            "proxy.header_read_timeout",
+            raw.header_read_timeout.as_deref(),
+            secs(10),
+        );
+        let idle_timeout =
+            self.duration("proxy.idle_timeout", raw.idle_timeout.as_deref(), secs(90));
+        let max_header_bytes = raw.max_header_bytes.unwrap_or(16 * 1024);
+        if !(8192..=1024 * 1024).contains(&max_header_bytes) {
+            self.problem(
+                "proxy.max_header_bytes",
+                format!("{max_header_bytes} must be between 8192 and 1048576"),
+            );
+        }
+        let max_headers = raw.max_headers.unwrap_or(100);
+        if !(16..=1000).contains(&max_headers) {
+            self.problem(
+                "proxy.max_headers",
+                format!("{max_headers} must be between 16 and 1000"),
+            );
+        }
+        let (scheme, authority) = upstream?;
+        Some(ProxySettings {
+            listen: listen?,
+            upstream: authority,
+            upstream_scheme: scheme,
+            trusted_proxies: trusted.into(),
+            connect_timeout,
+            upstream_timeout,
+            header_read_timeout,
+            idle_timeout,
+            max_header_bytes,
+            max_headers,
+            pool_idle_per_host: raw.pool_idle_per_host.unwrap_or(64),
+        })
+    }
+
+    fn upstream(&mut self, text: &str) -> Option<(http::uri::Scheme, http::uri::Authority)> {
+        let bad = |why: &str| format!("{text:?} {why}");
+        let uri: http::Uri = match text.parse() {
+            Ok(u) => u,
+            Err(_) => {
+                self.problem(
+                    "proxy.upstream",
+                    bad("is not a URL like \"http://127.0.0.1:3000\""),
+                );
+                return None;
+            }
+        };
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                self.problem(
+                    "proxy.upstream",
+                    bad("uses https, which this version does not support yet; use http"),
+                );
+                return None;
+            }
+            _ => {
+                self.problem("proxy.upstream", bad("is not an http URL"));
+                return None;
+            }
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            self.problem("proxy.upstream", bad("must not have a path or query"));
+            return None;
+        }
+        let authority = uri.authority()?.clone();
+        if authority.as_str().contains('@') {
+            self.problem("proxy.upstream", bad("must not carry credentials"));
+            return None;
+        }
+        Some((http::uri::Scheme::HTTP, authority))
+    }
+
+    fn headers(
+        &mut self,
+        c: &RawCredentials,
+        i: &RawIdentityHeaders,
+        idem: &RawIdempotency,
+    ) -> HeaderNames {
+        let names = HeaderNames {
+            credentials: CredentialHeaders {
+                authorization: self.header(
+                    "credentials.authorization_header",
+                    c.authorization_header.as_deref(),
+                    "authorization",
+                ),
+                api_key: self.header(
+                    "credentials.api_key_header",
+                    c.api_key_header.as_deref(),
+                    "x-api-key",
+                ),
+            },
+            forward_credentials: c.forward.unwrap_or(false),
+            partner_id: self.header(
+                "identity_headers.partner_id",
+                i.partner_id.as_deref(),
+                "x-partner-id",
+            ),
+            org_id: self.header("identity_headers.org_id", i.org_id.as_deref(), "x-org-id"),
+            key_id: self.header("identity_headers.key_id", i.key_id.as_deref(), "x-key-id"),
+            key_environment: self.header(
+                "identity_headers.key_environment",
+                i.key_environment.as_deref(),
+                "x-key-environment",
+            ),
+            scopes: self.header("identity_headers.scopes", i.scopes.as_deref(), "x-scopes"),
+            request_id: self.header(
+                "identity_headers.request_id",
+                i.request_id.as_deref(),
+                "x-request-id",
+            ),
+            idempotency_key: self.header(
+                "idempotency.header",
+                idem.header.as_deref(),
+                "idempotency-key",
+            ),
+        };
+        let all = names.identity();
+        for (n, name) in all.iter().enumerate() {
+            if all[..n]
+                .iter()
+                .any(|other| folded_eq(other.as_str(), name.as_str()))
+            {
+                self.problem(
+                    "identity_headers",
+                    format!("{name} is used for two identity headers"),
+                );
+            }
+            for cred in [&names.credentials.authorization, &names.credentials.api_key] {
+                if folded_eq(cred.as_str(), name.as_str()) {
+                    self.problem(
+                        "identity_headers",
+                        format!("{name} is also a credential header"),
+                    );
+                }
+            }
+        }
+        names
+    }
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// Header names equal once `_` is read as `-` (both lower case already).
+pub fn folded_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .all(|(x, y)| x == y || (matches!(x, b'_' | b'-') && matches!(y, b'_' | b'-')))
+}
+
+/// `10.0.0.0/8`, `::1/128` or a bare address (a /32 or /128).
+pub fn parse_cidr(s: &str) -> Option<IpNet> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .ok()
+        .map(|n| n.trunc())
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Scopes are visible ASCII without spaces or commas (they travel space-separated in a header).
+pub fn is_scope(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b',')
+}
+
+#[cfg(test)]
+mod tests;

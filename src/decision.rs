@@ -1,0 +1,160 @@
+//! The one decision: `decide(snapshot, policy, facts, now) -> Verdict`.
+//!
+//! Every front (reverse proxy, ext_authz, forward-auth) builds [`RequestFacts`] from its wire
+//! format and asks this function; none decides anything itself. Pure: no I/O, no clock (`now` is
+//! an argument), no logging, no allocation on the allow path. Checks run in the contract's order
+//! and the first that fails wins. Mutable per-key state (rate limits) lives beside it, in the
+//! fronts' shared state, not here.
+
+use std::net::IpAddr;
+
+use crate::config::{Policy, Unmatched};
+use crate::credential::{has_valid_checksum, Credential};
+use crate::deny::DenyReason;
+use crate::path::{NormalizedPath, PathError};
+use crate::snapshot::{KeyRecord, KeyStatus, Partner, PartnerStatus, Snapshot};
+
+/// What a front knows about a request, already extracted from the wire.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    pub method: &'a str,
+    /// The normalized path (the one that is also forwarded), or why it was refused.
+    pub path: Result<&'a NormalizedPath, PathError>,
+    pub host: Option<&'a str>,
+    /// The client as established by the front (peer, or `X-Forwarded-For` via trusted proxies).
+    /// `None` when it could not be established: any `allowed_cidrs` then refuses.
+    pub client_ip: Option<IpAddr>,
+    pub credential: Credential<'a>,
+    pub referer: Option<&'a [u8]>,
+    pub origin: Option<&'a [u8]>,
+    pub idempotency_key: Option<&'a [u8]>,
+}
+
+/// The answer. An allow borrows from the snapshot the decision was made on.
+#[derive(Debug)]
+pub enum Verdict<'s> {
+    Allow(Allow<'s>),
+    Deny(DenyReason),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Allow<'s> {
+    pub key: &'s KeyRecord,
+    pub partner: &'s Partner,
+}
+
+/// Methods that change state, for the idempotency check.
+pub fn is_mutating(method: &str) -> bool {
+    matches!(method, "POST" | "PUT" | "PATCH" | "DELETE")
+}
+
+/// Decide one request. `snapshot` is `None` when none is in force (or it is too stale to use).
+pub fn decide<'s>(
+    snapshot: Option<&'s Snapshot>,
+    policy: &Policy,
+    facts: &RequestFacts<'_>,
+    now_ms: i64,
+) -> Verdict<'s> {
+    match check(snapshot, policy, facts, now_ms) {
+        Ok(allow) => Verdict::Allow(allow),
+        Err(reason) => Verdict::Deny(reason),
+    }
+}
+
+fn check<'s>(
+    snapshot: Option<&'s Snapshot>,
+    policy: &Policy,
+    facts: &RequestFacts<'_>,
+    now_ms: i64,
+) -> Result<Allow<'s>, DenyReason> {
+    // 0. The path must be unambiguous.
+    let path = facts.path.map_err(DenyReason::InvalidPath)?;
+
+    // 1. A usable credential.
+    let key = match facts.credential {
+        Credential::Present { key, .. } => key,
+        Credential::Missing | Credential::Ambiguous => {
+            return Err(DenyReason::AuthenticationRequired)
+        }
+    };
+
+    // 2–3a. Shape of the key, before any lookup.
+    if !policy.prefixes.is_empty() {
+        let rule = policy
+            .prefixes
+            .classify(key)
+            .ok_or(DenyReason::InvalidApiKey)?;
+        if rule.environment != policy.environment {
+            return Err(DenyReason::EnvironmentMismatch);
+        }
+        if rule.checksum && !has_valid_checksum(key, &rule.prefix) {
+            return Err(DenyReason::InvalidApiKey);
+        }
+    }
+
+    let snapshot = snapshot.ok_or(DenyReason::SnapshotUnavailable)?;
+
+    // 3b. Known key (quarantined entries are absent), 2b. of this environment.
+    let record = snapshot.find(key).ok_or(DenyReason::InvalidApiKey)?;
+    if *record.environment != *policy.environment {
+        return Err(DenyReason::EnvironmentMismatch);
+    }
+
+    // 4–5. Key lifecycle.
+    if record.status == KeyStatus::Revoked {
+        return Err(DenyReason::KeyRevoked);
+    }
+    if record.expires_at_ms.is_some_and(|t| t <= now_ms) {
+        return Err(DenyReason::KeyExpired);
+    }
+
+    // 6. The partner's account.
+    let partner = snapshot.partner(record);
+    match partner.status {
+        PartnerStatus::Active => {}
+        PartnerStatus::Deactivated => return Err(DenyReason::AccountDeactivated),
+        PartnerStatus::Suspended => return Err(DenyReason::PartnerSuspended),
+        PartnerStatus::PaymentRequired => return Err(DenyReason::InsufficientCredits),
+    }
+
+    // 7–8. Where the request comes from.
+    if !record.allows_ip(facts.client_ip) {
+        return Err(DenyReason::IpNotAllowed);
+    }
+    if !record.allowed_referrers.allows(facts.referer, facts.origin) {
+        return Err(DenyReason::ReferrerNotAllowed);
+    }
+
+    // 9–10. What it asks for.
+    let route_path = path.for_matching();
+    if let Some(allowed) = &record.allowed_routes {
+        if !allowed.matches(facts.method, route_path) {
+            return Err(DenyReason::RouteNotAllowed);
+        }
+    }
+    match policy.routes.lookup(facts.method, route_path) {
+        Some(needed) => {
+            if let Some(missing) = needed.iter().find(|s| !record.has_scope(s)) {
+                return Err(DenyReason::ScopeRequired(missing.clone()));
+            }
+        }
+        None if policy.unmatched == Unmatched::Deny => return Err(DenyReason::RouteNotAllowed),
+        None => {}
+    }
+
+    // 11. Safe retries.
+    if policy.idempotency_required
+        && is_mutating(facts.method)
+        && facts.idempotency_key.is_none_or(|k| k.is_empty())
+    {
+        return Err(DenyReason::IdempotencyKeyRequired);
+    }
+
+    Ok(Allow {
+        key: record,
+        partner,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,341 @@
+//! Deny reasons and their one mapping to the contract: HTTP status, `code`, `type`, message, and
+//! the headers that go with them. Every front renders denials through here, so a code means the
+//! same on the proxy, ext_authz and forward-auth. Messages never echo the presented key.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, StatusCode};
+
+use crate::path::PathError;
+
+/// Why a request is not let through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DenyReason {
+    InvalidPath(PathError),
+    /// A request keygate will not interpret (smuggling shapes, several `Host`s): what is wrong.
+    BadRequest(&'static str),
+    AuthenticationRequired,
+    EnvironmentMismatch,
+    InvalidApiKey,
+    KeyRevoked,
+    KeyExpired,
+    AccountDeactivated,
+    PartnerSuspended,
+    InsufficientCredits,
+    IpNotAllowed,
+    ReferrerNotAllowed,
+    RouteNotAllowed,
+    /// The first scope the route needs that the key lacks.
+    ScopeRequired(Arc<str>),
+    IdempotencyKeyRequired,
+    /// Seconds until a retry can succeed.
+    RateLimited {
+        retry_after_secs: u64,
+    },
+    SnapshotUnavailable,
+    UpstreamUnavailable,
+    UpstreamTimeout,
+}
+
+impl DenyReason {
+    pub fn status(&self) -> StatusCode {
+        use DenyReason::*;
+        match self {
+            InvalidPath(_) | BadRequest(_) | IdempotencyKeyRequired => StatusCode::BAD_REQUEST,
+            AuthenticationRequired | InvalidApiKey | KeyRevoked | KeyExpired => {
+                StatusCode::UNAUTHORIZED
+            }
+            InsufficientCredits => StatusCode::PAYMENT_REQUIRED,
+            EnvironmentMismatch | AccountDeactivated | PartnerSuspended | IpNotAllowed
+            | ReferrerNotAllowed | RouteNotAllowed | ScopeRequired(_) => StatusCode::FORBIDDEN,
+            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            SnapshotUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        use DenyReason::*;
+        match self {
+            InvalidPath(_) => "invalid_path",
+            BadRequest(_) => "invalid_request",
+            AuthenticationRequired => "authentication_required",
+            EnvironmentMismatch => "key_environment_mismatch",
+            InvalidApiKey => "invalid_api_key",
+            KeyRevoked => "key_revoked",
+            KeyExpired => "key_expired",
+            AccountDeactivated => "account_deactivated",
+            PartnerSuspended => "partner_suspended",
+            InsufficientCredits => "insufficient_credits",
+            IpNotAllowed => "ip_not_allowed",
+            ReferrerNotAllowed => "referrer_not_allowed",
+            RouteNotAllowed => "route_not_allowed",
+            ScopeRequired(_) => "scope_required",
+            IdempotencyKeyRequired => "idempotency_key_required",
+            RateLimited { .. } => "rate_limited",
+            SnapshotUnavailable => "snapshot_unavailable",
+            UpstreamUnavailable => "upstream_unavailable",
+            UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    pub fn error_type(&self) -> &'static str {
+        use DenyReason::*;
+        match self {
+            InvalidPath(_) | BadRequest(_) | IdempotencyKeyRequired => "invalid_request_error",
+            AuthenticationRequired | InvalidApiKey | KeyRevoked | KeyExpired => {
+                "authentication_error"
+            }
+            InsufficientCredits => "payment_error",
+            EnvironmentMismatch | AccountDeactivated | PartnerSuspended | IpNotAllowed
+            | ReferrerNotAllowed | RouteNotAllowed | ScopeRequired(_) => "permission_error",
+            RateLimited { .. } => "rate_limit_error",
+            SnapshotUnavailable | UpstreamUnavailable | UpstreamTimeout => "api_error",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        use DenyReason::*;
+        match self {
+            InvalidPath(e) => format!("The request path is not acceptable: {e}."),
+            BadRequest(why) => format!("The request is malformed: {why}."),
+            AuthenticationRequired => "An API key is required: send it as 'Authorization: Bearer <key>' or in the API key header, once.".into(),
+            EnvironmentMismatch => "The API key belongs to another environment.".into(),
+            InvalidApiKey => "The API key is not valid.".into(),
+            KeyRevoked => "The API key has been revoked.".into(),
+            KeyExpired => "The API key has expired.".into(),
+            AccountDeactivated => "The account this API key belongs to is deactivated.".into(),
+            PartnerSuspended => "The account this API key belongs to is suspended.".into(),
+            InsufficientCredits => "The account this API key belongs to has no credits left.".into(),
+            IpNotAllowed => "The API key may not be used from this IP address.".into(),
+            ReferrerNotAllowed => "The API key may not be used from this referrer or origin.".into(),
+            RouteNotAllowed => "The API key may not be used for this route.".into(),
+            ScopeRequired(s) => format!("This request requires the '{s}' scope."),
+            IdempotencyKeyRequired => "This request must carry an Idempotency-Key header.".into(),
+            RateLimited { .. } => "Too many requests for this API key; retry later.".into(),
+            SnapshotUnavailable => "API keys cannot be checked right now; retry later.".into(),
+            UpstreamUnavailable => "The upstream service is unavailable.".into(),
+            UpstreamTimeout => "The upstream service did not answer in time.".into(),
+        }
+    }
+
+    /// The JSON body of the contract.
+    pub fn body(&self, request_id: &str) -> Bytes {
+        // Written by hand to keep the contract's field order; every value is escaped by serde.
+        let esc = |s: &str| serde_json::to_string(s).expect("a string serializes");
+        Bytes::from(format!(
+            r#"{{"error":{{"type":{},"code":{},"message":{},"request_id":{}}}}}"#,
+            esc(self.error_type()),
+            esc(self.code()),
+            esc(&self.message()),
+            esc(request_id),
+        ))
+    }
+
+    /// The headers that go with the body: `content-type`, `WWW-Authenticate` on 401 (with
+    /// `error="invalid_token"` when a key was presented), `Retry-After` on 429 and 503.
+    pub fn headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::with_capacity(4);
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        match self {
+            DenyReason::AuthenticationRequired => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"keygate\""),
+                );
+            }
+            DenyReason::InvalidApiKey | DenyReason::KeyRevoked | DenyReason::KeyExpired => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"keygate\", error=\"invalid_token\""),
+                );
+            }
+            DenyReason::RateLimited { retry_after_secs } => {
+                h.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from((*retry_after_secs).max(1)),
+                );
+            }
+            DenyReason::SnapshotUnavailable => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_maps_to_the_contract() {
+        let table: &[(DenyReason, u16, &str, &str)] = &[
+            (
+                DenyReason::InvalidPath(PathError::NotAbsolute),
+                400,
+                "invalid_path",
+                "invalid_request_error",
+            ),
+            (
+                DenyReason::BadRequest("two Content-Length headers"),
+                400,
+                "invalid_request",
+                "invalid_request_error",
+            ),
+            (
+                DenyReason::AuthenticationRequired,
+                401,
+                "authentication_required",
+                "authentication_error",
+            ),
+            (
+                DenyReason::EnvironmentMismatch,
+                403,
+                "key_environment_mismatch",
+                "permission_error",
+            ),
+            (
+                DenyReason::InvalidApiKey,
+                401,
+                "invalid_api_key",
+                "authentication_error",
+            ),
+            (
+                DenyReason::KeyRevoked,
+                401,
+                "key_revoked",
+                "authentication_error",
+            ),
+            (
+                DenyReason::KeyExpired,
+                401,
+                "key_expired",
+                "authentication_error",
+            ),
+            (
+                DenyReason::AccountDeactivated,
+                403,
+                "account_deactivated",
+                "permission_error",
+            ),
+            (
+                DenyReason::PartnerSuspended,
+                403,
+                "partner_suspended",
+                "permission_error",
+            ),
+            (
+                DenyReason::InsufficientCredits,
+                402,
+                "insufficient_credits",
+                "payment_error",
+            ),
+            (
+                DenyReason::IpNotAllowed,
+                403,
+                "ip_not_allowed",
+                "permission_error",
+            ),
+            (
+                DenyReason::ReferrerNotAllowed,
+                403,
+                "referrer_not_allowed",
+                "permission_error",
+            ),
+            (
+                DenyReason::RouteNotAllowed,
+                403,
+                "route_not_allowed",
+                "permission_error",
+            ),
+            (
+                DenyReason::ScopeRequired("a:b".into()),
+                403,
+                "scope_required",
+                "permission_error",
+            ),
+            (
+                DenyReason::IdempotencyKeyRequired,
+                400,
+                "idempotency_key_required",
+                "invalid_request_error",
+            ),
+            (
+                DenyReason::RateLimited {
+                    retry_after_secs: 3,
+                },
+                429,
+                "rate_limited",
+                "rate_limit_error",
+            ),
+            (
+                DenyReason::SnapshotUnavailable,
+                503,
+                "snapshot_unavailable",
+                "api_error",
+            ),
+            (
+                DenyReason::UpstreamUnavailable,
+                502,
+                "upstream_unavailable",
+                "api_error",
+            ),
+            (
+                DenyReason::UpstreamTimeout,
+                504,
+                "upstream_timeout",
+                "api_error",
+            ),
+        ];
+        for (reason, status, code, kind) in table {
+            assert_eq!(reason.status().as_u16(), *status, "{code}");
+            assert_eq!(reason.code(), *code);
+            assert_eq!(reason.error_type(), *kind, "{code}");
+            let body: serde_json::Value = serde_json::from_slice(&reason.body("req_1")).unwrap();
+            assert_eq!(body["error"]["code"], *code);
+            assert_eq!(body["error"]["type"], *kind);
+            assert_eq!(body["error"]["request_id"], "req_1");
+            assert!(body["error"]["message"].as_str().unwrap().len() > 10);
+            let h = reason.headers();
+            assert_eq!(h[header::CONTENT_TYPE], "application/json");
+            assert_eq!(
+                h.contains_key(header::WWW_AUTHENTICATE),
+                *status == 401,
+                "{code}"
+            );
+            assert_eq!(
+                h.contains_key(header::RETRY_AFTER),
+                matches!(*status, 429 | 503),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn scope_message_names_the_scope() {
+        let m = DenyReason::ScopeRequired("analyses:write".into()).message();
+        assert!(m.contains("'analyses:write'"), "{m}");
+    }
+
+    #[test]
+    fn invalid_token_only_when_a_key_was_presented() {
+        let missing = DenyReason::AuthenticationRequired.headers();
+        assert_eq!(
+            missing[header::WWW_AUTHENTICATE],
+            "Bearer realm=\"keygate\""
+        );
+        let bad = DenyReason::InvalidApiKey.headers();
+        assert_eq!(
+            bad[header::WWW_AUTHENTICATE],
+            "Bearer realm=\"keygate\", error=\"invalid_token\""
+        );
+    }
+}

@@ -1,0 +1,94 @@
+//! Header rules shared by every front: what is hop-by-hop, what counts as a spoofed identity
+//! header, and setting identity headers after an allow. Identity headers are overwritten or
+//! removed, never appended: only keygate speaks for identity.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::{folded_eq, HeaderNames};
+use crate::decision::Allow;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1 and the usual non-standard ones): never forwarded.
+pub const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Header names listed in `Connection` (lower-cased), which are hop-by-hop too.
+pub fn connection_tokens(headers: &HeaderMap) -> Vec<HeaderName> {
+    let mut out = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(text) = value.to_str() else { continue };
+        for token in text.split(',') {
+            let token = token.trim();
+            if token.is_empty() {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.to_ascii_lowercase().as_bytes()) {
+                out.push(name);
+            }
+        }
+    }
+    out
+}
+
+/// Does `Connection` ask for an upgrade (and `Upgrade` name a protocol)?
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Is `name` one of the identity headers, in any variant (`_` for `-`; names are lower case
+/// already in a `HeaderMap`)?
+pub fn is_identity_variant(name: &str, names: &HeaderNames) -> bool {
+    names.identity().iter().any(|n| folded_eq(n.as_str(), name))
+}
+
+/// Remove every inbound identity header, whatever its case or `_` spelling, and however often
+/// repeated.
+pub fn strip_identity(headers: &mut HeaderMap, names: &HeaderNames) {
+    for n in names.identity() {
+        headers.remove(n);
+    }
+    // `_` spellings are rare: look for them only when some name has an underscore.
+    if headers.keys().any(|k| k.as_str().contains('_')) {
+        let spoofed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| is_identity_variant(k.as_str(), names))
+            .cloned()
+            .collect();
+        for k in spoofed {
+            headers.remove(k);
+        }
+    }
+}
+
+/// Set the identity headers of an allow (inbound variants must have been stripped already).
+pub fn set_identity(headers: &mut HeaderMap, names: &HeaderNames, allow: &Allow<'_>) {
+    headers.insert(names.partner_id.clone(), allow.partner.id_header.clone());
+    match &allow.partner.org_header {
+        Some(org) => headers.insert(names.org_id.clone(), org.clone()),
+        None => headers.remove(&names.org_id),
+    };
+    headers.insert(names.key_id.clone(), allow.key.id_header.clone());
+    headers.insert(
+        names.key_environment.clone(),
+        allow.key.environment_header.clone(),
+    );
+    headers.insert(names.scopes.clone(), allow.key.scopes_header.clone());
+}
+
+/// The request id header value, for errors and logs.
+pub fn request_id_str(v: &HeaderValue) -> &str {
+    v.to_str().unwrap_or("")
+}

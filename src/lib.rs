@@ -1,0 +1,41 @@
+//! keygate: an API-key authentication sidecar.
+//!
+//! It sits in front of an API and decides, for every request, whether the API key it carries may
+//! do what the request asks, against a synced, immutable snapshot of key digests.
+//!
+//! ```text
+//! request ─► front (proxy) ─► RequestFacts ─► decide(&Snapshot, &Policy, facts, now)
+//!                                               │
+//!           Allow { key, partner } ◄────────────┴──► Deny(DenyReason)
+//! front applies the verdict: forward with identity headers, or answer the contract's JSON error
+//! ```
+//!
+//! # Layout
+//! - [`app`]: bind listeners, load and follow the snapshot, shut down together.
+//! - [`config`]: TOML + `KEYGATE__…` environment → validated [`config::Settings`].
+//! - [`credential`]: key format (prefix, body, CRC-32 checksum), prefix rules, extraction.
+//! - [`path`]: request path normalization (pure); [`routes`]: route patterns (pure).
+//! - [`referrer`]: `allowed_referrers` patterns (pure); [`client_ip`]: peer / trusted XFF.
+//! - [`decision`]: the one pure decision; [`deny`]: deny reason → status, code, JSON, headers.
+//! - [`snapshot`]: the snapshot model, index and store; `snapshot::{parse, file}`.
+//! - [`headers`]: hop-by-hop and identity header rules shared by the fronts.
+//! - [`proxy`]: the hyper reverse-proxy front; [`admin`]: `/healthz`, `/readyz`.
+//! - [`keys`]: `keygate keys create | list | revoke` on a snapshot file.
+//! - [`demo`]: `keygate demo`, the zero-setup tour.
+
+pub mod admin;
+pub mod app;
+pub mod client_ip;
+pub mod config;
+pub mod credential;
+pub mod decision;
+pub mod demo;
+pub mod deny;
+pub mod headers;
+pub mod keys;
+pub mod path;
+pub mod proxy;
+pub mod referrer;
+pub mod request_id;
+pub mod routes;
+pub mod snapshot;

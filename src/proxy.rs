@@ -1,0 +1,396 @@
+//! The reverse-proxy front (hyper): HTTP/1.1 and h2c on one port. It turns a request into
+//! [`RequestFacts`], asks [`decide`], and applies the verdict: an allowed request is forwarded with
+//! its normalized path, without hop-by-hop headers, spoofed identity headers or (by default) the
+//! credential, and with keygate's identity headers; a denied one is answered here with the
+//! contract's JSON. Bodies stream both ways and are never buffered whole. This module decides
+//! nothing itself.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::client_ip::{client_ip, is_trusted};
+use crate::config::{HeaderNames, Policy, ProxySettings};
+use crate::credential::{extract_from_headers, Credential};
+use crate::decision::{decide, RequestFacts, Verdict};
+use crate::deny::DenyReason;
+use crate::headers::{
+    connection_tokens, request_id_str, set_identity, strip_identity, wants_upgrade, HOP_BY_HOP,
+};
+use crate::path::normalize;
+use crate::request_id;
+use crate::snapshot::SnapshotStore;
+
+/// Response body: the upstream's, streamed, or one keygate made.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Everything a proxy connection needs, shared by all of them.
+pub struct ProxyState {
+    pub settings: ProxySettings,
+    pub policy: Arc<Policy>,
+    pub names: Arc<HeaderNames>,
+    pub store: Arc<SnapshotStore>,
+    client: Client<HttpConnector, Incoming>,
+}
+
+impl ProxyState {
+    pub fn new(
+        settings: ProxySettings,
+        policy: Arc<Policy>,
+        names: Arc<HeaderNames>,
+        store: Arc<SnapshotStore>,
+    ) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(settings.pool_idle_per_host)
+            .build(connector);
+        Self {
+            settings,
+            policy,
+            names,
+            store,
+            client,
+        }
+    }
+}
+
+/// Accept connections on `listener` until `shutdown` resolves, then let open connections finish
+/// their requests for up to `drain`.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ProxyState>,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.settings.header_read_timeout)
+        .max_buf_size(state.settings.max_header_bytes.max(8192))
+        .max_headers(state.settings.max_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(state.settings.max_header_bytes as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "proxy accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(handle(&state, peer, req).await) }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "proxy connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("proxy: connections still open after the drain timeout");
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Shapes keygate refuses to interpret, because a server behind it might read them differently.
+fn smuggling_shape(req: &Request<Incoming>) -> Option<&'static str> {
+    let h = req.headers();
+    if h.get_all(header::CONTENT_LENGTH).iter().count() > 1 {
+        return Some("more than one Content-Length header");
+    }
+    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+        return Some("both Transfer-Encoding and Content-Length");
+    }
+    if h.get_all(header::HOST).iter().count() > 1 {
+        return Some("more than one Host header");
+    }
+    None
+}
+
+async fn handle(
+    state: &ProxyState,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let names = &*state.names;
+    let request_id = request_id::accept(req.headers().get_all(&names.request_id).iter())
+        .unwrap_or_else(request_id::mint);
+
+    if let Some(why) = smuggling_shape(&req) {
+        return deny(&DenyReason::BadRequest(why), &request_id, names, true);
+    }
+
+    let normalized = normalize(req.uri().path(), state.policy.path);
+    let client = client_ip(
+        peer.ip(),
+        req.headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(HeaderValue::as_bytes),
+        &state.settings.trusted_proxies,
+    );
+    let credential = extract_from_headers(req.headers(), &names.credentials);
+    let host = host_of(&req);
+    let snapshot = state.store.current();
+    let facts = RequestFacts {
+        method: req.method().as_str(),
+        path: normalized.as_ref().map_err(|e| *e),
+        host: host.as_ref().and_then(|h| h.to_str().ok()),
+        client_ip: client,
+        credential,
+        referer: req
+            .headers()
+            .get(header::REFERER)
+            .map(HeaderValue::as_bytes),
+        origin: req.headers().get(header::ORIGIN).map(HeaderValue::as_bytes),
+        idempotency_key: req
+            .headers()
+            .get(&names.idempotency_key)
+            .map(HeaderValue::as_bytes),
+    };
+    let allow = match decide(snapshot.as_deref(), &state.policy, &facts, now_ms()) {
+        Verdict::Deny(reason) => {
+            let close = matches!(reason, DenyReason::InvalidPath(_));
+            return deny(&reason, &request_id, names, close);
+        }
+        Verdict::Allow(allow) => allow,
+    };
+    let found = match credential {
+        Credential::Present { found, .. } => found,
+        _ => unreachable!("an allow always has a credential"),
+    };
+    let path = normalized.expect("an allow always has a normalized path");
+
+    // Build the upstream request in place: same method, body and (cleaned) headers.
+    let upgrade = req.version() == Version::HTTP_11 && wants_upgrade(req.headers());
+    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("{}?{}", path.as_str(), q),
+        None => path.as_str().to_owned(),
+    };
+    let uri = Uri::builder()
+        .scheme(state.settings.upstream_scheme.clone())
+        .authority(state.settings.upstream.clone())
+        .path_and_query(path_and_query)
+        .build();
+    let Ok(uri) = uri else {
+        return deny(
+            &DenyReason::BadRequest("the request target cannot be forwarded"),
+            &request_id,
+            names,
+            true,
+        );
+    };
+    let h = &mut parts.headers;
+    for name in connection_tokens(h) {
+        if !(upgrade && name == header::UPGRADE) {
+            h.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        h.remove(name);
+    }
+    if !upgrade {
+        h.remove(header::UPGRADE);
+    } else {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if !names.forward_credentials {
+        if found.authorization {
+            h.remove(&names.credentials.authorization);
+        }
+        if found.api_key {
+            h.remove(&names.credentials.api_key);
+        }
+    }
+    strip_identity(h, names);
+    set_forwarded(h, peer.ip(), host.as_ref(), &state.settings.trusted_proxies);
+    if let Some(host) = host {
+        h.insert(header::HOST, host);
+    }
+    set_identity(h, names, &allow);
+    h.insert(names.request_id.clone(), request_id.clone());
+    drop(snapshot);
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    parts.extensions = http::Extensions::new();
+    let upstream_req = Request::from_parts(parts, body);
+
+    let sent = tokio::time::timeout(
+        state.settings.upstream_timeout,
+        state.client.request(upstream_req),
+    )
+    .await;
+    let mut resp = match sent {
+        Err(_) => return deny(&DenyReason::UpstreamTimeout, &request_id, names, false),
+        Ok(Err(e)) => {
+            let reason = upstream_error(&e);
+            tracing::warn!(error = %e, request_id = request_id_str(&request_id), "upstream request failed");
+            return deny(&reason, &request_id, names, false);
+        }
+        Ok(Ok(resp)) => resp,
+    };
+
+    if let (Some(client_side), StatusCode::SWITCHING_PROTOCOLS) = (on_upgrade, resp.status()) {
+        let upstream_side = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match tokio::try_join!(client_side, upstream_side) {
+                Ok((a, b)) => {
+                    let _ =
+                        tokio::io::copy_bidirectional(&mut TokioIo::new(a), &mut TokioIo::new(b))
+                            .await;
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        });
+    } else {
+        let h = resp.headers_mut();
+        for name in connection_tokens(h) {
+            h.remove(name);
+        }
+        for name in &HOP_BY_HOP {
+            h.remove(name);
+        }
+        h.remove(header::UPGRADE);
+    }
+    resp.headers_mut()
+        .insert(names.request_id.clone(), request_id);
+    resp.map(Either::Left)
+}
+
+/// The host the client addressed: the URI's authority (HTTP/2, absolute-form) or `Host`.
+fn host_of(req: &Request<Incoming>) -> Option<HeaderValue> {
+    match req.uri().authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => req.headers().get(header::HOST).cloned(),
+    }
+}
+
+/// `X-Forwarded-For/-Proto/-Host`: extended when the peer is a trusted proxy, replaced otherwise
+/// (an untrusted client's claims about the chain are not passed on).
+fn set_forwarded(
+    h: &mut HeaderMap,
+    peer: IpAddr,
+    host: Option<&HeaderValue>,
+    trusted: &[ipnet::IpNet],
+) {
+    const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+    const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+    let peer_text = peer.to_string();
+    if is_trusted(peer, trusted) {
+        let prior: Vec<&str> = h
+            .get_all(&XFF)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let chain = if prior.is_empty() {
+            peer_text
+        } else {
+            format!("{}, {}", prior.join(", "), peer_text)
+        };
+        if let Ok(v) = HeaderValue::from_str(&chain) {
+            h.insert(XFF, v);
+        }
+        if !h.contains_key(&XFP) {
+            h.insert(XFP, HeaderValue::from_static("http"));
+        }
+        if !h.contains_key(&XFH) {
+            if let Some(host) = host {
+                h.insert(XFH, host.clone());
+            }
+        }
+    } else {
+        h.insert(
+            XFF,
+            HeaderValue::from_str(&peer_text).expect("an IP is a header value"),
+        );
+        h.insert(XFP, HeaderValue::from_static("http"));
+        match host {
+            Some(host) => h.insert(XFH, host.clone()),
+            None => h.remove(&XFH),
+        };
+    }
+}
+
+fn upstream_error(e: &hyper_util::client::legacy::Error) -> DenyReason {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return DenyReason::UpstreamTimeout;
+            }
+        }
+        source = s.source();
+    }
+    DenyReason::UpstreamUnavailable
+}
+
+/// A keygate-made answer: status, contract headers, JSON body and the request id.
+pub fn deny(
+    reason: &DenyReason,
+    request_id: &HeaderValue,
+    names: &HeaderNames,
+    close: bool,
+) -> Response<ProxyBody> {
+    let mut resp = Response::new(Either::Right(Full::new(
+        reason.body(request_id_str(request_id)),
+    )));
+    *resp.status_mut() = reason.status();
+    let h = resp.headers_mut();
+    *h = reason.headers();
+    h.insert(names.request_id.clone(), request_id.clone());
+    if close {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}

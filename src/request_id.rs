@@ -1,0 +1,63 @@
+//! `x-request-id`: keep the caller's when it is well formed, otherwise mint one. Well formed means
+//! 1–128 characters of `A-Z a-z 0-9 - _ . : /`, so it is safe in a header, a log line and a JSON
+//! body without escaping.
+
+use http::HeaderValue;
+use rand::Rng;
+
+/// The caller's id if exactly one, well-formed value was sent.
+pub fn accept<'a>(mut values: impl Iterator<Item = &'a HeaderValue>) -> Option<HeaderValue> {
+    let first = values.next()?;
+    if values.next().is_some() || !is_well_formed(first.as_bytes()) {
+        return None;
+    }
+    Some(first.clone())
+}
+
+pub fn is_well_formed(v: &[u8]) -> bool {
+    (1..=128).contains(&v.len())
+        && v.iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/'))
+}
+
+/// A new id: 128 random bits as 32 lowercase hex digits.
+pub fn mint() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n: u128 = rand::rng().random();
+    let mut buf = [0u8; 32];
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_only_one_well_formed_value() {
+        let ok = HeaderValue::from_static("req-123_abc.def:1/2");
+        assert_eq!(accept([&ok].into_iter()), Some(ok.clone()));
+        let table: &[&[u8]] = &[b"", b"has space", b"quote\"", b"<script>", &[b'a'; 129]];
+        for bad in table {
+            let v = HeaderValue::from_bytes(bad).unwrap_or(HeaderValue::from_static(" "));
+            assert_eq!(accept([&v].into_iter()), None, "{bad:?}");
+        }
+        assert_eq!(
+            accept([&ok, &ok].into_iter()),
+            None,
+            "two values are not one id"
+        );
+        assert_eq!(accept(std::iter::empty()), None);
+    }
+
+    #[test]
+    fn minted_ids_are_well_formed_and_distinct() {
+        let a = mint();
+        let b = mint();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+        assert!(is_well_formed(a.as_bytes()));
+    }
+}

@@ -1,0 +1,250 @@
+//! The key snapshot: an immutable, indexed view of one `keygate.snapshot/v1` document, and the
+//! [`SnapshotStore`] that publishes a new one with an atomic pointer swap.
+//!
+//! A snapshot never holds a key, only its digest. Lookups are by digest (one hash of the presented
+//! key, one map probe) with a constant-time final comparison. Identity header values are built
+//! once per key here, at load, so the request path only clones them.
+//!
+//! Requests read the store without locks and see exactly one revision from start to end; the
+//! source task (`snapshot::file`) is the only writer.
+
+pub mod file;
+pub mod parse;
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::{ArcSwapOption, Guard};
+use hmac::{Hmac, Mac};
+use http::HeaderValue;
+use ipnet::IpNet;
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::referrer::ReferrerSet;
+use crate::routes::RouteTable;
+
+pub use parse::{parse, DocumentError};
+
+/// Partner account status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartnerStatus {
+    Active,
+    Suspended,
+    Deactivated,
+    PaymentRequired,
+}
+
+#[derive(Debug)]
+pub struct Partner {
+    pub id: Box<str>,
+    pub org_id: Option<Box<str>>,
+    pub status: PartnerStatus,
+    /// Pre-validated header values (`x-partner-id`, `x-org-id`).
+    pub id_header: HeaderValue,
+    pub org_header: Option<HeaderValue>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyStatus {
+    Active,
+    Revoked,
+}
+
+/// Which digest a record was stored with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DigestKind {
+    Sha256,
+    HmacSha256,
+}
+
+#[derive(Debug)]
+pub struct KeyRecord {
+    pub id: Box<str>,
+    pub name: Option<Box<str>>,
+    /// Index into [`Snapshot::partners`].
+    pub partner: u32,
+    pub environment: Box<str>,
+    /// Sorted, deduplicated.
+    pub scopes: Box<[Box<str>]>,
+    pub status: KeyStatus,
+    /// Unix milliseconds.
+    pub expires_at_ms: Option<i64>,
+    pub rate_limit_per_minute: Option<u32>,
+    pub allowed_cidrs: Box<[IpNet]>,
+    pub allowed_referrers: ReferrerSet,
+    /// `None` = no restriction.
+    pub allowed_routes: Option<RouteTable<()>>,
+    pub digest: [u8; 32],
+    /// Pre-validated header values (`x-key-id`, `x-key-environment`, `x-scopes`).
+    pub id_header: HeaderValue,
+    pub environment_header: HeaderValue,
+    pub scopes_header: HeaderValue,
+}
+
+impl KeyRecord {
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.binary_search_by(|s| (**s).cmp(scope)).is_ok()
+    }
+
+    pub fn allows_ip(&self, ip: Option<IpAddr>) -> bool {
+        if self.allowed_cidrs.is_empty() {
+            return true;
+        }
+        let Some(ip) = ip else { return false };
+        let ip = canonical_ip(ip);
+        self.allowed_cidrs.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:203.0.113.7`) is the IPv4 address it maps.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// An entry that acts as absent, and why. Logged once by key id and counted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Quarantined {
+    /// `key <id>` or `partner <id>` (or the entry's position when it has no usable id).
+    pub entry: String,
+    pub reason: String,
+}
+
+/// Digests are uniformly distributed already: the first 8 bytes are a fine hash, with no SipHash
+/// cost on the request path. (An attacker can choose inputs but cannot insert into the map, so
+/// this opens no collision attack.)
+#[derive(Default)]
+pub struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8).take(1) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(b);
+        }
+    }
+}
+
+pub type DigestMap = HashMap<[u8; 32], u32, BuildHasherDefault<DigestHasher>>;
+
+#[derive(Debug)]
+pub struct Snapshot {
+    pub revision: u64,
+    pub generated_at: Option<Box<str>>,
+    pub partners: Vec<Partner>,
+    pub keys: Vec<KeyRecord>,
+    pub quarantined: Vec<Quarantined>,
+    by_sha256: DigestMap,
+    by_hmac: DigestMap,
+    pepper: Option<Arc<[u8]>>,
+}
+
+impl Snapshot {
+    /// Find the record for a presented key: hash it the way the records were stored, probe the
+    /// index, and confirm the digest in constant time.
+    pub fn find(&self, key: &str) -> Option<&KeyRecord> {
+        if !self.by_sha256.is_empty() {
+            let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+            if let Some(r) = self.probe(&self.by_sha256, &digest) {
+                return Some(r);
+            }
+        }
+        if let (false, Some(pepper)) = (self.by_hmac.is_empty(), &self.pepper) {
+            let mut mac =
+                Hmac::<Sha256>::new_from_slice(pepper).expect("HMAC takes any key length");
+            mac.update(key.as_bytes());
+            let digest: [u8; 32] = mac.finalize().into_bytes().into();
+            if let Some(r) = self.probe(&self.by_hmac, &digest) {
+                return Some(r);
+            }
+        }
+        None
+    }
+
+    fn probe(&self, map: &DigestMap, digest: &[u8; 32]) -> Option<&KeyRecord> {
+        let record = &self.keys[*map.get(digest)? as usize];
+        bool::from(record.digest.ct_eq(digest)).then_some(record)
+    }
+
+    pub fn partner(&self, record: &KeyRecord) -> &Partner {
+        &self.partners[record.partner as usize]
+    }
+
+    /// Keys in force (not quarantined).
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+/// Where requests get the snapshot in force.
+#[derive(Default)]
+pub struct SnapshotStore {
+    current: ArcSwapOption<Snapshot>,
+    /// Quarantined entries of the revision in force, so a reload logs only new ones.
+    logged: Mutex<Vec<Quarantined>>,
+    loaded_at: Mutex<Option<SystemTime>>,
+}
+
+/// Why a valid document was not put in force.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("revision {offered} is lower than revision {current} in force")]
+    RevisionRegressed { offered: u64, current: u64 },
+}
+
+impl SnapshotStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The snapshot in force, if any. Cheap: no lock, no reference count on the common path.
+    pub fn current(&self) -> Guard<Option<Arc<Snapshot>>> {
+        self.current.load()
+    }
+
+    pub fn current_arc(&self) -> Option<Arc<Snapshot>> {
+        self.current.load_full()
+    }
+
+    /// When the snapshot in force was put in force.
+    pub fn loaded_at(&self) -> Option<SystemTime> {
+        *self.loaded_at.lock().expect("lock poisoned")
+    }
+
+    /// Put `next` in force unless it would move the revision backwards. Returns the entries
+    /// quarantined in `next` that were not quarantined in the revision it replaces.
+    pub fn publish(&self, next: Snapshot) -> Result<Vec<Quarantined>, PublishError> {
+        if let Some(cur) = self.current.load().as_ref() {
+            if next.revision < cur.revision {
+                return Err(PublishError::RevisionRegressed {
+                    offered: next.revision,
+                    current: cur.revision,
+                });
+            }
+        }
+        let mut logged = self.logged.lock().expect("lock poisoned");
+        let fresh: Vec<Quarantined> = next
+            .quarantined
+            .iter()
+            .filter(|q| !logged.contains(q))
+            .cloned()
+            .collect();
+        *logged = next.quarantined.clone();
+        self.current.store(Some(Arc::new(next)));
+        *self.loaded_at.lock().expect("lock poisoned") = Some(SystemTime::now());
+        Ok(fresh)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,178 @@
+//! The `file` snapshot source: load at start, then reload whenever the file changes.
+//!
+//! Changes are seen through inotify on the file's *directory* (so an atomic rename over the file
+//! and a Kubernetes Secret's `..data` symlink swap both fire), with a stat-based poll as fallback
+//! and safety net. A reload is attempted only when the file's identity (inode, size, mtime) has
+//! changed; a document that does not parse — a half-written file, say — is rejected and the
+//! snapshot in force stays, and the next change is tried again.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use super::{parse, DocumentError, PublishError, Snapshot, SnapshotStore};
+use crate::config::SnapshotSettings;
+
+/// Why a load did not put a snapshot in force.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("snapshot: {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("snapshot: {path}: {source}")]
+    Document { path: String, source: DocumentError },
+    #[error("snapshot: {path}: {source}")]
+    Publish { path: String, source: PublishError },
+}
+
+/// Read and parse the file (no publishing).
+pub fn read(path: &Path, pepper: Option<Arc<[u8]>>) -> Result<Snapshot, LoadError> {
+    let shown = || path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+        path: shown(),
+        source,
+    })?;
+    parse(&bytes, pepper).map_err(|source| LoadError::Document {
+        path: shown(),
+        source,
+    })
+}
+
+/// Read, parse and publish; logs the outcome (never key material).
+pub fn load_into(store: &SnapshotStore, settings: &SnapshotSettings) -> Result<u64, LoadError> {
+    let path = &settings.path;
+    let result = read(path, settings.pepper.clone()).and_then(|snapshot| {
+        let revision = snapshot.revision;
+        let keys = snapshot.key_count();
+        let quarantined = snapshot.quarantined.len();
+        let fresh = store
+            .publish(snapshot)
+            .map_err(|source| LoadError::Publish {
+                path: path.display().to_string(),
+                source,
+            })?;
+        for q in fresh {
+            tracing::warn!(entry = %q.entry, reason = %q.reason, "snapshot entry quarantined");
+        }
+        tracing::info!(revision, keys, quarantined, "snapshot in force");
+        Ok(revision)
+    });
+    if let Err(e) = &result {
+        let in_force = store.current().as_ref().map(|s| s.revision);
+        tracing::error!(error = %e, revision_in_force = ?in_force, "snapshot rejected; keeping the one in force");
+    }
+    result
+}
+
+/// What identifies one version of the file without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    ino: u64,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+fn fingerprint(path: &Path) -> Option<Fingerprint> {
+    let m = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let ino = std::os::unix::fs::MetadataExt::ino(&m);
+    #[cfg(not(unix))]
+    let ino = 0;
+    Some(Fingerprint {
+        ino,
+        len: m.len(),
+        modified: m.modified().ok(),
+    })
+}
+
+/// The file source: remembers which version of the file it read last.
+pub struct FileSource {
+    settings: SnapshotSettings,
+    last: Option<Fingerprint>,
+}
+
+impl FileSource {
+    pub fn new(settings: SnapshotSettings) -> Self {
+        Self {
+            settings,
+            last: None,
+        }
+    }
+
+    /// Load the file now (at start-up). The fingerprint is taken before reading, so a change
+    /// racing with this read is seen again by [`FileSource::watch`].
+    pub fn load_now(&mut self, store: &SnapshotStore) -> Result<u64, LoadError> {
+        self.last = fingerprint(&self.settings.path);
+        load_into(store, &self.settings)
+    }
+
+    /// Follow the file until `shutdown` resolves, reloading on every change.
+    pub async fn watch(self, store: Arc<SnapshotStore>, shutdown: impl Future<Output = ()>) {
+        watch(self.settings, self.last, store, shutdown).await
+    }
+}
+
+async fn watch(
+    settings: SnapshotSettings,
+    mut last: Option<Fingerprint>,
+    store: Arc<SnapshotStore>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let _watcher = start_inotify(&settings.path, tx);
+    let mut poll = tokio::time::interval(settings.poll_interval);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            Some(()) = rx.recv() => {
+                // Let a burst of events (write, chmod, rename) settle before reading.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                while rx.try_recv().is_ok() {}
+            }
+            _ = poll.tick() => {}
+        }
+        let now = fingerprint(&settings.path);
+        if now.is_none() || now == last {
+            continue;
+        }
+        last = now;
+        let store = store.clone();
+        let settings = settings.clone();
+        // Parsing a large document is CPU work: keep it off the request threads' queues.
+        let _ = tokio::task::spawn_blocking(move || load_into(&store, &settings)).await;
+    }
+}
+
+/// inotify on the directory; `None` (polling only) when it cannot be set up.
+fn start_inotify(path: &Path, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    let dir: PathBuf = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let handler = move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            // A full channel already means "look again": dropping the extra signal is fine.
+            let _ = tx.try_send(());
+        }
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "inotify unavailable; polling the snapshot file");
+            return None;
+        }
+    };
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the snapshot directory; polling");
+        return None;
+    }
+    Some(watcher)
+}
