@@ -786,8 +786,6 @@ fn open_private(opts: &mut OpenOptions) -> &mut OpenOptions {
 
 /// Exclusive advisory lock on `<snapshot>.lock`, held until the returned file drops.
 /// The lock file is left in place: removing it would let two writers lock different files.
-// File::lock is stable since 1.89; the crate's rust-version (1.80) should say so.
-#[allow(clippy::incompatible_msrv)]
 fn lock(target: &Path) -> Result<File, KeysError> {
     let mut name = target.as_os_str().to_owned();
     name.push(".lock");

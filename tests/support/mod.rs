@@ -1,0 +1,555 @@
+//! Test harness: a real upstream that records what it receives, snapshot files written the way
+//! operators write them (atomic rename), a real keygate started through `app::start` on
+//! `127.0.0.1:0`, and real clients (hyper, and raw TCP for shapes hyper would not send).
+//! Nothing here sleeps to wait for readiness: addresses come back from bound listeners, and
+//! conditions are polled with a deadline.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub use keygate::app::App;
+
+// ---------------------------------------------------------------------------------------------
+// Upstream
+
+/// One request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    /// The request target exactly as received (path and query).
+    pub target: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A real HTTP/1.1 upstream on 127.0.0.1:0 that records every request.
+///
+/// Behaviour by path: `/slow/<ms>` answers after a delay; `/status/<n>` answers with status n;
+/// `/stream/<n>` answers n chunks of 1 KiB; `/ws` accepts an upgrade and echoes bytes; anything
+/// else answers 200 `{"ok":true}` with an `x-upstream: yes` header and a `connection: x-upstream-secret`
+/// hop-by-hop trap (`x-upstream-secret` must not reach the client).
+pub struct Upstream {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Upstream {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let record = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let record = record.clone();
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let record = record.clone();
+                    async move { Ok::<_, Infallible>(upstream_answer(req, record).await) }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, seen }
+    }
+
+    /// Everything received so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// The last request received (panics when none).
+    pub fn last(&self) -> Seen {
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("the upstream saw no request")
+    }
+
+    pub fn clear(&self) {
+        self.seen.lock().unwrap().clear();
+    }
+}
+
+async fn upstream_answer(
+    mut req: Request<Incoming>,
+    record: Arc<Mutex<Vec<Seen>>>,
+) -> Response<Full<Bytes>> {
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let on_upgrade = (target == "/ws").then(|| hyper::upgrade::on(&mut req));
+    let method = req.method().to_string();
+    let headers = req.headers().clone();
+    let body = if on_upgrade.is_some() {
+        Bytes::new()
+    } else {
+        req.into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default()
+    };
+    record.lock().unwrap().push(Seen {
+        method,
+        target: target.clone(),
+        headers,
+        body,
+    });
+    if let Some(on_upgrade) = on_upgrade {
+        tokio::spawn(async move {
+            if let Ok(upgraded) = on_upgrade.await {
+                let mut io = TokioIo::new(upgraded);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        return Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+    }
+    if let Some(ms) = target
+        .strip_prefix("/slow/")
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let status = target
+        .strip_prefix("/status/")
+        .and_then(|s| s.parse::<u16>().ok())
+        .and_then(|n| StatusCode::from_u16(n).ok())
+        .unwrap_or(StatusCode::OK);
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("x-upstream", "yes")
+        .header("x-upstream-secret", "must-not-leak")
+        .header("connection", "x-upstream-secret")
+        .body(Full::new(Bytes::from_static(b"{\"ok\":true}")))
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshots
+
+/// `sha256:<hex>` of a key.
+pub fn digest(key: &str) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())))
+}
+
+/// Mint a key with the contract's format.
+pub fn mint(prefix: &str) -> String {
+    keygate::credential::mint(prefix)
+}
+
+/// A snapshot document under construction.
+#[derive(Clone)]
+pub struct Doc {
+    pub revision: u64,
+    pub partners: Vec<serde_json::Value>,
+    pub keys: Vec<serde_json::Value>,
+}
+
+impl Doc {
+    pub fn new(revision: u64) -> Self {
+        Doc {
+            revision,
+            partners: Vec::new(),
+            keys: Vec::new(),
+        }
+    }
+
+    pub fn partner(mut self, id: &str, org: Option<&str>, status: &str) -> Self {
+        self.partners
+            .push(serde_json::json!({"id": id, "org_id": org, "status": status}));
+        self
+    }
+
+    /// Add a key record for `secret`; `extra` fields are merged over the defaults
+    /// (partner `partner_acme`, environment `live`, scopes `analyses:read`, active).
+    pub fn key(mut self, id: &str, secret: &str, extra: serde_json::Value) -> Self {
+        let mut k = serde_json::json!({
+            "id": id,
+            "name": id,
+            "prefix": &secret[..secret.len().min(12)],
+            "hash": digest(secret),
+            "partner_id": "partner_acme",
+            "environment": "live",
+            "scopes": ["analyses:read"],
+            "status": "active",
+            "created_at": "2026-01-15T10:30:00Z",
+            "expires_at": null,
+        });
+        if let (Some(base), Some(extra)) = (k.as_object_mut(), extra.as_object()) {
+            for (f, v) in extra {
+                base.insert(f.clone(), v.clone());
+            }
+        }
+        self.keys.push(k);
+        self
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(&serde_json::json!({
+            "schema": "keygate.snapshot/v1",
+            "revision": self.revision,
+            "generated_at": "2026-11-22T06:00:00Z",
+            "partners": self.partners,
+            "keys": self.keys,
+        }))
+        .unwrap()
+    }
+}
+
+/// A temporary directory holding `keys.json`.
+pub struct SnapshotDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl SnapshotDir {
+    pub fn new() -> Self {
+        SnapshotDir {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("keys.json")
+    }
+
+    /// Replace the snapshot atomically (write a sibling, rename over), as operators should.
+    pub fn write(&self, doc: &Doc) {
+        self.write_text(&doc.to_json());
+    }
+
+    pub fn write_text(&self, text: &str) {
+        let tmp = self
+            .dir
+            .path()
+            .join(format!(".keys.json.{}", rand_suffix()));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.path()).unwrap();
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+// ---------------------------------------------------------------------------------------------
+// keygate
+
+/// The TOML keygate runs with in tests: live environment, prefixes for live and test keys, one
+/// scoped route, admin on. `extra` is appended (later keys of a table must not repeat).
+pub fn config_toml(snapshot: &Path, upstream: SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+environment = "live"
+
+[[key_prefixes]]
+prefix = "sk_live_"
+environment = "live"
+checksum = true
+
+[[key_prefixes]]
+prefix = "sk_test_"
+environment = "test"
+checksum = true
+
+[[key_prefixes]]
+prefix = "legacy_"
+environment = "live"
+checksum = false
+
+[snapshot]
+path = {path:?}
+poll_interval = "200ms"
+
+[proxy]
+listen = "127.0.0.1:0"
+upstream = "http://{upstream}"
+upstream_timeout = "2s"
+connect_timeout = "1s"
+header_read_timeout = "1s"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[routes.rule]]
+route = "POST /v1/analyses"
+scopes = ["analyses:write"]
+
+[[routes.rule]]
+route = "GET /v1/analyses/**"
+scopes = ["analyses:read"]
+
+{extra}
+"#,
+        path = snapshot.display().to_string(),
+    )
+}
+
+/// A running keygate in this process (through `app::start`).
+pub struct Gate {
+    pub app: Option<App>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Gate {
+    pub async fn start(toml: &str) -> Self {
+        let settings = keygate::config::from_toml(toml).expect("test config is valid");
+        let app = keygate::app::start(settings).await.expect("keygate starts");
+        Gate {
+            addr: app.proxy_addr.expect("proxy configured"),
+            admin: app.admin_addr.expect("admin configured"),
+            app: Some(app),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// The revision in force, if any.
+    pub fn revision(&self) -> Option<u64> {
+        self.app
+            .as_ref()
+            .unwrap()
+            .store
+            .current()
+            .as_ref()
+            .map(|s| s.revision)
+    }
+
+    /// Wait (with a deadline) until revision `rev` is in force.
+    pub async fn wait_revision(&self, rev: u64) {
+        let ok = eventually(Duration::from_secs(5), || self.revision() == Some(rev)).await;
+        assert!(
+            ok,
+            "revision {rev} not in force; current {:?}",
+            self.revision()
+        );
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(app) = self.app.take() {
+            app.shutdown().await;
+        }
+    }
+}
+
+/// Poll `cond` every 10 ms until it holds or `deadline` passes.
+pub async fn eventually(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+
+/// A parsed answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// The `error.code` of a keygate error body.
+    pub fn code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+}
+
+pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2_client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// Send one request with hyper. `headers` are added as given (repeats allowed).
+pub async fn send(
+    client: &HttpClient,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Answer {
+    let mut b = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("answer within 10 s")
+        .expect("request sent");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+pub async fn get(client: &HttpClient, url: &str, headers: &[(&str, &str)]) -> Answer {
+    send(client, "GET", url, headers, "").await
+}
+
+/// Write raw bytes to `addr` and read one HTTP/1.1 response (up to the body's Content-Length,
+/// or until the server closes). For request shapes a well-behaved client would not produce.
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> Answer {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(a) = parse_response(&buf) {
+                return Some(a);
+            }
+        }
+        parse_response(&buf)
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("raw answer within 10 s")
+        .unwrap_or_else(|| panic!("no HTTP response: {:?}", String::from_utf8_lossy(&buf)))
+}
+
+/// Parse a complete HTTP/1.1 response with a Content-Length body.
+fn parse_response(buf: &[u8]) -> Option<Answer> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&buf[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let mut headers = HeaderMap::new();
+    let mut map = BTreeMap::new();
+    for line in lines.filter(|l| !l.is_empty()) {
+        let (k, v) = line.split_once(':')?;
+        map.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+        headers.append(
+            http::HeaderName::from_bytes(k.trim().as_bytes()).ok()?,
+            http::HeaderValue::from_str(v.trim()).ok()?,
+        );
+    }
+    let len: usize = map
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if buf.len() < end + len {
+        return None;
+    }
+    Some(Answer {
+        status,
+        headers,
+        body: Bytes::copy_from_slice(&buf[end..end + len]),
+    })
+}
+
+/// Assert a keygate error answer: status, code, JSON shape, request id, content type.
+pub fn assert_error(a: &Answer, status: u16, code: &str) {
+    assert_eq!(
+        a.status,
+        status,
+        "status for {code}: body {:?}",
+        String::from_utf8_lossy(&a.body)
+    );
+    let j = a.json();
+    let e = &j["error"];
+    assert_eq!(e["code"], code, "{j}");
+    assert!(e["type"].is_string() && e["message"].is_string(), "{j}");
+    let rid = a
+        .header("x-request-id")
+        .expect("x-request-id on every answer");
+    assert_eq!(e["request_id"], rid, "body and header request ids agree");
+    assert_eq!(a.header("content-type"), Some("application/json"));
+    assert_eq!(
+        j.as_object().unwrap().len(),
+        1,
+        "only `error` at the top level"
+    );
+    assert_eq!(
+        e.as_object().unwrap().len(),
+        4,
+        "type, code, message, request_id: {j}"
+    );
+}
