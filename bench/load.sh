@@ -258,7 +258,7 @@ chmod 755 "$TMP"   # nginx workers may run as another user (nobody) when started
 log "temp dir: $TMP"
 
 log "generating $KEYS keys (seed $SEED)"
-python3 "$SCRIPT_DIR/gen_keys.py" "$KEYS" "$TMP" --seed "$SEED" 2>/dev/null
+python3 "$SCRIPT_DIR/gen_keys.py" "$KEYS" "$TMP" --seed "$SEED"
 
 # The client key: one from the middle of the set (not trivially the first entry).
 CLIENT_KEY="$(sed -n "$(( (KEYS + 1) / 2 ))p" "$TMP/keys.txt")"

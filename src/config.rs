@@ -120,7 +120,6 @@ pub struct RawProxy {
     pub connect_timeout: Option<String>,
     pub upstream_timeout: Option<String>,
     pub header_read_timeout: Option<String>,
-    pub idle_timeout: Option<String>,
     pub max_header_bytes: Option<usize>,
     pub max_headers: Option<usize>,
     pub pool_idle_per_host: Option<usize>,
@@ -247,7 +246,6 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     pub upstream_timeout: Duration,
     pub header_read_timeout: Duration,
-    pub idle_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub pool_idle_per_host: usize,
@@ -656,8 +654,6 @@ impl Validator {
             raw.header_read_timeout.as_deref(),
             secs(10),
         );
-        let idle_timeout =
-            self.duration("proxy.idle_timeout", raw.idle_timeout.as_deref(), secs(90));
         let max_header_bytes = raw.max_header_bytes.unwrap_or(16 * 1024);
         if !(8192..=1024 * 1024).contains(&max_header_bytes) {
             self.problem(
@@ -681,7 +677,6 @@ impl Validator {
             connect_timeout,
             upstream_timeout,
             header_read_timeout,
-            idle_timeout,
             max_header_bytes,
             max_headers,
             pool_idle_per_host: raw.pool_idle_per_host.unwrap_or(64),

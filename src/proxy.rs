@@ -186,15 +186,9 @@ async fn handle(
         host: host.as_ref().and_then(|h| h.to_str().ok()),
         client_ip: client,
         credential,
-        referer: req
-            .headers()
-            .get(header::REFERER)
-            .map(HeaderValue::as_bytes),
-        origin: req.headers().get(header::ORIGIN).map(HeaderValue::as_bytes),
-        idempotency_key: req
-            .headers()
-            .get(&names.idempotency_key)
-            .map(HeaderValue::as_bytes),
+        referer: single(req.headers(), &header::REFERER),
+        origin: single(req.headers(), &header::ORIGIN),
+        idempotency_key: single(req.headers(), &names.idempotency_key),
     };
     let allow = match decide(snapshot.as_deref(), &state.policy, &facts, now_ms()) {
         Verdict::Deny(reason) => {
@@ -305,6 +299,18 @@ async fn handle(
     resp.headers_mut()
         .insert(names.request_id.clone(), request_id);
     resp.map(Either::Left)
+}
+
+/// The one value of a header. A repeated header yields an empty value, which matches no
+/// referrer pattern and is no idempotency key: repeats are refused, never resolved by picking one.
+fn single<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a [u8]> {
+    let mut values = h.get_all(name).iter();
+    let first = values.next()?;
+    Some(if values.next().is_some() {
+        b""
+    } else {
+        first.as_bytes()
+    })
 }
 
 /// The host the client addressed: the URI's authority (HTTP/2, absolute-form) or `Host`.

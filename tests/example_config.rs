@@ -1,0 +1,60 @@
+//! `config.example.toml` is the reference: it must load as it is (unknown keys are errors, so
+//! this also proves it names no key keygate does not know), and its values are the defaults.
+
+use std::path::Path;
+
+#[test]
+fn example_config_loads_and_states_the_defaults() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let s = keygate::config::load_with_env(&path, std::iter::empty())
+        .expect("config.example.toml is valid");
+    let p = s.proxy.expect("the example runs the proxy");
+    assert_eq!(p.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(p.upstream.as_str(), "127.0.0.1:3000");
+    assert_eq!(
+        s.admin.map(|a| a.to_string()).as_deref(),
+        Some("127.0.0.1:9901")
+    );
+    assert_eq!(s.policy.environment, "live");
+    assert_eq!(s.policy.routes.len(), 2);
+
+    // The defaults the example claims are the ones keygate uses without it.
+    let minimal = keygate::config::from_toml(
+        "environment = \"live\"\n[snapshot]\npath = \"keys.json\"\n[proxy]\nlisten = \"127.0.0.1:8080\"\nupstream = \"http://127.0.0.1:3000\"\n",
+    )
+    .unwrap();
+    let d = minimal.proxy.unwrap();
+    assert_eq!(d.connect_timeout, p.connect_timeout);
+    assert_eq!(d.upstream_timeout, p.upstream_timeout);
+    assert_eq!(d.header_read_timeout, p.header_read_timeout);
+    assert_eq!(d.max_header_bytes, p.max_header_bytes);
+    assert_eq!(d.max_headers, p.max_headers);
+    assert_eq!(d.pool_idle_per_host, p.pool_idle_per_host);
+    assert_eq!(minimal.snapshot.poll_interval, s.snapshot.poll_interval);
+    assert_eq!(
+        minimal.headers.forward_credentials,
+        s.headers.forward_credentials
+    );
+    assert_eq!(minimal.policy.path, s.policy.path);
+    assert_eq!(
+        minimal.policy.idempotency_required,
+        s.policy.idempotency_required
+    );
+    assert_eq!(minimal.policy.unmatched, s.policy.unmatched);
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let env = [
+        ("KEYGATE__PROXY__LISTEN", "127.0.0.1:18080"),
+        ("KEYGATE__PROXY__TRUSTED_PROXIES", "10.0.0.0/8,192.168.1.1"),
+        ("KEYGATE__ENVIRONMENT", "test"),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()));
+    let s = keygate::config::load_with_env(&path, env).unwrap();
+    let p = s.proxy.unwrap();
+    assert_eq!(p.listen.to_string(), "127.0.0.1:18080");
+    assert_eq!(p.trusted_proxies.len(), 2);
+    assert_eq!(s.policy.environment, "test");
+}
