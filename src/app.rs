@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::config::Settings;
+use crate::config::{RuntimeFlavor, Settings};
 use crate::proxy::{self, ProxyState};
 use crate::snapshot::file::FileSource;
 use crate::snapshot::SnapshotStore;
@@ -34,6 +34,8 @@ pub struct App {
     pub store: Arc<SnapshotStore>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    /// Proxy threads of the thread-per-core layout (beyond the caller's own runtime).
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// Resolves once `stop` turns true.
@@ -41,6 +43,20 @@ fn stopped(mut rx: watch::Receiver<bool>) -> impl Future<Output = ()> {
     async move {
         let _ = rx.wait_for(|s| *s).await;
     }
+}
+
+/// A non-blocking std listener with SO_REUSEPORT, so several threads can each own one on the
+/// same address and the kernel spreads connections among them.
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
@@ -61,16 +77,80 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
     let drain = Duration::from_secs(10);
 
     let mut proxy_addr = None;
+    let mut threads = Vec::new();
     if let Some(p) = settings.proxy.clone() {
-        let listener = bind("proxy.listen", p.listen).await?;
-        proxy_addr = listener.local_addr().ok();
-        let state = Arc::new(ProxyState::new(
-            p,
-            settings.policy.clone(),
-            settings.headers.clone(),
-            store.clone(),
-        ));
-        tasks.spawn(proxy::serve(listener, state, stopped(rx.clone()), drain));
+        let new_state = || {
+            Arc::new(ProxyState::new(
+                p.clone(),
+                settings.policy.clone(),
+                settings.headers.clone(),
+                store.clone(),
+            ))
+        };
+        if settings.runtime.flavor == RuntimeFlavor::ThreadPerCore {
+            // One SO_REUSEPORT listener per thread, each served by its own single-threaded
+            // runtime with its own upstream pool: no cross-thread wake-ups on the request path.
+            let n = match settings.runtime.worker_threads {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            };
+            let first = reuseport_listener(p.listen).map_err(|source| AppError::Bind {
+                what: "proxy.listen",
+                addr: p.listen,
+                source,
+            })?;
+            let addr = first.local_addr().map_err(|source| AppError::Bind {
+                what: "proxy.listen",
+                addr: p.listen,
+                source,
+            })?;
+            proxy_addr = Some(addr);
+            for i in 1..n {
+                let std_listener = reuseport_listener(addr).map_err(|source| AppError::Bind {
+                    what: "proxy.listen",
+                    addr,
+                    source,
+                })?;
+                let state = new_state();
+                let stop = stopped(rx.clone());
+                let thread = std::thread::Builder::new()
+                    .name(format!("keygate-proxy-{i}"))
+                    .spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .expect("a current-thread runtime builds");
+                        rt.block_on(async move {
+                            match TcpListener::from_std(std_listener) {
+                                Ok(l) => proxy::serve(l, state, stop, drain).await,
+                                Err(e) => tracing::error!(error = %e, "proxy listener lost"),
+                            }
+                        });
+                    })
+                    .expect("a proxy thread starts");
+                threads.push(thread);
+            }
+            let listener = TcpListener::from_std(first).map_err(|source| AppError::Bind {
+                what: "proxy.listen",
+                addr,
+                source,
+            })?;
+            tasks.spawn(proxy::serve(
+                listener,
+                new_state(),
+                stopped(rx.clone()),
+                drain,
+            ));
+        } else {
+            let listener = bind("proxy.listen", p.listen).await?;
+            proxy_addr = listener.local_addr().ok();
+            tasks.spawn(proxy::serve(
+                listener,
+                new_state(),
+                stopped(rx.clone()),
+                drain,
+            ));
+        }
     }
     let mut admin_addr = None;
     if let Some(addr) = settings.admin {
@@ -91,6 +171,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
         store,
         stop,
         tasks,
+        threads,
     })
 }
 
@@ -99,6 +180,13 @@ impl App {
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
+        let threads = std::mem::take(&mut self.threads);
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
     }
 }
 

@@ -288,8 +288,13 @@ pub struct LogSettings {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RuntimeFlavor {
+    /// tokio's work-stealing scheduler over `worker_threads` threads.
     MultiThread,
+    /// Everything on one thread.
     CurrentThread,
+    /// `worker_threads` proxy threads, each a single-threaded runtime with its own
+    /// `SO_REUSEPORT` listener and upstream pool.
+    ThreadPerCore,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -477,10 +482,13 @@ pub fn validate(raw: RawConfig) -> Result<Settings, ConfigError> {
         flavor: match raw.runtime.flavor.as_deref().unwrap_or("multi_thread") {
             "multi_thread" => RuntimeFlavor::MultiThread,
             "current_thread" => RuntimeFlavor::CurrentThread,
+            "thread_per_core" => RuntimeFlavor::ThreadPerCore,
             other => {
                 v.problem(
                     "runtime.flavor",
-                    format!("{other:?} must be \"multi_thread\" or \"current_thread\""),
+                    format!(
+                        "{other:?} must be \"multi_thread\", \"current_thread\" or \"thread_per_core\""
+                    ),
                 );
                 RuntimeFlavor::MultiThread
             }

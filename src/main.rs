@@ -250,7 +250,10 @@ fn build_runtime(settings: &Settings) -> anyhow::Result<tokio::runtime::Runtime>
             }
             b
         }
-        RuntimeFlavor::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+        // Thread-per-core: this thread serves one share; app::start adds the others.
+        RuntimeFlavor::CurrentThread | RuntimeFlavor::ThreadPerCore => {
+            tokio::runtime::Builder::new_current_thread()
+        }
     };
     builder
         .enable_all()

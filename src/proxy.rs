@@ -112,9 +112,11 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
+        let client = Arc::new(Peer::new(peer));
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(&state, peer, req).await) }
+            let client = client.clone();
+            async move { Ok::<_, Infallible>(handle(&state, &client, req).await) }
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         let conn = graceful.watch(conn.into_owned());
@@ -155,9 +157,25 @@ fn smuggling_shape(req: &Request<Incoming>) -> Option<&'static str> {
     None
 }
 
+/// The TCP peer of a connection, with its `X-Forwarded-For` form built once per connection.
+struct Peer {
+    ip: IpAddr,
+    header: HeaderValue,
+}
+
+impl Peer {
+    fn new(addr: SocketAddr) -> Self {
+        let ip = crate::snapshot::canonical_ip(addr.ip());
+        Peer {
+            ip,
+            header: HeaderValue::from_str(&ip.to_string()).expect("an IP is a header value"),
+        }
+    }
+}
+
 async fn handle(
     state: &ProxyState,
-    peer: SocketAddr,
+    peer: &Peer,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let names = &*state.names;
@@ -170,7 +188,7 @@ async fn handle(
 
     let normalized = normalize(req.uri().path(), state.policy.path);
     let client = client_ip(
-        peer.ip(),
+        peer.ip,
         req.headers()
             .get_all("x-forwarded-for")
             .iter()
@@ -247,7 +265,7 @@ async fn handle(
         }
     }
     strip_identity(h, names);
-    set_forwarded(h, peer.ip(), host.as_ref(), &state.settings.trusted_proxies);
+    set_forwarded(h, peer, host.as_ref(), &state.settings.trusted_proxies);
     if let Some(host) = host {
         h.insert(header::HOST, host);
     }
@@ -325,27 +343,27 @@ fn host_of(req: &Request<Incoming>) -> Option<HeaderValue> {
 /// (an untrusted client's claims about the chain are not passed on).
 fn set_forwarded(
     h: &mut HeaderMap,
-    peer: IpAddr,
+    peer: &Peer,
     host: Option<&HeaderValue>,
     trusted: &[ipnet::IpNet],
 ) {
     const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
     const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
     const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
-    let peer_text = peer.to_string();
-    if is_trusted(peer, trusted) {
+    if is_trusted(peer.ip, trusted) {
         let prior: Vec<&str> = h
             .get_all(&XFF)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect();
-        let chain = if prior.is_empty() {
-            peer_text
+        if !prior.is_empty() {
+            let chain = format!("{}, {}", prior.join(", "), peer.ip);
+            match HeaderValue::from_str(&chain) {
+                Ok(v) => h.insert(XFF, v),
+                Err(_) => h.insert(XFF, peer.header.clone()),
+            };
         } else {
-            format!("{}, {}", prior.join(", "), peer_text)
-        };
-        if let Ok(v) = HeaderValue::from_str(&chain) {
-            h.insert(XFF, v);
+            h.insert(XFF, peer.header.clone());
         }
         if !h.contains_key(&XFP) {
             h.insert(XFP, HeaderValue::from_static("http"));
@@ -356,10 +374,7 @@ fn set_forwarded(
             }
         }
     } else {
-        h.insert(
-            XFF,
-            HeaderValue::from_str(&peer_text).expect("an IP is a header value"),
-        );
+        h.insert(XFF, peer.header.clone());
         h.insert(XFP, HeaderValue::from_static("http"));
         match host {
             Some(host) => h.insert(XFH, host.clone()),
