@@ -19,6 +19,38 @@ pub const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.iter().any(|h| h == name) || name == header::UPGRADE
+}
+
+/// Remove, in one pass over the names, what must not travel on: hop-by-hop headers, those
+/// listed in `Connection`, and (`identity = Some`) every spelling of an identity header.
+/// `keep_upgrade` keeps `Upgrade` for a request being upgraded. One pass instead of a remove per
+/// candidate name: this runs twice per proxied request.
+pub fn strip_hop_and_identity(
+    h: &mut HeaderMap,
+    identity: Option<&HeaderNames>,
+    keep_upgrade: bool,
+) {
+    let listed = if h.contains_key(header::CONNECTION) {
+        connection_tokens(h)
+    } else {
+        Vec::new()
+    };
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in h.keys() {
+        let drop = (is_hop_by_hop(name) && !(keep_upgrade && name == header::UPGRADE))
+            || (listed.contains(name) && !(keep_upgrade && name == header::UPGRADE))
+            || identity.is_some_and(|names| is_identity_variant(name.as_str(), names));
+        if drop {
+            doomed.push(name.clone());
+        }
+    }
+    for name in doomed {
+        h.remove(name);
+    }
+}
+
 /// Header names listed in `Connection` (lower-cased), which are hop-by-hop too.
 pub fn connection_tokens(headers: &HeaderMap) -> Vec<HeaderName> {
     let mut out = Vec::new();
@@ -52,25 +84,6 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 /// already in a `HeaderMap`)?
 pub fn is_identity_variant(name: &str, names: &HeaderNames) -> bool {
     names.identity().iter().any(|n| folded_eq(n.as_str(), name))
-}
-
-/// Remove every inbound identity header, whatever its case or `_` spelling, and however often
-/// repeated.
-pub fn strip_identity(headers: &mut HeaderMap, names: &HeaderNames) {
-    for n in names.identity() {
-        headers.remove(n);
-    }
-    // `_` spellings are rare: look for them only when some name has an underscore.
-    if headers.keys().any(|k| k.as_str().contains('_')) {
-        let spoofed: Vec<HeaderName> = headers
-            .keys()
-            .filter(|k| is_identity_variant(k.as_str(), names))
-            .cloned()
-            .collect();
-        for k in spoofed {
-            headers.remove(k);
-        }
-    }
 }
 
 /// Set the identity headers of an allow (inbound variants must have been stripped already).

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -28,9 +29,7 @@ use crate::config::{HeaderNames, Policy, ProxySettings};
 use crate::credential::{extract_from_headers, Credential};
 use crate::decision::{decide, RequestFacts, Verdict};
 use crate::deny::DenyReason;
-use crate::headers::{
-    connection_tokens, request_id_str, set_identity, strip_identity, wants_upgrade, HOP_BY_HOP,
-};
+use crate::headers::{request_id_str, set_identity, strip_hop_and_identity, wants_upgrade};
 use crate::path::normalize;
 use crate::request_id;
 use crate::snapshot::SnapshotStore;
@@ -225,16 +224,7 @@ async fn handle(
     let upgrade = req.version() == Version::HTTP_11 && wants_upgrade(req.headers());
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let path_and_query = match parts.uri.query() {
-        Some(q) => format!("{}?{}", path.as_str(), q),
-        None => path.as_str().to_owned(),
-    };
-    let uri = Uri::builder()
-        .scheme(state.settings.upstream_scheme.clone())
-        .authority(state.settings.upstream.clone())
-        .path_and_query(path_and_query)
-        .build();
-    let Ok(uri) = uri else {
+    let Some(uri) = upstream_uri(&state.settings, &parts.uri, path.as_str()) else {
         return deny(
             &DenyReason::BadRequest("the request target cannot be forwarded"),
             &request_id,
@@ -243,17 +233,8 @@ async fn handle(
         );
     };
     let h = &mut parts.headers;
-    for name in connection_tokens(h) {
-        if !(upgrade && name == header::UPGRADE) {
-            h.remove(name);
-        }
-    }
-    for name in &HOP_BY_HOP {
-        h.remove(name);
-    }
-    if !upgrade {
-        h.remove(header::UPGRADE);
-    } else {
+    strip_hop_and_identity(h, Some(names), upgrade);
+    if upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     if !names.forward_credentials {
@@ -264,7 +245,6 @@ async fn handle(
             h.remove(&names.credentials.api_key);
         }
     }
-    strip_identity(h, names);
     set_forwarded(h, peer, host.as_ref(), &state.settings.trusted_proxies);
     if let Some(host) = host {
         h.insert(header::HOST, host);
@@ -305,18 +285,32 @@ async fn handle(
             }
         });
     } else {
-        let h = resp.headers_mut();
-        for name in connection_tokens(h) {
-            h.remove(name);
-        }
-        for name in &HOP_BY_HOP {
-            h.remove(name);
-        }
-        h.remove(header::UPGRADE);
+        strip_hop_and_identity(resp.headers_mut(), None, false);
     }
     resp.headers_mut()
         .insert(names.request_id.clone(), request_id);
     resp.map(Either::Left)
+}
+
+/// The upstream URI: the upstream's scheme and authority, the normalized path, the query as
+/// received. When normalization changed nothing (the common case) the received path-and-query
+/// is reused as it is, without a copy.
+fn upstream_uri(settings: &ProxySettings, received: &Uri, path: &str) -> Option<Uri> {
+    let path_and_query = match received.path_and_query() {
+        Some(pq) if pq.path() == path => pq.clone(),
+        _ => {
+            let text = match received.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_owned(),
+            };
+            PathAndQuery::from_maybe_shared(Bytes::from(text)).ok()?
+        }
+    };
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(settings.upstream_scheme.clone());
+    parts.authority = Some(settings.upstream.clone());
+    parts.path_and_query = Some(path_and_query);
+    Uri::from_parts(parts).ok()
 }
 
 /// The one value of a header. A repeated header yields an empty value, which matches no
