@@ -39,10 +39,8 @@ pub struct App {
 }
 
 /// Resolves once `stop` turns true.
-fn stopped(mut rx: watch::Receiver<bool>) -> impl Future<Output = ()> {
-    async move {
-        let _ = rx.wait_for(|s| *s).await;
-    }
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 /// A non-blocking std listener with SO_REUSEPORT, so several threads can each own one on the

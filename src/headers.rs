@@ -39,8 +39,8 @@ pub fn strip_hop_and_identity(
     };
     let mut doomed: Vec<HeaderName> = Vec::new();
     for name in h.keys() {
-        let drop = (is_hop_by_hop(name) && !(keep_upgrade && name == header::UPGRADE))
-            || (listed.contains(name) && !(keep_upgrade && name == header::UPGRADE))
+        let keep = keep_upgrade && name == header::UPGRADE;
+        let drop = (!keep && (is_hop_by_hop(name) || listed.contains(name)))
             || identity.is_some_and(|names| is_identity_variant(name.as_str(), names));
         if drop {
             doomed.push(name.clone());
