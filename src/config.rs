@@ -479,7 +479,7 @@ pub fn validate(raw: RawConfig) -> Result<Settings, ConfigError> {
         v.problem("log.level", format!("{:?}: {e}", log.level));
     }
     let runtime = RuntimeSettings {
-        flavor: match raw.runtime.flavor.as_deref().unwrap_or("multi_thread") {
+        flavor: match raw.runtime.flavor.as_deref().unwrap_or("thread_per_core") {
             "multi_thread" => RuntimeFlavor::MultiThread,
             "current_thread" => RuntimeFlavor::CurrentThread,
             "thread_per_core" => RuntimeFlavor::ThreadPerCore,

@@ -19,7 +19,8 @@
 //! - [`decision`]: the one pure decision; [`deny`]: deny reason → status, code, JSON, headers.
 //! - [`snapshot`]: the snapshot model, index and store; `snapshot::{parse, file}`.
 //! - [`headers`]: hop-by-hop and identity header rules shared by the fronts.
-//! - [`proxy`]: the hyper reverse-proxy front; [`admin`]: `/healthz`, `/readyz`.
+//! - [`proxy`]: the hyper reverse-proxy front; [`upstream`]: its per-thread connection pool.
+//! - [`admin`]: `/healthz`, `/readyz`.
 //! - [`keys`]: `keygate keys create | list | revoke` on a snapshot file.
 //! - [`demo`]: `keygate demo`, the zero-setup tour.
 
@@ -39,3 +40,4 @@ pub mod referrer;
 pub mod request_id;
 pub mod routes;
 pub mod snapshot;
+pub mod upstream;

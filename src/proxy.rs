@@ -17,8 +17,6 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -33,9 +31,10 @@ use crate::headers::{request_id_str, set_identity, strip_hop_and_identity, wants
 use crate::path::normalize;
 use crate::request_id;
 use crate::snapshot::SnapshotStore;
+use crate::upstream::{PooledBody, Upstream, UpstreamError};
 
 /// Response body: the upstream's, streamed, or one keygate made.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
 
 /// Everything a proxy connection needs, shared by all of them.
 pub struct ProxyState {
@@ -43,7 +42,7 @@ pub struct ProxyState {
     pub policy: Arc<Policy>,
     pub names: Arc<HeaderNames>,
     pub store: Arc<SnapshotStore>,
-    client: Client<HttpConnector, Incoming>,
+    upstream: Arc<Upstream>,
 }
 
 impl ProxyState {
@@ -53,22 +52,17 @@ impl ProxyState {
         names: Arc<HeaderNames>,
         store: Arc<SnapshotStore>,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(settings.pool_idle_per_host)
-            .build(connector);
+        let upstream = Upstream::new(
+            settings.upstream.as_str().to_owned(),
+            settings.connect_timeout,
+            settings.pool_idle_per_host,
+        );
         Self {
             settings,
             policy,
             names,
             store,
-            client,
+            upstream,
         }
     }
 }
@@ -259,7 +253,7 @@ async fn handle(
 
     let sent = tokio::time::timeout(
         state.settings.upstream_timeout,
-        state.client.request(upstream_req),
+        state.upstream.send(upstream_req),
     )
     .await;
     let mut resp = match sent {
@@ -377,17 +371,14 @@ fn set_forwarded(
     }
 }
 
-fn upstream_error(e: &hyper_util::client::legacy::Error) -> DenyReason {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return DenyReason::UpstreamTimeout;
-            }
+fn upstream_error(e: &UpstreamError) -> DenyReason {
+    match e {
+        UpstreamError::ConnectTimeout => DenyReason::UpstreamTimeout,
+        UpstreamError::Connect(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+            DenyReason::UpstreamTimeout
         }
-        source = s.source();
+        UpstreamError::Connect(_) | UpstreamError::Http(_) => DenyReason::UpstreamUnavailable,
     }
-    DenyReason::UpstreamUnavailable
 }
 
 /// A keygate-made answer: status, contract headers, JSON body and the request id.

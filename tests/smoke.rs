@@ -7,6 +7,12 @@ use support::*;
 
 #[tokio::test]
 async fn allowed_request_reaches_upstream_with_identity() {
+    for flavor in ["thread_per_core", "multi_thread", "current_thread"] {
+        allowed_request_with_runtime(flavor).await;
+    }
+}
+
+async fn allowed_request_with_runtime(flavor: &str) {
     let upstream = Upstream::start().await;
     let snap = SnapshotDir::new();
     let key = mint("sk_live_");

@@ -1,0 +1,179 @@
+//! The proxy's upstream client: HTTP/1.1 connections from hyper's `client::conn`, kept in a
+//! small pool owned by one [`ProxyState`](crate::proxy::ProxyState), so with the thread-per-core
+//! layout every thread has its own pool and its lock is never contended.
+//!
+//! A connection goes back to the pool when the response body it carried has been read to the
+//! end (or had none); a body dropped half-way takes its connection with it. A request that a
+//! pooled connection could not send at all (the upstream closed it while idle) is retried once
+//! on a fresh connection; a request that may have reached the upstream is never retried.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// Why a request did not get a response from the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connecting to the upstream timed out")]
+    ConnectTimeout,
+    #[error("connecting to the upstream failed: {0}")]
+    Connect(std::io::Error),
+    #[error("the upstream connection failed: {0}")]
+    Http(#[from] hyper::Error),
+}
+
+/// A pool of HTTP/1.1 connections to one upstream address.
+pub struct Upstream {
+    /// `host:port` as configured.
+    authority: String,
+    connect_timeout: Duration,
+    max_idle: usize,
+    idle: Mutex<Vec<SendRequest<Incoming>>>,
+    me: Weak<Upstream>,
+}
+
+impl Upstream {
+    pub fn new(authority: String, connect_timeout: Duration, max_idle: usize) -> Arc<Self> {
+        Arc::new_cyclic(|me| Upstream {
+            authority,
+            connect_timeout,
+            max_idle,
+            idle: Mutex::new(Vec::new()),
+            me: me.clone(),
+        })
+    }
+
+    /// Send `req` and return the response head; the body streams from the connection.
+    pub async fn send(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let mut req = req;
+        if let Some(mut sender) = self.checkout().await {
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(self.wrap(resp, sender)),
+                Err(mut e) => match e.take_message() {
+                    // Never written: the idle connection was closed under us. Retry below.
+                    Some(back) => req = back,
+                    None => return Err(UpstreamError::Http(e.into_error())),
+                },
+            }
+        }
+        let mut sender = self.connect().await?;
+        let resp = sender.send_request(req).await?;
+        Ok(self.wrap(resp, sender))
+    }
+
+    fn wrap(
+        &self,
+        resp: Response<Incoming>,
+        sender: SendRequest<Incoming>,
+    ) -> Response<PooledBody> {
+        resp.map(|inner| PooledBody {
+            inner,
+            sender: Some(sender),
+            pool: self.me.clone(),
+        })
+    }
+
+    /// An idle connection that is still open and ready, if there is one.
+    async fn checkout(&self) -> Option<SendRequest<Incoming>> {
+        loop {
+            let mut sender = self.idle.lock().expect("pool lock").pop()?;
+            if sender.is_closed() {
+                continue;
+            }
+            // Usually ready already; right after a body ends the connection task may not have
+            // polled yet, and this waits for it.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    fn checkin(&self, sender: SendRequest<Incoming>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().expect("pool lock");
+        if idle.len() < self.max_idle {
+            idle.push(sender);
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
+        let stream =
+            tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.authority))
+                .await
+                .map_err(|_| UpstreamError::ConnectTimeout)?
+                .map_err(UpstreamError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// An upstream response body that returns its connection to the pool once fully read.
+pub struct PooledBody {
+    inner: Incoming,
+    sender: Option<SendRequest<Incoming>>,
+    pool: Weak<Upstream>,
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.release();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let (Some(sender), Some(pool)) = (self.sender.take(), self.pool.upgrade()) {
+            pool.checkin(sender);
+        }
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // A body with nothing left (read to the end, or none at all, as for HEAD or 204) leaves
+        // its connection reusable; one dropped half-way does not, and the sender just drops.
+        if self.inner.is_end_stream() {
+            self.release();
+        }
+    }
+}
