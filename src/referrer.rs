@@ -177,7 +177,7 @@ impl ReferrerPattern {
     fn matches_path(&self, path: &str) -> bool {
         self.path
             .as_deref()
-            .map_or(true, |glob| glob_match(glob.as_bytes(), path.as_bytes()))
+            .is_none_or(|glob| glob_match(glob.as_bytes(), path.as_bytes()))
     }
 }
 
