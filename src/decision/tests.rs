@@ -195,7 +195,8 @@ fn fixture() -> Fixture {
             "key_cidr",
             "partner_acme",
             live(),
-            json!({"allowed_cidrs": ["203.0.113.0/24", "2001:db8::/32"], "scopes": ["analyses:read"]}),
+            json!({"allowed_cidrs": ["203.0.113.0/24", "2001:db8::/32", "::ffff:192.0.2.0/120"],
+                   "scopes": ["analyses:read"]}),
         ),
         (
             "cidr_referrer",
@@ -643,6 +644,26 @@ fn each_check_of_the_contract() {
             name: "IPv4-mapped IPv6 client inside an IPv4 CIDR",
             cred: Cred::Key("cidr"),
             ip: Some("::ffff:203.0.113.9"),
+            want: Allow {
+                key: "key_cidr",
+                partner: "partner_acme",
+            },
+            ..BASE
+        },
+        Case {
+            name: "IPv4 client inside an IPv4-mapped IPv6 CIDR",
+            cred: Cred::Key("cidr"),
+            ip: Some("192.0.2.200"),
+            want: Allow {
+                key: "key_cidr",
+                partner: "partner_acme",
+            },
+            ..BASE
+        },
+        Case {
+            name: "IPv4-mapped client inside an IPv4-mapped IPv6 CIDR",
+            cred: Cred::Key("cidr"),
+            ip: Some("::ffff:192.0.2.200"),
             want: Allow {
                 key: "key_cidr",
                 partner: "partner_acme",
