@@ -351,7 +351,10 @@ fn parse_key(
             for (i, r) in list.iter().enumerate() {
                 let p = RoutePattern::parse(r)
                     .map_err(|e| fail(format!("allowed_routes[{i}] {}", route_problem(&e))))?;
-                if !patterns.iter().any(|(x, ())| x == &p) {
+                if !patterns
+                    .iter()
+                    .any(|(x, ()): &(RoutePattern, ())| x.same_route(&p))
+                {
                     patterns.push((p, ()));
                 }
             }
