@@ -570,6 +570,43 @@ fn find_by_sha256_and_hmac() {
     assert_eq!(id(&right, &sha256(&plain)["sha256:".len()..]), None);
 }
 
+/// An allow-list that names one route twice, however spelled, means the same as naming it once:
+/// the key stays usable.
+#[test]
+fn repeated_allowed_routes_are_merged() {
+    let secret = mint("sk_live_");
+    for routes in [
+        json!(["GET /v1/a", "GET /v1/a"]),
+        json!(["GET /v1/a", "GET /v1/a/"]),
+        json!(["GET /v1/a", "GET //v1/./a", "GET /v1/b/../a"]),
+        json!(["* /v1/**", "GET /v1/a", "* /v1/x/../**"]),
+    ] {
+        let record = key("key_1", &sha256(&secret), json!({"allowed_routes": routes}));
+        let s = parse(&doc(1, vec![acme()], vec![record]), None).unwrap();
+        assert!(s.quarantined.is_empty(), "{routes}: {:?}", s.quarantined);
+        let k = s.find(&secret).unwrap();
+        let table = k.allowed_routes.as_ref().unwrap();
+        assert!(table.matches("GET", "/v1/a"), "{routes}");
+        assert!(!table.matches("GET", "/v2/a"), "{routes}");
+    }
+    // Different methods on one path are different routes.
+    let record = key(
+        "key_1",
+        &sha256(&secret),
+        json!({"allowed_routes": ["GET /v1/a", "POST /v1/a"]}),
+    );
+    let s = parse(&doc(1, vec![acme()], vec![record]), None).unwrap();
+    assert_eq!(
+        s.find(&secret)
+            .unwrap()
+            .allowed_routes
+            .as_ref()
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
 #[test]
 fn unknown_fields_are_ignored() {
     let secret = mint("sk_live_");
