@@ -809,13 +809,25 @@ pub fn folded_eq(a: &str, b: &str) -> bool {
             .all(|(x, y)| x == y || (matches!(x, b'_' | b'-') && matches!(y, b'_' | b'-')))
 }
 
-/// `10.0.0.0/8`, `::1/128` or a bare address (a /32 or /128).
+/// `10.0.0.0/8`, `::1/128` or a bare address (a /32 or /128). An IPv4-mapped IPv6 network
+/// (`::ffff:10.0.0.0/104`) is the IPv4 network it maps, since addresses are compared in that form
+/// too ([`crate::snapshot::canonical_ip`]).
 pub fn parse_cidr(s: &str) -> Option<IpNet> {
     let s = s.trim();
-    s.parse::<IpNet>()
+    let net = s
+        .parse::<IpNet>()
         .ok()
         .map(|n| n.trunc())
-        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))?;
+    Some(match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => IpNet::V4(
+                ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).expect("a prefix of at most 32"),
+            ),
+            None => net,
+        },
+        _ => net,
+    })
 }
 
 fn is_token(s: &str) -> bool {

@@ -148,6 +148,12 @@ impl RoutePattern {
         &self.text
     }
 
+    /// Whether `other` is the same route however it is written (`GET /a` and `GET /a/`): the
+    /// equality [`RouteTable::new`] refuses duplicates by.
+    pub fn same_route(&self, other: &Self) -> bool {
+        self.method == other.method && self.segments == other.segments
+    }
+
     /// The method token, or `None` for `*` (any method).
     pub fn method(&self) -> Option<&str> {
         match &self.method {

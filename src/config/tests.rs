@@ -1,1 +1,660 @@
+//! Table tests for configuration: a minimal valid file, every validation error naming its dotted
+//! key, several problems reported together, and environment overrides through `load_with_env`.
+
+use std::io::Write as _;
+
 use super::*;
+
+/// The smallest configuration that validates: an environment, a snapshot path, one front.
+const MINIMAL: &str = r#"
+environment = "live"
+
+[snapshot]
+path = "keys.json"
+
+[admin]
+listen = "127.0.0.1:9901"
+"#;
+
+/// A proxy front besides the admin one, so that proxy settings are validated in full.
+const WITH_PROXY: &str = r#"
+environment = "live"
+
+[snapshot]
+path = "keys.json"
+
+[proxy]
+listen = "127.0.0.1:8080"
+upstream = "http://127.0.0.1:3000"
+"#;
+
+fn problems(text: &str) -> Vec<Problem> {
+    match from_toml(text) {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(ConfigError::Invalid(p)) => p,
+        Err(e @ ConfigError::Read { .. }) => panic!("not a validation error: {e}\n{text}"),
+    }
+}
+
+#[test]
+fn minimal_config_is_valid_with_defaults() {
+    let s = from_toml(MINIMAL).unwrap();
+    assert_eq!(s.policy.environment, "live");
+    assert!(s.policy.prefixes.is_empty());
+    assert!(s.policy.routes.is_empty());
+    assert_eq!(s.policy.unmatched, Unmatched::Allow);
+    assert!(!s.policy.idempotency_required);
+    assert!(!s.policy.path.allow_semicolon);
+    assert_eq!(s.snapshot.path, PathBuf::from("keys.json"));
+    assert_eq!(s.snapshot.poll_interval, Duration::from_secs(1));
+    assert!(s.snapshot.pepper.is_none());
+    assert!(s.proxy.is_none());
+    assert_eq!(s.admin, Some("127.0.0.1:9901".parse().unwrap()));
+    assert_eq!(s.headers.credentials, CredentialHeaders::default());
+    assert!(!s.headers.forward_credentials);
+    assert_eq!(s.headers.key_id, "x-key-id");
+    assert_eq!(s.headers.idempotency_key, "idempotency-key");
+    assert_eq!(s.log.level, "info");
+    assert!(!s.log.json);
+    assert_eq!(s.runtime.flavor, RuntimeFlavor::MultiThread);
+}
+
+#[test]
+fn full_config_is_read() {
+    let s = from_toml(&format!(
+        r#"{WITH_PROXY}
+trusted_proxies = ["10.0.0.0/8", "192.168.1.1"]
+connect_timeout = "250ms"
+upstream_timeout = "1m"
+
+[[key_prefixes]]
+prefix = "sk_live_"
+environment = "live"
+
+[[key_prefixes]]
+prefix = "imp_"
+environment = "live"
+checksum = false
+
+[routes]
+unmatched = "deny"
+
+[[routes.rule]]
+route = "POST /v1/analyses"
+scopes = ["analyses:write", "analyses:write"]
+
+[identity_headers]
+key_id = "X-Keygate-Key"
+
+[idempotency]
+required = true
+
+[log]
+format = "json"
+level = "keygate=debug,info"
+
+[runtime]
+flavor = "current_thread"
+worker_threads = 2
+"#
+    ))
+    .unwrap();
+    let proxy = s.proxy.unwrap();
+    assert_eq!(proxy.listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(proxy.upstream, "127.0.0.1:3000");
+    assert_eq!(proxy.upstream_scheme, http::uri::Scheme::HTTP);
+    assert_eq!(
+        &*proxy.trusted_proxies,
+        [
+            "10.0.0.0/8".parse().unwrap(),
+            "192.168.1.1/32".parse().unwrap()
+        ]
+    );
+    assert_eq!(proxy.connect_timeout, Duration::from_millis(250));
+    assert_eq!(proxy.upstream_timeout, Duration::from_secs(60));
+    let rules = s.policy.prefixes.rules();
+    assert_eq!(rules.len(), 2);
+    assert_eq!(rules[0].prefix, "sk_live_", "longest first");
+    assert!(rules[0].checksum, "checksum defaults to true");
+    assert!(!rules[1].checksum);
+    assert_eq!(s.policy.unmatched, Unmatched::Deny);
+    let scopes = s.policy.routes.lookup("POST", "/v1/analyses").unwrap();
+    assert_eq!(
+        scopes.iter().map(|s| &**s).collect::<Vec<_>>(),
+        ["analyses:write"],
+        "deduplicated"
+    );
+    assert_eq!(s.headers.key_id, "x-keygate-key", "lower-cased");
+    assert!(s.policy.idempotency_required);
+    assert!(s.log.json);
+    assert_eq!(s.runtime.flavor, RuntimeFlavor::CurrentThread);
+    assert_eq!(s.runtime.worker_threads, 2);
+}
+
+/// Each case adds to (or edits) a valid configuration; the one problem reported names `key`.
+#[test]
+fn each_problem_names_its_dotted_key() {
+    let unset_var = "KEYGATE_TEST_PEPPER_THAT_IS_NEVER_SET_3F9A";
+    assert!(std::env::var_os(unset_var).is_none());
+    let pepper_case = format!(
+        "environment = \"live\"\n[snapshot]\npath = \"k.json\"\npepper_env = \"{unset_var}\"\n\
+         [admin]\nlisten = \"127.0.0.1:1\"\n"
+    );
+    let edit = |from: &str, to: &str| {
+        assert!(WITH_PROXY.contains(from), "{from}");
+        WITH_PROXY.replacen(from, to, 1)
+    };
+    let add = |text: &str| format!("{WITH_PROXY}{text}");
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "missing environment",
+            edit("environment = \"live\"", ""),
+            "environment",
+        ),
+        (
+            "bad environment",
+            edit("\"live\"", "\"li ve\""),
+            "environment",
+        ),
+        (
+            "bad prefix",
+            add("[[key_prefixes]]\nprefix = \"sk-live-\"\nenvironment = \"live\"\n"),
+            "key_prefixes[0].prefix",
+        ),
+        (
+            "empty prefix",
+            add("[[key_prefixes]]\nprefix = \"\"\nenvironment = \"live\"\n"),
+            "key_prefixes[0].prefix",
+        ),
+        (
+            "bad prefix environment",
+            add("[[key_prefixes]]\nprefix = \"sk_\"\nenvironment = \"live!\"\n"),
+            "key_prefixes[0].environment",
+        ),
+        (
+            "duplicate prefix",
+            add(
+                "[[key_prefixes]]\nprefix = \"sk_live_\"\nenvironment = \"live\"\n\
+                 [[key_prefixes]]\nprefix = \"sk_live_\"\nenvironment = \"test\"\n",
+            ),
+            "key_prefixes[1].prefix",
+        ),
+        (
+            "duration without a unit",
+            edit("upstream = ", "connect_timeout = \"5\"\nupstream = "),
+            "proxy.connect_timeout",
+        ),
+        (
+            "zero duration",
+            edit(
+                "path = \"keys.json\"",
+                "path = \"keys.json\"\npoll_interval = \"0s\"",
+            ),
+            "snapshot.poll_interval",
+        ),
+        (
+            "bad listen address",
+            edit("\"127.0.0.1:8080\"", "\"localhost:8080\""),
+            "proxy.listen",
+        ),
+        (
+            "bad admin listen address",
+            add("[admin]\nlisten = \"127.0.0.1:99999\"\n"),
+            "admin.listen",
+        ),
+        (
+            "proxy.listen without upstream",
+            edit("upstream = \"http://127.0.0.1:3000\"", ""),
+            "proxy.upstream",
+        ),
+        (
+            "https upstream",
+            edit("http://127.0.0.1:3000", "https://127.0.0.1:3000"),
+            "proxy.upstream",
+        ),
+        (
+            "upstream with a path",
+            edit("http://127.0.0.1:3000", "http://127.0.0.1:3000/api"),
+            "proxy.upstream",
+        ),
+        (
+            "upstream with a query",
+            edit("http://127.0.0.1:3000", "http://127.0.0.1:3000/?a=1"),
+            "proxy.upstream",
+        ),
+        (
+            "upstream with credentials",
+            edit("http://127.0.0.1:3000", "http://user:pw@127.0.0.1:3000"),
+            "proxy.upstream",
+        ),
+        (
+            "upstream not a URL",
+            edit("http://127.0.0.1:3000", "htp:/x y"),
+            "proxy.upstream",
+        ),
+        (
+            "bad trusted proxy CIDR",
+            edit(
+                "upstream = ",
+                "trusted_proxies = [\"10.0.0.0/8\", \"10.0.0.0/40\"]\nupstream = ",
+            ),
+            "proxy.trusted_proxies[1]",
+        ),
+        (
+            "max_header_bytes out of range",
+            edit("upstream = ", "max_header_bytes = 10\nupstream = "),
+            "proxy.max_header_bytes",
+        ),
+        (
+            "bad route pattern",
+            add("[[routes.rule]]\nroute = \"POST v1/analyses\"\n"),
+            "routes.rule[0].route",
+        ),
+        (
+            "route without a method",
+            add("[[routes.rule]]\nroute = \"/v1/analyses\"\n"),
+            "routes.rule[0].route",
+        ),
+        (
+            "duplicate route",
+            add("[[routes.rule]]\nroute = \"POST /v1/analyses\"\n\
+                 [[routes.rule]]\nroute = \"POST /v1/analyses/\"\n"),
+            "routes.rule",
+        ),
+        (
+            "bad scope",
+            add("[[routes.rule]]\nroute = \"POST /v1/analyses\"\nscopes = [\"a b\"]\n"),
+            "routes.rule[0].scopes",
+        ),
+        (
+            "routes.unmatched = maybe",
+            add("[routes]\nunmatched = \"maybe\"\n"),
+            "routes.unmatched",
+        ),
+        (
+            "bad log format",
+            add("[log]\nformat = \"xml\"\n"),
+            "log.format",
+        ),
+        (
+            "bad log level",
+            add("[log]\nlevel = \"keygate=loud\"\n"),
+            "log.level",
+        ),
+        (
+            "bad runtime flavor",
+            add("[runtime]\nflavor = \"single\"\n"),
+            "runtime.flavor",
+        ),
+        (
+            "snapshot.source = http",
+            edit("path = ", "source = \"http\"\npath = "),
+            "snapshot.source",
+        ),
+        (
+            "snapshot.source = ftp",
+            edit("path = ", "source = \"ftp\"\npath = "),
+            "snapshot.source",
+        ),
+        (
+            "missing snapshot.path",
+            edit("path = \"keys.json\"", ""),
+            "snapshot.path",
+        ),
+        (
+            "pepper_env names an unset variable",
+            pepper_case,
+            "snapshot.pepper_env",
+        ),
+        (
+            "two identity headers with the same name",
+            add("[identity_headers]\npartner_id = \"x-key-id\"\n"),
+            "identity_headers",
+        ),
+        (
+            "two identity headers equal once '_' is read as '-'",
+            add("[identity_headers]\norg_id = \"X_Partner_Id\"\n"),
+            "identity_headers",
+        ),
+        (
+            "identity header equal to a credential header",
+            add("[identity_headers]\nkey_id = \"X-API-Key\"\n"),
+            "identity_headers",
+        ),
+        (
+            "identity header equal to a configured credential header",
+            add("[credentials]\napi_key_header = \"x-scopes\"\n"),
+            "identity_headers",
+        ),
+        (
+            "bad header name",
+            add("[credentials]\napi_key_header = \"x api key\"\n"),
+            "credentials.api_key_header",
+        ),
+        (
+            "no front at all",
+            edit(
+                "[proxy]\nlisten = \"127.0.0.1:8080\"\nupstream = \"http://127.0.0.1:3000\"\n",
+                "",
+            ),
+            "proxy.listen",
+        ),
+    ];
+
+    let mut failures = Vec::new();
+    for (name, text, key) in &cases {
+        let got = match from_toml(text) {
+            Ok(_) => {
+                failures.push(format!("{name}: accepted"));
+                continue;
+            }
+            Err(ConfigError::Read { message, .. }) => {
+                failures.push(format!("{name}: read error {message}"));
+                continue;
+            }
+            Err(ConfigError::Invalid(p)) => p,
+        };
+        let keys: Vec<&str> = got.iter().map(|p| p.key.as_str()).collect();
+        if keys != [*key] {
+            failures.push(format!("{name}: problems {got:?}, want one for {key}"));
+            continue;
+        }
+        let line = got[0].to_string();
+        if !line.starts_with(&format!("config: {key}: ")) || got[0].message.is_empty() {
+            failures.push(format!("{name}: rendered as {line:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// An unknown field is a typo: it is refused, and the error names it and the table it is in.
+#[test]
+fn unknown_fields_are_refused_by_name() {
+    let cases = [
+        (
+            "[proxy] listn",
+            WITH_PROXY.replacen("listen =", "listn =", 1),
+            "unknown field `listn`",
+            Some("for key `proxy`"),
+        ),
+        (
+            "top-level enviroment",
+            format!("enviroment = \"live\"\n{WITH_PROXY}"),
+            "unknown field `enviroment`",
+            None,
+        ),
+        (
+            "[[routes.rule]] scope",
+            format!("{WITH_PROXY}[[routes.rule]]\nroute = \"GET /a\"\nscope = [\"x\"]\n"),
+            "unknown field `scope`",
+            Some("for key `routes.rule[0]`"),
+        ),
+        (
+            "unknown section",
+            format!("{WITH_PROXY}[proxies]\nlisten = \"127.0.0.1:1\"\n"),
+            "unknown field `proxies`",
+            None,
+        ),
+    ];
+    for (name, text, field, table) in cases {
+        let err = from_toml(&text).expect_err(name);
+        assert!(matches!(err, ConfigError::Read { .. }), "{name}: {err:?}");
+        let err = err.to_string();
+        assert!(err.contains(field), "{name}: {err}");
+        if let Some(table) = table {
+            assert!(err.contains(table), "{name}: {err}");
+        }
+    }
+    // The same typo arriving from the environment.
+    let file = write_config(WITH_PROXY);
+    let err = load_with_env(
+        file.path(),
+        env(&[("KEYGATE__PROXY__LISTN", "127.0.0.1:1")]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("unknown field `listn`"), "{err}");
+    assert!(err.contains("for key `proxy`"), "{err}");
+}
+
+#[test]
+fn all_problems_are_reported_at_once() {
+    let text = r#"
+environment = "li ve"
+
+[[key_prefixes]]
+prefix = "sk-live"
+environment = "live"
+
+[snapshot]
+poll_interval = "5"
+
+[proxy]
+listen = "127.0.0.1:8080"
+upstream = "https://upstream"
+trusted_proxies = ["nope"]
+
+[routes]
+unmatched = "maybe"
+
+[[routes.rule]]
+route = "GET nope"
+
+[log]
+format = "xml"
+
+[runtime]
+flavor = "single"
+"#;
+    let got = problems(text);
+    let mut keys: Vec<&str> = got.iter().map(|p| p.key.as_str()).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "environment",
+            "key_prefixes[0].prefix",
+            "log.format",
+            "proxy.trusted_proxies[0]",
+            "proxy.upstream",
+            "routes.rule[0].route",
+            "routes.unmatched",
+            "runtime.flavor",
+            "snapshot.path",
+            "snapshot.poll_interval",
+        ]
+    );
+    let err = ConfigError::Invalid(got);
+    assert_eq!(err.problems().len(), 10);
+    assert_eq!(err.to_string().lines().count(), 10, "one problem per line");
+}
+
+#[test]
+fn messages_quote_the_offending_value() {
+    let got = problems(&WITH_PROXY.replacen("\"live\"", "\"li ve\"", 1));
+    assert!(got[0].message.contains("\"li ve\""), "{:?}", got[0]);
+    let got = problems(&format!("{WITH_PROXY}[routes]\nunmatched = \"maybe\"\n"));
+    assert!(got[0].message.contains("\"maybe\""), "{:?}", got[0]);
+}
+
+#[test]
+fn pepper_is_read_from_the_named_variable() {
+    // PATH is set in any test environment; its bytes are the pepper.
+    let path = std::env::var_os("PATH").expect("PATH is set");
+    let s = from_toml(&MINIMAL.replacen(
+        "path = \"keys.json\"",
+        "path = \"keys.json\"\npepper_env = \"PATH\"",
+        1,
+    ))
+    .unwrap();
+    assert_eq!(s.snapshot.pepper.as_deref(), Some(path.as_encoded_bytes()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// load_with_env
+
+fn write_config(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f.flush().unwrap();
+    f
+}
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let file = write_config(WITH_PROXY);
+    let s = load_with_env(
+        file.path(),
+        env(&[
+            ("KEYGATE__PROXY__LISTEN", "127.0.0.1:9000"),
+            ("KEYGATE__ENVIRONMENT", "test"),
+            (
+                "KEYGATE__PROXY__TRUSTED_PROXIES",
+                "10.0.0.0/8,192.168.0.0/16",
+            ),
+            ("KEYGATE__PROXY__CONNECT_TIMEOUT", "750ms"),
+            ("KEYGATE__IDENTITY_HEADERS__KEY_ID", "x-gate-key"),
+            ("KEYGATE__IDEMPOTENCY__REQUIRED", "true"),
+            ("KEYGATE__ROUTES__UNMATCHED", "deny"),
+            // A comma in a value that is not a list stays in the value.
+            ("KEYGATE__LOG__LEVEL", "keygate=debug,info"),
+            // Not ours: ignored.
+            ("KEYGATEX__ENVIRONMENT", "nope"),
+            ("HOME", "/nowhere"),
+        ]),
+    )
+    .unwrap();
+    let proxy = s.proxy.unwrap();
+    assert_eq!(proxy.listen, "127.0.0.1:9000".parse().unwrap());
+    assert_eq!(s.policy.environment, "test");
+    assert_eq!(
+        &*proxy.trusted_proxies,
+        [
+            "10.0.0.0/8".parse::<IpNet>().unwrap(),
+            "192.168.0.0/16".parse().unwrap()
+        ]
+    );
+    assert_eq!(proxy.connect_timeout, Duration::from_millis(750));
+    assert_eq!(proxy.upstream, "127.0.0.1:3000", "the file's value stays");
+    assert_eq!(s.headers.key_id, "x-gate-key");
+    assert!(s.policy.idempotency_required);
+    assert_eq!(s.policy.unmatched, Unmatched::Deny);
+    assert_eq!(s.log.level, "keygate=debug,info");
+}
+
+#[test]
+fn environment_values_are_validated_like_the_file() {
+    let file = write_config(WITH_PROXY);
+    let table: &[(&str, &str, &str)] = &[
+        ("KEYGATE__PROXY__LISTEN", "nope", "proxy.listen"),
+        ("KEYGATE__ENVIRONMENT", "li ve", "environment"),
+        (
+            "KEYGATE__PROXY__TRUSTED_PROXIES",
+            "10.0.0.0/8,nope",
+            "proxy.trusted_proxies[1]",
+        ),
+        ("KEYGATE__ROUTES__UNMATCHED", "maybe", "routes.unmatched"),
+    ];
+    for (var, value, key) in table {
+        match load_with_env(file.path(), env(&[(var, value)])) {
+            Err(ConfigError::Invalid(p)) => {
+                let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+                assert_eq!(keys, [*key], "{var}={value}");
+            }
+            Err(e) => panic!("{var}={value}: {e}"),
+            Ok(_) => panic!("{var}={value}: accepted"),
+        }
+    }
+}
+
+#[test]
+fn a_single_trusted_proxy_from_the_environment_is_a_list() {
+    let file = write_config(WITH_PROXY);
+    let s = load_with_env(
+        file.path(),
+        env(&[("KEYGATE__PROXY__TRUSTED_PROXIES", "10.0.0.1")]),
+    )
+    .unwrap();
+    assert_eq!(
+        &*s.proxy.unwrap().trusted_proxies,
+        ["10.0.0.1/32".parse::<IpNet>().unwrap()]
+    );
+}
+
+#[test]
+fn without_environment_the_file_is_used() {
+    let file = write_config(WITH_PROXY);
+    let s = load_with_env(file.path(), Vec::new()).unwrap();
+    assert_eq!(s.policy.environment, "live");
+    assert_eq!(s.proxy.unwrap().listen, "127.0.0.1:8080".parse().unwrap());
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("absent-keygate.toml");
+    let err = load_with_env(&path, Vec::new()).unwrap_err();
+    assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert_eq!(err.problems(), [text]);
+}
+
+#[test]
+fn a_file_that_is_not_toml_is_named() {
+    let file = write_config("environment = \"live\"\n[snapshot\npath = 1\n");
+    let err = load_with_env(file.path(), Vec::new()).unwrap_err();
+    assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains(&file.path().display().to_string()),
+        "{err}"
+    );
+}
+
+#[test]
+fn helpers() {
+    for (s, want) in [
+        ("10.0.0.0/8", Some("10.0.0.0/8")),
+        ("10.1.2.3/8", Some("10.0.0.0/8")),
+        (" 192.168.1.1 ", Some("192.168.1.1/32")),
+        ("::1", Some("::1/128")),
+        ("2001:db8::/32", Some("2001:db8::/32")),
+        ("::ffff:10.0.0.0/104", Some("10.0.0.0/8")),
+        ("::ffff:203.0.113.7", Some("203.0.113.7/32")),
+        ("::ffff:0:0/96", Some("0.0.0.0/0")),
+        ("::ffff:0:0/95", Some("::fffe:0:0/95")),
+        ("10.0.0.0/33", None),
+        ("10.0.0", None),
+        ("", None),
+    ] {
+        assert_eq!(
+            parse_cidr(s),
+            want.map(|w| w.parse::<IpNet>().unwrap()),
+            "{s:?}"
+        );
+    }
+    for (a, b, want) in [
+        ("x-key-id", "x_key_id", true),
+        ("x-key-id", "x-key-id", true),
+        ("x-key-id", "x-key-ids", false),
+        ("x-key-id", "x-kez-id", false),
+    ] {
+        assert_eq!(folded_eq(a, b), want, "{a} {b}");
+    }
+    for (s, want) in [
+        ("analyses:read", true),
+        ("a b", false),
+        ("a,b", false),
+        ("", false),
+        ("é", false),
+    ] {
+        assert_eq!(is_scope(s), want, "{s:?}");
+    }
+}

@@ -15,8 +15,8 @@ use serde_json::value::RawValue;
 
 use super::{DigestMap, KeyRecord, KeyStatus, Partner, PartnerStatus, Quarantined, Snapshot};
 use crate::config::{is_scope, parse_cidr};
-use crate::referrer::{ReferrerPattern, ReferrerSet};
-use crate::routes::{RoutePattern, RouteTable};
+use crate::referrer::{ReferrerError, ReferrerPattern, ReferrerSet};
+use crate::routes::{RouteError, RoutePattern, RouteTable};
 
 pub const SCHEMA: &str = "keygate.snapshot/v1";
 
@@ -247,8 +247,11 @@ fn parse_partners(raw: &[&RawValue], quarantined: &mut Vec<Quarantined>) -> Vec<
             "suspended" => PartnerStatus::Suspended,
             "deactivated" => PartnerStatus::Deactivated,
             "payment_required" => PartnerStatus::PaymentRequired,
-            other => {
-                quarantined.push(q(label(), format!("unknown status {other:?}")));
+            _ => {
+                quarantined.push(q(
+                    label(),
+                    "status must be \"active\", \"suspended\", \"deactivated\" or \"payment_required\"",
+                ));
                 continue;
             }
         };
@@ -293,12 +296,7 @@ fn parse_key(
     let partner = match partners.get(k.partner_id.as_str()) {
         Some(Some(i)) => *i,
         Some(None) => return Err(fail(format!("partner {} is ambiguous", k.partner_id))),
-        None => {
-            return Err(fail(format!(
-                "partner_id {:?} has no partner entry",
-                k.partner_id
-            )))
-        }
+        None => return Err(fail("partner_id names no partner entry".into())),
     };
     if k.environment.is_empty()
         || !k
@@ -306,52 +304,64 @@ fn parse_key(
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     {
-        return Err(fail(format!(
-            "environment {:?} is not valid",
-            k.environment
-        )));
+        return Err(fail(
+            "environment must be letters, digits, '_' or '-'".into(),
+        ));
     }
     let status = match k.status.as_str() {
         "active" => KeyStatus::Active,
         "revoked" => KeyStatus::Revoked,
-        other => return Err(fail(format!("unknown status {other:?}"))),
+        _ => return Err(fail("status must be \"active\" or \"revoked\"".into())),
     };
     let mut scopes = k.scopes;
-    if let Some(bad) = scopes.iter().find(|s| !is_scope(s)) {
-        return Err(fail(format!("scope {bad:?} is not valid")));
+    if let Some(i) = scopes.iter().position(|s| !is_scope(s)) {
+        return Err(fail(format!(
+            "scopes[{i}] is not a scope (1-128 visible ASCII characters, no ',')"
+        )));
     }
     scopes.sort();
     scopes.dedup();
     let expires_at_ms = match k.expires_at.as_deref() {
         None => None,
-        Some(s) => Some(
-            parse_rfc3339_ms(s).ok_or_else(|| fail(format!("expires_at {s:?} is not RFC 3339")))?,
-        ),
+        Some(s) => Some(parse_rfc3339_ms(s).ok_or_else(|| {
+            fail("expires_at is not an RFC 3339 time like \"2027-01-31T00:00:00Z\"".into())
+        })?),
     };
     if k.rate_limit_per_minute == Some(0) {
         return Err(fail("rate_limit_per_minute must be more than 0".into()));
     }
     let mut cidrs = Vec::new();
-    for c in k.allowed_cidrs.unwrap_or_default() {
-        cidrs.push(
-            parse_cidr(&c).ok_or_else(|| fail(format!("allowed_cidrs: {c:?} is not a CIDR")))?,
-        );
+    for (i, c) in k.allowed_cidrs.unwrap_or_default().iter().enumerate() {
+        cidrs.push(parse_cidr(c).ok_or_else(|| {
+            fail(format!(
+                "allowed_cidrs[{i}] is not a CIDR like \"10.0.0.0/8\" or an IP address"
+            ))
+        })?);
     }
     let mut referrers = Vec::new();
-    for r in k.allowed_referrers.unwrap_or_default() {
-        referrers
-            .push(ReferrerPattern::parse(&r).map_err(|e| fail(format!("allowed_referrers: {e}")))?);
+    for (i, r) in k.allowed_referrers.unwrap_or_default().iter().enumerate() {
+        referrers.push(
+            ReferrerPattern::parse(r)
+                .map_err(|e| fail(format!("allowed_referrers[{i}] {}", referrer_problem(&e))))?,
+        );
     }
     let allowed_routes = match k.allowed_routes {
         Some(list) if !list.is_empty() => {
             let mut patterns = Vec::with_capacity(list.len());
-            for r in &list {
-                let p = RoutePattern::parse(r).map_err(|e| fail(format!("allowed_routes: {e}")))?;
-                if !patterns.iter().any(|(x, ())| x == &p) {
+            for (i, r) in list.iter().enumerate() {
+                let p = RoutePattern::parse(r)
+                    .map_err(|e| fail(format!("allowed_routes[{i}] {}", route_problem(&e))))?;
+                if !patterns
+                    .iter()
+                    .any(|(x, ()): &(RoutePattern, ())| x.same_route(&p))
+                {
                     patterns.push((p, ()));
                 }
             }
-            Some(RouteTable::new(patterns).map_err(|e| fail(format!("allowed_routes: {e}")))?)
+            Some(
+                RouteTable::new(patterns)
+                    .map_err(|e| fail(format!("allowed_routes {}", route_problem(&e))))?,
+            )
         }
         _ => None,
     };
@@ -374,6 +384,44 @@ fn parse_key(
         digest,
     };
     Ok((record, kind))
+}
+
+// Reasons name the field and position but never repeat its value: a key or digest pasted into
+// the wrong field must not reach a log (the error types below quote the text they rejected).
+
+fn referrer_problem(e: &ReferrerError) -> &'static str {
+    match e {
+        ReferrerError::Empty => "is empty",
+        ReferrerError::InvalidCharacter(_) => {
+            "contains whitespace, a control character or a non-ASCII character"
+        }
+        ReferrerError::MissingScheme(_) => "must start with http://, https:// or *://",
+        ReferrerError::UnsupportedScheme(_) => "has a scheme other than http, https or *",
+        ReferrerError::UserInfo(_) => "contains user info ('@')",
+        ReferrerError::EmptyHost(_) => "has no host",
+        ReferrerError::InvalidHost(_) => "has a host that is not a host name or IP address",
+        ReferrerError::InvalidWildcard(_) => {
+            "uses '*' in the host other than as a whole leading label (*.example.com)"
+        }
+        ReferrerError::InvalidPort(_) => "has a port that is not a number from 1 to 65535",
+        ReferrerError::QueryOrFragment(_) => "contains a query or fragment",
+    }
+}
+
+fn route_problem(e: &RouteError) -> String {
+    match e {
+        RouteError::Empty => "is empty".into(),
+        RouteError::MissingMethod { .. } => {
+            "has no method (write \"GET /path\" or \"* /path\")".into()
+        }
+        RouteError::MissingPath { .. } => "has no path after the method".into(),
+        RouteError::BadMethod { .. } => "has a method that is not uppercase letters or '*'".into(),
+        RouteError::NotAbsolute { .. } => "has a path that does not start with '/'".into(),
+        RouteError::RestNotFinal { .. } => "has '**' before the last segment".into(),
+        RouteError::BadWildcard { .. } => "has '*' inside a segment".into(),
+        RouteError::InvalidPath { reason, .. } => format!("has an invalid path: {reason}"),
+        RouteError::Duplicate { .. } => "list the same route twice".into(),
+    }
 }
 
 fn parse_digest(s: &str) -> Result<(super::DigestKind, [u8; 32]), &'static str> {

@@ -1,1 +1,770 @@
+//! Table tests for snapshot parsing (document errors, entry quarantine), lookup by digest, and
+//! the store's publish rules.
+
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::{Digest as _, Sha256};
+
 use super::*;
+use crate::credential::mint;
+
+fn sha256(key: &str) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())))
+}
+
+fn hmac_sha256(pepper: &[u8], key: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(pepper).unwrap();
+    mac.update(key.as_bytes());
+    format!("hmac-sha256:{}", hex::encode(mac.finalize().into_bytes()))
+}
+
+fn pepper(p: &str) -> Option<Arc<[u8]>> {
+    Some(Arc::from(p.as_bytes()))
+}
+
+/// A key record with the required fields, then `extra` merged over them.
+fn key(id: &str, hash: &str, extra: Value) -> Value {
+    let mut k = json!({
+        "id": id,
+        "hash": hash,
+        "partner_id": "partner_acme",
+        "environment": "live",
+        "scopes": ["analyses:read"],
+        "status": "active",
+    });
+    for (name, v) in extra.as_object().unwrap() {
+        k[name] = v.clone();
+    }
+    k
+}
+
+fn acme() -> Value {
+    json!({"id": "partner_acme", "org_id": "org_1", "status": "active"})
+}
+
+fn doc(revision: u64, partners: Vec<Value>, keys: Vec<Value>) -> Vec<u8> {
+    json!({
+        "schema": "keygate.snapshot/v1",
+        "revision": revision,
+        "generated_at": "2026-11-22T06:00:00Z",
+        "partners": partners,
+        "keys": keys,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn entries(s: &Snapshot) -> Vec<(String, String)> {
+    s.quarantined
+        .iter()
+        .map(|q| (q.entry.clone(), q.reason.clone()))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Document errors
+
+#[test]
+fn document_errors_reject_the_whole_document() {
+    let good = String::from_utf8(doc(1, vec![acme()], vec![])).unwrap();
+    let truncated = &good[..good.len() / 2];
+    let cases: &[(&str, &[u8])] = &[
+        ("not JSON", b"schema: keygate.snapshot/v1"),
+        ("empty", b""),
+        (
+            "not UTF-8",
+            b"{\"schema\": \"keygate.snapshot/v1\xff\", \"revision\": 1}",
+        ),
+        ("a JSON array", b"[]"),
+        (
+            "wrong schema",
+            br#"{"schema": "keygate.snapshot/v2", "revision": 1}"#,
+        ),
+        ("missing schema", br#"{"revision": 1}"#),
+        ("null schema", br#"{"schema": null, "revision": 1}"#),
+        ("missing revision", br#"{"schema": "keygate.snapshot/v1"}"#),
+        (
+            "negative revision",
+            br#"{"schema": "keygate.snapshot/v1", "revision": -1}"#,
+        ),
+        (
+            "string revision",
+            br#"{"schema": "keygate.snapshot/v1", "revision": "42"}"#,
+        ),
+        (
+            "fractional revision",
+            br#"{"schema": "keygate.snapshot/v1", "revision": 1.5}"#,
+        ),
+        (
+            "keys not a list",
+            br#"{"schema": "keygate.snapshot/v1", "revision": 1, "keys": {}}"#,
+        ),
+        ("truncated", truncated.as_bytes()),
+        (
+            "trailing garbage",
+            br#"{"schema": "keygate.snapshot/v1", "revision": 1} {"#,
+        ),
+    ];
+    for (name, bytes) in cases {
+        match parse(bytes, None) {
+            Err(DocumentError::Json(_) | DocumentError::Schema(_)) => {}
+            Ok(s) => panic!("{name}: accepted as revision {}", s.revision),
+        }
+    }
+    // The right variant for the schema cases, naming what was found.
+    assert_eq!(
+        parse(br#"{"schema": "keygate.snapshot/v2", "revision": 1}"#, None).unwrap_err(),
+        DocumentError::Schema("keygate.snapshot/v2".into())
+    );
+    assert!(matches!(
+        parse(br#"{"revision": 1}"#, None).unwrap_err(),
+        DocumentError::Schema(_)
+    ));
+    // And the good document itself parses.
+    assert_eq!(parse(good.as_bytes(), None).unwrap().revision, 1);
+}
+
+#[test]
+fn document_errors_never_echo_key_material() {
+    let secret = mint("sk_live_");
+    let digest = sha256(&secret);
+    for text in [
+        format!(r#"{{"schema": "keygate.snapshot/v1", "revision": "{secret}"}}"#),
+        format!(r#"{{"schema": "keygate.snapshot/v1", "revision": "{digest}"}}"#),
+        format!(r#"{{"schema": "keygate.snapshot/v1", "revision": 1, "keys": "{secret}"}}"#),
+        format!(r#"{{"schema": "keygate.snapshot/v1", "revision": 1, "{secret}": 1,"#),
+    ] {
+        let err = parse(text.as_bytes(), None).unwrap_err().to_string();
+        assert_no_secret(&err, &secret, &digest);
+    }
+}
+
+/// Neither the key, nor its random body, nor the digest's hex appears in `text`.
+fn assert_no_secret(text: &str, secret: &str, digest: &str) {
+    if let Some(needle) = leaked(text, secret, digest) {
+        panic!("{text:?} leaks {needle:?}");
+    }
+}
+
+/// What part of the key or digest `text` repeats, if any.
+fn leaked<'a>(text: &str, secret: &'a str, digest: &'a str) -> Option<&'a str> {
+    let body = &secret["sk_live_".len()..];
+    let hex = digest.rsplit(':').next().unwrap();
+    [secret, body, &body[..16], hex, &hex[..16]]
+        .into_iter()
+        .find(|needle| text.contains(needle))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry errors: only the entry is quarantined; the rest stays usable.
+
+struct EntryCase {
+    name: &'static str,
+    /// Partners besides `partner_acme`.
+    partners: Vec<Value>,
+    /// Keys besides `key_good`; built from the `bad` secret.
+    keys: Vec<Value>,
+    pepper: Option<Arc<[u8]>>,
+    /// `(entry, a word of the reason)`, in the snapshot's (sorted) order.
+    want: Vec<(&'static str, &'static str)>,
+}
+
+#[test]
+fn entry_errors_quarantine_only_that_entry() {
+    let good = mint("sk_live_");
+    let bad = mint("sk_live_");
+    let bad_hex = sha256(&bad)["sha256:".len()..].to_owned();
+    let bad_key = |id: &str, extra: Value| key(id, &sha256(&bad), extra);
+    let case = |name, keys, want| EntryCase {
+        name,
+        partners: vec![],
+        keys,
+        pepper: None,
+        want,
+    };
+
+    let cases = vec![
+        case(
+            "bad hash prefix",
+            vec![key("key_bad", &format!("md5:{bad_hex}"), json!({}))],
+            vec![("key key_bad", "hash")],
+        ),
+        case(
+            "hash without a prefix",
+            vec![key("key_bad", &bad_hex, json!({}))],
+            vec![("key key_bad", "hash")],
+        ),
+        case(
+            "uppercase hex",
+            vec![key(
+                "key_bad",
+                &format!("sha256:{}", bad_hex.to_uppercase()),
+                json!({}),
+            )],
+            vec![("key key_bad", "lowercase hex")],
+        ),
+        case(
+            "short hex",
+            vec![key(
+                "key_bad",
+                &format!("sha256:{}", &bad_hex[..63]),
+                json!({}),
+            )],
+            vec![("key key_bad", "64")],
+        ),
+        case(
+            "long hex",
+            vec![key("key_bad", &format!("sha256:{bad_hex}0"), json!({}))],
+            vec![("key key_bad", "64")],
+        ),
+        case(
+            "unknown partner",
+            vec![bad_key("key_bad", json!({"partner_id": "partner_nope"}))],
+            vec![("key key_bad", "no partner entry")],
+        ),
+        EntryCase {
+            name: "partner with a bad status, and its keys",
+            partners: vec![json!({"id": "partner_frozen", "status": "frozen"})],
+            keys: vec![bad_key("key_bad", json!({"partner_id": "partner_frozen"}))],
+            pepper: None,
+            want: vec![
+                ("key key_bad", "no partner entry"),
+                ("partner partner_frozen", "status"),
+            ],
+        },
+        EntryCase {
+            name: "partner with a bad org_id",
+            partners: vec![json!({"id": "partner_org", "org_id": "org 1", "status": "active"})],
+            keys: vec![bad_key("key_bad", json!({"partner_id": "partner_org"}))],
+            pepper: None,
+            want: vec![
+                ("key key_bad", "no partner entry"),
+                ("partner partner_org", "org_id"),
+            ],
+        },
+        EntryCase {
+            name: "partner without a status",
+            partners: vec![json!({"id": "partner_nostatus"})],
+            keys: vec![bad_key(
+                "key_bad",
+                json!({"partner_id": "partner_nostatus"}),
+            )],
+            pepper: None,
+            want: vec![
+                ("key key_bad", "no partner entry"),
+                ("partner partner_nostatus", "status"),
+            ],
+        },
+        EntryCase {
+            name: "duplicate partner id: neither is trusted",
+            partners: vec![
+                json!({"id": "partner_dup", "status": "active"}),
+                json!({"id": "partner_dup", "status": "suspended"}),
+            ],
+            keys: vec![bad_key("key_bad", json!({"partner_id": "partner_dup"}))],
+            pepper: None,
+            want: vec![
+                ("key key_bad", "ambiguous"),
+                ("partner partner_dup", "more than once"),
+            ],
+        },
+        case(
+            "two keys with the same digest: both",
+            vec![bad_key("key_a", json!({})), bad_key("key_b", json!({}))],
+            vec![("key key_a", "same digest"), ("key key_b", "same digest")],
+        ),
+        case(
+            "a key with the same digest as a good key: both",
+            vec![key("key_copy", &sha256(&good), json!({}))],
+            vec![
+                ("key key_copy", "same digest"),
+                ("key key_good", "same digest"),
+            ],
+        ),
+        case(
+            "duplicate key id: both",
+            vec![
+                bad_key("key_dup", json!({})),
+                key("key_dup", &sha256("another key"), json!({})),
+            ],
+            vec![
+                ("key key_dup", "more than once"),
+                ("key key_dup", "more than once"),
+            ],
+        ),
+        case(
+            "bad CIDR",
+            vec![bad_key(
+                "key_bad",
+                json!({"allowed_cidrs": ["10.0.0.0/8", "10.0.0.0/33"]}),
+            )],
+            vec![("key key_bad", "allowed_cidrs")],
+        ),
+        case(
+            "bad referrer pattern",
+            vec![bad_key(
+                "key_bad",
+                json!({"allowed_referrers": ["app.example.com/*"]}),
+            )],
+            vec![("key key_bad", "allowed_referrers")],
+        ),
+        case(
+            "referrer pattern with a partial wildcard",
+            vec![bad_key(
+                "key_bad",
+                json!({"allowed_referrers": ["https://app*.example.com"]}),
+            )],
+            vec![("key key_bad", "allowed_referrers")],
+        ),
+        case(
+            "bad route",
+            vec![bad_key(
+                "key_bad",
+                json!({"allowed_routes": ["GET v1/analyses"]}),
+            )],
+            vec![("key key_bad", "allowed_routes")],
+        ),
+        case(
+            "route with ** not last",
+            vec![bad_key(
+                "key_bad",
+                json!({"allowed_routes": ["GET /v1/**/x"]}),
+            )],
+            vec![("key key_bad", "allowed_routes")],
+        ),
+        case(
+            "bad expires_at",
+            vec![bad_key("key_bad", json!({"expires_at": "2026-13-01"}))],
+            vec![("key key_bad", "expires_at")],
+        ),
+        case(
+            "expires_at without an offset",
+            vec![bad_key(
+                "key_bad",
+                json!({"expires_at": "2026-12-01T00:00:00"}),
+            )],
+            vec![("key key_bad", "expires_at")],
+        ),
+        case(
+            "unknown key status",
+            vec![bad_key("key_bad", json!({"status": "disabled"}))],
+            vec![("key key_bad", "status")],
+        ),
+        case(
+            "scope with a space",
+            vec![bad_key("key_bad", json!({"scopes": ["analyses read"]}))],
+            vec![("key key_bad", "scope")],
+        ),
+        case(
+            "scope with a comma",
+            vec![bad_key("key_bad", json!({"scopes": ["a,b"]}))],
+            vec![("key key_bad", "scope")],
+        ),
+        case(
+            "empty scope",
+            vec![bad_key("key_bad", json!({"scopes": [""]}))],
+            vec![("key key_bad", "scope")],
+        ),
+        case(
+            "rate limit 0",
+            vec![bad_key("key_bad", json!({"rate_limit_per_minute": 0}))],
+            vec![("key key_bad", "rate_limit_per_minute")],
+        ),
+        case(
+            "negative rate limit",
+            vec![bad_key("key_bad", json!({"rate_limit_per_minute": -5}))],
+            vec![("key key_bad", "")],
+        ),
+        case(
+            "hmac-sha256 without a pepper",
+            vec![key("key_bad", &hmac_sha256(b"pepper", &bad), json!({}))],
+            vec![("key key_bad", "pepper")],
+        ),
+        case(
+            "bad environment",
+            vec![bad_key("key_bad", json!({"environment": "li ve"}))],
+            vec![("key key_bad", "environment")],
+        ),
+        case(
+            "missing hash",
+            vec![json!({"id": "key_bad", "partner_id": "partner_acme",
+                        "environment": "live", "status": "active"})],
+            vec![("key key_bad", "hash")],
+        ),
+        case(
+            "bad id: named by position",
+            vec![bad_key("key bad", json!({}))],
+            vec![("keys[1]", "id")],
+        ),
+        case(
+            "not an object: named by position",
+            vec![json!("key_bad")],
+            vec![("keys[1]", "")],
+        ),
+    ];
+
+    let mut failures = Vec::new();
+    for c in cases {
+        let mut partners = vec![acme()];
+        partners.extend(c.partners);
+        let mut keys = vec![key("key_good", &sha256(&good), json!({}))];
+        keys.extend(c.keys);
+        let s = match parse(&doc(3, partners, keys), c.pepper) {
+            Ok(s) => s,
+            Err(e) => {
+                failures.push(format!("{}: document rejected: {e}", c.name));
+                continue;
+            }
+        };
+        let got = entries(&s);
+        let matches = got.len() == c.want.len()
+            && got
+                .iter()
+                .zip(&c.want)
+                .all(|((entry, reason), (want_entry, word))| {
+                    entry == want_entry && reason.contains(word)
+                });
+        if !matches {
+            failures.push(format!(
+                "{}: quarantined {got:?}, want {:?}",
+                c.name, c.want
+            ));
+        }
+        if bad_key_found(&s, &bad) {
+            failures.push(format!("{}: the bad entry is usable", c.name));
+        }
+        let good_usable = s.find(&good).map(|k| &*k.id) == Some("key_good");
+        let good_quarantined = c.want.iter().any(|(e, _)| *e == "key key_good");
+        if good_usable == good_quarantined {
+            failures.push(format!(
+                "{}: key_good usable = {good_usable}, want {}",
+                c.name, !good_quarantined
+            ));
+        }
+        if !good_quarantined && s.key_count() != 1 {
+            failures.push(format!("{}: {} keys in force", c.name, s.key_count()));
+        }
+        for (entry, reason) in &got {
+            if reason.contains(&bad_hex) || entry.contains(&bad_hex) || reason.contains(&bad) {
+                failures.push(format!("{}: {entry}: {reason:?} leaks", c.name));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+fn bad_key_found(s: &Snapshot, bad: &str) -> bool {
+    s.find(bad).is_some()
+}
+
+/// A key (or a digest) pasted into the wrong field quarantines the entry, and neither the entry
+/// nor the reason repeats it: both end up in logs and `keygate snapshot check` output.
+#[test]
+fn quarantine_reasons_never_echo_key_material() {
+    let secret = mint("sk_live_");
+    let digest = sha256(&secret);
+    let fields = [
+        json!({"rate_limit_per_minute": secret}),
+        json!({"rate_limit_per_minute": digest}),
+        json!({"expires_at": secret}),
+        json!({"status": secret}),
+        json!({"partner_id": secret}),
+        json!({"allowed_cidrs": [secret]}),
+        json!({"allowed_cidrs": [digest]}),
+        json!({"allowed_referrers": [secret]}),
+        json!({"allowed_referrers": [format!("https://{secret}@app.example.com/")]}),
+        json!({"allowed_routes": [secret]}),
+        json!({"allowed_routes": [format!("GET {secret}")]}),
+        json!({"environment": digest}),
+        json!({"scopes": [format!("{secret} x")]}),
+        json!({"hash": secret}),
+        json!({"hash": digest.to_uppercase()}),
+        json!({"name": 1, "id": secret.replace('_', " ")}),
+    ];
+    let mut leaks = Vec::new();
+    for extra in &fields {
+        let record = key("key_pasted", &sha256("some other key"), extra.clone());
+        let s = parse(&doc(1, vec![acme()], vec![record]), None).unwrap();
+        assert_eq!(s.quarantined.len(), 1, "{extra}: {:?}", s.quarantined);
+        let q = &s.quarantined[0];
+        let text = format!("{} {}", q.entry, q.reason);
+        if leaked(&text, &secret, &digest).is_some() {
+            leaks.push(format!("{extra}: {text}"));
+        }
+    }
+    let partner = json!({"id": "partner_x", "status": secret});
+    let s = parse(&doc(1, vec![acme(), partner], vec![]), None).unwrap();
+    let text = format!("{:?}", s.quarantined);
+    if leaked(&text, &secret, &digest).is_some() {
+        leaks.push(format!("partner status: {text}"));
+    }
+    assert!(leaks.is_empty(), "leaks:\n{}", leaks.join("\n"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lookup
+
+#[test]
+fn find_by_sha256_and_hmac() {
+    let plain = mint("sk_live_");
+    let peppered = mint("sk_live_");
+    let absent = mint("sk_live_");
+    let bytes = doc(
+        1,
+        vec![acme()],
+        vec![
+            key("key_plain", &sha256(&plain), json!({})),
+            key(
+                "key_peppered",
+                &hmac_sha256(b"right pepper", &peppered),
+                json!({}),
+            ),
+        ],
+    );
+
+    let right = parse(&bytes, pepper("right pepper")).unwrap();
+    assert!(right.quarantined.is_empty(), "{:?}", right.quarantined);
+    let wrong = parse(&bytes, pepper("wrong pepper")).unwrap();
+    let none = parse(&bytes, None).unwrap();
+    assert_eq!(
+        entries(&none)
+            .iter()
+            .map(|(e, _)| e.as_str())
+            .collect::<Vec<_>>(),
+        ["key key_peppered"]
+    );
+
+    let id = |s: &Snapshot, k: &str| s.find(k).map(|r| r.id.to_string());
+    let table: &[(&str, &Snapshot, &str, Option<&str>)] = &[
+        ("sha256 hit", &right, &plain, Some("key_plain")),
+        ("sha256 hit, no pepper", &none, &plain, Some("key_plain")),
+        ("sha256 miss", &right, &absent, None),
+        (
+            "hmac hit, right pepper",
+            &right,
+            &peppered,
+            Some("key_peppered"),
+        ),
+        ("hmac miss, wrong pepper", &wrong, &peppered, None),
+        (
+            "sha256 still found, wrong pepper",
+            &wrong,
+            &plain,
+            Some("key_plain"),
+        ),
+        ("hmac miss, no pepper", &none, &peppered, None),
+        ("hmac miss, absent key", &right, &absent, None),
+        ("empty key", &right, "", None),
+        (
+            "key with a trailing space",
+            &right,
+            &format!("{plain} "),
+            None,
+        ),
+    ];
+    for (name, snapshot, presented, want) in table {
+        assert_eq!(id(snapshot, presented).as_deref(), *want, "{name}");
+    }
+    // The digest a record is stored under is not itself a key.
+    assert_eq!(id(&right, &sha256(&plain)), None);
+    assert_eq!(id(&right, &sha256(&plain)["sha256:".len()..]), None);
+}
+
+/// An allow-list that names one route twice, however spelled, means the same as naming it once:
+/// the key stays usable.
+#[test]
+fn repeated_allowed_routes_are_merged() {
+    let secret = mint("sk_live_");
+    for routes in [
+        json!(["GET /v1/a", "GET /v1/a"]),
+        json!(["GET /v1/a", "GET /v1/a/"]),
+        json!(["GET /v1/a", "GET //v1/./a", "GET /v1/b/../a"]),
+        json!(["* /v1/**", "GET /v1/a", "* /v1/x/../**"]),
+    ] {
+        let record = key("key_1", &sha256(&secret), json!({"allowed_routes": routes}));
+        let s = parse(&doc(1, vec![acme()], vec![record]), None).unwrap();
+        assert!(s.quarantined.is_empty(), "{routes}: {:?}", s.quarantined);
+        let k = s.find(&secret).unwrap();
+        let table = k.allowed_routes.as_ref().unwrap();
+        assert!(table.matches("GET", "/v1/a"), "{routes}");
+        assert!(!table.matches("GET", "/v2/a"), "{routes}");
+    }
+    // Different methods on one path are different routes.
+    let record = key(
+        "key_1",
+        &sha256(&secret),
+        json!({"allowed_routes": ["GET /v1/a", "POST /v1/a"]}),
+    );
+    let s = parse(&doc(1, vec![acme()], vec![record]), None).unwrap();
+    assert_eq!(
+        s.find(&secret)
+            .unwrap()
+            .allowed_routes
+            .as_ref()
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[test]
+fn unknown_fields_are_ignored() {
+    let secret = mint("sk_live_");
+    let text = json!({
+        "schema": "keygate.snapshot/v1",
+        "revision": 9,
+        "generated_at": "2026-11-22T06:00:00Z",
+        "x_future": {"nested": [1, 2]},
+        "partners": [
+            {"id": "partner_acme", "status": "active", "tier": "gold", "x": null}
+        ],
+        "keys": [
+            {
+                "id": "key_1", "name": "Production", "prefix": "sk_live_4Fq9",
+                "hash": sha256(&secret), "partner_id": "partner_acme", "environment": "live",
+                "scopes": ["analyses:write", "analyses:read", "analyses:read"],
+                "status": "active", "created_at": "2026-01-15T10:30:00Z",
+                "last_used_at": "2026-11-21T00:00:00Z", "metadata": {"team": "x"},
+                "expires_at": null, "rate_limit_per_minute": 1000,
+                "allowed_cidrs": ["203.0.113.9"], "allowed_referrers": [], "allowed_routes": []
+            }
+        ]
+    })
+    .to_string();
+    let s = parse(text.as_bytes(), None).unwrap();
+    assert!(s.quarantined.is_empty(), "{:?}", s.quarantined);
+    assert_eq!(s.revision, 9);
+    assert_eq!(s.generated_at.as_deref(), Some("2026-11-22T06:00:00Z"));
+    let k = s.find(&secret).expect("the key is in force");
+    assert_eq!(&*k.id, "key_1");
+    assert_eq!(k.name.as_deref(), Some("Production"));
+    assert_eq!(
+        k.scopes.iter().map(|s| &**s).collect::<Vec<_>>(),
+        ["analyses:read", "analyses:write"],
+        "sorted and deduplicated"
+    );
+    assert_eq!(k.scopes_header, "analyses:read analyses:write");
+    assert_eq!(k.rate_limit_per_minute, Some(1000));
+    assert_eq!(k.expires_at_ms, None);
+    assert_eq!(k.allowed_cidrs.len(), 1, "a bare address is a /32");
+    assert!(k.allows_ip(Some("203.0.113.9".parse().unwrap())));
+    assert!(!k.allows_ip(Some("203.0.113.10".parse().unwrap())));
+    assert!(k.allowed_referrers.is_empty());
+    assert!(
+        k.allowed_routes.is_none(),
+        "an empty list means no restriction"
+    );
+    assert_eq!(s.partner(k).org_id, None);
+    assert_eq!(s.partner(k).org_header, None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Publishing
+
+fn snapshot_with(revision: u64, bad_ids: &[&str]) -> Snapshot {
+    let keys = bad_ids
+        .iter()
+        .map(|id| key(id, "sha256:nothex", json!({})))
+        .collect();
+    parse(&doc(revision, vec![acme()], keys), None).unwrap()
+}
+
+fn fresh_ids(q: Vec<Quarantined>) -> Vec<String> {
+    q.into_iter().map(|q| q.entry).collect()
+}
+
+#[test]
+fn publish_refuses_a_lower_revision() {
+    let store = SnapshotStore::new();
+    assert!(store.current().is_none());
+    assert!(store.loaded_at().is_none());
+
+    let table: &[(u64, Result<(), PublishError>, u64)] = &[
+        (5, Ok(()), 5),
+        (
+            4,
+            Err(PublishError::RevisionRegressed {
+                offered: 4,
+                current: 5,
+            }),
+            5,
+        ),
+        (5, Ok(()), 5),
+        (6, Ok(()), 6),
+        (
+            0,
+            Err(PublishError::RevisionRegressed {
+                offered: 0,
+                current: 6,
+            }),
+            6,
+        ),
+    ];
+    for (offered, want, in_force) in table {
+        let got = store.publish(snapshot_with(*offered, &[])).map(|_| ());
+        assert_eq!(&got, want, "publish revision {offered}");
+        let current = store.current_arc().expect("a snapshot is in force");
+        assert_eq!(current.revision, *in_force, "after offering {offered}");
+        assert!(store.loaded_at().is_some());
+    }
+}
+
+#[test]
+fn publish_returns_only_newly_quarantined_entries() {
+    let store = SnapshotStore::new();
+    let steps: &[(u64, &[&str], &[&str])] = &[
+        (1, &["key_a"], &["key key_a"]),
+        (2, &["key_a"], &[]),
+        (2, &["key_a", "key_b"], &["key key_b"]),
+        (3, &["key_b"], &[]),
+        (4, &[], &[]),
+        (5, &["key_a", "key_b"], &["key key_a", "key key_b"]),
+    ];
+    for (revision, bad, want) in steps {
+        let fresh = store.publish(snapshot_with(*revision, bad)).unwrap();
+        assert_eq!(fresh_ids(fresh), *want, "revision {revision} with {bad:?}");
+    }
+    // A refused publish changes nothing, not even what counts as already logged.
+    assert!(store.publish(snapshot_with(1, &["key_c"])).is_err());
+    let fresh = store
+        .publish(snapshot_with(6, &["key_a", "key_c"]))
+        .unwrap();
+    assert_eq!(fresh_ids(fresh), ["key key_c"]);
+}
+
+#[test]
+fn a_request_keeps_its_snapshot_across_a_swap() {
+    let secret = mint("sk_live_");
+    let store = SnapshotStore::new();
+    let with_key = doc(
+        1,
+        vec![acme()],
+        vec![key("key_1", &sha256(&secret), json!({}))],
+    );
+    store.publish(parse(&with_key, None).unwrap()).unwrap();
+    let held = store.current_arc().unwrap();
+    store
+        .publish(parse(&doc(2, vec![acme()], vec![]), None).unwrap())
+        .unwrap();
+    assert!(held.find(&secret).is_some(), "the old revision is intact");
+    assert_eq!(held.revision, 1);
+    let now = store.current_arc().unwrap();
+    assert_eq!(now.revision, 2);
+    assert!(now.find(&secret).is_none());
+}
+
+#[test]
+fn canonical_ip_unmaps_ipv4_mapped_addresses() {
+    let cases = [
+        ("::ffff:203.0.113.7", "203.0.113.7"),
+        ("203.0.113.7", "203.0.113.7"),
+        ("2001:db8::1", "2001:db8::1"),
+        ("::1", "::1"),
+        // IPv4-compatible (deprecated) addresses are not IPv4-mapped.
+        ("::203.0.113.7", "::203.0.113.7"),
+    ];
+    for (input, want) in cases {
+        let got = canonical_ip(input.parse().unwrap());
+        assert_eq!(got, want.parse::<IpAddr>().unwrap(), "{input}");
+    }
+}
