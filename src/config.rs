@@ -639,6 +639,10 @@ impl Validator {
         };
         let mut trusted = Vec::new();
         for (i, c) in raw.trusted_proxies.iter().enumerate() {
+            // `KEYGATE__PROXY__TRUSTED_PROXIES=""` (or a trailing comma) means no entry.
+            if c.trim().is_empty() {
+                continue;
+            }
             match parse_cidr(c) {
                 Some(n) => trusted.push(n),
                 None => self.problem(

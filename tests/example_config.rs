@@ -58,3 +58,20 @@ fn environment_overrides_the_file() {
     assert_eq!(p.trusted_proxies.len(), 2);
     assert_eq!(s.policy.environment, "test");
 }
+
+#[test]
+fn an_empty_trusted_proxies_variable_clears_the_list() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    for value in ["", "10.0.0.0/8,"] {
+        let env = [(
+            "KEYGATE__PROXY__TRUSTED_PROXIES".to_owned(),
+            value.to_owned(),
+        )];
+        let s = keygate::config::load_with_env(&path, env).unwrap();
+        assert_eq!(
+            s.proxy.unwrap().trusted_proxies.len(),
+            usize::from(!value.is_empty()),
+            "{value:?}"
+        );
+    }
+}

@@ -25,9 +25,20 @@ async fn allowed_request_with_runtime(flavor: &str) {
                 json!({"scopes": ["analyses:write", "analyses:read"]}),
             ),
     );
-    let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, "")).await;
-    let c = client();
+    let runtime = format!("[runtime]\nflavor = \"{flavor}\"\nworker_threads = 2\n");
+    let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, &runtime)).await;
     let auth = format!("Bearer {key}");
+    // Several connections, so that with two proxy threads both serve some.
+    for _ in 0..8 {
+        let a = get(
+            &client(),
+            &gate.url("/v1/analyses/7"),
+            &[("authorization", &auth)],
+        )
+        .await;
+        assert_eq!(a.status, 200, "{flavor}: {:?}", a.body);
+    }
+    let c = client();
     let a = get(
         &c,
         &gate.url("/v1/analyses/7?x=1"),

@@ -56,7 +56,7 @@ fn minimal_config_is_valid_with_defaults() {
     assert_eq!(s.headers.idempotency_key, "idempotency-key");
     assert_eq!(s.log.level, "info");
     assert!(!s.log.json);
-    assert_eq!(s.runtime.flavor, RuntimeFlavor::MultiThread);
+    assert_eq!(s.runtime.flavor, RuntimeFlavor::ThreadPerCore);
 }
 
 #[test]
