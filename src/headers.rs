@@ -83,7 +83,10 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 /// Is `name` one of the identity headers, in any variant (`_` for `-`; names are lower case
 /// already in a `HeaderMap`)?
 pub fn is_identity_variant(name: &str, names: &HeaderNames) -> bool {
-    names.identity().iter().any(|n| folded_eq(n.as_str(), name))
+    names
+        .identity()
+        .iter()
+        .any(|n| n.as_str().len() == name.len() && folded_eq(n.as_str(), name))
 }
 
 /// Set the identity headers of an allow (inbound variants must have been stripped already).
