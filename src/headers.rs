@@ -7,20 +7,21 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use crate::config::{folded_eq, HeaderNames};
 use crate::decision::Allow;
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1 and the usual non-standard ones): never forwarded.
-pub const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.iter().any(|h| h == name) || name == header::UPGRADE
+/// Hop-by-hop headers (RFC 9110 §7.6.1, `Upgrade`, and the usual non-standard ones): never
+/// forwarded. A `match` on the name: this runs for every header of every request and response.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
 }
 
 /// Remove, in one pass over the names, what must not travel on: hop-by-hop headers, those
@@ -37,17 +38,17 @@ pub fn strip_hop_and_identity(
     } else {
         Vec::new()
     };
-    let mut doomed: Vec<HeaderName> = Vec::new();
-    for name in h.keys() {
+    let doomed = |name: &HeaderName| {
         let keep = keep_upgrade && name == header::UPGRADE;
-        let drop = (!keep && (is_hop_by_hop(name) || listed.contains(name)))
-            || identity.is_some_and(|names| is_identity_variant(name.as_str(), names));
-        if drop {
-            doomed.push(name.clone());
+        (!keep && (is_hop_by_hop(name) || listed.contains(name)))
+            || identity.is_some_and(|names| is_identity_variant(name.as_str(), names))
+    };
+    // Allocate only in the rare case that something must go.
+    if h.keys().any(doomed) {
+        let names: Vec<HeaderName> = h.keys().filter(|n| doomed(n)).cloned().collect();
+        for name in names {
+            h.remove(name);
         }
-    }
-    for name in doomed {
-        h.remove(name);
     }
 }
 
