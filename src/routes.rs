@@ -11,6 +11,9 @@
 //! pattern that ends there beats `**`). With identical path shapes, an exact
 //! method beats `*`. A `GET` pattern also matches `HEAD` requests (an
 //! upstream answers HEAD like GET); an explicit `HEAD` pattern beats `GET`.
+//! Request methods are matched ignoring ASCII case: RFC 9110 makes `post`
+//! another method than `POST`, but Django and Werkzeug upper-case the
+//! method before routing, so `post` must need what `POST` needs.
 //!
 //! It is pure: no I/O, no clock, no logging, and [`RouteTable::lookup`]
 //! never allocates.
@@ -168,7 +171,10 @@ impl RoutePattern {
     pub fn matches(&self, method: &str, path: &str) -> bool {
         let method_ok = match &self.method {
             Method::Any => true,
-            Method::Exact(m) => **m == *method || (&**m == "GET" && method == "HEAD"),
+            Method::Exact(m) => {
+                m.eq_ignore_ascii_case(method)
+                    || (&**m == "GET" && method.eq_ignore_ascii_case("HEAD"))
+            }
         };
         let mut rest = path_segments(path);
         for seg in &self.segments {
@@ -234,14 +240,19 @@ impl<T> Terminals<T> {
     fn exact(&self, method: &str) -> Option<&T> {
         self.exact
             .iter()
-            .find(|(m, _)| **m == *method)
+            .find(|(m, _)| m.eq_ignore_ascii_case(method))
             .map(|(_, v)| v)
     }
 
     /// Best value for `method`: exact, then `GET` for `HEAD`, then `*`.
     fn get(&self, method: &str) -> Option<&T> {
         self.exact(method)
-            .or_else(|| (method == "HEAD").then(|| self.exact("GET")).flatten())
+            .or_else(|| {
+                method
+                    .eq_ignore_ascii_case("HEAD")
+                    .then(|| self.exact("GET"))
+                    .flatten()
+            })
             .or(self.any.as_ref())
     }
 
@@ -348,7 +359,8 @@ impl<T> RouteTable<T> {
 
     /// The value of the most specific pattern matching `method` and `path`
     /// (`path` in matching form: [`crate::path::NormalizedPath::for_matching`]).
-    /// Methods are case-sensitive. Never allocates.
+    /// Methods are matched ignoring ASCII case (see the module docs). Never
+    /// allocates.
     pub fn lookup(&self, method: &str, path: &str) -> Option<&T> {
         self.walk(0, method, path_segments(path))
     }

@@ -198,9 +198,14 @@ const LOOKUPS: &[(&[&str], &str, &str, Option<&str>)] = &[
     (&["HEAD /a", "* /a"], "GET", "/a", Some("* /a")),
     (&["HEAD /a"], "GET", "/a", None),
     (&["GET /a/*", "* /a/b"], "HEAD", "/a/b", Some("* /a/b")),
-    // methods are case-sensitive
-    (&["GET /a"], "get", "/a", None),
+    // methods ignore case: upstreams that upper-case `post` run it as POST
+    (&["GET /a"], "get", "/a", Some("GET /a")),
     (&["* /a"], "get", "/a", Some("* /a")),
+    (&["POST /a", "* /a"], "post", "/a", Some("POST /a")),
+    (&["POST /a", "* /a"], "PoSt", "/a", Some("POST /a")),
+    (&["GET /a"], "head", "/a", Some("GET /a")),
+    (&["GET /a", "HEAD /a"], "Head", "/a", Some("HEAD /a")),
+    (&["POST /a"], "posts", "/a", None),
     // literals are compared in normalized form
     (
         &["GET /caf%c3%a9/%7Eme"],
@@ -261,8 +266,8 @@ fn naive<'a>(patterns: &'a [RoutePattern], method: &str, path: &str) -> Option<&
     }
     fn method_rank(p: &RoutePattern, method: &str) -> u8 {
         match p.method() {
-            Some(m) if m == method => 3,
-            Some("GET") if method == "HEAD" => 2,
+            Some(m) if m.eq_ignore_ascii_case(method) => 3,
+            Some("GET") if method.eq_ignore_ascii_case("HEAD") => 2,
             Some(_) => 0,
             None => 1,
         }
@@ -311,7 +316,7 @@ fn pattern_strategy() -> impl Strategy<Value = String> {
 }
 
 fn request_strategy() -> impl Strategy<Value = (&'static str, String)> {
-    let method = prop::sample::select(vec!["GET", "HEAD", "POST", "PUT"]);
+    let method = prop::sample::select(vec!["GET", "HEAD", "POST", "PUT", "get", "head", "Post"]);
     let seg = prop::sample::select(vec!["a", "b", "c", "d"]);
     let path = prop::collection::vec(seg, 0..5).prop_map(|segs| {
         let p: String = segs.iter().map(|s| format!("/{s}")).collect();
