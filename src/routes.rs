@@ -11,6 +11,10 @@
 //! pattern that ends there beats `**`). With identical path shapes, an exact
 //! method beats `*`. A `GET` pattern also matches `HEAD` requests (an
 //! upstream answers HEAD like GET); an explicit `HEAD` pattern beats `GET`.
+//! A request segment's `;parameters` are ignored when it is compared with a
+//! literal (`/a;x/b` matches `GET /a/b`): a request path holds `;` only when
+//! `paths.allow_semicolon` is on, which is for upstreams (Tomcat, Jetty,
+//! Spring) that drop the parameters before routing. Patterns never hold `;`.
 //! Request methods are matched ignoring ASCII case: RFC 9110 makes `post`
 //! another method than `POST`, but Django and Werkzeug upper-case the
 //! method before routing, so `post` must need what `POST` needs.
@@ -181,7 +185,7 @@ impl RoutePattern {
             match (seg, rest.and_then(split_first)) {
                 (Segment::Rest, _) => return method_ok,
                 (Segment::One, Some((_, r))) => rest = r,
-                (Segment::Literal(l), Some((s, r))) if **l == *s => rest = r,
+                (Segment::Literal(l), Some((s, r))) if **l == *without_params(s) => rest = r,
                 _ => return false,
             }
         }
@@ -205,6 +209,11 @@ impl fmt::Display for RoutePattern {
 
 /// The segments of a matching-form path: `None` for the root (no segments),
 /// else the text after the leading `/`.
+/// A request segment without its `;parameters`, as upstreams that strip them route it.
+fn without_params(segment: &str) -> &str {
+    segment.split_once(';').map_or(segment, |(name, _)| name)
+}
+
 fn path_segments(path: &str) -> Option<&str> {
     let rest = path.strip_prefix('/').unwrap_or(path);
     (!rest.is_empty()).then_some(rest)
@@ -377,7 +386,7 @@ impl<T> RouteTable<T> {
                 }
             }
             Some((first, more)) => {
-                if let Some(&child) = n.literal.get(first) {
+                if let Some(&child) = n.literal.get(without_params(first)) {
                     if let Some(v) = self.walk(child, method, more) {
                         return Some(v);
                     }
