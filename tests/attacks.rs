@@ -1985,3 +1985,29 @@ async fn leftover_upstream_bytes_never_answer_another_request() {
     }
     f.gate.stop().await;
 }
+
+/// The recording upstream answers `/ws` with 101 whether or not it was asked to. When keygate
+/// did not forward an upgrade (none asked, or an h2c one refused), that 101 must open no tunnel
+/// to the client and must not leave a dead connection in the pool for the next request.
+#[tokio::test]
+async fn an_unrequested_upstream_101_opens_no_tunnel() {
+    let f = fx("[runtime]\nflavor = \"multi_thread\"\n").await;
+    for headers in [
+        "",
+        "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n",
+    ] {
+        let (mut s, head) = upgrade(f.gate.addr, &req("GET /ws", Some(&f.full), headers)).await;
+        if head.starts_with("HTTP/1.1 101") {
+            // Bytes written now must not reach the upstream's echo.
+            let _ = s.write_all(b"ping").await;
+            let mut buf = [0u8; 4];
+            let echoed = tokio::time::timeout(Duration::from_millis(500), s.read_exact(&mut buf))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            assert!(!echoed, "{headers:?}: a tunnel was opened: {head}");
+        }
+        let a = raw(f.gate.addr, &req("GET /v1/analyses/1", Some(&f.full), "")).await;
+        assert_eq!(a.status, 200, "{headers:?}: the next request still works");
+    }
+    f.gate.stop().await;
+}
