@@ -70,9 +70,23 @@ pub fn connection_tokens(headers: &HeaderMap) -> Vec<HeaderName> {
     out
 }
 
-/// Does `Connection` ask for an upgrade (and `Upgrade` name a protocol)?
+/// Does `Connection` ask for an upgrade to WebSocket, the one upgrade keygate forwards?
+///
+/// Every protocol `Upgrade` names must be `websocket`: an upstream picks one from the list, and
+/// an `h2c` upgrade would turn the connection into HTTP/2 whose requests keygate never sees
+/// (h2c smuggling). A request asking for anything else is forwarded as a plain request, without
+/// `Upgrade`.
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
+    let mut protocols = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        // A value that is not visible ASCII names no protocol keygate knows.
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(str::trim)
+        .peekable();
+    let websocket_only =
+        protocols.peek().is_some() && protocols.all(|p| p.eq_ignore_ascii_case("websocket"));
+    websocket_only
         && headers
             .get_all(header::CONNECTION)
             .iter()
@@ -108,4 +122,47 @@ pub fn set_identity(headers: &mut HeaderMap, names: &HeaderNames, allow: &Allow<
 /// The request id header value, for errors and logs.
 pub fn request_id_str(v: &HeaderValue) -> &str {
     v.to_str().unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_websocket_upgrades_are_forwarded() {
+        let table: &[(&[&str], &[&str], bool)] = &[
+            (&["Upgrade"], &["websocket"], true),
+            (&["keep-alive, upgrade"], &["WebSocket"], true),
+            (&["x", "Upgrade"], &["websocket"], true),
+            (&["Upgrade"], &[], false),
+            (&[], &["websocket"], false),
+            (&["close"], &["websocket"], false),
+            (&["Upgrade, HTTP2-Settings"], &["h2c"], false),
+            (&["Upgrade"], &["websocket, h2c"], false),
+            (&["Upgrade"], &["websocket", "h2c"], false),
+            (&["Upgrade"], &["websocket/13"], false),
+            (&["Upgrade"], &["TLS/1.2"], false),
+            (&["Upgrade"], &[""], false),
+        ];
+        for (connection, upgrade, want) in table {
+            let mut h = HeaderMap::new();
+            for v in *connection {
+                h.append(header::CONNECTION, HeaderValue::from_str(v).unwrap());
+            }
+            for v in *upgrade {
+                h.append(header::UPGRADE, HeaderValue::from_str(v).unwrap());
+            }
+            assert_eq!(wants_upgrade(&h), *want, "{connection:?} {upgrade:?}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(
+            header::UPGRADE,
+            HeaderValue::from_bytes(b"websocket\xff").unwrap(),
+        );
+        assert!(
+            !wants_upgrade(&h),
+            "a non-ASCII Upgrade is no WebSocket upgrade"
+        );
+    }
 }

@@ -11,6 +11,13 @@
 //! pattern that ends there beats `**`). With identical path shapes, an exact
 //! method beats `*`. A `GET` pattern also matches `HEAD` requests (an
 //! upstream answers HEAD like GET); an explicit `HEAD` pattern beats `GET`.
+//! A request segment's `;parameters` are ignored when it is compared with a
+//! literal (`/a;x/b` matches `GET /a/b`): a request path holds `;` only when
+//! `paths.allow_semicolon` is on, which is for upstreams (Tomcat, Jetty,
+//! Spring) that drop the parameters before routing. Patterns never hold `;`.
+//! Request methods are matched ignoring ASCII case: RFC 9110 makes `post`
+//! another method than `POST`, but Django and Werkzeug upper-case the
+//! method before routing, so `post` must need what `POST` needs.
 //!
 //! It is pure: no I/O, no clock, no logging, and [`RouteTable::lookup`]
 //! never allocates.
@@ -168,14 +175,17 @@ impl RoutePattern {
     pub fn matches(&self, method: &str, path: &str) -> bool {
         let method_ok = match &self.method {
             Method::Any => true,
-            Method::Exact(m) => **m == *method || (&**m == "GET" && method == "HEAD"),
+            Method::Exact(m) => {
+                m.eq_ignore_ascii_case(method)
+                    || (&**m == "GET" && method.eq_ignore_ascii_case("HEAD"))
+            }
         };
         let mut rest = path_segments(path);
         for seg in &self.segments {
             match (seg, rest.and_then(split_first)) {
                 (Segment::Rest, _) => return method_ok,
                 (Segment::One, Some((_, r))) => rest = r,
-                (Segment::Literal(l), Some((s, r))) if **l == *s => rest = r,
+                (Segment::Literal(l), Some((s, r))) if **l == *without_params(s) => rest = r,
                 _ => return false,
             }
         }
@@ -199,6 +209,11 @@ impl fmt::Display for RoutePattern {
 
 /// The segments of a matching-form path: `None` for the root (no segments),
 /// else the text after the leading `/`.
+/// A request segment without its `;parameters`, as upstreams that strip them route it.
+fn without_params(segment: &str) -> &str {
+    segment.split_once(';').map_or(segment, |(name, _)| name)
+}
+
 fn path_segments(path: &str) -> Option<&str> {
     let rest = path.strip_prefix('/').unwrap_or(path);
     (!rest.is_empty()).then_some(rest)
@@ -234,14 +249,19 @@ impl<T> Terminals<T> {
     fn exact(&self, method: &str) -> Option<&T> {
         self.exact
             .iter()
-            .find(|(m, _)| **m == *method)
+            .find(|(m, _)| m.eq_ignore_ascii_case(method))
             .map(|(_, v)| v)
     }
 
     /// Best value for `method`: exact, then `GET` for `HEAD`, then `*`.
     fn get(&self, method: &str) -> Option<&T> {
         self.exact(method)
-            .or_else(|| (method == "HEAD").then(|| self.exact("GET")).flatten())
+            .or_else(|| {
+                method
+                    .eq_ignore_ascii_case("HEAD")
+                    .then(|| self.exact("GET"))
+                    .flatten()
+            })
             .or(self.any.as_ref())
     }
 
@@ -348,7 +368,8 @@ impl<T> RouteTable<T> {
 
     /// The value of the most specific pattern matching `method` and `path`
     /// (`path` in matching form: [`crate::path::NormalizedPath::for_matching`]).
-    /// Methods are case-sensitive. Never allocates.
+    /// Methods are matched ignoring ASCII case (see the module docs). Never
+    /// allocates.
     pub fn lookup(&self, method: &str, path: &str) -> Option<&T> {
         self.walk(0, method, path_segments(path))
     }
@@ -365,7 +386,7 @@ impl<T> RouteTable<T> {
                 }
             }
             Some((first, more)) => {
-                if let Some(&child) = n.literal.get(first) {
+                if let Some(&child) = n.literal.get(without_params(first)) {
                     if let Some(v) = self.walk(child, method, more) {
                         return Some(v);
                     }

@@ -198,9 +198,14 @@ const LOOKUPS: &[(&[&str], &str, &str, Option<&str>)] = &[
     (&["HEAD /a", "* /a"], "GET", "/a", Some("* /a")),
     (&["HEAD /a"], "GET", "/a", None),
     (&["GET /a/*", "* /a/b"], "HEAD", "/a/b", Some("* /a/b")),
-    // methods are case-sensitive
-    (&["GET /a"], "get", "/a", None),
+    // methods ignore case: upstreams that upper-case `post` run it as POST
+    (&["GET /a"], "get", "/a", Some("GET /a")),
     (&["* /a"], "get", "/a", Some("* /a")),
+    (&["POST /a", "* /a"], "post", "/a", Some("POST /a")),
+    (&["POST /a", "* /a"], "PoSt", "/a", Some("POST /a")),
+    (&["GET /a"], "head", "/a", Some("GET /a")),
+    (&["GET /a", "HEAD /a"], "Head", "/a", Some("HEAD /a")),
+    (&["POST /a"], "posts", "/a", None),
     // literals are compared in normalized form
     (
         &["GET /caf%c3%a9/%7Eme"],
@@ -208,6 +213,13 @@ const LOOKUPS: &[(&[&str], &str, &str, Option<&str>)] = &[
         "/caf%C3%A9/~me",
         Some("GET /caf%c3%a9/%7Eme"),
     ),
+    // `;parameters` (only present with paths.allow_semicolon) are ignored for literals
+    (&["GET /a/b"], "GET", "/a;jsessionid=1/b", Some("GET /a/b")),
+    (&["GET /a/b"], "GET", "/a/b;x=1;y", Some("GET /a/b")),
+    (&["GET /a/**"], "GET", "/a;x/b", Some("GET /a/**")),
+    (&["GET /a/*"], "GET", "/a/b;x", Some("GET /a/*")),
+    (&["GET /a/b", "GET /a/*"], "GET", "/a/b;x", Some("GET /a/b")),
+    (&["GET /a/b"], "GET", "/ab;/b", None),
     (&["GET /a/b"], "GET", "/a/b/c", None),
     (&["GET /a/b/c"], "GET", "/a/b", None),
     (&[], "GET", "/", None),
@@ -261,8 +273,8 @@ fn naive<'a>(patterns: &'a [RoutePattern], method: &str, path: &str) -> Option<&
     }
     fn method_rank(p: &RoutePattern, method: &str) -> u8 {
         match p.method() {
-            Some(m) if m == method => 3,
-            Some("GET") if method == "HEAD" => 2,
+            Some(m) if m.eq_ignore_ascii_case(method) => 3,
+            Some("GET") if method.eq_ignore_ascii_case("HEAD") => 2,
             Some(_) => 0,
             None => 1,
         }
@@ -279,7 +291,7 @@ fn naive<'a>(patterns: &'a [RoutePattern], method: &str, path: &str) -> Option<&
     };
     fn fits(pattern: &[Segment], segs: &[&str]) -> bool {
         pattern.iter().zip(segs).all(|(p, s)| match p {
-            Segment::Literal(l) => **l == **s,
+            Segment::Literal(l) => **l == *s.split(';').next().unwrap_or(s),
             Segment::One => true,
             Segment::Rest => unreachable!(),
         })
@@ -311,8 +323,8 @@ fn pattern_strategy() -> impl Strategy<Value = String> {
 }
 
 fn request_strategy() -> impl Strategy<Value = (&'static str, String)> {
-    let method = prop::sample::select(vec!["GET", "HEAD", "POST", "PUT"]);
-    let seg = prop::sample::select(vec!["a", "b", "c", "d"]);
+    let method = prop::sample::select(vec!["GET", "HEAD", "POST", "PUT", "get", "head", "Post"]);
+    let seg = prop::sample::select(vec!["a", "b", "c", "d", "a;x", "b;"]);
     let path = prop::collection::vec(seg, 0..5).prop_map(|segs| {
         let p: String = segs.iter().map(|s| format!("/{s}")).collect();
         if p.is_empty() {

@@ -281,6 +281,18 @@ fn rand_suffix() -> u64 {
 /// The TOML keygate runs with in tests: live environment, prefixes for live and test keys, one
 /// scoped route, admin on. `extra` is appended (later keys of a table must not repeat).
 pub fn config_toml(snapshot: &Path, upstream: SocketAddr, extra: &str) -> String {
+    config_toml_proxy(snapshot, upstream, "", extra)
+}
+
+/// [`config_toml`] with `proxy_extra` added inside the `[proxy]` table (e.g.
+/// `trusted_proxies = ["127.0.0.1/32"]` or `max_headers = 20`), since `[proxy]` cannot be
+/// opened twice.
+pub fn config_toml_proxy(
+    snapshot: &Path,
+    upstream: SocketAddr,
+    proxy_extra: &str,
+    extra: &str,
+) -> String {
     format!(
         r#"
 environment = "live"
@@ -310,6 +322,7 @@ upstream = "http://{upstream}"
 upstream_timeout = "2s"
 connect_timeout = "1s"
 header_read_timeout = "1s"
+{proxy_extra}
 
 [admin]
 listen = "127.0.0.1:0"
@@ -495,8 +508,42 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> Answer {
         .unwrap_or_else(|| panic!("no HTTP response: {:?}", String::from_utf8_lossy(&buf)))
 }
 
+/// Write raw bytes (e.g. several pipelined requests) to `addr` and read up to `n` responses, in
+/// order, until the server closes or 10 s pass. Fewer than `n` come back when the server closes
+/// the connection early.
+pub async fn raw_many(addr: SocketAddr, request: &[u8], n: usize) -> Vec<Answer> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        while out.len() < n {
+            while let Some((a, used)) = parse_one(&buf) {
+                out.push(a);
+                buf.drain(..used);
+                if out.len() == n {
+                    return;
+                }
+            }
+            let got = stream.read(&mut chunk).await.unwrap_or(0);
+            if got == 0 {
+                return;
+            }
+            buf.extend_from_slice(&chunk[..got]);
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+    out
+}
+
 /// Parse a complete HTTP/1.1 response with a Content-Length body.
 fn parse_response(buf: &[u8]) -> Option<Answer> {
+    parse_one(buf).map(|(a, _)| a)
+}
+
+/// [`parse_response`], and how many bytes of `buf` the response took.
+fn parse_one(buf: &[u8]) -> Option<(Answer, usize)> {
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
     let head = std::str::from_utf8(&buf[..end]).ok()?;
     let mut lines = head.split("\r\n");
@@ -518,11 +565,12 @@ fn parse_response(buf: &[u8]) -> Option<Answer> {
     if buf.len() < end + len {
         return None;
     }
-    Some(Answer {
+    let answer = Answer {
         status,
         headers,
         body: Bytes::copy_from_slice(&buf[end..end + len]),
-    })
+    };
+    Some((answer, end + len))
 }
 
 /// Assert a keygate error answer: status, code, JSON shape, request id, content type.
