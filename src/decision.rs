@@ -43,9 +43,12 @@ pub struct Allow<'s> {
     pub partner: &'s Partner,
 }
 
-/// Methods that change state, for the idempotency check.
+/// Methods that change state, for the idempotency check. Case-insensitive: hyper passes `post`
+/// through as its own method, and frameworks that upper-case methods would run it as a POST.
 pub fn is_mutating(method: &str) -> bool {
-    matches!(method, "POST" | "PUT" | "PATCH" | "DELETE")
+    ["POST", "PUT", "PATCH", "DELETE"]
+        .iter()
+        .any(|m| m.eq_ignore_ascii_case(method))
 }
 
 /// Decide one request. `snapshot` is `None` when none is in force (or it is too stale to use).

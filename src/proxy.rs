@@ -23,7 +23,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::client_ip::{client_ip, is_trusted};
-use crate::config::{HeaderNames, Policy, ProxySettings};
+use crate::config::{folded_eq, HeaderNames, Policy, ProxySettings};
 use crate::credential::{extract_from_headers, Credential};
 use crate::decision::{decide, RequestFacts, Verdict};
 use crate::deny::DenyReason;
@@ -218,7 +218,7 @@ async fn handle(
     let upgrade = req.version() == Version::HTTP_11 && wants_upgrade(req.headers());
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let Some(uri) = upstream_uri(&state.settings, &parts.uri, path.as_str()) else {
+    let Some(uri) = upstream_uri(&parts.uri, path.as_str()) else {
         return deny(
             &DenyReason::BadRequest("the request target cannot be forwarded"),
             &request_id,
@@ -243,9 +243,12 @@ async fn handle(
         }
     }
     set_forwarded(h, peer, host.as_ref(), &state.settings.trusted_proxies);
-    if let Some(host) = host {
-        h.insert(header::HOST, host);
-    }
+    // HTTP/1.1 needs a Host: the client's, or (HTTP/1.0 without one) the upstream's.
+    let host = host.unwrap_or_else(|| {
+        HeaderValue::from_str(state.settings.upstream.as_str())
+            .expect("an authority is a header value")
+    });
+    h.insert(header::HOST, host);
     set_identity(h, names, &allow);
     h.insert(names.request_id.clone(), request_id.clone());
     drop(snapshot);
@@ -289,10 +292,11 @@ async fn handle(
     resp.map(Either::Left)
 }
 
-/// The upstream URI: the upstream's scheme and authority, the normalized path, the query as
-/// received. When normalization changed nothing (the common case) the received path-and-query
-/// is reused as it is, without a copy.
-fn upstream_uri(settings: &ProxySettings, received: &Uri, path: &str) -> Option<Uri> {
+/// The upstream request target in origin form (RFC 9112 §3.2.1): the normalized path and the
+/// query as received. The pool connects to the configured upstream, so no authority goes in the
+/// request line. When normalization changed nothing (the common case) the received bytes are
+/// reused without a copy.
+fn upstream_uri(received: &Uri, path: &str) -> Option<Uri> {
     let path_and_query = match received.path_and_query() {
         Some(pq) if pq.path() == path => pq.clone(),
         _ => {
@@ -303,11 +307,7 @@ fn upstream_uri(settings: &ProxySettings, received: &Uri, path: &str) -> Option<
             PathAndQuery::from_maybe_shared(Bytes::from(text)).ok()?
         }
     };
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(settings.upstream_scheme.clone());
-    parts.authority = Some(settings.upstream.clone());
-    parts.path_and_query = Some(path_and_query);
-    Uri::from_parts(parts).ok()
+    Some(Uri::from(path_and_query))
 }
 
 /// The one value of a header. A repeated header yields an empty value, which matches no
@@ -341,6 +341,23 @@ fn set_forwarded(
     const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
     const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
     const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+    // `_` spellings are what CGI-style upstreams read as HTTP_X_FORWARDED_FOR too: never pass
+    // them on, from anyone.
+    if h.keys().any(|k| k.as_str().contains('_')) {
+        let spoofed: Vec<HeaderName> = h
+            .keys()
+            .filter(|k| {
+                k.as_str().contains('_')
+                    && [&XFF, &XFP, &XFH, &header::FORWARDED]
+                        .iter()
+                        .any(|n| folded_eq(n.as_str(), k.as_str()))
+            })
+            .cloned()
+            .collect();
+        for k in spoofed {
+            h.remove(k);
+        }
+    }
     if is_trusted(peer.ip, trusted) {
         let prior: Vec<&str> = h
             .get_all(&XFF)
@@ -365,6 +382,9 @@ fn set_forwarded(
             }
         }
     } else {
+        // An untrusted client's claims about the chain (RFC 7239 `Forwarded` included) are
+        // replaced by what keygate saw.
+        h.remove(header::FORWARDED);
         h.insert(XFF, peer.header.clone());
         h.insert(XFP, HeaderValue::from_static("http"));
         match host {

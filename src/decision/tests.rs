@@ -1208,7 +1208,9 @@ fn is_mutating_methods() {
         ("GET", false),
         ("HEAD", false),
         ("OPTIONS", false),
-        ("post", false),
+        ("post", true),
+        ("Delete", true),
+        ("get", false),
     ] {
         assert_eq!(is_mutating(method), want, "{method}");
     }
