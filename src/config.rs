@@ -73,6 +73,10 @@ pub struct RawConfig {
     #[serde(default)]
     pub admin: RawListen,
     #[serde(default)]
+    pub ext_authz: RawFront,
+    #[serde(default)]
+    pub authz_http: RawFront,
+    #[serde(default)]
     pub credentials: RawCredentials,
     #[serde(default)]
     pub identity_headers: RawIdentityHeaders,
@@ -129,6 +133,15 @@ pub struct RawProxy {
 #[serde(deny_unknown_fields)]
 pub struct RawListen {
     pub listen: Option<String>,
+}
+
+/// A front that is asked by another proxy (Envoy, nginx, Traefik) rather than by clients.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawFront {
+    pub listen: Option<String>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -203,6 +216,10 @@ pub struct Settings {
     pub snapshot: SnapshotSettings,
     pub proxy: Option<ProxySettings>,
     pub admin: Option<SocketAddr>,
+    /// gRPC `envoy.service.auth.v3.Authorization` front.
+    pub ext_authz: Option<FrontSettings>,
+    /// HTTP forward-auth (`/authz`) front.
+    pub authz_http: Option<FrontSettings>,
     pub headers: Arc<HeaderNames>,
     pub log: LogSettings,
     pub runtime: RuntimeSettings,
@@ -249,6 +266,13 @@ pub struct ProxySettings {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub pool_idle_per_host: usize,
+}
+
+/// Where an asking front listens, and whose `X-Forwarded-For` it believes.
+#[derive(Debug, Clone)]
+pub struct FrontSettings {
+    pub listen: SocketAddr,
+    pub trusted_proxies: Arc<[IpNet]>,
 }
 
 /// Header names keygate reads and writes, all configurable.
@@ -352,6 +376,8 @@ fn read_raw(
         .try_parsing(true)
         .list_separator(",")
         .with_list_parse_key("proxy.trusted_proxies")
+        .with_list_parse_key("ext_authz.trusted_proxies")
+        .with_list_parse_key("authz_http.trusted_proxies")
         .source(Some(env));
     config::Config::builder()
         .add_source(config::File::from(path).format(config::FileFormat::Toml))
@@ -419,6 +445,8 @@ pub fn validate(raw: RawConfig) -> Result<Settings, ConfigError> {
     let snapshot = v.snapshot(&raw.snapshot);
     let proxy = v.proxy(&raw.proxy);
     let admin = v.listen("admin.listen", raw.admin.listen.as_deref());
+    let ext_authz = v.front("ext_authz", &raw.ext_authz);
+    let authz_http = v.front("authz_http", &raw.authz_http);
     let headers = v.headers(&raw.credentials, &raw.identity_headers, &raw.idempotency);
 
     let unmatched = match raw.routes.unmatched.as_deref().unwrap_or("allow") {
@@ -520,6 +548,8 @@ pub fn validate(raw: RawConfig) -> Result<Settings, ConfigError> {
         snapshot: snapshot.expect("no problems means a snapshot section"),
         proxy,
         admin,
+        ext_authz,
+        authz_http,
         headers: Arc::new(headers),
         log,
         runtime,
@@ -637,20 +667,7 @@ impl Validator {
             }
             (Some(_), Some(text)) => self.upstream(text),
         };
-        let mut trusted = Vec::new();
-        for (i, c) in raw.trusted_proxies.iter().enumerate() {
-            // `KEYGATE__PROXY__TRUSTED_PROXIES=""` (or a trailing comma) means no entry.
-            if c.trim().is_empty() {
-                continue;
-            }
-            match parse_cidr(c) {
-                Some(n) => trusted.push(n),
-                None => self.problem(
-                    format!("proxy.trusted_proxies[{i}]"),
-                    format!("{c:?} is not a CIDR like \"10.0.0.0/8\" or an IP address"),
-                ),
-            }
-        }
+        let trusted = self.cidrs("proxy.trusted_proxies", &raw.trusted_proxies);
         let connect_timeout = self.duration(
             "proxy.connect_timeout",
             raw.connect_timeout.as_deref(),
@@ -692,6 +709,34 @@ impl Validator {
             max_header_bytes,
             max_headers,
             pool_idle_per_host: raw.pool_idle_per_host.unwrap_or(64),
+        })
+    }
+
+    fn cidrs(&mut self, key: &str, list: &[String]) -> Vec<IpNet> {
+        let mut out = Vec::new();
+        for (i, c) in list.iter().enumerate() {
+            // An empty variable (`KEYGATE__PROXY__TRUSTED_PROXIES=""`) or a trailing comma
+            // means no entry.
+            if c.trim().is_empty() {
+                continue;
+            }
+            match parse_cidr(c) {
+                Some(n) => out.push(n),
+                None => self.problem(
+                    format!("{key}[{i}]"),
+                    format!("{c:?} is not a CIDR like \"10.0.0.0/8\" or an IP address"),
+                ),
+            }
+        }
+        out
+    }
+
+    fn front(&mut self, section: &str, raw: &RawFront) -> Option<FrontSettings> {
+        let listen = self.listen(&format!("{section}.listen"), raw.listen.as_deref());
+        let trusted = self.cidrs(&format!("{section}.trusted_proxies"), &raw.trusted_proxies);
+        Some(FrontSettings {
+            listen: listen?,
+            trusted_proxies: trusted.into(),
         })
     }
 

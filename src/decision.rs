@@ -8,7 +8,9 @@
 
 use std::net::IpAddr;
 
-use crate::config::{Policy, Unmatched};
+use http::header::{self, HeaderMap, HeaderName};
+
+use crate::config::{HeaderNames, Policy, Unmatched};
 use crate::credential::{has_valid_checksum, Credential};
 use crate::deny::DenyReason;
 use crate::path::{NormalizedPath, PathError};
@@ -28,6 +30,52 @@ pub struct RequestFacts<'a> {
     pub referer: Option<&'a [u8]>,
     pub origin: Option<&'a [u8]>,
     pub idempotency_key: Option<&'a [u8]>,
+}
+
+impl<'a> RequestFacts<'a> {
+    /// Facts of a request that arrives with an `http::HeaderMap` (the proxy and forward-auth
+    /// fronts): referrer, origin and idempotency key read from `headers`, each only when sent
+    /// exactly once.
+    pub fn from_headers(
+        method: &'a str,
+        path: &'a Result<NormalizedPath, PathError>,
+        host: Option<&'a str>,
+        client_ip: Option<IpAddr>,
+        credential: Credential<'a>,
+        headers: &'a HeaderMap,
+        names: &HeaderNames,
+    ) -> Self {
+        RequestFacts {
+            method,
+            path: path.as_ref().map_err(|e| *e),
+            host,
+            client_ip,
+            credential,
+            referer: single(headers, &header::REFERER),
+            origin: single(headers, &header::ORIGIN),
+            idempotency_key: single(headers, &names.idempotency_key),
+        }
+    }
+}
+
+/// The one value of a header. A repeated header yields an empty value, which matches no
+/// referrer pattern and is no idempotency key: repeats are refused, never resolved by picking one.
+fn single<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a [u8]> {
+    let mut values = h.get_all(name).iter();
+    let first = values.next()?;
+    Some(if values.next().is_some() {
+        b""
+    } else {
+        first.as_bytes()
+    })
+}
+
+/// The wall clock in Unix milliseconds: what fronts pass as `now`.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// The answer. An allow borrows from the snapshot the decision was made on.

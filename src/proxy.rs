@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use crate::client_ip::{client_ip, is_trusted};
 use crate::config::{folded_eq, HeaderNames, Policy, ProxySettings};
 use crate::credential::{extract_from_headers, Credential};
-use crate::decision::{decide, RequestFacts, Verdict};
+use crate::decision::{decide, now_ms, RequestFacts, Verdict};
 use crate::deny::DenyReason;
 use crate::headers::{request_id_str, set_identity, strip_hop_and_identity, wants_upgrade};
 use crate::path::normalize;
@@ -128,13 +128,6 @@ pub async fn serve(
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// Shapes keygate refuses to interpret, because a server behind it might read them differently.
 fn smuggling_shape(req: &Request<Incoming>) -> Option<&'static str> {
     let h = req.headers();
@@ -191,16 +184,15 @@ async fn handle(
     let credential = extract_from_headers(req.headers(), &names.credentials);
     let host = host_of(&req);
     let snapshot = state.store.current();
-    let facts = RequestFacts {
-        method: req.method().as_str(),
-        path: normalized.as_ref().map_err(|e| *e),
-        host: host.as_ref().and_then(|h| h.to_str().ok()),
-        client_ip: client,
+    let facts = RequestFacts::from_headers(
+        req.method().as_str(),
+        &normalized,
+        host.as_ref().and_then(|h| h.to_str().ok()),
+        client,
         credential,
-        referer: single(req.headers(), &header::REFERER),
-        origin: single(req.headers(), &header::ORIGIN),
-        idempotency_key: single(req.headers(), &names.idempotency_key),
-    };
+        req.headers(),
+        names,
+    );
     let allow = match decide(snapshot.as_deref(), &state.policy, &facts, now_ms()) {
         Verdict::Deny(reason) => {
             let close = matches!(reason, DenyReason::InvalidPath(_));
@@ -308,18 +300,6 @@ fn upstream_uri(received: &Uri, path: &str) -> Option<Uri> {
         }
     };
     Some(Uri::from(path_and_query))
-}
-
-/// The one value of a header. A repeated header yields an empty value, which matches no
-/// referrer pattern and is no idempotency key: repeats are refused, never resolved by picking one.
-fn single<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a [u8]> {
-    let mut values = h.get_all(name).iter();
-    let first = values.next()?;
-    Some(if values.next().is_some() {
-        b""
-    } else {
-        first.as_bytes()
-    })
 }
 
 /// The host the client addressed: the URI's authority (HTTP/2, absolute-form) or `Host`.
