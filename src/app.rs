@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::authz_http::AuthzState;
 use crate::config::{RuntimeFlavor, Settings};
 use crate::proxy::{self, ProxyState};
 use crate::snapshot::file::FileSource;
@@ -31,6 +32,7 @@ pub enum AppError {
 pub struct App {
     pub proxy_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
+    pub authz_http_addr: Option<SocketAddr>,
     pub store: Arc<SnapshotStore>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -150,6 +152,23 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
             ));
         }
     }
+    let mut authz_http_addr = None;
+    if let Some(front) = settings.authz_http.clone() {
+        let listener = bind("authz_http.listen", front.listen).await?;
+        authz_http_addr = listener.local_addr().ok();
+        let state = Arc::new(AuthzState {
+            settings: front,
+            policy: settings.policy.clone(),
+            names: settings.headers.clone(),
+            store: store.clone(),
+        });
+        tasks.spawn(crate::authz_http::serve(
+            listener,
+            state,
+            stopped(rx.clone()),
+            drain,
+        ));
+    }
     let mut admin_addr = None;
     if let Some(addr) = settings.admin {
         let listener = bind("admin.listen", addr).await?;
@@ -162,10 +181,11 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
     }
     tasks.spawn(source.watch(store.clone(), stopped(rx.clone())));
 
-    tracing::info!(proxy = ?proxy_addr, admin = ?admin_addr, "keygate started");
+    tracing::info!(proxy = ?proxy_addr, authz_http = ?authz_http_addr, admin = ?admin_addr, "keygate started");
     Ok(App {
         proxy_addr,
         admin_addr,
+        authz_http_addr,
         store,
         stop,
         tasks,

@@ -4,7 +4,7 @@
 //! do what the request asks, against a synced, immutable snapshot of key digests.
 //!
 //! ```text
-//! request ─► front (proxy) ─► RequestFacts ─► decide(&Snapshot, &Policy, facts, now)
+//! request ─► front (proxy | /authz) ─► RequestFacts ─► decide(&Snapshot, &Policy, facts, now)
 //!                                               │
 //!           Allow { key, partner } ◄────────────┴──► Deny(DenyReason)
 //! front applies the verdict: forward with identity headers, or answer the contract's JSON error
@@ -20,12 +20,14 @@
 //! - [`snapshot`]: the snapshot model, index and store; `snapshot::{parse, file}`.
 //! - [`headers`]: hop-by-hop and identity header rules shared by the fronts.
 //! - [`proxy`]: the hyper reverse-proxy front; [`upstream`]: its per-thread connection pool.
+//! - [`authz_http`]: the forward-auth front (Envoy `http_service`, nginx, Traefik).
 //! - [`admin`]: `/healthz`, `/readyz`.
 //! - [`keys`]: `keygate keys create | list | revoke` on a snapshot file.
 //! - [`demo`]: `keygate demo`, the zero-setup tour.
 
 pub mod admin;
 pub mod app;
+pub mod authz_http;
 pub mod client_ip;
 pub mod config;
 pub mod credential;

@@ -75,3 +75,12 @@ fn an_empty_trusted_proxies_variable_clears_the_list() {
         );
     }
 }
+
+#[test]
+fn example_config_runs_the_forward_auth_front() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let s = keygate::config::load_with_env(&path, std::iter::empty()).unwrap();
+    let f = s.authz_http.expect("the example runs /authz");
+    assert_eq!(f.listen.to_string(), "127.0.0.1:9192");
+    assert_eq!(f.trusted_proxies.len(), 1);
+}

@@ -1,0 +1,246 @@
+//! The HTTP forward-auth front: one endpoint that Envoy's `http_service` ext_authz, nginx's
+//! `auth_request` and Traefik's `ForwardAuth` ask whether a request may pass. It rebuilds the
+//! original request's facts from what the caller sends, asks [`decide`], and answers 200 with
+//! identity headers or the contract's denial. It never answers 5xx for a decision (a 5xx is an
+//! authorization *error* to Envoy, which `failure_mode_allow` could turn into an allow): a
+//! missing snapshot is 403 `snapshot_unavailable`.
+//!
+//! Which request is being asked about:
+//! - `/authz` exactly (nginx, Traefik): the original URI from `X-Original-URI` (nginx) or
+//!   `X-Forwarded-Uri` (Traefik), the method from `X-Original-Method` or `X-Forwarded-Method`.
+//!   Each caller overwrites its own header, but passes the client's copy of the *other* one, so
+//!   when both are sent they must agree, or the answer is 400: a client cannot steer the
+//!   decision to another path than the one its proxy will serve.
+//! - `/authz/<original path>` (Envoy `http_service` with `path_prefix: /authz`): the path after
+//!   the prefix, and the method of the check request itself.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::client_ip::client_ip;
+use crate::config::{FrontSettings, HeaderNames, Policy};
+use crate::credential::{extract_from_headers, Credential};
+use crate::decision::{decide, now_ms, RequestFacts, Verdict};
+use crate::deny::DenyReason;
+use crate::headers::{is_identity_variant, request_id_str, set_identity};
+use crate::path::{normalize, split_target};
+use crate::request_id;
+use crate::snapshot::SnapshotStore;
+
+/// The path callers ask on.
+pub const PREFIX: &str = "/authz";
+
+/// Tells Envoy's `http_service` which headers to remove from the original request.
+const HEADERS_TO_REMOVE: HeaderName = HeaderName::from_static("x-envoy-auth-headers-to-remove");
+
+pub struct AuthzState {
+    pub settings: FrontSettings,
+    pub policy: Arc<Policy>,
+    pub names: Arc<HeaderNames>,
+    pub store: Arc<SnapshotStore>,
+}
+
+/// Answer forward-auth checks on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AuthzState>,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .max_headers(200);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "authz_http accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(check(&state, peer, &req)) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(conn);
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
+}
+
+/// The original request's method and target, as the caller reports them.
+fn original<'a>(req: &'a Request<Incoming>) -> Result<Option<(&'a str, &'a str)>, &'static str> {
+    let path = req.uri().path();
+    if path == PREFIX || path == "/authz/" {
+        let h = req.headers();
+        let target = agreeing(h, "x-original-uri", "x-forwarded-uri")?.ok_or(
+            "no original URI: nginx must set X-Original-URI, Traefik sends X-Forwarded-Uri",
+        )?;
+        let method = agreeing(h, "x-original-method", "x-forwarded-method")?.ok_or(
+            "no original method: nginx must set X-Original-Method, Traefik sends X-Forwarded-Method",
+        )?;
+        return Ok(Some((method, target)));
+    }
+    match req.uri().path_and_query().map(|pq| pq.as_str()) {
+        Some(pq) if pq.starts_with("/authz/") => {
+            Ok(Some((req.method().as_str(), &pq[PREFIX.len()..])))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The value of `a` and/or `b`: each sent at most once, and equal when both are sent.
+fn agreeing<'a>(h: &'a HeaderMap, a: &str, b: &str) -> Result<Option<&'a str>, &'static str> {
+    let one = |name: &str| -> Result<Option<&'a str>, &'static str> {
+        let mut values = h.get_all(name).iter();
+        let Some(v) = values.next() else {
+            return Ok(None);
+        };
+        if values.next().is_some() {
+            return Err("an original-request header is repeated");
+        }
+        v.to_str()
+            .map(Some)
+            .map_err(|_| "an original-request header is not ASCII")
+    };
+    match (one(a)?, one(b)?) {
+        (Some(x), Some(y)) if x != y => {
+            Err("X-Original-* and X-Forwarded-* name different requests")
+        }
+        (x, y) => Ok(x.or(y)),
+    }
+}
+
+fn check(state: &AuthzState, peer: SocketAddr, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let names = &*state.names;
+    let headers = req.headers();
+    let request_id = request_id::accept(headers.get_all(&names.request_id).iter())
+        .unwrap_or_else(request_id::mint);
+    let (method, target) = match original(req) {
+        Ok(Some(o)) => o,
+        Ok(None) => return not_found(&request_id, names),
+        Err(why) => return deny(&DenyReason::BadRequest(why), &request_id, names),
+    };
+    let (path, _query) = split_target(target);
+    let normalized = normalize(path, state.policy.path);
+    let host = headers
+        .get("x-forwarded-host")
+        .or_else(|| headers.get(header::HOST))
+        .and_then(|h| h.to_str().ok());
+    let client = client_ip(
+        peer.ip(),
+        headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(HeaderValue::as_bytes),
+        &state.settings.trusted_proxies,
+    );
+    let credential = extract_from_headers(headers, &names.credentials);
+    let snapshot = state.store.current();
+    let facts = RequestFacts::from_headers(
+        method,
+        &normalized,
+        host,
+        client,
+        credential,
+        headers,
+        names,
+    );
+    let allow = match decide(snapshot.as_deref(), &state.policy, &facts, now_ms()) {
+        Verdict::Allow(allow) => allow,
+        Verdict::Deny(reason) => return deny(&reason, &request_id, names),
+    };
+
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    let h = resp.headers_mut();
+    set_identity(h, names, &allow);
+    h.insert(names.request_id.clone(), request_id);
+    // What Envoy must remove from the original request: the credential where it was found, and
+    // any spoofed identity header keygate is not overwriting (`x-org-id` of a partner without
+    // an org, `_` spellings).
+    let mut remove: Vec<&str> = Vec::new();
+    if let Credential::Present { found, .. } = credential {
+        if !names.forward_credentials {
+            if found.authorization {
+                remove.push(names.credentials.authorization.as_str());
+            }
+            if found.api_key {
+                remove.push(names.credentials.api_key.as_str());
+            }
+        }
+    }
+    for name in headers.keys() {
+        if is_identity_variant(name.as_str(), names) && !h.contains_key(name) {
+            remove.push(name.as_str());
+        }
+    }
+    if !remove.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&remove.join(",")) {
+            h.insert(HEADERS_TO_REMOVE, v);
+        }
+    }
+    resp
+}
+
+/// A denial as the caller expects it: the contract's status, JSON and headers, except that a
+/// 5xx (only `snapshot_unavailable` can happen here) is answered 403 so no caller reads it as
+/// an authorization error.
+fn deny(
+    reason: &DenyReason,
+    request_id: &HeaderValue,
+    names: &HeaderNames,
+) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(reason.body(request_id_str(request_id))));
+    let status = reason.status();
+    *resp.status_mut() = if status.is_server_error() {
+        StatusCode::FORBIDDEN
+    } else {
+        status
+    };
+    *resp.headers_mut() = reason.headers();
+    resp.headers_mut()
+        .insert(names.request_id.clone(), request_id.clone());
+    resp
+}
+
+fn not_found(request_id: &HeaderValue, names: &HeaderNames) -> Response<Full<Bytes>> {
+    let body = format!(
+        r#"{{"error":{{"type":"invalid_request_error","code":"not_found","message":"Ask on {PREFIX} (nginx, Traefik) or {PREFIX}/<original path> (Envoy).","request_id":"{}"}}}}"#,
+        request_id_str(request_id)
+    );
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = StatusCode::NOT_FOUND;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(names.request_id.clone(), request_id.clone());
+    resp
+}
