@@ -95,7 +95,7 @@ pub async fn serve(
 }
 
 /// The original request's method and target, as the caller reports them.
-fn original<'a>(req: &'a Request<Incoming>) -> Result<Option<(&'a str, &'a str)>, &'static str> {
+fn original(req: &Request<Incoming>) -> Result<Option<(&str, &str)>, &'static str> {
     let path = req.uri().path();
     if path == PREFIX || path == "/authz/" {
         let h = req.headers();
