@@ -424,7 +424,7 @@ async fn demo_is_the_readmes_first_command() {
         .unwrap()
         .to_owned();
     let key = allowed
-        .split(|c: char| c == ' ' || c == '\'')
+        .split([' ', '\''])
         .find(|w| w.starts_with("sk_sandbox_"))
         .unwrap()
         .to_owned();
