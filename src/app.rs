@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 
 use crate::authz_http::AuthzState;
 use crate::config::{RuntimeFlavor, Settings};
+use crate::ext_authz::ExtAuthzState;
 use crate::proxy::{self, ProxyState};
 use crate::snapshot::file::FileSource;
 use crate::snapshot::SnapshotStore;
@@ -33,6 +34,7 @@ pub struct App {
     pub proxy_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     pub authz_http_addr: Option<SocketAddr>,
+    pub ext_authz_addr: Option<SocketAddr>,
     pub store: Arc<SnapshotStore>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -169,6 +171,22 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
             drain,
         ));
     }
+    let mut ext_authz_addr = None;
+    if let Some(front) = settings.ext_authz.clone() {
+        let listener = bind("ext_authz.listen", front.listen).await?;
+        ext_authz_addr = listener.local_addr().ok();
+        let state = Arc::new(ExtAuthzState {
+            settings: front,
+            policy: settings.policy.clone(),
+            names: settings.headers.clone(),
+            store: store.clone(),
+        });
+        tasks.spawn(crate::ext_authz::serve(
+            listener,
+            state,
+            stopped(rx.clone()),
+        ));
+    }
     let mut admin_addr = None;
     if let Some(addr) = settings.admin {
         let listener = bind("admin.listen", addr).await?;
@@ -181,11 +199,12 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
     }
     tasks.spawn(source.watch(store.clone(), stopped(rx.clone())));
 
-    tracing::info!(proxy = ?proxy_addr, authz_http = ?authz_http_addr, admin = ?admin_addr, "keygate started");
+    tracing::info!(proxy = ?proxy_addr, ext_authz = ?ext_authz_addr, authz_http = ?authz_http_addr, admin = ?admin_addr, "keygate started");
     Ok(App {
         proxy_addr,
         admin_addr,
         authz_http_addr,
+        ext_authz_addr,
         store,
         stop,
         tasks,

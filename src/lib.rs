@@ -4,7 +4,7 @@
 //! do what the request asks, against a synced, immutable snapshot of key digests.
 //!
 //! ```text
-//! request ─► front (proxy | /authz) ─► RequestFacts ─► decide(&Snapshot, &Policy, facts, now)
+//! request ─► front (proxy | ext_authz | /authz) ─► RequestFacts ─► decide(&Snapshot, &Policy, facts, now)
 //!                                               │
 //!           Allow { key, partner } ◄────────────┴──► Deny(DenyReason)
 //! front applies the verdict: forward with identity headers, or answer the contract's JSON error
@@ -21,6 +21,7 @@
 //! - [`headers`]: hop-by-hop and identity header rules shared by the fronts.
 //! - [`proxy`]: the hyper reverse-proxy front; [`upstream`]: its per-thread connection pool.
 //! - [`authz_http`]: the forward-auth front (Envoy `http_service`, nginx, Traefik).
+//! - [`ext_authz`]: the gRPC `envoy.service.auth.v3.Authorization` front, with health.
 //! - [`admin`]: `/healthz`, `/readyz`.
 //! - [`keys`]: `keygate keys create | list | revoke` on a snapshot file.
 //! - [`demo`]: `keygate demo`, the zero-setup tour.
@@ -34,6 +35,7 @@ pub mod credential;
 pub mod decision;
 pub mod demo;
 pub mod deny;
+pub mod ext_authz;
 pub mod headers;
 pub mod keys;
 pub mod path;

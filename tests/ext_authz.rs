@@ -1,0 +1,573 @@
+//! The gRPC ext_authz front with a tonic client built from `envoy-types`: every code of the
+//! decision table as a `CheckResponse` (never a gRPC error), the allow shape Envoy applies
+//! (identity headers with `append = false` and `OVERWRITE_IF_EXISTS_OR_ADD`, headers to remove,
+//! response headers, dynamic metadata), health following the snapshot, and a differential test
+//! against the proxy front of the same keygate.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse};
+use envoy_types::pb::envoy::config::core::v3::{address, Address, SocketAddress};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+use serde_json::json;
+use support::*;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// Request headers of a table row.
+type Headers<'a> = Vec<(&'a str, String)>;
+
+const EXT: &str = "[ext_authz]\nlisten = \"127.0.0.1:0\"\n";
+
+fn check_request(method: &str, path: &str, headers: &[(&str, &str)], peer: &str) -> CheckRequest {
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(Peer {
+                address: Some(Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        address: peer.to_owned(),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            }),
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: method.to_owned(),
+                    path: path.to_owned(),
+                    host: "api.example.com".to_owned(),
+                    headers: headers
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+async fn ask(addr: SocketAddr, req: CheckRequest) -> CheckResponse {
+    let mut c = AuthorizationClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    c.check(req).await.expect("never a gRPC error").into_inner()
+}
+
+/// What a test needs to know of a CheckResponse.
+struct Seen {
+    grpc: i32,
+    http: u16,
+    code: String,
+    body: serde_json::Value,
+    set: HashMap<String, String>,
+    remove: Vec<String>,
+}
+
+fn seen(r: &CheckResponse) -> Seen {
+    let grpc = r.status.as_ref().unwrap().code;
+    match r.http_response.as_ref().unwrap() {
+        HttpResponse::OkResponse(ok) => {
+            for h in &ok.headers {
+                #[allow(deprecated)]
+                let append = h.append.as_ref().map(|b| b.value);
+                assert_eq!(append, Some(false), "append = false on {:?}", h.header);
+                assert_eq!(
+                    h.append_action, 2,
+                    "OVERWRITE_IF_EXISTS_OR_ADD on {:?}",
+                    h.header
+                );
+            }
+            Seen {
+                grpc,
+                http: 200,
+                code: String::new(),
+                body: serde_json::Value::Null,
+                set: ok
+                    .headers
+                    .iter()
+                    .map(|h| h.header.clone().unwrap())
+                    .map(|h| (h.key, h.value))
+                    .collect(),
+                remove: ok.headers_to_remove.clone(),
+            }
+        }
+        HttpResponse::DeniedResponse(d) => {
+            let body: serde_json::Value = serde_json::from_str(&d.body).unwrap();
+            Seen {
+                grpc,
+                http: d.status.as_ref().unwrap().code as u16,
+                code: body["error"]["code"].as_str().unwrap().to_owned(),
+                body,
+                set: d
+                    .headers
+                    .iter()
+                    .map(|h| h.header.clone().unwrap())
+                    .map(|h| (h.key, h.value))
+                    .collect(),
+                remove: Vec::new(),
+            }
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+struct Keys {
+    ok: String,
+    writer: String,
+    solo: String,
+    revoked: String,
+    expired: String,
+    suspended: String,
+    payment: String,
+    far: String,
+    web: String,
+    ro: String,
+    test_env: String,
+}
+
+fn keys() -> (Keys, Doc) {
+    let k = Keys {
+        ok: mint("sk_live_"),
+        writer: mint("sk_live_"),
+        solo: mint("sk_live_"),
+        revoked: mint("sk_live_"),
+        expired: mint("sk_live_"),
+        suspended: mint("sk_live_"),
+        payment: mint("sk_live_"),
+        far: mint("sk_live_"),
+        web: mint("sk_live_"),
+        ro: mint("sk_live_"),
+        test_env: mint("sk_test_"),
+    };
+    let doc = Doc::new(1)
+        .partner("partner_acme", Some("org_1"), "active")
+        .partner("partner_solo", None, "active")
+        .partner("partner_paused", None, "suspended")
+        .partner("partner_broke", None, "payment_required")
+        .key("key_ok", &k.ok, json!({}))
+        .key(
+            "key_writer",
+            &k.writer,
+            json!({"scopes": ["analyses:read", "analyses:write"]}),
+        )
+        .key("key_solo", &k.solo, json!({"partner_id": "partner_solo"}))
+        .key("key_revoked", &k.revoked, json!({"status": "revoked"}))
+        .key(
+            "key_expired",
+            &k.expired,
+            json!({"expires_at": "2020-01-01T00:00:00Z"}),
+        )
+        .key(
+            "key_paused",
+            &k.suspended,
+            json!({"partner_id": "partner_paused"}),
+        )
+        .key(
+            "key_broke",
+            &k.payment,
+            json!({"partner_id": "partner_broke"}),
+        )
+        .key(
+            "key_far",
+            &k.far,
+            json!({"allowed_cidrs": ["203.0.113.0/24"]}),
+        )
+        .key(
+            "key_web",
+            &k.web,
+            json!({"allowed_referrers": ["https://app.example.com/*"]}),
+        )
+        .key(
+            "key_ro",
+            &k.ro,
+            json!({"allowed_routes": ["GET /v1/analyses/**"]}),
+        );
+    (k, doc)
+}
+
+async fn start(extra: &str) -> (Gate, SnapshotDir, Keys, SocketAddr, Upstream) {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let (k, doc) = keys();
+    snap.write(&doc);
+    let gate = Gate::start(&config_toml(
+        &snap.path(),
+        upstream.addr,
+        &format!("{EXT}{extra}"),
+    ))
+    .await;
+    let addr = gate
+        .app
+        .as_ref()
+        .unwrap()
+        .ext_authz_addr
+        .expect("ext_authz configured");
+    (gate, snap, k, addr, upstream)
+}
+
+#[tokio::test]
+async fn every_code_as_a_check_response() {
+    let (gate, _snap, k, addr, _up) = start("").await;
+    let b = |key: &str| format!("Bearer {key}");
+    let p = "/v1/analyses/1?x=%2F";
+    let table: Vec<(&str, &str, Headers, i32, u16, &str)> = vec![
+        (
+            "GET",
+            "/v1/analyses%2F1",
+            vec![("authorization", b(&k.ok))],
+            3,
+            400,
+            "invalid_path",
+        ),
+        ("GET", p, vec![], 16, 401, "authentication_required"),
+        (
+            "GET",
+            p,
+            vec![("authorization", format!("{}, {}", b(&k.ok), b(&k.ok)))],
+            16,
+            401,
+            "authentication_required",
+        ),
+        (
+            "GET",
+            p,
+            vec![("authorization", b(&k.test_env))],
+            7,
+            403,
+            "key_environment_mismatch",
+        ),
+        (
+            "GET",
+            p,
+            vec![("x-api-key", mint("sk_live_"))],
+            16,
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "GET",
+            p,
+            vec![("authorization", b(&k.revoked))],
+            16,
+            401,
+            "key_revoked",
+        ),
+        (
+            "GET",
+            p,
+            vec![("authorization", b(&k.expired))],
+            16,
+            401,
+            "key_expired",
+        ),
+        (
+            "GET",
+            p,
+            vec![("authorization", b(&k.suspended))],
+            7,
+            403,
+            "partner_suspended",
+        ),
+        (
+            "GET",
+            p,
+            vec![("authorization", b(&k.payment))],
+            7,
+            402,
+            "insufficient_credits",
+        ),
+        (
+            "GET",
+            p,
+            vec![("authorization", b(&k.far))],
+            7,
+            403,
+            "ip_not_allowed",
+        ),
+        (
+            "GET",
+            p,
+            vec![("authorization", b(&k.web))],
+            7,
+            403,
+            "referrer_not_allowed",
+        ),
+        (
+            "POST",
+            "/v1/analyses",
+            vec![("authorization", b(&k.ro))],
+            7,
+            403,
+            "route_not_allowed",
+        ),
+        (
+            "POST",
+            "/v1/analyses",
+            vec![("authorization", b(&k.ok))],
+            7,
+            403,
+            "scope_required",
+        ),
+        (
+            "POST",
+            "/v1/analyses?scope=analyses:write",
+            vec![("authorization", b(&k.writer))],
+            0,
+            200,
+            "",
+        ),
+        (
+            "GET",
+            p,
+            vec![
+                ("authorization", b(&k.web)),
+                ("referer", "https://app.example.com/x".into()),
+            ],
+            0,
+            200,
+            "",
+        ),
+    ];
+    for (method, path, headers, grpc, http, code) in &table {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let s = seen(&ask(addr, check_request(method, path, &h, "127.0.0.1")).await);
+        assert_eq!(
+            (s.grpc, s.http, s.code.as_str()),
+            (*grpc, *http, *code),
+            "{method} {path} {headers:?}"
+        );
+        if *http != 200 {
+            assert_eq!(s.set["content-type"], "application/json");
+            assert_eq!(
+                s.body["error"]["request_id"],
+                s.set["x-request-id"].as_str()
+            );
+            assert_eq!(
+                s.set.contains_key("www-authenticate"),
+                *http == 401,
+                "{code}"
+            );
+            for (_, v) in headers {
+                assert!(
+                    v.len() < 20 || !s.body.to_string().contains(v.trim_start_matches("Bearer "))
+                );
+            }
+        }
+    }
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn allow_shape_is_what_envoy_applies() {
+    let (gate, _snap, k, addr, _up) = start("").await;
+    let r = ask(
+        addr,
+        check_request(
+            "GET",
+            "/v1/analyses/1",
+            &[
+                ("x-api-key", &k.solo),
+                ("authorization", "Basic dXNlcjpwYXNz"),
+                ("x-org-id", "org_spoofed"),
+                ("x_partner_id", "partner_evil"),
+                ("x-partner-id", "partner_evil"),
+                ("x-request-id", "trace-1"),
+            ],
+            "127.0.0.1",
+        ),
+    )
+    .await;
+    let s = seen(&r);
+    assert_eq!(s.grpc, 0);
+    assert_eq!(s.set["x-partner-id"], "partner_solo");
+    assert_eq!(s.set["x-key-id"], "key_solo");
+    assert_eq!(s.set["x-key-environment"], "live");
+    assert_eq!(s.set["x-scopes"], "analyses:read");
+    assert_eq!(s.set["x-request-id"], "trace-1");
+    assert!(!s.set.contains_key("x-org-id"), "no org, none invented");
+    let mut remove = s.remove.clone();
+    remove.sort();
+    assert_eq!(
+        remove,
+        ["x-api-key", "x-org-id", "x_partner_id"],
+        "the credential found and unset spoofs"
+    );
+    let Some(HttpResponse::OkResponse(ok)) = &r.http_response else {
+        unreachable!()
+    };
+    let resp_headers: Vec<_> = ok
+        .response_headers_to_add
+        .iter()
+        .map(|h| h.header.clone().unwrap().key)
+        .collect();
+    assert_eq!(resp_headers, ["x-request-id"]);
+    let meta = r.dynamic_metadata.as_ref().unwrap();
+    let field = |f: &str| format!("{:?}", meta.fields[f].kind);
+    assert!(field("partner_id").contains("partner_solo"));
+    assert!(field("key_id").contains("key_solo"));
+    assert!(field("org_id").contains("NullValue"));
+    assert!(field("scopes").contains("analyses:read"));
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn no_snapshot_is_unavailable_and_health_follows() {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, EXT)).await;
+    let addr = gate.app.as_ref().unwrap().ext_authz_addr.unwrap();
+    let key = mint("sk_live_");
+    let s = seen(
+        &ask(
+            addr,
+            check_request("GET", "/v1/x", &[("x-api-key", &key)], "127.0.0.1"),
+        )
+        .await,
+    );
+    assert_eq!(
+        (s.grpc, s.http, s.code.as_str()),
+        (14, 503, "snapshot_unavailable")
+    );
+    assert_eq!(s.set["retry-after"], "1");
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let status = |svc: &str| HealthCheckRequest {
+        service: svc.to_owned(),
+    };
+    let mut now = health.check(status("")).await.unwrap().into_inner().status;
+    assert_eq!(now, ServingStatus::NotServing as i32);
+
+    snap.write(
+        &Doc::new(1)
+            .partner("partner_acme", None, "active")
+            .key("key_a", &key, json!({})),
+    );
+    gate.wait_revision(1).await;
+    let start = std::time::Instant::now();
+    while now != ServingStatus::Serving as i32
+        && start.elapsed() < std::time::Duration::from_secs(3)
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        now = health
+            .check(status("envoy.service.auth.v3.Authorization"))
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+    }
+    assert_eq!(now, ServingStatus::Serving as i32);
+    let s = seen(
+        &ask(
+            addr,
+            check_request("GET", "/v1/x", &[("x-api-key", &key)], "127.0.0.1"),
+        )
+        .await,
+    );
+    assert_eq!(s.grpc, 0);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn a_check_without_http_attributes_is_a_denial_not_an_error() {
+    let (gate, _snap, _k, addr, _up) = start("").await;
+    let s = seen(&ask(addr, CheckRequest { attributes: None }).await);
+    assert_eq!(
+        (s.grpc, s.http, s.code.as_str()),
+        (3, 400, "invalid_request")
+    );
+    gate.stop().await;
+}
+
+/// One table through the proxy and through ext_authz of the same keygate: same verdict, code
+/// and identity.
+#[tokio::test]
+async fn proxy_and_ext_authz_agree() {
+    let (gate, _snap, k, addr, upstream) = start("").await;
+    let table: Vec<(&str, &str, Headers)> = vec![
+        ("GET", "/v1/analyses/1", vec![("x-api-key", k.ok.clone())]),
+        ("GET", "/v1/analyses/1", vec![]),
+        ("POST", "/v1/analyses", vec![("x-api-key", k.ok.clone())]),
+        (
+            "POST",
+            "/v1/analyses/",
+            vec![("x-api-key", k.writer.clone())],
+        ),
+        (
+            "HEAD",
+            "/v1/analyses/1",
+            vec![("authorization", format!("Bearer {}", k.ro))],
+        ),
+        (
+            "DELETE",
+            "/v1/analyses/1",
+            vec![("authorization", format!("Bearer {}", k.ro))],
+        ),
+        (
+            "GET",
+            "/v1//analyses/./1",
+            vec![("x-api-key", k.solo.clone())],
+        ),
+        (
+            "GET",
+            "/v1/analyses/%2e%2e/%2e%2e/..",
+            vec![("x-api-key", k.ok.clone())],
+        ),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![("x-api-key", k.revoked.clone())],
+        ),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![("x-api-key", k.test_env.clone())],
+        ),
+        ("GET", "/v1/analyses/1", vec![("x-api-key", k.far.clone())]),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![
+                ("x-api-key", k.web.clone()),
+                ("origin", "https://app.example.com".into()),
+            ],
+        ),
+        ("GET", "/v1/a;b", vec![("x-api-key", k.ok.clone())]),
+    ];
+    for (method, path, headers) in &table {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        upstream.clear();
+        let via_proxy = send(&client(), method, &gate.url(path), &h, "").await;
+        let via_ext = seen(&ask(addr, check_request(method, path, &h, "127.0.0.1")).await);
+        assert_eq!(
+            via_proxy.status, via_ext.http,
+            "{method} {path} {headers:?}"
+        );
+        if via_ext.http == 200 {
+            let up = upstream.last();
+            for name in ["x-partner-id", "x-key-id", "x-key-environment", "x-scopes"] {
+                assert_eq!(
+                    up.headers.get(name).map(|v| v.to_str().unwrap().to_owned()),
+                    via_ext.set.get(name).cloned(),
+                    "{name} for {method} {path}"
+                );
+            }
+        } else if method != &"HEAD" {
+            assert_eq!(via_proxy.code(), via_ext.code, "{method} {path}");
+        }
+    }
+    gate.stop().await;
+}
