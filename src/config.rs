@@ -524,10 +524,11 @@ pub fn validate(raw: RawConfig) -> Result<Settings, ConfigError> {
         worker_threads: raw.runtime.worker_threads.unwrap_or(0),
     };
 
-    if proxy.is_none() && admin.is_none() && v.problems.is_empty() {
+    let no_front = proxy.is_none() && ext_authz.is_none() && authz_http.is_none();
+    if no_front && admin.is_none() && v.problems.is_empty() {
         v.problem(
             "proxy.listen",
-            "no front is configured: set proxy.listen (and proxy.upstream)",
+            "no front is configured: set proxy.listen (and proxy.upstream), ext_authz.listen or authz_http.listen",
         );
     }
 

@@ -84,3 +84,22 @@ fn example_config_runs_the_forward_auth_front() {
     assert_eq!(f.listen.to_string(), "127.0.0.1:9192");
     assert_eq!(f.trusted_proxies.len(), 1);
 }
+
+#[test]
+fn an_asking_front_alone_is_a_valid_configuration() {
+    for front in [
+        "[ext_authz]\nlisten = \"127.0.0.1:0\"\n",
+        "[authz_http]\nlisten = \"127.0.0.1:0\"\n",
+    ] {
+        let toml = format!("environment = \"live\"\n[snapshot]\npath = \"keys.json\"\n{front}");
+        let s = keygate::config::from_toml(&toml).unwrap_or_else(|e| panic!("{front}: {e}"));
+        assert!(s.proxy.is_none());
+        assert!(s.ext_authz.is_some() || s.authz_http.is_some());
+    }
+    let none =
+        keygate::config::from_toml("environment = \"live\"\n[snapshot]\npath = \"keys.json\"\n");
+    assert!(none
+        .unwrap_err()
+        .to_string()
+        .contains("no front is configured"));
+}
