@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# ext_authz Check throughput, latency and CPU per Check, with h2load (HTTP/2) sending a
+# gRPC-framed CheckRequest (a 0 byte, a 4-byte big-endian length, the serialized message) built
+# with Envoy's published protos (xds-protos). keygate pinned to PROXY_CPU, h2load to LOAD_CPU.
+#
+# Two runs: peak (as fast as h2load can send: CLIENTS connections x STREAMS streams), then at
+# half of the measured peak (--rps) for the latency goal. Latency percentiles come from
+# h2load's per-request log.
+#
+# Usage: cargo build --release && bash bench/ext_authz.sh
+# Needs: h2load (nghttp2-client), python3 with grpcio + xds-protos, taskset.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KEYGATE=${KEYGATE:-target/release/keygate}
+N=${N:-200000}
+CLIENTS=${CLIENTS:-10}
+STREAMS=${STREAMS:-10}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+KEYS=${KEYS:-10000}
+TMP=$(mktemp -d /tmp/keygate-extauthz.XXXXXX)
+PID=""
+cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null; rm -rf "$TMP"; }
+trap cleanup EXIT
+
+python3 bench/gen_keys.py "$KEYS" "$TMP" >/dev/null 2>&1
+KEY=$(head -1 "$TMP/keys.txt")
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat > "$TMP/keygate.toml" <<CONF
+environment = "live"
+[[key_prefixes]]
+prefix = "sk_live_"
+environment = "live"
+checksum = true
+[snapshot]
+path = "$TMP/keys.json"
+[ext_authz]
+listen = "127.0.0.1:$PORT"
+[log]
+level = "warn"
+[runtime]
+flavor = "current_thread"
+CONF
+
+python3 - "$TMP/body.bin" "$KEY" <<'PY'
+import struct, sys
+from envoy.config.core.v3 import address_pb2
+from envoy.service.auth.v3 import attribute_context_pb2 as ac, external_auth_pb2 as ea
+req = ea.CheckRequest(attributes=ac.AttributeContext(
+    source=ac.AttributeContext.Peer(address=address_pb2.Address(
+        socket_address=address_pb2.SocketAddress(address="10.0.0.7", port_value=40000))),
+    request=ac.AttributeContext.Request(http=ac.AttributeContext.HttpRequest(
+        method="GET", path="/v1/analyses/1?x=1", host="api.example.com",
+        headers={"x-api-key": sys.argv[2], "user-agent": "bench", "accept": "*/*",
+                 "x-request-id": "0f1e2d3c4b5a69788796a5b4c3d2e1f0"}))))
+msg = req.SerializeToString()
+open(sys.argv[1], "wb").write(b"\x00" + struct.pack(">I", len(msg)) + msg)
+PY
+
+taskset -c "$PROXY_CPU" "$KEYGATE" serve --config "$TMP/keygate.toml" &
+PID=$!
+for _ in $(seq 1 100); do
+  python3 -c "import socket; socket.create_connection(('127.0.0.1', $PORT), 0.2)" 2>/dev/null && break
+  sleep 0.1
+done
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$PID/stat"; }
+HZ=$(getconf CLK_TCK)
+
+run() { # label, extra h2load args...
+  local label=$1; shift
+  local before after out
+  before=$(cpu_ticks)
+  out=$(taskset -c "$LOAD_CPU" h2load -n "$N" -c "$CLIENTS" -m "$STREAMS" -d "$TMP/body.bin" \
+        -H 'content-type: application/grpc' -H 'te: trailers' --log-file="$TMP/$label.log" "$@" \
+        "http://127.0.0.1:$PORT/envoy.service.auth.v3.Authorization/Check")
+  after=$(cpu_ticks)
+  local rps ok
+  rps=$(echo "$out" | sed -n 's/^finished in .*, \([0-9.]*\) req\/s.*/\1/p')
+  ok=$(echo "$out" | sed -n 's/^status codes: \([0-9]*\) 2xx.*/\1/p')
+  [ "$ok" = "$N" ] || { echo "$label: only $ok of $N answered 200"; echo "$out"; exit 1; }
+  python3 - "$TMP/$label.log" "$label" "$rps" "$((after - before))" "$HZ" "$N" <<'PY'
+import sys
+path, label, rps, ticks, hz, n = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+lat = sorted(int(line.split()[2]) for line in open(path) if line.strip())
+p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] / 1000.0
+cpu_us = ticks / hz * 1e6 / n
+print(f"| {label} | {rps:,.0f} | {p(0.5):.2f} ms | {p(0.99):.2f} ms | {cpu_us:.2f} |")
+PY
+  echo "$rps" > "$TMP/$label.rps"
+}
+
+# The gRPC response must really be an allow: check one Check through Python first.
+python3 - "$PORT" "$KEY" <<'PY'
+import sys, grpc
+from envoy.config.core.v3 import address_pb2
+from envoy.service.auth.v3 import attribute_context_pb2 as ac, external_auth_pb2 as ea, external_auth_pb2_grpc as eag
+stub = eag.AuthorizationStub(grpc.insecure_channel(f"127.0.0.1:{sys.argv[1]}"))
+for _ in range(100):
+    try:
+        r = stub.Check(ea.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
+            http=ac.AttributeContext.HttpRequest(method="GET", path="/v1/analyses/1", headers={"x-api-key": sys.argv[2]})))), timeout=1)
+        break
+    except grpc.RpcError:
+        import time; time.sleep(0.1)
+assert r.status.code == 0 and r.HasField("ok_response"), r
+PY
+
+echo "| run | Checks/s | p50 | p99 | keygate CPU µs/Check |"
+echo "|---|---:|---:|---:|---:|"
+run peak
+PEAK=$(cat "$TMP/peak.rps")
+HALF=$(python3 -c "print(max(1, int(float('$PEAK') / 2 / $CLIENTS)))")
+run "half-peak" --rps="$HALF"
