@@ -19,8 +19,10 @@ PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 KEYS=${KEYS:-10000}
 TMP=$(mktemp -d /tmp/keygate-extauthz.XXXXXX)
+# h2load's request logs go elsewhere than the snapshot's directory, which keygate watches.
+LOGS=$(mktemp -d /tmp/keygate-extauthz-logs.XXXXXX)
 PID=""
-cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null; rm -rf "$TMP"; }
+cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null; rm -rf "$TMP" "$LOGS"; }
 trap cleanup EXIT
 
 python3 bench/gen_keys.py "$KEYS" "$TMP" >/dev/null 2>&1
@@ -72,14 +74,14 @@ run() { # label, extra h2load args...
   local before after out
   before=$(cpu_ticks)
   out=$(taskset -c "$LOAD_CPU" h2load -n "$N" -c "$CLIENTS" -m "$STREAMS" -d "$TMP/body.bin" \
-        -H 'content-type: application/grpc' -H 'te: trailers' --log-file="$TMP/$label.log" "$@" \
+        -H 'content-type: application/grpc' -H 'te: trailers' --log-file="$LOGS/$label.log" "$@" \
         "http://127.0.0.1:$PORT/envoy.service.auth.v3.Authorization/Check")
   after=$(cpu_ticks)
   local rps ok
   rps=$(echo "$out" | sed -n 's/^finished in .*, \([0-9.]*\) req\/s.*/\1/p')
   ok=$(echo "$out" | sed -n 's/^status codes: \([0-9]*\) 2xx.*/\1/p')
   [ "$ok" = "$N" ] || { echo "$label: only $ok of $N answered 200"; echo "$out"; exit 1; }
-  python3 - "$TMP/$label.log" "$label" "$rps" "$((after - before))" "$HZ" "$N" <<'PY'
+  python3 - "$LOGS/$label.log" "$label" "$rps" "$((after - before))" "$HZ" "$N" <<'PY'
 import sys
 path, label, rps, ticks, hz, n = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 lat = sorted(int(line.split()[2]) for line in open(path) if line.strip())

@@ -157,8 +157,20 @@ fn start_inotify(path: &Path, tx: mpsc::Sender<()>) -> Option<notify::Recommende
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
     };
+    let name = path.file_name().map(|n| n.to_owned());
     let handler = move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Only events that can change what the path resolves to: the file itself (written, or
+        // renamed over), or a `..`-named entry (a Kubernetes Secret's `..data` symlink swap).
+        // Other files in a busy directory must not wake the reloader.
+        let relevant = event.is_ok_and(|e| {
+            e.paths.is_empty()
+                || e.paths.iter().any(|p| {
+                    p.file_name().is_some_and(|n| {
+                        Some(n) == name.as_deref() || n.as_encoded_bytes().starts_with(b"..")
+                    })
+                })
+        });
+        if relevant {
             // A full channel already means "look again": dropping the extra signal is fine.
             let _ = tx.try_send(());
         }
