@@ -29,6 +29,9 @@ pub enum AppError {
     },
 }
 
+/// How long in-flight requests may run on after shutdown begins.
+const DRAIN: Duration = Duration::from_secs(10);
+
 /// A running keygate.
 pub struct App {
     pub proxy_addr: Option<SocketAddr>,
@@ -76,7 +79,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
 
     let (stop, rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    let drain = Duration::from_secs(10);
+    let drain = DRAIN;
 
     let mut proxy_addr = None;
     let mut threads = Vec::new();
@@ -216,7 +219,16 @@ impl App {
     /// Stop accepting, let in-flight requests finish, and wait for every task.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
-        while self.tasks.join_next().await.is_some() {}
+        // Every front drains for at most DRAIN; a peer that keeps a connection open past that
+        // (an Envoy holding its gRPC channel) must not keep the process alive.
+        let joined = tokio::time::timeout(DRAIN + Duration::from_secs(2), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if joined.is_err() {
+            tracing::warn!("shutdown: fronts still busy after the drain timeout; stopping them");
+            self.tasks.abort_all();
+        }
         let threads = std::mem::take(&mut self.threads);
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {

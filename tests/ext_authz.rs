@@ -571,3 +571,27 @@ async fn proxy_and_ext_authz_agree() {
     }
     gate.stop().await;
 }
+
+/// Envoy keeps its gRPC channel open; shutting keygate down must not wait for it to close.
+#[tokio::test]
+async fn shutdown_does_not_wait_for_an_idle_grpc_channel() {
+    let (gate, _snap, k, addr, _up) = start("").await;
+    let mut c = AuthorizationClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let r = c
+        .check(check_request(
+            "GET",
+            "/v1/analyses/1",
+            &[("x-api-key", &k.ok)],
+            "127.0.0.1",
+        ))
+        .await;
+    assert_eq!(r.unwrap().into_inner().status.unwrap().code, 0);
+    let start = std::time::Instant::now();
+    tokio::time::timeout(std::time::Duration::from_secs(15), gate.stop())
+        .await
+        .expect("shutdown finished with a client channel still open");
+    eprintln!("shutdown with an open channel took {:?}", start.elapsed());
+    drop(c);
+}
