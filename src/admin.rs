@@ -30,14 +30,9 @@ pub async fn serve(
         .header_read_timeout(Duration::from_secs(5));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; }
-            },
-        };
+    while let Some((stream, _)) =
+        crate::listen::next_connection(&listener, shutdown.as_mut(), "admin").await
+    {
         let store = store.clone();
         let service = hyper::service::service_fn(move |req| {
             let store = store.clone();

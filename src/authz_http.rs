@@ -68,19 +68,9 @@ pub async fn serve(
         .max_headers(200);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "authz_http accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, peer)) =
+        crate::listen::next_connection(&listener, shutdown.as_mut(), "authz_http").await
+    {
         let state = state.clone();
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();

@@ -22,7 +22,7 @@
 //! - [`proxy`]: the hyper reverse-proxy front; [`upstream`]: its per-thread connection pool.
 //! - [`authz_http`]: the forward-auth front (Envoy `http_service`, nginx, Traefik).
 //! - [`ext_authz`]: the gRPC `envoy.service.auth.v3.Authorization` front, with health.
-//! - [`admin`]: `/healthz`, `/readyz`.
+//! - [`admin`]: `/healthz`, `/readyz`; [`listen`]: the accept loop the HTTP fronts share.
 //! - [`keys`]: `keygate keys create | list | revoke` on a snapshot file.
 //! - [`demo`]: `keygate demo`, the zero-setup tour.
 
@@ -38,6 +38,7 @@ pub mod deny;
 pub mod ext_authz;
 pub mod headers;
 pub mod keys;
+pub mod listen;
 pub mod path;
 pub mod proxy;
 pub mod referrer;
