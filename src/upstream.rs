@@ -13,12 +13,34 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+
+/// What goes upstream: the client's streaming body, or nothing (a bodiless request kept
+/// replayable).
+pub type UpBody = Either<Incoming, Empty<Bytes>>;
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// A copy of a bodiless request to send again.
+fn replay(req: &Request<UpBody>) -> Request<UpBody> {
+    let mut copy = Request::new(Either::Right(Empty::new()));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
 
 /// Why a request did not get a response from the upstream.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +59,7 @@ pub struct Upstream {
     authority: String,
     connect_timeout: Duration,
     max_idle: usize,
-    idle: Mutex<Vec<SendRequest<Incoming>>>,
+    idle: Mutex<Vec<SendRequest<UpBody>>>,
     me: Weak<Upstream>,
 }
 
@@ -57,14 +79,29 @@ impl Upstream {
         &self,
         req: Request<Incoming>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let mut req = req;
+        // A request without a body and with a method that is safe to repeat (RFC 9110 §9.2.2)
+        // can be sent again when a reused connection turns out to be closed: an upstream that
+        // closes an idle connection races the next request on it, and nginx retries the same way.
+        let replayable = req.body().is_end_stream() && is_idempotent(req.method());
+        let mut req: Request<UpBody> = if replayable {
+            req.map(|_| Either::Right(Empty::new()))
+        } else {
+            req.map(Either::Left)
+        };
         if let Some(mut sender) = self.checkout().await {
+            let again = replayable.then(|| replay(&req));
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(self.wrap(resp, sender)),
-                Err(mut e) => match e.take_message() {
+                Err(mut e) => match (e.take_message(), again) {
                     // Never written: the idle connection was closed under us. Retry below.
-                    Some(back) => req = back,
-                    None => return Err(UpstreamError::Http(e.into_error())),
+                    (Some(back), _) => req = back,
+                    // Written, but the connection failed before an answer: send it again on a
+                    // fresh connection, once.
+                    (None, Some(again)) => {
+                        tracing::debug!(error = %e.error(), "reused upstream connection failed; retrying");
+                        req = again;
+                    }
+                    (None, None) => return Err(UpstreamError::Http(e.into_error())),
                 },
             }
         }
@@ -73,11 +110,7 @@ impl Upstream {
         Ok(self.wrap(resp, sender))
     }
 
-    fn wrap(
-        &self,
-        resp: Response<Incoming>,
-        sender: SendRequest<Incoming>,
-    ) -> Response<PooledBody> {
+    fn wrap(&self, resp: Response<Incoming>, sender: SendRequest<UpBody>) -> Response<PooledBody> {
         resp.map(|inner| PooledBody {
             inner,
             sender: Some(sender),
@@ -86,7 +119,7 @@ impl Upstream {
     }
 
     /// An idle connection that is still open and ready, if there is one.
-    async fn checkout(&self) -> Option<SendRequest<Incoming>> {
+    async fn checkout(&self) -> Option<SendRequest<UpBody>> {
         loop {
             let mut sender = self.idle.lock().expect("pool lock").pop()?;
             if sender.is_closed() {
@@ -100,7 +133,7 @@ impl Upstream {
         }
     }
 
-    fn checkin(&self, sender: SendRequest<Incoming>) {
+    fn checkin(&self, sender: SendRequest<UpBody>) {
         if sender.is_closed() {
             return;
         }
@@ -110,7 +143,7 @@ impl Upstream {
         }
     }
 
-    async fn connect(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
+    async fn connect(&self) -> Result<SendRequest<UpBody>, UpstreamError> {
         let stream =
             tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.authority))
                 .await
@@ -132,7 +165,7 @@ impl Upstream {
 /// An upstream response body that returns its connection to the pool once fully read.
 pub struct PooledBody {
     inner: Incoming,
-    sender: Option<SendRequest<Incoming>>,
+    sender: Option<SendRequest<UpBody>>,
     pool: Weak<Upstream>,
 }
 
