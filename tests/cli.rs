@@ -1,11 +1,12 @@
 //! The real `keygate` binary: key tooling, `snapshot check`, `config check`, `serve` start-up
-//! and SIGTERM, and `demo` — the README's first command — end to end.
+//! and SIGTERM, and `demo` — the README's first command — end to end. Every test spawns the
+//! built executable and asserts its exit code and what it printed.
 
 mod support;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,19 @@ use support::*;
 const BIN: &str = env!("CARGO_BIN_EXE_keygate");
 
 fn keygate(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().expect("keygate runs")
+    keygate_env(args, &[])
+}
+
+/// Run keygate with extra environment variables; `KEYGATE__…` from the test's own environment
+/// are removed so that only the file (and `env`) decide.
+fn keygate_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).stdin(Stdio::null());
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KEYGATE")) {
+        cmd.env_remove(k);
+    }
+    cmd.envs(env.iter().copied());
+    cmd.output().expect("keygate runs")
 }
 
 fn text(o: &Output) -> (String, String) {
@@ -23,6 +36,16 @@ fn text(o: &Output) -> (String, String) {
         String::from_utf8_lossy(&o.stdout).into_owned(),
         String::from_utf8_lossy(&o.stderr).into_owned(),
     )
+}
+
+/// Any run of 64 or more hex digits: what a printed digest would look like.
+fn digest_like(t: &str) -> bool {
+    t.split(|c: char| !c.is_ascii_hexdigit())
+        .any(|w| w.len() >= 64)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
 }
 
 /// Kills the child when dropped, so a failed assertion leaves no process behind.
@@ -35,12 +58,36 @@ impl Drop for Running {
     }
 }
 
-fn create(snapshot: &Path, extra: &[&str]) -> serde_json::Value {
+impl Running {
+    /// `kill -TERM`, then wait (with a deadline) for the exit status.
+    async fn terminate(&mut self, deadline: Duration) -> ExitStatus {
+        let pid = self.0.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < deadline,
+                "no exit {deadline:?} after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// `keys create … --json` for partner_acme in live; returns the printed object.
+fn create(snapshot: &Path, scopes: &str, extra: &[&str]) -> serde_json::Value {
     let mut args = vec![
         "keys",
         "create",
         "--snapshot",
-        snapshot.to_str().unwrap(),
+        s(snapshot),
         "--partner",
         "partner_acme",
         "--org",
@@ -48,28 +95,45 @@ fn create(snapshot: &Path, extra: &[&str]) -> serde_json::Value {
         "--env",
         "live",
         "--scopes",
-        "analyses:read,analyses:write",
+        scopes,
         "--json",
     ];
     args.extend_from_slice(extra);
     let o = keygate(&args);
     let (out, err) = text(&o);
-    assert!(o.status.success(), "keys create failed: {err}");
-    serde_json::from_str(&out)
-        .unwrap_or_else(|e| panic!("--json output is one JSON object ({e}): {out}"))
+    assert_eq!(o.status.code(), Some(0), "keys create failed: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("--json output is one JSON value ({e}): {out}"));
+    assert!(v.is_object(), "--json prints an object: {out}");
+    v
 }
 
+fn read_doc(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).expect("snapshot is JSON")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+// ---------------------------------------------------------------------------------------------
+// keys create
+
 #[tokio::test]
-async fn keys_create_list_revoke_against_a_running_gate() {
+async fn keys_create_prints_the_secret_once_and_the_key_authenticates() {
     let dir = tempfile::tempdir().unwrap();
     let snapshot = dir.path().join("keys.json");
 
-    // Text output: the secret exactly once.
+    // Text output on a file that does not exist yet: the secret exactly once, on stdout only.
     let o = keygate(&[
         "keys",
         "create",
         "--snapshot",
-        snapshot.to_str().unwrap(),
+        s(&snapshot),
         "--partner",
         "partner_acme",
         "--org",
@@ -82,24 +146,51 @@ async fn keys_create_list_revoke_against_a_running_gate() {
         "first",
     ]);
     let (out, err) = text(&o);
-    assert!(o.status.success(), "{err}");
-    let secret = out
-        .split_whitespace()
-        .find(|w| w.starts_with("sk_live_") && w.len() == "sk_live_".len() + 38)
-        .unwrap_or_else(|| panic!("no secret in: {out}"))
-        .to_owned();
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let secrets: Vec<&str> = out
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("sk_live_") && w.len() > 12)
+        .collect();
+    assert_eq!(secrets.len(), 1, "one secret-shaped word in: {out}");
+    let first_secret = secrets[0].to_owned();
     assert_eq!(
-        out.matches(&secret).count(),
-        1,
-        "the secret is printed once"
+        first_secret.len(),
+        "sk_live_".len() + 32 + 6,
+        "prefix + 32 body + 6 checksum: {first_secret}"
     );
-    let doc: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&snapshot).unwrap()).unwrap();
+    assert!(
+        keygate::credential::has_valid_checksum(&first_secret, "sk_live_"),
+        "the minted key carries a valid checksum: {first_secret}"
+    );
+    assert_eq!(out.matches(&first_secret).count(), 1, "printed once: {out}");
+    assert!(!err.contains(&first_secret), "the secret went to stderr");
+    assert!(!digest_like(&out), "a digest was printed: {out}");
+
+    let doc = read_doc(&snapshot);
     assert_eq!(doc["schema"], "keygate.snapshot/v1");
     assert_eq!(doc["revision"], 1);
+    assert_eq!(doc["keys"].as_array().unwrap().len(), 1, "{doc}");
+    let stored = &doc["keys"][0];
+    assert_eq!(
+        stored["hash"],
+        digest(&first_secret),
+        "sha256 of the secret"
+    );
+    assert_eq!(stored["name"], "first");
+    assert_eq!(stored["partner_id"], "partner_acme");
+    assert_eq!(stored["status"], "active");
+    assert_eq!(doc["partners"][0]["id"], "partner_acme");
+    assert_eq!(doc["partners"][0]["org_id"], "org_1");
+    let file_text = std::fs::read_to_string(&snapshot).unwrap();
+    assert!(
+        !file_text.contains(&first_secret),
+        "the file holds the secret"
+    );
+    let first_id = stored["id"].as_str().unwrap().to_owned();
+    assert!(out.contains(&first_id), "the id is printed: {out}");
 
-    // JSON output, and the key works through a real gate on that file.
-    let created = create(&snapshot, &[]);
+    // --json: one object with every documented field, the next revision.
+    let created = create(&snapshot, "analyses:read,analyses:write", &[]);
     for field in [
         "id",
         "secret",
@@ -112,204 +203,714 @@ async fn keys_create_list_revoke_against_a_running_gate() {
     ] {
         assert!(!created[field].is_null(), "--json lacks {field}: {created}");
     }
-    assert_eq!(created["revision"], 2);
     let id = created["id"].as_str().unwrap().to_owned();
     let key = created["secret"].as_str().unwrap().to_owned();
+    let prefix = created["prefix"].as_str().unwrap();
+    assert_ne!(id, first_id);
+    assert!(
+        key.starts_with("sk_live_"),
+        "default prefix sk_live_: {key}"
+    );
+    assert!(
+        key.starts_with(prefix) && prefix.len() > "sk_live_".len() && prefix.len() < key.len(),
+        "display prefix {prefix} is a proper prefix of the secret"
+    );
+    assert_eq!(created["partner_id"], "partner_acme");
+    assert_eq!(created["environment"], "live");
+    assert_eq!(
+        created["scopes"],
+        json!(["analyses:read", "analyses:write"])
+    );
+    assert_eq!(created["revision"], 2);
+    let created_at = created["created_at"].as_str().unwrap();
+    time::OffsetDateTime::parse(created_at, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("created_at {created_at:?} is not RFC 3339: {e}"));
+    let doc = read_doc(&snapshot);
+    assert_eq!(doc["revision"], 2);
+    assert_eq!(
+        doc["keys"].as_array().unwrap().len(),
+        2,
+        "the first key kept"
+    );
+    assert_eq!(
+        doc["partners"].as_array().unwrap().len(),
+        1,
+        "the partner is not added twice"
+    );
+    assert!(!std::fs::read_to_string(&snapshot).unwrap().contains(&key));
 
+    // Both keys work through a real gate reading that file.
     let upstream = Upstream::start().await;
     let gate = Gate::start(&config_toml(&snapshot, upstream.addr, "")).await;
+    gate.wait_revision(2).await;
     let a = get(
         &client(),
         &gate.url("/v1/analyses/1"),
         &[("authorization", &format!("Bearer {key}"))],
     )
     .await;
-    assert_eq!(a.status, 200);
-    assert_eq!(upstream.last().headers["x-key-id"], id.as_str());
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let seen = upstream.last();
+    assert_eq!(seen.headers["x-key-id"], id.as_str());
+    assert_eq!(seen.headers["x-partner-id"], "partner_acme");
+    let a = get(
+        &client(),
+        &gate.url("/v1/analyses/1"),
+        &[("x-api-key", &first_secret)],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(upstream.last().headers["x-key-id"], first_id.as_str());
+    gate.stop().await;
+}
 
-    // list: ids and display prefixes, never a secret or a digest.
+#[test]
+fn keys_create_refuses_bad_input_and_leaves_the_file_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("keys.json");
+
+    let refused = |args: &[&str], names: &str| {
+        let o = keygate(args);
+        let (out, err) = text(&o);
+        assert!(!o.status.success(), "{args:?} was accepted: {out}");
+        assert!(err.contains(names), "{args:?}: error names {names}: {err}");
+        assert!(!out.contains("sk_"), "{args:?} printed a key: {out}");
+    };
+    let base = |env: &'static str, scopes: &'static str| {
+        vec![
+            "keys",
+            "create",
+            "--snapshot",
+            s(&snapshot),
+            "--partner",
+            "partner_acme",
+            "--env",
+            env,
+            "--scopes",
+            scopes,
+        ]
+    };
+    refused(&base("li ve", "analyses:read"), "--env");
+    refused(&base("live", ""), "scopes");
+    let mut bad_expiry = base("live", "analyses:read");
+    bad_expiry.extend_from_slice(&["--expires-at", "tomorrow"]);
+    refused(&bad_expiry, "--expires-at");
+    assert!(!snapshot.exists(), "a refused create wrote the file");
+
+    // A file that is not a snapshot is never overwritten.
+    let other = dir.path().join("other.json");
+    std::fs::write(&other, r#"{"schema":"something/v2","revision":7}"#).unwrap();
+    let before = std::fs::read(&other).unwrap();
+    let o = keygate(&[
+        "keys",
+        "create",
+        "--snapshot",
+        s(&other),
+        "--partner",
+        "partner_acme",
+        "--env",
+        "live",
+        "--scopes",
+        "analyses:read",
+    ]);
+    assert!(!o.status.success(), "{}", text(&o).0);
+    assert!(
+        text(&o).1.contains("other.json"),
+        "names the file: {}",
+        text(&o).1
+    );
+    assert_eq!(std::fs::read(&other).unwrap(), before, "file changed");
+}
+
+// ---------------------------------------------------------------------------------------------
+// keys list
+
+#[test]
+fn keys_list_shows_ids_and_prefixes_never_secrets_or_digests() {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("keys.json");
+    let a = create(&snapshot, "analyses:read", &[]);
+    let b = create(&snapshot, "analyses:write", &["--name", "second"]);
+    let file_text = std::fs::read_to_string(&snapshot).unwrap();
+    let hashes: Vec<String> = read_doc(&snapshot)["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["hash"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(hashes.len(), 2, "{file_text}");
+
+    let check = |out: &str| {
+        for k in [&a, &b] {
+            let (id, prefix, secret) = (
+                k["id"].as_str().unwrap(),
+                k["prefix"].as_str().unwrap(),
+                k["secret"].as_str().unwrap(),
+            );
+            assert!(out.contains(id), "id {id} missing: {out}");
+            assert!(out.contains(prefix), "prefix {prefix} missing: {out}");
+            assert!(!out.contains(secret), "list printed a secret: {out}");
+        }
+        for h in &hashes {
+            let hex = h.split_once(':').unwrap().1;
+            assert!(!out.contains(hex), "list printed a digest: {out}");
+        }
+        assert!(!out.contains("sha256:"), "list printed a digest: {out}");
+        assert!(
+            !digest_like(out),
+            "list printed something digest-like: {out}"
+        );
+    };
+
+    let o = keygate(&["keys", "list", "--snapshot", s(&snapshot)]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    check(&out);
+    assert!(!err.contains("sk_live_") && !digest_like(&err), "{err}");
+    assert!(out.contains("second"), "the name is shown: {out}");
+
+    let o = keygate(&["keys", "list", "--snapshot", s(&snapshot), "--json"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    check(&out);
+    let rows: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("list --json is JSON ({e}): {out}"));
+    let rows = rows.as_array().expect("an array");
+    assert_eq!(rows.len(), 2);
+    for (row, k) in rows.iter().zip([&a, &b]) {
+        assert_eq!(row["id"], k["id"]);
+        assert_eq!(row["prefix"], k["prefix"]);
+        assert_eq!(row["status"], "active");
+        assert_eq!(row["partner_id"], "partner_acme");
+        for absent in ["hash", "secret", "digest"] {
+            assert!(row.get(absent).is_none(), "row has {absent}: {row}");
+        }
+    }
+
+    // A missing snapshot is an error naming it, not an empty list.
+    let missing = dir.path().join("nope.json");
+    let o = keygate(&["keys", "list", "--snapshot", s(&missing)]);
+    assert!(!o.status.success(), "{}", text(&o).0);
+    assert!(text(&o).1.contains("nope.json"), "{}", text(&o).1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// keys revoke
+
+#[tokio::test]
+async fn keys_revoke_is_refused_by_a_running_gate_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("keys.json");
+    let keep = create(&snapshot, "analyses:read", &[]);
+    let gone = create(&snapshot, "analyses:read", &[]);
+    let id = gone["id"].as_str().unwrap().to_owned();
+    let key = gone["secret"].as_str().unwrap().to_owned();
+    let kept = keep["secret"].as_str().unwrap().to_owned();
+
+    let upstream = Upstream::start().await;
+    let gate = Gate::start(&config_toml(&snapshot, upstream.addr, "")).await;
+    gate.wait_revision(2).await;
+    let a = get(
+        &client(),
+        &gate.url("/v1/analyses/1"),
+        &[("x-api-key", &key)],
+    )
+    .await;
+    assert_eq!(a.status, 200, "before revoke: {:?}", a.body);
+
+    let start = Instant::now();
+    let o = keygate(&["keys", "revoke", "--snapshot", s(&snapshot), &id]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(out.contains(&id), "names the revoked key: {out}");
+    assert!(!out.contains(&key) && !digest_like(&out), "{out}");
+    let doc = read_doc(&snapshot);
+    assert_eq!(doc["revision"], 3);
+    assert_eq!(doc["keys"][1]["status"], "revoked");
+    assert_eq!(doc["keys"][0]["status"], "active");
+
+    let in_force = eventually(Duration::from_secs(1), || gate.revision() == Some(3)).await;
+    assert!(in_force, "revision 3 not in force {:?}", start.elapsed());
+    let a = get(
+        &client(),
+        &gate.url("/v1/analyses/1"),
+        &[("x-api-key", &key)],
+    )
+    .await;
+    assert_error(&a, 401, "key_revoked");
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "refused only after {elapsed:?}"
+    );
+    let a = get(
+        &client(),
+        &gate.url("/v1/analyses/1"),
+        &[("x-api-key", &kept)],
+    )
+    .await;
+    assert_eq!(a.status, 200, "the other key still works: {:?}", a.body);
+
+    // keys list shows the status.
+    let o = keygate(&["keys", "list", "--snapshot", s(&snapshot), "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rows[1]["status"], "revoked", "{rows}");
+
+    // Revoking again is not an error and does not bump the revision.
+    let o = keygate(&["keys", "revoke", "--snapshot", s(&snapshot), &id]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o).1);
+    assert_eq!(read_doc(&snapshot)["revision"], 3);
+
+    // An unknown id: non-zero, the id named, the file untouched.
+    let before = std::fs::read(&snapshot).unwrap();
+    let o = keygate(&["keys", "revoke", "--snapshot", s(&snapshot), "key_nope"]);
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(err.contains("key_nope"), "the error names the id: {err}");
+    assert_eq!(std::fs::read(&snapshot).unwrap(), before);
+    gate.stop().await;
+}
+
+/// Every `keys` command's output is whole lines, so `| tail -1`, `| while read …` and a shell
+/// prompt after the secret behave.
+#[test]
+#[ignore = "bug: src/main.rs keys_command prints render_* (documented as having no trailing \
+            newline) with print!, so stdout of keys create/list/revoke ends without '\\n'"]
+fn keys_output_ends_with_a_newline() {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("keys.json");
+    let sp = s(&snapshot);
+    let mut id = String::new();
     for json_flag in [false, true] {
-        let mut args = vec!["keys", "list", "--snapshot", snapshot.to_str().unwrap()];
+        let mut runs: Vec<Vec<&str>> = vec![
+            vec![
+                "keys",
+                "create",
+                "--snapshot",
+                sp,
+                "--partner",
+                "partner_acme",
+                "--env",
+                "live",
+                "--scopes",
+                "analyses:read",
+            ],
+            vec!["keys", "list", "--snapshot", sp],
+        ];
+        for r in &mut runs {
+            if json_flag {
+                r.push("--json");
+            }
+        }
+        for args in runs {
+            let o = keygate(&args);
+            let (out, err) = text(&o);
+            assert_eq!(o.status.code(), Some(0), "{err}");
+            assert!(out.ends_with('\n'), "{args:?}: no final newline: {out:?}");
+        }
+        if id.is_empty() {
+            id = read_doc(&snapshot)["keys"][0]["id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+        }
+        let mut args = vec!["keys", "revoke", "--snapshot", sp, &id];
         if json_flag {
             args.push("--json");
         }
         let o = keygate(&args);
         let (out, err) = text(&o);
-        assert!(o.status.success(), "{err}");
-        assert!(out.contains(&id), "{out}");
-        assert!(
-            !out.contains(&key) && !out.contains(&secret),
-            "list printed a secret"
-        );
-        assert!(!out.contains("sha256:"), "list printed a digest");
-        let hexy = out
-            .split(|c: char| !c.is_ascii_hexdigit())
-            .any(|w| w.len() >= 64);
-        assert!(!hexy, "list printed something digest-like: {out}");
+        assert_eq!(o.status.code(), Some(0), "{err}");
+        assert!(out.ends_with('\n'), "{args:?}: no final newline: {out:?}");
     }
+}
 
-    // revoke: the running gate refuses within a second.
-    let start = Instant::now();
-    let o = keygate(&[
-        "keys",
-        "revoke",
-        "--snapshot",
-        snapshot.to_str().unwrap(),
-        &id,
-    ]);
-    assert!(o.status.success(), "{}", text(&o).1);
-    let mut refused = false;
-    while start.elapsed() < Duration::from_secs(1) {
-        let a = get(
-            &client(),
-            &gate.url("/v1/analyses/1"),
-            &[("x-api-key", &key)],
-        )
-        .await;
-        if a.status == 401 {
-            assert_error(&a, 401, "key_revoked");
-            refused = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(
-        refused,
-        "still allowed {:?} after keys revoke",
-        start.elapsed()
-    );
+// ---------------------------------------------------------------------------------------------
+// snapshot check
 
-    let o = keygate(&[
-        "keys",
-        "revoke",
-        "--snapshot",
-        snapshot.to_str().unwrap(),
-        "key_nope",
-    ]);
-    assert!(!o.status.success());
-    assert!(
-        text(&o).1.contains("key_nope"),
-        "the error names the id: {}",
-        text(&o).1
+#[test]
+fn snapshot_check_passes_a_good_file_with_revision_and_counts() {
+    let snap = SnapshotDir::new();
+    snap.write(
+        &Doc::new(3)
+            .partner("partner_acme", None, "active")
+            .key("key_good", &mint("sk_live_"), json!({}))
+            .key("key_also", &mint("sk_live_"), json!({"status": "revoked"})),
     );
-    gate.stop().await;
+    let o = keygate(&["snapshot", "check", s(&snap.path())]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(out.contains("revision 3"), "{out}");
+    assert!(out.contains("2 keys usable"), "{out}");
+    assert!(out.contains("0 entries quarantined"), "{out}");
+    assert!(!digest_like(&out) && !digest_like(&err), "{out}{err}");
 }
 
 #[test]
-fn snapshot_check_names_every_problem() {
+fn snapshot_check_names_every_quarantined_entry_and_its_reason() {
     let snap = SnapshotDir::new();
     let good = mint("sk_live_");
-    snap.write(&Doc::new(3).partner("partner_acme", None, "active").key(
-        "key_good",
-        &good,
-        json!({}),
-    ));
-    let o = keygate(&["snapshot", "check", snap.path().to_str().unwrap()]);
-    let (out, err) = text(&o);
-    assert!(o.status.success(), "{err}");
-    assert!(
-        out.contains("revision 3") && out.contains("1 keys usable"),
-        "{out}"
-    );
-
-    let bad = mint("sk_live_");
+    let twin = mint("sk_live_");
+    let orphan = mint("sk_live_");
     snap.write(
         &Doc::new(4)
             .partner("partner_acme", None, "active")
             .key("key_good", &good, json!({}))
-            .key("key_orphan", &bad, json!({"partner_id": "partner_nobody"}))
+            .key(
+                "key_orphan",
+                &orphan,
+                json!({"partner_id": "partner_nobody"}),
+            )
             .key(
                 "key_cidr",
                 &mint("sk_live_"),
                 json!({"allowed_cidrs": ["not-a-cidr"]}),
             )
-            .key("key_hash", &mint("sk_live_"), json!({"hash": "md5:abc"})),
+            .key("key_hash", &mint("sk_live_"), json!({"hash": "md5:abc"}))
+            .key("key_status", &mint("sk_live_"), json!({"status": "paused"}))
+            .key("key_twin_a", &twin, json!({}))
+            .key("key_twin_b", &twin, json!({})),
     );
-    let o = keygate(&["snapshot", "check", snap.path().to_str().unwrap()]);
+    let o = keygate(&["snapshot", "check", s(&snap.path())]);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(1), "{out}{err}");
-    for id in ["key_orphan", "key_cidr", "key_hash"] {
-        assert!(err.contains(id), "{id} not named: {err}");
-    }
-    let digest_like = |t: &str| {
-        t.split(|c: char| !c.is_ascii_hexdigit())
-            .any(|w| w.len() >= 64)
+    let line_for = |id: &str| -> String {
+        err.lines()
+            .find(|l| l.contains(&format!("key {id}:")) || l.contains(&format!("{id}:")))
+            .unwrap_or_else(|| panic!("{id} not named: {err}"))
+            .to_owned()
     };
+    for (id, reason) in [
+        ("key_orphan", "partner"),
+        ("key_cidr", "allowed_cidrs"),
+        ("key_hash", "hash"),
+        ("key_status", "status"),
+        ("key_twin_a", "same digest"),
+        ("key_twin_b", "same digest"),
+    ] {
+        let line = line_for(id);
+        assert!(
+            line.contains(reason),
+            "{id}: reason lacks {reason:?}: {line}"
+        );
+    }
+    assert!(!err.contains("key_good"), "a good key was reported: {err}");
+    assert!(out.contains("revision 4"), "{out}");
+    assert!(out.contains("1 keys usable"), "{out}");
+    assert!(out.contains("6 entries quarantined"), "{out}");
     assert!(
         !digest_like(&err) && !digest_like(&out),
         "a digest was printed: {err}"
     );
-    assert!(!err.contains(&bad), "a key was printed");
-
-    for broken in ["{ not json", r#"{"schema":"other/v1","revision":1}"#] {
-        snap.write_text(broken);
-        let o = keygate(&["snapshot", "check", snap.path().to_str().unwrap()]);
-        assert_eq!(o.status.code(), Some(1), "{broken}");
-        assert!(!text(&o).1.is_empty(), "a reason is given");
+    for t in [&out, &err] {
+        for (i, _) in t.match_indices("sha256:") {
+            let next = t[i + "sha256:".len()..].chars().next();
+            assert!(
+                !next.is_some_and(|c| c.is_ascii_hexdigit()),
+                "a digest was printed: {t}"
+            );
+        }
+    }
+    for k in [&good, &twin, &orphan] {
+        assert!(
+            !err.contains(k.as_str()) && !out.contains(k.as_str()),
+            "a key was printed"
+        );
     }
 }
 
 #[test]
-fn config_check_names_every_bad_key() {
+fn snapshot_check_rejects_a_broken_document() {
+    let snap = SnapshotDir::new();
+    for broken in [
+        "{ not json",
+        r#"{"schema":"other/v1","revision":1,"partners":[],"keys":[]}"#,
+        r#"{"revision":1,"partners":[],"keys":[]}"#,
+    ] {
+        snap.write_text(broken);
+        let o = keygate(&["snapshot", "check", s(&snap.path())]);
+        let (out, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{broken}: {out}{err}");
+        assert!(!err.trim().is_empty(), "{broken}: no reason given");
+        assert!(
+            !out.contains("keys usable"),
+            "{broken}: reported as read: {out}"
+        );
+    }
+    snap.write_text(r#"{"schema":"other/v1","revision":1,"partners":[],"keys":[]}"#);
+    let o = keygate(&["snapshot", "check", s(&snap.path())]);
+    assert!(
+        text(&o).1.contains("schema"),
+        "a wrong schema is named: {}",
+        text(&o).1
+    );
+
+    let missing = snap.dir.path().join("missing.json");
+    let o = keygate(&["snapshot", "check", s(&missing)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("missing.json"), "{}", text(&o).1);
+}
+
+#[test]
+fn snapshot_check_with_a_pepper_reads_hmac_digests() {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("keys.json");
+    let pepper = ("KG_TEST_PEPPER", "a-long-random-pepper-value-for-tests");
+    let o = keygate_env(
+        &[
+            "keys",
+            "create",
+            "--snapshot",
+            s(&snapshot),
+            "--partner",
+            "partner_acme",
+            "--env",
+            "live",
+            "--scopes",
+            "analyses:read",
+            "--pepper-env",
+            "KG_TEST_PEPPER",
+            "--json",
+        ],
+        &[pepper],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o).1);
+    let created: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let id = created["id"].as_str().unwrap();
+    let hash = read_doc(&snapshot)["keys"][0]["hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(hash.starts_with("hmac-sha256:"), "{hash}");
+
+    let o = keygate_env(
+        &[
+            "snapshot",
+            "check",
+            s(&snapshot),
+            "--pepper-env",
+            "KG_TEST_PEPPER",
+        ],
+        &[pepper],
+    );
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(out.contains("1 keys usable"), "{out}");
+
+    // Without the pepper the entry cannot be used: named, with the reason, digest not shown.
+    let o = keygate(&["snapshot", "check", s(&snapshot)]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(err.contains(id) && err.contains("pepper"), "{err}");
+    assert!(!digest_like(&err) && !digest_like(&out), "{err}");
+
+    // --pepper-env naming an unset variable is an error naming it.
+    let o = keygate(&[
+        "snapshot",
+        "check",
+        s(&snapshot),
+        "--pepper-env",
+        "KG_TEST_PEPPER_UNSET",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).1.contains("KG_TEST_PEPPER_UNSET"),
+        "{}",
+        text(&o).1
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// config check
+
+const GOOD_CONFIG: &str = "environment = \"live\"\n[snapshot]\npath = \"keys.json\"\n[proxy]\nlisten = \"127.0.0.1:8080\"\nupstream = \"http://127.0.0.1:3000\"\n";
+
+#[test]
+fn config_check_passes_a_valid_file() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.toml");
+    std::fs::write(&good, GOOD_CONFIG).unwrap();
+    let o = keygate(&["config", "check", "--config", s(&good)]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(out.contains("ok"), "{out}");
+
+    // The harness's full configuration is valid too.
+    let full = dir.path().join("full.toml");
     std::fs::write(
-        &good,
-        "environment = \"live\"\n[snapshot]\npath = \"keys.json\"\n[proxy]\nlisten = \"127.0.0.1:8080\"\nupstream = \"http://127.0.0.1:3000\"\n",
+        &full,
+        config_toml(
+            &dir.path().join("keys.json"),
+            "127.0.0.1:3000".parse().unwrap(),
+            "",
+        ),
     )
     .unwrap();
-    let o = keygate(&["config", "check", "--config", good.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", text(&o).1);
+    let o = keygate(&["config", "check", "--config", s(&full)]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o).1);
+}
 
+#[test]
+fn config_check_names_every_bad_value_by_dotted_key() {
+    let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(
         &bad,
-        "environment = \"li ve\"\n[snapshot]\npath = \"keys.json\"\npoll_interval = \"5\"\n[proxy]\nlisten = \"nope\"\nupstream = \"htp://x\"\n",
+        "environment = \"li ve\"\n[snapshot]\npath = \"keys.json\"\npoll_interval = \"5\"\n[proxy]\nlisten = \"nope\"\nupstream = \"http://127.0.0.1:3000\"\n[admin]\nlisten = \"127.0.0.1:99999\"\n",
     )
     .unwrap();
-    let o = keygate(&["config", "check", "--config", bad.to_str().unwrap()]);
-    let (_, err) = text(&o);
-    assert_eq!(o.status.code(), Some(1));
-    for key in ["environment", "snapshot.poll_interval", "proxy.listen"] {
+    let o = keygate(&["config", "check", "--config", s(&bad)]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    for key in [
+        "environment",
+        "snapshot.poll_interval",
+        "proxy.listen",
+        "admin.listen",
+    ] {
         assert!(
             err.contains(&format!("config: {key}:")),
             "{key} not named: {err}"
         );
     }
+    assert!(!out.contains("ok"), "{out}");
+}
 
+#[test]
+fn config_check_names_an_unknown_key() {
+    let dir = tempfile::tempdir().unwrap();
     let typo = dir.path().join("typo.toml");
     std::fs::write(
         &typo,
-        "environment = \"live\"\n[proxy]\nlisen = \"127.0.0.1:1\"\n",
+        "environment = \"live\"\n[snapshot]\npath = \"keys.json\"\n[proxy]\nlisten = \"127.0.0.1:1\"\nupstream = \"http://127.0.0.1:3000\"\nlisen = \"127.0.0.1:1\"\n",
     )
     .unwrap();
-    let o = keygate(&["config", "check", "--config", typo.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(1));
+    let o = keygate(&["config", "check", "--config", s(&typo)]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
-        text(&o).1.contains("lisen"),
-        "the unknown key is named: {}",
-        text(&o).1
+        err.contains("lisen") && err.contains("proxy"),
+        "the unknown key and its table are named: {err}"
     );
+}
 
-    // The environment overrides the file, and is checked like it.
-    let o = Command::new(BIN)
-        .args(["config", "check", "--config", good.to_str().unwrap()])
-        .env("KEYGATE__PROXY__LISTEN", "bad")
-        .output()
-        .unwrap();
+/// DESIGN: `config check` exits 1 "and name[s] every problem". A typo must not hide the
+/// other problems of the same file.
+#[test]
+#[ignore = "bug: src/config.rs read_raw deserialises with deny_unknown_fields, so one unknown \
+            key aborts with a single serde error (`unknown field `lisen` … for key `proxy``) \
+            before validate() runs: the other problems are not reported and the key is not \
+            given in dotted form (proxy.lisen)"]
+fn config_check_names_an_unknown_key_alongside_other_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "environment = \"li ve\"\n[snapshot]\npath = \"keys.json\"\n[proxy]\nlisten = \"nope\"\nlisen = \"127.0.0.1:1\"\nupstream = \"http://127.0.0.1:3000\"\n",
+    )
+    .unwrap();
+    let o = keygate(&["config", "check", "--config", s(&bad)]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    for key in ["environment", "proxy.listen", "proxy.lisen"] {
+        assert!(err.contains(key), "{key} not named: {err}");
+    }
+}
+
+/// A bad `proxy.upstream` is a problem of its own, whatever `proxy.listen` holds.
+#[test]
+#[ignore = "bug: src/config.rs Validator::proxy only validates proxy.upstream when proxy.listen \
+            parsed ((None, _) => None), so with listen = \"nope\" an invalid upstream \
+            (\"htp://x\") is not reported; config check must name every problem"]
+fn config_check_names_a_bad_upstream_even_when_listen_is_bad() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "environment = \"live\"\n[snapshot]\npath = \"keys.json\"\n[proxy]\nlisten = \"nope\"\nupstream = \"htp://x\"\n",
+    )
+    .unwrap();
+    let o = keygate(&["config", "check", "--config", s(&bad)]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    for key in ["proxy.listen", "proxy.upstream"] {
+        assert!(
+            err.contains(&format!("config: {key}:")),
+            "{key} not named: {err}"
+        );
+    }
+}
+
+#[test]
+fn config_check_applies_environment_overrides() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, GOOD_CONFIG).unwrap();
+    let args = ["config", "check", "--config", s(&good)];
+
+    let o = keygate_env(&args, &[("KEYGATE__PROXY__LISTEN", "bad")]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(err.contains("config: proxy.listen:"), "{err}");
+
+    // A good override keeps a good file good; a bad top-level one is named too.
+    let o = keygate_env(&args, &[("KEYGATE__PROXY__LISTEN", "127.0.0.1:9999")]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o).1);
+    let o = keygate_env(&args, &[("KEYGATE__ENVIRONMENT", "li ve")]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        text(&o).1.contains("config: proxy.listen:"),
+        text(&o).1.contains("config: environment:"),
         "{}",
         text(&o).1
     );
 
-    // serve refuses a broken config at once, naming the key.
+    // A missing file is an error naming it.
+    let missing = dir.path().join("missing.toml");
+    let o = keygate(&["config", "check", "--config", s(&missing)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("missing.toml"), "{}", text(&o).1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// serve
+
+#[test]
+fn serve_refuses_a_broken_config_at_once_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "environment = \"live\"\n[snapshot]\npath = \"keys.json\"\n[proxy]\nlisten = \"nope\"\nupstream = \"http://127.0.0.1:3000\"\n",
+    )
+    .unwrap();
     let start = Instant::now();
-    let o = keygate(&["serve", "--config", bad.to_str().unwrap()]);
+    let child = Command::new(BIN)
+        .args(["serve", "--config", s(&bad)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut running = Running(child);
+    let status = loop {
+        if let Some(st) = running.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "serve kept running on a broken config"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(running.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "exit {status:?}");
+    assert!(err.contains("proxy.listen"), "{err}");
+
+    // No config file at all: also refused, naming it.
+    let o = keygate(&["serve", "--config", s(&dir.path().join("absent.toml"))]);
     assert!(!o.status.success());
-    assert!(text(&o).1.contains("proxy.listen"));
-    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(text(&o).1.contains("absent.toml"), "{}", text(&o).1);
 }
 
 #[tokio::test]
@@ -322,14 +923,7 @@ async fn serve_becomes_ready_and_exits_zero_on_sigterm() {
             .partner("partner_acme", None, "active")
             .key("key_a", &key, json!({})),
     );
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let (proxy, admin) = (free(), free());
+    let (proxy, admin) = (free_port(), free_port());
     let config = snap.dir.path().join("keygate.toml");
     std::fs::write(
         &config,
@@ -341,7 +935,8 @@ async fn serve_becomes_ready_and_exits_zero_on_sigterm() {
     )
     .unwrap();
     let child = Command::new(BIN)
-        .args(["serve", "--config", config.to_str().unwrap()])
+        .args(["serve", "--config", s(&config)])
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -349,48 +944,58 @@ async fn serve_becomes_ready_and_exits_zero_on_sigterm() {
     let mut running = Running(child);
     let start = Instant::now();
     loop {
-        if let Ok(s) = tokio::net::TcpStream::connect(("127.0.0.1", admin)).await {
-            drop(s);
+        if let Some(st) = running.0.try_wait().unwrap() {
+            panic!("serve exited before ready: {st:?}");
+        }
+        if tokio::net::TcpStream::connect(("127.0.0.1", admin))
+            .await
+            .is_ok()
+        {
             let r = get(&client(), &format!("http://127.0.0.1:{admin}/readyz"), &[]).await;
             if r.status == 200 {
                 break;
             }
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "never ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let a = get(
-        &client(),
-        &format!("http://127.0.0.1:{proxy}/v1/x"),
-        &[("x-api-key", &key)],
-    )
-    .await;
-    assert_eq!(a.status, 200);
-
-    let pid = running.0.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = running.0.try_wait().unwrap() {
-            break s;
-        }
         assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "no exit after SIGTERM"
+            start.elapsed() < Duration::from_secs(10),
+            "/readyz not 200 within 10 s"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert!(status.success(), "exit status {status:?}");
+    }
+    let url = format!("http://127.0.0.1:{proxy}/v1/x");
+    let a = get(&client(), &url, &[("x-api-key", &key)]).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(upstream.last().headers["x-key-id"], "key_a");
+    let a = get(&client(), &url, &[]).await;
+    assert_error(&a, 401, "authentication_required");
+
+    let status = running.terminate(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// demo
+
+/// The URL and the sandbox key on a printed `curl` line.
+fn url_on(line: &str) -> String {
+    line.split([' ', '\''])
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL on {line}"))
+        .to_owned()
+}
+
+fn key_on(line: &str, prefix: &str) -> String {
+    line.split([' ', '\''])
+        .find(|w| w.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} key on {line}"))
+        .to_owned()
 }
 
 #[tokio::test]
 async fn demo_is_the_readmes_first_command() {
     let child = Command::new(BIN)
         .args(["demo", "--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -405,29 +1010,36 @@ async fn demo_is_the_readmes_first_command() {
             }
         }
     });
-    let mut lines = Vec::new();
+    let mut lines: Vec<String> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !lines.iter().any(|l: &String| l.contains("Press Ctrl-C")) {
+    while !lines.iter().any(|l| l.contains("Press Ctrl-C")) {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(l) => lines.push(l),
             Err(_) => panic!("demo printed no curl lines in time: {lines:?}"),
         }
     }
-    let allowed = lines
-        .iter()
-        .find(|l| l.contains("curl -s ") && l.contains("Bearer"))
-        .unwrap_or_else(|| panic!("no allowed curl line: {lines:?}"));
-    let url = allowed
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
+    let find = |what: &str, pred: &dyn Fn(&str) -> bool| -> String {
+        lines
+            .iter()
+            .find(|l| pred(l))
+            .unwrap_or_else(|| panic!("no {what} line: {lines:#?}"))
+            .clone()
+    };
+
+    // Allowed: 200, an echo with the identity headers and no Authorization.
+    let allowed = find("allowed curl", &|l| {
+        l.trim_start().starts_with("curl -s ") && l.contains("Authorization: Bearer")
+    });
+    let url = url_on(&allowed);
+    let proxy = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
         .unwrap()
         .to_owned();
-    let key = allowed
-        .split([' ', '\''])
-        .find(|w| w.starts_with("sk_sandbox_"))
-        .unwrap()
-        .to_owned();
+    assert_ne!(proxy, "127.0.0.1:0", "the bound port is printed");
+    let key = key_on(&allowed, "sk_sandbox_");
     let a = get(
         &client(),
         &url,
@@ -436,18 +1048,70 @@ async fn demo_is_the_readmes_first_command() {
     .await;
     assert_eq!(a.status, 200, "{:?}", a.body);
     let echo = a.json();
-    assert_eq!(echo["headers"]["x-partner-id"], "partner_demo");
-    assert_eq!(echo["headers"]["x-scopes"], "analyses:read");
+    assert_eq!(echo["headers"]["x-partner-id"], "partner_demo", "{echo}");
+    assert_eq!(echo["headers"]["x-scopes"], "analyses:read", "{echo}");
+    assert!(echo["headers"]["x-key-id"].is_string(), "{echo}");
     assert!(echo["headers"].get("authorization").is_none(), "{echo}");
+    assert!(
+        !echo.to_string().contains(&key),
+        "the key reached the upstream"
+    );
 
-    let denied = lines
-        .iter()
-        .find(|l| l.contains("curl -si ") && !l.contains("-H"))
-        .expect("no-key line");
-    let url = denied
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap();
-    let a = get(&client(), url, &[]).await;
+    // Denied, no key.
+    let no_key = find("no-key curl", &|l| {
+        l.trim_start().starts_with("curl -si ") && !l.contains("-H") && !l.contains("-X")
+    });
+    let a = get(&client(), &url_on(&no_key), &[]).await;
     assert_error(&a, 401, "authentication_required");
+
+    // Denied, missing scope: POST with the sandbox key.
+    let post = find("POST curl", &|l| l.contains("-X POST"));
+    let a = send(
+        &client(),
+        "POST",
+        &url_on(&post),
+        &[("x-api-key", &key_on(&post, "sk_sandbox_"))],
+        "",
+    )
+    .await;
+    assert_error(&a, 403, "scope_required");
+
+    // Denied, a live key at a sandbox gate.
+    let live = find("live-key curl", &|l| l.contains("sk_live_"));
+    let a = get(
+        &client(),
+        &url_on(&live),
+        &[("x-api-key", &key_on(&live, "sk_live_"))],
+    )
+    .await;
+    assert_error(&a, 403, "key_environment_mismatch");
+
+    // Revoke through the printed snapshot path and key id: the next request is refused.
+    let revoke = find("revoke", &|l| l.contains("keys revoke"));
+    let words: Vec<&str> = revoke.split_whitespace().collect();
+    let snap_at = words.iter().position(|w| *w == "--snapshot").unwrap() + 1;
+    let snapshot = words[snap_at].to_owned();
+    let key_id = words.last().unwrap().to_string();
+    assert!(key_id.starts_with("key_"), "{revoke}");
+    let o = keygate(&["keys", "revoke", "--snapshot", &snapshot, &key_id]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o).1);
+    let start = Instant::now();
+    loop {
+        let a = get(&client(), &url, &[("x-api-key", &key)]).await;
+        if a.status != 200 {
+            assert_error(&a, 401, "key_revoked");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the demo never noticed the revoke"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // SIGTERM: exit 0 and the temporary directory is gone.
+    let status = running.terminate(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    let dir = Path::new(&snapshot).parent().unwrap();
+    assert!(!dir.exists(), "{} left behind", dir.display());
 }
