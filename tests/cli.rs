@@ -1086,6 +1086,16 @@ async fn demo_is_the_readmes_first_command() {
     .await;
     assert_error(&a, 403, "key_environment_mismatch");
 
+    // Denied, an encoded '/' in the path.
+    let trick = find("path-trick curl", &|l| l.contains("%2F"));
+    let a = get(
+        &client(),
+        &url_on(&trick),
+        &[("x-api-key", &key_on(&trick, "sk_sandbox_"))],
+    )
+    .await;
+    assert_error(&a, 400, "invalid_path");
+
     // Revoke through the printed snapshot path and key id: the next request is refused.
     let revoke = find("revoke", &|l| l.contains("keys revoke"));
     let words: Vec<&str> = revoke.split_whitespace().collect();
@@ -1114,4 +1124,215 @@ async fn demo_is_the_readmes_first_command() {
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
     let dir = Path::new(&snapshot).parent().unwrap();
     assert!(!dir.exists(), "{} left behind", dir.display());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Further: concurrent edits, readiness without a snapshot, draining on SIGTERM, a busy port.
+
+/// Each `keys create` holds the snapshot's lock: concurrent runs lose no key.
+#[test]
+fn concurrent_keys_create_loses_no_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("keys.json");
+    let n = 6;
+    let children: Vec<Child> = (0..n)
+        .map(|_| {
+            Command::new(BIN)
+                .args([
+                    "keys",
+                    "create",
+                    "--snapshot",
+                    s(&snapshot),
+                    "--partner",
+                    "partner_acme",
+                    "--env",
+                    "live",
+                    "--scopes",
+                    "analyses:read",
+                    "--json",
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut revisions = Vec::new();
+    let mut ids = Vec::new();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o).1);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        revisions.push(v["revision"].as_u64().unwrap());
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    revisions.sort();
+    assert_eq!(
+        revisions,
+        (1..=n as u64).collect::<Vec<_>>(),
+        "one revision each"
+    );
+    let doc = read_doc(&snapshot);
+    assert_eq!(doc["revision"], n as u64);
+    let stored: Vec<&str> = doc["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap())
+        .collect();
+    for id in &ids {
+        assert!(stored.contains(&id.as_str()), "{id} lost: {stored:?}");
+    }
+    assert_eq!(stored.len(), n);
+    assert_eq!(doc["partners"].as_array().unwrap().len(), 1, "{doc}");
+    // No temporary files left next to the snapshot (the lock file may stay).
+    let leftovers: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f != "keys.json" && f != "keys.json.lock")
+        .collect();
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+}
+
+/// Writes a serve config with fixed free ports; returns (config path, proxy port, admin port).
+fn serve_config(dir: &Path, snapshot: &Path, upstream: std::net::SocketAddr) -> (String, u16, u16) {
+    let (proxy, admin) = (free_port(), free_port());
+    let config = dir.join("keygate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "environment = \"live\"\n[snapshot]\npath = {:?}\npoll_interval = \"100ms\"\n[proxy]\nlisten = \"127.0.0.1:{proxy}\"\nupstream = \"http://{upstream}\"\nupstream_timeout = \"5s\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n",
+            snapshot.display().to_string(),
+        ),
+    )
+    .unwrap();
+    (config.to_str().unwrap().to_owned(), proxy, admin)
+}
+
+fn spawn_serve(config: &str) -> Running {
+    Running(
+        Command::new(BIN)
+            .args(["serve", "--config", config])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Poll `/readyz` until it answers (any status) and return that status; panics after 10 s.
+async fn readyz_status(running: &mut Running, admin: u16, want: u16) -> u16 {
+    let start = Instant::now();
+    let mut last = None;
+    loop {
+        if let Some(st) = running.0.try_wait().unwrap() {
+            panic!("serve exited: {st:?}");
+        }
+        if tokio::net::TcpStream::connect(("127.0.0.1", admin))
+            .await
+            .is_ok()
+        {
+            let r = get(&client(), &format!("http://127.0.0.1:{admin}/readyz"), &[]).await;
+            if r.status == want {
+                return r.status;
+            }
+            last = Some(r.status);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "/readyz never {want} within 10 s (last {last:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn serve_is_not_ready_until_a_snapshot_appears() {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let (config, proxy, admin) = serve_config(snap.dir.path(), &snap.path(), upstream.addr);
+    let mut running = spawn_serve(&config);
+    readyz_status(&mut running, admin, 503).await;
+    // Still running and still not ready a moment later, while the file is absent.
+    let r = get(&client(), &format!("http://127.0.0.1:{admin}/readyz"), &[]).await;
+    assert_eq!(r.status, 503);
+    assert!(running.0.try_wait().unwrap().is_none(), "serve exited");
+    let a = get(&client(), &format!("http://127.0.0.1:{proxy}/v1/x"), &[]).await;
+    assert_ne!(a.status, 200, "a request passed with no snapshot");
+    assert_eq!(upstream.count(), 0);
+
+    // The operator creates a key with the CLI: the running gate picks it up.
+    let created = create(&snap.path(), "analyses:read", &[]);
+    readyz_status(&mut running, admin, 200).await;
+    let key = created["secret"].as_str().unwrap();
+    let a = get(
+        &client(),
+        &format!("http://127.0.0.1:{proxy}/v1/x"),
+        &[("x-api-key", key)],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(
+        upstream.last().headers["x-key-id"],
+        created["id"].as_str().unwrap()
+    );
+    let status = running.terminate(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn serve_finishes_an_in_flight_request_on_sigterm() {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let key = mint("sk_live_");
+    snap.write(
+        &Doc::new(1)
+            .partner("partner_acme", None, "active")
+            .key("key_a", &key, json!({})),
+    );
+    let (config, proxy, admin) = serve_config(snap.dir.path(), &snap.path(), upstream.addr);
+    let mut running = spawn_serve(&config);
+    readyz_status(&mut running, admin, 200).await;
+
+    let url = format!("http://127.0.0.1:{proxy}/slow/700");
+    let k = key.clone();
+    let in_flight = tokio::spawn(async move { get(&client(), &url, &[("x-api-key", &k)]).await });
+    let arrived = eventually(Duration::from_secs(5), || upstream.count() == 1).await;
+    assert!(arrived, "the slow request never reached the upstream");
+    let status = running.terminate(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let a = in_flight.await.unwrap();
+    assert_eq!(a.status, 200, "in-flight request cut: {:?}", a.body);
+}
+
+#[test]
+fn demo_on_a_busy_port_fails_naming_the_address() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let start = Instant::now();
+    let child = Command::new(BIN)
+        .args(["demo", "--listen", &addr])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut running = Running(child);
+    let status = loop {
+        if let Some(st) = running.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "demo kept running on a busy port"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(running.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{status:?}");
+    assert!(err.contains(&addr), "the address is named: {err}");
+    drop(busy);
 }
