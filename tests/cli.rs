@@ -295,7 +295,22 @@ fn keys_create_refuses_bad_input_and_leaves_the_file_alone() {
     let mut bad_expiry = base("live", "analyses:read");
     bad_expiry.extend_from_slice(&["--expires-at", "tomorrow"]);
     refused(&bad_expiry, "--expires-at");
+    let mut past = base("live", "analyses:read");
+    past.extend_from_slice(&["--expires-at", "2020-01-01T00:00:00Z"]);
+    refused(&past, "not in the future");
+    let mut zero = base("live", "analyses:read");
+    zero.extend_from_slice(&["--rate-limit", "0"]);
+    refused(&zero, "--rate-limit");
+    refused(&base("live", "a b"), "\"a b\"");
     assert!(!snapshot.exists(), "a refused create wrote the file");
+
+    // A partner's org is not silently changed.
+    create(&snapshot, "analyses:read", &[]);
+    let before = std::fs::read(&snapshot).unwrap();
+    let mut other_org = base("live", "analyses:read");
+    other_org.extend_from_slice(&["--org", "org_2"]);
+    refused(&other_org, "org_1");
+    assert_eq!(std::fs::read(&snapshot).unwrap(), before, "file changed");
 
     // A file that is not a snapshot is never overwritten.
     let other = dir.path().join("other.json");
@@ -320,6 +335,63 @@ fn keys_create_refuses_bad_input_and_leaves_the_file_alone() {
         text(&o).1
     );
     assert_eq!(std::fs::read(&other).unwrap(), before, "file changed");
+}
+
+/// A snapshot reached through a symlink (a mounted volume, a ConfigMap): the link stays, the
+/// target is edited. `--prefix`, `--expires-at` and `--rate-limit` reach the file and the key
+/// works through a gate.
+#[tokio::test]
+async fn keys_create_through_a_symlink_with_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real.json");
+    let link = dir.path().join("keys.json");
+    create(&real, "analyses:read", &[]);
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let created = create(
+        &link,
+        "analyses:read",
+        &[
+            "--prefix",
+            "legacy_",
+            "--expires-at",
+            "2999-01-31T00:00:00Z",
+            "--rate-limit",
+            "600",
+        ],
+    );
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the symlink was replaced by a file"
+    );
+    let key = created["secret"].as_str().unwrap();
+    assert!(key.starts_with("legacy_"), "{key}");
+    assert!(created["prefix"].as_str().unwrap().starts_with("legacy_"));
+    assert_eq!(created["revision"], 2);
+    let doc = read_doc(&real);
+    assert_eq!(doc["revision"], 2);
+    let stored = &doc["keys"][1];
+    assert_eq!(stored["id"], created["id"]);
+    assert_eq!(stored["expires_at"], "2999-01-31T00:00:00Z");
+    assert_eq!(stored["rate_limit_per_minute"], 600);
+
+    let upstream = Upstream::start().await;
+    let gate = Gate::start(&config_toml(&link, upstream.addr, "")).await;
+    gate.wait_revision(2).await;
+    let a = get(
+        &client(),
+        &gate.url("/v1/analyses/1"),
+        &[("x-api-key", key)],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(
+        upstream.last().headers["x-key-id"],
+        created["id"].as_str().unwrap()
+    );
+    gate.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------
