@@ -660,13 +660,16 @@ impl Validator {
 
     fn proxy(&mut self, raw: &RawProxy) -> Option<ProxySettings> {
         let listen = self.listen("proxy.listen", raw.listen.as_deref());
-        let upstream = match (listen, raw.upstream.as_deref()) {
-            (None, _) => None,
-            (Some(_), None) => {
+        // The upstream is checked whenever it is given, even if `listen` itself is broken, so
+        // that `config check` names both.
+        let listen_given = raw.listen.as_deref().is_some_and(|l| !l.trim().is_empty());
+        let upstream = match (listen_given, raw.upstream.as_deref()) {
+            (_, Some(text)) => self.upstream(text),
+            (true, None) => {
                 self.problem("proxy.upstream", "is required when proxy.listen is set");
                 None
             }
-            (Some(_), Some(text)) => self.upstream(text),
+            (false, None) => None,
         };
         let trusted = self.cidrs("proxy.trusted_proxies", &raw.trusted_proxies);
         let connect_timeout = self.duration(

@@ -171,8 +171,9 @@ Denied, a live key at a sandbox gate (403 key_environment_mismatch):
 Denied, an encoded '/' path trick (400 invalid_path):
   curl -si 'http://{addr}/v1/analyses/42%2F..%2F..%2Fadmin' -H 'X-API-Key: {key}'
 
-Revoke the key while this runs and watch the next request fail with key_revoked:
-  cargo run -- keys revoke --snapshot {snapshot} {id}
+Revoke the key while this runs and watch the next request fail with key_revoked
+(from a source checkout, `cargo run -- keys revoke …` does the same):
+  keygate keys revoke --snapshot {snapshot} {id}
 
 Press Ctrl-C to stop."#,
         snapshot = snapshot.display(),

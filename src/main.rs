@@ -210,10 +210,10 @@ fn keys_command(k: KeysCommand) -> anyhow::Result<ExitCode> {
                 pepper,
             };
             let created = keys::create(&a.snapshot, &opts, now)?;
-            print!("{}", keys::render_created(&created, a.json));
+            println!("{}", keys::render_created(&created, a.json));
         }
         KeysCommand::List { snapshot, json } => {
-            print!("{}", keys::render_list(&keys::list(&snapshot)?, json));
+            println!("{}", keys::render_list(&keys::list(&snapshot)?, json));
         }
         KeysCommand::Revoke {
             snapshot,
@@ -221,7 +221,7 @@ fn keys_command(k: KeysCommand) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let revoked = keys::revoke(&snapshot, &key_id, now)?;
-            print!("{}", keys::render_revoked(&revoked, json));
+            println!("{}", keys::render_revoked(&revoked, json));
         }
     }
     Ok(ExitCode::SUCCESS)
