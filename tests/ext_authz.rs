@@ -595,3 +595,26 @@ async fn shutdown_does_not_wait_for_an_idle_grpc_channel() {
     eprintln!("shutdown with an open channel took {:?}", start.elapsed());
     drop(c);
 }
+
+/// Envoy with `with_request_body` sends the body in the CheckRequest. One over tonic's default
+/// 4 MiB decode limit must still get a CheckResponse: a gRPC error would be an allow under
+/// `failure_mode_allow`.
+#[tokio::test]
+async fn a_large_check_request_is_decided_not_refused() {
+    let (gate, _snap, k, addr, _up) = start("").await;
+    for (key, grpc) in [(k.ok.as_str(), 0), ("sk_live_nope", 16)] {
+        let mut req = check_request("POST", "/v1/analyses", &[("x-api-key", key)], "127.0.0.1");
+        let http = req
+            .attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+            .unwrap();
+        http.method = "GET".into();
+        http.path = "/v1/analyses/1".into();
+        http.body = "x".repeat(6 << 20);
+        let r = ask(addr, req).await;
+        assert_eq!(r.status.unwrap().code, grpc);
+    }
+    gate.stop().await;
+}
