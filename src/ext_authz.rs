@@ -83,11 +83,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let (reporter, health) = tonic_health::server::health_reporter();
-    // Health follows the snapshot: SERVING only while one is in force.
+    // Health follows the snapshot: SERVING only while one is in force. Woken by each publish;
+    // the timer re-reads the store in case a snapshot ever leaves force without one.
     let store = state.store.clone();
     let watcher = tokio::spawn(async move {
+        let mut published = store.watch();
         let mut last = None;
         loop {
+            published.borrow_and_update();
             let status = if store.current().is_some() {
                 ServingStatus::Serving
             } else {
@@ -98,7 +101,10 @@ pub async fn serve(
                 reporter.set_service_status(SERVICE, status).await;
                 last = Some(status);
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::select! {
+                changed = published.changed() => if changed.is_err() { break },
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
         }
     });
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));

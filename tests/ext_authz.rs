@@ -618,3 +618,46 @@ async fn a_large_check_request_is_decided_not_refused() {
     }
     gate.stop().await;
 }
+
+/// Envoy's and Kubernetes' gRPC health checks can `Watch`: the stream says NOT_SERVING until a
+/// snapshot is published, then SERVING, for the whole server and the Authorization service.
+#[tokio::test]
+async fn health_watch_turns_serving_when_a_snapshot_is_published() {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, EXT)).await;
+    let addr = gate.app.as_ref().unwrap().ext_authz_addr.unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut streams = Vec::new();
+    for service in ["", "envoy.service.auth.v3.Authorization"] {
+        let mut s = HealthClient::new(channel.clone())
+            .watch(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = s.message().await.unwrap().unwrap().status;
+        assert_eq!(first, ServingStatus::NotServing as i32, "{service:?}");
+        streams.push(s);
+    }
+    let key = mint("sk_live_");
+    snap.write(
+        &Doc::new(1)
+            .partner("partner_acme", None, "active")
+            .key("key_a", &key, json!({})),
+    );
+    for mut s in streams {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(5), s.message())
+            .await
+            .expect("a status change within 5 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(next.status, ServingStatus::Serving as i32);
+    }
+    gate.stop().await;
+}
