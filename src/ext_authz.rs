@@ -36,6 +36,11 @@ use crate::snapshot::SnapshotStore;
 /// The service name health checks ask about (besides the whole server, `""`).
 pub const SERVICE: &str = "envoy.service.auth.v3.Authorization";
 
+/// The largest `CheckRequest` decoded. tonic's default (4 MiB) is below what Envoy can send with
+/// `with_request_body` or large header limits, and a message over the limit is a gRPC error,
+/// which `failure_mode_allow` turns into an allow. keygate reads no body, but must decode it.
+pub const MAX_CHECK_BYTES: usize = 64 << 20;
+
 pub struct ExtAuthzState {
     pub settings: FrontSettings,
     pub policy: Arc<Policy>,
@@ -51,8 +56,24 @@ impl Authorization for Service {
         &self,
         request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
-        Ok(tonic::Response::new(check(&self.0, &request.into_inner())))
+        Ok(tonic::Response::new(guarded(&self.0.names, || {
+            check(&self.0, &request.into_inner())
+        })))
     }
+}
+
+/// Run `check`; should it panic, answer a denial rather than let the stream die, which Envoy
+/// would count as an authorization error (an allow under `failure_mode_allow`).
+fn guarded(names: &HeaderNames, check: impl FnOnce() -> CheckResponse) -> CheckResponse {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(check)).unwrap_or_else(|_| {
+        tracing::error!("ext_authz: a Check panicked; denied with snapshot_unavailable");
+        let id = request_id::mint();
+        denied(
+            &DenyReason::SnapshotUnavailable,
+            id.to_str().unwrap_or(""),
+            names,
+        )
+    })
 }
 
 /// Serve Check and Health on `listener` until `shutdown` resolves.
@@ -62,11 +83,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let (reporter, health) = tonic_health::server::health_reporter();
-    // Health follows the snapshot: SERVING only while one is in force.
+    // Health follows the snapshot: SERVING only while one is in force. Woken by each publish;
+    // the timer re-reads the store in case a snapshot ever leaves force without one.
     let store = state.store.clone();
     let watcher = tokio::spawn(async move {
+        let mut published = store.watch();
         let mut last = None;
         loop {
+            published.borrow_and_update();
             let status = if store.current().is_some() {
                 ServingStatus::Serving
             } else {
@@ -77,13 +101,18 @@ pub async fn serve(
                 reporter.set_service_status(SERVICE, status).await;
                 last = Some(status);
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::select! {
+                changed = published.changed() => if changed.is_err() { break },
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
         }
     });
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let result = tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(AuthorizationServer::new(Service(state)))
+        .add_service(
+            AuthorizationServer::new(Service(state)).max_decoding_message_size(MAX_CHECK_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     watcher.abort();
@@ -342,3 +371,6 @@ fn denied(reason: &DenyReason, request_id: &str, names: &HeaderNames) -> CheckRe
         dynamic_metadata: None,
     }
 }
+
+#[cfg(test)]
+mod tests;

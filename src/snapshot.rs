@@ -23,6 +23,7 @@ use http::HeaderValue;
 use ipnet::IpNet;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
+use tokio::sync::watch;
 
 use crate::referrer::ReferrerSet;
 use crate::routes::RouteTable;
@@ -193,6 +194,8 @@ pub struct SnapshotStore {
     /// Quarantined entries of the revision in force, so a reload logs only new ones.
     logged: Mutex<Vec<Quarantined>>,
     loaded_at: Mutex<Option<SystemTime>>,
+    /// The revision in force, for tasks that follow it (ext_authz health) without polling.
+    revision: watch::Sender<Option<u64>>,
 }
 
 /// Why a valid document was not put in force.
@@ -214,6 +217,11 @@ impl SnapshotStore {
 
     pub fn current_arc(&self) -> Option<Arc<Snapshot>> {
         self.current.load_full()
+    }
+
+    /// Changes each time a snapshot is put in force: its revision.
+    pub fn watch(&self) -> watch::Receiver<Option<u64>> {
+        self.revision.subscribe()
     }
 
     /// When the snapshot in force was put in force.
@@ -240,8 +248,10 @@ impl SnapshotStore {
             .cloned()
             .collect();
         *logged = next.quarantined.clone();
+        let revision = next.revision;
         self.current.store(Some(Arc::new(next)));
         *self.loaded_at.lock().expect("lock poisoned") = Some(SystemTime::now());
+        self.revision.send_replace(Some(revision));
         Ok(fresh)
     }
 }

@@ -132,6 +132,7 @@ struct Keys {
     web: String,
     ro: String,
     test_env: String,
+    deactivated: String,
 }
 
 fn keys() -> (Keys, Doc) {
@@ -147,12 +148,14 @@ fn keys() -> (Keys, Doc) {
         web: mint("sk_live_"),
         ro: mint("sk_live_"),
         test_env: mint("sk_test_"),
+        deactivated: mint("sk_live_"),
     };
     let doc = Doc::new(1)
         .partner("partner_acme", Some("org_1"), "active")
         .partner("partner_solo", None, "active")
         .partner("partner_paused", None, "suspended")
         .partner("partner_broke", None, "payment_required")
+        .partner("partner_gone", Some("org_2"), "deactivated")
         .key("key_ok", &k.ok, json!({}))
         .key(
             "key_writer",
@@ -185,6 +188,11 @@ fn keys() -> (Keys, Doc) {
             "key_web",
             &k.web,
             json!({"allowed_referrers": ["https://app.example.com/*"]}),
+        )
+        .key(
+            "key_gone",
+            &k.deactivated,
+            json!({"partner_id": "partner_gone"}),
         )
         .key(
             "key_ro",
@@ -280,6 +288,14 @@ async fn every_code_as_a_check_response() {
         (
             "GET",
             p,
+            vec![("authorization", b(&k.deactivated))],
+            7,
+            403,
+            "account_deactivated",
+        ),
+        (
+            "GET",
+            p,
             vec![("authorization", b(&k.payment))],
             7,
             402,
@@ -363,6 +379,28 @@ async fn every_code_as_a_check_response() {
             }
         }
     }
+    gate.stop().await;
+}
+
+/// With `[idempotency] required = true`: a mutating method without the header is 400
+/// INVALID_ARGUMENT `idempotency_key_required`; with it (in the headers map), allowed.
+#[tokio::test]
+async fn idempotency_key_required_is_invalid_argument() {
+    let (gate, _snap, k, addr, _up) = start("\n[idempotency]\nrequired = true\n").await;
+    let auth = format!("Bearer {}", k.writer);
+    let post = |extra: &[(&'static str, &'static str)]| {
+        let mut h = vec![("authorization", auth.as_str())];
+        h.extend_from_slice(extra);
+        check_request("POST", "/v1/analyses?x=1", &h, "127.0.0.1")
+    };
+    let s = seen(&ask(addr, post(&[])).await);
+    assert_eq!(
+        (s.grpc, s.http, s.code.as_str()),
+        (3, 400, "idempotency_key_required")
+    );
+    assert!(!s.set.contains_key("www-authenticate"));
+    let s = seen(&ask(addr, post(&[("idempotency-key", "k-1")])).await);
+    assert_eq!(s.grpc, 0);
     gate.stop().await;
 }
 
@@ -492,14 +530,83 @@ async fn a_check_without_http_attributes_is_a_denial_not_an_error() {
     gate.stop().await;
 }
 
+/// The request headers the upstream gets behind Envoy: those of the request, then the
+/// CheckResponse's `headers` set (overwriting), then `headers_to_remove` removed; the order
+/// Envoy's ext_authz filter applies them.
+fn behind_envoy(request: &[(&str, &str)], ok: &Seen) -> HashMap<String, String> {
+    let mut h: HashMap<String, String> = request
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+        .collect();
+    h.extend(ok.set.clone());
+    for name in &ok.remove {
+        h.remove(name);
+    }
+    h
+}
+
+/// Headers whose presence and value upstream must be the same through either front.
+const COMPARED: [&str; 7] = [
+    "x-partner-id",
+    "x-org-id",
+    "x-key-id",
+    "x-key-environment",
+    "x-scopes",
+    "x-api-key",
+    "authorization",
+];
+
 /// One table through the proxy and through ext_authz of the same keygate: same verdict, code
-/// and identity.
+/// and, for an allow, the same identity and credential headers upstream (spoofs included).
 #[tokio::test]
 async fn proxy_and_ext_authz_agree() {
     let (gate, _snap, k, addr, upstream) = start("").await;
+    let bearer = |key: &str| format!("Bearer {key}");
+    let spoofs = |key: &str| -> Headers {
+        vec![
+            ("x-api-key", key.to_owned()),
+            ("x-org-id", "org_evil".into()),
+            ("x-partner-id", "partner_evil".into()),
+            ("x-key-id", "key_evil".into()),
+            ("x-scopes", "admin".into()),
+            ("x-request-id", "trace-42".into()),
+        ]
+    };
     let table: Vec<(&str, &str, Headers)> = vec![
         ("GET", "/v1/analyses/1", vec![("x-api-key", k.ok.clone())]),
+        (
+            "GET",
+            "/v1/analyses/1?q=%2F..",
+            vec![("x-api-key", k.ok.clone())],
+        ),
+        ("GET", "/v1/analyses/1", spoofs(&k.ok)),
+        ("GET", "/v1/analyses/1", spoofs(&k.solo)),
         ("GET", "/v1/analyses/1", vec![]),
+        ("GET", "/v1/analyses/1", vec![("x-api-key", "".into())]),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![
+                ("x-api-key", k.ok.clone()),
+                ("authorization", bearer(&k.solo)),
+            ],
+        ),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![
+                ("x-api-key", k.ok.clone()),
+                ("authorization", bearer(&k.ok)),
+            ],
+        ),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![
+                ("x-api-key", k.ok.clone()),
+                ("authorization", "Basic dXNlcjpwYXNz".into()),
+            ],
+        ),
         ("POST", "/v1/analyses", vec![("x-api-key", k.ok.clone())]),
         (
             "POST",
@@ -509,12 +616,12 @@ async fn proxy_and_ext_authz_agree() {
         (
             "HEAD",
             "/v1/analyses/1",
-            vec![("authorization", format!("Bearer {}", k.ro))],
+            vec![("authorization", bearer(&k.ro))],
         ),
         (
             "DELETE",
             "/v1/analyses/1",
-            vec![("authorization", format!("Bearer {}", k.ro))],
+            vec![("authorization", bearer(&k.ro))],
         ),
         (
             "GET",
@@ -526,6 +633,7 @@ async fn proxy_and_ext_authz_agree() {
             "/v1/analyses/%2e%2e/%2e%2e/..",
             vec![("x-api-key", k.ok.clone())],
         ),
+        ("GET", "/v1/%61nalyses/1", vec![("x-api-key", k.ro.clone())]),
         (
             "GET",
             "/v1/analyses/1",
@@ -534,15 +642,49 @@ async fn proxy_and_ext_authz_agree() {
         (
             "GET",
             "/v1/analyses/1",
+            vec![("x-api-key", k.expired.clone())],
+        ),
+        (
+            "GET",
+            "/v1/analyses/1",
             vec![("x-api-key", k.test_env.clone())],
         ),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![("x-api-key", k.suspended.clone())],
+        ),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![("x-api-key", k.payment.clone())],
+        ),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![("x-api-key", k.deactivated.clone())],
+        ),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![("x-api-key", mint("sk_live_"))],
+        ),
         ("GET", "/v1/analyses/1", vec![("x-api-key", k.far.clone())]),
+        ("GET", "/v1/analyses/1", vec![("x-api-key", k.web.clone())]),
         (
             "GET",
             "/v1/analyses/1",
             vec![
                 ("x-api-key", k.web.clone()),
                 ("origin", "https://app.example.com".into()),
+            ],
+        ),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![
+                ("x-api-key", k.web.clone()),
+                ("referer", "https://evil.example.com/".into()),
             ],
         ),
         ("GET", "/v1/a;b", vec![("x-api-key", k.ok.clone())]),
@@ -552,21 +694,36 @@ async fn proxy_and_ext_authz_agree() {
         upstream.clear();
         let via_proxy = send(&client(), method, &gate.url(path), &h, "").await;
         let via_ext = seen(&ask(addr, check_request(method, path, &h, "127.0.0.1")).await);
-        assert_eq!(
-            via_proxy.status, via_ext.http,
-            "{method} {path} {headers:?}"
-        );
+        let row = format!("{method} {path} {headers:?}");
+        assert_eq!(via_proxy.status, via_ext.http, "{row}");
         if via_ext.http == 200 {
             let up = upstream.last();
-            for name in ["x-partner-id", "x-key-id", "x-key-environment", "x-scopes"] {
+            let envoy = behind_envoy(&h, &via_ext);
+            for name in COMPARED {
                 assert_eq!(
-                    up.headers.get(name).map(|v| v.to_str().unwrap().to_owned()),
-                    via_ext.set.get(name).cloned(),
-                    "{name} for {method} {path}"
+                    up.headers.get(name).map(|v| v.to_str().unwrap()),
+                    envoy.get(name).map(String::as_str),
+                    "{name} for {row}"
                 );
             }
-        } else if method != &"HEAD" {
-            assert_eq!(via_proxy.code(), via_ext.code, "{method} {path}");
+            let sent_id = h.iter().find(|(k, _)| *k == "x-request-id");
+            if let Some((_, id)) = sent_id {
+                assert_eq!(up.headers["x-request-id"], *id, "{row}");
+                assert_eq!(envoy["x-request-id"], *id, "{row}");
+            }
+            assert_eq!(up.headers.get_all("x-request-id").iter().count(), 1);
+        } else {
+            assert_eq!(upstream.count(), 0, "{row}");
+            if method != &"HEAD" {
+                assert_eq!(via_proxy.code(), via_ext.code, "{row}");
+            }
+            for name in ["www-authenticate", "retry-after"] {
+                assert_eq!(
+                    via_proxy.header(name),
+                    via_ext.set.get(name).map(String::as_str),
+                    "{name} for {row}"
+                );
+            }
         }
     }
     gate.stop().await;
@@ -594,4 +751,70 @@ async fn shutdown_does_not_wait_for_an_idle_grpc_channel() {
         .expect("shutdown finished with a client channel still open");
     eprintln!("shutdown with an open channel took {:?}", start.elapsed());
     drop(c);
+}
+
+/// Envoy with `with_request_body` sends the body in the CheckRequest. One over tonic's default
+/// 4 MiB decode limit must still get a CheckResponse: a gRPC error would be an allow under
+/// `failure_mode_allow`.
+#[tokio::test]
+async fn a_large_check_request_is_decided_not_refused() {
+    let (gate, _snap, k, addr, _up) = start("").await;
+    for (key, grpc) in [(k.ok.as_str(), 0), ("sk_live_nope", 16)] {
+        let mut req = check_request("POST", "/v1/analyses", &[("x-api-key", key)], "127.0.0.1");
+        let http = req
+            .attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+            .unwrap();
+        http.method = "GET".into();
+        http.path = "/v1/analyses/1".into();
+        http.body = "x".repeat(6 << 20);
+        let r = ask(addr, req).await;
+        assert_eq!(r.status.unwrap().code, grpc);
+    }
+    gate.stop().await;
+}
+
+/// Envoy's and Kubernetes' gRPC health checks can `Watch`: the stream says NOT_SERVING until a
+/// snapshot is published, then SERVING, for the whole server and the Authorization service.
+#[tokio::test]
+async fn health_watch_turns_serving_when_a_snapshot_is_published() {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, EXT)).await;
+    let addr = gate.app.as_ref().unwrap().ext_authz_addr.unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut streams = Vec::new();
+    for service in ["", "envoy.service.auth.v3.Authorization"] {
+        let mut s = HealthClient::new(channel.clone())
+            .watch(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = s.message().await.unwrap().unwrap().status;
+        assert_eq!(first, ServingStatus::NotServing as i32, "{service:?}");
+        streams.push(s);
+    }
+    let key = mint("sk_live_");
+    snap.write(
+        &Doc::new(1)
+            .partner("partner_acme", None, "active")
+            .key("key_a", &key, json!({})),
+    );
+    for mut s in streams {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(5), s.message())
+            .await
+            .expect("a status change within 5 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(next.status, ServingStatus::Serving as i32);
+    }
+    gate.stop().await;
 }

@@ -170,6 +170,34 @@ class ExtAuthzWire(unittest.TestCase):
         self.assertEqual(r.status.code, 3)  # INVALID_ARGUMENT
         self.assertEqual(json.loads(r.denied_response.body)["error"]["code"], "invalid_path")
 
+    def test_raw_headers_and_a_large_body(self):
+        """Envoy with encode_raw_headers (header_map, raw_value) and with_request_body sending
+        6 MiB in raw_body: still a decision, never a gRPC error."""
+        req = ea.CheckRequest(
+            attributes=ac.AttributeContext(
+                source=ac.AttributeContext.Peer(
+                    address=address_pb2.Address(
+                        socket_address=address_pb2.SocketAddress(address="::ffff:10.1.2.3")
+                    )
+                ),
+                request=ac.AttributeContext.Request(
+                    http=ac.AttributeContext.HttpRequest(
+                        method="POST", path="/v1/analyses", host="api.example.com",
+                        header_map=base_pb2.HeaderMap(headers=[
+                            base_pb2.HeaderValue(key="x-api-key", raw_value=self.key.encode()),
+                            base_pb2.HeaderValue(key="x-org-id", raw_value=b"org_evil"),
+                        ]),
+                        raw_body=b"x" * (6 << 20),
+                    )
+                ),
+            )
+        )
+        r = self.stub.Check(req, timeout=10)
+        self.assertEqual(r.status.code, 0)
+        headers = {o.header.key: o.header.value for o in r.ok_response.headers}
+        self.assertEqual(headers["x-org-id"], "org_1")
+        self.assertEqual(list(r.ok_response.headers_to_remove), ["x-api-key"])
+
     def test_health_service_names(self):
         health = health_pb2_grpc.HealthStub(self.channel)
         for service in ["", "envoy.service.auth.v3.Authorization"]:

@@ -1,0 +1,421 @@
+//! `check` without a network: the mapping of every deny reason to a `CheckResponse`, a panic
+//! turned into a denial, and the request fields Envoy may send in more than one shape
+//! (`header_map` instead of `headers`, IPv4-mapped peers, forwarded-for chains, request ids).
+
+use std::collections::HashMap;
+
+use envoy_types::pb::envoy::config::core::v3::{address, Address, HeaderMap, SocketAddress};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
+use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+
+use super::*;
+use crate::config::from_toml;
+use crate::credential::mint;
+use crate::path::PathError;
+
+const CONFIG: &str = r#"
+environment = "live"
+
+[[key_prefixes]]
+prefix = "sk_live_"
+environment = "live"
+
+[snapshot]
+path = "does-not-exist.json"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[routes.rule]]
+route = "GET /v1/analyses/**"
+scopes = ["analyses:read"]
+"#;
+
+struct Fixture {
+    state: ExtAuthzState,
+    /// A key of partner_acme (org_1) with `analyses:read`.
+    ok: String,
+    /// A key of partner_solo (no org) usable only from 203.0.113.0/24.
+    near: String,
+}
+
+/// `extra` is appended to the configuration; `trusted` are `ext_authz.trusted_proxies`.
+fn fixture(extra: &str, trusted: &[&str]) -> Fixture {
+    let settings = from_toml(&format!("{CONFIG}{extra}")).unwrap();
+    let (ok, near) = (mint("sk_live_"), mint("sk_live_"));
+    let hash = |k: &str| format!("sha256:{}", hex::encode(Sha256::digest(k.as_bytes())));
+    let doc = json!({
+        "schema": "keygate.snapshot/v1",
+        "revision": 1,
+        "partners": [
+            {"id": "partner_acme", "org_id": "org_1", "status": "active"},
+            {"id": "partner_solo", "status": "active"},
+        ],
+        "keys": [
+            {"id": "key_ok", "hash": hash(&ok), "partner_id": "partner_acme",
+             "environment": "live", "scopes": ["analyses:read"], "status": "active"},
+            {"id": "key_near", "hash": hash(&near), "partner_id": "partner_solo",
+             "environment": "live", "scopes": ["analyses:read"], "status": "active",
+             "allowed_cidrs": ["203.0.113.0/24"]},
+        ],
+    });
+    let store = Arc::new(SnapshotStore::new());
+    store
+        .publish(crate::snapshot::parse(doc.to_string().as_bytes(), None).unwrap())
+        .unwrap();
+    let state = ExtAuthzState {
+        settings: FrontSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            trusted_proxies: trusted.iter().map(|c| c.parse().unwrap()).collect(),
+        },
+        policy: settings.policy,
+        names: settings.headers,
+        store,
+    };
+    Fixture { state, ok, near }
+}
+
+fn request(path: &str, headers: &[(&str, &str)], peer: Option<&str>) -> CheckRequest {
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: peer.map(|p| Peer {
+                address: Some(Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        address: p.to_owned(),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            }),
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: "GET".to_owned(),
+                    path: path.to_owned(),
+                    host: "api.example.com:8443".to_owned(),
+                    headers: headers
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// The same request as Envoy sends it with `encode_raw_headers: true`: every header once per
+/// value in `header_map`, values in `raw_value`.
+fn raw(path: &str, headers: &[(&str, &str)], peer: &str) -> CheckRequest {
+    let mut r = request(path, &[], Some(peer));
+    let http = r
+        .attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+        .unwrap();
+    http.header_map = Some(HeaderMap {
+        headers: headers
+            .iter()
+            .map(|(k, v)| HeaderValue {
+                key: k.to_string(),
+                value: String::new(),
+                raw_value: v.as_bytes().to_vec(),
+            })
+            .collect(),
+    });
+    r
+}
+
+/// gRPC code, HTTP status (200 for an allow), `code` of a denial, headers set, headers removed.
+struct Seen {
+    grpc: i32,
+    http: i32,
+    code: String,
+    set: HashMap<String, String>,
+    remove: Vec<String>,
+}
+
+fn seen(r: &CheckResponse) -> Seen {
+    let grpc = r.status.as_ref().unwrap().code;
+    let pairs = |hs: &[HeaderValueOption]| -> HashMap<String, String> {
+        for h in hs {
+            #[allow(deprecated)]
+            let append = h.append.as_ref().map(|b| b.value);
+            assert_eq!(append, Some(false), "{h:?}");
+            assert_eq!(
+                h.append_action,
+                HeaderAppendAction::OverwriteIfExistsOrAdd as i32
+            );
+        }
+        hs.iter()
+            .map(|h| h.header.as_ref().unwrap())
+            .map(|h| (h.key.clone(), h.value.clone()))
+            .collect()
+    };
+    match r.http_response.as_ref().unwrap() {
+        HttpResponse::OkResponse(ok) => {
+            assert_eq!(grpc, 0);
+            Seen {
+                grpc,
+                http: 200,
+                code: String::new(),
+                set: pairs(&ok.headers),
+                remove: ok.headers_to_remove.clone(),
+            }
+        }
+        HttpResponse::DeniedResponse(d) => {
+            let body: serde_json::Value = serde_json::from_str(&d.body).unwrap();
+            let set = pairs(&d.headers);
+            assert_eq!(body["error"]["request_id"], set["x-request-id"].as_str());
+            Seen {
+                grpc,
+                http: d.status.as_ref().unwrap().code,
+                code: body["error"]["code"].as_str().unwrap().to_owned(),
+                set,
+                remove: Vec::new(),
+            }
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Reason, gRPC code, HTTP status, a header that must come with it.
+type Row = (DenyReason, i32, i32, Option<(&'static str, &'static str)>);
+
+#[test]
+fn every_reason_is_a_check_response_with_its_grpc_code() {
+    let f = fixture("", &[]);
+    let names = &f.state.names;
+    let table: Vec<Row> = vec![
+        (
+            DenyReason::InvalidPath(PathError::NotAbsolute),
+            3,
+            400,
+            None,
+        ),
+        (DenyReason::BadRequest("why"), 3, 400, None),
+        (
+            DenyReason::AuthenticationRequired,
+            16,
+            401,
+            Some(("www-authenticate", "Bearer realm=\"keygate\"")),
+        ),
+        (DenyReason::EnvironmentMismatch, 7, 403, None),
+        (
+            DenyReason::InvalidApiKey,
+            16,
+            401,
+            Some((
+                "www-authenticate",
+                "Bearer realm=\"keygate\", error=\"invalid_token\"",
+            )),
+        ),
+        (DenyReason::KeyRevoked, 16, 401, None),
+        (DenyReason::KeyExpired, 16, 401, None),
+        (DenyReason::AccountDeactivated, 7, 403, None),
+        (DenyReason::PartnerSuspended, 7, 403, None),
+        (DenyReason::InsufficientCredits, 7, 402, None),
+        (DenyReason::IpNotAllowed, 7, 403, None),
+        (DenyReason::ReferrerNotAllowed, 7, 403, None),
+        (DenyReason::RouteNotAllowed, 7, 403, None),
+        (
+            DenyReason::ScopeRequired("analyses:write".into()),
+            7,
+            403,
+            None,
+        ),
+        (DenyReason::IdempotencyKeyRequired, 3, 400, None),
+        (
+            DenyReason::RateLimited {
+                retry_after_secs: 30,
+            },
+            8,
+            429,
+            Some(("retry-after", "30")),
+        ),
+        (
+            DenyReason::SnapshotUnavailable,
+            14,
+            503,
+            Some(("retry-after", "1")),
+        ),
+        (DenyReason::UpstreamUnavailable, 14, 502, None),
+        (DenyReason::UpstreamTimeout, 14, 504, None),
+    ];
+    for (reason, grpc, http, header) in &table {
+        let r = denied(reason, "req-1", names);
+        let s = seen(&r);
+        assert_eq!(
+            (s.grpc, s.http, s.code.as_str()),
+            (*grpc, *http, reason.code()),
+            "{reason:?}"
+        );
+        assert_eq!(r.status.as_ref().unwrap().message, reason.code());
+        assert_eq!(s.set["x-request-id"], "req-1");
+        assert_eq!(s.set["content-type"], "application/json");
+        let Some(HttpResponse::DeniedResponse(d)) = &r.http_response else {
+            unreachable!()
+        };
+        assert_eq!(d.body.as_bytes(), reason.body("req-1").as_ref());
+        // Exactly the contract's headers and the request id, nothing else.
+        assert_eq!(s.set.len(), reason.headers().len() + 1, "{reason:?}");
+        if let Some((name, value)) = header {
+            assert_eq!(
+                s.set.get(*name).map(String::as_str),
+                Some(*value),
+                "{reason:?}"
+            );
+        }
+        assert!(r.dynamic_metadata.is_none());
+    }
+}
+
+#[test]
+fn a_panic_is_a_denial_not_a_broken_stream() {
+    let f = fixture("", &[]);
+    let r = guarded(&f.state.names, || panic!("a fault in check"));
+    let s = seen(&r);
+    assert_eq!(
+        (s.grpc, s.http, s.code.as_str()),
+        (14, 503, "snapshot_unavailable")
+    );
+    let fine = guarded(&f.state.names, || check(&f.state, &request("/", &[], None)));
+    assert_eq!(seen(&fine).code, "authentication_required");
+}
+
+#[test]
+fn raw_header_map_is_read_like_the_headers_map() {
+    let f = fixture("", &[]);
+    let s = seen(&check(
+        &f.state,
+        &raw(
+            "/v1/analyses/1",
+            &[
+                ("x-api-key", &f.ok),
+                ("x-org-id", "spoof"),
+                ("x_key_id", "spoof"),
+            ],
+            "192.0.2.1",
+        ),
+    ));
+    assert_eq!(s.http, 200);
+    assert_eq!(s.set["x-key-id"], "key_ok");
+    assert_eq!(s.set["x-org-id"], "org_1");
+    let mut remove = s.remove.clone();
+    remove.sort();
+    assert_eq!(remove, ["x-api-key", "x_key_id"], "x-org-id is overwritten");
+
+    // Each value of a repeated header is its own entry: two keys are ambiguous.
+    let s = seen(&check(
+        &f.state,
+        &raw(
+            "/v1/analyses/1",
+            &[("x-api-key", &f.ok), ("x-api-key", &f.near)],
+            "192.0.2.1",
+        ),
+    ));
+    assert_eq!((s.grpc, s.code.as_str()), (16, "authentication_required"));
+}
+
+#[test]
+fn client_ip_comes_from_the_peer_and_forwarded_for_only_from_trusted_peers() {
+    let untrusted = fixture("", &[]);
+    let trusted = fixture("", &["10.0.0.0/8"]);
+    // (fixture, peer, x-forwarded-for, expected code)
+    let table: Vec<(&Fixture, Option<&str>, Option<&str>, &str)> = vec![
+        (&untrusted, Some("203.0.113.9"), None, ""),
+        (&untrusted, Some("::ffff:203.0.113.9"), None, ""),
+        (&untrusted, Some("192.0.2.1"), None, "ip_not_allowed"),
+        (&untrusted, None, None, "ip_not_allowed"),
+        (&untrusted, Some("garbage"), None, "ip_not_allowed"),
+        (
+            &untrusted,
+            Some("10.0.0.1"),
+            Some("203.0.113.9"),
+            "ip_not_allowed",
+        ),
+        (&trusted, Some("10.0.0.1"), Some("203.0.113.9"), ""),
+        (
+            &trusted,
+            Some("10.0.0.1"),
+            Some("203.0.113.9, 192.0.2.1"),
+            "ip_not_allowed",
+        ),
+        (
+            &trusted,
+            Some("192.0.2.1"),
+            Some("203.0.113.9"),
+            "ip_not_allowed",
+        ),
+    ];
+    for (f, peer, xff, code) in table {
+        let mut headers = vec![("x-api-key", f.near.as_str())];
+        headers.extend(xff.map(|x| ("x-forwarded-for", x)));
+        let s = seen(&check(&f.state, &request("/v1/analyses/1", &headers, peer)));
+        assert_eq!(s.code, code, "{peer:?} {xff:?}");
+    }
+}
+
+#[test]
+fn request_id_is_the_callers_only_when_well_formed() {
+    let f = fixture("", &[]);
+    let id_of = |v: Option<&str>| {
+        let mut headers = vec![("x-api-key", f.ok.as_str())];
+        headers.extend(v.map(|v| ("x-request-id", v)));
+        let r = check(&f.state, &request("/v1/analyses/1", &headers, None));
+        let Some(HttpResponse::OkResponse(ok)) = &r.http_response else {
+            panic!("{r:?}")
+        };
+        let on_response = ok.response_headers_to_add[0].header.clone().unwrap();
+        assert_eq!(on_response.key, "x-request-id");
+        let set = seen(&r).set["x-request-id"].clone();
+        assert_eq!(set, on_response.value);
+        set
+    };
+    assert_eq!(id_of(Some("trace-1:a/b")), "trace-1:a/b");
+    for bad in [None, Some("has space"), Some("a, b"), Some("")] {
+        let minted = id_of(bad);
+        assert_eq!(minted.len(), 32, "{bad:?}");
+        assert!(request_id::is_well_formed(minted.as_bytes()));
+    }
+}
+
+#[test]
+fn forwarded_credentials_are_not_removed() {
+    let f = fixture("\n[credentials]\nforward = true\n", &[]);
+    let bearer = format!("Bearer {}", f.ok);
+    let s = seen(&check(
+        &f.state,
+        &request(
+            "/v1/analyses/1",
+            &[("authorization", &bearer), ("x-partner-id", "spoof")],
+            None,
+        ),
+    ));
+    assert_eq!(s.http, 200);
+    assert!(s.remove.is_empty(), "{:?}", s.remove);
+    assert_eq!(s.set["x-partner-id"], "partner_acme");
+}
+
+#[test]
+fn the_query_never_changes_the_decision() {
+    let f = fixture("", &[]);
+    for (path, code) in [
+        ("/v1/analyses/1", ""),
+        ("/v1/analyses/1?", ""),
+        ("/v1/analyses/1?a=%2F..%2F&b=%00", ""),
+        ("/v1/analyses/1?/../../admin", ""),
+        ("/v1/analyses%2F1?x=1", "invalid_path"),
+        ("/v1/../../x?y", "invalid_path"),
+    ] {
+        let s = seen(&check(
+            &f.state,
+            &request(path, &[("x-api-key", &f.ok)], None),
+        ));
+        assert_eq!(s.code, code, "{path}");
+    }
+}
