@@ -25,6 +25,11 @@ struct Fixture {
     routes: String,
     legacy: String,
     orphan: String,
+    // Two failing checks at once: the first in the table must win.
+    revoked_expired: String,
+    revoked_gone: String,
+    expired_paused: String,
+    gone_far: String,
 }
 
 fn fixture() -> (Fixture, Doc) {
@@ -45,6 +50,10 @@ fn fixture() -> (Fixture, Doc) {
         routes: mint("sk_live_"),
         legacy: format!("legacy_{}", &mint("x")[1..]),
         orphan: mint("sk_live_"),
+        revoked_expired: mint("sk_live_"),
+        revoked_gone: mint("sk_live_"),
+        expired_paused: mint("sk_live_"),
+        gone_far: mint("sk_live_"),
     };
     let doc = Doc::new(7)
         .partner("partner_acme", Some("org_1"), "active")
@@ -115,6 +124,26 @@ fn fixture() -> (Fixture, Doc) {
             "key_orphan",
             &f.orphan,
             json!({"partner_id": "partner_nobody"}),
+        )
+        .key(
+            "key_revoked_expired",
+            &f.revoked_expired,
+            json!({"status": "revoked", "expires_at": "2020-01-01T00:00:00Z"}),
+        )
+        .key(
+            "key_revoked_gone",
+            &f.revoked_gone,
+            json!({"status": "revoked", "partner_id": "partner_gone"}),
+        )
+        .key(
+            "key_expired_paused",
+            &f.expired_paused,
+            json!({"expires_at": "2020-01-01T00:00:00Z", "partner_id": "partner_paused"}),
+        )
+        .key(
+            "key_gone_far",
+            &f.gone_far,
+            json!({"partner_id": "partner_gone", "allowed_cidrs": ["203.0.113.0/24"]}),
         );
     (f, doc)
 }
@@ -128,6 +157,14 @@ struct Case<'a> {
     code: &'a str,
 }
 
+/// `k` with its last checksum character changed.
+fn break_checksum(k: &str) -> String {
+    let mut k = k.to_owned();
+    let last = k.pop().unwrap();
+    k.push(if last == 'A' { 'B' } else { 'A' });
+    k
+}
+
 fn bearer(k: &str) -> (&'static str, String) {
     ("authorization", format!("Bearer {k}"))
 }
@@ -136,7 +173,54 @@ fn api_key(k: &str) -> (&'static str, String) {
     ("x-api-key", k.to_owned())
 }
 
-async fn run_case(gate: &Gate, upstream: &Upstream, c: &Case<'_>) -> Answer {
+/// The value of `name` the upstream saw, asserting it was sent at most once.
+fn one(seen: &Seen, name: &str) -> Option<String> {
+    let all: Vec<_> = seen.headers.get_all(name).iter().collect();
+    assert!(all.len() <= 1, "{name} sent {} times", all.len());
+    all.first().map(|v| v.to_str().unwrap().to_owned())
+}
+
+/// Assert that the upstream saw exactly the identity the snapshot `doc` gives `secret`, the
+/// answer's request id, and no credential header.
+fn assert_identity(doc: &Doc, secret: &str, seen: &Seen, answer: &Answer, what: &str) {
+    let record = doc
+        .keys
+        .iter()
+        .find(|k| k["hash"] == digest(secret))
+        .unwrap_or_else(|| panic!("{what}: no record for the key"));
+    let partner_id = record["partner_id"].as_str().unwrap();
+    let partner = doc.partners.iter().find(|p| p["id"] == partner_id).unwrap();
+    let mut scopes: Vec<&str> = record["scopes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    scopes.sort_unstable();
+    let want = |v: &serde_json::Value| v.as_str().map(str::to_owned);
+    assert_eq!(
+        one(seen, "x-partner-id").as_deref(),
+        Some(partner_id),
+        "{what}"
+    );
+    assert_eq!(one(seen, "x-org-id"), want(&partner["org_id"]), "{what}");
+    assert_eq!(one(seen, "x-key-id"), want(&record["id"]), "{what}");
+    assert_eq!(
+        one(seen, "x-key-environment"),
+        want(&record["environment"]),
+        "{what}"
+    );
+    assert_eq!(one(seen, "x-scopes"), Some(scopes.join(" ")), "{what}");
+    let rid = answer
+        .header("x-request-id")
+        .expect("x-request-id answered");
+    assert_eq!(one(seen, "x-request-id").as_deref(), Some(rid), "{what}");
+    for cred in ["authorization", "x-api-key"] {
+        assert!(seen.headers.get(cred).is_none(), "{what}: {cred} forwarded");
+    }
+}
+
+async fn run_case(gate: &Gate, upstream: &Upstream, doc: &Doc, c: &Case<'_>) -> Answer {
     upstream.clear();
     let headers: Vec<(&str, &str)> = c.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let a = send(&client(), c.method, &gate.url(c.path), &headers, "").await;
@@ -154,6 +238,19 @@ async fn run_case(gate: &Gate, upstream: &Upstream, c: &Case<'_>) -> Answer {
             "{}: exactly one upstream request",
             c.name
         );
+        let secret = c
+            .headers
+            .iter()
+            .find_map(|(k, v)| match *k {
+                "x-api-key" => Some(v.as_str()),
+                "authorization" => v.get(7..),
+                _ => None,
+            })
+            .expect("an allowed case presents a key");
+        let seen = upstream.last();
+        assert_identity(doc, secret, &seen, &a, c.name);
+        assert_eq!(seen.method, c.method, "{}", c.name);
+        assert_eq!(seen.target, c.path, "{}", c.name);
     } else {
         assert_error(&a, c.status, c.code);
         assert_eq!(
@@ -184,9 +281,7 @@ async fn every_code_of_the_decision_table() {
     gate.wait_revision(7).await;
 
     let unknown = mint("sk_live_");
-    let mut bad_checksum = f.ok.clone();
-    let last = bad_checksum.pop().unwrap();
-    bad_checksum.push(if last == 'A' { 'B' } else { 'A' });
+    let bad_checksum = break_checksum(&f.ok);
     let get = "GET";
     let p = "/v1/analyses/1";
     let cases = vec![
@@ -423,9 +518,90 @@ async fn every_code_of_the_decision_table() {
             status: 200,
             code: "",
         },
+        Case {
+            name: "scheme in lower case",
+            method: get,
+            path: p,
+            headers: vec![("authorization", format!("bearer {}", f.ok))],
+            status: 200,
+            code: "",
+        },
+        Case {
+            name: "partner without org",
+            method: get,
+            path: p,
+            headers: vec![api_key(&f.no_org)],
+            status: 200,
+            code: "",
+        },
+        // First failing check wins.
+        Case {
+            name: "bad path and no credential",
+            method: get,
+            path: "/v1/../../etc/passwd",
+            headers: vec![],
+            status: 400,
+            code: "invalid_path",
+        },
+        Case {
+            name: "two Authorization headers, different keys",
+            method: get,
+            path: p,
+            headers: vec![bearer(&f.ok), bearer(&f.writer)],
+            status: 401,
+            code: "authentication_required",
+        },
+        Case {
+            name: "test prefix with a bad checksum",
+            method: get,
+            path: p,
+            headers: vec![bearer(&break_checksum(&f.test_env_prefix))],
+            status: 403,
+            code: "key_environment_mismatch",
+        },
+        Case {
+            name: "revoked and expired",
+            method: get,
+            path: p,
+            headers: vec![bearer(&f.revoked_expired)],
+            status: 401,
+            code: "key_revoked",
+        },
+        Case {
+            name: "revoked key of a deactivated partner",
+            method: get,
+            path: p,
+            headers: vec![bearer(&f.revoked_gone)],
+            status: 401,
+            code: "key_revoked",
+        },
+        Case {
+            name: "expired key of a suspended partner",
+            method: get,
+            path: p,
+            headers: vec![bearer(&f.expired_paused)],
+            status: 401,
+            code: "key_expired",
+        },
+        Case {
+            name: "deactivated partner, IP outside",
+            method: get,
+            path: p,
+            headers: vec![bearer(&f.gone_far)],
+            status: 403,
+            code: "account_deactivated",
+        },
+        Case {
+            name: "outside allowed_routes and scope missing",
+            method: "POST",
+            path: "/v1/analyses",
+            headers: vec![api_key(&f.routes)],
+            status: 403,
+            code: "route_not_allowed",
+        },
     ];
     for c in &cases {
-        let a = run_case(&gate, &upstream, c).await;
+        let a = run_case(&gate, &upstream, &doc, c).await;
         match c.code {
             "authentication_required" => {
                 assert_eq!(
@@ -514,10 +690,11 @@ async fn allowed_requests_carry_exactly_keygates_identity() {
             &[("x-api-key", &f.ok), ("x-request-id", bad)],
         )
         .await;
+        assert_eq!(a.status, 200);
         let rid = a.header("x-request-id").unwrap().to_owned();
         assert_ne!(rid, bad);
         assert_eq!(rid.len(), 32);
-        assert_eq!(upstream.last().headers["x-request-id"], rid.as_str());
+        assert_identity(&doc, &f.ok, &upstream.last(), &a, "replaced request id");
     }
 
     // The same over HTTP/2 (h2c, prior knowledge).
@@ -528,13 +705,34 @@ async fn allowed_requests_carry_exactly_keygates_identity() {
         &[("authorization", &format!("Bearer {}", f.ok))],
     )
     .await;
-    assert_eq!(a.status, 200);
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(upstream.count(), 1);
     let seen = upstream.last();
-    assert_eq!(seen.headers["x-partner-id"], "partner_acme");
-    assert_eq!(seen.headers["x-key-id"], "key_ok");
+    assert_identity(&doc, &f.ok, &seen, &a, "h2c");
     assert_eq!(seen.target, "/v1/analyses/2");
+    let a = get(
+        &h2_client(),
+        &gate.url("/v1/analyses/2"),
+        &[("x-api-key", &f.no_org), ("x-request-id", "h2-trace.1")],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.header("x-request-id"), Some("h2-trace.1"));
+    assert_identity(&doc, &f.no_org, &upstream.last(), &a, "h2c, no org");
     let denied = get(&h2_client(), &gate.url("/v1/analyses/2"), &[]).await;
     assert_error(&denied, 401, "authentication_required");
+    assert_eq!(
+        denied.header("www-authenticate"),
+        Some("Bearer realm=\"keygate\"")
+    );
+    let denied = get(
+        &h2_client(),
+        &gate.url("/v1/analyses/2"),
+        &[("x-api-key", &f.revoked)],
+    )
+    .await;
+    assert_error(&denied, 401, "key_revoked");
+    assert_eq!(upstream.count(), 2, "h2c denials reach nothing");
     gate.stop().await;
 }
 
