@@ -147,6 +147,11 @@ async fn revocation_under_concurrent_load_has_no_5xx_and_no_mixups() {
         allowed.len()
     );
     let seen = upstream.seen();
+    assert_eq!(
+        seen.len(),
+        allowed.len(),
+        "the upstream saw exactly the allowed requests, no refused one"
+    );
     for (rid, which) in allowed.iter() {
         let s = seen
             .iter()
@@ -218,11 +223,13 @@ async fn a_half_written_file_is_never_served() {
     let (first, second) = next.split_at(next.len() / 2);
     std::fs::write(snap.path(), first).unwrap();
     for _ in 0..20 {
-        let r = status_of(&gate, &a).await;
-        assert_eq!(
-            r.status, 200,
-            "valid keys keep working while the file is half written"
-        );
+        for key in [&a, &b] {
+            let r = status_of(&gate, key).await;
+            assert_eq!(
+                r.status, 200,
+                "valid keys keep working while the file is half written"
+            );
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(gate.revision(), Some(1));
@@ -276,5 +283,56 @@ async fn kubernetes_secret_symlink_swap() {
         start.elapsed()
     );
     assert_error(&status_of(&gate, &a).await, 401, "key_revoked");
+    gate.stop().await;
+}
+
+async fn readyz(gate: &Gate) -> Answer {
+    get(&client(), &format!("http://{}/readyz", gate.admin), &[]).await
+}
+
+#[tokio::test]
+async fn readyz_follows_the_file_without_a_restart() {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, "")).await;
+    let r = readyz(&gate).await;
+    assert_eq!(r.status, 503, "ready with no snapshot: {:?}", r.body);
+    let health = get(&client(), &format!("http://{}/healthz", gate.admin), &[]).await;
+    assert_eq!(health.status, 200, "alive even when not ready");
+
+    let (a, b) = (mint("sk_live_"), mint("sk_live_"));
+    let start = Instant::now();
+    snap.write(&two_partners(3, &a, &b, "active"));
+    let mut last = 503;
+    while start.elapsed() < Duration::from_secs(2) {
+        last = readyz(&gate).await.status;
+        if last == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        last,
+        200,
+        "/readyz still {last} {:?} after the file appeared",
+        start.elapsed()
+    );
+    let r = readyz(&gate).await;
+    assert_eq!(r.json()["revision"], 3, "{:?}", r.body);
+    assert_eq!(status_of(&gate, &a).await.status, 200);
+
+    // The file disappears (an operator's mistake, a volume remount): the last good snapshot
+    // stays in force and the gate stays ready.
+    std::fs::remove_file(snap.path()).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(gate.revision(), Some(3));
+    assert_eq!(readyz(&gate).await.status, 200);
+    assert_eq!(status_of(&gate, &b).await.status, 200);
+
+    // And it comes back with a new revision.
+    snap.write(&two_partners(4, &a, &b, "revoked"));
+    gate.wait_revision(4).await;
+    assert_error(&status_of(&gate, &a).await, 401, "key_revoked");
+    assert_eq!(upstream.count(), 2);
     gate.stop().await;
 }
