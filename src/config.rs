@@ -58,7 +58,8 @@ impl ConfigError {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Raw, as written in the file. `deny_unknown_fields` turns a typo into an error naming the key.
+// Raw, as written in the file. A key no table takes is reported by its dotted name (see
+// `strip_unknown`); `deny_unknown_fields` backs that up.
 
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -338,27 +339,163 @@ pub fn load_with_env(
     path: &Path,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Settings, ConfigError> {
-    let raw = read_raw(path, env)?;
-    validate(raw)
+    let (raw, unknown) = read_raw(path, env)?;
+    with_unknown(validate(raw), unknown)
 }
 
 /// Parse TOML text (no environment overrides) and validate: used by `keygate demo` and tests.
 pub fn from_toml(text: &str) -> Result<Settings, ConfigError> {
-    let raw: RawConfig = config::Config::builder()
+    let (raw, unknown) = config::Config::builder()
         .add_source(config::File::from_str(text, config::FileFormat::Toml))
         .build()
-        .and_then(|c| c.try_deserialize())
-        .map_err(|e| ConfigError::Read {
+        .map_err(|e| e.to_string())
+        .and_then(deserialize)
+        .map_err(|message| ConfigError::Read {
             path: "<inline>".into(),
-            message: e.to_string(),
+            message,
         })?;
-    validate(raw)
+    with_unknown(validate(raw), unknown)
+}
+
+/// Unknown keys are problems like any other: reported together with what validation found.
+fn with_unknown(
+    validated: Result<Settings, ConfigError>,
+    mut unknown: Vec<Problem>,
+) -> Result<Settings, ConfigError> {
+    if unknown.is_empty() {
+        return validated;
+    }
+    match validated {
+        Ok(_) => Err(ConfigError::Invalid(unknown)),
+        Err(ConfigError::Invalid(problems)) => {
+            unknown.extend(problems);
+            Err(ConfigError::Invalid(unknown))
+        }
+        Err(read) => Err(read),
+    }
+}
+
+/// Deserialize the merged file and environment, after taking out (and reporting) every key no
+/// table takes, so that a typo does not hide the file's other problems.
+fn deserialize(c: config::Config) -> Result<(RawConfig, Vec<Problem>), String> {
+    let mut root: config::Value = c.try_deserialize().map_err(|e| e.to_string())?;
+    let mut unknown = Vec::new();
+    strip_unknown(&mut root, "", "", &mut unknown);
+    unknown.sort_by(|a, b| a.key.cmp(&b.key));
+    let raw = root.try_deserialize().map_err(|e| e.to_string())?;
+    Ok((raw, unknown))
+}
+
+/// The keys each table takes, by its path with `[]` for an array's elements. A table missing
+/// here is still refused whole by `deny_unknown_fields`; it is only not reported key by key.
+fn table_fields(table: &str) -> Option<&'static [&'static str]> {
+    Some(match table {
+        "" => fields_of::<RawConfig>(),
+        "key_prefixes[]" => fields_of::<RawPrefixRule>(),
+        "snapshot" => fields_of::<RawSnapshot>(),
+        "proxy" => fields_of::<RawProxy>(),
+        "admin" => fields_of::<RawListen>(),
+        "ext_authz" | "authz_http" => fields_of::<RawFront>(),
+        "credentials" => fields_of::<RawCredentials>(),
+        "identity_headers" => fields_of::<RawIdentityHeaders>(),
+        "paths" => fields_of::<RawPaths>(),
+        "routes" => fields_of::<RawRoutes>(),
+        "routes.rule[]" => fields_of::<RawRouteRule>(),
+        "idempotency" => fields_of::<RawIdempotency>(),
+        "log" => fields_of::<RawLog>(),
+        "runtime" => fields_of::<RawRuntime>(),
+        _ => return None,
+    })
+}
+
+/// Remove from `value` (at `table`, shown to the user as `shown`) every key its table does not
+/// take, recording each as a problem under its dotted name.
+fn strip_unknown(value: &mut config::Value, table: &str, shown: &str, out: &mut Vec<Problem>) {
+    let join = |a: &str, b: &str| {
+        if a.is_empty() {
+            b.to_owned()
+        } else {
+            format!("{a}.{b}")
+        }
+    };
+    match &mut value.kind {
+        config::ValueKind::Table(map) => {
+            let Some(known) = table_fields(table) else {
+                return;
+            };
+            map.retain(|k, _| {
+                let ok = known.contains(&k.as_str());
+                if !ok {
+                    let place = if shown.is_empty() {
+                        "the top level"
+                    } else {
+                        shown
+                    };
+                    out.push(Problem {
+                        key: join(shown, k),
+                        message: format!("unknown key ({place} takes: {})", known.join(", ")),
+                    });
+                }
+                ok
+            });
+            for (k, v) in map.iter_mut() {
+                strip_unknown(v, &join(table, k), &join(shown, k), out);
+            }
+        }
+        config::ValueKind::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                strip_unknown(item, &format!("{table}[]"), &format!("{shown}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The field names serde's derive gives the struct `T` (what it hands `deserialize_struct`).
+fn fields_of<T: for<'de> Deserialize<'de>>() -> &'static [&'static str] {
+    #[derive(Debug)]
+    struct Stop;
+    impl fmt::Display for Stop {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("probe")
+        }
+    }
+    impl std::error::Error for Stop {}
+    impl serde::de::Error for Stop {
+        fn custom<M: fmt::Display>(_: M) -> Self {
+            Stop
+        }
+    }
+    struct Probe<'a>(&'a mut &'static [&'static str]);
+    impl<'de> serde::Deserializer<'de> for Probe<'_> {
+        type Error = Stop;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+            Err(Stop)
+        }
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Stop> {
+            *self.0 = fields;
+            Err(Stop)
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Probe(&mut fields));
+    fields
 }
 
 fn read_raw(
     path: &Path,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<RawConfig, ConfigError> {
+) -> Result<(RawConfig, Vec<Problem>), ConfigError> {
     let shown = path.display().to_string();
     if !path.exists() {
         return Err(ConfigError::Read {
@@ -383,10 +520,11 @@ fn read_raw(
         .add_source(config::File::from(path).format(config::FileFormat::Toml))
         .add_source(environment)
         .build()
-        .and_then(|c| c.try_deserialize())
-        .map_err(|e| ConfigError::Read {
+        .map_err(|e| e.to_string())
+        .and_then(deserialize)
+        .map_err(|message| ConfigError::Read {
             path: shown,
-            message: e.to_string(),
+            message,
         })
 }
 
