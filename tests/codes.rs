@@ -844,3 +844,47 @@ async fn no_snapshot_yet_is_503_then_serves_when_the_file_appears() {
     assert_eq!(upstream.count(), 1);
     gate.stop().await;
 }
+
+#[tokio::test]
+#[ignore = "bug: check 12 is not implemented — decide() never reads rate_limit_per_minute \
+            (only deny.rs knows DenyReason::RateLimited), so a key over its limit is always \
+            allowed; the per-key buckets belong beside decide and are applied by the fronts \
+            (src/proxy.rs, lead's file)"]
+async fn rate_limited_keys_get_429_with_retry_after() {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let (limited, other) = (mint("sk_live_"), mint("sk_live_"));
+    snap.write(
+        &Doc::new(1)
+            .partner("partner_acme", Some("org_1"), "active")
+            .key("key_limited", &limited, json!({"rate_limit_per_minute": 2}))
+            .key("key_other", &other, json!({"rate_limit_per_minute": 2})),
+    );
+    let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, "")).await;
+    let url = gate.url("/v1/analyses/1");
+    for _ in 0..2 {
+        assert_eq!(
+            get(&client(), &url, &[("x-api-key", &limited)])
+                .await
+                .status,
+            200
+        );
+    }
+    let a = get(&client(), &url, &[("x-api-key", &limited)]).await;
+    assert_error(&a, 429, "rate_limited");
+    let retry: u64 = a
+        .header("retry-after")
+        .expect("429 carries Retry-After")
+        .parse()
+        .expect("Retry-After in seconds");
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    assert_eq!(
+        upstream.count(),
+        2,
+        "the refused request reached the upstream"
+    );
+    // Buckets are per key.
+    let a = get(&client(), &url, &[("x-api-key", &other)]).await;
+    assert_eq!(a.status, 200, "another key's budget was spent");
+    gate.stop().await;
+}
