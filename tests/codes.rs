@@ -157,6 +157,20 @@ struct Case<'a> {
     code: &'a str,
 }
 
+/// The contract's `type` for each `code`.
+fn type_of(code: &str) -> &'static str {
+    match code {
+        "invalid_path" | "idempotency_key_required" => "invalid_request_error",
+        "authentication_required" | "invalid_api_key" | "key_revoked" | "key_expired" => {
+            "authentication_error"
+        }
+        "insufficient_credits" => "payment_error",
+        "rate_limited" => "rate_limit_error",
+        "snapshot_unavailable" | "upstream_unavailable" | "upstream_timeout" => "api_error",
+        _ => "permission_error",
+    }
+}
+
 /// `k` with its last checksum character changed.
 fn break_checksum(k: &str) -> String {
     let mut k = k.to_owned();
@@ -623,6 +637,9 @@ async fn every_code_of_the_decision_table() {
             let msg = a.json()["error"]["message"].as_str().unwrap().to_owned();
             assert!(msg.contains("analyses:write"), "{msg}");
         }
+        if c.status != 200 {
+            assert_eq!(a.json()["error"]["type"], type_of(c.code), "{}", c.name);
+        }
     }
     gate.stop().await;
 }
@@ -780,6 +797,10 @@ async fn idempotency_key_when_required() {
     )
     .await;
     assert_error(&a, 400, "idempotency_key_required");
+    assert_eq!(
+        a.json()["error"]["type"],
+        type_of("idempotency_key_required")
+    );
     assert_eq!(upstream.count(), 0);
     let a = send(
         &client(),
@@ -802,6 +823,37 @@ async fn idempotency_key_when_required() {
     )
     .await;
     assert_eq!(a.status, 200, "GET needs no idempotency key");
+
+    // Every mutating method needs one; an empty value is not a key.
+    upstream.clear();
+    for (method, headers) in [
+        ("PUT", vec![("authorization", auth.as_str())]),
+        ("PATCH", vec![("authorization", auth.as_str())]),
+        ("DELETE", vec![("authorization", auth.as_str())]),
+        (
+            "POST",
+            vec![("authorization", auth.as_str()), ("idempotency-key", "")],
+        ),
+    ] {
+        let a = send(&client(), method, &gate.url("/v1/analyses"), &headers, "").await;
+        assert_error(&a, 400, "idempotency_key_required");
+    }
+    assert_eq!(
+        upstream.count(),
+        0,
+        "a refused mutation reached the upstream"
+    );
+    for method in ["HEAD", "OPTIONS"] {
+        let a = send(
+            &client(),
+            method,
+            &gate.url("/v1/analyses/1"),
+            &[("authorization", &auth)],
+            "",
+        )
+        .await;
+        assert_eq!(a.status, 200, "{method} is not a mutation");
+    }
     gate.stop().await;
 }
 
@@ -818,6 +870,7 @@ async fn no_snapshot_yet_is_503_then_serves_when_the_file_appears() {
     )
     .await;
     assert_error(&a, 503, "snapshot_unavailable");
+    assert_eq!(a.json()["error"]["type"], type_of("snapshot_unavailable"));
     assert_eq!(a.header("retry-after"), Some("1"));
     // The credential is still checked first: no key is 401, not 503.
     let a = get(&client(), &gate.url("/v1/analyses/1"), &[]).await;
