@@ -336,3 +336,44 @@ async fn readyz_follows_the_file_without_a_restart() {
     assert_eq!(upstream.count(), 2);
     gate.stop().await;
 }
+
+/// The configured path is a symlink into another directory (a mounted volume, a shared
+/// config directory): a change there is seen too, not only changes beside the link.
+#[cfg(unix)]
+#[tokio::test]
+async fn symlink_into_another_directory_follows_its_target() {
+    let upstream = Upstream::start().await;
+    let here = tempfile::tempdir().unwrap();
+    let there = SnapshotDir::new();
+    let (a, b) = (mint("sk_live_"), mint("sk_live_"));
+    there.write(&two_partners(1, &a, &b, "active"));
+    let link = here.path().join("keys.json");
+    std::os::unix::fs::symlink(there.path(), &link).unwrap();
+    let gate = Gate::start(&config_toml(&link, upstream.addr, "")).await;
+    gate.wait_revision(1).await;
+
+    let start = Instant::now();
+    there.write(&two_partners(2, &a, &b, "revoked"));
+    let ok = eventually(Duration::from_secs(1), || gate.revision() == Some(2)).await;
+    assert!(
+        ok,
+        "the target's change was not seen within 1 s ({:?})",
+        start.elapsed()
+    );
+    assert_error(&status_of(&gate, &a).await, 401, "key_revoked");
+
+    // The link itself re-pointed at another file, atomically.
+    let other = SnapshotDir::new();
+    other.write(&two_partners(3, &a, &b, "active"));
+    let tmp = here.path().join("keys.json.tmp");
+    std::os::unix::fs::symlink(other.path(), &tmp).unwrap();
+    std::fs::rename(&tmp, &link).unwrap();
+    let ok = eventually(Duration::from_secs(1), || gate.revision() == Some(3)).await;
+    assert!(
+        ok,
+        "the re-pointed link was not followed; revision {:?}",
+        gate.revision()
+    );
+    assert_eq!(status_of(&gate, &a).await.status, 200);
+    gate.stop().await;
+}
