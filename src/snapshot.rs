@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use crate::referrer::ReferrerSet;
 use crate::routes::RouteTable;
 
-pub use parse::{parse, DocumentError};
+pub use parse::{build, parse, DocumentError};
 
 /// Partner account status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -82,9 +82,27 @@ pub fn parse(bytes: &[u8], pepper: Option<Arc<[u8]>>) -> Result<Snapshot, Docume
         Some(other) => return Err(DocumentError::Schema(other.to_owned())),
         None => return Err(DocumentError::Schema(String::new())),
     }
+    Ok(build(
+        doc.revision,
+        doc.generated_at,
+        &doc.partners,
+        &doc.keys,
+        pepper,
+    ))
+}
 
+/// Index a document given as its parts: each partner and key entry as the JSON object the
+/// document holds. [`parse`] calls this after reading the envelope; the gRPC sync client calls
+/// it with entries it keeps by id and updates with deltas.
+pub fn build(
+    revision: u64,
+    generated_at: Option<String>,
+    raw_partners: &[&RawValue],
+    raw_keys: &[&RawValue],
+    pepper: Option<Arc<[u8]>>,
+) -> Snapshot {
     let mut quarantined = Vec::new();
-    let partners = parse_partners(&doc.partners, &mut quarantined);
+    let partners = parse_partners(raw_partners, &mut quarantined);
     let mut partner_index: HashMap<&str, Option<u32>> = HashMap::new();
     for (i, p) in partners.iter().enumerate() {
         partner_index
@@ -102,8 +120,8 @@ pub fn parse(bytes: &[u8], pepper: Option<Arc<[u8]>>) -> Result<Snapshot, Docume
     }
 
     // First pass: each key on its own.
-    let mut candidates: Vec<(KeyRecord, super::DigestKind)> = Vec::with_capacity(doc.keys.len());
-    for (pos, raw) in doc.keys.iter().enumerate() {
+    let mut candidates: Vec<(KeyRecord, super::DigestKind)> = Vec::with_capacity(raw_keys.len());
+    for (pos, raw) in raw_keys.iter().enumerate() {
         match parse_key(raw, &partner_index, pepper.is_some()) {
             Ok(c) => candidates.push(c),
             Err((entry, reason)) => {
@@ -157,16 +175,16 @@ pub fn parse(bytes: &[u8], pepper: Option<Arc<[u8]>>) -> Result<Snapshot, Docume
     }
     quarantined.sort_by(|a, b| a.entry.cmp(&b.entry).then(a.reason.cmp(&b.reason)));
 
-    Ok(Snapshot {
-        revision: doc.revision,
-        generated_at: doc.generated_at.map(String::into_boxed_str),
+    Snapshot {
+        revision,
+        generated_at: generated_at.map(String::into_boxed_str),
         partners,
         keys,
         quarantined,
         by_sha256,
         by_hmac,
         pepper,
-    })
+    }
 }
 
 /// serde's messages quote offending values (`invalid type: string "…"`). A snapshot holds no
