@@ -1,5 +1,6 @@
-//! The admin listener: `/healthz` (the process answers) and `/readyz` (200 only while a snapshot
-//! is in force). Loopback by default; it exposes no key material.
+//! The admin listener: `/healthz` (the process answers), `/readyz` (200 only while a snapshot
+//! is in force and fresh) and `/metrics` (Prometheus). Loopback by default; it exposes no key
+//! material.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -57,31 +58,49 @@ fn route(store: &SnapshotStore, req: &Request<Incoming>) -> Response<Full<Bytes>
     }
     match req.uri().path() {
         "/healthz" => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
-        "/readyz" => {
-            let current = store.current();
-            match current.as_ref() {
-                Some(s) => {
-                    let age = store
-                        .loaded_at()
-                        .and_then(|t| SystemTime::now().duration_since(t).ok())
-                        .map(|d| d.as_secs_f64());
-                    json(
-                        StatusCode::OK,
-                        serde_json::json!({"ready": true, "revision": s.revision, "keys": s.key_count(),
-                                           "quarantined": s.quarantined.len(), "loaded_seconds_ago": age}),
-                    )
-                }
-                None => json(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    serde_json::json!({"ready": false, "reason": "no snapshot in force"}),
-                ),
-            }
+        "/readyz" => readiness(store),
+        "/metrics" => {
+            let mut resp = Response::new(Full::new(Bytes::from(crate::metrics::render(store))));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            resp
         }
         _ => json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": "not found"}),
         ),
     }
+}
+
+/// 200 only while a snapshot is in force and fresh; the body says which revision, how old its
+/// last confirmation by the source is, and, when not ready, why.
+fn readiness(store: &SnapshotStore) -> Response<Full<Bytes>> {
+    let current = store.current();
+    let unconfirmed = store.unconfirmed_for().map(|d| d.as_secs_f64());
+    let loaded = store
+        .loaded_at()
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .map(|d| d.as_secs_f64());
+    let Some(s) = current.as_ref() else {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"ready": false, "reason": "no snapshot in force"}),
+        );
+    };
+    let mut body = serde_json::json!({
+        "ready": true, "revision": s.revision, "keys": s.key_count(),
+        "quarantined": s.quarantined.len(), "loaded_seconds_ago": loaded,
+        "confirmed_seconds_ago": unconfirmed,
+        "max_staleness_seconds": store.max_staleness().map(|d| d.as_secs_f64()),
+    });
+    if store.is_fresh() {
+        return json(StatusCode::OK, body);
+    }
+    body["ready"] = false.into();
+    body["reason"] = "the snapshot is older than snapshot.max_staleness".into();
+    json(StatusCode::SERVICE_UNAVAILABLE, body)
 }
 
 fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {

@@ -15,7 +15,7 @@ use crate::authz_http::AuthzState;
 use crate::config::{RuntimeFlavor, Settings};
 use crate::ext_authz::ExtAuthzState;
 use crate::proxy::{self, ProxyState};
-use crate::snapshot::file::FileSource;
+use crate::snapshot::source::{Source, SourceError};
 use crate::snapshot::SnapshotStore;
 
 /// Why keygate could not start.
@@ -27,6 +27,8 @@ pub enum AppError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Source(#[from] SourceError),
 }
 
 /// How long in-flight requests may run on after shutdown begins.
@@ -38,6 +40,7 @@ pub struct App {
     pub admin_addr: Option<SocketAddr>,
     pub authz_http_addr: Option<SocketAddr>,
     pub ext_authz_addr: Option<SocketAddr>,
+    pub sync_addr: Option<SocketAddr>,
     pub store: Arc<SnapshotStore>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -73,9 +76,11 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AppEr
 /// Load the snapshot (a failure is logged and the fronts answer `snapshot_unavailable` until a
 /// good one arrives), bind every configured listener, and start serving.
 pub async fn start(settings: Settings) -> Result<App, AppError> {
-    let store = Arc::new(SnapshotStore::new());
-    let mut source = FileSource::new(settings.snapshot.clone());
-    let _ = source.load_now(&store);
+    let store = Arc::new(SnapshotStore::configured(
+        settings.snapshot.max_staleness,
+        settings.sync_server.is_some(),
+    ));
+    let source = Source::start(&settings.snapshot, &store).await?;
 
     let (stop, rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -200,14 +205,26 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
             stopped(rx.clone()),
         ));
     }
-    tasks.spawn(source.watch(store.clone(), stopped(rx.clone())));
+    let mut sync_addr = None;
+    if let Some(sync) = settings.sync_server.clone() {
+        let listener = bind("sync_server.listen", sync.listen).await?;
+        sync_addr = listener.local_addr().ok();
+        let hub = crate::sync::server::Hub::new(store.clone(), sync);
+        tasks.spawn(crate::sync::server::serve(
+            listener,
+            hub,
+            stopped(rx.clone()),
+        ));
+    }
+    tasks.spawn(source.run(store.clone(), stopped(rx.clone())));
 
-    tracing::info!(proxy = ?proxy_addr, ext_authz = ?ext_authz_addr, authz_http = ?authz_http_addr, admin = ?admin_addr, "keygate started");
+    tracing::info!(proxy = ?proxy_addr, ext_authz = ?ext_authz_addr, authz_http = ?authz_http_addr, admin = ?admin_addr, sync = ?sync_addr, "keygate started");
     Ok(App {
         proxy_addr,
         admin_addr,
         authz_http_addr,
         ext_authz_addr,
+        sync_addr,
         store,
         stop,
         tasks,

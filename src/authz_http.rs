@@ -152,7 +152,7 @@ fn check(state: &AuthzState, peer: SocketAddr, req: &Request<Incoming>) -> Respo
         &state.settings.trusted_proxies,
     );
     let credential = extract_from_headers(headers, &names.credentials);
-    let snapshot = state.store.current();
+    let snapshot = state.store.serving();
     let facts = RequestFacts::from_headers(
         method,
         &normalized,
@@ -162,7 +162,12 @@ fn check(state: &AuthzState, peer: SocketAddr, req: &Request<Incoming>) -> Respo
         headers,
         names,
     );
-    let allow = match decide(snapshot.as_deref(), &state.policy, &facts, now_ms()) {
+    let allow = match decide(
+        snapshot.as_ref().and_then(|g| g.as_deref()),
+        &state.policy,
+        &facts,
+        now_ms(),
+    ) {
         Verdict::Allow(allow) => allow,
         Verdict::Deny(reason) => return deny(&reason, &request_id, names),
     };

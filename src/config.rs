@@ -70,6 +70,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub snapshot: RawSnapshot,
     #[serde(default)]
+    pub sync_server: RawSyncServer,
+    #[serde(default)]
     pub proxy: RawProxy,
     #[serde(default)]
     pub admin: RawListen,
@@ -111,8 +113,26 @@ fn yes() -> bool {
 pub struct RawSnapshot {
     pub source: Option<String>,
     pub path: Option<PathBuf>,
+    pub url: Option<String>,
     pub poll_interval: Option<String>,
+    pub token_env: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Option<String>,
+    pub read_timeout: Option<String>,
+    pub max_body_bytes: Option<usize>,
+    pub backoff_max: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub cache_path: Option<PathBuf>,
+    pub max_staleness: Option<String>,
     pub pepper_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawSyncServer {
+    pub listen: Option<String>,
+    pub token_env: Option<String>,
+    pub heartbeat_interval: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -215,6 +235,8 @@ pub struct RawRuntime {
 pub struct Settings {
     pub policy: Arc<Policy>,
     pub snapshot: SnapshotSettings,
+    /// Serves `keygate.sync.v1` Watch to other keygates.
+    pub sync_server: Option<SyncServerSettings>,
     pub proxy: Option<ProxySettings>,
     pub admin: Option<SocketAddr>,
     /// gRPC `envoy.service.auth.v3.Authorization` front.
@@ -245,13 +267,77 @@ pub enum Unmatched {
     Deny,
 }
 
+/// Where the snapshot comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    /// A JSON file, reloaded on change.
+    File,
+    /// A control plane polled over HTTP(S) with `If-None-Match`.
+    Http,
+    /// Another keygate (or a control plane) speaking `keygate.sync.v1` Watch.
+    Grpc,
+}
+
 #[derive(Debug, Clone)]
 pub struct SnapshotSettings {
+    pub source: SourceKind,
+    /// The file (file source).
     pub path: PathBuf,
-    /// How often the file is stat-ed as a fallback for (and a check on) inotify.
+    /// The control plane (http source) or the hub (grpc source).
+    pub url: Option<http::Uri>,
+    /// File: how often the file is stat-ed as a fallback for (and a check on) inotify.
+    /// HTTP: how often the control plane is asked.
     pub poll_interval: Duration,
+    /// Bearer token for the source, read from the environment at start.
+    pub token: Option<Secret>,
+    /// PEM CA certificates that replace the system roots for an `https://` source.
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    /// HTTP: the whole answer must arrive within this.
+    pub read_timeout: Duration,
+    /// HTTP: a larger answer is refused (and the snapshot in force kept).
+    pub max_body_bytes: usize,
+    /// Retries after a failure wait 1 s, 2 s, 4 s… (with jitter) up to this.
+    pub backoff_max: Duration,
+    /// gRPC: a stream that delivers nothing (not even a heartbeat) this long is dead.
+    pub idle_timeout: Duration,
+    /// The last good snapshot, written after each applied revision, read at start when the
+    /// source cannot be reached.
+    pub cache_path: Option<PathBuf>,
+    /// Once the source has not confirmed the snapshot for this long, every front answers
+    /// `snapshot_unavailable`. `None` = serve the last good snapshot however old.
+    pub max_staleness: Option<Duration>,
     /// The pepper for `hmac-sha256:` digests, read from the environment at start.
     pub pepper: Option<Arc<[u8]>>,
+}
+
+/// A secret read from the environment: never printed, not even by `{:?}`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Arc<str>);
+
+impl Secret {
+    pub fn new(value: impl Into<Arc<str>>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SyncServerSettings {
+    pub listen: SocketAddr,
+    /// Clients must present `authorization: Bearer <token>` when set.
+    pub token: Option<Secret>,
+    /// How often an idle Watch stream carries a heartbeat.
+    pub heartbeat_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -339,8 +425,10 @@ pub fn load_with_env(
     path: &Path,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Settings, ConfigError> {
+    let env: Vec<(String, String)> = env.into_iter().collect();
+    let lookup: std::collections::HashMap<String, String> = env.iter().cloned().collect();
     let (raw, unknown) = read_raw(path, env)?;
-    with_unknown(validate(raw), unknown)
+    with_unknown(validate_with_env(raw, &|k| lookup.get(k).cloned()), unknown)
 }
 
 /// Parse TOML text (no environment overrides) and validate: used by `keygate demo` and tests.
@@ -393,6 +481,7 @@ fn table_fields(table: &str) -> Option<&'static [&'static str]> {
         "" => fields_of::<RawConfig>(),
         "key_prefixes[]" => fields_of::<RawPrefixRule>(),
         "snapshot" => fields_of::<RawSnapshot>(),
+        "sync_server" => fields_of::<RawSyncServer>(),
         "proxy" => fields_of::<RawProxy>(),
         "admin" => fields_of::<RawListen>(),
         "ext_authz" | "authz_http" => fields_of::<RawFront>(),
@@ -528,9 +617,21 @@ fn read_raw(
         })
 }
 
-/// Check everything and build [`Settings`], or list every problem.
+/// Check everything and build [`Settings`], or list every problem. Variables named by
+/// `*_env` keys are read from the process environment.
 pub fn validate(raw: RawConfig) -> Result<Settings, ConfigError> {
-    let mut v = Validator::default();
+    validate_with_env(raw, &|k| std::env::var(k).ok())
+}
+
+/// As [`validate`], reading the variables named by `*_env` keys through `env`.
+pub fn validate_with_env(
+    raw: RawConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Settings, ConfigError> {
+    let mut v = Validator {
+        problems: Vec::new(),
+        env,
+    };
 
     let environment = match raw.environment.as_deref() {
         None => {
@@ -581,6 +682,7 @@ pub fn validate(raw: RawConfig) -> Result<Settings, ConfigError> {
     }
 
     let snapshot = v.snapshot(&raw.snapshot);
+    let sync_server = v.sync_server(&raw.sync_server);
     let proxy = v.proxy(&raw.proxy);
     let admin = v.listen("admin.listen", raw.admin.listen.as_deref());
     let ext_authz = v.front("ext_authz", &raw.ext_authz);
@@ -662,7 +764,14 @@ pub fn validate(raw: RawConfig) -> Result<Settings, ConfigError> {
         worker_threads: raw.runtime.worker_threads.unwrap_or(0),
     };
 
-    let no_front = proxy.is_none() && ext_authz.is_none() && authz_http.is_none();
+    let no_front = proxy.is_none()
+        && ext_authz.is_none()
+        && authz_http.is_none()
+        && raw
+            .sync_server
+            .listen
+            .as_deref()
+            .is_none_or(|l| l.trim().is_empty());
     if no_front && admin.is_none() && v.problems.is_empty() {
         v.problem(
             "proxy.listen",
@@ -685,6 +794,7 @@ pub fn validate(raw: RawConfig) -> Result<Settings, ConfigError> {
             idempotency_required: raw.idempotency.required.unwrap_or(false),
         }),
         snapshot: snapshot.expect("no problems means a snapshot section"),
+        sync_server,
         proxy,
         admin,
         ext_authz,
@@ -695,12 +805,12 @@ pub fn validate(raw: RawConfig) -> Result<Settings, ConfigError> {
     })
 }
 
-#[derive(Default)]
-struct Validator {
+struct Validator<'e> {
     problems: Vec<Problem>,
+    env: &'e dyn Fn(&str) -> Option<String>,
 }
 
-impl Validator {
+impl Validator<'_> {
     fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
         self.problems.push(Problem {
             key: key.into(),
@@ -754,32 +864,115 @@ impl Validator {
     }
 
     fn snapshot(&mut self, raw: &RawSnapshot) -> Option<SnapshotSettings> {
-        match raw.source.as_deref().unwrap_or("file") {
-            "file" => {}
-            other @ ("http" | "grpc") => {
+        let source = match raw.source.as_deref().unwrap_or("file") {
+            "file" => SourceKind::File,
+            "http" => SourceKind::Http,
+            "grpc" => SourceKind::Grpc,
+            other => {
                 self.problem(
                     "snapshot.source",
-                    format!("{other:?} is not supported by this version yet; use \"file\""),
+                    format!("{other:?} must be \"file\", \"http\" or \"grpc\""),
                 );
+                SourceKind::File
             }
-            other => self.problem("snapshot.source", format!("{other:?} must be \"file\"")),
-        }
-        let path = match &raw.path {
-            Some(p) if !p.as_os_str().is_empty() => p.clone(),
-            _ => {
+        };
+        let path = match (&raw.path, source) {
+            (Some(p), _) if !p.as_os_str().is_empty() => p.clone(),
+            (_, SourceKind::File) => {
                 self.problem("snapshot.path", "is required (the snapshot JSON file)");
                 PathBuf::new()
             }
+            _ => PathBuf::new(),
+        };
+        let url = match (raw.url.as_deref().map(str::trim), source) {
+            (Some(text), _) if !text.is_empty() => self.source_url(text, source),
+            (_, SourceKind::File) => None,
+            (_, SourceKind::Http) => {
+                self.problem(
+                    "snapshot.url",
+                    "is required with source = \"http\" (the control plane's snapshot URL)",
+                );
+                None
+            }
+            (_, SourceKind::Grpc) => {
+                self.problem(
+                    "snapshot.url",
+                    "is required with source = \"grpc\" (the hub, like \"http://hub:9393\")",
+                );
+                None
+            }
+        };
+        let poll_default = match source {
+            SourceKind::Http => secs(5),
+            _ => secs(1),
         };
         let poll_interval = self.duration(
             "snapshot.poll_interval",
             raw.poll_interval.as_deref(),
-            Duration::from_secs(1),
+            poll_default,
         );
+        let token = self.secret_env("snapshot.token_env", raw.token_env.as_deref());
+        let ca_file = raw.ca_file.clone().filter(|p| !p.as_os_str().is_empty());
+        if let Some(ca) = &ca_file {
+            if !ca.is_file() {
+                self.problem(
+                    "snapshot.ca_file",
+                    format!("{} is not a readable file", ca.display()),
+                );
+            }
+        }
+        let connect_timeout = self.duration(
+            "snapshot.connect_timeout",
+            raw.connect_timeout.as_deref(),
+            secs(2),
+        );
+        let read_timeout = self.duration(
+            "snapshot.read_timeout",
+            raw.read_timeout.as_deref(),
+            secs(30),
+        );
+        let max_body_bytes = match raw.max_body_bytes {
+            Some(0) => {
+                self.problem("snapshot.max_body_bytes", "must be more than zero");
+                0
+            }
+            Some(n) => n,
+            None => 1 << 30,
+        };
+        let backoff_max =
+            self.duration("snapshot.backoff_max", raw.backoff_max.as_deref(), secs(30));
+        let idle_timeout = self.duration(
+            "snapshot.idle_timeout",
+            raw.idle_timeout.as_deref(),
+            secs(15),
+        );
+        let cache_path = raw.cache_path.clone().filter(|p| !p.as_os_str().is_empty());
+        let max_staleness = raw
+            .max_staleness
+            .as_deref()
+            .filter(|t| !t.trim().is_empty())
+            .map(|t| self.duration("snapshot.max_staleness", Some(t), Duration::MAX));
+        if let Some(m) = max_staleness {
+            let confirm_every = if source == SourceKind::Grpc {
+                idle_timeout
+            } else {
+                poll_interval
+            };
+            if m != Duration::MAX && m <= confirm_every {
+                self.problem(
+                    "snapshot.max_staleness",
+                    format!(
+                        "{} must be longer than the source's confirmation interval ({}), or nothing would ever be fresh",
+                        humantime::format_duration(m),
+                        humantime::format_duration(confirm_every)
+                    ),
+                );
+            }
+        }
         let pepper = match raw.pepper_env.as_deref() {
             None => None,
-            Some(var) => match std::env::var_os(var) {
-                Some(v) if !v.is_empty() => Some(Arc::from(v.as_encoded_bytes())),
+            Some(var) => match (self.env)(var) {
+                Some(v) if !v.is_empty() => Some(Arc::from(v.as_bytes())),
                 _ => {
                     self.problem(
                         "snapshot.pepper_env",
@@ -790,9 +983,80 @@ impl Validator {
             },
         };
         Some(SnapshotSettings {
+            source,
             path,
+            url,
             poll_interval,
+            token,
+            ca_file,
+            connect_timeout,
+            read_timeout,
+            max_body_bytes,
+            backoff_max,
+            idle_timeout,
+            cache_path,
+            max_staleness,
             pepper,
+        })
+    }
+
+    fn source_url(&mut self, text: &str, source: SourceKind) -> Option<http::Uri> {
+        let uri: http::Uri = match text.parse() {
+            Ok(u) => u,
+            Err(_) => {
+                self.problem("snapshot.url", format!("{text:?} is not a URL"));
+                return None;
+            }
+        };
+        match (uri.scheme_str(), uri.authority()) {
+            (Some("http" | "https"), Some(_)) => {}
+            _ => {
+                self.problem(
+                    "snapshot.url",
+                    format!("{text:?} must be an http:// or https:// URL with a host"),
+                );
+                return None;
+            }
+        }
+        if source == SourceKind::Grpc && !matches!(uri.path(), "" | "/") {
+            self.problem(
+                "snapshot.url",
+                format!(
+                    "{text:?}: a gRPC hub is an address without a path, like \"http://hub:9393\""
+                ),
+            );
+            return None;
+        }
+        Some(uri)
+    }
+
+    /// The value of the environment variable named at `key`, which must be set and not empty.
+    fn secret_env(&mut self, key: &str, var: Option<&str>) -> Option<Secret> {
+        let var = var.map(str::trim).filter(|v| !v.is_empty())?;
+        match (self.env)(var) {
+            Some(v) if !v.trim().is_empty() => Some(Secret::new(v.trim())),
+            _ => {
+                self.problem(
+                    key,
+                    format!("the environment variable {var:?} is not set or empty"),
+                );
+                None
+            }
+        }
+    }
+
+    fn sync_server(&mut self, raw: &RawSyncServer) -> Option<SyncServerSettings> {
+        let listen = self.listen("sync_server.listen", raw.listen.as_deref());
+        let token = self.secret_env("sync_server.token_env", raw.token_env.as_deref());
+        let heartbeat_interval = self.duration(
+            "sync_server.heartbeat_interval",
+            raw.heartbeat_interval.as_deref(),
+            secs(5),
+        );
+        Some(SyncServerSettings {
+            listen: listen?,
+            token,
+            heartbeat_interval,
         })
     }
 

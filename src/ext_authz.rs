@@ -91,7 +91,7 @@ pub async fn serve(
         let mut last = None;
         loop {
             published.borrow_and_update();
-            let status = if store.current().is_some() {
+            let status = if store.serving().is_some() {
                 ServingStatus::Serving
             } else {
                 ServingStatus::NotServing
@@ -220,8 +220,13 @@ pub fn check(state: &ExtAuthzState, req: &CheckRequest) -> CheckResponse {
         origin: headers.single("origin"),
         idempotency_key: headers.single(names.idempotency_key.as_str()),
     };
-    let snapshot = state.store.current();
-    match decide(snapshot.as_deref(), &state.policy, &facts, now_ms()) {
+    let snapshot = state.store.serving();
+    match decide(
+        snapshot.as_ref().and_then(|g| g.as_deref()),
+        &state.policy,
+        &facts,
+        now_ms(),
+    ) {
         Verdict::Allow(allow) => allowed(&allow, credential, &headers, &request_id, names),
         Verdict::Deny(reason) => denied(&reason, &request_id, names),
     }

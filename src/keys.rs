@@ -833,7 +833,7 @@ fn save(target: &Path, doc: &Snapshot) -> Result<(), KeysError> {
 
 /// Replaces `target` with `bytes` so that readers see the old or the new content,
 /// never a mix, and the new content survives a crash once this returns `Ok`.
-fn write_atomic(target: &Path, bytes: &[u8]) -> Result<(), KeysError> {
+pub(crate) fn write_atomic(target: &Path, bytes: &[u8]) -> Result<(), KeysError> {
     let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

@@ -172,7 +172,7 @@ async fn handle(
     );
     let credential = extract_from_headers(req.headers(), &names.credentials);
     let host = host_of(&req);
-    let snapshot = state.store.current();
+    let snapshot = state.store.serving();
     let facts = RequestFacts::from_headers(
         req.method().as_str(),
         &normalized,
@@ -182,7 +182,12 @@ async fn handle(
         req.headers(),
         names,
     );
-    let allow = match decide(snapshot.as_deref(), &state.policy, &facts, now_ms()) {
+    let allow = match decide(
+        snapshot.as_ref().and_then(|g| g.as_deref()),
+        &state.policy,
+        &facts,
+        now_ms(),
+    ) {
         Verdict::Deny(reason) => {
             let close = matches!(reason, DenyReason::InvalidPath(_));
             return deny(&reason, &request_id, names, close);

@@ -8,14 +8,19 @@
 //! Requests read the store without locks and see exactly one revision from start to end; the
 //! source task (`snapshot::file`) is the only writer.
 
+pub mod cache;
+pub mod document;
 pub mod file;
+pub mod http_source;
 pub mod parse;
+pub mod source;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::{ArcSwapOption, Guard};
 use hmac::{Hmac, Mac};
@@ -187,8 +192,7 @@ impl Snapshot {
     }
 }
 
-/// Where requests get the snapshot in force.
-#[derive(Default)]
+/// Where requests get the snapshot in force, and how fresh the source says it is.
 pub struct SnapshotStore {
     current: ArcSwapOption<Snapshot>,
     /// Quarantined entries of the revision in force, so a reload logs only new ones.
@@ -196,6 +200,57 @@ pub struct SnapshotStore {
     loaded_at: Mutex<Option<SystemTime>>,
     /// The revision in force, for tasks that follow it (ext_authz health) without polling.
     revision: watch::Sender<Option<u64>>,
+    /// Milliseconds after `epoch` (negative: before it, for a cache written by an earlier run)
+    /// at which the source last confirmed the snapshot in force; `NEVER` = not yet. Monotonic:
+    /// a wall-clock jump neither revives nor expires a snapshot.
+    confirmed_ms: AtomicI64,
+    epoch: Instant,
+    /// `u64::MAX` = no bound.
+    max_staleness_ms: u64,
+    /// The document in force as entries by id, kept only when `retain_documents` (a sync hub
+    /// diffs it, a sync client applies deltas to it).
+    document: ArcSwapOption<document::Document>,
+    retain_documents: bool,
+    /// Counted outcomes, for `/metrics` and logs.
+    pub stats: SourceStats,
+}
+
+const NEVER: i64 = i64::MIN;
+
+/// What the source has done so far. Counters only go up.
+#[derive(Debug, Default)]
+pub struct SourceStats {
+    /// Documents (or deltas) put in force.
+    pub reloads_applied: AtomicU64,
+    /// Documents refused: not JSON, wrong schema, revision going backwards, too large…
+    pub reloads_rejected: AtomicU64,
+    /// Attempts that got no document at all: unreachable, 5xx, timeouts, broken streams.
+    pub fetch_errors: AtomicU64,
+    /// Answers that confirmed the snapshot in force unchanged (HTTP 304, a gRPC heartbeat).
+    pub confirmations: AtomicU64,
+    /// `keygate.sync.v1` deltas applied.
+    pub deltas_applied: AtomicU64,
+}
+
+impl SourceStats {
+    pub fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Default for SnapshotStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Why a document was not put in force.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadFailure {
+    #[error(transparent)]
+    Document(#[from] DocumentError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
 }
 
 /// Why a valid document was not put in force.
@@ -206,8 +261,86 @@ pub enum PublishError {
 }
 
 impl SnapshotStore {
+    /// A store whose snapshot never goes stale.
     pub fn new() -> Self {
-        Self::default()
+        Self::with_max_staleness(None)
+    }
+
+    /// A store whose snapshot stops being served once the source has not confirmed it for
+    /// `max_staleness`.
+    pub fn with_max_staleness(max_staleness: Option<Duration>) -> Self {
+        Self::configured(max_staleness, false)
+    }
+
+    /// A store with a staleness bound that, when `retain_documents`, also keeps each
+    /// document's entries (for `keygate.sync.v1`).
+    pub fn configured(max_staleness: Option<Duration>, retain_documents: bool) -> Self {
+        Self {
+            document: ArcSwapOption::empty(),
+            retain_documents,
+            current: ArcSwapOption::empty(),
+            logged: Mutex::default(),
+            loaded_at: Mutex::default(),
+            revision: watch::Sender::new(None),
+            confirmed_ms: AtomicI64::new(NEVER),
+            epoch: Instant::now(),
+            max_staleness_ms: max_staleness
+                .map_or(u64::MAX, |d| d.as_millis().try_into().unwrap_or(u64::MAX)),
+            stats: SourceStats::default(),
+        }
+    }
+
+    /// The source has just confirmed that the snapshot in force is current.
+    pub fn confirm(&self) {
+        self.confirm_ago(Duration::ZERO);
+    }
+
+    /// The source confirmed the snapshot in force `age` ago (a hub relays the age of its own
+    /// confirmation, and a cache file its modification time, so staleness is measured end to
+    /// end). Never moves the confirmation backwards.
+    pub fn confirm_ago(&self, age: Duration) {
+        let now = self.now_ms();
+        let age = i64::try_from(age.as_millis()).unwrap_or(i64::MAX / 2);
+        self.confirmed_ms
+            .fetch_max(now.saturating_sub(age), Ordering::Relaxed);
+        SourceStats::count(&self.stats.confirmations);
+    }
+
+    fn now_ms(&self) -> i64 {
+        i64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(i64::MAX / 2)
+    }
+
+    /// How long ago the source last confirmed the snapshot in force; `None` = never.
+    pub fn unconfirmed_for(&self) -> Option<Duration> {
+        match self.confirmed_ms.load(Ordering::Relaxed) {
+            NEVER => None,
+            ms => Some(Duration::from_millis(
+                self.now_ms().saturating_sub(ms).max(0) as u64,
+            )),
+        }
+    }
+
+    /// Whether the snapshot in force may be served: always without `max_staleness`, else only
+    /// while its last confirmation is recent enough. Cheap: one atomic load and a clock read,
+    /// and only when a bound is set.
+    pub fn is_fresh(&self) -> bool {
+        if self.max_staleness_ms == u64::MAX {
+            return true;
+        }
+        let confirmed = self.confirmed_ms.load(Ordering::Relaxed);
+        confirmed != NEVER
+            && self.now_ms().saturating_sub(confirmed) as u64 <= self.max_staleness_ms
+    }
+
+    pub fn max_staleness(&self) -> Option<Duration> {
+        (self.max_staleness_ms != u64::MAX).then(|| Duration::from_millis(self.max_staleness_ms))
+    }
+
+    /// The snapshot requests are decided against: the one in force while it is fresh, else
+    /// none (every front then answers `snapshot_unavailable`).
+    pub fn serving(&self) -> Option<Guard<Option<Arc<Snapshot>>>> {
+        let guard = self.current.load();
+        (guard.is_some() && self.is_fresh()).then_some(guard)
     }
 
     /// The snapshot in force, if any. Cheap: no lock, no reference count on the common path.
@@ -229,9 +362,53 @@ impl SnapshotStore {
         *self.loaded_at.lock().expect("lock poisoned")
     }
 
+    /// Whether sources should hand [`SnapshotStore::publish_document`] the document's entries.
+    pub fn retains_documents(&self) -> bool {
+        self.retain_documents
+    }
+
+    /// The entries of the document in force, when retained.
+    pub fn document(&self) -> Option<Arc<document::Document>> {
+        self.document.load_full()
+    }
+
+    /// Publish from a document's JSON text: the index, and the entries when retained.
+    pub fn publish_json(
+        &self,
+        bytes: &[u8],
+        pepper: Option<Arc<[u8]>>,
+    ) -> Result<(u64, Vec<Quarantined>), LoadFailure> {
+        let snapshot = parse(bytes, pepper)?;
+        let revision = snapshot.revision;
+        let doc = if self.retain_documents {
+            Some(Arc::new(document::Document::from_json(bytes)?))
+        } else {
+            None
+        };
+        let fresh = self.publish_document(snapshot, doc)?;
+        Ok((revision, fresh))
+    }
+
+    /// As [`SnapshotStore::publish`], keeping `doc` (the same revision's entries) beside it.
+    pub fn publish_document(
+        &self,
+        next: Snapshot,
+        doc: Option<Arc<document::Document>>,
+    ) -> Result<Vec<Quarantined>, PublishError> {
+        self.publish_inner(next, doc)
+    }
+
     /// Put `next` in force unless it would move the revision backwards. Returns the entries
     /// quarantined in `next` that were not quarantined in the revision it replaces.
     pub fn publish(&self, next: Snapshot) -> Result<Vec<Quarantined>, PublishError> {
+        self.publish_inner(next, None)
+    }
+
+    fn publish_inner(
+        &self,
+        next: Snapshot,
+        doc: Option<Arc<document::Document>>,
+    ) -> Result<Vec<Quarantined>, PublishError> {
         if let Some(cur) = self.current.load().as_ref() {
             if next.revision < cur.revision {
                 return Err(PublishError::RevisionRegressed {
@@ -249,6 +426,10 @@ impl SnapshotStore {
             .collect();
         *logged = next.quarantined.clone();
         let revision = next.revision;
+        SourceStats::count(&self.stats.reloads_applied);
+        if self.retain_documents {
+            self.document.store(doc);
+        }
         self.current.store(Some(Arc::new(next)));
         *self.loaded_at.lock().expect("lock poisoned") = Some(SystemTime::now());
         self.revision.send_replace(Some(revision));

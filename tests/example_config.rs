@@ -31,6 +31,13 @@ fn example_config_loads_and_states_the_defaults() {
     assert_eq!(d.max_headers, p.max_headers);
     assert_eq!(d.pool_idle_per_host, p.pool_idle_per_host);
     assert_eq!(minimal.snapshot.poll_interval, s.snapshot.poll_interval);
+    let (a, b) = (&minimal.snapshot, &s.snapshot);
+    assert_eq!(a.connect_timeout, b.connect_timeout);
+    assert_eq!(a.read_timeout, b.read_timeout);
+    assert_eq!(a.max_body_bytes, b.max_body_bytes);
+    assert_eq!(a.backoff_max, b.backoff_max);
+    assert_eq!(a.idle_timeout, b.idle_timeout);
+    assert_eq!(a.max_staleness, b.max_staleness);
     assert_eq!(
         minimal.headers.forward_credentials,
         s.headers.forward_credentials

@@ -287,9 +287,53 @@ fn each_problem_names_its_dotted_key() {
             "runtime.flavor",
         ),
         (
-            "snapshot.source = http",
+            "snapshot.source = http without a url",
             edit("path = ", "source = \"http\"\npath = "),
-            "snapshot.source",
+            "snapshot.url",
+        ),
+        (
+            "snapshot.source = grpc with a url that has a path",
+            edit(
+                "path = ",
+                "source = \"grpc\"\nurl = \"http://hub:9393/v1\"\npath = ",
+            ),
+            "snapshot.url",
+        ),
+        (
+            "snapshot.url not http(s)",
+            edit(
+                "path = ",
+                "source = \"http\"\nurl = \"ftp://cp/keys\"\npath = ",
+            ),
+            "snapshot.url",
+        ),
+        (
+            "snapshot.token_env names an unset variable",
+            edit(
+                "path = ",
+                "token_env = \"KEYGATE_TEST_SURELY_UNSET\"\npath = ",
+            ),
+            "snapshot.token_env",
+        ),
+        (
+            "snapshot.max_staleness not longer than the poll interval",
+            edit("path = ", "max_staleness = \"500ms\"\npath = "),
+            "snapshot.max_staleness",
+        ),
+        (
+            "snapshot.ca_file missing",
+            edit("path = ", "ca_file = \"/nonexistent/ca.pem\"\npath = "),
+            "snapshot.ca_file",
+        ),
+        (
+            "bad sync_server.listen",
+            add("[sync_server]\nlisten = \"everywhere\"\n"),
+            "sync_server.listen",
+        ),
+        (
+            "sync_server.heartbeat_interval without a unit",
+            add("[sync_server]\nlisten = \"127.0.0.1:0\"\nheartbeat_interval = \"5\"\n"),
+            "sync_server.heartbeat_interval",
         ),
         (
             "snapshot.source = ftp",

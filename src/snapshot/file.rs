@@ -14,7 +14,9 @@ use std::time::{Duration, SystemTime};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use super::{parse, DocumentError, PublishError, Snapshot, SnapshotStore};
+use super::{
+    parse, DocumentError, LoadFailure, PublishError, Snapshot, SnapshotStore, SourceStats,
+};
 use crate::config::SnapshotSettings;
 
 /// Why a load did not put a snapshot in force.
@@ -47,22 +49,40 @@ pub fn read(path: &Path, pepper: Option<Arc<[u8]>>) -> Result<Snapshot, LoadErro
 /// Read, parse and publish; logs the outcome (never key material).
 pub fn load_into(store: &SnapshotStore, settings: &SnapshotSettings) -> Result<u64, LoadError> {
     let path = &settings.path;
-    let result = read(path, settings.pepper.clone()).and_then(|snapshot| {
-        let revision = snapshot.revision;
-        let keys = snapshot.key_count();
-        let quarantined = snapshot.quarantined.len();
-        let fresh = store
-            .publish(snapshot)
-            .map_err(|source| LoadError::Publish {
-                path: path.display().to_string(),
-                source,
-            })?;
-        for q in fresh {
-            tracing::warn!(entry = %q.entry, reason = %q.reason, "snapshot entry quarantined");
-        }
-        tracing::info!(revision, keys, quarantined, "snapshot in force");
-        Ok(revision)
-    });
+    let shown = || path.display().to_string();
+    let result = std::fs::read(path)
+        .map_err(|source| LoadError::Read {
+            path: shown(),
+            source,
+        })
+        .and_then(|bytes| {
+            store
+                .publish_json(&bytes, settings.pepper.clone())
+                .map_err(|e| match e {
+                    LoadFailure::Document(source) => LoadError::Document {
+                        path: shown(),
+                        source,
+                    },
+                    LoadFailure::Publish(source) => LoadError::Publish {
+                        path: shown(),
+                        source,
+                    },
+                })
+        })
+        .map(|(revision, fresh)| {
+            for q in fresh {
+                tracing::warn!(entry = %q.entry, reason = %q.reason, "snapshot entry quarantined");
+            }
+            if let Some(s) = store.current().as_ref() {
+                tracing::info!(
+                    revision,
+                    keys = s.key_count(),
+                    quarantined = s.quarantined.len(),
+                    "snapshot in force"
+                );
+            }
+            revision
+        });
     if let Err(e) = &result {
         let in_force = store.current().as_ref().map(|s| s.revision);
         tracing::error!(error = %e, revision_in_force = ?in_force, "snapshot rejected; keeping the one in force");
@@ -109,7 +129,11 @@ impl FileSource {
     /// racing with this read is seen again by [`FileSource::watch`].
     pub fn load_now(&mut self, store: &SnapshotStore) -> Result<u64, LoadError> {
         self.last = fingerprint(&self.settings.path);
-        load_into(store, &self.settings)
+        let loaded = load_into(store, &self.settings);
+        if loaded.is_ok() {
+            store.confirm();
+        }
+        loaded
     }
 
     /// Follow the file until `shutdown` resolves, reloading on every change.
@@ -129,6 +153,9 @@ async fn watch(
     let mut poll = tokio::time::interval(settings.poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
+    // Whether the file as it is now (`last`) is the document in force. The file confirms the
+    // snapshot only then: a deleted file, or one keygate refused, does not.
+    let mut in_force = store.current().is_some();
     loop {
         tokio::select! {
             _ = &mut shutdown => return,
@@ -140,14 +167,26 @@ async fn watch(
             _ = poll.tick() => {}
         }
         let now = fingerprint(&settings.path);
-        if now.is_none() || now == last {
+        if now.is_none() {
+            continue;
+        }
+        if now == last {
+            if in_force {
+                store.confirm();
+            }
             continue;
         }
         last = now;
-        let store = store.clone();
+        let store2 = store.clone();
         let settings = settings.clone();
         // Parsing a large document is CPU work: keep it off the request threads' queues.
-        let _ = tokio::task::spawn_blocking(move || load_into(&store, &settings)).await;
+        let loaded = tokio::task::spawn_blocking(move || load_into(&store2, &settings)).await;
+        in_force = matches!(loaded, Ok(Ok(_)));
+        if in_force {
+            store.confirm();
+        } else {
+            SourceStats::count(&store.stats.reloads_rejected);
+        }
     }
 }
 

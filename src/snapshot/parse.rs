@@ -29,15 +29,16 @@ pub enum DocumentError {
     Schema(String),
 }
 
+/// A document's envelope, its entries left as unparsed JSON.
 #[derive(Deserialize)]
-struct RawDocument<'a> {
-    schema: Option<String>,
-    revision: u64,
-    generated_at: Option<String>,
+pub(crate) struct RawDocument<'a> {
+    pub schema: Option<String>,
+    pub revision: u64,
+    pub generated_at: Option<String>,
     #[serde(default, borrow)]
-    partners: Vec<&'a RawValue>,
+    pub partners: Vec<&'a RawValue>,
     #[serde(default, borrow)]
-    keys: Vec<&'a RawValue>,
+    pub keys: Vec<&'a RawValue>,
 }
 
 #[derive(Deserialize)]

@@ -1,0 +1,12 @@
+//! Compiles keygate's own protocol (`proto/keygate/sync/v1/sync.proto`) with protox, a pure-Rust
+//! protobuf compiler, so building needs no `protoc`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let files = protox::compile(["keygate/sync/v1/sync.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(files)?;
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! A snapshot document kept as its entries, by id: what a `keygate.sync.v1` hub diffs to make
+//! deltas and what a sync client applies them to. Kept only by keygates that serve or follow
+//! Watch (the fronts need only the indexed [`super::Snapshot`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::parse::{RawDocument, SCHEMA};
+use super::{DocumentError, Snapshot};
+
+/// Entries by id. An id that a document lists twice keeps both entries (and both are then
+/// quarantined by the index, as in a file). Entries without a usable id act as absent keys
+/// anyway and are not kept.
+pub type Entries = BTreeMap<Box<str>, Vec<Box<RawValue>>>;
+
+#[derive(Debug, Clone, Default)]
+pub struct Document {
+    pub revision: u64,
+    pub generated_at: Option<String>,
+    pub partners: Entries,
+    pub keys: Entries,
+}
+
+#[derive(Deserialize)]
+struct JustId<'a> {
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+}
+
+/// The `id` of an entry, if it has a string one.
+pub fn entry_id(raw: &RawValue) -> Option<Box<str>> {
+    serde_json::from_str::<JustId<'_>>(raw.get())
+        .ok()
+        .map(|j| j.id.into())
+}
+
+fn collect(raw: &[&RawValue]) -> Entries {
+    let mut out = Entries::new();
+    for value in raw {
+        if let Some(id) = entry_id(value) {
+            out.entry(id).or_default().push((*value).to_owned());
+        }
+    }
+    out
+}
+
+impl Document {
+    /// Read a `keygate.snapshot/v1` document (envelope errors only; entries are checked when
+    /// indexed).
+    pub fn from_json(bytes: &[u8]) -> Result<Self, DocumentError> {
+        let env: RawDocument<'_> = serde_json::from_slice(bytes)
+            .map_err(|e| DocumentError::Json(format!("line {} column {}", e.line(), e.column())))?;
+        match env.schema.as_deref() {
+            Some(SCHEMA) => {}
+            other => return Err(DocumentError::Schema(other.unwrap_or("").to_owned())),
+        }
+        Ok(Self {
+            revision: env.revision,
+            generated_at: env.generated_at,
+            partners: collect(&env.partners),
+            keys: collect(&env.keys),
+        })
+    }
+
+    /// The document as `keygate.snapshot/v1` JSON.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.keys.len() * 320);
+        out.extend_from_slice(b"{\"schema\":\"");
+        out.extend_from_slice(SCHEMA.as_bytes());
+        out.extend_from_slice(format!("\",\"revision\":{}", self.revision).as_bytes());
+        if let Some(g) = &self.generated_at {
+            out.extend_from_slice(b",\"generated_at\":");
+            out.extend_from_slice(&serde_json::to_vec(g).expect("a string serializes"));
+        }
+        for (name, entries) in [("partners", &self.partners), ("keys", &self.keys)] {
+            out.extend_from_slice(format!(",\"{name}\":[").as_bytes());
+            let mut first = true;
+            for e in entries.values().flatten() {
+                if !first {
+                    out.push(b',');
+                }
+                first = false;
+                out.extend_from_slice(e.get().as_bytes());
+            }
+            out.push(b']');
+        }
+        out.extend_from_slice(b"}\n");
+        out
+    }
+
+    /// Index the document (see [`super::build`]).
+    pub fn index(&self, pepper: Option<Arc<[u8]>>) -> Snapshot {
+        let partners: Vec<&RawValue> = self.partners.values().flatten().map(|b| &**b).collect();
+        let keys: Vec<&RawValue> = self.keys.values().flatten().map(|b| &**b).collect();
+        super::build(
+            self.revision,
+            self.generated_at.clone(),
+            &partners,
+            &keys,
+            pepper,
+        )
+    }
+}
+
+/// What changed from one set of entries to the next: ids whose entries differ (with all the new
+/// entries for that id), and ids that are gone.
+pub fn diff(old: &Entries, new: &Entries) -> (Vec<Box<RawValue>>, Vec<Box<str>>) {
+    let mut upsert = Vec::new();
+    let mut remove = Vec::new();
+    for (id, entries) in new {
+        let same = old.get(id).is_some_and(|o| {
+            o.len() == entries.len() && o.iter().zip(entries).all(|(a, b)| a.get() == b.get())
+        });
+        if !same {
+            upsert.extend(entries.iter().cloned());
+        }
+    }
+    for id in old.keys() {
+        if !new.contains_key(id) {
+            remove.push(id.clone());
+        }
+    }
+    (upsert, remove)
+}
+
+/// Apply upserts (grouped by id: the entries given for an id replace all held for it) and
+/// removals to `entries`. An upserted entry without a usable id is skipped and reported.
+pub fn apply(
+    entries: &mut Entries,
+    upsert: impl IntoIterator<Item = Box<RawValue>>,
+    remove: impl IntoIterator<Item = Box<str>>,
+) -> usize {
+    let mut skipped = 0;
+    let mut replaced: BTreeMap<Box<str>, Vec<Box<RawValue>>> = BTreeMap::new();
+    for e in upsert {
+        match entry_id(&e) {
+            Some(id) => replaced.entry(id).or_default().push(e),
+            None => skipped += 1,
+        }
+    }
+    for id in remove {
+        entries.remove(&id);
+    }
+    entries.extend(replaced);
+    skipped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(keys: &[(&str, &str)]) -> Document {
+        let keys: Vec<String> = keys
+            .iter()
+            .map(|(id, status)| format!(r#"{{"id":"{id}","status":"{status}"}}"#))
+            .collect();
+        let text = format!(
+            r#"{{"schema":"keygate.snapshot/v1","revision":3,"partners":[{{"id":"p","status":"active"}}],"keys":[{}]}}"#,
+            keys.join(",")
+        );
+        Document::from_json(text.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn diff_then_apply_gives_the_new_entries() {
+        let old = doc(&[("a", "active"), ("b", "active"), ("c", "active")]);
+        let new = doc(&[("a", "active"), ("b", "revoked"), ("d", "active")]);
+        let (upsert, remove) = diff(&old.keys, &new.keys);
+        let ids: Vec<_> = upsert.iter().map(|e| entry_id(e).unwrap()).collect();
+        assert_eq!(ids, vec!["b".into(), "d".into()] as Vec<Box<str>>);
+        assert_eq!(remove, vec![Box::<str>::from("c")]);
+        let mut held = old.keys.clone();
+        assert_eq!(apply(&mut held, upsert, remove), 0);
+        let as_text = |e: &Entries| -> Vec<String> {
+            e.values().flatten().map(|r| r.get().to_owned()).collect()
+        };
+        assert_eq!(as_text(&held), as_text(&new.keys));
+    }
+
+    #[test]
+    fn a_duplicated_id_travels_as_a_group() {
+        let old = doc(&[("a", "active")]);
+        let new = doc(&[("a", "active"), ("a", "revoked")]);
+        let (upsert, remove) = diff(&old.keys, &new.keys);
+        assert_eq!(upsert.len(), 2);
+        let mut held = old.keys.clone();
+        apply(&mut held, upsert, remove);
+        assert_eq!(held["a"].len(), 2);
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let d = doc(&[("a", "active"), ("b", "revoked")]);
+        let again = Document::from_json(&d.to_json()).unwrap();
+        assert_eq!(again.revision, 3);
+        assert_eq!(again.keys.len(), 2);
+        assert_eq!(again.partners.len(), 1);
+        assert!(Document::from_json(b"{\"schema\":\"x\",\"revision\":1}").is_err());
+    }
+}

@@ -1,0 +1,317 @@
+//! The `grpc` snapshot source: follow a hub's `keygate.sync.v1` Watch stream.
+//!
+//! The client keeps the document as entries by id, applies each delta to them, re-indexes off the
+//! request path and publishes. A stream that breaks, ends, or stays silent longer than
+//! `snapshot.idle_timeout` (the hub sends heartbeats) is dropped and reopened with the revision
+//! held, after a backoff with jitter; until then the snapshot in force keeps serving, for as long
+//! as `snapshot.max_staleness` allows, counted from the hub's own last confirmation.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use tonic::codec::Streaming;
+use tonic::transport::{Channel, Endpoint};
+
+use super::proto::sync_client::SyncClient as Stub;
+use super::proto::{watch_response::Event, WatchRequest, WatchResponse};
+use crate::config::SnapshotSettings;
+use crate::snapshot::document::{self, Document};
+use crate::snapshot::http_source::{backoff, error_chain};
+use crate::snapshot::{SnapshotStore, SourceStats};
+
+/// Why the stream is dropped (and reopened).
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("cannot reach the hub: {0}")]
+    Connect(String),
+    #[error("the hub refused the watch: {0}")]
+    Refused(String),
+    #[error("the stream broke: {0}")]
+    Broken(String),
+    #[error("the hub ended the stream")]
+    Ended,
+    #[error("no message for {0:?} (heartbeats stopped)")]
+    Silent(Duration),
+    #[error("a delta from revision {from} does not apply to revision {held}")]
+    Gap { from: u64, held: u64 },
+    #[error("the hub sent a document keygate refuses: {0}")]
+    Document(String),
+}
+
+pub struct SyncClient {
+    settings: SnapshotSettings,
+    endpoint: Endpoint,
+    doc: Option<Arc<Document>>,
+    stream: Option<Streaming<WatchResponse>>,
+    failures: u32,
+}
+
+impl SyncClient {
+    pub fn new(settings: SnapshotSettings) -> Result<Self, String> {
+        let url = settings
+            .url
+            .clone()
+            .ok_or("snapshot.url is required with source = \"grpc\"")?;
+        let endpoint = Endpoint::from(url)
+            .connect_timeout(settings.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        Ok(Self {
+            settings,
+            endpoint,
+            doc: None,
+            stream: None,
+            failures: 0,
+        })
+    }
+
+    /// The revision this client holds.
+    fn held(&self) -> u64 {
+        self.doc.as_ref().map_or(0, |d| d.revision)
+    }
+
+    async fn open(&mut self) -> Result<(), StreamError> {
+        let channel: Channel = self
+            .endpoint
+            .connect()
+            .await
+            .map_err(|e| StreamError::Connect(error_chain(&e)))?;
+        let mut stub = Stub::new(channel).max_decoding_message_size(super::MAX_MESSAGE_BYTES);
+        let mut req = tonic::Request::new(WatchRequest {
+            since_revision: self.held(),
+            client: hostname(),
+        });
+        if let Some(token) = &self.settings.token {
+            let value = format!("Bearer {}", token.expose()).parse().map_err(|_| {
+                StreamError::Connect("the token is not a valid header value".into())
+            })?;
+            req.metadata_mut().insert("authorization", value);
+        }
+        let stream = stub
+            .watch(req)
+            .await
+            .map_err(|s| StreamError::Refused(format!("{:?}: {}", s.code(), s.message())))?
+            .into_inner();
+        self.stream = Some(stream);
+        Ok(())
+    }
+
+    /// Read and apply one message.
+    async fn step(&mut self, store: &Arc<SnapshotStore>) -> Result<(), StreamError> {
+        if self.stream.is_none() {
+            self.open().await?;
+        }
+        let idle = self.settings.idle_timeout;
+        let stream = self.stream.as_mut().expect("opened above");
+        let msg = match tokio::time::timeout(idle, stream.message()).await {
+            Err(_) => return Err(StreamError::Silent(idle)),
+            Ok(Err(status)) => {
+                return Err(StreamError::Broken(format!(
+                    "{:?}: {}",
+                    status.code(),
+                    status.message()
+                )))
+            }
+            Ok(Ok(None)) => return Err(StreamError::Ended),
+            Ok(Ok(Some(msg))) => msg,
+        };
+        let age = msg.confirmed_age_ms.map(Duration::from_millis);
+        match msg.event {
+            Some(Event::Full(full)) => self.apply_full(store, full.document).await?,
+            Some(Event::Delta(delta)) => self.apply_delta(store, delta).await?,
+            Some(Event::Heartbeat(beat)) => {
+                if beat.revision != self.held() {
+                    // Not about what this client holds: proves only that the hub is alive.
+                    return Ok(());
+                }
+            }
+            None => return Ok(()),
+        }
+        if let (Some(age), true) = (age, self.held() != 0) {
+            store.confirm_ago(age);
+        }
+        Ok(())
+    }
+
+    async fn apply_full(
+        &mut self,
+        store: &Arc<SnapshotStore>,
+        bytes: Vec<u8>,
+    ) -> Result<(), StreamError> {
+        let store2 = store.clone();
+        let settings = self.settings.clone();
+        let doc = tokio::task::spawn_blocking(move || {
+            let doc = Document::from_json(&bytes).map_err(|e| e.to_string())?;
+            publish(&store2, &settings, doc, &bytes)
+        })
+        .await
+        .map_err(|e| StreamError::Document(e.to_string()))?
+        .map_err(StreamError::Document)?;
+        tracing::info!(
+            revision = doc.revision,
+            "sync: full snapshot from the hub in force"
+        );
+        self.doc = Some(doc);
+        Ok(())
+    }
+
+    async fn apply_delta(
+        &mut self,
+        store: &Arc<SnapshotStore>,
+        delta: super::proto::Delta,
+    ) -> Result<(), StreamError> {
+        let held = self.held();
+        if delta.from_revision != held || held == 0 {
+            return Err(StreamError::Gap {
+                from: delta.from_revision,
+                held,
+            });
+        }
+        let mut doc = self.doc.take().expect("held != 0 means a document");
+        let store2 = store.clone();
+        let settings = self.settings.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let next = Arc::make_mut(&mut doc);
+            let entries = |list: Vec<Vec<u8>>| -> Result<Vec<Box<RawValue>>, String> {
+                list.into_iter()
+                    .map(|b| {
+                        String::from_utf8(b)
+                            .map_err(|_| "an entry is not UTF-8".to_owned())
+                            .and_then(|s| {
+                                RawValue::from_string(s)
+                                    .map_err(|e| format!("an entry is not JSON: {e}"))
+                            })
+                    })
+                    .collect()
+            };
+            let skipped = document::apply(
+                &mut next.partners,
+                entries(delta.upsert_partners)?,
+                delta.remove_partners.into_iter().map(Box::from),
+            ) + document::apply(
+                &mut next.keys,
+                entries(delta.upsert_keys)?,
+                delta.remove_keys.into_iter().map(Box::from),
+            );
+            if skipped > 0 {
+                tracing::warn!(
+                    skipped,
+                    "sync: delta entries without a usable id were skipped"
+                );
+            }
+            next.revision = delta.revision;
+            next.generated_at = Some(delta.generated_at).filter(|g| !g.is_empty());
+            let doc = Arc::try_unwrap(doc).unwrap_or_else(|a| (*a).clone());
+            let bytes = settings.cache_path.as_ref().map(|_| doc.to_json());
+            publish(
+                &store2,
+                &settings,
+                doc,
+                bytes.as_deref().unwrap_or_default(),
+            )
+        })
+        .await
+        .map_err(|e| StreamError::Document(e.to_string()))?;
+        match result {
+            Ok(doc) => {
+                SourceStats::count(&store.stats.deltas_applied);
+                tracing::info!(revision = doc.revision, "sync: delta from the hub in force");
+                self.doc = Some(doc);
+                Ok(())
+            }
+            // The document held before the delta is gone with the failed attempt: start over.
+            Err(e) => Err(StreamError::Document(e)),
+        }
+    }
+
+    /// At start-up: open the stream and wait (bounded by the connect and idle timeouts) for the
+    /// first snapshot. `true` when one is in force.
+    pub async fn first_snapshot(&mut self, store: &Arc<SnapshotStore>) -> bool {
+        let bound = self.settings.connect_timeout + self.settings.idle_timeout;
+        let result = tokio::time::timeout(bound, async {
+            while self.held() == 0 {
+                self.step(store).await?;
+            }
+            Ok::<_, StreamError>(())
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                self.failed(store, &e);
+                false
+            }
+            Err(_) => {
+                self.failed(store, &StreamError::Silent(bound));
+                false
+            }
+        }
+    }
+
+    fn failed(&mut self, store: &SnapshotStore, e: &StreamError) {
+        self.stream = None;
+        self.failures = self.failures.saturating_add(1);
+        let counter = match e {
+            StreamError::Gap { .. } | StreamError::Document(_) => &store.stats.reloads_rejected,
+            _ => &store.stats.fetch_errors,
+        };
+        SourceStats::count(counter);
+        let in_force = store.current().as_ref().map(|s| s.revision);
+        tracing::error!(
+            error = %e, revision_in_force = ?in_force, failures_in_a_row = self.failures,
+            "sync: stream to the hub lost; keeping the snapshot in force"
+        );
+    }
+
+    /// Follow the hub until `shutdown` resolves.
+    pub async fn run(mut self, store: Arc<SnapshotStore>, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            if self.stream.is_none() && self.failures > 0 {
+                let delay = backoff(self.failures, self.settings.backoff_max);
+                tokio::select! {
+                    () = &mut shutdown => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+            let step = tokio::select! {
+                () = &mut shutdown => return,
+                step = self.step(&store) => step,
+            };
+            match step {
+                Ok(()) => self.failures = 0,
+                Err(e) => self.failed(&store, &e),
+            }
+        }
+    }
+}
+
+/// Index and publish `doc`; write the cache from `bytes` (the document's JSON) when configured.
+fn publish(
+    store: &SnapshotStore,
+    settings: &SnapshotSettings,
+    doc: Document,
+    bytes: &[u8],
+) -> Result<Arc<Document>, String> {
+    let snapshot = doc.index(settings.pepper.clone());
+    let doc = Arc::new(doc);
+    let fresh = store
+        .publish_document(snapshot, Some(doc.clone()))
+        .map_err(|e| e.to_string())?;
+    for q in fresh {
+        tracing::warn!(entry = %q.entry, reason = %q.reason, "snapshot entry quarantined");
+    }
+    if let (Some(path), false) = (&settings.cache_path, bytes.is_empty()) {
+        crate::snapshot::cache::write(path, bytes);
+    }
+    Ok(doc)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}

@@ -1,0 +1,307 @@
+//! The hub: serves `keygate.sync.v1` Watch from whatever snapshot this keygate holds.
+//!
+//! One task follows the store and, for each new revision, diffs its entries against the previous
+//! revision's; the resulting deltas are kept in a bounded history. Each Watch stream brings its
+//! caller up to date from that history (or with a full snapshot when the history does not reach
+//! back to the caller's revision), then forwards every new delta, and sends a heartbeat whenever
+//! it has been quiet for `heartbeat_interval`.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::server::NamedService;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+
+use super::proto::sync_server::{Sync, SyncServer};
+use super::proto::{watch_response, Delta, Full, Heartbeat, WatchRequest, WatchResponse};
+use crate::config::SyncServerSettings;
+use crate::snapshot::document::{diff, Document};
+use crate::snapshot::SnapshotStore;
+
+/// How much history the hub keeps for callers that resume.
+const MAX_DELTAS: usize = 1024;
+const MAX_HISTORY_ENTRIES: usize = 200_000;
+
+#[derive(Default)]
+struct History {
+    /// Chained: each delta's `from_revision` is the previous one's `revision`.
+    deltas: VecDeque<Arc<Delta>>,
+    entries: usize,
+    /// The document the last delta leads to.
+    current: Option<Arc<Document>>,
+}
+
+/// The hub's shared state.
+pub struct Hub {
+    store: Arc<SnapshotStore>,
+    history: Mutex<History>,
+    /// The revision the history reaches (0 = nothing yet).
+    updated: watch::Sender<u64>,
+    /// Turns true when the server shuts down: every stream ends.
+    closing: watch::Sender<bool>,
+    settings: SyncServerSettings,
+}
+
+impl Hub {
+    pub fn new(store: Arc<SnapshotStore>, settings: SyncServerSettings) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            history: Mutex::default(),
+            updated: watch::Sender::new(0),
+            closing: watch::Sender::new(false),
+            settings,
+        })
+    }
+
+    /// Follow the store until `shutdown` resolves, turning each new revision into a delta.
+    pub async fn follow(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
+        let mut published = self.store.watch();
+        tokio::pin!(shutdown);
+        loop {
+            published.borrow_and_update();
+            if let Some(doc) = self.store.document() {
+                let hub = self.clone();
+                let _ = tokio::task::spawn_blocking(move || hub.record(doc)).await;
+            }
+            tokio::select! {
+                () = &mut shutdown => return,
+                changed = published.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    /// Make `doc` the hub's current document, with the delta that leads to it.
+    fn record(&self, doc: Arc<Document>) {
+        let mut h = self.history.lock().expect("lock poisoned");
+        let revision = doc.revision;
+        match &h.current {
+            Some(cur) if cur.revision == revision => return,
+            Some(cur) => {
+                let (upsert_partners, remove_partners) = diff(&cur.partners, &doc.partners);
+                let (upsert_keys, remove_keys) = diff(&cur.keys, &doc.keys);
+                let delta = Delta {
+                    from_revision: cur.revision,
+                    revision,
+                    generated_at: doc.generated_at.clone().unwrap_or_default(),
+                    upsert_partners: upsert_partners
+                        .into_iter()
+                        .map(|e| e.get().as_bytes().to_vec())
+                        .collect(),
+                    remove_partners: remove_partners.into_iter().map(String::from).collect(),
+                    upsert_keys: upsert_keys
+                        .into_iter()
+                        .map(|e| e.get().as_bytes().to_vec())
+                        .collect(),
+                    remove_keys: remove_keys.into_iter().map(String::from).collect(),
+                };
+                h.entries += size(&delta);
+                h.deltas.push_back(Arc::new(delta));
+                while h.deltas.len() > MAX_DELTAS || h.entries > MAX_HISTORY_ENTRIES {
+                    let Some(old) = h.deltas.pop_front() else {
+                        break;
+                    };
+                    h.entries -= size(&old);
+                }
+            }
+            None => {}
+        }
+        h.current = Some(doc);
+        drop(h);
+        self.updated.send_replace(revision);
+    }
+
+    /// What brings a caller holding `since` up to date: the deltas from `since` when the
+    /// history has them, else the full document. Empty when already up to date (or when the
+    /// hub has nothing yet).
+    fn catch_up(&self, since: u64) -> Vec<watch_response::Event> {
+        let h = self.history.lock().expect("lock poisoned");
+        let Some(cur) = &h.current else {
+            return Vec::new();
+        };
+        if since == cur.revision {
+            return Vec::new();
+        }
+        if since != 0 {
+            if let Some(start) = h.deltas.iter().position(|d| d.from_revision == since) {
+                return h
+                    .deltas
+                    .iter()
+                    .skip(start)
+                    .map(|d| watch_response::Event::Delta(Delta::clone(d)))
+                    .collect();
+            }
+        }
+        let cur = cur.clone();
+        drop(h);
+        vec![watch_response::Event::Full(Full {
+            revision: cur.revision,
+            document: cur.to_json(),
+        })]
+    }
+
+    fn message(&self, event: watch_response::Event) -> WatchResponse {
+        WatchResponse {
+            event: Some(event),
+            confirmed_age_ms: self
+                .store
+                .unconfirmed_for()
+                .map(|d| d.as_millis().try_into().unwrap_or(u64::MAX)),
+        }
+    }
+
+    fn authorized<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(token) = &self.settings.token else {
+            return Ok(());
+        };
+        let presented = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, rest) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+            })
+            .unwrap_or("");
+        if bool::from(presented.as_bytes().ct_eq(token.expose().as_bytes())) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated("a valid bearer token is required"))
+        }
+    }
+}
+
+fn size(d: &Delta) -> usize {
+    1 + d.upsert_keys.len()
+        + d.remove_keys.len()
+        + d.upsert_partners.len()
+        + d.remove_partners.len()
+}
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct Service(pub Arc<Hub>);
+
+impl NamedService for Service {
+    const NAME: &'static str = "keygate.sync.v1.Sync";
+}
+
+type WatchStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Sync for Service {
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        req: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        self.0.authorized(&req)?;
+        let peer = req.remote_addr();
+        let WatchRequest {
+            since_revision,
+            client,
+        } = req.into_inner();
+        tracing::info!(?peer, client = %client, since_revision, "sync: a client is watching");
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(stream(self.0.clone(), since_revision, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Feed one Watch stream until the caller goes away.
+async fn stream(hub: Arc<Hub>, mut held: u64, tx: mpsc::Sender<Result<WatchResponse, Status>>) {
+    let mut updated = hub.updated.subscribe();
+    let mut closing = hub.closing.subscribe();
+    let beat = hub.settings.heartbeat_interval;
+    let mut first = true;
+    loop {
+        let target = *updated.borrow_and_update();
+        let events = if target != 0 && held != target {
+            let hub2 = hub.clone();
+            // Serializing a full document is CPU work.
+            tokio::task::spawn_blocking(move || hub2.catch_up(held))
+                .await
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let sent_any = !events.is_empty();
+        for event in events {
+            held = match &event {
+                watch_response::Event::Full(f) => f.revision,
+                watch_response::Event::Delta(d) => d.revision,
+                watch_response::Event::Heartbeat(_) => held,
+            };
+            if tx.send(Ok(hub.message(event))).await.is_err() {
+                return;
+            }
+        }
+        if first && !sent_any {
+            // Already up to date (or nothing to send yet): say so at once.
+            if send_heartbeat(&hub, &tx, held, beat).await.is_err() {
+                return;
+            }
+        }
+        first = false;
+        tokio::select! {
+            changed = updated.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(beat) => {
+                if send_heartbeat(&hub, &tx, held, beat).await.is_err() {
+                    return;
+                }
+            }
+            () = tx.closed() => return,
+            _ = closing.changed() => return,
+        }
+    }
+}
+
+async fn send_heartbeat(
+    hub: &Hub,
+    tx: &mpsc::Sender<Result<WatchResponse, Status>>,
+    held: u64,
+    beat: Duration,
+) -> Result<(), ()> {
+    let event = watch_response::Event::Heartbeat(Heartbeat {
+        revision: held,
+        interval_ms: beat.as_millis().try_into().unwrap_or(u32::MAX),
+    });
+    tx.send(Ok(hub.message(event))).await.map_err(|_| ())
+}
+
+/// Serve Watch on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    hub: Arc<Hub>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let follower = tokio::spawn(hub.clone().follow(std::future::pending::<()>()));
+    let closing = hub.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closing.closing.send_replace(true);
+    };
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(
+            SyncServer::new(Service(hub))
+                .max_encoding_message_size(super::MAX_MESSAGE_BYTES)
+                .max_decoding_message_size(64 * 1024),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    follower.abort();
+    if let Err(e) = result {
+        tracing::error!(error = %e, "sync server stopped");
+    }
+}
