@@ -433,6 +433,14 @@ pub fn load_with_env(
 
 /// Parse TOML text (no environment overrides) and validate: used by `keygate demo` and tests.
 pub fn from_toml(text: &str) -> Result<Settings, ConfigError> {
+    from_toml_with_env(text, &|k| std::env::var(k).ok())
+}
+
+/// As [`from_toml`], reading the variables named by `*_env` keys through `env`.
+pub fn from_toml_with_env(
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Settings, ConfigError> {
     let (raw, unknown) = config::Config::builder()
         .add_source(config::File::from_str(text, config::FileFormat::Toml))
         .build()
@@ -442,7 +450,7 @@ pub fn from_toml(text: &str) -> Result<Settings, ConfigError> {
             path: "<inline>".into(),
             message,
         })?;
-    with_unknown(validate(raw), unknown)
+    with_unknown(validate_with_env(raw, env), unknown)
 }
 
 /// Unknown keys are problems like any other: reported together with what validation found.

@@ -24,6 +24,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub use keygate::app::App;
 
+pub mod control_plane;
+
 // ---------------------------------------------------------------------------------------------
 // Upstream
 
@@ -341,6 +343,19 @@ scopes = ["analyses:read"]
     )
 }
 
+/// The test configuration with its `[snapshot]` table replaced by `snapshot_table` (the table's
+/// keys, without the header): for the http and grpc sources.
+pub fn config_toml_source(snapshot_table: &str, upstream: SocketAddr, extra: &str) -> String {
+    let base = config_toml(Path::new("unused.json"), upstream, extra);
+    let start = base.find("[snapshot]\n").unwrap();
+    let end = start + base[start..].find("\n\n").unwrap();
+    format!(
+        "{}[snapshot]\n{snapshot_table}{}",
+        &base[..start],
+        &base[end..]
+    )
+}
+
 /// A running keygate in this process (through `app::start`).
 pub struct Gate {
     pub app: Option<App>,
@@ -350,7 +365,18 @@ pub struct Gate {
 
 impl Gate {
     pub async fn start(toml: &str) -> Self {
-        let settings = keygate::config::from_toml(toml).expect("test config is valid");
+        Self::start_with_env(toml, &[]).await
+    }
+
+    /// Start with `env` as the environment that `*_env` keys are read from.
+    pub async fn start_with_env(toml: &str, env: &[(&str, &str)]) -> Self {
+        let lookup = |k: &str| {
+            env.iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| (*v).to_owned())
+        };
+        let settings =
+            keygate::config::from_toml_with_env(toml, &lookup).expect("test config is valid");
         let app = keygate::app::start(settings).await.expect("keygate starts");
         Gate {
             addr: app.proxy_addr.expect("proxy configured"),
@@ -382,6 +408,27 @@ impl Gate {
             "revision {rev} not in force; current {:?}",
             self.revision()
         );
+    }
+
+    pub fn app(&self) -> &App {
+        self.app.as_ref().unwrap()
+    }
+
+    /// The value of a metric line (`name` with its labels, as printed) from `/metrics`.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let a = get(&client(), &format!("http://{}/metrics", self.admin), &[]).await;
+        assert_eq!(a.status, 200);
+        let text = String::from_utf8_lossy(&a.body).to_string();
+        text.lines().find_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            (k == name).then(|| v.parse().unwrap())
+        })
+    }
+
+    /// `/readyz`: status and JSON body.
+    pub async fn ready(&self) -> (u16, serde_json::Value) {
+        let a = get(&client(), &format!("http://{}/readyz", self.admin), &[]).await;
+        (a.status, a.json())
     }
 
     pub async fn stop(mut self) {
