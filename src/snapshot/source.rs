@@ -50,6 +50,9 @@ impl Source {
             }
             SourceKind::Grpc => {
                 let mut client = SyncClient::new(settings.clone()).map_err(SourceError)?;
+                if let Some(path) = &settings.cache_path {
+                    client.resume_from_cache(store, path);
+                }
                 let reached = client.first_snapshot(store).await;
                 if reached {
                     return Ok(Self::Grpc(Box::new(client)));

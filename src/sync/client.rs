@@ -99,8 +99,24 @@ impl SyncClient {
         Ok(())
     }
 
-    /// Read and apply one message.
-    async fn step(&mut self, store: &Arc<SnapshotStore>) -> Result<(), StreamError> {
+    /// Start from the cached document (if there is a usable one): it is put in force (as
+    /// confirmed when the file was written) and the first Watch asks only for what changed
+    /// since its revision.
+    pub fn resume_from_cache(&mut self, store: &SnapshotStore, path: &std::path::Path) {
+        let Some(revision) =
+            crate::snapshot::cache::load_into(store, path, self.settings.pepper.clone())
+        else {
+            return;
+        };
+        match std::fs::read(path).map(|b| Document::from_json(&b)) {
+            Ok(Ok(doc)) if doc.revision == revision => self.doc = Some(Arc::new(doc)),
+            _ => {}
+        }
+    }
+
+    /// Read and apply one message. `Ok(true)` when the message brought or confirmed what this
+    /// client holds.
+    async fn step(&mut self, store: &Arc<SnapshotStore>) -> Result<bool, StreamError> {
         if self.stream.is_none() {
             self.open().await?;
         }
@@ -123,17 +139,17 @@ impl SyncClient {
             Some(Event::Full(full)) => self.apply_full(store, full.document).await?,
             Some(Event::Delta(delta)) => self.apply_delta(store, delta).await?,
             Some(Event::Heartbeat(beat)) => {
-                if beat.revision != self.held() {
+                if beat.revision != self.held() || beat.revision == 0 {
                     // Not about what this client holds: proves only that the hub is alive.
-                    return Ok(());
+                    return Ok(false);
                 }
             }
-            None => return Ok(()),
+            None => return Ok(false),
         }
-        if let (Some(age), true) = (age, self.held() != 0) {
+        if let Some(age) = age {
             store.confirm_ago(age);
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn apply_full(
@@ -232,9 +248,7 @@ impl SyncClient {
     pub async fn first_snapshot(&mut self, store: &Arc<SnapshotStore>) -> bool {
         let bound = self.settings.connect_timeout + self.settings.idle_timeout;
         let result = tokio::time::timeout(bound, async {
-            while self.held() == 0 {
-                self.step(store).await?;
-            }
+            while !self.step(store).await? {}
             Ok::<_, StreamError>(())
         })
         .await;
@@ -282,7 +296,7 @@ impl SyncClient {
                 step = self.step(&store) => step,
             };
             match step {
-                Ok(()) => self.failures = 0,
+                Ok(_) => self.failures = 0,
                 Err(e) => self.failed(&store, &e),
             }
         }

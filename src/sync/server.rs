@@ -271,8 +271,11 @@ async fn send_heartbeat(
     held: u64,
     beat: Duration,
 ) -> Result<(), ()> {
+    // A heartbeat vouches for a revision only when it is the one the hub holds (a hub that has
+    // loaded nothing yet must not confirm what a resuming client brought from its cache).
+    let current = *hub.updated.borrow();
     let event = watch_response::Event::Heartbeat(Heartbeat {
-        revision: held,
+        revision: if held == current { held } else { 0 },
         interval_ms: beat.as_millis().try_into().unwrap_or(u32::MAX),
     });
     tx.send(Ok(hub.message(event))).await.map_err(|_| ())

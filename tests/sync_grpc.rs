@@ -1,0 +1,266 @@
+//! `keygate.sync.v1` end to end, with real keygates: a file → a hub (`[sync_server]`) → two
+//! sidecars (`source = "grpc"`). Revocations reach both in well under a second; a hub restart
+//! is survived and resumed with deltas, not a full resend; a sidecar restarted from its cache
+//! asks only for what changed; the hub's token is enforced; staleness is counted end to end.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::control_plane::{Behaviour, ControlPlane};
+use support::*;
+
+fn doc(revision: u64, a: (&str, &str), b: (&str, &str)) -> Doc {
+    Doc::new(revision)
+        .partner("partner_acme", Some("org_1"), "active")
+        .key("key_a", a.0, json!({ "status": a.1 }))
+        .key("key_b", b.0, json!({ "status": b.1 }))
+}
+
+const HUB: &str = "[sync_server]\nheartbeat_interval = \"200ms\"\n";
+
+fn hub_config(snap: &SnapshotDir, upstream: SocketAddr, listen: &str, more: &str) -> String {
+    config_toml(
+        &snap.path(),
+        upstream,
+        &format!("{HUB}listen = \"{listen}\"\n{more}"),
+    )
+}
+
+fn sidecar_config(hub: SocketAddr, upstream: SocketAddr, more: &str) -> String {
+    config_toml_source(
+        &format!(
+            "source = \"grpc\"\nurl = \"http://{hub}\"\nidle_timeout = \"1s\"\nbackoff_max = \"200ms\"\nconnect_timeout = \"300ms\"\n{more}\n"
+        ),
+        upstream,
+        "",
+    )
+}
+
+fn hub_addr(g: &Gate) -> SocketAddr {
+    g.app().sync_addr.expect("sync_server configured")
+}
+
+async fn status(gate: &Gate, key: &str) -> u16 {
+    get(
+        &client(),
+        &gate.url("/v1/analyses/1"),
+        &[("x-api-key", key)],
+    )
+    .await
+    .status
+}
+
+fn stat(g: &Gate, which: &str) -> u64 {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = &g.app().store.stats;
+    match which {
+        "applied" => s.reloads_applied.load(Relaxed),
+        "deltas" => s.deltas_applied.load(Relaxed),
+        _ => unreachable!(),
+    }
+}
+
+/// Wait until `key` is refused by every gate; the time it took.
+async fn refused_everywhere(gates: &[&Gate], key: &str, within: Duration) -> Duration {
+    let t = Instant::now();
+    for g in gates {
+        loop {
+            if status(g, key).await == 401 {
+                break;
+            }
+            assert!(t.elapsed() < within, "still allowed after {within:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    t.elapsed()
+}
+
+#[tokio::test]
+async fn file_to_hub_to_two_sidecars_and_a_hub_restart_resumes_with_deltas() {
+    let upstream = Upstream::start().await;
+    let (a, b) = (mint("sk_live_"), mint("sk_live_"));
+    let snap = SnapshotDir::new();
+    snap.write(&doc(1, (&a, "active"), (&b, "active")));
+    let hub = Gate::start(&hub_config(&snap, upstream.addr, "127.0.0.1:0", "")).await;
+    let addr = hub_addr(&hub);
+    let s1 = Gate::start(&sidecar_config(addr, upstream.addr, "")).await;
+    let s2 = Gate::start(&sidecar_config(addr, upstream.addr, "")).await;
+    for s in [&s1, &s2] {
+        assert_eq!(
+            s.revision(),
+            Some(1),
+            "the first snapshot is in force at start"
+        );
+        assert_eq!(status(s, &a).await, 200);
+        assert_eq!(s.ready().await.0, 200);
+    }
+
+    // Revoke a key in the hub's file: both sidecars refuse it within a second.
+    snap.write(&doc(2, (&a, "revoked"), (&b, "active")));
+    let took = refused_everywhere(&[&s1, &s2], &a, Duration::from_secs(1)).await;
+    eprintln!("file → hub → 2 sidecars: {took:?}");
+    for s in [&s1, &s2] {
+        assert_eq!(s.revision(), Some(2));
+        assert_eq!(stat(s, "deltas"), 1, "the revocation came as a delta");
+        assert_eq!(stat(s, "applied"), 2, "one full snapshot, one delta");
+    }
+
+    // The hub goes away: the sidecars keep their snapshot and keep deciding.
+    hub.stop().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for s in [&s1, &s2] {
+        assert_eq!(status(s, &b).await, 200);
+        assert_eq!(status(s, &a).await, 401);
+    }
+
+    // It comes back on the same address, at the same revision: the sidecars resume without a
+    // full resend, and the next revocation arrives as a delta.
+    let hub = Gate::start(&hub_config(&snap, upstream.addr, &addr.to_string(), "")).await;
+    assert_eq!(hub_addr(&hub), addr);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    snap.write(&doc(3, (&a, "revoked"), (&b, "revoked")));
+    refused_everywhere(&[&s1, &s2], &b, Duration::from_secs(3)).await;
+    for s in [&s1, &s2] {
+        assert_eq!(s.revision(), Some(3));
+        assert_eq!(stat(s, "deltas"), 2, "resumed with a delta");
+        assert_eq!(stat(s, "applied"), 3, "no full snapshot after the restart");
+    }
+    for g in [s1, s2, hub] {
+        g.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_sidecar_restarted_from_its_cache_asks_only_for_what_changed() {
+    let upstream = Upstream::start().await;
+    let (a, b) = (mint("sk_live_"), mint("sk_live_"));
+    let snap = SnapshotDir::new();
+    snap.write(&doc(1, (&a, "active"), (&b, "active")));
+    let hub = Gate::start(&hub_config(&snap, upstream.addr, "127.0.0.1:0", "")).await;
+    let addr = hub_addr(&hub);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = format!(
+        "cache_path = {:?}",
+        dir.path().join("last-good.json").display().to_string()
+    );
+
+    let s = Gate::start(&sidecar_config(addr, upstream.addr, &cache)).await;
+    assert_eq!(s.revision(), Some(1));
+    s.stop().await;
+
+    snap.write(&doc(2, (&a, "revoked"), (&b, "active")));
+    hub.wait_revision(2).await;
+    let s = Gate::start(&sidecar_config(addr, upstream.addr, &cache)).await;
+    assert_eq!(s.revision(), Some(2), "caught up before serving");
+    assert_eq!(
+        stat(&s, "deltas"),
+        1,
+        "from the cached revision 1, by a delta"
+    );
+    assert_eq!(status(&s, &a).await, 401);
+    s.stop().await;
+
+    // With the hub down, the cache (now at revision 2) is what the sidecar serves.
+    hub.stop().await;
+    let s = Gate::start(&sidecar_config(addr, upstream.addr, &cache)).await;
+    assert_eq!(s.revision(), Some(2));
+    assert_eq!(s.ready().await.0, 200);
+    assert_eq!(status(&s, &a).await, 401);
+    assert_eq!(status(&s, &b).await, 200);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_hub_refuses_a_sidecar_without_its_token() {
+    let upstream = Upstream::start().await;
+    let (a, b) = (mint("sk_live_"), mint("sk_live_"));
+    let snap = SnapshotDir::new();
+    snap.write(&doc(1, (&a, "active"), (&b, "active")));
+    let hub = Gate::start_with_env(
+        &hub_config(
+            &snap,
+            upstream.addr,
+            "127.0.0.1:0",
+            "token_env = \"HUB_TOKEN\"",
+        ),
+        &[("HUB_TOKEN", "hub-s3cret")],
+    )
+    .await;
+    let addr = hub_addr(&hub);
+
+    let none = Gate::start(&sidecar_config(addr, upstream.addr, "")).await;
+    assert_eq!(none.revision(), None);
+    let a_none = get(&client(), &none.url("/v1/analyses/1"), &[("x-api-key", &a)]).await;
+    assert_error(&a_none, 503, "snapshot_unavailable");
+    none.stop().await;
+
+    let wrong = Gate::start_with_env(
+        &sidecar_config(addr, upstream.addr, "token_env = \"T\""),
+        &[("T", "guess")],
+    )
+    .await;
+    assert_eq!(wrong.revision(), None);
+    wrong.stop().await;
+
+    let right = Gate::start_with_env(
+        &sidecar_config(addr, upstream.addr, "token_env = \"T\""),
+        &[("T", "hub-s3cret")],
+    )
+    .await;
+    assert_eq!(right.revision(), Some(1));
+    assert_eq!(status(&right, &a).await, 200);
+    right.stop().await;
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn staleness_is_counted_from_the_hubs_own_source() {
+    let upstream = Upstream::start().await;
+    let (a, b) = (mint("sk_live_"), mint("sk_live_"));
+    // The hub follows a control plane; the sidecar follows the hub.
+    let cp = ControlPlane::start(&doc(1, (&a, "active"), (&b, "active")).to_json()).await;
+    let hub = Gate::start(&config_toml_source(
+        &format!(
+            "source = \"http\"\nurl = \"{}\"\npoll_interval = \"100ms\"\nbackoff_max = \"200ms\"\n",
+            cp.url()
+        ),
+        upstream.addr,
+        &format!("{HUB}listen = \"127.0.0.1:0\"\n"),
+    ))
+    .await;
+    let s = Gate::start(&sidecar_config(
+        hub_addr(&hub),
+        upstream.addr,
+        "max_staleness = \"2s\"",
+    ))
+    .await;
+    assert_eq!(status(&s, &a).await, 200);
+
+    // The control plane fails. The hub's stream is alive and heartbeating, but what it holds
+    // is no longer confirmed: the sidecar stops serving once that is older than 2 s.
+    cp.set(Behaviour::Status(500));
+    let t = Instant::now();
+    while status(&s, &a).await != 503 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the sidecar never went stale"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        t.elapsed() >= Duration::from_millis(1500),
+        "stale too early: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(s.ready().await.0, 503);
+
+    // The control plane recovers: so do the hub and, through it, the sidecar.
+    cp.set(Behaviour::Serve);
+    assert!(eventually(Duration::from_secs(5), || s.app().store.is_fresh()).await);
+    assert_eq!(status(&s, &a).await, 200);
+    s.stop().await;
+    hub.stop().await;
+}
