@@ -309,11 +309,41 @@ async fn past_max_staleness_every_answer_is_snapshot_unavailable_until_the_sourc
     let gate = Gate::start(&config_toml_source(
         &source(&cp.url(), "max_staleness = \"1s\""),
         upstream.addr,
-        "",
+        "[ext_authz]\nlisten = \"127.0.0.1:0\"\n[authz_http]\nlisten = \"127.0.0.1:0\"\n",
     ))
     .await;
     assert_eq!(status_of(&gate, &key).await.status, 200);
     assert_eq!(gate.metric("keygate_snapshot_fresh").await, Some(1.0));
+    // Envoy's http_service shape: /authz + the original path.
+    let authz = format!(
+        "http://{}/authz/v1/analyses/1",
+        gate.app().authz_http_addr.unwrap()
+    );
+    let forward_auth = || async { get(&client(), &authz, &[("x-api-key", key.as_str())]).await };
+    assert_eq!(forward_auth().await.status, 200);
+    let channel = tonic::transport::Channel::from_shared(format!(
+        "http://{}",
+        gate.app().ext_authz_addr.unwrap()
+    ))
+    .unwrap()
+    .connect()
+    .await
+    .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut serving = || {
+        let mut h = health.clone();
+        async move {
+            h.check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+                == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        }
+    };
+    assert!(serving().await);
 
     cp.set(Behaviour::Status(503));
     let t = Instant::now();
@@ -336,6 +366,16 @@ async fn past_max_staleness_every_answer_is_snapshot_unavailable_until_the_sourc
     );
     assert_eq!(gate.ready().await.0, 503);
     assert_eq!(gate.metric("keygate_snapshot_fresh").await, Some(0.0));
+    // Every front: forward-auth says 403 (never a 5xx to Envoy/nginx), gRPC health turns off.
+    assert_error(&forward_auth().await, 403, "snapshot_unavailable");
+    let t = Instant::now();
+    while serving().await {
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "gRPC health still SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Back: the unchanged document is confirmed by a 304, and service resumes by itself.
     let seen = cp.requests().len();
@@ -349,5 +389,15 @@ async fn past_max_staleness_every_answer_is_snapshot_unavailable_until_the_sourc
         .any(|r| r.if_none_match.is_some()));
     assert_eq!(status_of(&gate, &key).await.status, 200);
     assert_eq!(gate.ready().await.0, 200);
+    assert_eq!(forward_auth().await.status, 200);
+    let t = Instant::now();
+    while !serving().await {
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "gRPC health not SERVING again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(health);
     gate.stop().await;
 }
