@@ -329,8 +329,8 @@ async fn past_max_staleness_every_answer_is_snapshot_unavailable_until_the_sourc
     .connect()
     .await
     .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    let mut serving = || {
+    let health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let serving = || {
         let mut h = health.clone();
         async move {
             h.check(tonic_health::pb::HealthCheckRequest {
