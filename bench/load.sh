@@ -22,7 +22,10 @@
 #   KEYGATE=target/release/keygate
 #   PROXY_CPU=0                core the proxy under test is pinned to
 #   LOAD_CPU=1                 core for wrk and the upstream nginx
-#   CONTENDERS="direct nginx keygate"   subset/order of contenders to run
+#   CONTENDERS="direct nginx keygate"   subset/order of contenders to run; also
+#                              "keygate-reload": keygate while its snapshot file is replaced
+#                              (revision bumped, atomic rename) every RELOAD_EVERY seconds
+#   RELOAD_EVERY=1             seconds between snapshot replacements for keygate-reload
 #   KEYGATE_EXTRA_TOML=""      appended to keygate.toml (printf %b: "\n" becomes a newline),
 #                              e.g. KEYGATE_EXTRA_TOML='[runtime]\nflavor = "current_thread"'
 #   SEED=42                    key generation seed
@@ -40,6 +43,7 @@ KEYGATE="${KEYGATE:-target/release/keygate}"
 PROXY_CPU="${PROXY_CPU:-0}"
 LOAD_CPU="${LOAD_CPU:-1}"
 CONTENDERS="${CONTENDERS:-direct nginx keygate}"
+RELOAD_EVERY="${RELOAD_EVERY:-1}"
 KEYGATE_EXTRA_TOML="${KEYGATE_EXTRA_TOML:-}"
 SEED="${SEED:-42}"
 RESULTS_DIR="${RESULTS_DIR:-bench/results}"
@@ -227,7 +231,7 @@ fi
 contenders=()
 for c in $CONTENDERS; do
     case "$c" in
-        direct|keygate) contenders+=("$c") ;;
+        direct|keygate|keygate-reload) contenders+=("$c") ;;
         nginx|nginx-gate) contenders+=("nginx") ;;
         *) die "unknown contender '$c' (expected: direct nginx keygate)" ;;
     esac
@@ -270,7 +274,7 @@ CLIENT_KEY_ID="$(awk -v k="\"$CLIENT_KEY\"" '$1 == k { sub(/;$/, "", $2); print 
 UNKNOWN_KEY="$(head -n 1 "$TMP/keys-unknown.txt")"
 if [[ "${CLIENT_KEY: -1}" == "0" ]]; then BAD_SUM_KEY="${CLIENT_KEY%?}1"; else BAD_SUM_KEY="${CLIENT_KEY%?}0"; fi
 
-read -r UPSTREAM_PORT NGINX_GATE_PORT KEYGATE_PORT <<<"$(free_ports 3)"
+read -r UPSTREAM_PORT NGINX_GATE_PORT KEYGATE_PORT KEYGATE_ADMIN_PORT <<<"$(free_ports 4)"
 
 # Common nginx boilerplate: everything inside the temp dir, foreground, no logs.
 nginx_common() {   # $1 = dir
@@ -387,6 +391,9 @@ path = "$TMP/keys.json"
 listen = "127.0.0.1:$KEYGATE_PORT"
 upstream = "http://127.0.0.1:$UPSTREAM_PORT"
 
+[admin]
+listen = "127.0.0.1:$KEYGATE_ADMIN_PORT"
+
 [log]
 level = "warn"
 EOF
@@ -423,7 +430,7 @@ start_contender() {
             taskset -c "$PROXY_CPU" "$NGINX" -p "$NG_DIR" -c "$NG_DIR/nginx.conf" >"$NG_DIR/stdout.log" 2>&1 &
             PROXY_PID=$!
             ;;
-        keygate)
+        keygate|keygate-reload)
             URL="http://127.0.0.1:$KEYGATE_PORT"
             LOGFILE="$KG_DIR/keygate.log"
             taskset -c "$PROXY_CPU" "$KEYGATE" serve --config "$KG_DIR/keygate.toml" >"$LOGFILE" 2>&1 &
@@ -484,6 +491,24 @@ for c in "${contenders[@]}"; do
     start_contender "$c"
     sanity_check "$c" "$URL"
 
+    RELOADER_PID=""
+    if [[ "$c" == keygate-reload ]]; then
+        # Replace the snapshot as an operator would (new revision, write a sibling, rename over
+        # it) for as long as wrk runs: every reload re-parses and re-indexes all $KEYS keys.
+        (
+            rev=1
+            while :; do
+                sleep "$RELOAD_EVERY"
+                rev=$(( rev + 1 ))
+                sed -E "0,/\"revision\": [0-9]+/s//\"revision\": $rev/" "$TMP/keys.json" >"$TMP/keys.json.next"
+                mv "$TMP/keys.json.next" "$TMP/keys.json"
+                echo "$rev" >"$TMP/reloads"
+            done
+        ) &
+        RELOADER_PID=$!
+        PIDS+=("$RELOADER_PID")
+    fi
+
     log "$c: warmup $WARMUP"
     run_wrk "$URL" "$WARMUP" "$WRK_DIR/$c-warmup.txt"
 
@@ -524,6 +549,16 @@ for c in "${contenders[@]}"; do
     fi
     log "$c: ${R_RPS[$c]} req/s, p50 $(fmt_us "${R_P50[$c]}"), p99 $(fmt_us "${R_P99[$c]}"), proxy CPU ${R_CPU_US[$c]:-n/a} µs/req"
 
+    if [[ -n "$RELOADER_PID" ]]; then
+        kill "$RELOADER_PID" 2>/dev/null || true
+        wait "$RELOADER_PID" 2>/dev/null || true
+        applied="$(curl -s --max-time 2 "http://127.0.0.1:$KEYGATE_ADMIN_PORT/readyz" | sed -nE 's/.*"revision":([0-9]+).*/\1/p')"
+        log "$c: snapshot replaced up to revision $(cat "$TMP/reloads" 2>/dev/null || echo 1); revision in force: ${applied:-?}"
+        WARNINGS+=("$c: the snapshot file was replaced every ${RELOAD_EVERY}s during warmup and measurement (up to revision $(cat "$TMP/reloads" 2>/dev/null || echo 1), in force at the end: ${applied:-?})")
+        # Back to revision 1 for any later contender.
+        sed -E "0,/\"revision\": [0-9]+/s//\"revision\": 1/" "$TMP/keys.json" >"$TMP/keys.json.next"
+        mv "$TMP/keys.json.next" "$TMP/keys.json"
+    fi
     if [[ -n "$PROXY_PID" ]]; then
         stop_pid "$PROXY_PID"
         if alive "$PROXY_PID"; then die "$c (pid $PROXY_PID) did not stop"; fi

@@ -17,12 +17,16 @@
 //! - [`path`]: request path normalization (pure); [`routes`]: route patterns (pure).
 //! - [`referrer`]: `allowed_referrers` patterns (pure); [`client_ip`]: peer / trusted XFF.
 //! - [`decision`]: the one pure decision; [`deny`]: deny reason → status, code, JSON, headers.
-//! - [`snapshot`]: the snapshot model, index and store; `snapshot::{parse, file}`.
+//! - [`snapshot`]: the snapshot model, index and store (with freshness); its sources
+//!   `snapshot::{file, http_source}` and the grpc one in [`sync`], chosen by `snapshot::source`;
+//!   `snapshot::cache` (last good on disk), `snapshot::document` (entries by id, for sync).
+//! - [`sync`]: `keygate.sync.v1`: the hub (`sync::server`) and the follower (`sync::client`).
 //! - [`headers`]: hop-by-hop and identity header rules shared by the fronts.
 //! - [`proxy`]: the hyper reverse-proxy front; [`upstream`]: its per-thread connection pool.
 //! - [`authz_http`]: the forward-auth front (Envoy `http_service`, nginx, Traefik).
 //! - [`ext_authz`]: the gRPC `envoy.service.auth.v3.Authorization` front, with health.
-//! - [`admin`]: `/healthz`, `/readyz`; [`listen`]: the accept loop the HTTP fronts share.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics` ([`metrics`]); [`listen`]: the accept loop
+//!   the HTTP fronts share.
 //! - [`keys`]: `keygate keys create | list | revoke` on a snapshot file.
 //! - [`demo`]: `keygate demo`, the zero-setup tour.
 
