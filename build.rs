@@ -5,6 +5,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let files = protox::compile(["keygate/sync/v1/sync.proto"], ["proto"])?;
     tonic_prost_build::configure()
+        // A full snapshot is sent to every client that needs one: `Bytes` shares it.
+        .bytes(".keygate.sync.v1.Full.document")
         .build_client(true)
         .build_server(true)
         .compile_fds(files)?;

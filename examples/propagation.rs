@@ -67,7 +67,8 @@ async fn main() {
     let path = dir.join("keys.json");
     write_atomic(&path, &document(1, &keys, 0));
 
-    let base = "environment = \"live\"\n[[key_prefixes]]\nprefix = \"sk_live_\"\nenvironment = \"live\"\n\
+    let base =
+        "environment = \"live\"\n[[key_prefixes]]\nprefix = \"sk_live_\"\nenvironment = \"live\"\n\
                 [proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"http://127.0.0.1:9\"\n\
                 [runtime]\nflavor = \"current_thread\"\n";
     let hub = keygate::app::start(
@@ -88,7 +89,10 @@ async fn main() {
     )
     .await
     .unwrap();
-    assert_eq!(sidecar.store.current().as_ref().map(|s| s.revision), Some(1));
+    assert_eq!(
+        sidecar.store.current().as_ref().map(|s| s.revision),
+        Some(1)
+    );
 
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
     let status = |addr: std::net::SocketAddr, key: String| {

@@ -1026,6 +1026,13 @@ impl Validator<'_> {
                 return None;
             }
         }
+        if source == SourceKind::Grpc && uri.scheme_str() == Some("https") {
+            self.problem(
+                "snapshot.url",
+                format!("{text:?}: keygate.sync.v1 over TLS is not supported yet; use http:// on a private network (with sync_server.token_env)"),
+            );
+            return None;
+        }
         if source == SourceKind::Grpc && !matches!(uri.path(), "" | "/") {
             self.problem(
                 "snapshot.url",

@@ -300,6 +300,14 @@ fn each_problem_names_its_dotted_key() {
             "snapshot.url",
         ),
         (
+            "snapshot.source = grpc over https",
+            edit(
+                "path = ",
+                "source = \"grpc\"\nurl = \"https://hub:9393\"\npath = ",
+            ),
+            "snapshot.url",
+        ),
+        (
             "snapshot.url not http(s)",
             edit(
                 "path = ",

@@ -14,6 +14,9 @@ use super::SnapshotStore;
 use crate::config::{SnapshotSettings, SourceKind};
 use crate::sync::client::SyncClient;
 
+/// How long the first HTTP poll may wait for an answer before start-up goes on without it.
+const FIRST_READ: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A started source, ready to follow changes.
 pub enum Source {
     File(Box<FileSource>),
@@ -42,7 +45,13 @@ impl Source {
             }
             SourceKind::Http => {
                 let mut http = HttpSource::new(settings.clone()).map_err(SourceError)?;
-                let reached = http.poll_once(store).await.is_ok();
+                // Bounded, so a slow control plane cannot hold the listeners (and the
+                // probes) back for long; the background loop keeps trying.
+                let first = settings.connect_timeout + settings.read_timeout.min(FIRST_READ);
+                let reached = matches!(
+                    tokio::time::timeout(first, http.poll_once(store)).await,
+                    Ok(Ok(_))
+                );
                 if reached {
                     return Ok(Self::Http(Box::new(http)));
                 }

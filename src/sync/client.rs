@@ -155,7 +155,7 @@ impl SyncClient {
     async fn apply_full(
         &mut self,
         store: &Arc<SnapshotStore>,
-        bytes: Vec<u8>,
+        bytes: bytes::Bytes,
     ) -> Result<(), StreamError> {
         let store2 = store.clone();
         let settings = self.settings.clone();

@@ -37,6 +37,8 @@ struct History {
     entries: usize,
     /// The document the last delta leads to.
     current: Option<Arc<Document>>,
+    /// Its JSON, made once for all the clients that need a full snapshot.
+    full: Option<bytes::Bytes>,
 }
 
 /// The hub's shared state.
@@ -114,6 +116,7 @@ impl Hub {
             None => {}
         }
         h.current = Some(doc);
+        h.full = None;
         drop(h);
         self.updated.send_replace(revision);
     }
@@ -122,7 +125,7 @@ impl Hub {
     /// history has them, else the full document. Empty when already up to date (or when the
     /// hub has nothing yet).
     fn catch_up(&self, since: u64) -> Vec<watch_response::Event> {
-        let h = self.history.lock().expect("lock poisoned");
+        let mut h = self.history.lock().expect("lock poisoned");
         let Some(cur) = &h.current else {
             return Vec::new();
         };
@@ -139,12 +142,16 @@ impl Hub {
                     .collect();
             }
         }
-        let cur = cur.clone();
-        drop(h);
-        vec![watch_response::Event::Full(Full {
-            revision: cur.revision,
-            document: cur.to_json(),
-        })]
+        let revision = cur.revision;
+        let document = match &h.full {
+            Some(bytes) => bytes.clone(),
+            None => {
+                let bytes = bytes::Bytes::from(cur.to_json());
+                h.full = Some(bytes.clone());
+                bytes
+            }
+        };
+        vec![watch_response::Event::Full(Full { revision, document })]
     }
 
     fn message(&self, event: watch_response::Event) -> WatchResponse {
