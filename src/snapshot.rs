@@ -211,6 +211,9 @@ pub struct SnapshotStore {
     /// diffs it, a sync client applies deltas to it).
     document: ArcSwapOption<document::Document>,
     retain_documents: bool,
+    /// The revision of the retained document, for the hub, which follows documents rather
+    /// than snapshots (a document may be put beside its snapshot a little later).
+    document_revision: watch::Sender<Option<u64>>,
     /// Counted outcomes, for `/metrics` and logs.
     pub stats: SourceStats,
 }
@@ -278,6 +281,7 @@ impl SnapshotStore {
         Self {
             document: ArcSwapOption::empty(),
             retain_documents,
+            document_revision: watch::Sender::new(None),
             current: ArcSwapOption::empty(),
             logged: Mutex::default(),
             loaded_at: Mutex::default(),
@@ -372,7 +376,13 @@ impl SnapshotStore {
         self.document.load_full()
     }
 
-    /// Publish from a document's JSON text: the index, and the entries when retained.
+    /// Changes each time a retained document is stored: its revision.
+    pub fn watch_documents(&self) -> watch::Receiver<Option<u64>> {
+        self.document_revision.subscribe()
+    }
+
+    /// Publish from a document's JSON text: the index, then (when retained) the entries. The
+    /// snapshot goes in force first, so a revocation does not wait for the entries.
     pub fn publish_json(
         &self,
         bytes: &[u8],
@@ -380,13 +390,29 @@ impl SnapshotStore {
     ) -> Result<(u64, Vec<Quarantined>), LoadFailure> {
         let snapshot = parse(bytes, pepper)?;
         let revision = snapshot.revision;
-        let doc = if self.retain_documents {
-            Some(Arc::new(document::Document::from_json(bytes)?))
-        } else {
-            None
-        };
-        let fresh = self.publish_document(snapshot, doc)?;
+        let fresh = self.publish(snapshot)?;
+        if self.retain_documents {
+            // It parsed as a snapshot a moment ago, so its envelope is sound.
+            match document::Document::from_json(bytes) {
+                Ok(doc) => self.keep_document(Arc::new(doc)),
+                Err(e) => tracing::error!(error = %e, revision, "sync: cannot keep the document"),
+            }
+        }
         Ok((revision, fresh))
+    }
+
+    fn keep_document(&self, doc: Arc<document::Document>) {
+        let revision = doc.revision;
+        // Only the newest: a late store must not replace a newer document.
+        let newer = self
+            .document
+            .load()
+            .as_ref()
+            .is_none_or(|d| d.revision <= revision);
+        if newer {
+            self.document.store(Some(doc));
+            self.document_revision.send_replace(Some(revision));
+        }
     }
 
     /// As [`SnapshotStore::publish`], keeping `doc` (the same revision's entries) beside it.
@@ -427,8 +453,8 @@ impl SnapshotStore {
         *logged = next.quarantined.clone();
         let revision = next.revision;
         SourceStats::count(&self.stats.reloads_applied);
-        if self.retain_documents {
-            self.document.store(doc);
+        if let (true, Some(doc)) = (self.retain_documents, doc) {
+            self.keep_document(doc);
         }
         self.current.store(Some(Arc::new(next)));
         *self.loaded_at.lock().expect("lock poisoned") = Some(SystemTime::now());

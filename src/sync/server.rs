@@ -65,7 +65,7 @@ impl Hub {
 
     /// Follow the store until `shutdown` resolves, turning each new revision into a delta.
     pub async fn follow(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
-        let mut published = self.store.watch();
+        let mut published = self.store.watch_documents();
         tokio::pin!(shutdown);
         loop {
             published.borrow_and_update();
