@@ -46,6 +46,7 @@ pub mod listen;
 pub mod metrics;
 pub mod path;
 pub mod proxy;
+pub mod ratelimit;
 pub mod referrer;
 pub mod request_id;
 pub mod routes;
