@@ -6,6 +6,7 @@
 //! it, and validation collects all problems instead of stopping at the first (`keygate config
 //! check` prints them all). Nothing here binds a socket or reads a snapshot.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -89,6 +90,8 @@ pub struct RawConfig {
     pub routes: RawRoutes,
     #[serde(default)]
     pub idempotency: RawIdempotency,
+    #[serde(default)]
+    pub rate_limit: RawRateLimit,
     #[serde(default)]
     pub log: RawLog,
     #[serde(default)]
@@ -215,6 +218,16 @@ pub struct RawIdempotency {
 
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub backend: Option<String>,
+    pub default_per_minute: Option<u32>,
+    #[serde(default)]
+    pub per_environment: BTreeMap<String, u32>,
+    pub burst: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct RawLog {
     pub level: Option<String>,
     pub format: Option<String>,
@@ -244,6 +257,7 @@ pub struct Settings {
     /// HTTP forward-auth (`/authz`) front.
     pub authz_http: Option<FrontSettings>,
     pub headers: Arc<HeaderNames>,
+    pub rate_limit: Arc<RateLimitSettings>,
     pub log: LogSettings,
     pub runtime: RuntimeSettings,
 }
@@ -328,6 +342,28 @@ impl Secret {
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Per-key rate limits (check 12), applied by every front after the decision allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitSettings {
+    /// For keys without `rate_limit_per_minute` and no environment default; `None` = unlimited.
+    pub default_per_minute: Option<u32>,
+    /// Environment → requests per minute, over `default_per_minute`.
+    pub per_environment: BTreeMap<String, u32>,
+    /// How much of the rate a key may use at once.
+    pub burst: Duration,
+}
+
+impl RateLimitSettings {
+    /// The quota of a key: its own `rate_limit_per_minute`, else its environment's, else the
+    /// default; `None` = not limited.
+    pub fn quota(&self, own: Option<u32>, environment: &str) -> Option<crate::ratelimit::Quota> {
+        let per_minute = own
+            .or_else(|| self.per_environment.get(environment).copied())
+            .or(self.default_per_minute)?;
+        Some(crate::ratelimit::Quota::new(per_minute, self.burst))
     }
 }
 
@@ -499,6 +535,7 @@ fn table_fields(table: &str) -> Option<&'static [&'static str]> {
         "routes" => fields_of::<RawRoutes>(),
         "routes.rule[]" => fields_of::<RawRouteRule>(),
         "idempotency" => fields_of::<RawIdempotency>(),
+        "rate_limit" => fields_of::<RawRateLimit>(),
         "log" => fields_of::<RawLog>(),
         "runtime" => fields_of::<RawRuntime>(),
         _ => return None,
@@ -696,6 +733,7 @@ pub fn validate_with_env(
     let ext_authz = v.front("ext_authz", &raw.ext_authz);
     let authz_http = v.front("authz_http", &raw.authz_http);
     let headers = v.headers(&raw.credentials, &raw.identity_headers, &raw.idempotency);
+    let rate_limit = v.rate_limit(&raw.rate_limit);
 
     let unmatched = match raw.routes.unmatched.as_deref().unwrap_or("allow") {
         "allow" => Unmatched::Allow,
@@ -808,6 +846,7 @@ pub fn validate_with_env(
         ext_authz,
         authz_http,
         headers: Arc::new(headers),
+        rate_limit: Arc::new(rate_limit),
         log,
         runtime,
     })
@@ -1057,6 +1096,34 @@ impl Validator<'_> {
                 );
                 None
             }
+        }
+    }
+
+    fn rate_limit(&mut self, raw: &RawRateLimit) -> RateLimitSettings {
+        match raw.backend.as_deref().unwrap_or("local") {
+            "local" => {}
+            other => self.problem(
+                "rate_limit.backend",
+                format!("{other:?} must be \"local\" (the Redis backend is not in this version)"),
+            ),
+        }
+        let default_per_minute = match raw.default_per_minute {
+            Some(0) | None => None,
+            Some(n) => Some(n),
+        };
+        for (env, n) in &raw.per_environment {
+            if *n == 0 {
+                self.problem(
+                    format!("rate_limit.per_environment.{env}"),
+                    "must be at least 1 request per minute",
+                );
+            }
+        }
+        let burst = self.duration("rate_limit.burst", raw.burst.as_deref(), secs(60));
+        RateLimitSettings {
+            default_per_minute,
+            per_environment: raw.per_environment.clone(),
+            burst,
         }
     }
 
