@@ -15,6 +15,7 @@ use crate::authz_http::AuthzState;
 use crate::config::{RuntimeFlavor, Settings};
 use crate::ext_authz::ExtAuthzState;
 use crate::proxy::{self, ProxyState};
+use crate::ratelimit::RateLimits;
 use crate::snapshot::source::{Source, SourceError};
 use crate::snapshot::SnapshotStore;
 
@@ -81,6 +82,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
         settings.sync_server.is_some(),
     ));
     let source = Source::start(&settings.snapshot, &store).await?;
+    let limits = Arc::new(RateLimits::new(settings.rate_limit.clone()));
 
     let (stop, rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -95,6 +97,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
                 settings.policy.clone(),
                 settings.headers.clone(),
                 store.clone(),
+                limits.clone(),
             ))
         };
         if settings.runtime.flavor == RuntimeFlavor::ThreadPerCore {
@@ -171,6 +174,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
             policy: settings.policy.clone(),
             names: settings.headers.clone(),
             store: store.clone(),
+            limits: limits.clone(),
         });
         tasks.spawn(crate::authz_http::serve(
             listener,
@@ -188,6 +192,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
             policy: settings.policy.clone(),
             names: settings.headers.clone(),
             store: store.clone(),
+            limits: limits.clone(),
         });
         tasks.spawn(crate::ext_authz::serve(
             listener,
@@ -217,6 +222,14 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
         ));
     }
     tasks.spawn(source.run(store.clone(), stopped(rx.clone())));
+    let sweeper = limits.clone();
+    let stop_sweeping = stopped(rx.clone());
+    tasks.spawn(async move {
+        sweeper
+            .limiter
+            .sweep_every(Duration::from_secs(30), stop_sweeping)
+            .await
+    });
 
     tracing::info!(proxy = ?proxy_addr, ext_authz = ?ext_authz_addr, authz_http = ?authz_http_addr, admin = ?admin_addr, sync = ?sync_addr, "keygate started");
     Ok(App {

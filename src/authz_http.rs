@@ -14,6 +14,8 @@
 //! - `/authz/<original path>` (Envoy `http_service` with `path_prefix: /authz`): the path after
 //!   the prefix, and the method of the check request itself.
 
+use crate::proxy::add_limit_headers;
+use crate::ratelimit::Outcome;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -51,6 +53,7 @@ pub struct AuthzState {
     pub policy: Arc<Policy>,
     pub names: Arc<HeaderNames>,
     pub store: Arc<SnapshotStore>,
+    pub limits: Arc<crate::ratelimit::RateLimits>,
 }
 
 /// Answer forward-auth checks on `listener` until `shutdown` resolves.
@@ -171,9 +174,28 @@ fn check(state: &AuthzState, peer: SocketAddr, req: &Request<Incoming>) -> Respo
         Verdict::Allow(allow) => allow,
         Verdict::Deny(reason) => return deny(&reason, &request_id, names),
     };
+    let limit = match state.limits.check(&allow) {
+        Some(Outcome::Limited {
+            status,
+            retry_after_secs,
+        }) => {
+            let mut resp = deny(
+                &DenyReason::RateLimited { retry_after_secs },
+                &request_id,
+                names,
+            );
+            add_limit_headers(resp.headers_mut(), &status);
+            return resp;
+        }
+        Some(Outcome::Allowed(status)) => Some(status),
+        None => None,
+    };
 
     let mut resp = Response::new(Full::new(Bytes::new()));
     let h = resp.headers_mut();
+    if let Some(status) = &limit {
+        add_limit_headers(h, status);
+    }
     set_identity(h, names, &allow);
     h.insert(names.request_id.clone(), request_id);
     // What Envoy must remove from the original request: the credential where it was found, and

@@ -6,6 +6,7 @@
 //! It never answers with a gRPC error, not for a missing snapshot and not for a malformed
 //! request: an error is what `failure_mode_allow` turns into an allow.
 
+use crate::ratelimit::Outcome;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
@@ -46,6 +47,7 @@ pub struct ExtAuthzState {
     pub policy: Arc<Policy>,
     pub names: Arc<HeaderNames>,
     pub store: Arc<SnapshotStore>,
+    pub limits: Arc<crate::ratelimit::RateLimits>,
 }
 
 struct Service(Arc<ExtAuthzState>);
@@ -227,9 +229,41 @@ pub fn check(state: &ExtAuthzState, req: &CheckRequest) -> CheckResponse {
         &facts,
         now_ms(),
     ) {
-        Verdict::Allow(allow) => allowed(&allow, credential, &headers, &request_id, names),
+        Verdict::Allow(allow) => match state.limits.check(&allow) {
+            Some(Outcome::Limited {
+                status,
+                retry_after_secs,
+            }) => {
+                let mut resp = denied(
+                    &DenyReason::RateLimited { retry_after_secs },
+                    &request_id,
+                    names,
+                );
+                if let Some(HttpResponse::DeniedResponse(d)) = &mut resp.http_response {
+                    d.headers.extend(limit_headers(&status));
+                }
+                resp
+            }
+            limit => {
+                let mut resp = allowed(&allow, credential, &headers, &request_id, names);
+                if let (Some(Outcome::Allowed(status)), Some(HttpResponse::OkResponse(ok))) =
+                    (limit, &mut resp.http_response)
+                {
+                    ok.response_headers_to_add.extend(limit_headers(&status));
+                }
+                resp
+            }
+        },
         Verdict::Deny(reason) => denied(&reason, &request_id, names),
     }
+}
+
+/// `X-RateLimit-*` as header mutations (for the client's response).
+fn limit_headers(status: &crate::ratelimit::Status) -> impl Iterator<Item = HeaderValueOption> {
+    status
+        .headers()
+        .into_iter()
+        .map(|(name, value)| set(name, text(&value)))
 }
 
 fn set(key: &str, value: &str) -> HeaderValueOption {

@@ -5,6 +5,7 @@
 //! contract's JSON. Bodies stream both ways and are never buffered whole. This module decides
 //! nothing itself.
 
+use crate::ratelimit::{Outcome, RateLimits};
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -42,6 +43,7 @@ pub struct ProxyState {
     pub policy: Arc<Policy>,
     pub names: Arc<HeaderNames>,
     pub store: Arc<SnapshotStore>,
+    pub limits: Arc<RateLimits>,
     upstream: Arc<Upstream>,
 }
 
@@ -51,6 +53,7 @@ impl ProxyState {
         policy: Arc<Policy>,
         names: Arc<HeaderNames>,
         store: Arc<SnapshotStore>,
+        limits: Arc<RateLimits>,
     ) -> Self {
         let upstream = Upstream::new(
             settings.upstream.as_str().to_owned(),
@@ -62,6 +65,7 @@ impl ProxyState {
             policy,
             names,
             store,
+            limits,
             upstream,
         }
     }
@@ -194,6 +198,23 @@ async fn handle(
         }
         Verdict::Allow(allow) => allow,
     };
+    let limit = match state.limits.check(&allow) {
+        Some(Outcome::Limited {
+            status,
+            retry_after_secs,
+        }) => {
+            let mut resp = deny(
+                &DenyReason::RateLimited { retry_after_secs },
+                &request_id,
+                names,
+                false,
+            );
+            add_limit_headers(resp.headers_mut(), &status);
+            return resp;
+        }
+        Some(Outcome::Allowed(status)) => Some(status),
+        None => None,
+    };
     let found = match credential {
         Credential::Present { found, .. } => found,
         _ => unreachable!("an allow always has a credential"),
@@ -275,7 +296,17 @@ async fn handle(
     }
     resp.headers_mut()
         .insert(names.request_id.clone(), request_id);
+    if let Some(status) = &limit {
+        add_limit_headers(resp.headers_mut(), status);
+    }
     resp.map(Either::Left)
+}
+
+/// `X-RateLimit-*`, replacing any the upstream sent (keygate's limit is the one enforced here).
+pub fn add_limit_headers(h: &mut http::HeaderMap, status: &crate::ratelimit::Status) {
+    for (name, value) in status.headers() {
+        h.insert(name, value);
+    }
 }
 
 /// The upstream request target in origin form (RFC 9112 §3.2.1): the normalized path and the

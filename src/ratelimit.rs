@@ -168,6 +168,31 @@ impl Limiter {
     }
 }
 
+/// Rate limits as the fronts apply them: the configuration and the limiter every front and
+/// thread shares (so a key's allowance is one, whichever front it comes through).
+pub struct RateLimits {
+    pub settings: std::sync::Arc<crate::config::RateLimitSettings>,
+    pub limiter: Limiter,
+}
+
+impl RateLimits {
+    pub fn new(settings: std::sync::Arc<crate::config::RateLimitSettings>) -> Self {
+        Self {
+            settings,
+            limiter: Limiter::new(),
+        }
+    }
+
+    /// Check 12 for an allowed request: `None` when the key has no limit.
+    pub fn check(&self, allow: &crate::decision::Allow<'_>) -> Option<Outcome> {
+        let key = allow.key;
+        let quota = self
+            .settings
+            .quota(key.rate_limit_per_minute, &key.environment)?;
+        Some(self.limiter.check(&key.id, quota))
+    }
+}
+
 fn gcra(tat: &AtomicU64, quota: Quota, now: u64) -> Outcome {
     let t = quota.interval_us();
     let tau = quota.tolerance_us();

@@ -899,10 +899,6 @@ async fn no_snapshot_yet_is_503_then_serves_when_the_file_appears() {
 }
 
 #[tokio::test]
-#[ignore = "bug: check 12 is not implemented — decide() never reads rate_limit_per_minute \
-            (only deny.rs knows DenyReason::RateLimited), so a key over its limit is always \
-            allowed; the per-key buckets belong beside decide and are applied by the fronts \
-            (src/proxy.rs, lead's file)"]
 async fn rate_limited_keys_get_429_with_retry_after() {
     let upstream = Upstream::start().await;
     let snap = SnapshotDir::new();

@@ -73,6 +73,7 @@ fn fixture(extra: &str, trusted: &[&str]) -> Fixture {
         policy: settings.policy,
         names: settings.headers,
         store,
+        limits: Arc::new(crate::ratelimit::RateLimits::new(settings.rate_limit)),
     };
     Fixture { state, ok, near }
 }
