@@ -218,6 +218,24 @@ fn entry_errors_quarantine_only_that_entry() {
             vec![("key key_bad", "64")],
         ),
         case(
+            "a letter past f",
+            vec![key(
+                "key_bad",
+                &format!("sha256:{}g", &bad_hex[..63]),
+                json!({}),
+            )],
+            vec![("key key_bad", "lowercase hex")],
+        ),
+        case(
+            "64 bytes, not all ASCII",
+            vec![key(
+                "key_bad",
+                &format!("sha256:{}é", &bad_hex[..62]),
+                json!({}),
+            )],
+            vec![("key key_bad", "lowercase hex")],
+        ),
+        case(
             "unknown partner",
             vec![bad_key("key_bad", json!({"partner_id": "partner_nope"}))],
             vec![("key key_bad", "no partner entry")],
