@@ -14,7 +14,9 @@ use crate::config::{HeaderNames, Policy, Unmatched};
 use crate::credential::{has_valid_checksum, Credential};
 use crate::deny::DenyReason;
 use crate::path::{NormalizedPath, PathError};
-use crate::snapshot::{KeyRecord, KeyStatus, Partner, PartnerStatus, Snapshot};
+use crate::snapshot::{
+    Environment, KeyRecord, KeyStatus, Partner, PartnerStatus, ScopeSet, Snapshot,
+};
 
 /// What a front knows about a request, already extracted from the wire.
 #[derive(Debug, Clone, Copy)]
@@ -85,10 +87,13 @@ pub enum Verdict<'s> {
     Deny(DenyReason),
 }
 
+/// The key and what it shares with other keys, resolved once for the fronts.
 #[derive(Debug, Clone, Copy)]
 pub struct Allow<'s> {
     pub key: &'s KeyRecord,
     pub partner: &'s Partner,
+    pub environment: &'s Environment,
+    pub scopes: &'s ScopeSet,
 }
 
 /// Methods that change state, for the idempotency check. Case-insensitive: hyper passes `post`
@@ -147,7 +152,8 @@ fn check<'s>(
 
     // 3b. Known key (quarantined entries are absent), 2b. of this environment.
     let record = snapshot.find(key).ok_or(DenyReason::InvalidApiKey)?;
-    if *record.environment != *policy.environment {
+    let environment = snapshot.environment(record);
+    if *environment.name != *policy.environment {
         return Err(DenyReason::EnvironmentMismatch);
     }
 
@@ -155,7 +161,7 @@ fn check<'s>(
     if record.status == KeyStatus::Revoked {
         return Err(DenyReason::KeyRevoked);
     }
-    if record.expires_at_ms.is_some_and(|t| t <= now_ms) {
+    if record.is_expired(now_ms) {
         return Err(DenyReason::KeyExpired);
     }
 
@@ -172,20 +178,21 @@ fn check<'s>(
     if !record.allows_ip(facts.client_ip) {
         return Err(DenyReason::IpNotAllowed);
     }
-    if !record.allowed_referrers.allows(facts.referer, facts.origin) {
+    if !record.allows_referrer(facts.referer, facts.origin) {
         return Err(DenyReason::ReferrerNotAllowed);
     }
 
     // 9–10. What it asks for.
     let route_path = path.for_matching();
-    if let Some(allowed) = &record.allowed_routes {
+    if let Some(allowed) = record.allowed_routes() {
         if !allowed.matches(facts.method, route_path) {
             return Err(DenyReason::RouteNotAllowed);
         }
     }
+    let scopes = snapshot.scopes(record);
     match policy.routes.lookup(facts.method, route_path) {
         Some(needed) => {
-            if let Some(missing) = needed.iter().find(|s| !record.has_scope(s)) {
+            if let Some(missing) = needed.iter().find(|s| !scopes.contains(s)) {
                 return Err(DenyReason::ScopeRequired(missing.clone()));
             }
         }
@@ -204,6 +211,8 @@ fn check<'s>(
     Ok(Allow {
         key: record,
         partner,
+        environment,
+        scopes,
     })
 }
 

@@ -294,9 +294,9 @@ fn allowed(
     let (partner, key) = (allow.partner, allow.key);
     let mut set_headers = vec![
         set(names.partner_id.as_str(), &partner.id),
-        set(names.key_id.as_str(), &key.id),
-        set(names.key_environment.as_str(), &key.environment),
-        set(names.scopes.as_str(), text(&key.scopes_header)),
+        set(names.key_id.as_str(), key.id()),
+        set(names.key_environment.as_str(), &allow.environment.name),
+        set(names.scopes.as_str(), text(&allow.scopes.header)),
         set(names.request_id.as_str(), request_id),
     ];
     if let Some(org) = &partner.org_id {
@@ -331,14 +331,17 @@ fn allowed(
                 "org_id".to_owned(),
                 partner.org_id.as_deref().map_or(null(), string),
             ),
-            ("key_id".to_owned(), string(&key.id)),
-            ("key_environment".to_owned(), string(&key.environment)),
+            ("key_id".to_owned(), string(key.id())),
+            (
+                "key_environment".to_owned(),
+                string(&allow.environment.name),
+            ),
             (
                 "scopes".to_owned(),
                 Value {
                     kind: Some(Kind::ListValue(
                         envoy_types::pb::google::protobuf::ListValue {
-                            values: key.scopes.iter().map(|s| string(s)).collect(),
+                            values: allow.scopes.iter().map(string).collect(),
                         },
                     )),
                 },

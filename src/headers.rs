@@ -114,9 +114,9 @@ pub fn set_identity(headers: &mut HeaderMap, names: &HeaderNames, allow: &Allow<
     headers.insert(names.key_id.clone(), allow.key.id_header.clone());
     headers.insert(
         names.key_environment.clone(),
-        allow.key.environment_header.clone(),
+        allow.environment.header.clone(),
     );
-    headers.insert(names.scopes.clone(), allow.key.scopes_header.clone());
+    headers.insert(names.scopes.clone(), allow.scopes.header.clone());
 }
 
 /// The request id header value, for errors and logs.

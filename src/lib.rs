@@ -6,7 +6,7 @@
 //! ```text
 //! request ─► front (proxy | ext_authz | /authz) ─► RequestFacts ─► decide(&Snapshot, &Policy, facts, now)
 //!                                               │
-//!           Allow { key, partner } ◄────────────┴──► Deny(DenyReason)
+//!           Allow { key, partner, … } ◄─────────┴──► Deny(DenyReason)
 //! front applies the verdict: forward with identity headers, or answer the contract's JSON error
 //! ```
 //!

@@ -185,11 +185,10 @@ impl RateLimits {
 
     /// Check 12 for an allowed request: `None` when the key has no limit.
     pub fn check(&self, allow: &crate::decision::Allow<'_>) -> Option<Outcome> {
-        let key = allow.key;
         let quota = self
             .settings
-            .quota(key.rate_limit_per_minute, &key.environment)?;
-        Some(self.limiter.check(&key.id, quota))
+            .quota(allow.key.rate_limit_per_minute(), &allow.environment.name)?;
+        Some(self.limiter.check(allow.key.id(), quota))
     }
 }
 

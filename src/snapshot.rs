@@ -2,27 +2,35 @@
 //! [`SnapshotStore`] that publishes a new one with an atomic pointer swap.
 //!
 //! A snapshot never holds a key, only its digest. Lookups are by digest (one hash of the presented
-//! key, one map probe) with a constant-time final comparison. Identity header values are built
-//! once per key here, at load, so the request path only clones them.
+//! key, one index probe) with a constant-time final comparison. Identity header values are built
+//! once, here, at load, so the request path only clones them.
+//!
+//! The index is compact, so that a million keys fit in little memory and build quickly: what
+//! many keys share is stored once (partners, environments, scope sets, each with its header
+//! values) and a key refers to it by position; key ids and names live in one shared text; the
+//! restrictions few keys carry (CIDRs, referrers, routes) are boxed, so the others pay one null
+//! pointer for them; and the digest index holds positions, not digests. A key record has no heap
+//! allocation of its own.
 //!
 //! Requests read the store without locks and see exactly one revision from start to end; the
-//! source task (`snapshot::file`) is the only writer.
+//! source task (`snapshot::source`: a file, a control plane or a sync hub) is the only writer.
 
 pub mod cache;
 pub mod document;
 pub mod file;
 pub mod http_source;
+mod index;
 pub mod parse;
 pub mod source;
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::{ArcSwapOption, Guard};
+use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http::HeaderValue;
 use ipnet::IpNet;
@@ -32,6 +40,7 @@ use tokio::sync::watch;
 
 use crate::referrer::ReferrerSet;
 use crate::routes::RouteTable;
+use index::{digest_hash, HashIndex};
 
 pub use parse::{build, parse, DocumentError};
 
@@ -54,6 +63,34 @@ pub struct Partner {
     pub org_header: Option<HeaderValue>,
 }
 
+/// A key environment, stored once for all the keys of that environment.
+#[derive(Debug)]
+pub struct Environment {
+    pub name: Box<str>,
+    /// Pre-validated `x-key-environment` value.
+    pub header: HeaderValue,
+}
+
+/// A set of scopes, stored once for all the keys granted exactly that set.
+#[derive(Debug)]
+pub struct ScopeSet {
+    /// Sorted, deduplicated.
+    scopes: Box<[Box<str>]>,
+    /// Pre-validated `x-scopes` value: the scopes, sorted, space-separated.
+    pub header: HeaderValue,
+}
+
+impl ScopeSet {
+    pub fn contains(&self, scope: &str) -> bool {
+        self.scopes.binary_search_by(|s| (**s).cmp(scope)).is_ok()
+    }
+
+    /// The scopes, sorted.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> {
+        self.scopes.iter().map(|s| &**s)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyStatus {
     Active,
@@ -67,42 +104,105 @@ pub enum DigestKind {
     HmacSha256,
 }
 
+/// Where a request may come from and what it may ask for, for the keys that say. Empty lists
+/// are no restriction; a key with none of them has no `Restrictions` at all.
+#[derive(Debug)]
+pub struct Restrictions {
+    pub cidrs: Box<[IpNet]>,
+    pub referrers: ReferrerSet,
+    /// `None` = no restriction.
+    pub routes: Option<RouteTable<()>>,
+}
+
+/// A run of [`Snapshot`]'s shared text.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: u32,
+    len: u32,
+}
+
+impl Span {
+    /// For a key without a name.
+    const NONE: Span = Span {
+        start: 0,
+        len: u32::MAX,
+    };
+
+    fn range(self) -> std::ops::Range<usize> {
+        self.start as usize..self.start as usize + self.len as usize
+    }
+}
+
+/// One key in force. Fixed size, no heap allocation of its own: what it shares with other keys
+/// is a position in the snapshot, its id and name are in the snapshot's text.
 #[derive(Debug)]
 pub struct KeyRecord {
-    pub id: Box<str>,
-    pub name: Option<Box<str>>,
-    /// Index into [`Snapshot::partners`].
-    pub partner: u32,
-    pub environment: Box<str>,
-    /// Sorted, deduplicated.
-    pub scopes: Box<[Box<str>]>,
-    pub status: KeyStatus,
-    /// Unix milliseconds.
-    pub expires_at_ms: Option<i64>,
-    pub rate_limit_per_minute: Option<u32>,
-    pub allowed_cidrs: Box<[IpNet]>,
-    pub allowed_referrers: ReferrerSet,
-    /// `None` = no restriction.
-    pub allowed_routes: Option<RouteTable<()>>,
-    pub digest: [u8; 32],
-    /// Pre-validated header values (`x-key-id`, `x-key-environment`, `x-scopes`).
+    digest: [u8; 32],
+    /// Pre-validated `x-key-id` value; its bytes are the snapshot's shared text.
     pub id_header: HeaderValue,
-    pub environment_header: HeaderValue,
-    pub scopes_header: HeaderValue,
+    /// Unix milliseconds; `i64::MAX` for a key that does not expire.
+    expires_at_ms: i64,
+    /// `None` for the many keys without any (one null pointer).
+    restrictions: Option<Box<Restrictions>>,
+    name: Span,
+    /// Index into [`Snapshot::partners`].
+    partner: u32,
+    /// Index into [`Snapshot::scope_sets`].
+    scopes: u32,
+    /// Index into [`Snapshot::environments`].
+    environment: u32,
+    rate_limit_per_minute: Option<NonZeroU32>,
+    pub status: KeyStatus,
+    kind: DigestKind,
 }
 
 impl KeyRecord {
-    pub fn has_scope(&self, scope: &str) -> bool {
-        self.scopes.binary_search_by(|s| (**s).cmp(scope)).is_ok()
+    pub fn id(&self) -> &str {
+        self.id_header
+            .to_str()
+            .expect("ids are validated to be visible ASCII")
+    }
+
+    /// Unix milliseconds.
+    pub fn expires_at_ms(&self) -> Option<i64> {
+        (self.expires_at_ms != i64::MAX).then_some(self.expires_at_ms)
+    }
+
+    /// Expired at `now_ms` (`expires_at <= now`).
+    pub fn is_expired(&self, now_ms: i64) -> bool {
+        self.expires_at_ms <= now_ms
+    }
+
+    pub fn rate_limit_per_minute(&self) -> Option<u32> {
+        self.rate_limit_per_minute.map(NonZeroU32::get)
+    }
+
+    pub fn restrictions(&self) -> Option<&Restrictions> {
+        self.restrictions.as_deref()
     }
 
     pub fn allows_ip(&self, ip: Option<IpAddr>) -> bool {
-        if self.allowed_cidrs.is_empty() {
+        let Some(r) = self.restrictions.as_deref() else {
+            return true;
+        };
+        if r.cidrs.is_empty() {
             return true;
         }
         let Some(ip) = ip else { return false };
         let ip = canonical_ip(ip);
-        self.allowed_cidrs.iter().any(|n| n.contains(&ip))
+        r.cidrs.iter().any(|n| n.contains(&ip))
+    }
+
+    /// See [`ReferrerSet::allows`].
+    pub fn allows_referrer(&self, referer: Option<&[u8]>, origin: Option<&[u8]>) -> bool {
+        self.restrictions
+            .as_deref()
+            .is_none_or(|r| r.referrers.allows(referer, origin))
+    }
+
+    /// `None` = no restriction.
+    pub fn allowed_routes(&self) -> Option<&RouteTable<()>> {
+        self.restrictions.as_deref()?.routes.as_ref()
     }
 }
 
@@ -122,36 +222,19 @@ pub struct Quarantined {
     pub reason: String,
 }
 
-/// Digests are uniformly distributed already: the first 8 bytes are a fine hash, with no SipHash
-/// cost on the request path. (An attacker can choose inputs but cannot insert into the map, so
-/// this opens no collision attack.)
-#[derive(Default)]
-pub struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8).take(1) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            self.0 ^= u64::from_le_bytes(b);
-        }
-    }
-}
-
-pub type DigestMap = HashMap<[u8; 32], u32, BuildHasherDefault<DigestHasher>>;
-
 #[derive(Debug)]
 pub struct Snapshot {
     pub revision: u64,
     pub generated_at: Option<Box<str>>,
     pub partners: Vec<Partner>,
+    pub environments: Vec<Environment>,
+    pub scope_sets: Vec<ScopeSet>,
     pub keys: Vec<KeyRecord>,
     pub quarantined: Vec<Quarantined>,
-    by_sha256: DigestMap,
-    by_hmac: DigestMap,
+    /// The ids and names of all keys, one allocation; the keys' id headers share it.
+    text: Bytes,
+    by_sha256: HashIndex,
+    by_hmac: HashIndex,
     pepper: Option<Arc<[u8]>>,
 }
 
@@ -177,13 +260,32 @@ impl Snapshot {
         None
     }
 
-    fn probe(&self, map: &DigestMap, digest: &[u8; 32]) -> Option<&KeyRecord> {
-        let record = &self.keys[*map.get(digest)? as usize];
-        bool::from(record.digest.ct_eq(digest)).then_some(record)
+    fn probe(&self, index: &HashIndex, digest: &[u8; 32]) -> Option<&KeyRecord> {
+        let i = index.find(digest_hash(digest), |i| {
+            self.keys[i as usize].digest.ct_eq(digest).into()
+        })?;
+        Some(&self.keys[i as usize])
     }
 
     pub fn partner(&self, record: &KeyRecord) -> &Partner {
         &self.partners[record.partner as usize]
+    }
+
+    pub fn environment(&self, record: &KeyRecord) -> &Environment {
+        &self.environments[record.environment as usize]
+    }
+
+    pub fn scopes(&self, record: &KeyRecord) -> &ScopeSet {
+        &self.scope_sets[record.scopes as usize]
+    }
+
+    /// The key's `name`, if the document gave one.
+    pub fn key_name(&self, record: &KeyRecord) -> Option<&str> {
+        if record.name.len == Span::NONE.len {
+            return None;
+        }
+        let bytes = &self.text[record.name.range()];
+        Some(std::str::from_utf8(bytes).expect("names are stored as UTF-8"))
     }
 
     /// Keys in force (not quarantined).

@@ -451,7 +451,7 @@ fn verdict(fixture: &Fixture, policy: &Policy, case: &Case) -> Got {
                 fixture.snapshot.partner(a.key) as *const _
             ));
             Got::Allow {
-                key: a.key.id.to_string(),
+                key: a.key.id().to_string(),
                 partner: a.partner.id.to_string(),
             }
         }
@@ -1191,9 +1191,10 @@ fn allow_carries_the_record() {
     let Verdict::Allow(allow) = decide(Some(&f.snapshot), &p, &facts, now_ms()) else {
         panic!("expected an allow");
     };
-    assert_eq!(&*allow.key.id, "key_ok");
-    assert_eq!(&*allow.key.environment, "live");
-    assert_eq!(allow.key.scopes_header, "analyses:read analyses:write");
+    assert_eq!(allow.key.id(), "key_ok");
+    assert_eq!(&*allow.environment.name, "live");
+    assert_eq!(allow.environment.header, "live");
+    assert_eq!(allow.scopes.header, "analyses:read analyses:write");
     assert_eq!(&*allow.partner.id, "partner_acme");
     assert_eq!(allow.partner.org_id.as_deref(), Some("org_1"));
 }

@@ -6,6 +6,8 @@
 //! entry, which then acts as an absent key. Pure: no I/O, no clock, no logging (the caller logs
 //! the quarantine list).
 
+mod keys;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -13,10 +15,12 @@ use http::HeaderValue;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{DigestMap, KeyRecord, KeyStatus, Partner, PartnerStatus, Quarantined, Snapshot};
-use crate::config::{is_scope, parse_cidr};
-use crate::referrer::{ReferrerError, ReferrerPattern, ReferrerSet};
-use crate::routes::{RouteError, RoutePattern, RouteTable};
+use super::{DigestKind, Partner, PartnerStatus, Quarantined, Snapshot};
+use crate::referrer::ReferrerError;
+use crate::routes::RouteError;
+use keys::KeysBuilder;
+
+type EntryError = (Option<String>, String);
 
 pub const SCHEMA: &str = "keygate.snapshot/v1";
 
@@ -47,29 +51,6 @@ struct RawPartner {
     #[serde(default)]
     org_id: Option<String>,
     status: String,
-}
-
-#[derive(Deserialize)]
-struct RawKey {
-    id: String,
-    #[serde(default)]
-    name: Option<String>,
-    hash: String,
-    partner_id: String,
-    environment: String,
-    #[serde(default)]
-    scopes: Vec<String>,
-    status: String,
-    #[serde(default)]
-    expires_at: Option<String>,
-    #[serde(default)]
-    rate_limit_per_minute: Option<u32>,
-    #[serde(default)]
-    allowed_cidrs: Option<Vec<String>>,
-    #[serde(default)]
-    allowed_referrers: Option<Vec<String>>,
-    #[serde(default)]
-    allowed_routes: Option<Vec<String>>,
 }
 
 /// Parse and index a document. `pepper` verifies `hmac-sha256:` digests; without it such
@@ -121,69 +102,27 @@ pub fn build(
     }
 
     // First pass: each key on its own.
-    let mut candidates: Vec<(KeyRecord, super::DigestKind)> = Vec::with_capacity(raw_keys.len());
+    let mut keys = KeysBuilder::new(&partner_index, pepper.is_some(), raw_keys.len());
     for (pos, raw) in raw_keys.iter().enumerate() {
-        match parse_key(raw, &partner_index, pepper.is_some()) {
-            Ok(c) => candidates.push(c),
-            Err((entry, reason)) => {
-                quarantined.push(q(entry.unwrap_or_else(|| format!("keys[{pos}]")), reason))
-            }
+        if let Err((entry, reason)) = keys.add(raw) {
+            quarantined.push(q(entry.unwrap_or_else(|| format!("keys[{pos}]")), reason))
         }
     }
-
     // Second pass: duplicates make every entry involved ambiguous.
-    let mut digest_count: HashMap<[u8; 32], u32> = HashMap::with_capacity(candidates.len());
-    let mut id_count: HashMap<&str, u32> = HashMap::with_capacity(candidates.len());
-    for (k, _) in &candidates {
-        *digest_count.entry(k.digest).or_default() += 1;
-        *id_count.entry(&k.id).or_default() += 1;
-    }
-    let mut duplicate_digest = Vec::new();
-    let mut duplicate_id = Vec::new();
-    for (i, (k, _)) in candidates.iter().enumerate() {
-        if digest_count[&k.digest] > 1 {
-            duplicate_digest.push(i);
-        } else if id_count[&*k.id] > 1 {
-            duplicate_id.push(i);
-        }
-    }
-    drop(id_count);
-    let mut drop_mask = vec![false; candidates.len()];
-    for i in duplicate_digest {
-        drop_mask[i] = true;
-        let id = &candidates[i].0.id;
-        quarantined.push(q(format!("key {id}"), "another entry has the same digest"));
-    }
-    for i in duplicate_id {
-        drop_mask[i] = true;
-        let id = &candidates[i].0.id;
-        quarantined.push(q(format!("key {id}"), "the key id appears more than once"));
-    }
-
-    let mut keys = Vec::with_capacity(candidates.len());
-    let mut by_sha256 = DigestMap::default();
-    let mut by_hmac = DigestMap::default();
-    for ((record, kind), dropped) in candidates.into_iter().zip(drop_mask) {
-        if dropped {
-            continue;
-        }
-        let index = keys.len() as u32;
-        match kind {
-            super::DigestKind::Sha256 => by_sha256.insert(record.digest, index),
-            super::DigestKind::HmacSha256 => by_hmac.insert(record.digest, index),
-        };
-        keys.push(record);
-    }
+    let keys = keys.finish(&mut quarantined);
     quarantined.sort_by(|a, b| a.entry.cmp(&b.entry).then(a.reason.cmp(&b.reason)));
 
     Snapshot {
         revision,
         generated_at: generated_at.map(String::into_boxed_str),
         partners,
-        keys,
+        environments: keys.environments,
+        scope_sets: keys.scope_sets,
+        keys: keys.records,
         quarantined,
-        by_sha256,
-        by_hmac,
+        text: keys.text,
+        by_sha256: keys.by_sha256,
+        by_hmac: keys.by_hmac,
         pepper,
     }
 }
@@ -291,120 +230,6 @@ fn parse_partners(raw: &[&RawValue], quarantined: &mut Vec<Quarantined>) -> Vec<
     out
 }
 
-type EntryError = (Option<String>, String);
-
-fn parse_key(
-    raw: &RawValue,
-    partners: &HashMap<&str, Option<u32>>,
-    have_pepper: bool,
-) -> Result<(KeyRecord, super::DigestKind), EntryError> {
-    let k: RawKey = serde_json::from_str(raw.get())
-        .map_err(|e| (entry_id(raw).map(|id| format!("key {id}")), redact(&e)))?;
-    if !is_id(&k.id) {
-        return Err((None, "id must be 1-128 of A-Z a-z 0-9 _ - . :".into()));
-    }
-    let label = Some(format!("key {}", k.id));
-    let fail = |reason: String| (label.clone(), reason);
-
-    let (kind, digest) = parse_digest(&k.hash).map_err(|r| fail(r.into()))?;
-    if kind == super::DigestKind::HmacSha256 && !have_pepper {
-        return Err(fail(
-            "hmac-sha256 digest, but no pepper is configured (snapshot.pepper_env)".into(),
-        ));
-    }
-    let partner = match partners.get(k.partner_id.as_str()) {
-        Some(Some(i)) => *i,
-        Some(None) => return Err(fail(format!("partner {} is ambiguous", k.partner_id))),
-        None => return Err(fail("partner_id names no partner entry".into())),
-    };
-    if k.environment.is_empty()
-        || !k
-            .environment
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
-        return Err(fail(
-            "environment must be letters, digits, '_' or '-'".into(),
-        ));
-    }
-    let status = match k.status.as_str() {
-        "active" => KeyStatus::Active,
-        "revoked" => KeyStatus::Revoked,
-        _ => return Err(fail("status must be \"active\" or \"revoked\"".into())),
-    };
-    let mut scopes = k.scopes;
-    if let Some(i) = scopes.iter().position(|s| !is_scope(s)) {
-        return Err(fail(format!(
-            "scopes[{i}] is not a scope (1-128 visible ASCII characters, no ',')"
-        )));
-    }
-    scopes.sort();
-    scopes.dedup();
-    let expires_at_ms = match k.expires_at.as_deref() {
-        None => None,
-        Some(s) => Some(parse_rfc3339_ms(s).ok_or_else(|| {
-            fail("expires_at is not an RFC 3339 time like \"2027-01-31T00:00:00Z\"".into())
-        })?),
-    };
-    if k.rate_limit_per_minute == Some(0) {
-        return Err(fail("rate_limit_per_minute must be more than 0".into()));
-    }
-    let mut cidrs = Vec::new();
-    for (i, c) in k.allowed_cidrs.unwrap_or_default().iter().enumerate() {
-        cidrs.push(parse_cidr(c).ok_or_else(|| {
-            fail(format!(
-                "allowed_cidrs[{i}] is not a CIDR like \"10.0.0.0/8\" or an IP address"
-            ))
-        })?);
-    }
-    let mut referrers = Vec::new();
-    for (i, r) in k.allowed_referrers.unwrap_or_default().iter().enumerate() {
-        referrers.push(
-            ReferrerPattern::parse(r)
-                .map_err(|e| fail(format!("allowed_referrers[{i}] {}", referrer_problem(&e))))?,
-        );
-    }
-    let allowed_routes = match k.allowed_routes {
-        Some(list) if !list.is_empty() => {
-            let mut patterns = Vec::with_capacity(list.len());
-            for (i, r) in list.iter().enumerate() {
-                let p = RoutePattern::parse(r)
-                    .map_err(|e| fail(format!("allowed_routes[{i}] {}", route_problem(&e))))?;
-                if !patterns
-                    .iter()
-                    .any(|(x, ()): &(RoutePattern, ())| x.same_route(&p))
-                {
-                    patterns.push((p, ()));
-                }
-            }
-            Some(
-                RouteTable::new(patterns)
-                    .map_err(|e| fail(format!("allowed_routes {}", route_problem(&e))))?,
-            )
-        }
-        _ => None,
-    };
-    let scopes_joined = scopes.join(" ");
-    let record = KeyRecord {
-        id_header: header(&k.id),
-        environment_header: header(&k.environment),
-        scopes_header: HeaderValue::from_str(&scopes_joined).map_err(|_| fail("scopes".into()))?,
-        id: k.id.into_boxed_str(),
-        name: k.name.map(String::into_boxed_str),
-        partner,
-        environment: k.environment.into_boxed_str(),
-        scopes: scopes.into_iter().map(String::into_boxed_str).collect(),
-        status,
-        expires_at_ms,
-        rate_limit_per_minute: k.rate_limit_per_minute,
-        allowed_cidrs: cidrs.into(),
-        allowed_referrers: ReferrerSet::new(referrers),
-        allowed_routes,
-        digest,
-    };
-    Ok((record, kind))
-}
-
 // Reasons name the field and position but never repeat its value: a key or digest pasted into
 // the wrong field must not reach a log (the error types below quote the text they rejected).
 
@@ -443,25 +268,50 @@ fn route_problem(e: &RouteError) -> String {
     }
 }
 
-fn parse_digest(s: &str) -> Result<(super::DigestKind, [u8; 32]), &'static str> {
+fn parse_digest(s: &str) -> Result<(DigestKind, [u8; 32]), &'static str> {
     let (kind, hex_part) = if let Some(h) = s.strip_prefix("sha256:") {
-        (super::DigestKind::Sha256, h)
+        (DigestKind::Sha256, h)
     } else if let Some(h) = s.strip_prefix("hmac-sha256:") {
-        (super::DigestKind::HmacSha256, h)
+        (DigestKind::HmacSha256, h)
     } else {
         return Err("hash must be \"sha256:<hex>\" or \"hmac-sha256:<hex>\"");
     };
-    if hex_part.len() != 64
-        || !hex_part
-            .bytes()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    {
-        return Err("hash must end in 64 lowercase hex digits");
+    const BAD: &str = "hash must end in 64 lowercase hex digits";
+    if hex_part.len() != 64 {
+        return Err(BAD);
     }
+    // One pass that checks and decodes: a million digests are read at every load.
     let mut digest = [0u8; 32];
-    hex::decode_to_slice(hex_part, &mut digest).map_err(|_| "hash is not hex")?;
+    let mut invalid = 0;
+    for (byte, pair) in digest.iter_mut().zip(hex_part.as_bytes().chunks_exact(2)) {
+        let (high, low) = (HEX[pair[0] as usize], HEX[pair[1] as usize]);
+        invalid |= high | low;
+        *byte = high << 4 | low;
+    }
+    if invalid & NOT_HEX != 0 {
+        return Err(BAD);
+    }
     Ok((kind, digest))
 }
+
+/// Marks a byte that is not a lowercase hex digit in [`HEX`].
+const NOT_HEX: u8 = 0x10;
+
+/// The value of each lowercase hex digit; [`NOT_HEX`] for every other byte.
+const HEX: [u8; 256] = {
+    let mut table = [NOT_HEX; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
 
 /// RFC 3339 → Unix milliseconds.
 pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {

@@ -218,6 +218,24 @@ fn entry_errors_quarantine_only_that_entry() {
             vec![("key key_bad", "64")],
         ),
         case(
+            "a letter past f",
+            vec![key(
+                "key_bad",
+                &format!("sha256:{}g", &bad_hex[..63]),
+                json!({}),
+            )],
+            vec![("key key_bad", "lowercase hex")],
+        ),
+        case(
+            "64 bytes, not all ASCII",
+            vec![key(
+                "key_bad",
+                &format!("sha256:{}é", &bad_hex[..62]),
+                json!({}),
+            )],
+            vec![("key key_bad", "lowercase hex")],
+        ),
+        case(
             "unknown partner",
             vec![bad_key("key_bad", json!({"partner_id": "partner_nope"}))],
             vec![("key key_bad", "no partner entry")],
@@ -433,7 +451,7 @@ fn entry_errors_quarantine_only_that_entry() {
         if bad_key_found(&s, &bad) {
             failures.push(format!("{}: the bad entry is usable", c.name));
         }
-        let good_usable = s.find(&good).map(|k| &*k.id) == Some("key_good");
+        let good_usable = s.find(&good).map(|k| k.id()) == Some("key_good");
         let good_quarantined = c.want.iter().any(|(e, _)| *e == "key key_good");
         if good_usable == good_quarantined {
             failures.push(format!(
@@ -534,7 +552,7 @@ fn find_by_sha256_and_hmac() {
         ["key key_peppered"]
     );
 
-    let id = |s: &Snapshot, k: &str| s.find(k).map(|r| r.id.to_string());
+    let id = |s: &Snapshot, k: &str| s.find(k).map(|r| r.id().to_string());
     let table: &[(&str, &Snapshot, &str, Option<&str>)] = &[
         ("sha256 hit", &right, &plain, Some("key_plain")),
         ("sha256 hit, no pepper", &none, &plain, Some("key_plain")),
@@ -585,7 +603,7 @@ fn repeated_allowed_routes_are_merged() {
         let s = parse(&doc(1, vec![acme()], vec![record]), None).unwrap();
         assert!(s.quarantined.is_empty(), "{routes}: {:?}", s.quarantined);
         let k = s.find(&secret).unwrap();
-        let table = k.allowed_routes.as_ref().unwrap();
+        let table = k.allowed_routes().unwrap();
         assert!(table.matches("GET", "/v1/a"), "{routes}");
         assert!(!table.matches("GET", "/v2/a"), "{routes}");
     }
@@ -596,15 +614,7 @@ fn repeated_allowed_routes_are_merged() {
         json!({"allowed_routes": ["GET /v1/a", "POST /v1/a"]}),
     );
     let s = parse(&doc(1, vec![acme()], vec![record]), None).unwrap();
-    assert_eq!(
-        s.find(&secret)
-            .unwrap()
-            .allowed_routes
-            .as_ref()
-            .unwrap()
-            .len(),
-        2
-    );
+    assert_eq!(s.find(&secret).unwrap().allowed_routes().unwrap().len(), 2);
 }
 
 #[test]
@@ -636,26 +646,172 @@ fn unknown_fields_are_ignored() {
     assert_eq!(s.revision, 9);
     assert_eq!(s.generated_at.as_deref(), Some("2026-11-22T06:00:00Z"));
     let k = s.find(&secret).expect("the key is in force");
-    assert_eq!(&*k.id, "key_1");
-    assert_eq!(k.name.as_deref(), Some("Production"));
+    assert_eq!(k.id(), "key_1");
+    assert_eq!(k.id_header, "key_1");
+    assert_eq!(s.key_name(k), Some("Production"));
     assert_eq!(
-        k.scopes.iter().map(|s| &**s).collect::<Vec<_>>(),
+        s.scopes(k).iter().collect::<Vec<_>>(),
         ["analyses:read", "analyses:write"],
         "sorted and deduplicated"
     );
-    assert_eq!(k.scopes_header, "analyses:read analyses:write");
-    assert_eq!(k.rate_limit_per_minute, Some(1000));
-    assert_eq!(k.expires_at_ms, None);
-    assert_eq!(k.allowed_cidrs.len(), 1, "a bare address is a /32");
+    assert_eq!(s.scopes(k).header, "analyses:read analyses:write");
+    assert_eq!(&*s.environment(k).name, "live");
+    assert_eq!(s.environment(k).header, "live");
+    assert_eq!(k.rate_limit_per_minute(), Some(1000));
+    assert_eq!(k.expires_at_ms(), None);
+    let restrictions = k.restrictions().expect("allowed_cidrs restricts");
+    assert_eq!(restrictions.cidrs.len(), 1, "a bare address is a /32");
     assert!(k.allows_ip(Some("203.0.113.9".parse().unwrap())));
     assert!(!k.allows_ip(Some("203.0.113.10".parse().unwrap())));
-    assert!(k.allowed_referrers.is_empty());
+    assert!(restrictions.referrers.is_empty());
     assert!(
-        k.allowed_routes.is_none(),
+        k.allowed_routes().is_none(),
         "an empty list means no restriction"
     );
     assert_eq!(s.partner(k).org_id, None);
     assert_eq!(s.partner(k).org_header, None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The compact index
+
+/// What keys share is stored once: the same scopes (in any order, repeated or not) are one
+/// scope set with one header value, and one environment is one entry.
+#[test]
+fn keys_share_scope_sets_and_environments() {
+    let (a, b, c) = (mint("sk_live_"), mint("sk_live_"), mint("sk_test_"));
+    let bytes = doc(
+        1,
+        vec![acme()],
+        vec![
+            key(
+                "key_a",
+                &sha256(&a),
+                json!({"scopes": ["x:write", "x:read"]}),
+            ),
+            key(
+                "key_b",
+                &sha256(&b),
+                json!({"scopes": ["x:read", "x:write", "x:read"]}),
+            ),
+            key(
+                "key_c",
+                &sha256(&c),
+                json!({"scopes": ["x:read"], "environment": "test"}),
+            ),
+        ],
+    );
+    let s = parse(&bytes, None).unwrap();
+    assert!(s.quarantined.is_empty(), "{:?}", s.quarantined);
+    let (a, b, c) = (
+        s.find(&a).unwrap(),
+        s.find(&b).unwrap(),
+        s.find(&c).unwrap(),
+    );
+    assert!(std::ptr::eq(s.scopes(a), s.scopes(b)));
+    assert_eq!(s.scopes(a).header, "x:read x:write");
+    assert!(s.scopes(a).contains("x:write") && !s.scopes(a).contains("x:"));
+    assert_eq!(s.scopes(c).header, "x:read");
+    assert_eq!(s.scope_sets.len(), 2);
+    assert!(std::ptr::eq(s.environment(a), s.environment(b)));
+    assert_eq!(&*s.environment(c).name, "test");
+    assert_eq!(s.environments.len(), 2);
+    // No name, no restriction, no expiry, no rate limit: nothing stored for them.
+    assert_eq!(s.key_name(a), None);
+    assert!(a.restrictions().is_none());
+    assert!(a.allows_ip(None));
+    assert!(a.allows_referrer(None, None));
+    assert_eq!((a.expires_at_ms(), a.rate_limit_per_minute()), (None, None));
+    assert!(!a.is_expired(i64::MAX - 1));
+}
+
+#[test]
+fn an_expiry_is_kept_to_the_millisecond() {
+    let secret = mint("sk_live_");
+    let record = key(
+        "key_1",
+        &sha256(&secret),
+        json!({"expires_at": "2027-01-31T00:00:00.250Z"}),
+    );
+    let s = parse(&doc(1, vec![acme()], vec![record]), None).unwrap();
+    let k = s.find(&secret).unwrap();
+    let at = 1_801_353_600_250;
+    assert_eq!(k.expires_at_ms(), Some(at));
+    assert!(!k.is_expired(at - 1));
+    assert!(k.is_expired(at));
+}
+
+/// Strings with JSON escapes are read as what they stand for, like any other.
+#[test]
+fn escaped_strings_are_unescaped() {
+    let secret = mint("sk_live_");
+    let text = format!(
+        r#"{{"schema": "keygate.snapshot/v1", "revision": 1,
+            "partners": [{{"id": "partner_acme", "status": "active"}}],
+            "keys": [{{"id": "key\u005f1", "name": "caf\u00e9 \"one\"", "hash": "{}",
+                       "partner_id": "partner\u005facme", "environment": "l\u0069ve",
+                       "scopes": ["x:r\u0065ad"], "status": "act\u0069ve",
+                       "allowed_cidrs": ["10.0.0.0\/8"]}}]}}"#,
+        sha256(&secret)
+    );
+    let s = parse(text.as_bytes(), None).unwrap();
+    assert!(s.quarantined.is_empty(), "{:?}", s.quarantined);
+    let k = s.find(&secret).unwrap();
+    assert_eq!(k.id(), "key_1");
+    assert_eq!(s.key_name(k), Some("café \"one\""));
+    assert_eq!(&*s.environment(k).name, "live");
+    assert_eq!(s.scopes(k).header, "x:read");
+    assert!(k.allows_ip(Some("10.1.2.3".parse().unwrap())));
+}
+
+/// Duplicate ids are found whatever the spelling of the id in the document, and duplicate
+/// digests whatever the digest kind: every entry involved is ambiguous.
+#[test]
+fn duplicates_are_found_across_spellings_and_digest_kinds() {
+    let secret = mint("sk_live_");
+    let peppered = mint("sk_live_");
+    let mac = hmac_sha256(b"pepper", &peppered);
+    let same_bytes = format!("sha256:{}", &mac["hmac-sha256:".len()..]);
+    let text = String::from_utf8(doc(
+        1,
+        vec![acme()],
+        vec![
+            key("key_1", &sha256(&secret), json!({})),
+            key("key_ESCAPED", &sha256("another key"), json!({})),
+            key("key_mac", &mac, json!({})),
+            key("key_plain", &same_bytes, json!({})),
+            key("key_ok", &sha256("a third key"), json!({})),
+        ],
+    ))
+    .unwrap()
+    .replace("key_ESCAPED", "key\\u005f1");
+    let s = parse(text.as_bytes(), pepper("pepper")).unwrap();
+    assert_eq!(
+        entries(&s)
+            .iter()
+            .map(|(e, r)| format!("{e}: {r}"))
+            .collect::<Vec<_>>(),
+        [
+            "key key_1: the key id appears more than once",
+            "key key_1: the key id appears more than once",
+            "key key_mac: another entry has the same digest",
+            "key key_plain: another entry has the same digest",
+        ]
+    );
+    assert_eq!(s.key_count(), 1);
+    assert!(s.find(&secret).is_none() && s.find(&peppered).is_none());
+    assert_eq!(s.find("a third key").map(KeyRecord::id), Some("key_ok"));
+}
+
+/// A million keys multiply this: a record has no heap allocation of its own, and stays small.
+#[cfg(target_pointer_width = "64")]
+#[test]
+fn a_key_record_stays_small() {
+    assert!(
+        std::mem::size_of::<KeyRecord>() <= 120,
+        "KeyRecord is {} bytes",
+        std::mem::size_of::<KeyRecord>()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
