@@ -83,6 +83,9 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
     ));
     let source = Source::start(&settings.snapshot, &store).await?;
     let limits = Arc::new(RateLimits::new(settings.rate_limit.clone()));
+    let idempotency = settings
+        .idempotency
+        .map(|l| Arc::new(crate::idempotency::Store::new(l)));
 
     let (stop, rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -98,6 +101,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
                 settings.headers.clone(),
                 store.clone(),
                 limits.clone(),
+                idempotency.clone(),
             ))
         };
         if settings.runtime.flavor == RuntimeFlavor::ThreadPerCore {

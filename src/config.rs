@@ -214,6 +214,12 @@ pub struct RawRouteRule {
 pub struct RawIdempotency {
     pub required: Option<bool>,
     pub header: Option<String>,
+    pub replay: Option<bool>,
+    pub backend: Option<String>,
+    pub ttl: Option<String>,
+    pub max_request_bytes: Option<usize>,
+    pub max_response_bytes: Option<usize>,
+    pub max_memory_bytes: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -258,6 +264,8 @@ pub struct Settings {
     pub authz_http: Option<FrontSettings>,
     pub headers: Arc<HeaderNames>,
     pub rate_limit: Arc<RateLimitSettings>,
+    /// Idempotent replay in the proxy front; `None` = off.
+    pub idempotency: Option<crate::idempotency::Limits>,
     pub log: LogSettings,
     pub runtime: RuntimeSettings,
 }
@@ -734,6 +742,7 @@ pub fn validate_with_env(
     let authz_http = v.front("authz_http", &raw.authz_http);
     let headers = v.headers(&raw.credentials, &raw.identity_headers, &raw.idempotency);
     let rate_limit = v.rate_limit(&raw.rate_limit);
+    let idempotency = v.idempotency(&raw.idempotency);
 
     let unmatched = match raw.routes.unmatched.as_deref().unwrap_or("allow") {
         "allow" => Unmatched::Allow,
@@ -847,6 +856,7 @@ pub fn validate_with_env(
         authz_http,
         headers: Arc::new(headers),
         rate_limit: Arc::new(rate_limit),
+        idempotency,
         log,
         runtime,
     })
@@ -1097,6 +1107,44 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+
+    fn idempotency(&mut self, raw: &RawIdempotency) -> Option<crate::idempotency::Limits> {
+        match raw.backend.as_deref().unwrap_or("local") {
+            "local" => {}
+            other => self.problem(
+                "idempotency.backend",
+                format!("{other:?} must be \"local\" (the Redis backend is not in this version)"),
+            ),
+        }
+        let ttl = self.duration("idempotency.ttl", raw.ttl.as_deref(), secs(24 * 3600));
+        let mut size = |key: &str, value: Option<usize>, default: usize| match value {
+            Some(0) => {
+                self.problem(key, "must be more than zero");
+                default
+            }
+            Some(n) => n,
+            None => default,
+        };
+        let limits = crate::idempotency::Limits {
+            ttl,
+            max_request_bytes: size(
+                "idempotency.max_request_bytes",
+                raw.max_request_bytes,
+                1 << 20,
+            ),
+            max_response_bytes: size(
+                "idempotency.max_response_bytes",
+                raw.max_response_bytes,
+                1 << 20,
+            ),
+            max_memory_bytes: size(
+                "idempotency.max_memory_bytes",
+                raw.max_memory_bytes,
+                64 << 20,
+            ),
+        };
+        raw.replay.unwrap_or(true).then_some(limits)
     }
 
     fn rate_limit(&mut self, raw: &RawRateLimit) -> RateLimitSettings {

@@ -29,6 +29,12 @@ pub enum DenyReason {
     /// The first scope the route needs that the key lacks.
     ScopeRequired(Arc<str>),
     IdempotencyKeyRequired,
+    /// The first request with this Idempotency-Key is still being answered.
+    IdempotencyKeyInUse,
+    /// The Idempotency-Key was used before for a different request (method, path or body).
+    IdempotencyKeyReused,
+    /// A request body too large to fingerprint for idempotent replay.
+    RequestTooLarge,
     /// Seconds until a retry can succeed.
     RateLimited {
         retry_after_secs: u64,
@@ -43,6 +49,9 @@ impl DenyReason {
         use DenyReason::*;
         match self {
             InvalidPath(_) | BadRequest(_) | IdempotencyKeyRequired => StatusCode::BAD_REQUEST,
+            IdempotencyKeyInUse => StatusCode::CONFLICT,
+            IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             AuthenticationRequired | InvalidApiKey | KeyRevoked | KeyExpired => {
                 StatusCode::UNAUTHORIZED
             }
@@ -74,6 +83,9 @@ impl DenyReason {
             RouteNotAllowed => "route_not_allowed",
             ScopeRequired(_) => "scope_required",
             IdempotencyKeyRequired => "idempotency_key_required",
+            IdempotencyKeyInUse => "idempotency_key_in_use",
+            IdempotencyKeyReused => "idempotency_key_reused",
+            RequestTooLarge => "request_too_large",
             RateLimited { .. } => "rate_limited",
             SnapshotUnavailable => "snapshot_unavailable",
             UpstreamUnavailable => "upstream_unavailable",
@@ -84,7 +96,12 @@ impl DenyReason {
     pub fn error_type(&self) -> &'static str {
         use DenyReason::*;
         match self {
-            InvalidPath(_) | BadRequest(_) | IdempotencyKeyRequired => "invalid_request_error",
+            InvalidPath(_)
+            | BadRequest(_)
+            | IdempotencyKeyRequired
+            | IdempotencyKeyInUse
+            | IdempotencyKeyReused
+            | RequestTooLarge => "invalid_request_error",
             AuthenticationRequired | InvalidApiKey | KeyRevoked | KeyExpired => {
                 "authentication_error"
             }
@@ -114,6 +131,9 @@ impl DenyReason {
             RouteNotAllowed => "The API key may not be used for this route.".into(),
             ScopeRequired(s) => format!("This request requires the '{s}' scope."),
             IdempotencyKeyRequired => "This request must carry an Idempotency-Key header.".into(),
+            IdempotencyKeyInUse => "A request with this Idempotency-Key is still in progress; retry once it has completed.".into(),
+            IdempotencyKeyReused => "This Idempotency-Key was already used for a different request.".into(),
+            RequestTooLarge => "The request body is too large for an idempotent request.".into(),
             RateLimited { .. } => "Too many requests for this API key; retry later.".into(),
             SnapshotUnavailable => "API keys cannot be checked right now; retry later.".into(),
             UpstreamUnavailable => "The upstream service is unavailable.".into(),

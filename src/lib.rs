@@ -41,6 +41,7 @@ pub mod demo;
 pub mod deny;
 pub mod ext_authz;
 pub mod headers;
+pub mod idempotency;
 pub mod keys;
 pub mod listen;
 pub mod metrics;

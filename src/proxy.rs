@@ -5,7 +5,9 @@
 //! contract's JSON. Bodies stream both ways and are never buffered whole. This module decides
 //! nothing itself.
 
+use crate::idempotency::{self, Begin, Stored};
 use crate::ratelimit::{Outcome, RateLimits};
+use crate::upstream::ReadAhead;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -44,6 +46,8 @@ pub struct ProxyState {
     pub names: Arc<HeaderNames>,
     pub store: Arc<SnapshotStore>,
     pub limits: Arc<RateLimits>,
+    /// Idempotent replay; `None` when `idempotency.replay = false`.
+    pub idempotency: Option<Arc<idempotency::Store>>,
     upstream: Arc<Upstream>,
 }
 
@@ -54,6 +58,7 @@ impl ProxyState {
         names: Arc<HeaderNames>,
         store: Arc<SnapshotStore>,
         limits: Arc<RateLimits>,
+        idempotency: Option<Arc<idempotency::Store>>,
     ) -> Self {
         let upstream = Upstream::new(
             settings.upstream.as_str().to_owned(),
@@ -66,6 +71,7 @@ impl ProxyState {
             names,
             store,
             limits,
+            idempotency,
             upstream,
         }
     }
@@ -219,6 +225,15 @@ async fn handle(
         Credential::Present { found, .. } => found,
         _ => unreachable!("an allow always has a credential"),
     };
+    // Idempotent replay: a mutating request with an Idempotency-Key.
+    let replay = match (&state.idempotency, facts.idempotency_key) {
+        (Some(store), Some(k))
+            if !k.is_empty() && crate::decision::is_mutating(req.method().as_str()) =>
+        {
+            Some((&**store, k.to_owned(), Box::<str>::from(allow.key.id())))
+        }
+        _ => None,
+    };
     let path = normalized.expect("an allow always has a normalized path");
 
     // Build the upstream request in place: same method, body and (cleaned) headers.
@@ -262,13 +277,50 @@ async fn handle(
     parts.uri = uri;
     parts.version = Version::HTTP_11;
     parts.extensions = http::Extensions::new();
-    let upstream_req = Request::from_parts(parts, body);
+    let timeout = state.settings.upstream_timeout;
 
-    let sent = tokio::time::timeout(
-        state.settings.upstream_timeout,
-        state.upstream.send(upstream_req),
-    )
-    .await;
+    let mut pending = None;
+    let sent = match replay.filter(|_| !upgrade) {
+        None => {
+            let upstream_req = Request::from_parts(parts, body);
+            tokio::time::timeout(timeout, state.upstream.send(upstream_req)).await
+        }
+        Some((store, idempotency_key, key_id)) => {
+            let read = tokio::time::timeout(
+                timeout,
+                read_request_body(
+                    body,
+                    parts.headers.get(header::CONTENT_LENGTH),
+                    store.limits.max_request_bytes,
+                ),
+            )
+            .await;
+            let bytes = match read {
+                Ok(Ok(b)) => b,
+                Ok(Err(reason)) => return deny(&reason, &request_id, names, true),
+                Err(_) => {
+                    let reason = DenyReason::BadRequest("the request body did not arrive in time");
+                    return deny(&reason, &request_id, names, true);
+                }
+            };
+            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let fingerprint = idempotency::fingerprint(parts.method.as_str(), target, &bytes);
+            match store.begin(&key_id, &idempotency_key, fingerprint) {
+                Begin::Replay(stored) => {
+                    return replayed(&stored, request_id, names, limit.as_ref())
+                }
+                Begin::InUse => {
+                    return deny(&DenyReason::IdempotencyKeyInUse, &request_id, names, false)
+                }
+                Begin::Reused => {
+                    return deny(&DenyReason::IdempotencyKeyReused, &request_id, names, false)
+                }
+                Begin::Proceed(p) => pending = Some((p, store.limits.max_response_bytes)),
+            }
+            let upstream_req = Request::from_parts(parts, bytes);
+            tokio::time::timeout(timeout, state.upstream.send_buffered(upstream_req)).await
+        }
+    };
     let mut resp = match sent {
         Err(_) => return deny(&DenyReason::UpstreamTimeout, &request_id, names, false),
         Ok(Err(e)) => {
@@ -294,12 +346,96 @@ async fn handle(
     } else {
         strip_hop_and_identity(resp.headers_mut(), None, false);
     }
+    let mut resp = match pending {
+        None => resp.map(Either::Left),
+        Some((pending, max)) => match remember(pending, resp, max, timeout).await {
+            Ok(resp) => resp,
+            Err(reason) => return deny(&reason, &request_id, names, false),
+        },
+    };
     resp.headers_mut()
         .insert(names.request_id.clone(), request_id);
     if let Some(status) = &limit {
         add_limit_headers(resp.headers_mut(), status);
     }
-    resp.map(Either::Left)
+    resp
+}
+
+/// Read a request body whole, refusing one over `max` bytes (by its Content-Length at once).
+async fn read_request_body(
+    body: Incoming,
+    declared: Option<&HeaderValue>,
+    max: usize,
+) -> Result<Bytes, DenyReason> {
+    use http_body_util::BodyExt;
+    let declared = declared
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(DenyReason::RequestTooLarge);
+    }
+    match http_body_util::Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(DenyReason::RequestTooLarge),
+        Err(_) => Err(DenyReason::BadRequest("the request body could not be read")),
+    }
+}
+
+/// Keep the upstream's answer for retries with the same Idempotency-Key, when it can be: not a
+/// 5xx, and its body within `max` bytes (read ahead, within `timeout`). Otherwise the answer
+/// streams on as usual and the key is freed.
+async fn remember(
+    pending: idempotency::Pending<'_>,
+    resp: Response<PooledBody>,
+    max: usize,
+    timeout: std::time::Duration,
+) -> Result<Response<ProxyBody>, DenyReason> {
+    let declared = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if resp.status().is_server_error() || declared.is_some_and(|n| n > max as u64) {
+        drop(pending);
+        return Ok(resp.map(Either::Left));
+    }
+    let (parts, body) = resp.into_parts();
+    match tokio::time::timeout(timeout, body.read_ahead(max)).await {
+        Ok(Ok(ReadAhead::Whole(bytes))) => {
+            pending.complete(Stored {
+                status: parts.status,
+                headers: parts.headers.clone(),
+                body: bytes.clone(),
+            });
+            Ok(Response::from_parts(parts, Either::Right(Full::new(bytes))))
+        }
+        Ok(Ok(ReadAhead::TooLarge(body))) => {
+            drop(pending);
+            Ok(Response::from_parts(parts, Either::Left(body)))
+        }
+        Ok(Err(_)) => Err(DenyReason::UpstreamUnavailable),
+        Err(_) => Err(DenyReason::UpstreamTimeout),
+    }
+}
+
+/// A stored answer, sent again for a retry: the upstream's status, headers and body, marked
+/// `Idempotent-Replayed: true`, with this request's id.
+fn replayed(
+    stored: &Stored,
+    request_id: HeaderValue,
+    names: &HeaderNames,
+    limit: Option<&crate::ratelimit::Status>,
+) -> Response<ProxyBody> {
+    let mut resp = Response::new(Either::Right(Full::new(stored.body.clone())));
+    *resp.status_mut() = stored.status;
+    *resp.headers_mut() = stored.headers.clone();
+    let h = resp.headers_mut();
+    h.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    h.insert(names.request_id.clone(), request_id);
+    if let Some(status) = limit {
+        add_limit_headers(h, status);
+    }
+    resp
 }
 
 /// `X-RateLimit-*`, replacing any the upstream sent (keygate's limit is the one enforced here).

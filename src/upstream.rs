@@ -15,15 +15,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Empty};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-/// What goes upstream: the client's streaming body, or nothing (a bodiless request kept
-/// replayable).
-pub type UpBody = Either<Incoming, Empty<Bytes>>;
+/// What goes upstream: the client's streaming body, or one held in memory (empty for a
+/// bodiless request, or read whole for an idempotent replay's fingerprint), which can be sent
+/// again.
+pub type UpBody = Either<Incoming, Full<Bytes>>;
 
 fn is_idempotent(method: &Method) -> bool {
     matches!(
@@ -32,14 +33,17 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// A copy of a bodiless request to send again.
-fn replay(req: &Request<UpBody>) -> Request<UpBody> {
-    let mut copy = Request::new(Either::Right(Empty::new()));
+/// A copy of a request whose body is in memory, to send again.
+fn replay(req: &Request<UpBody>) -> Option<Request<UpBody>> {
+    let Either::Right(body) = req.body() else {
+        return None;
+    };
+    let mut copy = Request::new(Either::Right(body.clone()));
     *copy.method_mut() = req.method().clone();
     *copy.uri_mut() = req.uri().clone();
     *copy.version_mut() = req.version();
     *copy.headers_mut() = req.headers().clone();
-    copy
+    Some(copy)
 }
 
 /// Why a request did not get a response from the upstream.
@@ -83,13 +87,31 @@ impl Upstream {
         // can be sent again when a reused connection turns out to be closed: an upstream that
         // closes an idle connection races the next request on it, and nginx retries the same way.
         let replayable = req.body().is_end_stream() && is_idempotent(req.method());
-        let mut req: Request<UpBody> = if replayable {
-            req.map(|_| Either::Right(Empty::new()))
+        let req: Request<UpBody> = if replayable {
+            req.map(|_| Either::Right(Full::new(Bytes::new())))
         } else {
             req.map(Either::Left)
         };
+        self.send_up(req, replayable).await
+    }
+
+    /// Send a request whose body has been read into memory already.
+    pub async fn send_buffered(
+        &self,
+        req: Request<Bytes>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let replayable = is_idempotent(req.method());
+        self.send_up(req.map(|b| Either::Right(Full::new(b))), replayable)
+            .await
+    }
+
+    async fn send_up(
+        &self,
+        mut req: Request<UpBody>,
+        replayable: bool,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
         if let Some(mut sender) = self.checkout().await {
-            let again = replayable.then(|| replay(&req));
+            let again = if replayable { replay(&req) } else { None };
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(self.wrap(resp, sender)),
                 Err(mut e) => match (e.take_message(), again) {
@@ -112,6 +134,7 @@ impl Upstream {
 
     fn wrap(&self, resp: Response<Incoming>, sender: SendRequest<UpBody>) -> Response<PooledBody> {
         resp.map(|inner| PooledBody {
+            prefix: std::collections::VecDeque::new(),
             inner,
             sender: Some(sender),
             pool: self.me.clone(),
@@ -164,6 +187,9 @@ impl Upstream {
 
 /// An upstream response body that returns its connection to the pool once fully read.
 pub struct PooledBody {
+    /// Frames already read from `inner` (by the idempotent replay, which reads ahead to store
+    /// the answer), given out first.
+    prefix: std::collections::VecDeque<Frame<Bytes>>,
     inner: Incoming,
     sender: Option<SendRequest<UpBody>>,
     pool: Weak<Upstream>,
@@ -177,6 +203,9 @@ impl Body for PooledBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(frame) = self.prefix.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(None) = polled {
             self.release();
@@ -185,11 +214,55 @@ impl Body for PooledBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.prefix.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let ahead: u64 = self
+            .prefix
+            .iter()
+            .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
+            .sum();
+        let rest = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + ahead);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + ahead);
+        }
+        hint
+    }
+}
+
+/// How reading a response body ahead ended.
+pub enum ReadAhead {
+    /// The whole body, within the limit.
+    Whole(Bytes),
+    /// More than the limit (or trailers): the body, with what was read put back in front.
+    TooLarge(PooledBody),
+}
+
+impl PooledBody {
+    /// Read the body into memory if it is at most `limit` bytes; otherwise give it back intact.
+    pub async fn read_ahead(mut self, limit: usize) -> Result<ReadAhead, hyper::Error> {
+        use http_body_util::BodyExt;
+        let mut whole = bytes::BytesMut::new();
+        let mut frames = std::collections::VecDeque::new();
+        while let Some(frame) = self.frame().await {
+            let frame = frame?;
+            match frame.data_ref() {
+                Some(d) if whole.len() + d.len() <= limit => {
+                    whole.extend_from_slice(d);
+                    frames.push_back(frame);
+                }
+                _ => {
+                    frames.push_back(frame);
+                    frames.append(&mut self.prefix);
+                    self.prefix = frames;
+                    return Ok(ReadAhead::TooLarge(self));
+                }
+            }
+        }
+        Ok(ReadAhead::Whole(whole.freeze()))
     }
 }
 

@@ -39,6 +39,7 @@ fn example_config_loads_and_states_the_defaults() {
     assert_eq!(a.idle_timeout, b.idle_timeout);
     assert_eq!(a.max_staleness, b.max_staleness);
     assert_eq!(minimal.rate_limit, s.rate_limit);
+    assert_eq!(minimal.idempotency, s.idempotency);
     assert_eq!(
         minimal.headers.forward_credentials,
         s.headers.forward_credentials

@@ -42,6 +42,8 @@ pub struct Seen {
 /// A real HTTP/1.1 upstream on 127.0.0.1:0 that records every request.
 ///
 /// Behaviour by path: `/slow/<ms>` answers after a delay; `/status/<n>` answers with status n;
+/// `/big/<n>` answers a body of n bytes; every answer says which request it was
+/// (`x-upstream-seq`, from 1);
 /// `/stream/<n>` answers n chunks of 1 KiB; `/ws` accepts an upgrade and echoes bytes; anything
 /// else answers 200 `{"ok":true}` with an `x-upstream: yes` header and a `connection: x-upstream-secret`
 /// hop-by-hop trap (`x-upstream-secret` must not reach the client).
@@ -122,12 +124,16 @@ async fn upstream_answer(
             .map(|b| b.to_bytes())
             .unwrap_or_default()
     };
-    record.lock().unwrap().push(Seen {
-        method,
-        target: target.clone(),
-        headers,
-        body,
-    });
+    let seq = {
+        let mut r = record.lock().unwrap();
+        r.push(Seen {
+            method,
+            target: target.clone(),
+            headers,
+            body,
+        });
+        r.len()
+    };
     if let Some(on_upgrade) = on_upgrade {
         tokio::spawn(async move {
             if let Ok(upgraded) = on_upgrade.await {
@@ -158,13 +164,21 @@ async fn upstream_answer(
         .and_then(|s| s.parse::<u16>().ok())
         .and_then(|n| StatusCode::from_u16(n).ok())
         .unwrap_or(StatusCode::OK);
+    let body = match target
+        .strip_prefix("/big/")
+        .and_then(|s| s.parse::<usize>().ok())
+    {
+        Some(n) => Bytes::from(vec![b'x'; n]),
+        None => Bytes::from_static(b"{\"ok\":true}"),
+    };
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
         .header("x-upstream", "yes")
+        .header("x-upstream-seq", seq.to_string())
         .header("x-upstream-secret", "must-not-leak")
         .header("connection", "x-upstream-secret")
-        .body(Full::new(Bytes::from_static(b"{\"ok\":true}")))
+        .body(Full::new(body))
         .unwrap()
 }
 

@@ -1,0 +1,251 @@
+//! Idempotent replay in the proxy front: the first answer to a mutating request with an
+//! `Idempotency-Key` is replayed to retries (`Idempotent-Replayed: true`) without reaching the
+//! upstream; 409 while the first is in flight; 422 for the same key with another request; 5xx,
+//! oversized answers and expired records are not replayed; the upstream is called exactly once
+//! however many retries race.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::*;
+
+struct Setup {
+    upstream: Upstream,
+    gate: Gate,
+    key: String,
+    other: String,
+    _snap: SnapshotDir,
+}
+
+async fn setup(idempotency: &str) -> Setup {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let (key, other) = (mint("sk_live_"), mint("sk_live_"));
+    let scopes = json!({"scopes": ["analyses:read", "analyses:write"]});
+    snap.write(
+        &Doc::new(1)
+            .partner("partner_acme", None, "active")
+            .key("key_a", &key, scopes.clone())
+            .key("key_b", &other, scopes),
+    );
+    let gate = Gate::start(&config_toml(
+        &snap.path(),
+        upstream.addr,
+        &format!("[idempotency]\n{idempotency}\n"),
+    ))
+    .await;
+    Setup {
+        upstream,
+        gate,
+        key,
+        other,
+        _snap: snap,
+    }
+}
+
+async fn post(gate: &Gate, path: &str, key: &str, idem: Option<&str>, body: &str) -> Answer {
+    let mut headers = vec![("x-api-key", key)];
+    if let Some(i) = idem {
+        headers.push(("idempotency-key", i));
+    }
+    send(&client(), "POST", &gate.url(path), &headers, body).await
+}
+
+#[tokio::test]
+async fn a_retry_gets_the_first_answer_without_reaching_the_upstream() {
+    let s = setup("").await;
+    let first = post(
+        &s.gate,
+        "/v1/analyses",
+        &s.key,
+        Some("order-1"),
+        r#"{"a":1}"#,
+    )
+    .await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("x-upstream-seq"), Some("1"));
+    assert!(first.header("idempotent-replayed").is_none());
+
+    let again = post(
+        &s.gate,
+        "/v1/analyses",
+        &s.key,
+        Some("order-1"),
+        r#"{"a":1}"#,
+    )
+    .await;
+    assert_eq!(again.status, 200);
+    assert_eq!(
+        again.header("x-upstream-seq"),
+        Some("1"),
+        "the first answer"
+    );
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.body, first.body);
+    assert_eq!(again.header("content-type"), Some("application/json"));
+    assert!(
+        again.header("x-upstream-secret").is_none(),
+        "hop-by-hop stays stripped"
+    );
+    assert_ne!(again.header("x-request-id"), first.header("x-request-id"));
+    assert_eq!(s.upstream.count(), 1);
+
+    // The same Idempotency-Key for another request: refused, whatever differs.
+    for (path, body) in [
+        ("/v1/analyses", r#"{"a":2}"#),
+        ("/v1/analyses?dry_run=1", r#"{"a":1}"#),
+    ] {
+        let a = post(&s.gate, path, &s.key, Some("order-1"), body).await;
+        assert_error(&a, 422, "idempotency_key_reused");
+    }
+    let a = send(
+        &client(),
+        "PUT",
+        &s.gate.url("/v1/analyses"),
+        &[("x-api-key", &s.key), ("idempotency-key", "order-1")],
+        r#"{"a":1}"#,
+    )
+    .await;
+    assert_error(&a, 422, "idempotency_key_reused");
+    assert_eq!(s.upstream.count(), 1);
+
+    // Records belong to an API key: another key's request with the same Idempotency-Key runs.
+    let b = post(
+        &s.gate,
+        "/v1/analyses",
+        &s.other,
+        Some("order-1"),
+        r#"{"a":1}"#,
+    )
+    .await;
+    assert_eq!(b.header("x-upstream-seq"), Some("2"));
+    // And requests without one always run.
+    for _ in 0..2 {
+        post(&s.gate, "/v1/analyses", &s.key, None, r#"{"a":1}"#).await;
+    }
+    assert_eq!(s.upstream.count(), 4);
+
+    // A replay never skips the decision: once the key is revoked, its retries are refused.
+    let scopes = json!({"scopes": ["analyses:read", "analyses:write"], "status": "revoked"});
+    s._snap.write(
+        &Doc::new(2)
+            .partner("partner_acme", None, "active")
+            .key("key_a", &s.key, scopes),
+    );
+    s.gate.wait_revision(2).await;
+    let a = post(&s.gate, "/v1/analyses", &s.key, Some("order-1"), r#"{"a":1}"#).await;
+    assert_error(&a, 401, "key_revoked");
+    s.gate.stop().await;
+}
+
+#[tokio::test]
+async fn in_flight_is_409_and_racing_retries_reach_the_upstream_once() {
+    let s = setup("").await;
+    let gate = std::sync::Arc::new(s.gate);
+    let first = {
+        let (gate, key) = (gate.clone(), s.key.clone());
+        tokio::spawn(async move { post(&gate, "/slow/600", &key, Some("slow-1"), "{}").await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let during = post(&gate, "/slow/600", &s.key, Some("slow-1"), "{}").await;
+    assert_error(&during, 409, "idempotency_key_in_use");
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 200);
+    let after = post(&gate, "/slow/600", &s.key, Some("slow-1"), "{}").await;
+    assert_eq!(after.header("idempotent-replayed"), Some("true"));
+    assert_eq!(s.upstream.count(), 1);
+
+    // Twenty identical requests at once: one reaches the upstream, the others are 409 or replays.
+    let racers: Vec<_> = (0..20)
+        .map(|_| {
+            let (gate, key) = (gate.clone(), s.key.clone());
+            tokio::spawn(async move { post(&gate, "/slow/200", &key, Some("race"), "{}").await })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for r in racers {
+        statuses.push(r.await.unwrap().status);
+    }
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 409),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        s.upstream.count(),
+        2,
+        "the upstream ran the raced request once"
+    );
+    match std::sync::Arc::try_unwrap(gate) {
+        Ok(g) => g.stop().await,
+        Err(_) => panic!("gate still shared"),
+    }
+}
+
+#[tokio::test]
+async fn server_errors_and_oversized_answers_are_not_replayed() {
+    let s = setup("max_response_bytes = 1000").await;
+    for path in ["/status/503", "/big/5000"] {
+        let a = post(&s.gate, path, &s.key, Some(path), "{}").await;
+        assert!(
+            a.status == 503 || a.body.len() == 5000,
+            "{path}: {}",
+            a.status
+        );
+        let again = post(&s.gate, path, &s.key, Some(path), "{}").await;
+        assert!(
+            again.header("idempotent-replayed").is_none(),
+            "{path} was replayed"
+        );
+        assert_eq!(again.body.len(), a.body.len());
+    }
+    assert_eq!(s.upstream.count(), 4, "every try ran");
+    // A client error is an answer like any other: replayed.
+    post(&s.gate, "/status/409", &s.key, Some("conflict"), "{}").await;
+    let again = post(&s.gate, "/status/409", &s.key, Some("conflict"), "{}").await;
+    assert_eq!(
+        (again.status, again.header("idempotent-replayed")),
+        (409, Some("true"))
+    );
+    // A small answer under the cap is kept.
+    post(&s.gate, "/big/900", &s.key, Some("small"), "{}").await;
+    let again = post(&s.gate, "/big/900", &s.key, Some("small"), "{}").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.body.len(), 900);
+    assert_eq!(s.upstream.count(), 6);
+    s.gate.stop().await;
+}
+
+#[tokio::test]
+async fn records_expire_and_large_bodies_are_refused() {
+    let s = setup("ttl = \"300ms\"\nmax_request_bytes = 100").await;
+    post(&s.gate, "/v1/analyses", &s.key, Some("t"), "{}").await;
+    let again = post(&s.gate, "/v1/analyses", &s.key, Some("t"), "{}").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let later = post(&s.gate, "/v1/analyses", &s.key, Some("t"), "{}").await;
+    assert!(later.header("idempotent-replayed").is_none(), "expired");
+    assert_eq!(s.upstream.count(), 2);
+
+    // A body too large to fingerprint is refused when it asks for idempotency…
+    let big = "x".repeat(200);
+    let a = post(&s.gate, "/v1/analyses", &s.key, Some("big"), &big).await;
+    assert_error(&a, 413, "request_too_large");
+    // …and streamed as usual when it does not.
+    let a = post(&s.gate, "/v1/analyses", &s.key, None, &big).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(s.upstream.last().body.len(), 200);
+    s.gate.stop().await;
+}
+
+#[tokio::test]
+async fn replay_off_forwards_every_retry() {
+    let s = setup("replay = false").await;
+    for _ in 0..3 {
+        let a = post(&s.gate, "/v1/analyses", &s.key, Some("k"), "{}").await;
+        assert!(a.header("idempotent-replayed").is_none());
+    }
+    assert_eq!(s.upstream.count(), 3);
+    s.gate.stop().await;
+}
