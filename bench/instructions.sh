@@ -59,6 +59,9 @@ level = "warn"
 [runtime]
 flavor = "current_thread"
 CONF
+# KEYGATE_EXTRA_TOML (printf %b: "\n" is a newline) is appended, e.g. to measure rate limits:
+#   KEYGATE_EXTRA_TOML='[rate_limit]\ndefault_per_minute = 1000000000' bash bench/instructions.sh
+if [ -n "${KEYGATE_EXTRA_TOML:-}" ]; then printf '%b\n' "$KEYGATE_EXTRA_TOML" >>"$TMP/keygate.toml"; fi
 
 cat > "$TMP/gate/nginx.conf" <<CONF
 worker_processes 1; master_process off; daemon off;

@@ -91,10 +91,31 @@ fn ceil_secs(us: u64) -> u64 {
     us.div_ceil(1_000_000)
 }
 
+/// Passes a `u64` key through: the limiter's keys are digest bytes, uniformly distributed
+/// already (and not chosen by clients: only keys found in the snapshot get a bucket).
+#[derive(Default)]
+pub struct PassThrough(u64);
+
+impl std::hash::Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type Buckets = DashMap<u64, AtomicU64, std::hash::BuildHasherDefault<PassThrough>>;
+
 /// The local (in-process) limiter, shared by every front and thread.
 pub struct Limiter {
-    /// Key id → TAT, in microseconds since `epoch`.
-    buckets: DashMap<Box<str>, AtomicU64>,
+    /// Key ([`crate::snapshot::KeyRecord::state_key`]) → TAT, in microseconds since `epoch`.
+    buckets: Buckets,
     epoch: Instant,
 }
 
@@ -107,7 +128,7 @@ impl Default for Limiter {
 impl Limiter {
     pub fn new() -> Self {
         Self {
-            buckets: DashMap::new(),
+            buckets: Buckets::default(),
             epoch: Instant::now(),
         }
     }
@@ -117,20 +138,17 @@ impl Limiter {
         self.epoch.elapsed().as_micros() as u64
     }
 
-    /// Count a request by `key_id` against `quota` now.
-    pub fn check(&self, key_id: &str, quota: Quota) -> Outcome {
-        self.check_at(key_id, quota, self.now_us())
+    /// Count a request by the key `key` against `quota` now.
+    pub fn check(&self, key: u64, quota: Quota) -> Outcome {
+        self.check_at(key, quota, self.now_us())
     }
 
-    /// Count a request by `key_id` against `quota` at `now_us`.
-    pub fn check_at(&self, key_id: &str, quota: Quota, now_us: u64) -> Outcome {
-        if let Some(tat) = self.buckets.get(key_id) {
+    /// Count a request by the key `key` against `quota` at `now_us`.
+    pub fn check_at(&self, key: u64, quota: Quota, now_us: u64) -> Outcome {
+        if let Some(tat) = self.buckets.get(&key) {
             return gcra(&tat, quota, now_us);
         }
-        let tat = self
-            .buckets
-            .entry(Box::from(key_id))
-            .or_insert_with(|| AtomicU64::new(0));
+        let tat = self.buckets.entry(key).or_insert_with(|| AtomicU64::new(0));
         gcra(&tat, quota, now_us)
     }
 
@@ -188,7 +206,7 @@ impl RateLimits {
         let quota = self
             .settings
             .quota(allow.key.rate_limit_per_minute(), &allow.environment.name)?;
-        Some(self.limiter.check(allow.key.id(), quota))
+        Some(self.limiter.check(allow.key.state_key(), quota))
     }
 }
 
@@ -249,12 +267,12 @@ mod tests {
         };
         let now = 100 * SEC;
         for i in 0..5u32 {
-            let s = allowed(l.check_at("k", q, now));
+            let s = allowed(l.check_at(1, q, now));
             assert_eq!(s.limit, 60);
             assert_eq!(s.remaining, 4 - i, "request {i}");
             assert_eq!(s.reset_secs, u64::from(i) + 1);
         }
-        match l.check_at("k", q, now) {
+        match l.check_at(1, q, now) {
             Outcome::Limited {
                 status,
                 retry_after_secs,
@@ -269,7 +287,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Other keys have their own allowance.
-        assert_eq!(allowed(l.check_at("other", q, now)).remaining, 4);
+        assert_eq!(allowed(l.check_at(2, q, now)).remaining, 4);
     }
 
     #[test]
@@ -280,16 +298,16 @@ mod tests {
             burst: 2,
         };
         let now = 10 * SEC;
-        allowed(l.check_at("k", q, now));
-        allowed(l.check_at("k", q, now));
-        assert!(matches!(l.check_at("k", q, now), Outcome::Limited { .. }));
+        allowed(l.check_at(1, q, now));
+        allowed(l.check_at(1, q, now));
+        assert!(matches!(l.check_at(1, q, now), Outcome::Limited { .. }));
         assert!(matches!(
-            l.check_at("k", q, now + SEC - 1),
+            l.check_at(1, q, now + SEC - 1),
             Outcome::Limited { .. }
         ));
-        assert_eq!(allowed(l.check_at("k", q, now + SEC)).remaining, 0);
+        assert_eq!(allowed(l.check_at(1, q, now + SEC)).remaining, 0);
         // Idle for the whole window: the full burst again.
-        assert_eq!(allowed(l.check_at("k", q, now + 10 * SEC)).remaining, 1);
+        assert_eq!(allowed(l.check_at(1, q, now + 10 * SEC)).remaining, 1);
     }
 
     #[test]
@@ -299,11 +317,11 @@ mod tests {
             per_minute: 1,
             burst: 1,
         };
-        allowed(l.check_at("k", q, 0));
+        allowed(l.check_at(1, q, 0));
         for _ in 0..100 {
-            assert!(matches!(l.check_at("k", q, SEC), Outcome::Limited { .. }));
+            assert!(matches!(l.check_at(1, q, SEC), Outcome::Limited { .. }));
         }
-        assert!(matches!(l.check_at("k", q, 60 * SEC), Outcome::Allowed(_)));
+        assert!(matches!(l.check_at(1, q, 60 * SEC), Outcome::Allowed(_)));
     }
 
     #[test]
@@ -331,11 +349,11 @@ mod tests {
             per_minute: 6_000_000,
             burst: 1,
         };
-        l.check("slow", slow);
-        l.check("fast", fast);
+        l.check(1, slow);
+        l.check(2, fast);
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(l.sweep(), 1, "the slow key is still recovering");
-        assert!(l.buckets.contains_key("slow"));
+        assert!(l.buckets.contains_key(&1));
     }
 
     #[test]
@@ -352,7 +370,7 @@ mod tests {
                     let l = l.clone();
                     s.spawn(move || {
                         (0..1000)
-                            .filter(|_| matches!(l.check_at("k", q, now), Outcome::Allowed(_)))
+                            .filter(|_| matches!(l.check_at(1, q, now), Outcome::Allowed(_)))
                             .count()
                     })
                 })

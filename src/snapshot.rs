@@ -157,6 +157,13 @@ pub struct KeyRecord {
 }
 
 impl KeyRecord {
+    /// A number for per-key state kept beside the snapshot (rate-limit buckets): the first 8
+    /// bytes of the digest, which are uniformly distributed, so maps keyed by it need no hashing
+    /// and no allocation. Stable across reloads while the key's digest is.
+    pub fn state_key(&self) -> u64 {
+        u64::from_le_bytes(self.digest[..8].try_into().expect("8 bytes"))
+    }
+
     pub fn id(&self) -> &str {
         self.id_header
             .to_str()

@@ -135,7 +135,14 @@ async fn a_retry_gets_the_first_answer_without_reaching_the_upstream() {
             .key("key_a", &s.key, scopes),
     );
     s.gate.wait_revision(2).await;
-    let a = post(&s.gate, "/v1/analyses", &s.key, Some("order-1"), r#"{"a":1}"#).await;
+    let a = post(
+        &s.gate,
+        "/v1/analyses",
+        &s.key,
+        Some("order-1"),
+        r#"{"a":1}"#,
+    )
+    .await;
     assert_error(&a, 401, "key_revoked");
     s.gate.stop().await;
 }
