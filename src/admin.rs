@@ -17,11 +17,13 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::snapshot::SnapshotStore;
+use crate::usage::Usage;
 
 /// Serve the admin endpoints until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     store: Arc<SnapshotStore>,
+    usage: Arc<Usage>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -34,10 +36,10 @@ pub async fn serve(
     while let Some((stream, _)) =
         crate::listen::next_connection(&listener, shutdown.as_mut(), "admin").await
     {
-        let store = store.clone();
+        let (store, usage) = (store.clone(), usage.clone());
         let service = hyper::service::service_fn(move |req| {
-            let store = store.clone();
-            async move { Ok::<_, Infallible>(route(&store, &req)) }
+            let (store, usage) = (store.clone(), usage.clone());
+            async move { Ok::<_, Infallible>(route(&store, &usage, &req)) }
         });
         let conn = graceful.watch(
             builder
@@ -49,7 +51,7 @@ pub async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
 }
 
-fn route(store: &SnapshotStore, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(store: &SnapshotStore, usage: &Usage, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return json(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -59,6 +61,7 @@ fn route(store: &SnapshotStore, req: &Request<Incoming>) -> Response<Full<Bytes>
     match req.uri().path() {
         "/healthz" => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
         "/readyz" => readiness(store),
+        "/usage" => json(StatusCode::OK, usage.report()),
         "/metrics" => {
             let mut resp = Response::new(Full::new(Bytes::from(crate::metrics::render(store))));
             resp.headers_mut().insert(

@@ -83,6 +83,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
     ));
     let source = Source::start(&settings.snapshot, &store).await?;
     let limits = Arc::new(RateLimits::new(settings.rate_limit.clone()));
+    let usage = Arc::new(crate::usage::Usage::new(crate::decision::now_ms()));
     let idempotency = settings
         .idempotency
         .map(|l| Arc::new(crate::idempotency::Store::new(l)));
@@ -101,6 +102,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
                 settings.headers.clone(),
                 store.clone(),
                 limits.clone(),
+                usage.clone(),
                 idempotency.clone(),
             ))
         };
@@ -179,6 +181,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
             names: settings.headers.clone(),
             store: store.clone(),
             limits: limits.clone(),
+            usage: usage.clone(),
         });
         tasks.spawn(crate::authz_http::serve(
             listener,
@@ -197,6 +200,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
             names: settings.headers.clone(),
             store: store.clone(),
             limits: limits.clone(),
+            usage: usage.clone(),
         });
         tasks.spawn(crate::ext_authz::serve(
             listener,
@@ -211,6 +215,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
         tasks.spawn(crate::admin::serve(
             listener,
             store.clone(),
+            usage.clone(),
             stopped(rx.clone()),
         ));
     }

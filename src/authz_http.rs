@@ -1,6 +1,6 @@
 //! The HTTP forward-auth front: one endpoint that Envoy's `http_service` ext_authz, nginx's
 //! `auth_request` and Traefik's `ForwardAuth` ask whether a request may pass. It rebuilds the
-//! original request's facts from what the caller sends, asks [`decide`], and answers 200 with
+//! original request's facts from what the caller sends, asks [`decide`](crate::decision::decide), and answers 200 with
 //! identity headers or the contract's denial. It never answers 5xx for a decision (a 5xx is an
 //! authorization *error* to Envoy, which `failure_mode_allow` could turn into an allow): a
 //! missing snapshot is 403 `snapshot_unavailable`.
@@ -35,7 +35,7 @@ use tokio::net::TcpListener;
 use crate::client_ip::client_ip;
 use crate::config::{FrontSettings, HeaderNames, Policy};
 use crate::credential::{extract_from_headers, Credential};
-use crate::decision::{decide, now_ms, RequestFacts, Verdict};
+use crate::decision::{decide_attributed, now_ms, RequestFacts, Verdict};
 use crate::deny::DenyReason;
 use crate::headers::{is_identity_variant, request_id_str, set_identity};
 use crate::path::{normalize, split_target};
@@ -54,6 +54,7 @@ pub struct AuthzState {
     pub names: Arc<HeaderNames>,
     pub store: Arc<SnapshotStore>,
     pub limits: Arc<crate::ratelimit::RateLimits>,
+    pub usage: Arc<crate::usage::Usage>,
 }
 
 /// Answer forward-auth checks on `listener` until `shutdown` resolves.
@@ -165,31 +166,35 @@ fn check(state: &AuthzState, peer: SocketAddr, req: &Request<Incoming>) -> Respo
         headers,
         names,
     );
-    let allow = match decide(
+    let now = now_ms();
+    let (verdict, key) = decide_attributed(
         snapshot.as_ref().and_then(|g| g.as_deref()),
         &state.policy,
         &facts,
-        now_ms(),
-    ) {
+        now,
+    );
+    let allow = match verdict {
         Verdict::Allow(allow) => allow,
-        Verdict::Deny(reason) => return deny(&reason, &request_id, names),
+        Verdict::Deny(reason) => {
+            state.usage.denied(key, &reason);
+            return deny(&reason, &request_id, names);
+        }
     };
     let limit = match state.limits.check(&allow) {
         Some(Outcome::Limited {
             status,
             retry_after_secs,
         }) => {
-            let mut resp = deny(
-                &DenyReason::RateLimited { retry_after_secs },
-                &request_id,
-                names,
-            );
+            let reason = DenyReason::RateLimited { retry_after_secs };
+            state.usage.denied(Some(allow.key), &reason);
+            let mut resp = deny(&reason, &request_id, names);
             add_limit_headers(resp.headers_mut(), &status);
             return resp;
         }
         Some(Outcome::Allowed(status)) => Some(status),
         None => None,
     };
+    state.usage.allowed(allow.key, now);
 
     let mut resp = Response::new(Full::new(Bytes::new()));
     let h = resp.headers_mut();

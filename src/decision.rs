@@ -111,9 +111,23 @@ pub fn decide<'s>(
     facts: &RequestFacts<'_>,
     now_ms: i64,
 ) -> Verdict<'s> {
+    decide_attributed(snapshot, policy, facts, now_ms).0
+}
+
+/// As [`decide`], also naming the key the request was decided for, when the presented key was
+/// found in the snapshot (so a denial at checks 4–11 can be counted against it).
+pub fn decide_attributed<'s>(
+    snapshot: Option<&'s Snapshot>,
+    policy: &Policy,
+    facts: &RequestFacts<'_>,
+    now_ms: i64,
+) -> (Verdict<'s>, Option<&'s KeyRecord>) {
     match check(snapshot, policy, facts, now_ms) {
-        Ok(allow) => Verdict::Allow(allow),
-        Err(reason) => Verdict::Deny(reason),
+        Ok(allow) => {
+            let key = allow.key;
+            (Verdict::Allow(allow), Some(key))
+        }
+        Err((reason, key)) => (Verdict::Deny(reason), key),
     }
 }
 
@@ -122,7 +136,18 @@ fn check<'s>(
     policy: &Policy,
     facts: &RequestFacts<'_>,
     now_ms: i64,
-) -> Result<Allow<'s>, DenyReason> {
+) -> Result<Allow<'s>, (DenyReason, Option<&'s KeyRecord>)> {
+    let unattributed = |reason| (reason, None);
+    let (snapshot, record, path) = find(snapshot, policy, facts).map_err(unattributed)?;
+    check_record(snapshot, record, policy, facts, path, now_ms).map_err(|r| (r, Some(record)))
+}
+
+/// Checks 0–3: the request's shape and the key's, up to finding its record.
+fn find<'s, 'f>(
+    snapshot: Option<&'s Snapshot>,
+    policy: &Policy,
+    facts: &RequestFacts<'f>,
+) -> Result<(&'s Snapshot, &'s KeyRecord, &'f NormalizedPath), DenyReason> {
     // 0. The path must be unambiguous.
     let path = facts.path.map_err(DenyReason::InvalidPath)?;
 
@@ -152,6 +177,18 @@ fn check<'s>(
 
     // 3b. Known key (quarantined entries are absent), 2b. of this environment.
     let record = snapshot.find(key).ok_or(DenyReason::InvalidApiKey)?;
+    Ok((snapshot, record, path))
+}
+
+/// Checks 2b and 4–11, for a key found in the snapshot.
+fn check_record<'s>(
+    snapshot: &'s Snapshot,
+    record: &'s KeyRecord,
+    policy: &Policy,
+    facts: &RequestFacts<'_>,
+    path: &NormalizedPath,
+    now_ms: i64,
+) -> Result<Allow<'s>, DenyReason> {
     let environment = snapshot.environment(record);
     if *environment.name != *policy.environment {
         return Err(DenyReason::EnvironmentMismatch);

@@ -44,7 +44,43 @@ pub enum DenyReason {
     UpstreamTimeout,
 }
 
+/// Every `code` a denial can carry, in the contract's order (usage counts index into it).
+pub const CODES: [&str; 23] = [
+    "invalid_path",
+    "invalid_request",
+    "authentication_required",
+    "key_environment_mismatch",
+    "invalid_api_key",
+    "key_revoked",
+    "key_expired",
+    "account_deactivated",
+    "partner_suspended",
+    "insufficient_credits",
+    "ip_not_allowed",
+    "referrer_not_allowed",
+    "route_not_allowed",
+    "scope_required",
+    "idempotency_key_required",
+    "idempotency_key_in_use",
+    "idempotency_key_reused",
+    "request_too_large",
+    "rate_limited",
+    "snapshot_unavailable",
+    "upstream_unavailable",
+    "upstream_timeout",
+    "other",
+];
+
 impl DenyReason {
+    /// This denial's position in [`CODES`].
+    pub fn code_index(&self) -> usize {
+        let code = self.code();
+        CODES
+            .iter()
+            .position(|c| *c == code)
+            .unwrap_or(CODES.len() - 1)
+    }
+
     pub fn status(&self) -> StatusCode {
         use DenyReason::*;
         match self {

@@ -1,6 +1,6 @@
 //! The gRPC front: `envoy.service.auth.v3.Authorization/Check` (Envoy, Istio and other meshes
 //! ask it) and `grpc.health.v1.Health` on one port. It turns a `CheckRequest` into
-//! [`RequestFacts`], asks [`decide`], and answers with a `CheckResponse`: OK with header
+//! [`RequestFacts`], asks [`decide`](crate::decision::decide), and answers with a `CheckResponse`: OK with header
 //! mutations, or a denial carrying the contract's HTTP status, JSON body and headers.
 //!
 //! It never answers with a gRPC error, not for a missing snapshot and not for a malformed
@@ -27,7 +27,7 @@ use tonic_health::ServingStatus;
 use crate::client_ip::client_ip;
 use crate::config::{FrontSettings, HeaderNames, Policy};
 use crate::credential::{extract, Credential};
-use crate::decision::{decide, now_ms, Allow, RequestFacts, Verdict};
+use crate::decision::{decide_attributed, now_ms, Allow, RequestFacts, Verdict};
 use crate::deny::DenyReason;
 use crate::headers::is_identity_variant;
 use crate::path::{normalize, split_target};
@@ -48,6 +48,7 @@ pub struct ExtAuthzState {
     pub names: Arc<HeaderNames>,
     pub store: Arc<SnapshotStore>,
     pub limits: Arc<crate::ratelimit::RateLimits>,
+    pub usage: Arc<crate::usage::Usage>,
 }
 
 struct Service(Arc<ExtAuthzState>);
@@ -223,28 +224,29 @@ pub fn check(state: &ExtAuthzState, req: &CheckRequest) -> CheckResponse {
         idempotency_key: headers.single(names.idempotency_key.as_str()),
     };
     let snapshot = state.store.serving();
-    match decide(
+    let now = now_ms();
+    let (verdict, key) = decide_attributed(
         snapshot.as_ref().and_then(|g| g.as_deref()),
         &state.policy,
         &facts,
-        now_ms(),
-    ) {
+        now,
+    );
+    match verdict {
         Verdict::Allow(allow) => match state.limits.check(&allow) {
             Some(Outcome::Limited {
                 status,
                 retry_after_secs,
             }) => {
-                let mut resp = denied(
-                    &DenyReason::RateLimited { retry_after_secs },
-                    &request_id,
-                    names,
-                );
+                let reason = DenyReason::RateLimited { retry_after_secs };
+                state.usage.denied(Some(allow.key), &reason);
+                let mut resp = denied(&reason, &request_id, names);
                 if let Some(HttpResponse::DeniedResponse(d)) = &mut resp.http_response {
                     d.headers.extend(limit_headers(&status));
                 }
                 resp
             }
             limit => {
+                state.usage.allowed(allow.key, now);
                 let mut resp = allowed(&allow, credential, &headers, &request_id, names);
                 if let (Some(Outcome::Allowed(status)), Some(HttpResponse::OkResponse(ok))) =
                     (limit, &mut resp.http_response)
@@ -254,7 +256,10 @@ pub fn check(state: &ExtAuthzState, req: &CheckRequest) -> CheckResponse {
                 resp
             }
         },
-        Verdict::Deny(reason) => denied(&reason, &request_id, names),
+        Verdict::Deny(reason) => {
+            state.usage.denied(key, &reason);
+            denied(&reason, &request_id, names)
+        }
     }
 }
 

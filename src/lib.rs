@@ -25,8 +25,10 @@
 //! - [`proxy`]: the hyper reverse-proxy front; [`upstream`]: its per-thread connection pool.
 //! - [`authz_http`]: the forward-auth front (Envoy `http_service`, nginx, Traefik).
 //! - [`ext_authz`]: the gRPC `envoy.service.auth.v3.Authorization` front, with health.
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics` ([`metrics`]); [`listen`]: the accept loop
-//!   the HTTP fronts share.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics` ([`metrics`]), `/usage` ([`usage`]);
+//!   [`listen`]: the accept loop the HTTP fronts share.
+//! - [`ratelimit`]: per-key GCRA limits (check 12); [`idempotency`]: the proxy's idempotent
+//!   replay store.
 //! - [`keys`]: `keygate keys create | list | revoke` on a snapshot file.
 //! - [`demo`]: `keygate demo`, the zero-setup tour.
 
@@ -54,3 +56,4 @@ pub mod routes;
 pub mod snapshot;
 pub mod sync;
 pub mod upstream;
+pub mod usage;

@@ -1,5 +1,5 @@
 //! The reverse-proxy front (hyper): HTTP/1.1 and h2c on one port. It turns a request into
-//! [`RequestFacts`], asks [`decide`], and applies the verdict: an allowed request is forwarded with
+//! [`RequestFacts`], asks [`decide`](crate::decision::decide), and applies the verdict: an allowed request is forwarded with
 //! its normalized path, without hop-by-hop headers, spoofed identity headers or (by default) the
 //! credential, and with keygate's identity headers; a denied one is answered here with the
 //! contract's JSON. Bodies stream both ways and are never buffered whole. This module decides
@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 use crate::client_ip::{client_ip, is_trusted};
 use crate::config::{folded_eq, HeaderNames, Policy, ProxySettings};
 use crate::credential::{extract_from_headers, Credential};
-use crate::decision::{decide, now_ms, RequestFacts, Verdict};
+use crate::decision::{decide_attributed, now_ms, RequestFacts, Verdict};
 use crate::deny::DenyReason;
 use crate::headers::{request_id_str, set_identity, strip_hop_and_identity, wants_upgrade};
 use crate::path::normalize;
@@ -46,6 +46,7 @@ pub struct ProxyState {
     pub names: Arc<HeaderNames>,
     pub store: Arc<SnapshotStore>,
     pub limits: Arc<RateLimits>,
+    pub usage: Arc<crate::usage::Usage>,
     /// Idempotent replay; `None` when `idempotency.replay = false`.
     pub idempotency: Option<Arc<idempotency::Store>>,
     upstream: Arc<Upstream>,
@@ -58,6 +59,7 @@ impl ProxyState {
         names: Arc<HeaderNames>,
         store: Arc<SnapshotStore>,
         limits: Arc<RateLimits>,
+        usage: Arc<crate::usage::Usage>,
         idempotency: Option<Arc<idempotency::Store>>,
     ) -> Self {
         let upstream = Upstream::new(
@@ -71,6 +73,7 @@ impl ProxyState {
             names,
             store,
             limits,
+            usage,
             idempotency,
             upstream,
         }
@@ -192,13 +195,16 @@ async fn handle(
         req.headers(),
         names,
     );
-    let allow = match decide(
+    let now = now_ms();
+    let (verdict, key) = decide_attributed(
         snapshot.as_ref().and_then(|g| g.as_deref()),
         &state.policy,
         &facts,
-        now_ms(),
-    ) {
+        now,
+    );
+    let allow = match verdict {
         Verdict::Deny(reason) => {
+            state.usage.denied(key, &reason);
             let close = matches!(reason, DenyReason::InvalidPath(_));
             return deny(&reason, &request_id, names, close);
         }
@@ -209,18 +215,16 @@ async fn handle(
             status,
             retry_after_secs,
         }) => {
-            let mut resp = deny(
-                &DenyReason::RateLimited { retry_after_secs },
-                &request_id,
-                names,
-                false,
-            );
+            let reason = DenyReason::RateLimited { retry_after_secs };
+            state.usage.denied(Some(allow.key), &reason);
+            let mut resp = deny(&reason, &request_id, names, false);
             add_limit_headers(resp.headers_mut(), &status);
             return resp;
         }
         Some(Outcome::Allowed(status)) => Some(status),
         None => None,
     };
+    state.usage.allowed(allow.key, now);
     let found = match credential {
         Credential::Present { found, .. } => found,
         _ => unreachable!("an allow always has a credential"),

@@ -74,6 +74,7 @@ fn fixture(extra: &str, trusted: &[&str]) -> Fixture {
         names: settings.headers,
         store,
         limits: Arc::new(crate::ratelimit::RateLimits::new(settings.rate_limit)),
+        usage: Arc::new(crate::usage::Usage::new(0)),
     };
     Fixture { state, ok, near }
 }

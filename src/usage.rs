@@ -1,0 +1,127 @@
+//! Usage per API key: requests allowed, denials by code, and when the key was last used, for
+//! `GET /usage` on the admin listener.
+//!
+//! Kept off the hot path: one sharded map keyed by the key's digest bytes (no hashing, no
+//! allocation once a key has been seen), relaxed atomic counters inside, and no lock that all
+//! requests share. Denials before a key is identified (no credential, an unknown key, a bad
+//! path…) have no key to count against and are counted per code on their own.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use dashmap::DashMap;
+
+use crate::deny::{DenyReason, CODES};
+use crate::snapshot::KeyRecord;
+
+/// One key's counters.
+pub struct KeyUsage {
+    key_id: Box<str>,
+    requests: AtomicU64,
+    denials: [AtomicU64; CODES.len()],
+    /// Unix milliseconds of the last allowed request; 0 = never.
+    last_used_ms: AtomicI64,
+}
+
+impl KeyUsage {
+    fn new(key_id: &str) -> Self {
+        Self {
+            key_id: key_id.into(),
+            requests: AtomicU64::new(0),
+            denials: std::array::from_fn(|_| AtomicU64::new(0)),
+            last_used_ms: AtomicI64::new(0),
+        }
+    }
+}
+
+/// Usage of every key seen since start.
+pub struct Usage {
+    keys: DashMap<u64, KeyUsage, std::hash::BuildHasherDefault<crate::ratelimit::PassThrough>>,
+    unattributed: [AtomicU64; CODES.len()],
+    started_ms: i64,
+}
+
+impl Usage {
+    pub fn new(now_ms: i64) -> Self {
+        Self {
+            keys: DashMap::default(),
+            unattributed: std::array::from_fn(|_| AtomicU64::new(0)),
+            started_ms: now_ms,
+        }
+    }
+
+    fn with_key<R>(&self, key: &KeyRecord, f: impl FnOnce(&KeyUsage) -> R) -> R {
+        let state_key = key.state_key();
+        if let Some(u) = self.keys.get(&state_key) {
+            return f(&u);
+        }
+        let u = self
+            .keys
+            .entry(state_key)
+            .or_insert_with(|| KeyUsage::new(key.id()));
+        f(&u)
+    }
+
+    /// An allowed request by `key` at `now_ms`.
+    pub fn allowed(&self, key: &KeyRecord, now_ms: i64) {
+        self.with_key(key, |u| {
+            u.requests.fetch_add(1, Ordering::Relaxed);
+            u.last_used_ms.fetch_max(now_ms, Ordering::Relaxed);
+        });
+    }
+
+    /// A denial, against `key` when the request's key was identified.
+    pub fn denied(&self, key: Option<&KeyRecord>, reason: &DenyReason) {
+        let i = reason.code_index();
+        match key {
+            Some(key) => self.with_key(key, |u| {
+                u.denials[i].fetch_add(1, Ordering::Relaxed);
+            }),
+            None => {
+                self.unattributed[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The `/usage` document.
+    pub fn report(&self) -> serde_json::Value {
+        let by_code = |counts: &[AtomicU64; CODES.len()]| {
+            let mut m = serde_json::Map::new();
+            for (code, n) in CODES.iter().zip(counts) {
+                let n = n.load(Ordering::Relaxed);
+                if n > 0 {
+                    m.insert((*code).to_owned(), n.into());
+                }
+            }
+            serde_json::Value::Object(m)
+        };
+        let mut keys: Vec<serde_json::Value> = self
+            .keys
+            .iter()
+            .map(|u| {
+                let last = u.last_used_ms.load(Ordering::Relaxed);
+                serde_json::json!({
+                    "key_id": &*u.key_id,
+                    "requests": u.requests.load(Ordering::Relaxed),
+                    "denied": by_code(&u.denials),
+                    "last_used_at": (last > 0).then(|| rfc3339(last)),
+                })
+            })
+            .collect();
+        keys.sort_by(|a, b| a["key_id"].as_str().cmp(&b["key_id"].as_str()));
+        serde_json::json!({
+            "since": rfc3339(self.started_ms),
+            "keys": keys,
+            "denied_without_key": by_code(&self.unattributed),
+        })
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}

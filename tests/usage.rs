@@ -1,0 +1,123 @@
+//! `GET /usage` on the admin listener: per-key request counts, denials by code and
+//! `last_used_at`, correct under concurrency and shared by every front.
+
+mod support;
+
+use serde_json::json;
+use support::*;
+
+#[tokio::test]
+async fn usage_counts_every_front_under_concurrency() {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let (a, revoked, limited) = (mint("sk_live_"), mint("sk_live_"), mint("sk_live_"));
+    snap.write(
+        &Doc::new(1)
+            .partner("partner_acme", None, "active")
+            .key("key_a", &a, json!({}))
+            .key("key_revoked", &revoked, json!({"status": "revoked"}))
+            .key("key_limited", &limited, json!({"rate_limit_per_minute": 5})),
+    );
+    let gate = std::sync::Arc::new(
+        Gate::start(&config_toml(
+            &snap.path(),
+            upstream.addr,
+            "[authz_http]\nlisten = \"127.0.0.1:0\"\n",
+        ))
+        .await,
+    );
+    let before = keygate::decision::now_ms();
+
+    // 8 clients × 25 allowed requests, 8 × 5 with a revoked key, 8 × 2 with an unknown key.
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (gate, a, revoked) = (gate.clone(), a.clone(), revoked.clone());
+            tokio::spawn(async move {
+                let c = client();
+                let url = gate.url("/v1/analyses/1");
+                for _ in 0..25 {
+                    assert_eq!(get(&c, &url, &[("x-api-key", &a)]).await.status, 200);
+                }
+                for _ in 0..5 {
+                    assert_eq!(get(&c, &url, &[("x-api-key", &revoked)]).await.status, 401);
+                }
+                for _ in 0..2 {
+                    let unknown = mint("sk_live_");
+                    assert_eq!(get(&c, &url, &[("x-api-key", &unknown)]).await.status, 401);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // The forward-auth front counts into the same usage.
+    let authz = format!(
+        "http://{}/authz/v1/analyses/1",
+        gate.app().authz_http_addr.unwrap()
+    );
+    assert_eq!(
+        get(&client(), &authz, &[("x-api-key", &a)]).await.status,
+        200
+    );
+    // 5 allowed, then 3 rate limited.
+    for i in 0..8 {
+        let s = get(
+            &client(),
+            &gate.url("/v1/analyses/1"),
+            &[("x-api-key", &limited)],
+        )
+        .await
+        .status;
+        assert_eq!(s, if i < 5 { 200 } else { 429 });
+    }
+    let after = keygate::decision::now_ms();
+
+    let r = get(&client(), &format!("http://{}/usage", gate.admin), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let u = r.json();
+    let key = |id: &str| {
+        u["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["key_id"] == id)
+            .unwrap_or_else(|| panic!("{id} missing: {u}"))
+            .clone()
+    };
+    let ka = key("key_a");
+    assert_eq!(ka["requests"], 201);
+    assert_eq!(ka["denied"], json!({}));
+    let last = time::OffsetDateTime::parse(
+        ka["last_used_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let last_ms = (last.unix_timestamp_nanos() / 1_000_000) as i64;
+    assert!(
+        (before..=after).contains(&last_ms),
+        "{last_ms} not in {before}..={after}"
+    );
+
+    let kr = key("key_revoked");
+    assert_eq!(kr["requests"], 0);
+    assert_eq!(kr["denied"], json!({"key_revoked": 40}));
+    assert!(kr["last_used_at"].is_null(), "a refused key was not used");
+
+    let kl = key("key_limited");
+    assert_eq!(kl["requests"], 5);
+    assert_eq!(kl["denied"], json!({"rate_limited": 3}));
+
+    assert_eq!(u["denied_without_key"], json!({"invalid_api_key": 16}));
+    // Never a secret or a digest: only ids.
+    let text = u.to_string();
+    for secret in [&a, &revoked, &limited] {
+        assert!(!text.contains(secret.as_str()));
+        assert!(!text.contains(&digest(secret)[7..]));
+    }
+    match std::sync::Arc::try_unwrap(gate) {
+        Ok(g) => g.stop().await,
+        Err(_) => panic!("gate still shared"),
+    }
+}
