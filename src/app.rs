@@ -30,6 +30,8 @@ pub enum AppError {
     },
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error("usage reports: {0}")]
+    Usage(String),
 }
 
 /// How long in-flight requests may run on after shutdown begins.
@@ -47,6 +49,8 @@ pub struct App {
     tasks: JoinSet<()>,
     /// Proxy threads of the thread-per-core layout (beyond the caller's own runtime).
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// The usage reporter, flushed once the fronts have drained.
+    reporter: Option<tokio::task::JoinHandle<crate::usage::report::Reporter>>,
 }
 
 /// Resolves once `stop` turns true.
@@ -231,6 +235,15 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
         ));
     }
     tasks.spawn(source.run(store.clone(), stopped(rx.clone())));
+    let reporter = match settings.usage_report.clone() {
+        Some(r) => {
+            let reporter =
+                crate::usage::report::Reporter::new(r, usage.clone(), crate::decision::now_ms())
+                    .map_err(AppError::Usage)?;
+            Some(tokio::spawn(reporter.run(stopped(rx.clone()))))
+        }
+        None => None,
+    };
     let sweeper = limits.clone();
     let stop_sweeping = stopped(rx.clone());
     tasks.spawn(async move {
@@ -251,6 +264,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
         stop,
         tasks,
         threads,
+        reporter,
     })
 }
 
@@ -275,6 +289,12 @@ impl App {
             }
         })
         .await;
+        // Counts are final once the fronts have drained: report them.
+        if let Some(reporter) = self.reporter.take() {
+            if let Ok(reporter) = reporter.await {
+                reporter.flush().await;
+            }
+        }
     }
 }
 

@@ -93,6 +93,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub rate_limit: RawRateLimit,
     #[serde(default)]
+    pub usage: RawUsage,
+    #[serde(default)]
     pub log: RawLog,
     #[serde(default)]
     pub runtime: RawRuntime,
@@ -241,6 +243,17 @@ pub struct RawLog {
 
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+pub struct RawUsage {
+    pub report_url: Option<String>,
+    pub token_env: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub max_pending_batches: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct RawRuntime {
     pub flavor: Option<String>,
     pub worker_threads: Option<usize>,
@@ -266,6 +279,8 @@ pub struct Settings {
     pub rate_limit: Arc<RateLimitSettings>,
     /// Idempotent replay in the proxy front; `None` = off.
     pub idempotency: Option<crate::idempotency::Limits>,
+    /// Periodic usage reports; `None` = off (`/usage` only).
+    pub usage_report: Option<UsageReportSettings>,
     pub log: LogSettings,
     pub runtime: RuntimeSettings,
 }
@@ -351,6 +366,19 @@ impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Secret(<redacted>)")
     }
+}
+
+/// Where and how often usage is reported.
+#[derive(Debug, Clone)]
+pub struct UsageReportSettings {
+    pub url: http::Uri,
+    pub token: Option<Secret>,
+    pub ca_file: Option<PathBuf>,
+    pub interval: Duration,
+    /// Each POST must be answered (2xx) within this.
+    pub timeout: Duration,
+    /// Batches kept for retry while the receiver is away; past it the oldest are merged.
+    pub max_pending_batches: usize,
 }
 
 /// Per-key rate limits (check 12), applied by every front after the decision allows.
@@ -544,6 +572,7 @@ fn table_fields(table: &str) -> Option<&'static [&'static str]> {
         "routes.rule[]" => fields_of::<RawRouteRule>(),
         "idempotency" => fields_of::<RawIdempotency>(),
         "rate_limit" => fields_of::<RawRateLimit>(),
+        "usage" => fields_of::<RawUsage>(),
         "log" => fields_of::<RawLog>(),
         "runtime" => fields_of::<RawRuntime>(),
         _ => return None,
@@ -743,6 +772,7 @@ pub fn validate_with_env(
     let headers = v.headers(&raw.credentials, &raw.identity_headers, &raw.idempotency);
     let rate_limit = v.rate_limit(&raw.rate_limit);
     let idempotency = v.idempotency(&raw.idempotency);
+    let usage_report = v.usage_report(&raw.usage);
 
     let unmatched = match raw.routes.unmatched.as_deref().unwrap_or("allow") {
         "allow" => Unmatched::Allow,
@@ -857,6 +887,7 @@ pub fn validate_with_env(
         headers: Arc::new(headers),
         rate_limit: Arc::new(rate_limit),
         idempotency,
+        usage_report,
         log,
         runtime,
     })
@@ -1145,6 +1176,56 @@ impl Validator<'_> {
             ),
         };
         raw.replay.unwrap_or(true).then_some(limits)
+    }
+
+    fn usage_report(&mut self, raw: &RawUsage) -> Option<UsageReportSettings> {
+        let token = self.secret_env("usage.token_env", raw.token_env.as_deref());
+        let interval = self.duration("usage.interval", raw.interval.as_deref(), secs(60));
+        let timeout = self.duration("usage.timeout", raw.timeout.as_deref(), secs(10));
+        let max_pending_batches = match raw.max_pending_batches {
+            Some(0) => {
+                self.problem("usage.max_pending_batches", "must be at least 1");
+                1
+            }
+            Some(n) => n,
+            None => 1000,
+        };
+        let ca_file = raw.ca_file.clone().filter(|p| !p.as_os_str().is_empty());
+        if let Some(ca) = &ca_file {
+            if !ca.is_file() {
+                self.problem(
+                    "usage.ca_file",
+                    format!("{} is not a readable file", ca.display()),
+                );
+            }
+        }
+        let text = raw
+            .report_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())?;
+        let url = match text.parse::<http::Uri>() {
+            Ok(u)
+                if matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some() =>
+            {
+                u
+            }
+            _ => {
+                self.problem(
+                    "usage.report_url",
+                    format!("{text:?} must be an http:// or https:// URL with a host"),
+                );
+                return None;
+            }
+        };
+        Some(UsageReportSettings {
+            url,
+            token,
+            ca_file,
+            interval,
+            timeout,
+            max_pending_batches,
+        })
     }
 
     fn rate_limit(&mut self, raw: &RawRateLimit) -> RateLimitSettings {

@@ -6,6 +6,8 @@
 //! requests share. Denials before a key is identified (no credential, an unknown key, a bad
 //! path…) have no key to count against and are counted per code on their own.
 
+pub mod report;
+
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use dashmap::DashMap;
@@ -31,6 +33,16 @@ impl KeyUsage {
             last_used_ms: AtomicI64::new(0),
         }
     }
+}
+
+/// One key's cumulative counts at one moment.
+#[derive(Debug, Clone)]
+pub struct KeyTotals {
+    pub state_key: u64,
+    pub key_id: Box<str>,
+    pub requests: u64,
+    pub denials: [u64; CODES.len()],
+    pub last_used_ms: i64,
 }
 
 /// Usage of every key seen since start.
@@ -82,6 +94,23 @@ impl Usage {
         }
     }
 
+    /// Cumulative counts of every key seen, and of denials without a key.
+    pub fn totals(&self) -> (Vec<KeyTotals>, [u64; CODES.len()]) {
+        let keys = self
+            .keys
+            .iter()
+            .map(|u| KeyTotals {
+                state_key: *u.key(),
+                key_id: u.key_id.clone(),
+                requests: u.requests.load(Ordering::Relaxed),
+                denials: std::array::from_fn(|i| u.denials[i].load(Ordering::Relaxed)),
+                last_used_ms: u.last_used_ms.load(Ordering::Relaxed),
+            })
+            .collect();
+        let unattributed = std::array::from_fn(|i| self.unattributed[i].load(Ordering::Relaxed));
+        (keys, unattributed)
+    }
+
     /// The `/usage` document.
     pub fn report(&self) -> serde_json::Value {
         let by_code = |counts: &[AtomicU64; CODES.len()]| {
@@ -116,7 +145,7 @@ impl Usage {
     }
 }
 
-fn rfc3339(ms: i64) -> String {
+pub(crate) fn rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
         .and_then(|t| {

@@ -987,18 +987,21 @@ async fn serve_becomes_ready_and_exits_zero_on_sigterm() {
             .key("key_a", &key, json!({})),
     );
     let (proxy, admin) = (free_port(), free_port());
+    let receiver = UsageReceiver::start().await;
     let config = snap.dir.path().join("keygate.toml");
     std::fs::write(
         &config,
         format!(
-            "environment = \"live\"\n[snapshot]\npath = {:?}\n[proxy]\nlisten = \"127.0.0.1:{proxy}\"\nupstream = \"http://{}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n",
+            "environment = \"live\"\n[snapshot]\npath = {:?}\n[proxy]\nlisten = \"127.0.0.1:{proxy}\"\nupstream = \"http://{}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[usage]\nreport_url = \"http://{}/usage\"\ntoken_env = \"USAGE_TOKEN\"\ninterval = \"1h\"\n",
             snap.path().display().to_string(),
-            upstream.addr
+            upstream.addr,
+            receiver.addr
         ),
     )
     .unwrap();
     let child = Command::new(BIN)
         .args(["serve", "--config", s(&config)])
+        .env("USAGE_TOKEN", "usage-token")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -1032,8 +1035,16 @@ async fn serve_becomes_ready_and_exits_zero_on_sigterm() {
     let a = get(&client(), &url, &[]).await;
     assert_error(&a, 401, "authentication_required");
 
+    assert_eq!(
+        receiver.requests("key_a").0,
+        0,
+        "hourly: nothing reported yet"
+    );
+
     let status = running.terminate(Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    // Nothing lost on SIGTERM: the counts went out before the process exited.
+    assert_eq!(receiver.requests("key_a"), (1, false));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -121,3 +121,93 @@ async fn usage_counts_every_front_under_concurrency() {
         Err(_) => panic!("gate still shared"),
     }
 }
+
+#[tokio::test]
+async fn usage_reports_arrive_once_through_a_receiver_outage_and_on_shutdown() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let a = mint("sk_live_");
+    snap.write(
+        &Doc::new(1)
+            .partner("partner_acme", None, "active")
+            .key("key_a", &a, json!({})),
+    );
+    let receiver = UsageReceiver::start().await;
+    let usage = |interval: &str| {
+        format!(
+            "[usage]\nreport_url = \"http://{}/v1/usage\"\ntoken_env = \"USAGE_TOKEN\"\ninterval = \"{interval}\"\ntimeout = \"1s\"\n",
+            receiver.addr
+        )
+    };
+    let env = [("USAGE_TOKEN", "usage-token")];
+    let gate = Gate::start_with_env(
+        &config_toml(&snap.path(), upstream.addr, &usage("100ms")),
+        &env,
+    )
+    .await;
+    let hit = |n: usize| {
+        let (url, a) = (gate.url("/v1/analyses/1"), a.clone());
+        async move {
+            for _ in 0..n {
+                assert_eq!(get(&client(), &url, &[("x-api-key", &a)]).await.status, 200);
+            }
+        }
+    };
+    hit(10).await;
+    assert!(
+        eventually(std::time::Duration::from_secs(3), || receiver
+            .requests("key_a")
+            .0
+            == 10)
+        .await
+    );
+
+    // The receiver goes away (503s): batches queue up and are retried…
+    receiver.failing.store(true, SeqCst);
+    let tried = receiver.attempts.load(SeqCst);
+    hit(7).await;
+    assert!(
+        eventually(std::time::Duration::from_secs(3), || receiver
+            .attempts
+            .load(SeqCst)
+            >= tried + 3)
+        .await
+    );
+    assert_eq!(receiver.requests("key_a").0, 10);
+    hit(3).await;
+    // …and when it is back, every count arrives, once.
+    receiver.failing.store(false, SeqCst);
+    assert!(
+        eventually(std::time::Duration::from_secs(3), || receiver
+            .requests("key_a")
+            .0
+            == 20)
+        .await
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(receiver.requests("key_a"), (20, false));
+    gate.stop().await;
+
+    // A keygate that reports hourly still reports what it counted when it stops.
+    let gate = Gate::start_with_env(
+        &config_toml(&snap.path(), upstream.addr, &usage("1h")),
+        &env,
+    )
+    .await;
+    for _ in 0..4 {
+        assert_eq!(
+            get(&client(), &gate.url("/v1/analyses/1"), &[("x-api-key", &a)])
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(receiver.requests("key_a").0, 20);
+    gate.stop().await;
+    assert_eq!(
+        receiver.requests("key_a"),
+        (24, false),
+        "flushed on shutdown"
+    );
+}

@@ -662,3 +662,89 @@ pub fn assert_error(a: &Answer, status: u16, code: &str) {
         "type, code, message, request_id: {j}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Usage reports
+
+/// A usage-report receiver (`usage.report_url`): records the batches it accepts (2xx, with
+/// `Authorization: Bearer usage-token`); answers 503 while `failing`.
+pub struct UsageReceiver {
+    pub addr: std::net::SocketAddr,
+    pub accepted: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    pub attempts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl UsageReceiver {
+    pub async fn start() -> Self {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let r = UsageReceiver {
+            addr,
+            accepted: Default::default(),
+            attempts: Default::default(),
+            failing: Default::default(),
+        };
+        let (accepted, attempts, failing) =
+            (r.accepted.clone(), r.attempts.clone(), r.failing.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (accepted, attempts, failing) =
+                    (accepted.clone(), attempts.clone(), failing.clone());
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (accepted, attempts, failing) =
+                            (accepted.clone(), attempts.clone(), failing.clone());
+                        async move {
+                            use http_body_util::BodyExt;
+                            attempts.fetch_add(1, SeqCst);
+                            let auth = req.headers().get("authorization").cloned();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let status = if failing.load(SeqCst) {
+                                503
+                            } else {
+                                assert_eq!(auth.unwrap(), "Bearer usage-token");
+                                accepted
+                                    .lock()
+                                    .unwrap()
+                                    .push(serde_json::from_slice(&body).unwrap());
+                                204
+                            };
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .status(status)
+                                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        r
+    }
+
+    /// Requests of `key_id` over the accepted batches, and whether any batch id came twice.
+    pub fn requests(&self, key_id: &str) -> (u64, bool) {
+        let accepted = self.accepted.lock().unwrap();
+        let mut ids = std::collections::HashSet::new();
+        let mut dup = false;
+        let mut n = 0;
+        for b in accepted.iter() {
+            dup |= !ids.insert(b["batch_id"].as_str().unwrap().to_owned());
+            for k in b["keys"].as_array().unwrap() {
+                if k["key_id"] == key_id {
+                    n += k["requests"].as_u64().unwrap();
+                }
+            }
+        }
+        (n, dup)
+    }
+}
