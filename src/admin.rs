@@ -24,6 +24,7 @@ pub async fn serve(
     listener: TcpListener,
     store: Arc<SnapshotStore>,
     usage: Arc<Usage>,
+    limits: Arc<crate::ratelimit::RateLimits>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -36,10 +37,10 @@ pub async fn serve(
     while let Some((stream, _)) =
         crate::listen::next_connection(&listener, shutdown.as_mut(), "admin").await
     {
-        let (store, usage) = (store.clone(), usage.clone());
+        let (store, usage, limits) = (store.clone(), usage.clone(), limits.clone());
         let service = hyper::service::service_fn(move |req| {
-            let (store, usage) = (store.clone(), usage.clone());
-            async move { Ok::<_, Infallible>(route(&store, &usage, &req)) }
+            let (store, usage, limits) = (store.clone(), usage.clone(), limits.clone());
+            async move { Ok::<_, Infallible>(route(&store, &usage, &limits, &req)) }
         });
         let conn = graceful.watch(
             builder
@@ -51,7 +52,12 @@ pub async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
 }
 
-fn route(store: &SnapshotStore, usage: &Usage, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(
+    store: &SnapshotStore,
+    usage: &Usage,
+    limits: &crate::ratelimit::RateLimits,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return json(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -63,7 +69,9 @@ fn route(store: &SnapshotStore, usage: &Usage, req: &Request<Incoming>) -> Respo
         "/readyz" => readiness(store),
         "/usage" => json(StatusCode::OK, usage.report()),
         "/metrics" => {
-            let mut resp = Response::new(Full::new(Bytes::from(crate::metrics::render(store))));
+            let mut resp = Response::new(Full::new(Bytes::from(crate::metrics::render(
+                store, limits,
+            ))));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),

@@ -45,6 +45,8 @@ pub struct App {
     pub ext_authz_addr: Option<SocketAddr>,
     pub sync_addr: Option<SocketAddr>,
     pub store: Arc<SnapshotStore>,
+    /// The rate limiters every front shares.
+    pub limits: Arc<RateLimits>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
     /// Proxy threads of the thread-per-core layout (beyond the caller's own runtime).
@@ -220,6 +222,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
             listener,
             store.clone(),
             usage.clone(),
+            limits.clone(),
             stopped(rx.clone()),
         ));
     }
@@ -261,6 +264,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
         ext_authz_addr,
         sync_addr,
         store,
+        limits,
         stop,
         tasks,
         threads,

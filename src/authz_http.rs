@@ -78,7 +78,7 @@ pub async fn serve(
         let state = state.clone();
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(check(&state, peer, &req)) }
+            async move { Ok::<_, Infallible>(check(&state, peer, &req).await) }
         });
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn.into_owned());
@@ -131,7 +131,11 @@ fn agreeing<'a>(h: &'a HeaderMap, a: &str, b: &str) -> Result<Option<&'a str>, &
     }
 }
 
-fn check(state: &AuthzState, peer: SocketAddr, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn check(
+    state: &AuthzState,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let names = &*state.names;
     let headers = req.headers();
     let request_id = request_id::accept(headers.get_all(&names.request_id).iter())
@@ -180,7 +184,7 @@ fn check(state: &AuthzState, peer: SocketAddr, req: &Request<Incoming>) -> Respo
             return deny(&reason, &request_id, names);
         }
     };
-    let limit = match state.limits.check(&allow) {
+    let limit = match state.limits.check(&allow).await {
         Some(Outcome::Limited {
             status,
             retry_after_secs,

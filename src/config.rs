@@ -95,6 +95,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub usage: RawUsage,
     #[serde(default)]
+    pub redis: RawRedis,
+    #[serde(default)]
     pub log: RawLog,
     #[serde(default)]
     pub runtime: RawRuntime,
@@ -243,6 +245,14 @@ pub struct RawLog {
 
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    pub url: Option<String>,
+    pub timeout: Option<String>,
+    pub key_prefix: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct RawUsage {
     pub report_url: Option<String>,
     pub token_env: Option<String>,
@@ -368,6 +378,16 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// The Redis shared by a fleet's replicas (rate limits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// `redis://host:port[/db]` (credentials in the URL are allowed; never logged).
+    pub url: String,
+    /// Each command must be answered within this, or the documented fallback applies.
+    pub timeout: Duration,
+    pub key_prefix: String,
+}
+
 /// Where and how often usage is reported.
 #[derive(Debug, Clone)]
 pub struct UsageReportSettings {
@@ -384,6 +404,9 @@ pub struct UsageReportSettings {
 /// Per-key rate limits (check 12), applied by every front after the decision allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimitSettings {
+    /// Share allowances across replicas through Redis (`rate_limit.backend = "redis"`); when
+    /// Redis does not answer in time, the local limiter decides.
+    pub redis: Option<RedisSettings>,
     /// For keys without `rate_limit_per_minute` and no environment default; `None` = unlimited.
     pub default_per_minute: Option<u32>,
     /// Environment → requests per minute, over `default_per_minute`.
@@ -573,6 +596,7 @@ fn table_fields(table: &str) -> Option<&'static [&'static str]> {
         "idempotency" => fields_of::<RawIdempotency>(),
         "rate_limit" => fields_of::<RawRateLimit>(),
         "usage" => fields_of::<RawUsage>(),
+        "redis" => fields_of::<RawRedis>(),
         "log" => fields_of::<RawLog>(),
         "runtime" => fields_of::<RawRuntime>(),
         _ => return None,
@@ -770,7 +794,7 @@ pub fn validate_with_env(
     let ext_authz = v.front("ext_authz", &raw.ext_authz);
     let authz_http = v.front("authz_http", &raw.authz_http);
     let headers = v.headers(&raw.credentials, &raw.identity_headers, &raw.idempotency);
-    let rate_limit = v.rate_limit(&raw.rate_limit);
+    let rate_limit = v.rate_limit(&raw.rate_limit, &raw.redis);
     let idempotency = v.idempotency(&raw.idempotency);
     let usage_report = v.usage_report(&raw.usage);
 
@@ -1228,14 +1252,57 @@ impl Validator<'_> {
         })
     }
 
-    fn rate_limit(&mut self, raw: &RawRateLimit) -> RateLimitSettings {
-        match raw.backend.as_deref().unwrap_or("local") {
-            "local" => {}
-            other => self.problem(
-                "rate_limit.backend",
-                format!("{other:?} must be \"local\" (the Redis backend is not in this version)"),
-            ),
+    fn redis(&mut self, raw: &RawRedis, wanted_by: &str) -> Option<RedisSettings> {
+        let url = match raw.url.as_deref().map(str::trim) {
+            Some(u) if u.starts_with("redis://") || u.starts_with("rediss://") => u.to_owned(),
+            Some(u) if !u.is_empty() => {
+                let shown = u.split('@').next_back().unwrap_or(u);
+                self.problem(
+                    "redis.url",
+                    format!("\"…{shown}\" must be a redis:// URL, like \"redis://127.0.0.1:6379\""),
+                );
+                return None;
+            }
+            _ => {
+                self.problem(
+                    "redis.url",
+                    format!("is required with {wanted_by} = \"redis\""),
+                );
+                return None;
+            }
+        };
+        if url.starts_with("rediss://") {
+            self.problem("redis.url", "TLS to Redis (rediss://) is not supported yet");
+            return None;
         }
+        if redis::Client::open(url.as_str()).is_err() {
+            self.problem("redis.url", "is not a valid Redis URL");
+            return None;
+        }
+        let timeout = self.duration(
+            "redis.timeout",
+            raw.timeout.as_deref(),
+            Duration::from_millis(50),
+        );
+        Some(RedisSettings {
+            url,
+            timeout,
+            key_prefix: raw.key_prefix.clone().unwrap_or_else(|| "keygate:".into()),
+        })
+    }
+
+    fn rate_limit(&mut self, raw: &RawRateLimit, redis: &RawRedis) -> RateLimitSettings {
+        let redis = match raw.backend.as_deref().unwrap_or("local") {
+            "local" => None,
+            "redis" => self.redis(redis, "rate_limit.backend"),
+            other => {
+                self.problem(
+                    "rate_limit.backend",
+                    format!("{other:?} must be \"local\" or \"redis\""),
+                );
+                None
+            }
+        };
         let default_per_minute = match raw.default_per_minute {
             Some(0) | None => None,
             Some(n) => Some(n),
@@ -1250,6 +1317,7 @@ impl Validator<'_> {
         }
         let burst = self.duration("rate_limit.burst", raw.burst.as_deref(), secs(60));
         RateLimitSettings {
+            redis,
             default_per_minute,
             per_environment: raw.per_environment.clone(),
             burst,

@@ -59,24 +59,48 @@ impl Authorization for Service {
         &self,
         request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
-        Ok(tonic::Response::new(guarded(&self.0.names, || {
-            check(&self.0, &request.into_inner())
-        })))
+        let request = request.into_inner();
+        Ok(tonic::Response::new(
+            guarded(&self.0.names, check(&self.0, &request)).await,
+        ))
     }
 }
 
 /// Run `check`; should it panic, answer a denial rather than let the stream die, which Envoy
 /// would count as an authorization error (an allow under `failure_mode_allow`).
-fn guarded(names: &HeaderNames, check: impl FnOnce() -> CheckResponse) -> CheckResponse {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(check)).unwrap_or_else(|_| {
-        tracing::error!("ext_authz: a Check panicked; denied with snapshot_unavailable");
-        let id = request_id::mint();
-        denied(
-            &DenyReason::SnapshotUnavailable,
-            id.to_str().unwrap_or(""),
-            names,
-        )
-    })
+async fn guarded(names: &HeaderNames, check: impl Future<Output = CheckResponse>) -> CheckResponse {
+    CatchUnwind(std::pin::pin!(check))
+        .await
+        .unwrap_or_else(|()| {
+            tracing::error!("ext_authz: a Check panicked; denied with snapshot_unavailable");
+            let id = request_id::mint();
+            denied(
+                &DenyReason::SnapshotUnavailable,
+                id.to_str().unwrap_or(""),
+                names,
+            )
+        })
+}
+
+/// A future that turns a panic while polling `F` into `Err(())`.
+struct CatchUnwind<F>(F);
+
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            std::pin::Pin::new(inner).poll(cx)
+        })) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(_) => std::task::Poll::Ready(Err(())),
+        }
+    }
 }
 
 /// Serve Check and Health on `listener` until `shutdown` resolves.
@@ -171,7 +195,7 @@ impl<'a> Headers<'a> {
 }
 
 /// Decide one `CheckRequest`. Always a `CheckResponse`.
-pub fn check(state: &ExtAuthzState, req: &CheckRequest) -> CheckResponse {
+pub async fn check(state: &ExtAuthzState, req: &CheckRequest) -> CheckResponse {
     let names = &*state.names;
     let attributes = req.attributes.as_ref();
     let Some(http) = attributes
@@ -232,7 +256,7 @@ pub fn check(state: &ExtAuthzState, req: &CheckRequest) -> CheckResponse {
         now,
     );
     match verdict {
-        Verdict::Allow(allow) => match state.limits.check(&allow) {
+        Verdict::Allow(allow) => match state.limits.check(&allow).await {
             Some(Outcome::Limited {
                 status,
                 retry_after_secs,

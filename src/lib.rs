@@ -42,6 +42,7 @@ pub mod decision;
 pub mod demo;
 pub mod deny;
 pub mod ext_authz;
+pub mod fleet;
 pub mod headers;
 pub mod idempotency;
 pub mod keys;

@@ -28,7 +28,7 @@ fn counter(registry: &mut Registry, name: &str, help: &str, value: &AtomicU64) {
 }
 
 /// Encode the current metrics.
-pub fn render(store: &SnapshotStore) -> String {
+pub fn render(store: &SnapshotStore, limits: &crate::ratelimit::RateLimits) -> String {
     let mut registry = Registry::with_prefix("keygate");
     let current = store.current();
     let stats = &store.stats;
@@ -110,6 +110,26 @@ pub fn render(store: &SnapshotStore) -> String {
         "keygate.sync.v1 deltas applied",
         &stats.deltas_applied,
     );
+    if let Some(redis) = &limits.redis {
+        counter(
+            &mut registry,
+            "ratelimit_redis_answered",
+            "Rate-limit decisions made by Redis (rate_limit.backend = \"redis\")",
+            &redis.stats.answered,
+        );
+        counter(
+            &mut registry,
+            "ratelimit_redis_fallbacks",
+            "Rate-limit decisions made locally because Redis did not answer in time",
+            &redis.stats.fallbacks,
+        );
+        gauge(
+            &mut registry,
+            "ratelimit_redis_degraded",
+            "1 while Redis is not answering and rate limits are per replica",
+            f64::from(u8::from(redis.is_degraded())),
+        );
+    }
     let mut out = String::new();
     encode(&mut out, &registry).expect("writing to a String cannot fail");
     out

@@ -210,7 +210,7 @@ async fn handle(
         }
         Verdict::Allow(allow) => allow,
     };
-    let limit = match state.limits.check(&allow) {
+    let limit = match state.limits.check(&allow).await {
         Some(Outcome::Limited {
             status,
             retry_after_secs,

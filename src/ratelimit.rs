@@ -37,11 +37,12 @@ impl Quota {
     }
 
     /// Microseconds between requests at the sustained rate.
-    fn interval_us(self) -> u64 {
+    pub fn interval_us(self) -> u64 {
         (60_000_000 / u64::from(self.per_minute.max(1))).max(1)
     }
 
-    fn tolerance_us(self) -> u64 {
+    /// How far ahead of the sustained rate a key may run, in microseconds.
+    pub fn tolerance_us(self) -> u64 {
         self.interval_us() * u64::from(self.burst.max(1) - 1)
     }
 }
@@ -190,22 +191,32 @@ impl Limiter {
 /// thread shares (so a key's allowance is one, whichever front it comes through).
 pub struct RateLimits {
     pub settings: std::sync::Arc<crate::config::RateLimitSettings>,
+    /// The local limiter: the backend, or the fallback when Redis does not answer.
     pub limiter: Limiter,
+    pub redis: Option<crate::fleet::RedisLimiter>,
 }
 
 impl RateLimits {
+    /// With `rate_limit.backend = "redis"`, starts connecting (so: inside a runtime).
     pub fn new(settings: std::sync::Arc<crate::config::RateLimitSettings>) -> Self {
+        let redis = settings.redis.clone().map(crate::fleet::RedisLimiter::new);
         Self {
             settings,
             limiter: Limiter::new(),
+            redis,
         }
     }
 
     /// Check 12 for an allowed request: `None` when the key has no limit.
-    pub fn check(&self, allow: &crate::decision::Allow<'_>) -> Option<Outcome> {
+    pub async fn check(&self, allow: &crate::decision::Allow<'_>) -> Option<Outcome> {
         let quota = self
             .settings
             .quota(allow.key.rate_limit_per_minute(), &allow.environment.name)?;
+        if let Some(redis) = &self.redis {
+            if let Some(outcome) = redis.check(allow.key.id(), quota).await {
+                return Some(outcome);
+            }
+        }
         Some(self.limiter.check(allow.key.state_key(), quota))
     }
 }

@@ -276,34 +276,37 @@ fn every_reason_is_a_check_response_with_its_grpc_code() {
     }
 }
 
-#[test]
-fn a_panic_is_a_denial_not_a_broken_stream() {
+#[tokio::test]
+async fn a_panic_is_a_denial_not_a_broken_stream() {
     let f = fixture("", &[]);
-    let r = guarded(&f.state.names, || panic!("a fault in check"));
+    let r = guarded(&f.state.names, async { panic!("a fault in check") }).await;
     let s = seen(&r);
     assert_eq!(
         (s.grpc, s.http, s.code.as_str()),
         (14, 503, "snapshot_unavailable")
     );
-    let fine = guarded(&f.state.names, || check(&f.state, &request("/", &[], None)));
+    let fine = guarded(&f.state.names, check(&f.state, &request("/", &[], None))).await;
     assert_eq!(seen(&fine).code, "authentication_required");
 }
 
-#[test]
-fn raw_header_map_is_read_like_the_headers_map() {
+#[tokio::test]
+async fn raw_header_map_is_read_like_the_headers_map() {
     let f = fixture("", &[]);
-    let s = seen(&check(
-        &f.state,
-        &raw(
-            "/v1/analyses/1",
-            &[
-                ("x-api-key", &f.ok),
-                ("x-org-id", "spoof"),
-                ("x_key_id", "spoof"),
-            ],
-            "192.0.2.1",
-        ),
-    ));
+    let s = seen(
+        &check(
+            &f.state,
+            &raw(
+                "/v1/analyses/1",
+                &[
+                    ("x-api-key", &f.ok),
+                    ("x-org-id", "spoof"),
+                    ("x_key_id", "spoof"),
+                ],
+                "192.0.2.1",
+            ),
+        )
+        .await,
+    );
     assert_eq!(s.http, 200);
     assert_eq!(s.set["x-key-id"], "key_ok");
     assert_eq!(s.set["x-org-id"], "org_1");
@@ -312,19 +315,22 @@ fn raw_header_map_is_read_like_the_headers_map() {
     assert_eq!(remove, ["x-api-key", "x_key_id"], "x-org-id is overwritten");
 
     // Each value of a repeated header is its own entry: two keys are ambiguous.
-    let s = seen(&check(
-        &f.state,
-        &raw(
-            "/v1/analyses/1",
-            &[("x-api-key", &f.ok), ("x-api-key", &f.near)],
-            "192.0.2.1",
-        ),
-    ));
+    let s = seen(
+        &check(
+            &f.state,
+            &raw(
+                "/v1/analyses/1",
+                &[("x-api-key", &f.ok), ("x-api-key", &f.near)],
+                "192.0.2.1",
+            ),
+        )
+        .await,
+    );
     assert_eq!((s.grpc, s.code.as_str()), (16, "authentication_required"));
 }
 
-#[test]
-fn client_ip_comes_from_the_peer_and_forwarded_for_only_from_trusted_peers() {
+#[tokio::test]
+async fn client_ip_comes_from_the_peer_and_forwarded_for_only_from_trusted_peers() {
     let untrusted = fixture("", &[]);
     let trusted = fixture("", &["10.0.0.0/8"]);
     // (fixture, peer, x-forwarded-for, expected code)
@@ -357,18 +363,18 @@ fn client_ip_comes_from_the_peer_and_forwarded_for_only_from_trusted_peers() {
     for (f, peer, xff, code) in table {
         let mut headers = vec![("x-api-key", f.near.as_str())];
         headers.extend(xff.map(|x| ("x-forwarded-for", x)));
-        let s = seen(&check(&f.state, &request("/v1/analyses/1", &headers, peer)));
+        let s = seen(&check(&f.state, &request("/v1/analyses/1", &headers, peer)).await);
         assert_eq!(s.code, code, "{peer:?} {xff:?}");
     }
 }
 
-#[test]
-fn request_id_is_the_callers_only_when_well_formed() {
+#[tokio::test]
+async fn request_id_is_the_callers_only_when_well_formed() {
     let f = fixture("", &[]);
-    let id_of = |v: Option<&str>| {
+    let id_of = async |v: Option<&str>| {
         let mut headers = vec![("x-api-key", f.ok.as_str())];
         headers.extend(v.map(|v| ("x-request-id", v)));
-        let r = check(&f.state, &request("/v1/analyses/1", &headers, None));
+        let r = check(&f.state, &request("/v1/analyses/1", &headers, None)).await;
         let Some(HttpResponse::OkResponse(ok)) = &r.http_response else {
             panic!("{r:?}")
         };
@@ -378,33 +384,36 @@ fn request_id_is_the_callers_only_when_well_formed() {
         assert_eq!(set, on_response.value);
         set
     };
-    assert_eq!(id_of(Some("trace-1:a/b")), "trace-1:a/b");
+    assert_eq!(id_of(Some("trace-1:a/b")).await, "trace-1:a/b");
     for bad in [None, Some("has space"), Some("a, b"), Some("")] {
-        let minted = id_of(bad);
+        let minted = id_of(bad).await;
         assert_eq!(minted.len(), 32, "{bad:?}");
         assert!(request_id::is_well_formed(minted.as_bytes()));
     }
 }
 
-#[test]
-fn forwarded_credentials_are_not_removed() {
+#[tokio::test]
+async fn forwarded_credentials_are_not_removed() {
     let f = fixture("\n[credentials]\nforward = true\n", &[]);
     let bearer = format!("Bearer {}", f.ok);
-    let s = seen(&check(
-        &f.state,
-        &request(
-            "/v1/analyses/1",
-            &[("authorization", &bearer), ("x-partner-id", "spoof")],
-            None,
-        ),
-    ));
+    let s = seen(
+        &check(
+            &f.state,
+            &request(
+                "/v1/analyses/1",
+                &[("authorization", &bearer), ("x-partner-id", "spoof")],
+                None,
+            ),
+        )
+        .await,
+    );
     assert_eq!(s.http, 200);
     assert!(s.remove.is_empty(), "{:?}", s.remove);
     assert_eq!(s.set["x-partner-id"], "partner_acme");
 }
 
-#[test]
-fn the_query_never_changes_the_decision() {
+#[tokio::test]
+async fn the_query_never_changes_the_decision() {
     let f = fixture("", &[]);
     for (path, code) in [
         ("/v1/analyses/1", ""),
@@ -414,10 +423,7 @@ fn the_query_never_changes_the_decision() {
         ("/v1/analyses%2F1?x=1", "invalid_path"),
         ("/v1/../../x?y", "invalid_path"),
     ] {
-        let s = seen(&check(
-            &f.state,
-            &request(path, &[("x-api-key", &f.ok)], None),
-        ));
+        let s = seen(&check(&f.state, &request(path, &[("x-api-key", &f.ok)], None)).await);
         assert_eq!(s.code, code, "{path}");
     }
 }

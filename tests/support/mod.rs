@@ -748,3 +748,87 @@ impl UsageReceiver {
         (n, dup)
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Redis
+
+/// A real `redis-server` (Debian's package; `scripts/test` installs it) on a free loopback port,
+/// nothing persisted. Killed when dropped; [`RedisServer::stop`] and [`RedisServer::restart`]
+/// make outages.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = RedisServer { port, child: None };
+        r.restart().await;
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Start (again) on the same port and wait until it answers PING.
+    pub async fn restart(&mut self) {
+        let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let child = std::process::Command::new(&bin)
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {bin} ({e}): apt-get install redis-server"));
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)).await {
+                let mut buf = [0u8; 16];
+                if s.write_all(b"PING\r\n").await.is_ok() {
+                    if let Ok(n) = s.read(&mut buf).await {
+                        if buf[..n].starts_with(b"+PONG") {
+                            return;
+                        }
+                    }
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kill it (an outage), and wait until the port refuses connections.
+    pub async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
