@@ -247,6 +247,14 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
         }
         None => None,
     };
+    if let Some(store) = idempotency.clone() {
+        let stop_sweeping = stopped(rx.clone());
+        tasks.spawn(async move {
+            store
+                .sweep_every(Duration::from_secs(60), stop_sweeping)
+                .await
+        });
+    }
     let sweeper = limits.clone();
     let stop_sweeping = stopped(rx.clone());
     tasks.spawn(async move {

@@ -57,9 +57,9 @@ enum Record {
 }
 
 /// What to do with a request.
-pub enum Begin<'s> {
+pub enum Begin {
     /// First time: forward it, then [`Pending::complete`] with the response.
-    Proceed(Pending<'s>),
+    Proceed(Pending),
     /// Seen and answered: send this again.
     Replay(Arc<Stored>),
     InUse,
@@ -97,6 +97,17 @@ pub fn fingerprint(method: &str, path_and_query: &str, body: &[u8]) -> [u8; 32] 
     h.finalize().into()
 }
 
+/// Whether an answer is the request's outcome, to replay: not a server error, and not one of
+/// the client errors that say the request was not processed and may be retried as it is
+/// (408 Request Timeout, 425 Too Early, 429 Too Many Requests).
+pub fn keepable(status: StatusCode) -> bool {
+    !status.is_server_error()
+        && !matches!(
+            status,
+            StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_EARLY | StatusCode::TOO_MANY_REQUESTS
+        )
+}
+
 fn record_key(key_id: &str, idempotency_key: &[u8]) -> Box<str> {
     // A key id is a conservative token (no newline), and the Idempotency-Key (any header bytes)
     // goes in hex, so the pair is unambiguous.
@@ -114,17 +125,22 @@ impl Store {
         }
     }
 
-    pub fn begin(&self, key_id: &str, idempotency_key: &[u8], fingerprint: [u8; 32]) -> Begin<'_> {
+    pub fn begin(
+        self: &Arc<Self>,
+        key_id: &str,
+        idempotency_key: &[u8],
+        fingerprint: [u8; 32],
+    ) -> Begin {
         self.begin_at(key_id, idempotency_key, fingerprint, Instant::now())
     }
 
     fn begin_at(
-        &self,
+        self: &Arc<Self>,
         key_id: &str,
         idempotency_key: &[u8],
         fp: [u8; 32],
         now: Instant,
-    ) -> Begin<'_> {
+    ) -> Begin {
         let key = record_key(key_id, idempotency_key);
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         match self.records.entry(key.clone()) {
@@ -150,7 +166,7 @@ impl Store {
                         seq,
                     });
                     Begin::Proceed(Pending {
-                        store: self,
+                        store: self.clone(),
                         key: Some(key),
                         seq,
                     })
@@ -162,7 +178,7 @@ impl Store {
                     seq,
                 });
                 Begin::Proceed(Pending {
-                    store: self,
+                    store: self.clone(),
                     key: Some(key),
                     seq,
                 })
@@ -236,20 +252,18 @@ impl Store {
 
 /// A request being answered for the first time. Dropped without [`Pending::complete`] (the
 /// client went away, the upstream failed), it frees its Idempotency-Key for a retry.
-pub struct Pending<'s> {
-    store: &'s Store,
+pub struct Pending {
+    store: Arc<Store>,
     key: Option<Box<str>>,
     seq: u64,
 }
 
-impl Pending<'_> {
+impl Pending {
     /// Keep `response` for retries, unless it is a 5xx or too large (then the key is freed).
     pub fn complete(mut self, response: Stored) {
         let Some(key) = self.key.take() else { return };
-        let store = self.store;
-        if response.status.is_server_error()
-            || response.body.len() > store.limits.max_response_bytes
-        {
+        let store = self.store.clone();
+        if !keepable(response.status) || response.body.len() > store.limits.max_response_bytes {
             store.records.remove_if(
                 &key,
                 |_, r| matches!(r, Record::InFlight { seq, .. } if *seq == self.seq),
@@ -284,7 +298,7 @@ impl Pending<'_> {
     }
 }
 
-impl Drop for Pending<'_> {
+impl Drop for Pending {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
             let seq = self.seq;
@@ -300,13 +314,13 @@ impl Drop for Pending<'_> {
 mod tests {
     use super::*;
 
-    fn store(max_memory_bytes: usize) -> Store {
-        Store::new(Limits {
+    fn store(max_memory_bytes: usize) -> Arc<Store> {
+        Arc::new(Store::new(Limits {
             ttl: Duration::from_secs(60),
             max_request_bytes: 1024,
             max_response_bytes: 1024,
             max_memory_bytes,
-        })
+        }))
     }
 
     fn ok(body: &'static str) -> Stored {

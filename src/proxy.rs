@@ -234,7 +234,11 @@ async fn handle(
         (Some(store), Some(k))
             if !k.is_empty() && crate::decision::is_mutating(req.method().as_str()) =>
         {
-            Some((&**store, k.to_owned(), Box::<str>::from(allow.key.id())))
+            Some((
+                store.clone(),
+                k.to_owned(),
+                Box::<str>::from(allow.key.id()),
+            ))
         }
         _ => None,
     };
@@ -283,7 +287,6 @@ async fn handle(
     parts.extensions = http::Extensions::new();
     let timeout = state.settings.upstream_timeout;
 
-    let mut pending = None;
     let sent = match replay.filter(|_| !upgrade) {
         None => {
             let upstream_req = Request::from_parts(parts, body);
@@ -319,10 +322,38 @@ async fn handle(
                 Begin::Reused => {
                     return deny(&DenyReason::IdempotencyKeyReused, &request_id, names, false)
                 }
-                Begin::Proceed(p) => pending = Some((p, store.limits.max_response_bytes)),
+                Begin::Proceed(pending) => {
+                    let max = store.limits.max_response_bytes;
+                    let upstream_req = Request::from_parts(parts, bytes);
+                    let mut resp = match exchange_once(
+                        state.upstream.clone(),
+                        upstream_req,
+                        pending,
+                        max,
+                        timeout,
+                    )
+                    .await
+                    {
+                        Ok(resp) => resp,
+                        Err(reason) => {
+                            if !matches!(reason, DenyReason::UpstreamTimeout) {
+                                tracing::warn!(
+                                    request_id = request_id_str(&request_id),
+                                    code = reason.code(),
+                                    "upstream request failed"
+                                );
+                            }
+                            return deny(&reason, &request_id, names, false);
+                        }
+                    };
+                    resp.headers_mut()
+                        .insert(names.request_id.clone(), request_id);
+                    if let Some(status) = &limit {
+                        add_limit_headers(resp.headers_mut(), status);
+                    }
+                    return resp;
+                }
             }
-            let upstream_req = Request::from_parts(parts, bytes);
-            tokio::time::timeout(timeout, state.upstream.send_buffered(upstream_req)).await
         }
     };
     let mut resp = match sent {
@@ -350,13 +381,7 @@ async fn handle(
     } else {
         strip_hop_and_identity(resp.headers_mut(), None, false);
     }
-    let mut resp = match pending {
-        None => resp.map(Either::Left),
-        Some((pending, max)) => match remember(pending, resp, max, timeout).await {
-            Ok(resp) => resp,
-            Err(reason) => return deny(&reason, &request_id, names, false),
-        },
-    };
+    let mut resp = resp.map(Either::Left);
     resp.headers_mut()
         .insert(names.request_id.clone(), request_id);
     if let Some(status) = &limit {
@@ -385,11 +410,47 @@ async fn read_request_body(
     }
 }
 
+/// How long an idempotent request's exchange may go on in the background after its client was
+/// answered 504 (or went away), so that its outcome is still recorded.
+const BACKGROUND_EXCHANGE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Send an idempotent request once and record its outcome. The exchange runs in its own task:
+/// when the answer is slower than `timeout` the client gets 504, but the request (which may
+/// already be executing upstream) is not abandoned; its answer is recorded when it comes, so a
+/// retry is replayed it (or told 409 until then) instead of running the mutation twice.
+async fn exchange_once(
+    upstream: Arc<Upstream>,
+    req: Request<Bytes>,
+    pending: idempotency::Pending,
+    max: usize,
+    timeout: std::time::Duration,
+) -> Result<Response<ProxyBody>, DenyReason> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let outcome =
+            match tokio::time::timeout(BACKGROUND_EXCHANGE, upstream.send_buffered(req)).await {
+                Err(_) => Err(DenyReason::UpstreamTimeout),
+                // Never answered: the key is freed (dropping `pending`) so a retry runs.
+                Ok(Err(e)) => Err(upstream_error(&e)),
+                Ok(Ok(mut resp)) => {
+                    strip_hop_and_identity(resp.headers_mut(), None, false);
+                    remember(pending, resp, max, BACKGROUND_EXCHANGE).await
+                }
+            };
+        let _ = tx.send(outcome);
+    });
+    match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(_)) => Err(DenyReason::UpstreamUnavailable),
+        Err(_) => Err(DenyReason::UpstreamTimeout),
+    }
+}
+
 /// Keep the upstream's answer for retries with the same Idempotency-Key, when it can be: not a
 /// 5xx, and its body within `max` bytes (read ahead, within `timeout`). Otherwise the answer
 /// streams on as usual and the key is freed.
 async fn remember(
-    pending: idempotency::Pending<'_>,
+    pending: idempotency::Pending,
     resp: Response<PooledBody>,
     max: usize,
     timeout: std::time::Duration,
@@ -399,7 +460,9 @@ async fn remember(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if resp.status().is_server_error() || declared.is_some_and(|n| n > max as u64) {
+    // An answer without a length (a stream: server-sent events, chunked output) goes to the
+    // client as it comes; holding it back to keep it would turn a long stream into a 504.
+    if !idempotency::keepable(resp.status()) || declared.is_none_or(|n| n > max as u64) {
         drop(pending);
         return Ok(resp.map(Either::Left));
     }

@@ -544,6 +544,9 @@ impl SnapshotStore {
         next: Snapshot,
         doc: Option<Arc<document::Document>>,
     ) -> Result<Vec<Quarantined>, PublishError> {
+        // One publisher at a time from the revision check to the swap, so two sources racing
+        // (a slow first poll and the cache at start-up) cannot put an older revision last.
+        let mut logged = self.logged.lock().expect("lock poisoned");
         if let Some(cur) = self.current.load().as_ref() {
             if next.revision < cur.revision {
                 return Err(PublishError::RevisionRegressed {
@@ -552,15 +555,8 @@ impl SnapshotStore {
                 });
             }
         }
-        let mut logged = self.logged.lock().expect("lock poisoned");
-        let fresh: Vec<Quarantined> = next
-            .quarantined
-            .iter()
-            .filter(|q| !logged.contains(q))
-            .cloned()
-            .collect();
-        *logged = next.quarantined.clone();
         let revision = next.revision;
+        let quarantined = next.quarantined.clone();
         SourceStats::count(&self.stats.reloads_applied);
         if let (true, Some(doc)) = (self.retain_documents, doc) {
             self.keep_document(doc);
@@ -568,6 +564,16 @@ impl SnapshotStore {
         self.current.store(Some(Arc::new(next)));
         *self.loaded_at.lock().expect("lock poisoned") = Some(SystemTime::now());
         self.revision.send_replace(Some(revision));
+        // After the swap (a revocation does not wait for it), and linear: which quarantined
+        // entries are new since the revision replaced.
+        let before: std::collections::HashSet<&Quarantined> = logged.iter().collect();
+        let fresh: Vec<Quarantined> = quarantined
+            .iter()
+            .filter(|q| !before.contains(q))
+            .cloned()
+            .collect();
+        drop(before);
+        *logged = quarantined;
         Ok(fresh)
     }
 }

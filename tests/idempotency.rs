@@ -208,6 +208,11 @@ async fn server_errors_and_oversized_answers_are_not_replayed() {
         assert_eq!(again.body.len(), a.body.len());
     }
     assert_eq!(s.upstream.count(), 4, "every try ran");
+    // A 429 from the upstream says the request was not processed: not replayed.
+    post(&s.gate, "/status/429", &s.key, Some("busy"), "{}").await;
+    let again = post(&s.gate, "/status/429", &s.key, Some("busy"), "{}").await;
+    assert!(again.header("idempotent-replayed").is_none());
+    assert_eq!(s.upstream.count(), 6);
     // A client error is an answer like any other: replayed.
     post(&s.gate, "/status/409", &s.key, Some("conflict"), "{}").await;
     let again = post(&s.gate, "/status/409", &s.key, Some("conflict"), "{}").await;
@@ -220,7 +225,7 @@ async fn server_errors_and_oversized_answers_are_not_replayed() {
     let again = post(&s.gate, "/big/900", &s.key, Some("small"), "{}").await;
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
     assert_eq!(again.body.len(), 900);
-    assert_eq!(s.upstream.count(), 6);
+    assert_eq!(s.upstream.count(), 8);
     s.gate.stop().await;
 }
 
@@ -244,6 +249,32 @@ async fn records_expire_and_large_bodies_are_refused() {
     assert_eq!(a.status, 200);
     assert_eq!(s.upstream.last().body.len(), 200);
     s.gate.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_upstream_gets_504_but_runs_once_and_its_answer_is_replayed() {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let key = mint("sk_live_");
+    snap.write(
+        &Doc::new(1)
+            .partner("partner_acme", None, "active")
+            .key("key_a", &key, json!({})),
+    );
+    // upstream_timeout is 2 s in the test configuration.
+    let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, "")).await;
+    let first = post(&gate, "/slow/2600", &key, Some("pay-1"), "{}").await;
+    assert_error(&first, 504, "upstream_timeout");
+    // The request went on upstream: a retry meanwhile is told it is in flight…
+    let during = post(&gate, "/slow/2600", &key, Some("pay-1"), "{}").await;
+    assert_error(&during, 409, "idempotency_key_in_use");
+    // …and once it is done, gets its answer, without a second execution.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let after = post(&gate, "/slow/2600", &key, Some("pay-1"), "{}").await;
+    assert_eq!(after.status, 200);
+    assert_eq!(after.header("idempotent-replayed"), Some("true"));
+    assert_eq!(upstream.count(), 1, "the mutation ran once");
+    gate.stop().await;
 }
 
 #[tokio::test]

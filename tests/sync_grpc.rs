@@ -264,3 +264,20 @@ async fn staleness_is_counted_from_the_hubs_own_source() {
     s.stop().await;
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn a_change_without_a_new_revision_still_reaches_the_sidecars() {
+    let upstream = Upstream::start().await;
+    let (a, b) = (mint("sk_live_"), mint("sk_live_"));
+    let snap = SnapshotDir::new();
+    snap.write(&doc(4, (&a, "active"), (&b, "active")));
+    let hub = Gate::start(&hub_config(&snap, upstream.addr, "127.0.0.1:0", "")).await;
+    let s = Gate::start(&sidecar_config(hub_addr(&hub), upstream.addr, "")).await;
+    assert_eq!(status(&s, &a).await, 200);
+    // Edited by hand, revision unchanged: the hub applies it, and so must every sidecar.
+    snap.write(&doc(4, (&a, "revoked"), (&b, "active")));
+    refused_everywhere(&[&hub, &s], &a, Duration::from_secs(2)).await;
+    assert_eq!(status(&s, &b).await, 200);
+    s.stop().await;
+    hub.stop().await;
+}

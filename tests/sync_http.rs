@@ -281,6 +281,29 @@ async fn with_the_source_down_at_start_the_cache_serves_unless_too_old() {
     assert_eq!(status_of(&gate, &key).await.status, 200);
     gate.stop().await;
 
+    // The cache keeps the time of the last confirmation, not of the revision: a keygate whose
+    // unchanged snapshot was confirmed by 304s for longer than max_staleness, restarted with
+    // the source down, still serves.
+    let cp2 = ControlPlane::start(&doc(8, &key, "active")).await;
+    let confirmed = Gate::start(&config_toml_source(
+        &source(&cp2.url(), &format!("{cache_line}\nmax_staleness = \"2s\"")),
+        upstream.addr,
+        "",
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    confirmed.stop().await;
+    let restarted = Gate::start(&config_toml_source(
+        &source(&down, &format!("{cache_line}\nmax_staleness = \"2s\"")),
+        upstream.addr,
+        "",
+    ))
+    .await;
+    assert_eq!(restarted.revision(), Some(8));
+    let (ready, body) = restarted.ready().await;
+    assert_eq!(ready, 200, "{body}");
+    restarted.stop().await;
+
     // A cache written an hour ago is older than max_staleness: loaded, but not served.
     let f = std::fs::File::options().append(true).open(&cache).unwrap();
     f.set_modified(SystemTime::now() - Duration::from_secs(3600))
@@ -292,7 +315,7 @@ async fn with_the_source_down_at_start_the_cache_serves_unless_too_old() {
         "",
     ))
     .await;
-    assert_eq!(stale.revision(), Some(7));
+    assert_eq!(stale.revision(), Some(8));
     let (ready, body) = stale.ready().await;
     assert_eq!(ready, 503, "{body}");
     assert!(body["reason"].as_str().unwrap().contains("max_staleness"));

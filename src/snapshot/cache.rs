@@ -22,6 +22,34 @@ pub fn write(path: &Path, document: &[u8]) {
     }
 }
 
+/// Keeps the cache's modification time at the last confirmation, so a restart with the source
+/// down measures `max_staleness` from when the source last vouched for the snapshot, not from
+/// when its revision was written. Touches at most once a second.
+#[derive(Debug, Default)]
+pub struct Toucher {
+    last: Option<std::time::Instant>,
+}
+
+impl Toucher {
+    pub fn confirmed(&mut self, path: Option<&Path>) {
+        let Some(path) = path else { return };
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last = Some(std::time::Instant::now());
+        let touched = std::fs::File::options()
+            .append(true)
+            .open(path)
+            .and_then(|f| f.set_modified(SystemTime::now()));
+        if let Err(e) = touched {
+            tracing::debug!(path = %path.display(), error = %e, "cannot touch the snapshot cache");
+        }
+    }
+}
+
 /// Put the cached snapshot in force, confirmed as of the file's modification time. Returns its
 /// revision, or `None` (logged) when there is no usable cache.
 pub fn load_into(store: &SnapshotStore, path: &Path, pepper: Option<Arc<[u8]>>) -> Option<u64> {
@@ -50,9 +78,10 @@ pub fn load_into(store: &SnapshotStore, path: &Path, pepper: Option<Arc<[u8]>>) 
     let revision = snapshot.revision;
     match store.publish(snapshot) {
         Ok(_) => {
+            // A modification time in the future (a clock step) proves nothing: count it as old.
             let age = SystemTime::now()
                 .duration_since(written)
-                .unwrap_or_default();
+                .unwrap_or(std::time::Duration::MAX / 4);
             store.confirm_ago(age);
             tracing::warn!(
                 path = %shown, revision, age_seconds = age.as_secs(),

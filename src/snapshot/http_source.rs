@@ -109,6 +109,7 @@ pub struct HttpSource {
     client: HttpsClient,
     etag: Option<HeaderValue>,
     failures: u32,
+    cache_touch: super::cache::Toucher,
 }
 
 impl HttpSource {
@@ -142,6 +143,7 @@ impl HttpSource {
             client,
             etag: None,
             failures: 0,
+            cache_touch: super::cache::Toucher::default(),
         })
     }
 
@@ -152,6 +154,8 @@ impl HttpSource {
             Ok(Polled::Unchanged(_)) => {
                 self.failures = 0;
                 store.confirm();
+                self.cache_touch
+                    .confirmed(self.settings.cache_path.as_deref());
             }
             Ok(Polled::Applied(revision)) => {
                 self.failures = 0;
@@ -319,6 +323,7 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 
 #[derive(Deserialize)]
 struct Envelope {
+    schema: Option<String>,
     revision: u64,
 }
 
@@ -330,7 +335,10 @@ fn apply(
     bytes: &[u8],
 ) -> Result<Polled, PollError> {
     let in_force = store.current().as_ref().map(|s| s.revision);
-    if let (Some(current), Ok(env)) = (in_force, serde_json::from_slice::<Envelope>(bytes)) {
+    let envelope = serde_json::from_slice::<Envelope>(bytes)
+        .ok()
+        .filter(|e| e.schema.as_deref() == Some(super::parse::SCHEMA));
+    if let (Some(current), Some(env)) = (in_force, envelope) {
         if env.revision == current {
             return Ok(Polled::Unchanged(current));
         }

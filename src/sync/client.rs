@@ -46,6 +46,7 @@ pub struct SyncClient {
     doc: Option<Arc<Document>>,
     stream: Option<Streaming<WatchResponse>>,
     failures: u32,
+    cache_touch: crate::snapshot::cache::Toucher,
 }
 
 impl SyncClient {
@@ -65,6 +66,7 @@ impl SyncClient {
             doc: None,
             stream: None,
             failures: 0,
+            cache_touch: crate::snapshot::cache::Toucher::default(),
         })
     }
 
@@ -148,6 +150,10 @@ impl SyncClient {
         }
         if let Some(age) = age {
             store.confirm_ago(age);
+            if age < self.settings.idle_timeout {
+                self.cache_touch
+                    .confirmed(self.settings.cache_path.as_deref());
+            }
         }
         Ok(true)
     }

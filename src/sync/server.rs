@@ -39,14 +39,20 @@ struct History {
     current: Option<Arc<Document>>,
     /// Its JSON, made once for all the clients that need a full snapshot.
     full: Option<bytes::Bytes>,
+    /// Bumped when the document changes without a new revision (a file edited by hand): every
+    /// connected client then gets it whole, since no delta can say "revision R, again".
+    generation: u64,
 }
+
+/// What the hub holds: revision and generation.
+type Held = (u64, u64);
 
 /// The hub's shared state.
 pub struct Hub {
     store: Arc<SnapshotStore>,
     history: Mutex<History>,
-    /// The revision the history reaches (0 = nothing yet).
-    updated: watch::Sender<u64>,
+    /// The revision (0 = nothing yet) and generation the history reaches.
+    updated: watch::Sender<Held>,
     /// Turns true when the server shuts down: every stream ends.
     closing: watch::Sender<bool>,
     settings: SyncServerSettings,
@@ -57,7 +63,7 @@ impl Hub {
         Arc::new(Self {
             store,
             history: Mutex::default(),
-            updated: watch::Sender::new(0),
+            updated: watch::Sender::new((0, 0)),
             closing: watch::Sender::new(false),
             settings,
         })
@@ -85,7 +91,22 @@ impl Hub {
         let mut h = self.history.lock().expect("lock poisoned");
         let revision = doc.revision;
         match &h.current {
-            Some(cur) if cur.revision == revision => return,
+            Some(cur) if cur.revision == revision => {
+                let (a, b) = (
+                    diff(&cur.partners, &doc.partners),
+                    diff(&cur.keys, &doc.keys),
+                );
+                if a.0.is_empty() && a.1.is_empty() && b.0.is_empty() && b.1.is_empty() {
+                    return;
+                }
+                tracing::warn!(
+                    revision,
+                    "sync: the document changed without a new revision; sending it whole to every connected client (bump the revision with each change)"
+                );
+                h.deltas.clear();
+                h.entries = 0;
+                h.generation += 1;
+            }
             Some(cur) => {
                 let (upsert_partners, remove_partners) = diff(&cur.partners, &doc.partners);
                 let (upsert_keys, remove_keys) = diff(&cur.keys, &doc.keys);
@@ -117,22 +138,24 @@ impl Hub {
         }
         h.current = Some(doc);
         h.full = None;
+        let generation = h.generation;
         drop(h);
-        self.updated.send_replace(revision);
+        self.updated.send_replace((revision, generation));
     }
 
     /// What brings a caller holding `since` up to date: the deltas from `since` when the
     /// history has them, else the full document. Empty when already up to date (or when the
     /// hub has nothing yet).
-    fn catch_up(&self, since: u64) -> Vec<watch_response::Event> {
+    fn catch_up(&self, (since, generation): Held) -> Vec<watch_response::Event> {
         let mut h = self.history.lock().expect("lock poisoned");
         let Some(cur) = &h.current else {
             return Vec::new();
         };
-        if since == cur.revision {
+        let same_generation = generation == h.generation;
+        if since == cur.revision && same_generation {
             return Vec::new();
         }
-        if since != 0 {
+        if since != 0 && same_generation {
             if let Some(start) = h.deltas.iter().position(|d| d.from_revision == since) {
                 return h
                     .deltas
@@ -225,14 +248,16 @@ impl Sync for Service {
 }
 
 /// Feed one Watch stream until the caller goes away.
-async fn stream(hub: Arc<Hub>, mut held: u64, tx: mpsc::Sender<Result<WatchResponse, Status>>) {
+async fn stream(hub: Arc<Hub>, since: u64, tx: mpsc::Sender<Result<WatchResponse, Status>>) {
     let mut updated = hub.updated.subscribe();
     let mut closing = hub.closing.subscribe();
     let beat = hub.settings.heartbeat_interval;
+    // A client resuming at a revision is taken to hold the hub's current generation of it.
+    let mut held: Held = (since, updated.borrow().1);
     let mut first = true;
     loop {
         let target = *updated.borrow_and_update();
-        let events = if target != 0 && held != target {
+        let events = if target.0 != 0 && held != target {
             let hub2 = hub.clone();
             // Serializing a full document is CPU work.
             tokio::task::spawn_blocking(move || hub2.catch_up(held))
@@ -244,8 +269,8 @@ async fn stream(hub: Arc<Hub>, mut held: u64, tx: mpsc::Sender<Result<WatchRespo
         let sent_any = !events.is_empty();
         for event in events {
             held = match &event {
-                watch_response::Event::Full(f) => f.revision,
-                watch_response::Event::Delta(d) => d.revision,
+                watch_response::Event::Full(f) => (f.revision, target.1),
+                watch_response::Event::Delta(d) => (d.revision, target.1),
                 watch_response::Event::Heartbeat(_) => held,
             };
             if tx.send(Ok(hub.message(event))).await.is_err() {
@@ -254,7 +279,7 @@ async fn stream(hub: Arc<Hub>, mut held: u64, tx: mpsc::Sender<Result<WatchRespo
         }
         if first && !sent_any {
             // Already up to date (or nothing to send yet): say so at once.
-            if send_heartbeat(&hub, &tx, held, beat).await.is_err() {
+            if send_heartbeat(&hub, &tx, held.0, beat).await.is_err() {
                 return;
             }
         }
@@ -262,7 +287,7 @@ async fn stream(hub: Arc<Hub>, mut held: u64, tx: mpsc::Sender<Result<WatchRespo
         tokio::select! {
             changed = updated.changed() => if changed.is_err() { return },
             () = tokio::time::sleep(beat) => {
-                if send_heartbeat(&hub, &tx, held, beat).await.is_err() {
+                if send_heartbeat(&hub, &tx, held.0, beat).await.is_err() {
                     return;
                 }
             }
@@ -280,7 +305,7 @@ async fn send_heartbeat(
 ) -> Result<(), ()> {
     // A heartbeat vouches for a revision only when it is the one the hub holds (a hub that has
     // loaded nothing yet must not confirm what a resuming client brought from its cache).
-    let current = *hub.updated.borrow();
+    let current = hub.updated.borrow().0;
     let event = watch_response::Event::Heartbeat(Heartbeat {
         revision: if held == current { held } else { 0 },
         interval_ms: beat.as_millis().try_into().unwrap_or(u32::MAX),
