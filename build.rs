@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // A full snapshot is sent to every client that needs one: `Bytes` shares it.
         .bytes(".keygate.sync.v1.Full.document")
+        .bytes(".keygate.sync.v1.Delta")
         .build_client(true)
         .build_server(true)
         .compile_fds(files)?;

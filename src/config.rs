@@ -1332,6 +1332,14 @@ impl Validator<'_> {
             raw.heartbeat_interval.as_deref(),
             secs(5),
         );
+        if let (Some(addr), None) = (listen, &token) {
+            if !addr.ip().is_loopback() {
+                self.problem(
+                    "sync_server.token_env",
+                    format!("is required when sync_server.listen ({addr}) is not a loopback address: the stream carries every key digest"),
+                );
+            }
+        }
         Some(SyncServerSettings {
             listen: listen?,
             token,

@@ -334,6 +334,11 @@ fn each_problem_names_its_dotted_key() {
             "snapshot.ca_file",
         ),
         (
+            "sync_server off loopback without a token",
+            add("[sync_server]\nlisten = \"0.0.0.0:9393\"\n"),
+            "sync_server.token_env",
+        ),
+        (
             "bad sync_server.listen",
             add("[sync_server]\nlisten = \"everywhere\"\n"),
             "sync_server.listen",

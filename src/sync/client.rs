@@ -197,10 +197,10 @@ impl SyncClient {
         let settings = self.settings.clone();
         let result = tokio::task::spawn_blocking(move || {
             let next = Arc::make_mut(&mut doc);
-            let entries = |list: Vec<Vec<u8>>| -> Result<Vec<Box<RawValue>>, String> {
+            let entries = |list: Vec<bytes::Bytes>| -> Result<Vec<Box<RawValue>>, String> {
                 list.into_iter()
                     .map(|b| {
-                        String::from_utf8(b)
+                        String::from_utf8(b.to_vec())
                             .map_err(|_| "an entry is not UTF-8".to_owned())
                             .and_then(|s| {
                                 RawValue::from_string(s)

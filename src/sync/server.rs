@@ -116,12 +116,12 @@ impl Hub {
                     generated_at: doc.generated_at.clone().unwrap_or_default(),
                     upsert_partners: upsert_partners
                         .into_iter()
-                        .map(|e| e.get().as_bytes().to_vec())
+                        .map(|e| bytes::Bytes::copy_from_slice(e.get().as_bytes()))
                         .collect(),
                     remove_partners: remove_partners.into_iter().map(String::from).collect(),
                     upsert_keys: upsert_keys
                         .into_iter()
-                        .map(|e| e.get().as_bytes().to_vec())
+                        .map(|e| bytes::Bytes::copy_from_slice(e.get().as_bytes()))
                         .collect(),
                     remove_keys: remove_keys.into_iter().map(String::from).collect(),
                 };
