@@ -32,6 +32,8 @@ pub enum AppError {
     Source(#[from] SourceError),
     #[error("usage reports: {0}")]
     Usage(String),
+    #[error("sync_server TLS: {0}")]
+    Tls(String),
 }
 
 /// How long in-flight requests may run on after shutdown begins.
@@ -230,10 +232,12 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
     if let Some(sync) = settings.sync_server.clone() {
         let listener = bind("sync_server.listen", sync.listen).await?;
         sync_addr = listener.local_addr().ok();
+        let tls = crate::sync::server::tls_config(&sync).map_err(AppError::Tls)?;
         let hub = crate::sync::server::Hub::new(store.clone(), sync);
         tasks.spawn(crate::sync::server::serve(
             listener,
             hub,
+            tls,
             stopped(rx.clone()),
         ));
     }

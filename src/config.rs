@@ -132,6 +132,8 @@ pub struct RawSnapshot {
     pub cache_path: Option<PathBuf>,
     pub max_staleness: Option<String>,
     pub pepper_env: Option<String>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -140,6 +142,9 @@ pub struct RawSyncServer {
     pub listen: Option<String>,
     pub token_env: Option<String>,
     pub heartbeat_interval: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -339,6 +344,8 @@ pub struct SnapshotSettings {
     pub token: Option<Secret>,
     /// PEM CA certificates that replace the system roots for an `https://` source.
     pub ca_file: Option<PathBuf>,
+    /// gRPC over TLS: the client certificate and key (PEM) for a hub that requires mTLS.
+    pub client_identity: Option<TlsIdentity>,
     pub connect_timeout: Duration,
     /// HTTP: the whole answer must arrive within this.
     pub read_timeout: Duration,
@@ -426,9 +433,20 @@ impl RateLimitSettings {
     }
 }
 
+/// A certificate chain and its private key, PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsIdentity {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 #[derive(Debug, Clone)]
 pub struct SyncServerSettings {
     pub listen: SocketAddr,
+    /// Serve over TLS with this identity.
+    pub tls: Option<TlsIdentity>,
+    /// With TLS: require client certificates signed by these CAs (mTLS).
+    pub client_ca: Option<PathBuf>,
     /// Clients must present `authorization: Bearer <token>` when set.
     pub token: Option<Secret>,
     /// How often an idle Watch stream carries a heartbeat.
@@ -1024,6 +1042,10 @@ impl Validator<'_> {
             poll_default,
         );
         let token = self.secret_env("snapshot.token_env", raw.token_env.as_deref());
+        let client_identity = self.identity(
+            ("snapshot.client_cert", raw.client_cert.as_ref()),
+            ("snapshot.client_key", raw.client_key.as_ref()),
+        );
         let ca_file = raw.ca_file.clone().filter(|p| !p.as_os_str().is_empty());
         if let Some(ca) = &ca_file {
             if !ca.is_file() {
@@ -1101,6 +1123,7 @@ impl Validator<'_> {
             poll_interval,
             token,
             ca_file,
+            client_identity,
             connect_timeout,
             read_timeout,
             max_body_bytes,
@@ -1129,13 +1152,6 @@ impl Validator<'_> {
                 );
                 return None;
             }
-        }
-        if source == SourceKind::Grpc && uri.scheme_str() == Some("https") {
-            self.problem(
-                "snapshot.url",
-                format!("{text:?}: keygate.sync.v1 over TLS is not supported yet; use http:// on a private network (with sync_server.token_env)"),
-            );
-            return None;
         }
         if source == SourceKind::Grpc && !matches!(uri.path(), "" | "/") {
             self.problem(
@@ -1340,11 +1356,54 @@ impl Validator<'_> {
                 );
             }
         }
+        let tls = self.identity(
+            ("sync_server.tls_cert", raw.tls_cert.as_ref()),
+            ("sync_server.tls_key", raw.tls_key.as_ref()),
+        );
+        let client_ca = self.pem_file("sync_server.client_ca", raw.client_ca.as_ref());
+        if client_ca.is_some() && tls.is_none() {
+            self.problem(
+                "sync_server.client_ca",
+                "needs sync_server.tls_cert and tls_key (client certificates are checked over TLS)",
+            );
+        }
         Some(SyncServerSettings {
             listen: listen?,
+            tls,
+            client_ca,
             token,
             heartbeat_interval,
         })
+    }
+
+    /// A readable file at `key`, if one is named.
+    fn pem_file(&mut self, key: &str, path: Option<&PathBuf>) -> Option<PathBuf> {
+        let path = path.filter(|p| !p.as_os_str().is_empty())?;
+        if std::fs::File::open(path).is_err() {
+            self.problem(key, format!("{} is not a readable file", path.display()));
+            return None;
+        }
+        Some(path.clone())
+    }
+
+    /// A certificate and key named together, or neither.
+    fn identity(
+        &mut self,
+        (cert_key, cert): (&str, Option<&PathBuf>),
+        (key_key, key): (&str, Option<&PathBuf>),
+    ) -> Option<TlsIdentity> {
+        match (self.pem_file(cert_key, cert), self.pem_file(key_key, key)) {
+            (Some(cert), Some(key)) => Some(TlsIdentity { cert, key }),
+            (Some(_), None) if key.is_none() => {
+                self.problem(key_key, format!("is required with {cert_key}"));
+                None
+            }
+            (None, Some(_)) if cert.is_none() => {
+                self.problem(cert_key, format!("is required with {key_key}"));
+                None
+            }
+            _ => None,
+        }
     }
 
     fn proxy(&mut self, raw: &RawProxy) -> Option<ProxySettings> {

@@ -281,3 +281,57 @@ async fn a_change_without_a_new_revision_still_reaches_the_sidecars() {
     s.stop().await;
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn over_tls_with_client_certificates() {
+    let upstream = Upstream::start().await;
+    let (a, b) = (mint("sk_live_"), mint("sk_live_"));
+    let snap = SnapshotDir::new();
+    snap.write(&doc(1, (&a, "active"), (&b, "active")));
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let path = |p: &std::path::Path| p.display().to_string();
+    let hub = Gate::start(&hub_config(
+        &snap,
+        upstream.addr,
+        "127.0.0.1:0",
+        &format!(
+            "tls_cert = {:?}\ntls_key = {:?}\nclient_ca = {:?}\n",
+            path(&pki.server_cert),
+            path(&pki.server_key),
+            path(&pki.ca)
+        ),
+    ))
+    .await;
+    let addr = hub_addr(&hub);
+    let tls_sidecar = |identity: bool| {
+        let mut more = format!("ca_file = {:?}\n", path(&pki.ca));
+        if identity {
+            more.push_str(&format!(
+                "client_cert = {:?}\nclient_key = {:?}\n",
+                path(&pki.client_cert),
+                path(&pki.client_key)
+            ));
+        }
+        sidecar_config(addr, upstream.addr, &more).replace("url = \"http://", "url = \"https://")
+    };
+    // The right CA and a client certificate: in sync, revocations included.
+    let s = Gate::start(&tls_sidecar(true)).await;
+    assert_eq!(s.revision(), Some(1));
+    snap.write(&doc(2, (&a, "revoked"), (&b, "active")));
+    refused_everywhere(&[&s], &a, Duration::from_secs(2)).await;
+    s.stop().await;
+
+    // No client certificate: the hub refuses the connection; nothing is loaded, and the
+    // sidecar fails closed.
+    let no_cert = Gate::start(&tls_sidecar(false)).await;
+    assert_eq!(no_cert.revision(), None);
+    assert_eq!(status(&no_cert, &b).await, 503);
+    no_cert.stop().await;
+
+    // Plain h2c to a TLS hub gets nothing either.
+    let plain = Gate::start(&sidecar_config(addr, upstream.addr, "")).await;
+    assert_eq!(plain.revision(), None);
+    plain.stop().await;
+    hub.stop().await;
+}

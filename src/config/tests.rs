@@ -300,12 +300,22 @@ fn each_problem_names_its_dotted_key() {
             "snapshot.url",
         ),
         (
-            "snapshot.source = grpc over https",
+            "snapshot.client_cert without its key",
             edit(
                 "path = ",
-                "source = \"grpc\"\nurl = \"https://hub:9393\"\npath = ",
+                "source = \"grpc\"\nurl = \"https://hub:9393\"\nclient_cert = \"Cargo.toml\"\npath = ",
             ),
-            "snapshot.url",
+            "snapshot.client_key",
+        ),
+        (
+            "sync_server.client_ca without TLS",
+            add("[sync_server]\nlisten = \"127.0.0.1:0\"\nclient_ca = \"Cargo.toml\"\n"),
+            "sync_server.client_ca",
+        ),
+        (
+            "sync_server.tls_cert unreadable",
+            add("[sync_server]\nlisten = \"127.0.0.1:0\"\ntls_cert = \"/nonexistent.pem\"\ntls_key = \"Cargo.toml\"\n"),
+            "sync_server.tls_cert",
         ),
         (
             "snapshot.url not http(s)",

@@ -55,11 +55,15 @@ impl SyncClient {
             .url
             .clone()
             .ok_or("snapshot.url is required with source = \"grpc\"")?;
-        let endpoint = Endpoint::from(url)
+        let tls = client_tls(&settings, &url)?;
+        let mut endpoint = Endpoint::from(url)
             .connect_timeout(settings.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10));
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls).map_err(|e| e.to_string())?;
+        }
         Ok(Self {
             settings,
             endpoint,
@@ -307,6 +311,28 @@ impl SyncClient {
             }
         }
     }
+}
+
+/// TLS for an `https://` hub: the server verified against `ca_file` (or the system's roots), and
+/// a client certificate when the hub asks for one.
+fn client_tls(
+    settings: &SnapshotSettings,
+    url: &http::Uri,
+) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    if url.scheme_str() != Some("https") {
+        return Ok(None);
+    }
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let mut tls = ClientTlsConfig::new().domain_name(url.host().unwrap_or_default());
+    tls = match &settings.ca_file {
+        Some(ca) => tls.ca_certificate(Certificate::from_pem(read(ca)?)),
+        None => tls.with_native_roots(),
+    };
+    if let Some(id) = &settings.client_identity {
+        tls = tls.identity(Identity::from_pem(read(&id.cert)?, read(&id.key)?));
+    }
+    Ok(Some(tls))
 }
 
 /// Index and publish `doc`; write the cache from `bytes` (the document's JSON) when configured.

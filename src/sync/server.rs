@@ -313,10 +313,29 @@ async fn send_heartbeat(
     tx.send(Ok(hub.message(event))).await.map_err(|_| ())
 }
 
+/// The listener's TLS configuration (`sync_server.tls_cert`/`tls_key`, and `client_ca` for
+/// mTLS), read now so a bad file stops start-up rather than the listener later.
+pub fn tls_config(
+    settings: &SyncServerSettings,
+) -> Result<Option<tonic::transport::ServerTlsConfig>, String> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let Some(id) = &settings.tls else {
+        return Ok(None);
+    };
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let mut tls =
+        ServerTlsConfig::new().identity(Identity::from_pem(read(&id.cert)?, read(&id.key)?));
+    if let Some(ca) = &settings.client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
+}
+
 /// Serve Watch on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     hub: Arc<Hub>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -326,7 +345,17 @@ pub async fn serve(
         shutdown.await;
         closing.closing.send_replace(true);
     };
-    let result = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = match builder.tls_config(tls) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "sync server: unusable TLS configuration");
+                return;
+            }
+        };
+    }
+    let result = builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(
             SyncServer::new(Service(hub))

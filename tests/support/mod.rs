@@ -832,3 +832,54 @@ impl Drop for RedisServer {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// TLS
+
+/// A throwaway PKI written as PEM files: a CA, a server certificate for 127.0.0.1 and a client
+/// certificate, both signed by the CA.
+pub struct Pki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    /// The server certificate and key, DER, for a rustls server in the test.
+    pub server_der: (Vec<u8>, Vec<u8>),
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Self {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "keygate test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf = |names: Vec<String>, client: bool| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(names).unwrap();
+            if client {
+                params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            }
+            (params.signed_by(&key, &issuer).unwrap(), key)
+        };
+        let (server, server_key) = leaf(vec!["127.0.0.1".to_owned()], false);
+        let (client, client_key) = leaf(vec!["keygate-sidecar".to_owned()], true);
+        let write = |name: &str, text: String| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        Pki {
+            ca: write("ca.pem", ca_cert.pem()),
+            server_cert: write("server.pem", server.pem()),
+            server_key: write("server-key.pem", server_key.serialize_pem()),
+            client_cert: write("client.pem", client.pem()),
+            client_key: write("client-key.pem", client_key.serialize_pem()),
+            server_der: (server.der().to_vec(), server_key.serialize_der()),
+        }
+    }
+}
