@@ -94,7 +94,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
     let usage = Arc::new(crate::usage::Usage::new(crate::decision::now_ms()));
     let idempotency = settings
         .idempotency
-        .map(|l| Arc::new(crate::idempotency::Store::new(l)));
+        .map(|i| Arc::new(crate::idempotency::Idempotency::new(i)));
 
     let (stop, rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -251,7 +251,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
         }
         None => None,
     };
-    if let Some(store) = idempotency.clone() {
+    if let Some(store) = idempotency.as_ref().and_then(|i| i.local()).cloned() {
         let stop_sweeping = stopped(rx.clone());
         tasks.spawn(async move {
             store

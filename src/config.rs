@@ -293,7 +293,7 @@ pub struct Settings {
     pub headers: Arc<HeaderNames>,
     pub rate_limit: Arc<RateLimitSettings>,
     /// Idempotent replay in the proxy front; `None` = off.
-    pub idempotency: Option<crate::idempotency::Limits>,
+    pub idempotency: Option<IdempotencySettings>,
     /// Periodic usage reports; `None` = off (`/usage` only).
     pub usage_report: Option<UsageReportSettings>,
     pub log: LogSettings,
@@ -393,6 +393,15 @@ pub struct RedisSettings {
     /// Each command must be answered within this, or the documented fallback applies.
     pub timeout: Duration,
     pub key_prefix: String,
+}
+
+/// Idempotent replay: its limits, and Redis when records are shared by a fleet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencySettings {
+    pub limits: crate::idempotency::Limits,
+    /// `idempotency.backend = "redis"`: records shared by every replica. Without an answer from
+    /// Redis, mutating requests with an Idempotency-Key are refused (503), never run unguarded.
+    pub redis: Option<RedisSettings>,
 }
 
 /// Where and how often usage is reported.
@@ -813,7 +822,7 @@ pub fn validate_with_env(
     let authz_http = v.front("authz_http", &raw.authz_http);
     let headers = v.headers(&raw.credentials, &raw.identity_headers, &raw.idempotency);
     let rate_limit = v.rate_limit(&raw.rate_limit, &raw.redis);
-    let idempotency = v.idempotency(&raw.idempotency);
+    let idempotency = v.idempotency(&raw.idempotency, &raw.redis);
     let usage_report = v.usage_report(&raw.usage);
 
     let unmatched = match raw.routes.unmatched.as_deref().unwrap_or("allow") {
@@ -1180,14 +1189,22 @@ impl Validator<'_> {
         }
     }
 
-    fn idempotency(&mut self, raw: &RawIdempotency) -> Option<crate::idempotency::Limits> {
-        match raw.backend.as_deref().unwrap_or("local") {
-            "local" => {}
-            other => self.problem(
-                "idempotency.backend",
-                format!("{other:?} must be \"local\" (the Redis backend is not in this version)"),
-            ),
-        }
+    fn idempotency(
+        &mut self,
+        raw: &RawIdempotency,
+        redis: &RawRedis,
+    ) -> Option<IdempotencySettings> {
+        let redis = match raw.backend.as_deref().unwrap_or("local") {
+            "local" => None,
+            "redis" => self.redis(redis, "idempotency.backend"),
+            other => {
+                self.problem(
+                    "idempotency.backend",
+                    format!("{other:?} must be \"local\" or \"redis\""),
+                );
+                None
+            }
+        };
         let ttl = self.duration("idempotency.ttl", raw.ttl.as_deref(), secs(24 * 3600));
         let mut size = |key: &str, value: Option<usize>, default: usize| match value {
             Some(0) => {
@@ -1215,7 +1232,9 @@ impl Validator<'_> {
                 64 << 20,
             ),
         };
-        raw.replay.unwrap_or(true).then_some(limits)
+        raw.replay
+            .unwrap_or(true)
+            .then_some(IdempotencySettings { limits, redis })
     }
 
     fn usage_report(&mut self, raw: &RawUsage) -> Option<UsageReportSettings> {

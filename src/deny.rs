@@ -35,6 +35,8 @@ pub enum DenyReason {
     IdempotencyKeyReused,
     /// A request body too large to fingerprint for idempotent replay.
     RequestTooLarge,
+    /// The shared idempotency store (Redis) did not answer: the request is not run unguarded.
+    IdempotencyUnavailable,
     /// Seconds until a retry can succeed.
     RateLimited {
         retry_after_secs: u64,
@@ -45,7 +47,7 @@ pub enum DenyReason {
 }
 
 /// Every `code` a denial can carry, in the contract's order (usage counts index into it).
-pub const CODES: [&str; 23] = [
+pub const CODES: [&str; 24] = [
     "invalid_path",
     "invalid_request",
     "authentication_required",
@@ -64,6 +66,7 @@ pub const CODES: [&str; 23] = [
     "idempotency_key_in_use",
     "idempotency_key_reused",
     "request_too_large",
+    "idempotency_unavailable",
     "rate_limited",
     "snapshot_unavailable",
     "upstream_unavailable",
@@ -88,6 +91,7 @@ impl DenyReason {
             IdempotencyKeyInUse => StatusCode::CONFLICT,
             IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            IdempotencyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             AuthenticationRequired | InvalidApiKey | KeyRevoked | KeyExpired => {
                 StatusCode::UNAUTHORIZED
             }
@@ -122,6 +126,7 @@ impl DenyReason {
             IdempotencyKeyInUse => "idempotency_key_in_use",
             IdempotencyKeyReused => "idempotency_key_reused",
             RequestTooLarge => "request_too_large",
+            IdempotencyUnavailable => "idempotency_unavailable",
             RateLimited { .. } => "rate_limited",
             SnapshotUnavailable => "snapshot_unavailable",
             UpstreamUnavailable => "upstream_unavailable",
@@ -145,7 +150,10 @@ impl DenyReason {
             EnvironmentMismatch | AccountDeactivated | PartnerSuspended | IpNotAllowed
             | ReferrerNotAllowed | RouteNotAllowed | ScopeRequired(_) => "permission_error",
             RateLimited { .. } => "rate_limit_error",
-            SnapshotUnavailable | UpstreamUnavailable | UpstreamTimeout => "api_error",
+            SnapshotUnavailable
+            | UpstreamUnavailable
+            | UpstreamTimeout
+            | IdempotencyUnavailable => "api_error",
         }
     }
 
@@ -170,6 +178,7 @@ impl DenyReason {
             IdempotencyKeyInUse => "A request with this Idempotency-Key is still in progress; retry once it has completed.".into(),
             IdempotencyKeyReused => "This Idempotency-Key was already used for a different request.".into(),
             RequestTooLarge => "The request body is too large for an idempotent request.".into(),
+            IdempotencyUnavailable => "Idempotency keys cannot be checked right now; retry later.".into(),
             RateLimited { .. } => "Too many requests for this API key; retry later.".into(),
             SnapshotUnavailable => "API keys cannot be checked right now; retry later.".into(),
             UpstreamUnavailable => "The upstream service is unavailable.".into(),
@@ -218,7 +227,7 @@ impl DenyReason {
                     HeaderValue::from((*retry_after_secs).max(1)),
                 );
             }
-            DenyReason::SnapshotUnavailable => {
+            DenyReason::SnapshotUnavailable | DenyReason::IdempotencyUnavailable => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

@@ -64,6 +64,68 @@ pub enum Begin {
     Replay(Arc<Stored>),
     InUse,
     Reused,
+    /// The shared store did not answer: refuse rather than run the request unguarded.
+    Unavailable,
+}
+
+/// A request being answered for the first time, in whichever store keeps its record. Dropped
+/// without [`Pending::complete`], it frees its Idempotency-Key for a retry.
+pub enum Pending {
+    Local(LocalPending),
+    Redis(crate::fleet::RedisPending),
+}
+
+impl Pending {
+    /// Keep `response` for retries, unless it is not [`keepable`] or too large.
+    pub async fn complete(self, response: Stored) {
+        match self {
+            Pending::Local(p) => p.complete(response),
+            Pending::Redis(p) => p.complete(response).await,
+        }
+    }
+}
+
+/// Idempotent replay as the proxy uses it: the local store, or Redis for a fleet.
+pub struct Idempotency {
+    pub limits: Limits,
+    backend: Backend,
+}
+
+enum Backend {
+    Local(Arc<Store>),
+    Redis(crate::fleet::RedisIdempotency),
+}
+
+impl Idempotency {
+    /// With a Redis backend, starts connecting (so: inside a runtime).
+    pub fn new(settings: crate::config::IdempotencySettings) -> Self {
+        let limits = settings.limits;
+        let backend = match settings.redis {
+            Some(redis) => Backend::Redis(crate::fleet::RedisIdempotency::new(redis, limits)),
+            None => Backend::Local(Arc::new(Store::new(limits))),
+        };
+        Self { limits, backend }
+    }
+
+    pub async fn begin(
+        &self,
+        key_id: &str,
+        idempotency_key: &[u8],
+        fingerprint: [u8; 32],
+    ) -> Begin {
+        match &self.backend {
+            Backend::Local(store) => store.begin(key_id, idempotency_key, fingerprint),
+            Backend::Redis(redis) => redis.begin(key_id, idempotency_key, fingerprint).await,
+        }
+    }
+
+    /// The local store, which needs sweeping (Redis expires its own records).
+    pub fn local(&self) -> Option<&Arc<Store>> {
+        match &self.backend {
+            Backend::Local(store) => Some(store),
+            Backend::Redis(_) => None,
+        }
+    }
 }
 
 /// Limits of the store.
@@ -165,11 +227,11 @@ impl Store {
                         fingerprint: fp,
                         seq,
                     });
-                    Begin::Proceed(Pending {
+                    Begin::Proceed(Pending::Local(LocalPending {
                         store: self.clone(),
                         key: Some(key),
                         seq,
-                    })
+                    }))
                 }
             },
             Entry::Vacant(e) => {
@@ -177,11 +239,11 @@ impl Store {
                     fingerprint: fp,
                     seq,
                 });
-                Begin::Proceed(Pending {
+                Begin::Proceed(Pending::Local(LocalPending {
                     store: self.clone(),
                     key: Some(key),
                     seq,
-                })
+                }))
             }
         }
     }
@@ -250,15 +312,14 @@ impl Store {
     }
 }
 
-/// A request being answered for the first time. Dropped without [`Pending::complete`] (the
-/// client went away, the upstream failed), it frees its Idempotency-Key for a retry.
-pub struct Pending {
+/// A request being answered for the first time, in the local store.
+pub struct LocalPending {
     store: Arc<Store>,
     key: Option<Box<str>>,
     seq: u64,
 }
 
-impl Pending {
+impl LocalPending {
     /// Keep `response` for retries, unless it is a 5xx or too large (then the key is freed).
     pub fn complete(mut self, response: Stored) {
         let Some(key) = self.key.take() else { return };
@@ -298,7 +359,7 @@ impl Pending {
     }
 }
 
-impl Drop for Pending {
+impl Drop for LocalPending {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
             let seq = self.seq;
@@ -323,6 +384,13 @@ mod tests {
         }))
     }
 
+    fn complete_local(p: Pending, response: Stored) {
+        match p {
+            Pending::Local(p) => p.complete(response),
+            Pending::Redis(_) => unreachable!(),
+        }
+    }
+
     fn ok(body: &'static str) -> Stored {
         Stored {
             status: StatusCode::CREATED,
@@ -339,7 +407,7 @@ mod tests {
             panic!()
         };
         assert!(matches!(s.begin("key_a", b"k1", fp), Begin::InUse));
-        p.complete(ok("made"));
+        complete_local(p, ok("made"));
         match s.begin("key_a", b"k1", fp) {
             Begin::Replay(r) => assert_eq!(&r.body[..], b"made"),
             _ => panic!("no replay"),
@@ -357,11 +425,14 @@ mod tests {
         let Begin::Proceed(p) = s.begin("key_a", b"k", fp) else {
             panic!()
         };
-        p.complete(Stored {
-            status: StatusCode::BAD_GATEWAY,
-            headers: HeaderMap::new(),
-            body: Bytes::new(),
-        });
+        complete_local(
+            p,
+            Stored {
+                status: StatusCode::BAD_GATEWAY,
+                headers: HeaderMap::new(),
+                body: Bytes::new(),
+            },
+        );
         let Begin::Proceed(p) = s.begin("key_a", b"k", fp) else {
             panic!("a 5xx was kept")
         };
@@ -369,11 +440,14 @@ mod tests {
         let Begin::Proceed(p) = s.begin("key_a", b"k", fp) else {
             panic!("an abandoned request kept the key")
         };
-        p.complete(Stored {
-            status: StatusCode::OK,
-            headers: HeaderMap::new(),
-            body: Bytes::from(vec![b'x'; 2048]),
-        });
+        complete_local(
+            p,
+            Stored {
+                status: StatusCode::OK,
+                headers: HeaderMap::new(),
+                body: Bytes::from(vec![b'x'; 2048]),
+            },
+        );
         assert!(
             matches!(s.begin("key_a", b"k", fp), Begin::Proceed(_)),
             "an oversized answer was kept"
@@ -387,7 +461,7 @@ mod tests {
         let Begin::Proceed(p) = s.begin("key_a", b"k", fp) else {
             panic!()
         };
-        p.complete(ok("gone"));
+        complete_local(p, ok("gone"));
         let later = Instant::now() + Duration::from_secs(61);
         assert!(matches!(
             s.begin_at("key_a", b"k", fp, later),
@@ -403,7 +477,7 @@ mod tests {
             let Begin::Proceed(p) = s.begin("key_a", format!("k{i}").as_bytes(), fp) else {
                 panic!()
             };
-            p.complete(ok("0123456789012345678901234567890123456789"));
+            complete_local(p, ok("0123456789012345678901234567890123456789"));
         }
         assert!(s.memory() <= 2_000, "{}", s.memory());
         assert!(s.len() < 50);

@@ -48,7 +48,7 @@ pub struct ProxyState {
     pub limits: Arc<RateLimits>,
     pub usage: Arc<crate::usage::Usage>,
     /// Idempotent replay; `None` when `idempotency.replay = false`.
-    pub idempotency: Option<Arc<idempotency::Store>>,
+    pub idempotency: Option<Arc<idempotency::Idempotency>>,
     upstream: Arc<Upstream>,
 }
 
@@ -60,7 +60,7 @@ impl ProxyState {
         store: Arc<SnapshotStore>,
         limits: Arc<RateLimits>,
         usage: Arc<crate::usage::Usage>,
-        idempotency: Option<Arc<idempotency::Store>>,
+        idempotency: Option<Arc<idempotency::Idempotency>>,
     ) -> Self {
         let upstream = Upstream::new(
             settings.upstream.as_str().to_owned(),
@@ -312,7 +312,15 @@ async fn handle(
             };
             let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
             let fingerprint = idempotency::fingerprint(parts.method.as_str(), target, &bytes);
-            match store.begin(&key_id, &idempotency_key, fingerprint) {
+            match store.begin(&key_id, &idempotency_key, fingerprint).await {
+                Begin::Unavailable => {
+                    return deny(
+                        &DenyReason::IdempotencyUnavailable,
+                        &request_id,
+                        names,
+                        false,
+                    )
+                }
                 Begin::Replay(stored) => {
                     return replayed(&stored, request_id, names, limit.as_ref())
                 }
@@ -469,11 +477,13 @@ async fn remember(
     let (parts, body) = resp.into_parts();
     match tokio::time::timeout(timeout, body.read_ahead(max)).await {
         Ok(Ok(ReadAhead::Whole(bytes))) => {
-            pending.complete(Stored {
-                status: parts.status,
-                headers: parts.headers.clone(),
-                body: bytes.clone(),
-            });
+            pending
+                .complete(Stored {
+                    status: parts.status,
+                    headers: parts.headers.clone(),
+                    body: bytes.clone(),
+                })
+                .await;
             Ok(Response::from_parts(parts, Either::Right(Full::new(bytes))))
         }
         Ok(Ok(ReadAhead::TooLarge(body))) => {

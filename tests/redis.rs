@@ -158,3 +158,119 @@ async fn two_replicas_share_one_allowance_and_fall_back_to_local_limits() {
     a.stop().await;
     b.stop().await;
 }
+
+async fn post(gate: &Gate, path: &str, key: &str, idem: Option<&str>, body: &str) -> Answer {
+    let mut headers = vec![("x-api-key", key)];
+    if let Some(i) = idem {
+        headers.push(("idempotency-key", i));
+    }
+    send(&client(), "POST", &gate.url(path), &headers, body).await
+}
+
+#[tokio::test]
+async fn idempotency_records_are_shared_and_fail_closed_without_redis() {
+    let mut redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let key = mint("sk_live_");
+    snap.write(&Doc::new(1).partner("partner_acme", None, "active").key(
+        "key_a",
+        &key,
+        json!({"scopes": ["analyses:read", "analyses:write"]}),
+    ));
+    let extra = format!(
+        "[idempotency]\nbackend = \"redis\"\n[redis]\nurl = \"{}\"\ntimeout = \"200ms\"\nkey_prefix = \"idem{}:\"\n",
+        redis.url(),
+        std::process::id()
+    );
+    let a = Gate::start(&config_toml(&snap.path(), upstream.addr, &extra)).await;
+    let b = Gate::start(&config_toml(&snap.path(), upstream.addr, &extra)).await;
+    // Until both are connected, idempotent requests are refused (503), not run unguarded.
+    for g in [&a, &b] {
+        let mut ok = false;
+        for i in 0..100 {
+            let probe = post(g, "/v1/analyses", &key, Some(&format!("probe-{i}")), "{}").await;
+            if probe.status == 200 {
+                ok = true;
+                break;
+            }
+            assert_error(&probe, 503, "idempotency_unavailable");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(ok, "never connected to Redis");
+    }
+    upstream.clear();
+
+    // A retry that lands on the other replica is replayed; the upstream ran once.
+    let first = post(&a, "/v1/analyses", &key, Some("order-9"), r#"{"n":1}"#).await;
+    assert_eq!(first.status, 200);
+    let retry = post(&b, "/v1/analyses", &key, Some("order-9"), r#"{"n":1}"#).await;
+    assert_eq!(retry.status, 200);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(
+        retry.header("x-upstream-seq"),
+        first.header("x-upstream-seq")
+    );
+    assert_eq!(retry.body, first.body);
+    assert_eq!(upstream.count(), 1);
+    let other = post(&b, "/v1/analyses", &key, Some("order-9"), r#"{"n":2}"#).await;
+    assert_error(&other, 422, "idempotency_key_reused");
+
+    // In flight on one replica: 409 on the other.
+    let slow = {
+        let (url, key) = (a.url("/slow/700"), key.clone());
+        tokio::spawn(async move {
+            send(
+                &client(),
+                "POST",
+                &url,
+                &[("x-api-key", &key), ("idempotency-key", "slow-1")],
+                "{}",
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let during = post(&b, "/slow/700", &key, Some("slow-1"), "{}").await;
+    assert_error(&during, 409, "idempotency_key_in_use");
+    assert_eq!(slow.await.unwrap().status, 200);
+    let after = post(&b, "/slow/700", &key, Some("slow-1"), "{}").await;
+    assert_eq!(after.header("idempotent-replayed"), Some("true"));
+    assert_eq!(upstream.count(), 2);
+
+    // Redis down: idempotent requests are refused, quickly, and never reach the upstream;
+    // requests without an Idempotency-Key are not affected.
+    redis.stop().await;
+    let t = std::time::Instant::now();
+    let refused = post(&a, "/v1/analyses", &key, Some("order-10"), "{}").await;
+    assert_error(&refused, 503, "idempotency_unavailable");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(upstream.count(), 2);
+    assert_eq!(post(&a, "/v1/analyses", &key, None, "{}").await.status, 200);
+
+    // Back: service resumes by itself.
+    redis.restart().await;
+    let mut back = false;
+    for i in 0..100 {
+        if post(&b, "/v1/analyses", &key, Some(&format!("after-{i}")), "{}")
+            .await
+            .status
+            == 200
+        {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        back,
+        "idempotent requests did not work again after Redis came back"
+    );
+    a.stop().await;
+    b.stop().await;
+}

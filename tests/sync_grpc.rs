@@ -63,6 +63,12 @@ fn stat(g: &Gate, which: &str) -> u64 {
     }
 }
 
+/// `stat` once it has settled (a counter moves just after the snapshot it counts is published).
+async fn settled(g: &Gate, which: &str, want: u64) -> u64 {
+    eventually(Duration::from_secs(2), || stat(g, which) == want).await;
+    stat(g, which)
+}
+
 /// Wait until `key` is refused by every gate; the time it took.
 async fn refused_everywhere(gates: &[&Gate], key: &str, within: Duration) -> Duration {
     let t = Instant::now();
@@ -104,8 +110,16 @@ async fn file_to_hub_to_two_sidecars_and_a_hub_restart_resumes_with_deltas() {
     eprintln!("file → hub → 2 sidecars: {took:?}");
     for s in [&s1, &s2] {
         assert_eq!(s.revision(), Some(2));
-        assert_eq!(stat(s, "deltas"), 1, "the revocation came as a delta");
-        assert_eq!(stat(s, "applied"), 2, "one full snapshot, one delta");
+        assert_eq!(
+            settled(s, "deltas", 1).await,
+            1,
+            "the revocation came as a delta"
+        );
+        assert_eq!(
+            settled(s, "applied", 2).await,
+            2,
+            "one full snapshot, one delta"
+        );
     }
 
     // The hub goes away: the sidecars keep their snapshot and keep deciding.
@@ -125,8 +139,12 @@ async fn file_to_hub_to_two_sidecars_and_a_hub_restart_resumes_with_deltas() {
     refused_everywhere(&[&s1, &s2], &b, Duration::from_secs(3)).await;
     for s in [&s1, &s2] {
         assert_eq!(s.revision(), Some(3));
-        assert_eq!(stat(s, "deltas"), 2, "resumed with a delta");
-        assert_eq!(stat(s, "applied"), 3, "no full snapshot after the restart");
+        assert_eq!(settled(s, "deltas", 2).await, 2, "resumed with a delta");
+        assert_eq!(
+            settled(s, "applied", 3).await,
+            3,
+            "no full snapshot after the restart"
+        );
     }
     for g in [s1, s2, hub] {
         g.stop().await;
@@ -153,10 +171,19 @@ async fn a_sidecar_restarted_from_its_cache_asks_only_for_what_changed() {
 
     snap.write(&doc(2, (&a, "revoked"), (&b, "active")));
     hub.wait_revision(2).await;
+    // The hub keeps the document it serves a moment after putting its snapshot in force.
+    assert!(
+        eventually(Duration::from_secs(5), || hub
+            .app()
+            .store
+            .document()
+            .is_some_and(|d| d.revision == 2))
+        .await
+    );
     let s = Gate::start(&sidecar_config(addr, upstream.addr, &cache)).await;
-    assert_eq!(s.revision(), Some(2), "caught up before serving");
+    s.wait_revision(2).await;
     assert_eq!(
-        stat(&s, "deltas"),
+        settled(&s, "deltas", 1).await,
         1,
         "from the cached revision 1, by a delta"
     );
