@@ -187,6 +187,28 @@ async fn usage_reports_arrive_once_through_a_receiver_outage_and_on_shutdown() {
     );
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(receiver.requests("key_a"), (20, false));
+
+    // The receiver restarts (connections refused meanwhile, open ones cut): nothing is lost,
+    // nothing counted twice.
+    receiver.stop();
+    tokio::task::yield_now().await;
+    assert!(
+        tokio::net::TcpStream::connect(receiver.addr).await.is_err(),
+        "the receiver still accepts"
+    );
+    hit(6).await;
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert_eq!(receiver.requests("key_a").0, 20);
+    receiver.restart().await;
+    assert!(
+        eventually(std::time::Duration::from_secs(5), || receiver
+            .requests("key_a")
+            .0
+            == 26)
+        .await
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(receiver.requests("key_a"), (26, false));
     gate.stop().await;
 
     // A keygate that reports hourly still reports what it counted when it stops.
@@ -203,11 +225,11 @@ async fn usage_reports_arrive_once_through_a_receiver_outage_and_on_shutdown() {
             200
         );
     }
-    assert_eq!(receiver.requests("key_a").0, 20);
+    assert_eq!(receiver.requests("key_a").0, 26);
     gate.stop().await;
     assert_eq!(
         receiver.requests("key_a"),
-        (24, false),
+        (30, false),
         "flushed on shutdown"
     );
 }

@@ -673,22 +673,52 @@ pub struct UsageReceiver {
     pub accepted: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
     pub attempts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     pub failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    server: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl UsageReceiver {
     pub async fn start() -> Self {
-        use std::sync::atomic::Ordering::SeqCst;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let r = UsageReceiver {
-            addr,
+            addr: listener.local_addr().unwrap(),
             accepted: Default::default(),
             attempts: Default::default(),
             failing: Default::default(),
+            server: Default::default(),
         };
-        let (accepted, attempts, failing) =
-            (r.accepted.clone(), r.attempts.clone(), r.failing.clone());
-        tokio::spawn(async move {
+        r.serve(listener);
+        r
+    }
+
+    /// Go away: the listener and every open connection are closed (connections refused).
+    pub fn stop(&self) {
+        if let Some(h) = self.server.lock().unwrap().take() {
+            h.abort();
+        }
+    }
+
+    /// Come back on the same address, with what was accepted before.
+    pub async fn restart(&self) {
+        self.stop();
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        self.serve(listener);
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (accepted, attempts, failing) = (
+            self.accepted.clone(),
+            self.attempts.clone(),
+            self.failing.clone(),
+        );
+        let handle = tokio::spawn(async move {
+            // Connections live in this task's set, so aborting it closes them too.
+            let mut connections = tokio::task::JoinSet::new();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
@@ -722,13 +752,13 @@ impl UsageReceiver {
                             )
                         }
                     });
-                tokio::spawn(
+                connections.spawn(
                     hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
                 );
             }
         });
-        r
+        *self.server.lock().unwrap() = Some(handle);
     }
 
     /// Requests of `key_id` over the accepted batches, and whether any batch id came twice.
