@@ -229,6 +229,7 @@ pub struct RawIdempotency {
     pub max_request_bytes: Option<usize>,
     pub max_response_bytes: Option<usize>,
     pub max_memory_bytes: Option<usize>,
+    pub max_in_flight: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -1231,6 +1232,7 @@ impl Validator<'_> {
                 raw.max_memory_bytes,
                 64 << 20,
             ),
+            max_in_flight: size("idempotency.max_in_flight", raw.max_in_flight, 256),
         };
         raw.replay
             .unwrap_or(true)

@@ -89,6 +89,7 @@ impl Pending {
 pub struct Idempotency {
     pub limits: Limits,
     backend: Backend,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 enum Backend {
@@ -104,7 +105,17 @@ impl Idempotency {
             Some(redis) => Backend::Redis(crate::fleet::RedisIdempotency::new(redis, limits)),
             None => Backend::Local(Arc::new(Store::new(limits))),
         };
-        Self { limits, backend }
+        Self {
+            limits,
+            backend,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(limits.max_in_flight)),
+        }
+    }
+
+    /// A place among the requests being answered (their bodies are held in memory), or `None`
+    /// when `max_in_flight` are.
+    pub fn admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.in_flight.clone().try_acquire_owned().ok()
     }
 
     pub async fn begin(
@@ -135,6 +146,9 @@ pub struct Limits {
     pub max_request_bytes: usize,
     pub max_response_bytes: usize,
     pub max_memory_bytes: usize,
+    /// Idempotent requests being answered at once; each may hold `max_request_bytes` and
+    /// `max_response_bytes` in memory, so this bounds that memory. Past it: 503.
+    pub max_in_flight: usize,
 }
 
 /// The local (in-process) store.
@@ -381,6 +395,7 @@ mod tests {
             max_request_bytes: 1024,
             max_response_bytes: 1024,
             max_memory_bytes,
+            max_in_flight: 16,
         }))
     }
 

@@ -293,6 +293,15 @@ async fn handle(
             tokio::time::timeout(timeout, state.upstream.send(upstream_req)).await
         }
         Some((store, idempotency_key, key_id)) => {
+            // Bodies of idempotent requests are held in memory: only so many at once.
+            let Some(admitted) = store.admit() else {
+                return deny(
+                    &DenyReason::IdempotencyUnavailable,
+                    &request_id,
+                    names,
+                    false,
+                );
+            };
             let read = tokio::time::timeout(
                 timeout,
                 read_request_body(
@@ -336,7 +345,7 @@ async fn handle(
                     let mut resp = match exchange_once(
                         state.upstream.clone(),
                         upstream_req,
-                        pending,
+                        (pending, admitted),
                         max,
                         timeout,
                     )
@@ -429,12 +438,14 @@ const BACKGROUND_EXCHANGE: std::time::Duration = std::time::Duration::from_secs(
 async fn exchange_once(
     upstream: Arc<Upstream>,
     req: Request<Bytes>,
-    pending: idempotency::Pending,
+    (pending, admitted): (idempotency::Pending, tokio::sync::OwnedSemaphorePermit),
     max: usize,
     timeout: std::time::Duration,
 ) -> Result<Response<ProxyBody>, DenyReason> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
+        // Held until the answer is recorded (or given up on), with the bodies it covers.
+        let _admitted = admitted;
         let outcome =
             match tokio::time::timeout(BACKGROUND_EXCHANGE, upstream.send_buffered(req)).await {
                 Err(_) => Err(DenyReason::UpstreamTimeout),

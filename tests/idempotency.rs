@@ -287,3 +287,29 @@ async fn replay_off_forwards_every_retry() {
     assert_eq!(s.upstream.count(), 3);
     s.gate.stop().await;
 }
+
+#[tokio::test]
+async fn only_max_in_flight_idempotent_requests_are_held_at_once() {
+    let s = setup("max_in_flight = 1").await;
+    let gate = std::sync::Arc::new(s.gate);
+    let first = {
+        let (gate, key) = (gate.clone(), s.key.clone());
+        tokio::spawn(async move { post(&gate, "/slow/500", &key, Some("one"), "{}").await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let second = post(&gate, "/slow/500", &s.key, Some("two"), "{}").await;
+    assert_error(&second, 503, "idempotency_unavailable");
+    assert_eq!(second.header("retry-after"), Some("1"));
+    // Requests without an Idempotency-Key hold nothing and are not limited by it.
+    assert_eq!(
+        post(&gate, "/v1/analyses", &s.key, None, "{}").await.status,
+        200
+    );
+    assert_eq!(first.await.unwrap().status, 200);
+    let third = post(&gate, "/slow/10", &s.key, Some("three"), "{}").await;
+    assert_eq!(third.status, 200, "the place was given back");
+    match std::sync::Arc::try_unwrap(gate) {
+        Ok(g) => g.stop().await,
+        Err(_) => panic!("gate still shared"),
+    }
+}
