@@ -57,6 +57,17 @@ pub struct App {
     reporter: Option<tokio::task::JoinHandle<crate::usage::report::Reporter>>,
 }
 
+/// Run `tick` every `period` until `stop` resolves (the state sweepers).
+async fn every(period: Duration, stop: impl Future<Output = ()>, mut tick: impl FnMut()) {
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            () = tokio::time::sleep(period) => tick(),
+        }
+    }
+}
+
 /// Resolves once `stop` turns true.
 async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
@@ -252,21 +263,22 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
         None => None,
     };
     if let Some(store) = idempotency.as_ref().and_then(|i| i.local()).cloned() {
-        let stop_sweeping = stopped(rx.clone());
-        tasks.spawn(async move {
-            store
-                .sweep_every(Duration::from_secs(60), stop_sweeping)
-                .await
-        });
+        tasks.spawn(every(
+            Duration::from_secs(60),
+            stopped(rx.clone()),
+            move || {
+                store.sweep();
+            },
+        ));
     }
     let sweeper = limits.clone();
-    let stop_sweeping = stopped(rx.clone());
-    tasks.spawn(async move {
-        sweeper
-            .limiter
-            .sweep_every(Duration::from_secs(30), stop_sweeping)
-            .await
-    });
+    tasks.spawn(every(
+        Duration::from_secs(30),
+        stopped(rx.clone()),
+        move || {
+            sweeper.limiter.sweep();
+        },
+    ));
 
     tracing::info!(proxy = ?proxy_addr, ext_authz = ?ext_authz_addr, authz_http = ?authz_http_addr, admin = ?admin_addr, sync = ?sync_addr, "keygate started");
     Ok(App {

@@ -184,18 +184,14 @@ async fn check(
             return deny(&reason, &request_id, names);
         }
     };
-    let limit = match state.limits.check(&allow).await {
-        Some(Outcome::Limited {
-            status,
-            retry_after_secs,
-        }) => {
-            let reason = DenyReason::RateLimited { retry_after_secs };
+    let limit = match state.limits.check(&allow).await.map(Outcome::verdict) {
+        Some(Err((reason, status))) => {
             state.usage.denied(Some(allow.key), &reason);
             let mut resp = deny(&reason, &request_id, names);
             add_limit_headers(resp.headers_mut(), &status);
             return resp;
         }
-        Some(Outcome::Allowed(status)) => Some(status),
+        Some(Ok(status)) => Some(status),
         None => None,
     };
     state.usage.allowed(allow.key, now);

@@ -256,12 +256,8 @@ pub async fn check(state: &ExtAuthzState, req: &CheckRequest) -> CheckResponse {
         now,
     );
     match verdict {
-        Verdict::Allow(allow) => match state.limits.check(&allow).await {
-            Some(Outcome::Limited {
-                status,
-                retry_after_secs,
-            }) => {
-                let reason = DenyReason::RateLimited { retry_after_secs };
+        Verdict::Allow(allow) => match state.limits.check(&allow).await.map(Outcome::verdict) {
+            Some(Err((reason, status))) => {
                 state.usage.denied(Some(allow.key), &reason);
                 let mut resp = denied(&reason, &request_id, names);
                 if let Some(HttpResponse::DeniedResponse(d)) = &mut resp.http_response {
@@ -272,7 +268,7 @@ pub async fn check(state: &ExtAuthzState, req: &CheckRequest) -> CheckResponse {
             limit => {
                 state.usage.allowed(allow.key, now);
                 let mut resp = allowed(&allow, credential, &headers, &request_id, names);
-                if let (Some(Outcome::Allowed(status)), Some(HttpResponse::OkResponse(ok))) =
+                if let (Some(Ok(status)), Some(HttpResponse::OkResponse(ok))) =
                     (limit, &mut resp.http_response)
                 {
                     ok.response_headers_to_add.extend(limit_headers(&status));

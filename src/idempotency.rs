@@ -309,21 +309,6 @@ impl Store {
             }
         }
     }
-
-    /// Sweep every `every` until `shutdown` resolves.
-    pub async fn sweep_every(
-        &self,
-        every: Duration,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) {
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                () = &mut shutdown => return,
-                () = tokio::time::sleep(every) => { self.sweep(); }
-            }
-        }
-    }
 }
 
 /// A request being answered for the first time, in the local store.

@@ -170,21 +170,6 @@ impl Limiter {
     pub fn is_empty(&self) -> bool {
         self.buckets.is_empty()
     }
-
-    /// Sweep every `every` until `shutdown` resolves.
-    pub async fn sweep_every(
-        &self,
-        every: Duration,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) {
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                () = &mut shutdown => return,
-                () = tokio::time::sleep(every) => { self.sweep(); }
-            }
-        }
-    }
 }
 
 /// Rate limits as the fronts apply them: the configuration and the limiter every front and
@@ -218,6 +203,23 @@ impl RateLimits {
             }
         }
         Some(self.limiter.check(allow.key.state_key(), quota))
+    }
+}
+
+impl Outcome {
+    /// As the fronts apply it: the headers' values to add when allowed, or the denial (check 12)
+    /// with them.
+    pub fn verdict(self) -> Result<Status, (crate::deny::DenyReason, Status)> {
+        match self {
+            Outcome::Allowed(status) => Ok(status),
+            Outcome::Limited {
+                status,
+                retry_after_secs,
+            } => Err((
+                crate::deny::DenyReason::RateLimited { retry_after_secs },
+                status,
+            )),
+        }
     }
 }
 
