@@ -15,49 +15,60 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::snapshot::SnapshotStore;
+use crate::telemetry::{Connections, Front, Telemetry};
 use crate::usage::Usage;
 
+/// What the admin endpoints read.
+pub struct AdminState {
+    pub store: Arc<SnapshotStore>,
+    pub usage: Arc<Usage>,
+    pub limits: Arc<crate::ratelimit::RateLimits>,
+    pub telemetry: Arc<Telemetry>,
+    /// True once shutdown begins: `/readyz` answers 503.
+    pub closing: watch::Receiver<bool>,
+    /// The fronts this keygate runs (their metrics are shown).
+    pub fronts: Vec<Front>,
+}
+
+/// Admin connections open at once (probes and scrapers); more are reset.
+const MAX_CONNECTIONS: usize = 64;
+
 /// Serve the admin endpoints until `shutdown` resolves.
-pub async fn serve(
-    listener: TcpListener,
-    store: Arc<SnapshotStore>,
-    usage: Arc<Usage>,
-    limits: Arc<crate::ratelimit::RateLimits>,
-    shutdown: impl Future<Output = ()>,
-) {
+pub async fn serve(listener: TcpListener, state: AdminState, shutdown: impl Future<Output = ()>) {
+    let state = Arc::new(state);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(5));
     let graceful = GracefulShutdown::new();
+    let connections = Connections::new(MAX_CONNECTIONS);
     tokio::pin!(shutdown);
-    while let Some((stream, _)) =
-        crate::listen::next_connection(&listener, shutdown.as_mut(), "admin").await
+    while let Some((stream, _, open)) =
+        crate::listen::next_connection(&listener, shutdown.as_mut(), "admin", &connections).await
     {
-        let (store, usage, limits) = (store.clone(), usage.clone(), limits.clone());
+        let state = state.clone();
         let service = hyper::service::service_fn(move |req| {
-            let (store, usage, limits) = (store.clone(), usage.clone(), limits.clone());
-            async move { Ok::<_, Infallible>(route(&store, &usage, &limits, &req)) }
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(route(&state, &req)) }
         });
         let conn = graceful.watch(
             builder
                 .serve_connection(TokioIo::new(stream), service)
                 .into_owned(),
         );
-        tokio::spawn(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(open);
+        });
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
 }
 
-fn route(
-    store: &SnapshotStore,
-    usage: &Usage,
-    limits: &crate::ratelimit::RateLimits,
-    req: &Request<Incoming>,
-) -> Response<Full<Bytes>> {
+fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return json(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -66,11 +77,14 @@ fn route(
     }
     match req.uri().path() {
         "/healthz" => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
-        "/readyz" => readiness(store),
-        "/usage" => json(StatusCode::OK, usage.report()),
+        "/readyz" => readiness(&state.store, *state.closing.borrow()),
+        "/usage" => json(StatusCode::OK, state.usage.report()),
         "/metrics" => {
             let mut resp = Response::new(Full::new(Bytes::from(crate::metrics::render(
-                store, limits,
+                &state.store,
+                &state.limits,
+                &state.telemetry,
+                &state.fronts,
             ))));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -85,9 +99,10 @@ fn route(
     }
 }
 
-/// 200 only while a snapshot is in force and fresh; the body says which revision, how old its
+/// 200 only while a snapshot is in force and fresh and keygate is not shutting down; the body
+/// says which revision, how old its
 /// last confirmation by the source is, and, when not ready, why.
-fn readiness(store: &SnapshotStore) -> Response<Full<Bytes>> {
+fn readiness(store: &SnapshotStore, closing: bool) -> Response<Full<Bytes>> {
     let current = store.current();
     let unconfirmed = store.unconfirmed_for().map(|d| d.as_secs_f64());
     let loaded = store
@@ -106,11 +121,15 @@ fn readiness(store: &SnapshotStore) -> Response<Full<Bytes>> {
         "confirmed_seconds_ago": unconfirmed,
         "max_staleness_seconds": store.max_staleness().map(|d| d.as_secs_f64()),
     });
-    if store.is_fresh() {
+    let reason = if closing {
+        "shutting down"
+    } else if !store.is_fresh() {
+        "the snapshot is older than snapshot.max_staleness"
+    } else {
         return json(StatusCode::OK, body);
-    }
+    };
     body["ready"] = false.into();
-    body["reason"] = "the snapshot is older than snapshot.max_staleness".into();
+    body["reason"] = reason.into();
     json(StatusCode::SERVICE_UNAVAILABLE, body)
 }
 

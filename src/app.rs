@@ -18,6 +18,7 @@ use crate::proxy::{self, ProxyState};
 use crate::ratelimit::RateLimits;
 use crate::snapshot::source::{Source, SourceError};
 use crate::snapshot::SnapshotStore;
+use crate::telemetry::Front;
 
 /// Why keygate could not start.
 #[derive(Debug, thiserror::Error)]
@@ -36,9 +37,6 @@ pub enum AppError {
     Tls(String),
 }
 
-/// How long in-flight requests may run on after shutdown begins.
-const DRAIN: Duration = Duration::from_secs(10);
-
 /// A running keygate.
 pub struct App {
     pub proxy_addr: Option<SocketAddr>,
@@ -49,6 +47,14 @@ pub struct App {
     pub store: Arc<SnapshotStore>,
     /// The rate limiters every front shares.
     pub limits: Arc<RateLimits>,
+    shutdown: crate::config::ShutdownSettings,
+    /// True once shutdown begins: readiness and gRPC health turn false.
+    closing: watch::Sender<bool>,
+    /// True once the fronts stop accepting (after `shutdown.delay`).
+    stop_fronts: watch::Sender<bool>,
+    /// The fronts (their accept loops and drains).
+    fronts: JoinSet<()>,
+    /// True once the fronts have drained: the snapshot source, admin and sweepers stop.
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
     /// Proxy threads of the thread-per-core layout (beyond the caller's own runtime).
@@ -107,9 +113,16 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
         .idempotency
         .map(|i| Arc::new(crate::idempotency::Idempotency::new(i)));
 
+    let telemetry = Arc::new(crate::telemetry::Telemetry::new(
+        settings.limits.max_connections,
+        settings.log.decisions,
+    ));
     let (stop, rx) = watch::channel(false);
+    let (stop_fronts, fronts_rx) = watch::channel(false);
+    let (closing, closing_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    let drain = DRAIN;
+    let mut fronts = JoinSet::new();
+    let drain = settings.shutdown.drain_timeout;
 
     let mut proxy_addr = None;
     let mut threads = Vec::new();
@@ -123,6 +136,8 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
                 limits.clone(),
                 usage.clone(),
                 idempotency.clone(),
+                &telemetry,
+                settings.limits,
             ))
         };
         if settings.runtime.flavor == RuntimeFlavor::ThreadPerCore {
@@ -150,7 +165,10 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
                     source,
                 })?;
                 let state = new_state();
-                let stop = stopped(rx.clone());
+                let stop = stopped(fronts_rx.clone());
+                // The thread's drain is part of the fronts' drain: shutdown waits for it
+                // before stopping the snapshot source and the admin listener.
+                let (drained, done) = tokio::sync::oneshot::channel::<()>();
                 let thread = std::thread::Builder::new()
                     .name(format!("keygate-proxy-{i}"))
                     .spawn(move || {
@@ -164,8 +182,12 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
                                 Err(e) => tracing::error!(error = %e, "proxy listener lost"),
                             }
                         });
+                        let _ = drained.send(());
                     })
                     .expect("a proxy thread starts");
+                fronts.spawn(async move {
+                    let _ = done.await;
+                });
                 threads.push(thread);
             }
             let listener = TcpListener::from_std(first).map_err(|source| AppError::Bind {
@@ -173,19 +195,19 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
                 addr,
                 source,
             })?;
-            tasks.spawn(proxy::serve(
+            fronts.spawn(proxy::serve(
                 listener,
                 new_state(),
-                stopped(rx.clone()),
+                stopped(fronts_rx.clone()),
                 drain,
             ));
         } else {
             let listener = bind("proxy.listen", p.listen).await?;
             proxy_addr = listener.local_addr().ok();
-            tasks.spawn(proxy::serve(
+            fronts.spawn(proxy::serve(
                 listener,
                 new_state(),
-                stopped(rx.clone()),
+                stopped(fronts_rx.clone()),
                 drain,
             ));
         }
@@ -201,11 +223,14 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
             store: store.clone(),
             limits: limits.clone(),
             usage: usage.clone(),
+            shard: telemetry.shard(Front::AuthzHttp),
+            connections: telemetry.connections(Front::AuthzHttp),
+            resources: settings.limits,
         });
-        tasks.spawn(crate::authz_http::serve(
+        fronts.spawn(crate::authz_http::serve(
             listener,
             state,
-            stopped(rx.clone()),
+            stopped(fronts_rx.clone()),
             drain,
         ));
     }
@@ -220,11 +245,15 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
             store: store.clone(),
             limits: limits.clone(),
             usage: usage.clone(),
+            closing: closing_rx.clone(),
+            shard: telemetry.shard(Front::ExtAuthz),
+            connections: telemetry.connections(Front::ExtAuthz),
+            resources: settings.limits,
         });
-        tasks.spawn(crate::ext_authz::serve(
+        fronts.spawn(crate::ext_authz::serve(
             listener,
             state,
-            stopped(rx.clone()),
+            stopped(fronts_rx.clone()),
         ));
     }
     let mut admin_addr = None;
@@ -233,9 +262,21 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
         admin_addr = listener.local_addr().ok();
         tasks.spawn(crate::admin::serve(
             listener,
-            store.clone(),
-            usage.clone(),
-            limits.clone(),
+            crate::admin::AdminState {
+                store: store.clone(),
+                usage: usage.clone(),
+                limits: limits.clone(),
+                telemetry: telemetry.clone(),
+                closing: closing_rx.clone(),
+                fronts: [
+                    (proxy_addr.is_some(), Front::Proxy),
+                    (ext_authz_addr.is_some(), Front::ExtAuthz),
+                    (authz_http_addr.is_some(), Front::AuthzHttp),
+                ]
+                .into_iter()
+                .filter_map(|(on, f)| on.then_some(f))
+                .collect(),
+            },
             stopped(rx.clone()),
         ));
     }
@@ -245,11 +286,11 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
         sync_addr = listener.local_addr().ok();
         let tls = crate::sync::server::tls_config(&sync).map_err(AppError::Tls)?;
         let hub = crate::sync::server::Hub::new(store.clone(), sync);
-        tasks.spawn(crate::sync::server::serve(
+        fronts.spawn(crate::sync::server::serve(
             listener,
             hub,
             tls,
-            stopped(rx.clone()),
+            stopped(fronts_rx.clone()),
         ));
     }
     tasks.spawn(source.run(store.clone(), stopped(rx.clone())));
@@ -289,6 +330,10 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
         sync_addr,
         store,
         limits,
+        shutdown: settings.shutdown,
+        closing,
+        stop_fronts,
+        fronts,
         stop,
         tasks,
         threads,
@@ -297,17 +342,39 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
 }
 
 impl App {
-    /// Stop accepting, let in-flight requests finish, and wait for every task.
+    /// Shut down in the order a load balancer needs: readiness turns false at once while the
+    /// listeners keep accepting for `shutdown.delay` (so endpoints can be removed without
+    /// refusing anyone), then the fronts stop accepting and in-flight requests and streams
+    /// finish for up to `shutdown.drain_timeout`; the snapshot source and the admin listener
+    /// run until then, so revocations still apply and probes still answer.
     pub async fn shutdown(mut self) {
-        let _ = self.stop.send(true);
-        // Every front drains for at most DRAIN; a peer that keeps a connection open past that
-        // (an Envoy holding its gRPC channel) must not keep the process alive.
-        let joined = tokio::time::timeout(DRAIN + Duration::from_secs(2), async {
-            while self.tasks.join_next().await.is_some() {}
+        let _ = self.closing.send(true);
+        let crate::config::ShutdownSettings {
+            delay,
+            drain_timeout,
+        } = self.shutdown;
+        if !delay.is_zero() {
+            tracing::info!(delay = ?delay, "shutting down: not ready, still accepting");
+            tokio::time::sleep(delay).await;
+        }
+        tracing::info!(drain_timeout = ?drain_timeout, "shutting down: no longer accepting, draining");
+        let _ = self.stop_fronts.send(true);
+        // Every front drains for at most drain_timeout; a peer that keeps a connection open
+        // past that (an Envoy holding its gRPC channel) must not keep the process alive.
+        let joined = tokio::time::timeout(drain_timeout + Duration::from_millis(500), async {
+            while self.fronts.join_next().await.is_some() {}
         })
         .await;
         if joined.is_err() {
             tracing::warn!("shutdown: fronts still busy after the drain timeout; stopping them");
+            self.fronts.abort_all();
+        }
+        let _ = self.stop.send(true);
+        let joined = tokio::time::timeout(Duration::from_secs(2), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if joined.is_err() {
             self.tasks.abort_all();
         }
         let threads = std::mem::take(&mut self.threads);

@@ -33,7 +33,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::client_ip::client_ip;
-use crate::config::{FrontSettings, HeaderNames, Policy};
+use crate::config::{FrontSettings, HeaderNames, Limits, Policy};
 use crate::credential::{extract_from_headers, Credential};
 use crate::decision::{decide_attributed, now_ms, RequestFacts, Verdict};
 use crate::deny::DenyReason;
@@ -41,6 +41,7 @@ use crate::headers::{is_identity_variant, request_id_str, set_identity};
 use crate::path::{normalize, split_target};
 use crate::request_id;
 use crate::snapshot::SnapshotStore;
+use crate::telemetry::{Connections, Note, Shard};
 
 /// The path callers ask on.
 pub const PREFIX: &str = "/authz";
@@ -55,6 +56,9 @@ pub struct AuthzState {
     pub store: Arc<SnapshotStore>,
     pub limits: Arc<crate::ratelimit::RateLimits>,
     pub usage: Arc<crate::usage::Usage>,
+    pub shard: Arc<Shard>,
+    pub connections: Arc<Connections>,
+    pub resources: Limits,
 }
 
 /// Answer forward-auth checks on `listener` until `shutdown` resolves.
@@ -70,19 +74,36 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10))
         .max_headers(200);
+    let r = &state.resources;
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(r.http2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(r.http2_max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(r.http2_max_local_error_reset_streams)
+        .keep_alive_interval(Some(r.http2_keep_alive_interval))
+        .keep_alive_timeout(r.http2_keep_alive_timeout);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
-    while let Some((stream, peer)) =
-        crate::listen::next_connection(&listener, shutdown.as_mut(), "authz_http").await
+    while let Some((stream, peer, open)) = crate::listen::next_connection(
+        &listener,
+        shutdown.as_mut(),
+        "authz_http",
+        &state.connections,
+    )
+    .await
     {
         let state = state.clone();
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(check(&state, peer, &req).await) }
+            async move { Ok::<_, Infallible>(answered(&state, peer, &req).await) }
         });
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(open);
+        });
     }
     drop(listener);
     let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
@@ -131,10 +152,30 @@ fn agreeing<'a>(h: &'a HeaderMap, a: &str, b: &str) -> Result<Option<&'a str>, &
     }
 }
 
+/// Answer one ask, then count it and log the decision.
+async fn answered(
+    state: &AuthzState,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let started = std::time::Instant::now();
+    let mut note = Note::default();
+    let resp = check(state, peer, req, &mut note).await;
+    let request_id = resp
+        .headers()
+        .get(&state.names.request_id)
+        .map_or("", request_id_str);
+    state
+        .shard
+        .answered(started, &note, resp.status().as_u16(), request_id);
+    resp
+}
+
 async fn check(
     state: &AuthzState,
     peer: SocketAddr,
     req: &Request<Incoming>,
+    note: &mut Note,
 ) -> Response<Full<Bytes>> {
     let names = &*state.names;
     let headers = req.headers();
@@ -142,8 +183,15 @@ async fn check(
         .unwrap_or_else(request_id::mint);
     let (method, target) = match original(req) {
         Ok(Some(o)) => o,
-        Ok(None) => return not_found(&request_id, names),
-        Err(why) => return deny(&DenyReason::BadRequest(why), &request_id, names),
+        Ok(None) => {
+            note.deny(&DenyReason::BadRequest("not an ask"));
+            return not_found(&request_id, names);
+        }
+        Err(why) => {
+            let reason = DenyReason::BadRequest(why);
+            note.deny(&reason);
+            return deny(&reason, &request_id, names);
+        }
     };
     let (path, _query) = split_target(target);
     let normalized = normalize(path, state.policy.path);
@@ -177,16 +225,22 @@ async fn check(
         &facts,
         now,
     );
+    if let Some(k) = key {
+        note.key(&k.id_header, None);
+    }
     let allow = match verdict {
         Verdict::Allow(allow) => allow,
         Verdict::Deny(reason) => {
             state.usage.denied(key, &reason);
+            note.deny(&reason);
             return deny(&reason, &request_id, names);
         }
     };
+    note.key(&allow.key.id_header, Some(&allow.partner.id_header));
     let limit = match state.limits.check(&allow).await.map(Outcome::verdict) {
         Some(Err((reason, status))) => {
             state.usage.denied(Some(allow.key), &reason);
+            note.deny(&reason);
             let mut resp = deny(&reason, &request_id, names);
             add_limit_headers(resp.headers_mut(), &status);
             return resp;
@@ -194,6 +248,7 @@ async fn check(
         Some(Ok(status)) => Some(status),
         None => None,
     };
+    note.allow();
     state.usage.allowed(allow.key, now);
 
     let mut resp = Response::new(Full::new(Bytes::new()));

@@ -100,6 +100,10 @@ pub struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub runtime: RawRuntime,
+    #[serde(default)]
+    pub shutdown: RawShutdown,
+    #[serde(default)]
+    pub limits: RawLimits,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -247,6 +251,25 @@ pub struct RawRateLimit {
 pub struct RawLog {
     pub level: Option<String>,
     pub format: Option<String>,
+    pub decisions: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawShutdown {
+    pub delay: Option<String>,
+    pub drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_connections: Option<usize>,
+    pub http2_max_concurrent_streams: Option<u32>,
+    pub http2_max_pending_accept_reset_streams: Option<usize>,
+    pub http2_max_local_error_reset_streams: Option<usize>,
+    pub http2_keep_alive_interval: Option<String>,
+    pub http2_keep_alive_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -299,6 +322,9 @@ pub struct Settings {
     pub usage_report: Option<UsageReportSettings>,
     pub log: LogSettings,
     pub runtime: RuntimeSettings,
+    pub shutdown: ShutdownSettings,
+    /// Connection and HTTP/2 limits every front applies.
+    pub limits: Limits,
 }
 
 /// What the decision needs besides the snapshot: plain data, shared by every front.
@@ -518,6 +544,49 @@ impl HeaderNames {
 pub struct LogSettings {
     pub level: String,
     pub json: bool,
+    pub decisions: DecisionLog,
+}
+
+/// Which decisions are logged, one event each (target `keygate::decision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecisionLog {
+    All,
+    Denied,
+    None,
+}
+
+/// What happens between SIGTERM and exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownSettings {
+    /// Not ready at once, but listeners keep accepting for this long (endpoints are removed).
+    pub delay: Duration,
+    /// Then in-flight requests and streams may run for up to this.
+    pub drain_timeout: Duration,
+}
+
+/// Resource limits, the same for every front.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Open connections per front; one more is closed at once.
+    pub max_connections: usize,
+    pub http2_max_concurrent_streams: u32,
+    pub http2_max_pending_accept_reset_streams: usize,
+    pub http2_max_local_error_reset_streams: usize,
+    pub http2_keep_alive_interval: Duration,
+    pub http2_keep_alive_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            http2_max_concurrent_streams: 200,
+            http2_max_pending_accept_reset_streams: 20,
+            http2_max_local_error_reset_streams: 1024,
+            http2_keep_alive_interval: Duration::from_secs(30),
+            http2_keep_alive_timeout: Duration::from_secs(20),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -627,6 +696,8 @@ fn table_fields(table: &str) -> Option<&'static [&'static str]> {
         "redis" => fields_of::<RawRedis>(),
         "log" => fields_of::<RawLog>(),
         "runtime" => fields_of::<RawRuntime>(),
+        "shutdown" => fields_of::<RawShutdown>(),
+        "limits" => fields_of::<RawLimits>(),
         _ => return None,
     })
 }
@@ -879,7 +950,32 @@ pub fn validate_with_env(
                 false
             }
         },
+        decisions: match raw.log.decisions.as_deref().unwrap_or("all") {
+            "all" => DecisionLog::All,
+            "denied" => DecisionLog::Denied,
+            "none" => DecisionLog::None,
+            other => {
+                v.problem(
+                    "log.decisions",
+                    format!("{other:?} must be \"all\", \"denied\" or \"none\""),
+                );
+                DecisionLog::All
+            }
+        },
     };
+    let shutdown = ShutdownSettings {
+        delay: v.duration_or_zero(
+            "shutdown.delay",
+            raw.shutdown.delay.as_deref(),
+            Duration::ZERO,
+        ),
+        drain_timeout: v.duration(
+            "shutdown.drain_timeout",
+            raw.shutdown.drain_timeout.as_deref(),
+            Duration::from_secs(30),
+        ),
+    };
+    let limits = v.limits(&raw.limits);
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level) {
         v.problem("log.level", format!("{:?}: {e}", log.level));
     }
@@ -942,6 +1038,8 @@ pub fn validate_with_env(
         usage_report,
         log,
         runtime,
+        shutdown,
+        limits,
     })
 }
 
@@ -975,6 +1073,71 @@ impl Validator<'_> {
                 );
                 default
             }
+        }
+    }
+
+    /// As [`Self::duration`], where zero (\"0s\") is allowed.
+    fn duration_or_zero(&mut self, key: &str, value: Option<&str>, default: Duration) -> Duration {
+        match value.map(humantime::parse_duration) {
+            Some(Ok(d)) if d.is_zero() => d,
+            _ => self.duration(key, value, default),
+        }
+    }
+
+    fn limits(&mut self, raw: &RawLimits) -> Limits {
+        let d = Limits::default();
+        let mut count =
+            |key: &str, value: Option<usize>, default: usize, min: usize, max: usize| match value {
+                None => default,
+                Some(n) if (min..=max).contains(&n) => n,
+                Some(n) => {
+                    self.problem(key, format!("{n} must be between {min} and {max}"));
+                    default
+                }
+            };
+        let max_connections = count(
+            "limits.max_connections",
+            raw.max_connections,
+            d.max_connections,
+            1,
+            1_000_000,
+        );
+        let streams = count(
+            "limits.http2_max_concurrent_streams",
+            raw.http2_max_concurrent_streams.map(|n| n as usize),
+            d.http2_max_concurrent_streams as usize,
+            1,
+            10_000,
+        ) as u32;
+        let pending_resets = count(
+            "limits.http2_max_pending_accept_reset_streams",
+            raw.http2_max_pending_accept_reset_streams,
+            d.http2_max_pending_accept_reset_streams,
+            1,
+            100_000,
+        );
+        let local_resets = count(
+            "limits.http2_max_local_error_reset_streams",
+            raw.http2_max_local_error_reset_streams,
+            d.http2_max_local_error_reset_streams,
+            1,
+            100_000,
+        );
+        Limits {
+            max_connections,
+            http2_max_concurrent_streams: streams,
+            http2_max_pending_accept_reset_streams: pending_resets,
+            http2_max_local_error_reset_streams: local_resets,
+            http2_keep_alive_interval: self.duration(
+                "limits.http2_keep_alive_interval",
+                raw.http2_keep_alive_interval.as_deref(),
+                d.http2_keep_alive_interval,
+            ),
+            http2_keep_alive_timeout: self.duration(
+                "limits.http2_keep_alive_timeout",
+                raw.http2_keep_alive_timeout.as_deref(),
+                d.http2_keep_alive_timeout,
+            ),
         }
     }
 

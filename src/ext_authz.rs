@@ -33,6 +33,7 @@ use crate::headers::is_identity_variant;
 use crate::path::{normalize, split_target};
 use crate::request_id;
 use crate::snapshot::SnapshotStore;
+use crate::telemetry::Note;
 
 /// The service name health checks ask about (besides the whole server, `""`).
 pub const SERVICE: &str = "envoy.service.auth.v3.Authorization";
@@ -49,6 +50,12 @@ pub struct ExtAuthzState {
     pub store: Arc<SnapshotStore>,
     pub limits: Arc<crate::ratelimit::RateLimits>,
     pub usage: Arc<crate::usage::Usage>,
+    /// True once keygate is shutting down: health answers NOT_SERVING while Checks are still
+    /// answered.
+    pub closing: tokio::sync::watch::Receiver<bool>,
+    pub shard: Arc<crate::telemetry::Shard>,
+    pub connections: Arc<crate::telemetry::Connections>,
+    pub resources: crate::config::Limits,
 }
 
 struct Service(Arc<ExtAuthzState>);
@@ -110,15 +117,17 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let (reporter, health) = tonic_health::server::health_reporter();
-    // Health follows the snapshot: SERVING only while one is in force. Woken by each publish;
-    // the timer re-reads the store in case a snapshot ever leaves force without one.
+    // Health follows the snapshot: SERVING only while one is in force, and not once shutdown
+    // begins. Woken by each publish and by shutdown; the timer re-reads the store in case a
+    // snapshot ever leaves force without one.
     let store = state.store.clone();
+    let mut closing = state.closing.clone();
     let watcher = tokio::spawn(async move {
         let mut published = store.watch();
         let mut last = None;
         loop {
             published.borrow_and_update();
-            let status = if store.serving().is_some() {
+            let status = if store.serving().is_some() && !*closing.borrow_and_update() {
                 ServingStatus::Serving
             } else {
                 ServingStatus::NotServing
@@ -130,12 +139,18 @@ pub async fn serve(
             }
             tokio::select! {
                 changed = published.changed() => if changed.is_err() { break },
+                _ = closing.changed() => {}
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     });
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let r = &state.resources;
     let result = tonic::transport::Server::builder()
+        .max_concurrent_streams(r.http2_max_concurrent_streams)
+        .http2_max_pending_accept_reset_streams(Some(r.http2_max_pending_accept_reset_streams))
+        .http2_keepalive_interval(Some(r.http2_keep_alive_interval))
+        .http2_keepalive_timeout(Some(r.http2_keep_alive_timeout))
         .add_service(health)
         .add_service(
             AuthorizationServer::new(Service(state)).max_decoding_message_size(MAX_CHECK_BYTES),
@@ -194,8 +209,24 @@ impl<'a> Headers<'a> {
     }
 }
 
-/// Decide one `CheckRequest`. Always a `CheckResponse`.
+/// Decide one `CheckRequest`, then count it and log the decision. Always a `CheckResponse`.
 pub async fn check(state: &ExtAuthzState, req: &CheckRequest) -> CheckResponse {
+    let started = std::time::Instant::now();
+    let mut note = Note::default();
+    let (resp, request_id) = decide_check(state, req, &mut note).await;
+    let status = match &resp.http_response {
+        Some(HttpResponse::DeniedResponse(d)) => d.status.as_ref().map_or(403, |s| s.code as u16),
+        _ => 200,
+    };
+    state.shard.answered(started, &note, status, &request_id);
+    resp
+}
+
+async fn decide_check(
+    state: &ExtAuthzState,
+    req: &CheckRequest,
+    note: &mut Note,
+) -> (CheckResponse, String) {
     let names = &*state.names;
     let attributes = req.attributes.as_ref();
     let Some(http) = attributes
@@ -203,11 +234,10 @@ pub async fn check(state: &ExtAuthzState, req: &CheckRequest) -> CheckResponse {
         .and_then(|r| r.http.as_ref())
     else {
         let id = request_id::mint();
-        return denied(
-            &DenyReason::BadRequest("the CheckRequest has no HTTP request"),
-            id.to_str().unwrap_or(""),
-            names,
-        );
+        let id = id.to_str().unwrap_or("").to_owned();
+        let reason = DenyReason::BadRequest("the CheckRequest has no HTTP request");
+        note.deny(&reason);
+        return (denied(&reason, &id, names), id);
     };
     let headers = Headers::of(http);
     let request_id = headers
@@ -255,9 +285,14 @@ pub async fn check(state: &ExtAuthzState, req: &CheckRequest) -> CheckResponse {
         &facts,
         now,
     );
-    match verdict {
+    if let Some(k) = key {
+        note.key(&k.id_header, None);
+    }
+    let resp = match verdict {
         Verdict::Allow(allow) => match state.limits.check(&allow).await.map(Outcome::verdict) {
             Some(Err((reason, status))) => {
+                note.key(&allow.key.id_header, Some(&allow.partner.id_header));
+                note.deny(&reason);
                 state.usage.denied(Some(allow.key), &reason);
                 let mut resp = denied(&reason, &request_id, names);
                 if let Some(HttpResponse::DeniedResponse(d)) = &mut resp.http_response {
@@ -266,6 +301,8 @@ pub async fn check(state: &ExtAuthzState, req: &CheckRequest) -> CheckResponse {
                 resp
             }
             limit => {
+                note.key(&allow.key.id_header, Some(&allow.partner.id_header));
+                note.allow();
                 state.usage.allowed(allow.key, now);
                 let mut resp = allowed(&allow, credential, &headers, &request_id, names);
                 if let (Some(Ok(status)), Some(HttpResponse::OkResponse(ok))) =
@@ -277,10 +314,12 @@ pub async fn check(state: &ExtAuthzState, req: &CheckRequest) -> CheckResponse {
             }
         },
         Verdict::Deny(reason) => {
+            note.deny(&reason);
             state.usage.denied(key, &reason);
             denied(&reason, &request_id, names)
         }
-    }
+    };
+    (resp, request_id)
 }
 
 /// `X-RateLimit-*` as header mutations (for the client's response).

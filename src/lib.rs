@@ -56,5 +56,6 @@ pub mod request_id;
 pub mod routes;
 pub mod snapshot;
 pub mod sync;
+pub mod telemetry;
 pub mod upstream;
 pub mod usage;

@@ -136,7 +136,15 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             };
             init_logging(&settings.log.level, settings.log.json);
             let runtime = build_runtime(&settings)?;
-            runtime.block_on(keygate::app::run(settings, shutdown_signal()))?;
+            runtime.block_on(keygate::app::run(settings, async {
+                shutdown_signal().await;
+                // A second signal cuts the delay and the drain short.
+                tokio::spawn(async {
+                    shutdown_signal().await;
+                    eprintln!("second signal: exiting without waiting for the drain");
+                    std::process::exit(1);
+                });
+            }))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { listen } => {

@@ -5,12 +5,16 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use prometheus_client::registry::Unit;
 
 use crate::snapshot::SnapshotStore;
+use crate::telemetry::{Front, HistogramTotals, Telemetry};
 
 /// The content type of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -27,9 +31,98 @@ fn counter(registry: &mut Registry, name: &str, help: &str, value: &AtomicU64) {
     registry.register(name, help, c);
 }
 
-/// Encode the current metrics.
-pub fn render(store: &SnapshotStore, limits: &crate::ratelimit::RateLimits) -> String {
+/// Latency histograms, one per front (label `front`), from [`Telemetry`]'s sums.
+#[derive(Debug)]
+struct ByFront(Vec<(&'static str, HistogramTotals)>);
+
+impl EncodeMetric for ByFront {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for (front, h) in &self.0 {
+            encoder
+                .encode_family(&vec![("front", *front)])?
+                .encode_histogram::<NoLabelSet>(h.sum_seconds, h.count, &h.buckets, None)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// What the fronts counted: answers by front and code, latency, upstream errors, connections.
+fn fronts(registry: &mut Registry, telemetry: &Telemetry, fronts: &[Front]) {
+    let answers = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+    let upstream = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+    let open = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+    let refused = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+    let (mut decision, mut request) = (Vec::new(), Vec::new());
+    for &front in fronts {
+        let t = telemetry.totals(front);
+        let name = front.as_str();
+        for (code, n) in &t.answers {
+            answers
+                .get_or_create(&vec![("front", name), ("code", *code)])
+                .inc_by(*n);
+            let kind = match *code {
+                "upstream_unavailable" => "unavailable",
+                "upstream_timeout" => "timeout",
+                _ => continue,
+            };
+            upstream.get_or_create(&vec![("kind", kind)]).inc_by(*n);
+        }
+        open.get_or_create(&vec![("front", name)])
+            .set(i64::try_from(t.open_connections).unwrap_or(i64::MAX));
+        refused
+            .get_or_create(&vec![("front", name)])
+            .inc_by(t.refused_connections);
+        decision.push((name, t.decision));
+        request.push((name, t.request));
+    }
+    registry.register(
+        "requests",
+        "Requests answered, by front and code (\"allowed\", or the denial's code)",
+        answers,
+    );
+    registry.register_with_unit(
+        "decision_duration",
+        "From a request's arrival to its verdict (decision and rate limit)",
+        Unit::Seconds,
+        ByFront(decision),
+    );
+    registry.register_with_unit(
+        "request_duration",
+        "From a request's arrival to its answer's head (proxy: the upstream's answer)",
+        Unit::Seconds,
+        ByFront(request),
+    );
+    if fronts.contains(&Front::Proxy) {
+        for kind in ["unavailable", "timeout"] {
+            upstream.get_or_create(&vec![("kind", kind)]).inc_by(0);
+        }
+        registry.register(
+            "upstream_errors",
+            "Proxied requests the upstream did not answer: refused or broken (502), too slow (504)",
+            upstream,
+        );
+    }
+    registry.register("connections_open", "Connections open now, by front", open);
+    registry.register(
+        "connections_refused",
+        "Connections reset at once because limits.max_connections were open",
+        refused,
+    );
+}
+
+/// Encode the current metrics. `fronts` are the fronts this keygate runs.
+pub fn render(
+    store: &SnapshotStore,
+    limits: &crate::ratelimit::RateLimits,
+    telemetry: &Telemetry,
+    running: &[Front],
+) -> String {
     let mut registry = Registry::with_prefix("keygate");
+    fronts(&mut registry, telemetry, running);
     let current = store.current();
     let stats = &store.stats;
     if let Some(s) = current.as_ref() {

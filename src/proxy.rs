@@ -26,6 +26,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::client_ip::{client_ip, is_trusted};
+use crate::config::Limits;
 use crate::config::{folded_eq, HeaderNames, Policy, ProxySettings};
 use crate::credential::{extract_from_headers, Credential};
 use crate::decision::{decide_attributed, now_ms, RequestFacts, Verdict};
@@ -34,6 +35,7 @@ use crate::headers::{request_id_str, set_identity, strip_hop_and_identity, wants
 use crate::path::normalize;
 use crate::request_id;
 use crate::snapshot::SnapshotStore;
+use crate::telemetry::{Connections, Front, Note, Shard, Telemetry};
 use crate::upstream::{PooledBody, Upstream, UpstreamError};
 
 /// Response body: the upstream's, streamed, or one keygate made.
@@ -49,10 +51,16 @@ pub struct ProxyState {
     pub usage: Arc<crate::usage::Usage>,
     /// Idempotent replay; `None` when `idempotency.replay = false`.
     pub idempotency: Option<Arc<idempotency::Idempotency>>,
+    /// This state's share of the counts (one per proxy thread).
+    pub shard: Arc<Shard>,
+    pub connections: Arc<Connections>,
+    pub resources: Limits,
     upstream: Arc<Upstream>,
 }
 
 impl ProxyState {
+    // One argument per shared part; app.rs builds one state per proxy thread.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: ProxySettings,
         policy: Arc<Policy>,
@@ -61,6 +69,8 @@ impl ProxyState {
         limits: Arc<RateLimits>,
         usage: Arc<crate::usage::Usage>,
         idempotency: Option<Arc<idempotency::Idempotency>>,
+        telemetry: &Telemetry,
+        resources: Limits,
     ) -> Self {
         let upstream = Upstream::new(
             settings.upstream.as_str().to_owned(),
@@ -75,6 +85,9 @@ impl ProxyState {
             limits,
             usage,
             idempotency,
+            shard: telemetry.shard(Front::Proxy),
+            connections: telemetry.connections(Front::Proxy),
+            resources,
             upstream,
         }
     }
@@ -96,15 +109,21 @@ pub async fn serve(
         .max_buf_size(state.settings.max_header_bytes.max(8192))
         .max_headers(state.settings.max_headers)
         .keep_alive(true);
+    let r = &state.resources;
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(state.settings.max_header_bytes as u32)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
+        .max_concurrent_streams(r.http2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(r.http2_max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(r.http2_max_local_error_reset_streams)
+        .keep_alive_interval(Some(r.http2_keep_alive_interval))
+        .keep_alive_timeout(r.http2_keep_alive_timeout);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
-    while let Some((stream, peer)) =
-        crate::listen::next_connection(&listener, shutdown.as_mut(), "proxy").await
+    while let Some((stream, peer, open)) =
+        crate::listen::next_connection(&listener, shutdown.as_mut(), "proxy", &state.connections)
+            .await
     {
         let state = state.clone();
         let client = Arc::new(Peer::new(peer));
@@ -119,6 +138,7 @@ pub async fn serve(
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, %peer, "proxy connection ended with an error");
             }
+            drop(open);
         });
     }
     drop(listener);
@@ -161,10 +181,33 @@ impl Peer {
     }
 }
 
-async fn handle(
+/// Answer one request, then count it and log the decision.
+async fn handle(state: &ProxyState, peer: &Peer, req: Request<Incoming>) -> Response<ProxyBody> {
+    let started = std::time::Instant::now();
+    let mut note = Note::default();
+    let resp = answer(state, peer, req, &mut note).await;
+    if let Some(Denied(i)) = resp.extensions().get::<Denied>() {
+        note.denied = Some(*i);
+    }
+    let request_id = resp
+        .headers()
+        .get(&state.names.request_id)
+        .map_or("", request_id_str);
+    state
+        .shard
+        .answered(started, &note, resp.status().as_u16(), request_id);
+    resp
+}
+
+/// Marks a keygate-made denial with its position in [`crate::deny::CODES`].
+#[derive(Clone, Copy)]
+struct Denied(usize);
+
+async fn answer(
     state: &ProxyState,
     peer: &Peer,
     mut req: Request<Incoming>,
+    note: &mut Note,
 ) -> Response<ProxyBody> {
     let names = &*state.names;
     let request_id = request_id::accept(req.headers().get_all(&names.request_id).iter())
@@ -202,14 +245,19 @@ async fn handle(
         &facts,
         now,
     );
+    if let Some(k) = key {
+        note.key(&k.id_header, None);
+    }
     let allow = match verdict {
         Verdict::Deny(reason) => {
             state.usage.denied(key, &reason);
+            note.deny(&reason);
             let close = matches!(reason, DenyReason::InvalidPath(_));
             return deny(&reason, &request_id, names, close);
         }
         Verdict::Allow(allow) => allow,
     };
+    note.key(&allow.key.id_header, Some(&allow.partner.id_header));
     let limit = match state.limits.check(&allow).await.map(Outcome::verdict) {
         Some(Err((reason, status))) => {
             state.usage.denied(Some(allow.key), &reason);
@@ -220,6 +268,7 @@ async fn handle(
         Some(Ok(status)) => Some(status),
         None => None,
     };
+    note.allow();
     state.usage.allowed(allow.key, now);
     let found = match credential {
         Credential::Present { found, .. } => found,
@@ -640,6 +689,7 @@ pub fn deny(
         reason.body(request_id_str(request_id)),
     )));
     *resp.status_mut() = reason.status();
+    resp.extensions_mut().insert(Denied(reason.code_index()));
     let h = resp.headers_mut();
     *h = reason.headers();
     h.insert(names.request_id.clone(), request_id.clone());

@@ -59,14 +59,24 @@ impl Drop for Running {
 }
 
 impl Running {
-    /// `kill -TERM`, then wait (with a deadline) for the exit status.
-    async fn terminate(&mut self, deadline: Duration) -> ExitStatus {
+    /// `kill -TERM` without waiting.
+    fn signal(&self) {
         let pid = self.0.id().to_string();
         let sent = Command::new("kill")
             .args(["-TERM", &pid])
             .status()
             .expect("kill runs");
         assert!(sent.success(), "kill -TERM {pid} failed");
+    }
+
+    /// `kill -TERM`, then wait (with a deadline) for the exit status.
+    async fn terminate(&mut self, deadline: Duration) -> ExitStatus {
+        self.signal();
+        self.wait(deadline).await
+    }
+
+    /// Wait (with a deadline) for the exit status.
+    async fn wait(&mut self, deadline: Duration) -> ExitStatus {
         let start = Instant::now();
         loop {
             if let Some(status) = self.0.try_wait().unwrap() {
@@ -1379,6 +1389,83 @@ async fn serve_finishes_an_in_flight_request_on_sigterm() {
     assert_eq!(status.code(), Some(0), "{status:?}");
     let a = in_flight.await.unwrap();
     assert_eq!(a.status, 200, "in-flight request cut: {:?}", a.body);
+}
+
+/// SIGTERM in the order a load balancer needs: not ready at once, still accepting for
+/// `shutdown.delay`, then new connections refused while the request in flight finishes and
+/// `/readyz` still answers 503; exit 0.
+#[tokio::test]
+async fn serve_drains_in_the_order_a_load_balancer_needs() {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let key = mint("sk_live_");
+    snap.write(
+        &Doc::new(1)
+            .partner("partner_acme", None, "active")
+            .key("key_a", &key, json!({})),
+    );
+    let (config, proxy, admin) = serve_config(snap.dir.path(), &snap.path(), upstream.addr);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("[shutdown]\ndelay = \"1500ms\"\ndrain_timeout = \"10s\"\n");
+    std::fs::write(&config, text).unwrap();
+    let mut running = spawn_serve(&config);
+    readyz_status(&mut running, admin, 200).await;
+
+    let url = format!("http://127.0.0.1:{proxy}/slow/3500");
+    let k = key.clone();
+    let in_flight = tokio::spawn(async move { get(&client(), &url, &[("x-api-key", &k)]).await });
+    let arrived = eventually(Duration::from_secs(5), || upstream.count() == 1).await;
+    assert!(arrived, "the slow request never reached the upstream");
+
+    running.signal();
+    let signalled = Instant::now();
+    // Not ready at once, and it says why.
+    readyz_status(&mut running, admin, 503).await;
+    assert!(signalled.elapsed() < Duration::from_millis(1000));
+    let r = get(&client(), &format!("http://127.0.0.1:{admin}/readyz"), &[]).await;
+    assert_eq!(r.json()["reason"], "shutting down", "{:?}", r.json());
+
+    // Still accepting during the delay: a new connection (a fresh client) is served.
+    let a = get(
+        &client(),
+        &format!("http://127.0.0.1:{proxy}/v1/during-delay"),
+        &[("x-api-key", &key)],
+    )
+    .await;
+    assert_eq!(a.status, 200, "refused during shutdown.delay: {:?}", a.body);
+    assert!(signalled.elapsed() < Duration::from_millis(1500));
+
+    // After the delay: new connections are refused, well before the slow request ends.
+    let refused = loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", proxy))
+            .await
+            .is_err()
+        {
+            break signalled.elapsed();
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(3),
+            "still accepting 3 s after SIGTERM (delay 1.5 s)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        refused >= Duration::from_millis(1400),
+        "stopped accepting after {refused:?}, before shutdown.delay"
+    );
+    // Draining: the admin listener still answers, not ready.
+    let r = get(&client(), &format!("http://127.0.0.1:{admin}/readyz"), &[]).await;
+    assert_eq!(r.status, 503);
+    assert!(
+        running.0.try_wait().unwrap().is_none(),
+        "exited before the request in flight finished"
+    );
+
+    let a = in_flight.await.unwrap();
+    assert_eq!(a.status, 200, "in-flight request cut: {:?}", a.body);
+    let status = running.wait(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(signalled.elapsed() >= Duration::from_millis(3000));
 }
 
 #[test]

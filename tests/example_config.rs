@@ -39,6 +39,9 @@ fn example_config_loads_and_states_the_defaults() {
     assert_eq!(a.idle_timeout, b.idle_timeout);
     assert_eq!(a.max_staleness, b.max_staleness);
     assert_eq!(minimal.rate_limit, s.rate_limit);
+    assert_eq!(minimal.limits, s.limits);
+    assert_eq!(minimal.shutdown, s.shutdown);
+    assert_eq!(minimal.log.decisions, s.log.decisions);
     assert_eq!(minimal.idempotency, s.idempotency);
     assert_eq!(
         minimal.headers.forward_credentials,

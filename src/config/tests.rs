@@ -282,6 +282,36 @@ fn each_problem_names_its_dotted_key() {
             "log.level",
         ),
         (
+            "bad decision log",
+            add("[log]\ndecisions = \"some\"\n"),
+            "log.decisions",
+        ),
+        (
+            "negative-looking shutdown delay",
+            add("[shutdown]\ndelay = \"-5s\"\n"),
+            "shutdown.delay",
+        ),
+        (
+            "zero drain timeout",
+            add("[shutdown]\ndrain_timeout = \"0s\"\n"),
+            "shutdown.drain_timeout",
+        ),
+        (
+            "no connections allowed",
+            add("[limits]\nmax_connections = 0\n"),
+            "limits.max_connections",
+        ),
+        (
+            "absurd stream limit",
+            add("[limits]\nhttp2_max_concurrent_streams = 1000000\n"),
+            "limits.http2_max_concurrent_streams",
+        ),
+        (
+            "keep-alive without a unit",
+            add("[limits]\nhttp2_keep_alive_interval = \"30\"\n"),
+            "limits.http2_keep_alive_interval",
+        ),
+        (
             "bad runtime flavor",
             add("[runtime]\nflavor = \"single\"\n"),
             "runtime.flavor",

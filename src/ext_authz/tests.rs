@@ -65,6 +65,7 @@ fn fixture(extra: &str, trusted: &[&str]) -> Fixture {
     store
         .publish(crate::snapshot::parse(doc.to_string().as_bytes(), None).unwrap())
         .unwrap();
+    let telemetry = crate::telemetry::Telemetry::new(10, crate::config::DecisionLog::None);
     let state = ExtAuthzState {
         settings: FrontSettings {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -75,6 +76,10 @@ fn fixture(extra: &str, trusted: &[&str]) -> Fixture {
         store,
         limits: Arc::new(crate::ratelimit::RateLimits::new(settings.rate_limit)),
         usage: Arc::new(crate::usage::Usage::new(0)),
+        closing: tokio::sync::watch::channel(false).1,
+        shard: telemetry.shard(crate::telemetry::Front::ExtAuthz),
+        connections: telemetry.connections(crate::telemetry::Front::ExtAuthz),
+        resources: crate::config::Limits::default(),
     };
     Fixture { state, ok, near }
 }

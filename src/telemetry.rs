@@ -1,0 +1,402 @@
+//! What the fronts count as they answer: answers by front and code, how long deciding and
+//! answering took (histograms), open and refused connections; and the one log event per
+//! decision. Counting happens on the request path, so it is a handful of relaxed atomic adds
+//! into a [`Shard`] owned by one proxy thread (no cache line shared between threads in the
+//! thread-per-core layout); `/metrics` sums the shards when scraped.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::HeaderValue;
+
+use crate::config::DecisionLog;
+use crate::deny::{DenyReason, CODES};
+
+/// The fronts that decide requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Front {
+    Proxy,
+    ExtAuthz,
+    AuthzHttp,
+}
+
+impl Front {
+    pub const ALL: [Front; 3] = [Front::Proxy, Front::ExtAuthz, Front::AuthzHttp];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Front::Proxy => "proxy",
+            Front::ExtAuthz => "ext_authz",
+            Front::AuthzHttp => "authz_http",
+        }
+    }
+}
+
+/// Upper bounds of the latency histograms' buckets, in nanoseconds (50 µs to 10 s).
+pub const BUCKETS_NS: [u64; 16] = [
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    10_000_000_000,
+];
+
+/// A latency histogram: a count per bucket (not cumulative; the last one is `+Inf`) and the sum.
+#[derive(Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS_NS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: Duration) {
+        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        let i = BUCKETS_NS
+            .iter()
+            .position(|&b| ns <= b)
+            .unwrap_or(BUCKETS_NS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Add this histogram's counts to `counts` and `sum_ns`.
+    fn add_to(&self, counts: &mut [u64; BUCKETS_NS.len() + 1], sum_ns: &mut u64) {
+        for (total, c) in counts.iter_mut().zip(&self.counts) {
+            *total += c.load(Ordering::Relaxed);
+        }
+        *sum_ns += self.sum_ns.load(Ordering::Relaxed);
+    }
+}
+
+/// A summed histogram, as `/metrics` shows it.
+#[derive(Debug)]
+pub struct HistogramTotals {
+    /// `(upper bound in seconds, count in this bucket alone)`, ending with `f64::MAX` for
+    /// `+Inf` (prometheus-client's convention: it accumulates while encoding).
+    pub buckets: Vec<(f64, u64)>,
+    pub count: u64,
+    pub sum_seconds: f64,
+}
+
+fn totals(
+    parts: impl Iterator<Item = impl std::ops::Deref<Target = Histogram>>,
+) -> HistogramTotals {
+    let mut counts = [0u64; BUCKETS_NS.len() + 1];
+    let mut sum_ns = 0u64;
+    for h in parts {
+        h.add_to(&mut counts, &mut sum_ns);
+    }
+    let buckets = counts
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| (BUCKETS_NS.get(i).map_or(f64::MAX, |&b| b as f64 / 1e9), c))
+        .collect();
+    HistogramTotals {
+        buckets,
+        count: counts.iter().sum(),
+        sum_seconds: sum_ns as f64 / 1e9,
+    }
+}
+
+/// Index of "allowed" in a shard's answer counts; denials follow at `1 + code_index`.
+const ALLOWED: usize = 0;
+
+/// One thread's counts for one front.
+pub struct Shard {
+    answers: [AtomicU64; CODES.len() + 1],
+    /// From the request's arrival to the verdict (decision and rate limit).
+    decision: Histogram,
+    /// From the request's arrival to the response head being ready (for the proxy, the
+    /// upstream's answer; for the asking fronts, the same as `decision` plus encoding).
+    request: Histogram,
+    log: DecisionLog,
+    front: Front,
+}
+
+/// A request's facts as it is answered, filled in by the front.
+#[derive(Default)]
+pub struct Note {
+    /// When the verdict was known.
+    pub decided: Option<Instant>,
+    /// The denial's position in [`CODES`]; `None` while the request is allowed.
+    pub denied: Option<usize>,
+    pub key_id: Option<HeaderValue>,
+    pub partner_id: Option<HeaderValue>,
+}
+
+impl Note {
+    pub fn deny(&mut self, reason: &DenyReason) {
+        self.denied = Some(reason.code_index());
+        self.decided.get_or_insert_with(Instant::now);
+    }
+
+    pub fn allow(&mut self) {
+        self.decided.get_or_insert_with(Instant::now);
+    }
+
+    /// The key (and its partner) the request was decided for.
+    pub fn key(&mut self, key_id: &HeaderValue, partner_id: Option<&HeaderValue>) {
+        self.key_id = Some(key_id.clone());
+        self.partner_id = partner_id.cloned();
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.denied.map_or("allowed", |i| CODES[i])
+    }
+}
+
+impl Shard {
+    /// Count one answered request and log it as `log.decisions` says.
+    pub fn answered(&self, started: Instant, note: &Note, status: u16, request_id: &str) {
+        let now = Instant::now();
+        self.answers[note.denied.map_or(ALLOWED, |i| i + 1)].fetch_add(1, Ordering::Relaxed);
+        let decided = note.decided.unwrap_or(now);
+        self.decision
+            .observe(decided.saturating_duration_since(started));
+        let elapsed = now.saturating_duration_since(started);
+        self.request.observe(elapsed);
+        let log = match self.log {
+            DecisionLog::All => true,
+            DecisionLog::Denied => note.denied.is_some(),
+            DecisionLog::None => false,
+        };
+        if log {
+            let text = |v: &Option<HeaderValue>| {
+                v.as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+                    .to_owned()
+            };
+            tracing::info!(
+                target: "keygate::decision",
+                front = self.front.as_str(),
+                request_id,
+                key_id = %text(&note.key_id),
+                partner_id = %text(&note.partner_id),
+                code = note.code(),
+                status,
+                latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+                "decision"
+            );
+        }
+    }
+}
+
+/// Open connections of one front, against `limits.max_connections`.
+pub struct Connections {
+    open: AtomicUsize,
+    max: usize,
+    refused: AtomicU64,
+}
+
+/// Held while a connection is open.
+pub struct ConnectionGuard(Arc<Connections>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Connections {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Connections {
+            open: AtomicUsize::new(0),
+            max,
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    /// Take a place for a new connection, or `None` (counted as refused) when all are taken.
+    pub fn admit(self: &Arc<Self>) -> Option<ConnectionGuard> {
+        let taken = self
+            .open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.max).then_some(n + 1)
+            });
+        match taken {
+            Ok(_) => Some(ConnectionGuard(self.clone())),
+            Err(_) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+struct FrontStats {
+    shards: Mutex<Vec<Arc<Shard>>>,
+    connections: Arc<Connections>,
+}
+
+/// Every front's counts, shared by the whole process.
+pub struct Telemetry {
+    fronts: [FrontStats; 3],
+    log: DecisionLog,
+}
+
+/// One front's summed counts.
+pub struct FrontTotals {
+    pub front: Front,
+    /// `(code, count)`, "allowed" first; codes never seen are left out.
+    pub answers: Vec<(&'static str, u64)>,
+    pub decision: HistogramTotals,
+    pub request: HistogramTotals,
+    pub open_connections: usize,
+    pub refused_connections: u64,
+}
+
+impl Telemetry {
+    pub fn new(max_connections: usize, log: DecisionLog) -> Self {
+        let front = || FrontStats {
+            shards: Mutex::new(Vec::new()),
+            connections: Connections::new(max_connections),
+        };
+        Telemetry {
+            fronts: [front(), front(), front()],
+            log,
+        }
+    }
+
+    fn stats(&self, front: Front) -> &FrontStats {
+        &self.fronts[front as usize]
+    }
+
+    /// A new shard for one thread (or one shared state) of `front`.
+    pub fn shard(&self, front: Front) -> Arc<Shard> {
+        let shard = Arc::new(Shard {
+            answers: std::array::from_fn(|_| AtomicU64::new(0)),
+            decision: Histogram::default(),
+            request: Histogram::default(),
+            log: self.log,
+            front,
+        });
+        self.stats(front)
+            .shards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(shard.clone());
+        shard
+    }
+
+    /// The connection counter (and limit) of `front`.
+    pub fn connections(&self, front: Front) -> Arc<Connections> {
+        self.stats(front).connections.clone()
+    }
+
+    /// Sum the shards of `front`.
+    pub fn totals(&self, front: Front) -> FrontTotals {
+        let stats = self.stats(front);
+        let shards = stats
+            .shards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut answers = Vec::new();
+        for (i, code) in std::iter::once("allowed").chain(CODES).enumerate() {
+            let n: u64 = shards
+                .iter()
+                .map(|s| s.answers[i].load(Ordering::Relaxed))
+                .sum();
+            if n > 0 || i == ALLOWED {
+                answers.push((code, n));
+            }
+        }
+        FrontTotals {
+            front,
+            answers,
+            decision: totals(shards.iter().map(|s| HistRef(s, false))),
+            request: totals(shards.iter().map(|s| HistRef(s, true))),
+            open_connections: stats.connections.open(),
+            refused_connections: stats.connections.refused(),
+        }
+    }
+}
+
+/// One of a shard's histograms, by reference.
+struct HistRef<'a>(&'a Shard, bool);
+
+impl std::ops::Deref for HistRef<'_> {
+    type Target = Histogram;
+    fn deref(&self) -> &Histogram {
+        if self.1 {
+            &self.0.request
+        } else {
+            &self.0.decision
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_count_each_bucket_and_end_with_inf() {
+        let t = Telemetry::new(10, DecisionLog::None);
+        let s = t.shard(Front::Proxy);
+        let start = Instant::now();
+        let mut note = Note::default();
+        note.allow();
+        s.answered(start, &note, 200, "r");
+        s.decision.observe(Duration::from_millis(3));
+        s.decision.observe(Duration::from_secs(60));
+        let mut denied = Note::default();
+        denied.deny(&DenyReason::KeyRevoked);
+        t.shard(Front::Proxy).answered(start, &denied, 401, "r");
+        let totals = t.totals(Front::Proxy);
+        assert_eq!(totals.answers, vec![("allowed", 1), ("key_revoked", 1)]);
+        let b = &totals.decision.buckets;
+        assert_eq!(b.len(), BUCKETS_NS.len() + 1);
+        assert!(b.windows(2).all(|w| w[0].0 < w[1].0));
+        assert_eq!(
+            b.last().unwrap(),
+            &(f64::MAX, 1),
+            "60 s is past every bound"
+        );
+        assert_eq!(totals.decision.count, 4);
+        assert_eq!(b.iter().map(|(_, n)| n).sum::<u64>(), 4);
+        // 3 ms lands in the 5 ms bucket alone.
+        let at = |secs: f64| {
+            b.iter()
+                .find(|(le, _)| (*le - secs).abs() < 1e-12)
+                .unwrap()
+                .1
+        };
+        assert_eq!((at(0.0025), at(0.005)), (0, 1));
+        assert!(totals.decision.sum_seconds >= 60.003);
+    }
+
+    #[test]
+    fn connections_past_the_limit_are_refused_and_places_come_back() {
+        let t = Telemetry::new(2, DecisionLog::None);
+        let c = t.connections(Front::AuthzHttp);
+        let a = c.admit().unwrap();
+        let _b = c.admit().unwrap();
+        assert!(c.admit().is_none());
+        assert_eq!((c.open(), c.refused()), (2, 1));
+        drop(a);
+        assert!(c.admit().is_some());
+        assert_eq!(t.totals(Front::AuthzHttp).refused_connections, 1);
+    }
+}
