@@ -73,18 +73,6 @@ def split_listen(addr):
     return host.strip("[]"), int(port)
 
 
-def drop_section(toml_text, section):
-    """The text without one [section] (up to the next table header)."""
-    out, skipping = [], False
-    for line in toml_text.splitlines(keepends=True):
-        header = re.match(r"\s*\[\[?([^\]]+)\]\]?\s*(#.*)?$", line)
-        if header:
-            skipping = header.group(1).strip() == section
-        if not skipping:
-            out.append(line)
-    return "".join(out)
-
-
 def run(cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
 
@@ -351,34 +339,13 @@ class KubernetesManifests(unittest.TestCase):
                     self.assertTrue(0 < spec["minAvailable"] < replicas, spec)
 
     def test_config_passes_config_check(self):
-        knows_shutdown = self.binary_knows_shutdown()
         for k, docs, pod in self.pods():
             with self.subTest(pod.name):
-                text = pod.config_text
-                if not knows_shutdown:
-                    text = drop_section(text, "shutdown")
                 path = os.path.join(self.tmp.name, f"{k.replace(os.sep, '-')}.toml")
                 with open(path, "w") as f:
-                    f.write(text)
+                    f.write(pod.config_text)
                 out = run([BINARY, "config", "check", "--config", path])
                 self.assertEqual(out.returncode, 0, f"{pod.name}:\n{out.stdout}{out.stderr}")
-        if not knows_shutdown:
-            self.skipTest(
-                "this keygate does not know [shutdown] yet: the configs were checked without it"
-            )
-
-    def binary_knows_shutdown(self):
-        """Whether `config check` accepts [shutdown]. Until it does, config.example.toml must not
-        document it either, so the check is only relaxed while the section is being added."""
-        path = os.path.join(self.tmp.name, "shutdown-probe.toml")
-        with open(path, "w") as f:
-            f.write('environment = "live"\n[snapshot]\npath = "keys.json"\n'
-                    '[shutdown]\ndelay = "1s"\ndrain_timeout = "2s"\n')
-        knows = run([BINARY, "config", "check", "--config", path]).returncode == 0
-        if not knows:
-            self.assertNotIn("shutdown", self.example,
-                             "config.example.toml documents [shutdown] but keygate refuses it")
-        return knows
 
     def test_snapshot_passes_snapshot_check(self):
         for k, docs, pod in self.pods():
