@@ -21,7 +21,6 @@ use envoy_types::pb::google::protobuf::{value::Kind, BoolValue, Struct, Value};
 use envoy_types::pb::google::rpc;
 use http::StatusCode;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::client_ip::client_ip;
@@ -144,7 +143,8 @@ pub async fn serve(
             }
         }
     });
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming =
+        crate::listen::counted_incoming(listener, state.connections.clone(), "ext_authz");
     let r = &state.resources;
     let result = tonic::transport::Server::builder()
         .max_concurrent_streams(r.http2_max_concurrent_streams)
