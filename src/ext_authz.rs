@@ -103,10 +103,12 @@ impl<F: Future + Unpin> Future for CatchUnwind<F> {
     }
 }
 
-/// Serve Check and Health on `listener` until `shutdown` resolves.
+/// Serve Check and Health on `listener` until `shutdown` resolves; over TLS (ALPN `h2`) when
+/// `tls` is given.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<ExtAuthzState>,
+    tls: Option<Arc<crate::tls::TlsServer>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -134,14 +136,25 @@ pub async fn serve(
             }
         }
     });
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let result = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(
             AuthorizationServer::new(Service(state)).max_decoding_message_size(MAX_CHECK_BYTES),
-        )
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        );
+    let result = match tls {
+        Some(tls) => {
+            let incoming = crate::tls::incoming(listener, tls, "ext_authz");
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+        None => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    };
     watcher.abort();
     if let Err(e) = result {
         tracing::error!(error = %e, "ext_authz server stopped");
