@@ -19,6 +19,7 @@ use crate::ratelimit::RateLimits;
 use crate::snapshot::source::{Source, SourceError};
 use crate::snapshot::SnapshotStore;
 use crate::telemetry::Front;
+use crate::tls::{TlsServer, ALPN_GRPC, ALPN_HTTP};
 
 /// Why keygate could not start.
 #[derive(Debug, thiserror::Error)]
@@ -33,8 +34,11 @@ pub enum AppError {
     Source(#[from] SourceError),
     #[error("usage reports: {0}")]
     Usage(String),
-    #[error("sync_server TLS: {0}")]
-    Tls(String),
+    #[error("{what}: {source}")]
+    Tls {
+        what: &'static str,
+        source: crate::tls::TlsError,
+    },
 }
 
 /// A running keygate.
@@ -93,6 +97,24 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     Ok(socket.into())
 }
 
+/// A listener's TLS configuration, read now (a bad file stops start-up) and then watched for
+/// changes until shutdown.
+fn tls_server(
+    what: &'static str,
+    settings: Option<&crate::config::ServerTlsSettings>,
+    alpn: &'static [&'static [u8]],
+    tasks: &mut JoinSet<()>,
+    rx: &watch::Receiver<bool>,
+) -> Result<Option<Arc<TlsServer>>, AppError> {
+    let Some(settings) = settings else {
+        return Ok(None);
+    };
+    let server = TlsServer::new(what, settings.clone(), alpn)
+        .map_err(|source| AppError::Tls { what, source })?;
+    tasks.spawn(server.clone().watch(stopped(rx.clone())));
+    Ok(Some(server))
+}
+
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
     TcpListener::bind(addr)
         .await
@@ -127,18 +149,31 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
     let mut proxy_addr = None;
     let mut threads = Vec::new();
     if let Some(p) = settings.proxy.clone() {
+        let tls = tls_server("proxy", p.tls.as_ref(), ALPN_HTTP, &mut tasks, &rx)?;
+        let upstream_tls = p
+            .upstream_tls
+            .as_ref()
+            .map(crate::upstream::UpstreamTls::new)
+            .transpose()
+            .map_err(|source| AppError::Tls {
+                what: "proxy upstream",
+                source,
+            })?;
         let new_state = || {
-            Arc::new(ProxyState::new(
-                p.clone(),
-                settings.policy.clone(),
-                settings.headers.clone(),
-                store.clone(),
-                limits.clone(),
-                usage.clone(),
-                idempotency.clone(),
-                &telemetry,
-                settings.limits,
-            ))
+            Arc::new(
+                ProxyState::new(
+                    p.clone(),
+                    settings.policy.clone(),
+                    settings.headers.clone(),
+                    store.clone(),
+                    limits.clone(),
+                    usage.clone(),
+                    idempotency.clone(),
+                    &telemetry,
+                    settings.limits,
+                )
+                .with_tls(tls.clone(), upstream_tls.clone()),
+            )
         };
         if settings.runtime.flavor == RuntimeFlavor::ThreadPerCore {
             // One SO_REUSEPORT listener per thread, each served by its own single-threaded
@@ -238,6 +273,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
     if let Some(front) = settings.ext_authz.clone() {
         let listener = bind("ext_authz.listen", front.listen).await?;
         ext_authz_addr = listener.local_addr().ok();
+        let tls = tls_server("ext_authz", front.tls.as_ref(), ALPN_GRPC, &mut tasks, &rx)?;
         let state = Arc::new(ExtAuthzState {
             settings: front,
             policy: settings.policy.clone(),
@@ -253,6 +289,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
         fronts.spawn(crate::ext_authz::serve(
             listener,
             state,
+            tls,
             stopped(fronts_rx.clone()),
         ));
     }
@@ -284,12 +321,13 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
     if let Some(sync) = settings.sync_server.clone() {
         let listener = bind("sync_server.listen", sync.listen).await?;
         sync_addr = listener.local_addr().ok();
-        let tls = crate::sync::server::tls_config(&sync).map_err(AppError::Tls)?;
+        let tls = tls_server("sync_server", sync.tls.as_ref(), ALPN_GRPC, &mut tasks, &rx)?;
         let hub = crate::sync::server::Hub::new(store.clone(), sync);
         fronts.spawn(crate::sync::server::serve(
             listener,
             hub,
             tls,
+            crate::telemetry::Connections::new(settings.limits.max_connections),
             stopped(fronts_rx.clone()),
         ));
     }

@@ -77,7 +77,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub admin: RawListen,
     #[serde(default)]
-    pub ext_authz: RawFront,
+    pub ext_authz: RawExtAuthz,
     #[serde(default)]
     pub authz_http: RawFront,
     #[serde(default)]
@@ -164,6 +164,13 @@ pub struct RawProxy {
     pub max_header_bytes: Option<usize>,
     pub max_headers: Option<usize>,
     pub pool_idle_per_host: Option<usize>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+    pub upstream_ca_file: Option<PathBuf>,
+    pub upstream_server_name: Option<String>,
+    pub upstream_client_cert: Option<PathBuf>,
+    pub upstream_client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -179,6 +186,18 @@ pub struct RawFront {
     pub listen: Option<String>,
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+}
+
+/// The gRPC front: a [`RawFront`] that can also serve TLS.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawExtAuthz {
+    pub listen: Option<String>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -476,13 +495,32 @@ pub struct TlsIdentity {
     pub key: PathBuf,
 }
 
+/// A listener served over TLS. The files are read at start and again whenever they change
+/// (see [`crate::tls`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTlsSettings {
+    pub identity: TlsIdentity,
+    /// Require client certificates signed by these CAs (mTLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// How the proxy talks TLS to an `https://` upstream. Files are read at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTlsSettings {
+    /// PEM CA certificates that replace the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// The name the upstream's certificate must carry, also sent as SNI: the upstream's host
+    /// unless `upstream_server_name` overrides it.
+    pub server_name: String,
+    /// A client certificate for an upstream that requires mTLS.
+    pub client_identity: Option<TlsIdentity>,
+}
+
 #[derive(Debug, Clone)]
 pub struct SyncServerSettings {
     pub listen: SocketAddr,
-    /// Serve over TLS with this identity.
-    pub tls: Option<TlsIdentity>,
-    /// With TLS: require client certificates signed by these CAs (mTLS).
-    pub client_ca: Option<PathBuf>,
+    /// Serve over TLS (mTLS with a client CA).
+    pub tls: Option<ServerTlsSettings>,
     /// Clients must present `authorization: Bearer <token>` when set.
     pub token: Option<Secret>,
     /// How often an idle Watch stream carries a heartbeat.
@@ -502,6 +540,10 @@ pub struct ProxySettings {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub pool_idle_per_host: usize,
+    /// Terminate TLS on `listen`.
+    pub tls: Option<ServerTlsSettings>,
+    /// Set exactly when the upstream is `https://`.
+    pub upstream_tls: Option<UpstreamTlsSettings>,
 }
 
 /// Where an asking front listens, and whose `X-Forwarded-For` it believes.
@@ -509,6 +551,8 @@ pub struct ProxySettings {
 pub struct FrontSettings {
     pub listen: SocketAddr,
     pub trusted_proxies: Arc<[IpNet]>,
+    /// Serve over TLS (ext_authz only; `None` for authz_http).
+    pub tls: Option<ServerTlsSettings>,
 }
 
 /// Header names keygate reads and writes, all configurable.
@@ -684,7 +728,8 @@ fn table_fields(table: &str) -> Option<&'static [&'static str]> {
         "sync_server" => fields_of::<RawSyncServer>(),
         "proxy" => fields_of::<RawProxy>(),
         "admin" => fields_of::<RawListen>(),
-        "ext_authz" | "authz_http" => fields_of::<RawFront>(),
+        "ext_authz" => fields_of::<RawExtAuthz>(),
+        "authz_http" => fields_of::<RawFront>(),
         "credentials" => fields_of::<RawCredentials>(),
         "identity_headers" => fields_of::<RawIdentityHeaders>(),
         "paths" => fields_of::<RawPaths>(),
@@ -890,7 +935,7 @@ pub fn validate_with_env(
     let sync_server = v.sync_server(&raw.sync_server);
     let proxy = v.proxy(&raw.proxy);
     let admin = v.listen("admin.listen", raw.admin.listen.as_deref());
-    let ext_authz = v.front("ext_authz", &raw.ext_authz);
+    let ext_authz = v.ext_authz(&raw.ext_authz);
     let authz_http = v.front("authz_http", &raw.authz_http);
     let headers = v.headers(&raw.credentials, &raw.identity_headers, &raw.idempotency);
     let rate_limit = v.rate_limit(&raw.rate_limit, &raw.redis);
@@ -1540,21 +1585,15 @@ impl Validator<'_> {
                 );
             }
         }
-        let tls = self.identity(
-            ("sync_server.tls_cert", raw.tls_cert.as_ref()),
-            ("sync_server.tls_key", raw.tls_key.as_ref()),
+        let tls = self.server_tls(
+            "sync_server",
+            raw.tls_cert.as_ref(),
+            raw.tls_key.as_ref(),
+            raw.client_ca.as_ref(),
         );
-        let client_ca = self.pem_file("sync_server.client_ca", raw.client_ca.as_ref());
-        if client_ca.is_some() && tls.is_none() {
-            self.problem(
-                "sync_server.client_ca",
-                "needs sync_server.tls_cert and tls_key (client certificates are checked over TLS)",
-            );
-        }
         Some(SyncServerSettings {
             listen: listen?,
             tls,
-            client_ca,
             token,
             heartbeat_interval,
         })
@@ -1568,6 +1607,46 @@ impl Validator<'_> {
             return None;
         }
         Some(path.clone())
+    }
+
+    /// `<section>.tls_cert`, `tls_key` and `client_ca`: the files exist, parse, and the key
+    /// matches the certificate.
+    fn server_tls(
+        &mut self,
+        section: &str,
+        cert: Option<&PathBuf>,
+        key: Option<&PathBuf>,
+        client_ca: Option<&PathBuf>,
+    ) -> Option<ServerTlsSettings> {
+        let (cert_key, key_key, ca_key) = (
+            format!("{section}.tls_cert"),
+            format!("{section}.tls_key"),
+            format!("{section}.client_ca"),
+        );
+        let identity = self.identity((&cert_key, cert), (&key_key, key));
+        let client_ca = self.pem_file(&ca_key, client_ca);
+        if client_ca.is_some() && identity.is_none() && cert.is_none() && key.is_none() {
+            self.problem(
+                &ca_key,
+                format!("needs {section}.tls_cert and tls_key (client certificates are checked over TLS)"),
+            );
+        }
+        let tls = ServerTlsSettings {
+            identity: identity?,
+            client_ca,
+        };
+        match crate::tls::check_server(&tls) {
+            Ok(()) => Some(tls),
+            Err(e) => {
+                let key = match e.file {
+                    crate::tls::TlsFile::Cert => cert_key,
+                    crate::tls::TlsFile::Key => key_key,
+                    crate::tls::TlsFile::ClientCa => ca_key,
+                };
+                self.problem(key, e.to_string());
+                None
+            }
+        }
     }
 
     /// A certificate and key named together, or neither.
@@ -1633,6 +1712,13 @@ impl Validator<'_> {
                 format!("{max_headers} must be between 16 and 1000"),
             );
         }
+        let tls = self.server_tls(
+            "proxy",
+            raw.tls_cert.as_ref(),
+            raw.tls_key.as_ref(),
+            raw.client_ca.as_ref(),
+        );
+        let upstream_tls = self.upstream_tls(raw, upstream.as_ref());
         let (scheme, authority) = upstream?;
         Some(ProxySettings {
             listen: listen?,
@@ -1645,6 +1731,90 @@ impl Validator<'_> {
             max_header_bytes,
             max_headers,
             pool_idle_per_host: raw.pool_idle_per_host.unwrap_or(64),
+            tls,
+            upstream_tls,
+        })
+    }
+
+    /// The `upstream_*` TLS keys: only with an `https://` upstream, and each usable.
+    fn upstream_tls(
+        &mut self,
+        raw: &RawProxy,
+        upstream: Option<&(http::uri::Scheme, http::uri::Authority)>,
+    ) -> Option<UpstreamTlsSettings> {
+        let https = match upstream {
+            Some((scheme, authority)) if *scheme == http::uri::Scheme::HTTPS => Some(authority),
+            Some(_) => {
+                let given = [
+                    ("proxy.upstream_ca_file", raw.upstream_ca_file.is_some()),
+                    (
+                        "proxy.upstream_server_name",
+                        raw.upstream_server_name.is_some(),
+                    ),
+                    (
+                        "proxy.upstream_client_cert",
+                        raw.upstream_client_cert.is_some(),
+                    ),
+                    (
+                        "proxy.upstream_client_key",
+                        raw.upstream_client_key.is_some(),
+                    ),
+                ];
+                for (key, set) in given {
+                    if set {
+                        self.problem(key, "is only used with an https:// proxy.upstream");
+                    }
+                }
+                return None;
+            }
+            None => None,
+        };
+        let ca_file = self.pem_file("proxy.upstream_ca_file", raw.upstream_ca_file.as_ref());
+        let client_identity = self.identity(
+            (
+                "proxy.upstream_client_cert",
+                raw.upstream_client_cert.as_ref(),
+            ),
+            (
+                "proxy.upstream_client_key",
+                raw.upstream_client_key.as_ref(),
+            ),
+        );
+        let server_name = match raw.upstream_server_name.as_deref().map(str::trim) {
+            Some(name) if !name.is_empty() => {
+                if crate::tls::server_name(name).is_none() {
+                    self.problem(
+                        "proxy.upstream_server_name",
+                        format!("{name:?} is not a DNS name or an IP address"),
+                    );
+                    return None;
+                }
+                name.to_owned()
+            }
+            _ => https?.host().to_owned(),
+        };
+        let authority = https?;
+        if crate::tls::server_name(&server_name).is_none() {
+            self.problem(
+                "proxy.upstream",
+                format!("the host of {authority:?} is not a DNS name or an IP address a certificate can be checked against"),
+            );
+            return None;
+        }
+        if let Err(e) = crate::tls::client_config(ca_file.as_deref(), client_identity.as_ref(), &[])
+        {
+            let key = match e.file {
+                crate::tls::TlsFile::ClientCa => "proxy.upstream_ca_file",
+                crate::tls::TlsFile::Cert => "proxy.upstream_client_cert",
+                crate::tls::TlsFile::Key => "proxy.upstream_client_key",
+            };
+            self.problem(key, e.to_string());
+            return None;
+        }
+        Some(UpstreamTlsSettings {
+            ca_file,
+            server_name,
+            client_identity,
         })
     }
 
@@ -1673,6 +1843,24 @@ impl Validator<'_> {
         Some(FrontSettings {
             listen: listen?,
             trusted_proxies: trusted.into(),
+            tls: None,
+        })
+    }
+
+    fn ext_authz(&mut self, raw: &RawExtAuthz) -> Option<FrontSettings> {
+        let tls = self.server_tls(
+            "ext_authz",
+            raw.tls_cert.as_ref(),
+            raw.tls_key.as_ref(),
+            raw.client_ca.as_ref(),
+        );
+        let front = RawFront {
+            listen: raw.listen.clone(),
+            trusted_proxies: raw.trusted_proxies.clone(),
+        };
+        Some(FrontSettings {
+            tls,
+            ..self.front("ext_authz", &front)?
         })
     }
 
@@ -1688,20 +1876,14 @@ impl Validator<'_> {
                 return None;
             }
         };
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                self.problem(
-                    "proxy.upstream",
-                    bad("uses https, which this version does not support yet; use http"),
-                );
-                return None;
-            }
+        let scheme = match uri.scheme_str() {
+            Some("http") => http::uri::Scheme::HTTP,
+            Some("https") => http::uri::Scheme::HTTPS,
             _ => {
-                self.problem("proxy.upstream", bad("is not an http URL"));
+                self.problem("proxy.upstream", bad("is not an http:// or https:// URL"));
                 return None;
             }
-        }
+        };
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
             self.problem("proxy.upstream", bad("must not have a path or query"));
             return None;
@@ -1711,7 +1893,7 @@ impl Validator<'_> {
             self.problem("proxy.upstream", bad("must not carry credentials"));
             return None;
         }
-        Some((http::uri::Scheme::HTTP, authority))
+        Some((scheme, authority))
     }
 
     fn headers(

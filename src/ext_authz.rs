@@ -109,10 +109,12 @@ impl<F: Future + Unpin> Future for CatchUnwind<F> {
     }
 }
 
-/// Serve Check and Health on `listener` until `shutdown` resolves.
+/// Serve Check and Health on `listener` until `shutdown` resolves; over TLS (ALPN `h2`) when
+/// `tls` is given.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<ExtAuthzState>,
+    tls: Option<Arc<crate::tls::TlsServer>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -143,10 +145,9 @@ pub async fn serve(
             }
         }
     });
-    let incoming =
-        crate::listen::counted_incoming(listener, state.connections.clone(), "ext_authz");
+    let connections = state.connections.clone();
     let r = &state.resources;
-    let result = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .max_concurrent_streams(r.http2_max_concurrent_streams)
         .http2_max_pending_accept_reset_streams(Some(r.http2_max_pending_accept_reset_streams))
         .http2_keepalive_interval(Some(r.http2_keep_alive_interval))
@@ -154,9 +155,21 @@ pub async fn serve(
         .add_service(health)
         .add_service(
             AuthorizationServer::new(Service(state)).max_decoding_message_size(MAX_CHECK_BYTES),
-        )
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        );
+    let result = match tls {
+        Some(tls) => {
+            let incoming = crate::tls::incoming(listener, tls, connections, "ext_authz");
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+        None => {
+            let incoming = crate::listen::counted_incoming(listener, connections, "ext_authz");
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    };
     watcher.abort();
     if let Err(e) = result {
         tracing::error!(error = %e, "ext_authz server stopped");

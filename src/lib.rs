@@ -23,6 +23,8 @@
 //! - [`sync`]: `keygate.sync.v1`: the hub (`sync::server`) and the follower (`sync::client`).
 //! - [`headers`]: hop-by-hop and identity header rules shared by the fronts.
 //! - [`proxy`]: the hyper reverse-proxy front; [`upstream`]: its per-thread connection pool.
+//! - [`tls`]: rustls for the listeners (certificates reloaded when their files change) and for
+//!   `https://` upstreams.
 //! - [`authz_http`]: the forward-auth front (Envoy `http_service`, nginx, Traefik).
 //! - [`ext_authz`]: the gRPC `envoy.service.auth.v3.Authorization` front, with health.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` ([`metrics`]), `/usage` ([`usage`]);
@@ -57,5 +59,6 @@ pub mod routes;
 pub mod snapshot;
 pub mod sync;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 pub mod usage;

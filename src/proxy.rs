@@ -1,4 +1,5 @@
-//! The reverse-proxy front (hyper): HTTP/1.1 and h2c on one port. It turns a request into
+//! The reverse-proxy front (hyper): HTTP/1.1 and h2c on one port, or both over TLS (ALPN `h2`
+//! and `http/1.1`, optionally requiring client certificates) when `proxy.tls_cert` is set. It turns a request into
 //! [`RequestFacts`], asks [`decide`](crate::decision::decide), and applies the verdict: an allowed request is forwarded with
 //! its normalized path, without hop-by-hop headers, spoofed identity headers or (by default) the
 //! credential, and with keygate's identity headers; a denied one is answered here with the
@@ -36,7 +37,8 @@ use crate::path::normalize;
 use crate::request_id;
 use crate::snapshot::SnapshotStore;
 use crate::telemetry::{Connections, Front, Note, Shard, Telemetry};
-use crate::upstream::{PooledBody, Upstream, UpstreamError};
+use crate::tls::TlsServer;
+use crate::upstream::{PooledBody, Upstream, UpstreamError, UpstreamTls};
 
 /// Response body: the upstream's, streamed, or one keygate made.
 pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
@@ -55,6 +57,8 @@ pub struct ProxyState {
     pub shard: Arc<Shard>,
     pub connections: Arc<Connections>,
     pub resources: Limits,
+    /// TLS termination on the listener; shared by every proxy thread, reloaded in place.
+    tls: Option<Arc<TlsServer>>,
     upstream: Arc<Upstream>,
 }
 
@@ -73,7 +77,8 @@ impl ProxyState {
         resources: Limits,
     ) -> Self {
         let upstream = Upstream::new(
-            settings.upstream.as_str().to_owned(),
+            connect_address(&settings),
+            None,
             settings.connect_timeout,
             settings.pool_idle_per_host,
         );
@@ -88,9 +93,37 @@ impl ProxyState {
             shard: telemetry.shard(Front::Proxy),
             connections: telemetry.connections(Front::Proxy),
             resources,
+            tls: None,
             upstream,
         }
     }
+
+    /// Terminate TLS with `server`, and reach an `https://` upstream with `upstream`.
+    pub fn with_tls(
+        mut self,
+        server: Option<Arc<TlsServer>>,
+        upstream: Option<UpstreamTls>,
+    ) -> Self {
+        self.tls = server;
+        self.upstream = Upstream::new(
+            connect_address(&self.settings),
+            upstream,
+            self.settings.connect_timeout,
+            self.settings.pool_idle_per_host,
+        );
+        self
+    }
+}
+
+/// `host:port` of the upstream, the port defaulting to the scheme's.
+fn connect_address(settings: &ProxySettings) -> String {
+    let a = &settings.upstream;
+    let default = if settings.upstream_scheme == http::uri::Scheme::HTTPS {
+        443
+    } else {
+        80
+    };
+    format!("{}:{}", a.host(), a.port_u16().unwrap_or(default))
 }
 
 /// Accept connections on `listener` until `shutdown` resolves, then let open connections finish
@@ -125,17 +158,40 @@ pub async fn serve(
         crate::listen::next_connection(&listener, shutdown.as_mut(), "proxy", &state.connections)
             .await
     {
-        let state = state.clone();
-        let client = Arc::new(Peer::new(peer));
+        let tls = state.tls.clone();
+        let client = Arc::new(Peer::new(peer, tls.is_some()));
+        let st = state.clone();
         let service = hyper::service::service_fn(move |req| {
-            let state = state.clone();
+            let state = st.clone();
             let client = client.clone();
             async move { Ok::<_, Infallible>(handle(&state, &client, req).await) }
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
+        let watcher = graceful.watcher();
+        let Some(tls) = tls else {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let conn = watcher.watch(conn.into_owned());
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, %peer, "proxy connection ended with an error");
+                }
+                drop(open);
+            });
+            continue;
+        };
+        // The handshake runs in the connection's task, bounded like the request head it
+        // precedes, so a slow client holds up no one.
+        let builder = builder.clone();
+        let handshake = state.settings.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let stream = match tls.accept(stream, handshake).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(error = %e, %peer, "proxy: TLS handshake failed");
+                    return;
+                }
+            };
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(error = %e, %peer, "proxy connection ended with an error");
             }
             drop(open);
@@ -169,14 +225,17 @@ fn smuggling_shape(req: &Request<Incoming>) -> Option<&'static str> {
 struct Peer {
     ip: IpAddr,
     header: HeaderValue,
+    /// `X-Forwarded-Proto`: how the client reached keygate.
+    proto: HeaderValue,
 }
 
 impl Peer {
-    fn new(addr: SocketAddr) -> Self {
+    fn new(addr: SocketAddr, tls: bool) -> Self {
         let ip = crate::snapshot::canonical_ip(addr.ip());
         Peer {
             ip,
             header: HeaderValue::from_str(&ip.to_string()).expect("an IP is a header value"),
+            proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
         }
     }
 }
@@ -648,7 +707,7 @@ fn set_forwarded(
             h.insert(XFF, peer.header.clone());
         }
         if !h.contains_key(&XFP) {
-            h.insert(XFP, HeaderValue::from_static("http"));
+            h.insert(XFP, peer.proto.clone());
         }
         if !h.contains_key(&XFH) {
             if let Some(host) = host {
@@ -660,7 +719,7 @@ fn set_forwarded(
         // replaced by what keygate saw.
         h.remove(header::FORWARDED);
         h.insert(XFF, peer.header.clone());
-        h.insert(XFP, HeaderValue::from_static("http"));
+        h.insert(XFP, peer.proto.clone());
         match host {
             Some(host) => h.insert(XFH, host.clone()),
             None => h.remove(&XFH),
@@ -674,7 +733,9 @@ fn upstream_error(e: &UpstreamError) -> DenyReason {
         UpstreamError::Connect(io) if io.kind() == std::io::ErrorKind::TimedOut => {
             DenyReason::UpstreamTimeout
         }
-        UpstreamError::Connect(_) | UpstreamError::Http(_) => DenyReason::UpstreamUnavailable,
+        UpstreamError::Connect(_) | UpstreamError::Tls(_) | UpstreamError::Http(_) => {
+            DenyReason::UpstreamUnavailable
+        }
     }
 }
 

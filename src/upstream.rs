@@ -6,6 +6,10 @@
 //! end (or had none); a body dropped half-way takes its connection with it. A request that a
 //! pooled connection could not send at all (the upstream closed it while idle) is retried once
 //! on a fresh connection; a request that may have reached the upstream is never retried.
+//!
+//! An `https://` upstream gets TLS on each new connection (ALPN `http/1.1`, SNI and certificate
+//! checked against [`UpstreamTls::server_name`]); the TCP connect and the handshake together
+//! must finish within `connect_timeout`. Pooled connections stay TLS connections.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
@@ -19,7 +23,11 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
+
+use crate::config::UpstreamTlsSettings;
+use crate::tls::TlsError;
 
 /// What goes upstream: the client's streaming body, or one held in memory (empty for a
 /// bodiless request, or read whole for an idempotent replay's fingerprint), which can be sent
@@ -53,14 +61,46 @@ pub enum UpstreamError {
     ConnectTimeout,
     #[error("connecting to the upstream failed: {0}")]
     Connect(std::io::Error),
+    #[error("the TLS handshake with the upstream failed: {0}")]
+    Tls(std::io::Error),
     #[error("the upstream connection failed: {0}")]
     Http(#[from] hyper::Error),
 }
 
+/// TLS to an `https://` upstream: built once, shared by every thread's pool.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    connector: tokio_rustls::TlsConnector,
+    /// What the certificate is checked against, and the SNI when it is a DNS name.
+    pub server_name: ServerName<'static>,
+}
+
+impl UpstreamTls {
+    /// Read the CA and client certificate files (already checked by `config check`).
+    pub fn new(settings: &UpstreamTlsSettings) -> Result<Self, TlsError> {
+        let config = crate::tls::client_config(
+            settings.ca_file.as_deref(),
+            settings.client_identity.as_ref(),
+            &[b"http/1.1"],
+        )?;
+        let server_name =
+            crate::tls::server_name(&settings.server_name).ok_or_else(|| TlsError {
+                file: crate::tls::TlsFile::Cert,
+                path: settings.server_name.clone(),
+                reason: "is not a DNS name or an IP address".into(),
+            })?;
+        Ok(Self {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            server_name,
+        })
+    }
+}
+
 /// A pool of HTTP/1.1 connections to one upstream address.
 pub struct Upstream {
-    /// `host:port` as configured.
+    /// `host:port` to connect to.
     authority: String,
+    tls: Option<UpstreamTls>,
     connect_timeout: Duration,
     max_idle: usize,
     idle: Mutex<Vec<SendRequest<UpBody>>>,
@@ -68,9 +108,15 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(authority: String, connect_timeout: Duration, max_idle: usize) -> Arc<Self> {
+    pub fn new(
+        authority: String,
+        tls: Option<UpstreamTls>,
+        connect_timeout: Duration,
+        max_idle: usize,
+    ) -> Arc<Self> {
         Arc::new_cyclic(|me| Upstream {
             authority,
+            tls,
             connect_timeout,
             max_idle,
             idle: Mutex::new(Vec::new()),
@@ -167,22 +213,41 @@ impl Upstream {
     }
 
     async fn connect(&self) -> Result<SendRequest<UpBody>, UpstreamError> {
-        let stream =
-            tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.authority))
+        let connected = tokio::time::timeout(self.connect_timeout, async {
+            let stream = TcpStream::connect(&self.authority)
                 .await
-                .map_err(|_| UpstreamError::ConnectTimeout)?
                 .map_err(UpstreamError::Connect)?;
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
+            let _ = stream.set_nodelay(true);
+            match &self.tls {
+                None => handshake(stream).await,
+                Some(tls) => {
+                    let stream = tls
+                        .connector
+                        .connect(tls.server_name.clone(), stream)
+                        .await
+                        .map_err(UpstreamError::Tls)?;
+                    handshake(stream).await
+                }
             }
         });
-        Ok(sender)
+        connected.await.map_err(|_| UpstreamError::ConnectTimeout)?
     }
+}
+
+/// HTTP/1.1 on a connected stream; the connection is driven by its own task.
+async fn handshake<S>(stream: S) -> Result<SendRequest<UpBody>, UpstreamError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
 }
 
 /// An upstream response body that returns its connection to the pool once fully read.

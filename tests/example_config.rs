@@ -30,6 +30,12 @@ fn example_config_loads_and_states_the_defaults() {
     assert_eq!(d.max_header_bytes, p.max_header_bytes);
     assert_eq!(d.max_headers, p.max_headers);
     assert_eq!(d.pool_idle_per_host, p.pool_idle_per_host);
+    assert_eq!(d.tls, p.tls, "no TLS unless configured");
+    assert_eq!(d.upstream_tls, p.upstream_tls);
+    assert_eq!(
+        minimal.ext_authz.and_then(|e| e.tls),
+        s.ext_authz.as_ref().and_then(|e| e.tls.clone())
+    );
     assert_eq!(minimal.snapshot.poll_interval, s.snapshot.poll_interval);
     let (a, b) = (&minimal.snapshot, &s.snapshot);
     assert_eq!(a.connect_timeout, b.connect_timeout);

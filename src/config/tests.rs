@@ -208,9 +208,92 @@ fn each_problem_names_its_dotted_key() {
             "proxy.upstream",
         ),
         (
-            "https upstream",
-            edit("http://127.0.0.1:3000", "https://127.0.0.1:3000"),
+            "ftp upstream",
+            edit("http://127.0.0.1:3000", "ftp://127.0.0.1:3000"),
             "proxy.upstream",
+        ),
+        (
+            "https upstream with a CA file that is not PEM",
+            edit(
+                "upstream = \"http://127.0.0.1:3000\"",
+                "upstream = \"https://127.0.0.1:3000\"\nupstream_ca_file = \"Cargo.toml\"",
+            ),
+            "proxy.upstream_ca_file",
+        ),
+        (
+            "https upstream with a missing CA file",
+            edit(
+                "upstream = \"http://127.0.0.1:3000\"",
+                "upstream = \"https://127.0.0.1:3000\"\nupstream_ca_file = \"/nonexistent/ca.pem\"",
+            ),
+            "proxy.upstream_ca_file",
+        ),
+        (
+            "upstream_ca_file with an http upstream",
+            edit("upstream = ", "upstream_ca_file = \"Cargo.toml\"\nupstream = "),
+            "proxy.upstream_ca_file",
+        ),
+        (
+            "upstream_client_cert without its key",
+            edit(
+                "upstream = \"http://127.0.0.1:3000\"",
+                "upstream = \"https://127.0.0.1:3000\"\nupstream_client_cert = \"Cargo.toml\"",
+            ),
+            "proxy.upstream_client_key",
+        ),
+        (
+            "upstream_server_name that is not a name",
+            edit(
+                "upstream = \"http://127.0.0.1:3000\"",
+                "upstream = \"https://127.0.0.1:3000\"\nupstream_server_name = \"api internal\"",
+            ),
+            "proxy.upstream_server_name",
+        ),
+        (
+            "proxy.tls_cert without its key",
+            edit("upstream = ", "tls_cert = \"Cargo.toml\"\nupstream = "),
+            "proxy.tls_key",
+        ),
+        (
+            "proxy.tls_key without its certificate",
+            edit("upstream = ", "tls_key = \"Cargo.toml\"\nupstream = "),
+            "proxy.tls_cert",
+        ),
+        (
+            "proxy.tls_cert that is not PEM",
+            edit(
+                "upstream = ",
+                "tls_cert = \"Cargo.toml\"\ntls_key = \"Cargo.toml\"\nupstream = ",
+            ),
+            "proxy.tls_cert",
+        ),
+        (
+            "proxy.tls_cert unreadable",
+            edit(
+                "upstream = ",
+                "tls_cert = \"/nonexistent/cert.pem\"\ntls_key = \"Cargo.toml\"\nupstream = ",
+            ),
+            "proxy.tls_cert",
+        ),
+        (
+            "proxy.client_ca without TLS",
+            edit("upstream = ", "client_ca = \"Cargo.toml\"\nupstream = "),
+            "proxy.client_ca",
+        ),
+        (
+            "ext_authz.client_ca without TLS",
+            add("[ext_authz]\nlisten = \"127.0.0.1:0\"\nclient_ca = \"Cargo.toml\"\n"),
+            "ext_authz.client_ca",
+        ),
+        (
+            "ext_authz.tls_key without its certificate",
+            add("[ext_authz]\nlisten = \"127.0.0.1:0\"\ntls_key = \"Cargo.toml\"\n"),
+            "ext_authz.tls_cert",
+        ),
+        (
+            "TLS on authz_http, which does not offer it",
+            add("[authz_http]\nlisten = \"127.0.0.1:0\"\ntls_cert = \"Cargo.toml\"\n"),
+            "authz_http.tls_cert",
         ),
         (
             "upstream with a path",
@@ -559,7 +642,7 @@ poll_interval = "5"
 
 [proxy]
 listen = "127.0.0.1:8080"
-upstream = "https://upstream"
+upstream = "ftp://upstream"
 trusted_proxies = ["nope"]
 
 [routes]
@@ -785,4 +868,79 @@ fn helpers() {
     ] {
         assert_eq!(is_scope(s), want, "{s:?}");
     }
+}
+
+/// Real certificate files: a good pair validates everywhere TLS is offered; a key of another
+/// certificate is named as the problem, under each section's own key.
+#[test]
+fn tls_files_are_parsed_and_matched_at_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let mint = |name: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (cert, key) = mint("keygate.test");
+    let (_, other) = mint("other.test");
+    let (cert, key, other, ca) = (
+        write("cert.pem", cert.clone()),
+        write("key.pem", key),
+        write("other-key.pem", other),
+        write("ca.pem", cert),
+    );
+    let text = |key: &str| {
+        format!(
+            "environment = \"live\"\n[snapshot]\npath = \"keys.json\"\n\
+             [proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"https://api.internal:8443\"\n\
+             tls_cert = {cert:?}\ntls_key = {key:?}\nclient_ca = {ca:?}\nupstream_ca_file = {ca:?}\n\
+             upstream_client_cert = {cert:?}\nupstream_client_key = {key:?}\n\
+             [ext_authz]\nlisten = \"127.0.0.1:0\"\ntls_cert = {cert:?}\ntls_key = {key:?}\n\
+             [sync_server]\nlisten = \"127.0.0.1:0\"\ntls_cert = {cert:?}\ntls_key = {key:?}\nclient_ca = {ca:?}\n"
+        )
+    };
+    let s = from_toml(&text(&key)).unwrap();
+    let p = s.proxy.unwrap();
+    assert_eq!(p.upstream_scheme, http::uri::Scheme::HTTPS);
+    assert_eq!(p.upstream.as_str(), "api.internal:8443");
+    let up = p.upstream_tls.unwrap();
+    assert_eq!(up.server_name, "api.internal");
+    assert!(up.client_identity.is_some());
+    assert!(p.tls.unwrap().client_ca.is_some());
+    assert!(s.ext_authz.unwrap().tls.unwrap().client_ca.is_none());
+    assert!(s.sync_server.unwrap().tls.is_some());
+
+    let got = problems(&text(&other));
+    let mut keys: Vec<&str> = got.iter().map(|p| p.key.as_str()).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "ext_authz.tls_key",
+            "proxy.tls_key",
+            "proxy.upstream_client_key",
+            "sync_server.tls_key"
+        ]
+    );
+    for p in &got {
+        assert!(
+            p.message.contains("does not match the certificate in"),
+            "{p}"
+        );
+    }
+
+    // upstream_server_name replaces the host as the name checked (and sent as SNI).
+    let named = text(&key).replace(
+        "upstream_ca_file",
+        "upstream_server_name = \"api.example.com\"\nupstream_ca_file",
+    );
+    let p = from_toml(&named).unwrap().proxy.unwrap();
+    assert_eq!(p.upstream_tls.unwrap().server_name, "api.example.com");
 }

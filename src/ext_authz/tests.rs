@@ -70,6 +70,7 @@ fn fixture(extra: &str, trusted: &[&str]) -> Fixture {
         settings: FrontSettings {
             listen: "127.0.0.1:0".parse().unwrap(),
             trusted_proxies: trusted.iter().map(|c| c.parse().unwrap()).collect(),
+            tls: None,
         },
         policy: settings.policy,
         names: settings.headers,

@@ -17,7 +17,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::server::NamedService;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use super::proto::sync_server::{Sync, SyncServer};
@@ -313,57 +312,42 @@ async fn send_heartbeat(
     tx.send(Ok(hub.message(event))).await.map_err(|_| ())
 }
 
-/// The listener's TLS configuration (`sync_server.tls_cert`/`tls_key`, and `client_ca` for
-/// mTLS), read now so a bad file stops start-up rather than the listener later.
-pub fn tls_config(
-    settings: &SyncServerSettings,
-) -> Result<Option<tonic::transport::ServerTlsConfig>, String> {
-    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-    let Some(id) = &settings.tls else {
-        return Ok(None);
-    };
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    let mut tls =
-        ServerTlsConfig::new().identity(Identity::from_pem(read(&id.cert)?, read(&id.key)?));
-    if let Some(ca) = &settings.client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
-    }
-    Ok(Some(tls))
-}
-
-/// Serve Watch on `listener` until `shutdown` resolves.
+/// Serve Watch on `listener` until `shutdown` resolves; over TLS (`sync_server.tls_cert`,
+/// reloaded when the files change, and `client_ca` for mTLS) when `tls` is given.
 pub async fn serve(
     listener: TcpListener,
     hub: Arc<Hub>,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<Arc<crate::tls::TlsServer>>,
+    connections: Arc<crate::telemetry::Connections>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let follower = tokio::spawn(hub.clone().follow(std::future::pending::<()>()));
     let closing = hub.clone();
     let shutdown = async move {
         shutdown.await;
         closing.closing.send_replace(true);
     };
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = match builder.tls_config(tls) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "sync server: unusable TLS configuration");
-                return;
-            }
-        };
-    }
-    let result = builder
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(
             SyncServer::new(Service(hub))
                 .max_encoding_message_size(super::MAX_MESSAGE_BYTES)
                 .max_decoding_message_size(64 * 1024),
-        )
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        );
+    let result = match tls {
+        Some(tls) => {
+            let incoming = crate::tls::incoming(listener, tls, connections, "sync_server");
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+        None => {
+            let incoming = crate::listen::counted_incoming(listener, connections, "sync_server");
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    };
     follower.abort();
     if let Err(e) = result {
         tracing::error!(error = %e, "sync server stopped");

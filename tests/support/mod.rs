@@ -50,14 +50,26 @@ pub struct Seen {
 pub struct Upstream {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// Over TLS: one entry per completed handshake, the SNI the client sent (if any).
+    sni: Arc<Mutex<Vec<Option<String>>>>,
 }
 
 impl Upstream {
     pub async fn start() -> Self {
+        Self::serve(None).await
+    }
+
+    /// The same upstream over TLS (HTTP/1.1) with `config`.
+    pub async fn start_tls(config: rustls::ServerConfig) -> Self {
+        Self::serve(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn serve(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let record = seen.clone();
+        let sni: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+        let (record, names) = (seen.clone(), sni.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -68,15 +80,37 @@ impl Upstream {
                     let record = record.clone();
                     async move { Ok::<_, Infallible>(upstream_answer(req, record).await) }
                 });
+                let (tls, names) = (tls.clone(), names.clone());
                 tokio::spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .with_upgrades()
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http
+                                .serve_connection(TokioIo::new(stream), service)
+                                .with_upgrades()
+                                .await;
+                        }
+                        Some(tls) => {
+                            let Ok(stream) = tls.accept(stream).await else {
+                                return;
+                            };
+                            let name = stream.get_ref().1.server_name().map(str::to_owned);
+                            names.lock().unwrap().push(name);
+                            let _ = http
+                                .serve_connection(TokioIo::new(stream), service)
+                                .with_upgrades()
+                                .await;
+                        }
+                    }
                 });
             }
         });
-        Upstream { addr, seen }
+        Upstream { addr, seen, sni }
+    }
+
+    /// Over TLS: the SNI of each connection, in order of their handshakes.
+    pub fn sni(&self) -> Vec<Option<String>> {
+        self.sni.lock().unwrap().clone()
     }
 
     /// Everything received so far.
@@ -876,6 +910,59 @@ pub struct Pki {
     pub client_key: PathBuf,
     /// The server certificate and key, DER, for a rustls server in the test.
     pub server_der: (Vec<u8>, Vec<u8>),
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+/// A certificate this PKI issued, and its key.
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub cert_der: Vec<u8>,
+    pub key_der: Vec<u8>,
+}
+
+impl Issued {
+    /// A rustls server (HTTP/1.1) with this certificate; requiring client certificates signed
+    /// by `client_ca` when given.
+    pub fn server_config(&self, client_ca: Option<&Pki>) -> rustls::ServerConfig {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = match client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(ca.ca_der()).unwrap();
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder
+            .with_single_cert(
+                vec![CertificateDer::from(self.cert_der.clone())],
+                PrivateKeyDer::try_from(self.key_der.clone()).unwrap(),
+            )
+            .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config
+    }
+
+    /// Write the certificate and key to `cert` and `key`, each atomically (a temp file renamed
+    /// over), the certificate first.
+    pub fn write_to(&self, cert: &Path, key: &Path) {
+        for (path, text) in [(cert, &self.cert_pem), (key, &self.key_pem)] {
+            let tmp = path.with_extension(format!("tmp{}", rand_suffix()));
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, path).unwrap();
+        }
+    }
 }
 
 impl Pki {
@@ -888,28 +975,180 @@ impl Pki {
             .push(rcgen::DnType::CommonName, "keygate test CA");
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let leaf = |names: Vec<String>, client: bool| {
-            let key = rcgen::KeyPair::generate().unwrap();
-            let mut params = rcgen::CertificateParams::new(names).unwrap();
-            if client {
-                params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-            }
-            (params.signed_by(&key, &issuer).unwrap(), key)
-        };
-        let (server, server_key) = leaf(vec!["127.0.0.1".to_owned()], false);
-        let (client, client_key) = leaf(vec!["keygate-sidecar".to_owned()], true);
-        let write = |name: &str, text: String| {
+        let write = |name: &str, text: &str| {
             let p = dir.join(name);
             std::fs::write(&p, text).unwrap();
             p
         };
-        Pki {
-            ca: write("ca.pem", ca_cert.pem()),
-            server_cert: write("server.pem", server.pem()),
-            server_key: write("server-key.pem", server_key.serialize_pem()),
-            client_cert: write("client.pem", client.pem()),
-            client_key: write("client-key.pem", client_key.serialize_pem()),
-            server_der: (server.der().to_vec(), server_key.serialize_der()),
+        let mut pki = Pki {
+            ca: write("ca.pem", &ca_cert.pem()),
+            server_cert: PathBuf::new(),
+            server_key: PathBuf::new(),
+            client_cert: PathBuf::new(),
+            client_key: PathBuf::new(),
+            server_der: (Vec::new(), Vec::new()),
+            issuer,
+        };
+        let server = pki.issue(&["127.0.0.1"], false);
+        let client = pki.issue(&["keygate-sidecar"], true);
+        pki.server_cert = write("server.pem", &server.cert_pem);
+        pki.server_key = write("server-key.pem", &server.key_pem);
+        pki.client_cert = write("client.pem", &client.cert_pem);
+        pki.client_key = write("client-key.pem", &client.key_pem);
+        pki.server_der = (server.cert_der, server.key_der);
+        pki
+    }
+
+    /// A new certificate for `names` (IP addresses or DNS names) signed by this CA; a client
+    /// certificate when `client`.
+    pub fn issue(&self, names: &[&str], client: bool) -> Issued {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        if client {
+            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        }
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            cert_der: cert.der().to_vec(),
+            key_der: key.serialize_der(),
         }
     }
+
+    /// The CA certificate, DER.
+    pub fn ca_der(&self) -> rustls::pki_types::CertificateDer<'static> {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_file(&self.ca).unwrap()
+    }
+
+    /// A rustls client trusting this CA only, offering `alpn`, presenting `identity` (PEM files)
+    /// when given. Session resumption is off, so every connection shows the server's current
+    /// certificate.
+    pub fn client_config(
+        &self,
+        alpn: &[&[u8]],
+        identity: Option<(&Path, &Path)>,
+    ) -> Arc<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let mut config = match identity {
+            Some((cert, key)) => builder
+                .with_client_auth_cert(
+                    CertificateDer::pem_file_iter(cert)
+                        .unwrap()
+                        .map(Result::unwrap)
+                        .collect(),
+                    PrivateKeyDer::from_pem_file(key).unwrap(),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        config.resumption = rustls::client::Resumption::disabled();
+        Arc::new(config)
+    }
+}
+
+/// An answer over TLS, with what the handshake showed.
+#[derive(Debug)]
+pub struct TlsAnswer {
+    pub answer: Answer,
+    /// The protocol ALPN chose.
+    pub alpn: Option<Vec<u8>>,
+    /// The server's end-entity certificate, DER.
+    pub server_cert: Vec<u8>,
+}
+
+/// The certificate `addr` serves on a new connection (checked against `config`'s roots for
+/// 127.0.0.1), or why the handshake failed.
+pub async fn served_certificate(
+    addr: SocketAddr,
+    config: &Arc<rustls::ClientConfig>,
+) -> Result<Vec<u8>, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (_, session) = tls.get_ref();
+    Ok(session.peer_certificates().unwrap()[0].to_vec())
+}
+
+/// One request over a new TLS connection to `addr` (server name 127.0.0.1), in HTTP/2 when
+/// ALPN chose `h2`, else HTTP/1.1. `Err` when the handshake or the exchange fails.
+pub async fn tls_send(
+    addr: SocketAddr,
+    config: &Arc<rustls::ClientConfig>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<TlsAnswer, String> {
+    let exchange = async {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let (_, session) = tls.get_ref();
+        let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+        let server_cert = session.peer_certificates().unwrap()[0].to_vec();
+        let h2 = alpn.as_deref() == Some(b"h2");
+        let mut b = Request::builder().method(method);
+        b = if h2 {
+            b.uri(format!("https://{addr}{path}"))
+        } else {
+            b.uri(path).header("host", addr.to_string())
+        };
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(Full::new(Bytes::new())).unwrap();
+        let io = TokioIo::new(tls);
+        let resp = if h2 {
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            sender.send_request(req).await
+        } else {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            sender.send_request(req).await
+        }
+        .map_err(|e| format!("exchange: {e}"))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok(TlsAnswer {
+            answer: Answer {
+                status,
+                headers,
+                body,
+            },
+            alpn,
+            server_cert,
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| "no answer within 10 s".to_owned())?
 }
