@@ -28,7 +28,9 @@
 //! - [`authz_http`]: the forward-auth front (Envoy `http_service`, nginx, Traefik).
 //! - [`ext_authz`]: the gRPC `envoy.service.auth.v3.Authorization` front, with health.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` ([`metrics`]), `/usage` ([`usage`]);
-//!   [`listen`]: the accept loop the HTTP fronts share.
+//!   [`listen`]: the accept loop every front shares, with `limits.max_connections`.
+//! - [`telemetry`]: answers by front and code, latency histograms, connection counts (per-thread
+//!   shards read by [`metrics`]), and the one log event per decision.
 //! - [`ratelimit`]: per-key GCRA limits (check 12); [`idempotency`]: the proxy's idempotent
 //!   replay store.
 //! - [`keys`]: `keygate keys create | list | revoke` on a snapshot file.
