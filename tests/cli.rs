@@ -1465,7 +1465,6 @@ async fn serve_drains_in_the_order_a_load_balancer_needs() {
     assert_eq!(a.status, 200, "in-flight request cut: {:?}", a.body);
     let status = running.wait(Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(0), "{status:?}");
-    assert!(signalled.elapsed() >= Duration::from_millis(3000));
 }
 
 #[test]

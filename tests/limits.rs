@@ -57,9 +57,13 @@ async fn connections_past_the_limit_are_reset_at_once_and_counted() {
 
     // The third is reset at once: no answer, no wait.
     let started = Instant::now();
-    let mut third = TcpStream::connect(gate.addr).await.unwrap();
-    let _ = third.write_all(request.as_bytes()).await;
-    let read = tokio::time::timeout(Duration::from_secs(2), third.read(&mut buf)).await;
+    let read = tokio::time::timeout(Duration::from_secs(2), async {
+        // The reset may already come back to the connect.
+        let mut third = TcpStream::connect(gate.addr).await?;
+        let _ = third.write_all(request.as_bytes()).await;
+        third.read(&mut buf).await
+    })
+    .await;
     match read {
         Ok(Ok(0)) | Ok(Err(_)) => {}
         Ok(Ok(n)) => panic!(
@@ -84,9 +88,13 @@ async fn connections_past_the_limit_are_reset_at_once_and_counted() {
     drop(first);
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let mut next = TcpStream::connect(gate.addr).await.unwrap();
-        let _ = next.write_all(request.as_bytes()).await;
-        let n = next.read(&mut buf).await.unwrap_or(0);
+        let n = match TcpStream::connect(gate.addr).await {
+            Ok(mut next) => {
+                let _ = next.write_all(request.as_bytes()).await;
+                next.read(&mut buf).await.unwrap_or(0)
+            }
+            Err(_) => 0, // reset: not yet
+        };
         if String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200") {
             break;
         }
@@ -100,6 +108,84 @@ async fn connections_past_the_limit_are_reset_at_once_and_counted() {
         gate.metric("keygate_connections_refused_total{front=\"proxy\"}")
             .await
             >= Some(1.0)
+    );
+    gate.stop().await;
+}
+
+async fn h2_gate(limits: &str) -> (Gate, String, Upstream, SnapshotDir) {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let key = mint("sk_live_");
+    snap.write(&Doc::new(1).partner("partner_acme", None, "active").key(
+        "key_a",
+        &key,
+        json!({"scopes": ["analyses:read"]}),
+    ));
+    let toml = config_toml_proxy(&snap.path(), upstream.addr, "", limits);
+    (Gate::start(&toml).await, key, upstream, snap)
+}
+
+fn h2_get(gate: &Gate, key: &str) -> http::Request<()> {
+    http::Request::get(format!("http://{}/v1/analyses/1", gate.addr))
+        .header("x-api-key", key)
+        .body(())
+        .unwrap()
+}
+
+/// The proxy's h2c advertises `limits.http2_max_concurrent_streams` to clients.
+#[tokio::test]
+async fn http2_stream_limit_is_advertised() {
+    let (gate, key, _upstream, _snap) =
+        h2_gate("[limits]\nhttp2_max_concurrent_streams = 7\n").await;
+    let tcp = TcpStream::connect(gate.addr).await.unwrap();
+    let (mut client, mut conn) = h2::client::handshake(tcp).await.unwrap();
+    let (resp, _) = client.send_request(h2_get(&gate, &key), true).unwrap();
+    let resp = tokio::select! {
+        r = resp => r.unwrap(),
+        e = &mut conn => panic!("the connection ended first: {e:?}"),
+    };
+    assert_eq!(resp.status(), 200);
+    assert_eq!(conn.max_concurrent_send_streams(), 7);
+    // An open HTTP/2 connection would hold shutdown for the whole drain.
+    drop((client, conn));
+    gate.stop().await;
+}
+
+/// HTTP/2 "rapid reset": a client that opens streams and cancels them at once is cut off with
+/// GOAWAY (ENHANCE_YOUR_CALM) once `limits.http2_max_pending_accept_reset_streams` is passed,
+/// instead of making keygate start work it never answers.
+#[tokio::test]
+async fn http2_rapid_reset_flood_closes_the_connection() {
+    let (gate, key, _upstream, _snap) =
+        h2_gate("[limits]\nhttp2_max_pending_accept_reset_streams = 5\n").await;
+    let tcp = TcpStream::connect(gate.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(conn);
+    let mut client = client;
+    for _ in 0..500 {
+        client = match client.ready().await {
+            Ok(c) => c,
+            Err(_) => break,
+        };
+        match client.send_request(h2_get(&gate, &key), false) {
+            Ok((_, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
+            Err(_) => break,
+        }
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(5), driver)
+        .await
+        .expect("the connection was not closed within 5 s of the flood")
+        .unwrap();
+    let e = ended.expect_err("the connection ended cleanly, not by GOAWAY");
+    // The GOAWAY is read, or the client is still writing its flood when the server closes.
+    let closed_by_server = e.is_io()
+        && matches!(
+            e.get_io().map(std::io::Error::kind),
+            Some(std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset)
+        );
+    assert!(
+        e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || closed_by_server,
+        "closed for another reason: {e:?}"
     );
     gate.stop().await;
 }

@@ -43,6 +43,9 @@ DEPLOY = os.path.join(ROOT, "deploy", "kubernetes")
 KUBERNETES_VERSIONS = ["1.30.0", "1.33.0"]
 # What kubelet, endpoint removal and the app's own stop need beyond keygate's shutdown.
 GRACE_MARGIN_SECONDS = 5
+# keygate's own time beyond delay + drain_timeout: 0.5 s for a front past its drain to be
+# stopped, up to 2 s for the snapshot source and admin, and the usage report's flush.
+SHUTDOWN_OVERHEAD_SECONDS = 3
 # The listeners a keygate.toml may set, with the section of each.
 LISTENERS = ["proxy", "ext_authz", "authz_http", "admin", "sync_server"]
 
@@ -299,7 +302,8 @@ class KubernetesManifests(unittest.TestCase):
                 shutdown = pod.config.get("shutdown", {})
                 self.assertIn("delay", shutdown, f"{pod.name}: set [shutdown] delay explicitly")
                 self.assertIn("drain_timeout", shutdown, f"{pod.name}: and drain_timeout")
-                keygate_done = seconds(shutdown["delay"]) + seconds(shutdown["drain_timeout"])
+                keygate_done = (seconds(shutdown["delay"]) + seconds(shutdown["drain_timeout"])
+                                + SHUTDOWN_OVERHEAD_SECONDS)
                 # A preStop sleep on keygate would hold off its SIGTERM, and so its shutdown.
                 own = pod.keygate.get("lifecycle", {}).get("preStop", {})
                 keygate_done += own.get("sleep", {}).get("seconds", 0)

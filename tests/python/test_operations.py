@@ -97,6 +97,8 @@ class Operations(unittest.TestCase):
         env = {k: v for k, v in os.environ.items() if k != "RUST_LOG" and not k.startswith("KEYGATE")}
         cls.proc = subprocess.Popen([BINARY, "serve", "--config", config],
                                     stdout=cls.log, stderr=cls.log, env=env)
+        # tearDownClass does not run when setUpClass fails: never leave keygate behind.
+        cls.addClassCleanup(lambda: cls.proc.poll() is None and cls.proc.kill())
         deadline = time.time() + 15
         while True:
             try:
