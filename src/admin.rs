@@ -17,6 +17,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::listen::{Activity, Watched};
 use crate::snapshot::SnapshotStore;
 use crate::telemetry::{Connections, Front, Telemetry};
 use crate::usage::Usage;
@@ -31,10 +32,12 @@ pub struct AdminState {
     pub closing: watch::Receiver<bool>,
     /// The fronts this keygate runs (their metrics are shown).
     pub fronts: Vec<Front>,
+    /// `limits.max_connections` and `idle_timeout` apply here too.
+    pub resources: crate::config::Limits,
 }
 
-/// Admin connections open at once (probes and scrapers); more are reset.
-const MAX_CONNECTIONS: usize = 64;
+/// Time a probe or scraper has for a request head (and for the first one after connecting).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serve the admin endpoints until `shutdown` resolves.
 pub async fn serve(listener: TcpListener, state: AdminState, shutdown: impl Future<Output = ()>) {
@@ -43,17 +46,29 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: impl Futu
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(5));
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     let graceful = GracefulShutdown::new();
-    let connections = Connections::new(MAX_CONNECTIONS);
+    let connections = Connections::new(state.resources.max_connections);
     tokio::pin!(shutdown);
     while let Some((stream, _, open)) =
         crate::listen::next_connection(&listener, shutdown.as_mut(), "admin", &connections).await
     {
+        let activity = Activity::new();
+        let stream = Watched::new(
+            stream,
+            activity.clone(),
+            HEADER_READ_TIMEOUT,
+            state.resources.idle_timeout,
+        );
         let state = state.clone();
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(route(&state, &req)) }
+            let busy = activity.busy();
+            async move {
+                let resp = route(&state, &req);
+                drop(busy);
+                Ok::<_, Infallible>(resp)
+            }
         });
         let conn = graceful.watch(
             builder

@@ -313,6 +313,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
                 .into_iter()
                 .filter_map(|(on, f)| on.then_some(f))
                 .collect(),
+                resources: settings.limits,
             },
             stopped(rx.clone()),
         ));

@@ -38,6 +38,7 @@ use crate::credential::{extract_from_headers, Credential};
 use crate::decision::{decide_attributed, now_ms, RequestFacts, Verdict};
 use crate::deny::DenyReason;
 use crate::headers::{is_identity_variant, request_id_str, set_identity};
+use crate::listen::{Activity, Watched};
 use crate::path::{normalize, split_target};
 use crate::request_id;
 use crate::snapshot::SnapshotStore;
@@ -61,6 +62,9 @@ pub struct AuthzState {
     pub resources: Limits,
 }
 
+/// Time a caller has for a request head (and for the first one after connecting).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Answer forward-auth checks on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
@@ -72,7 +76,7 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
+        .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_headers(200);
     let r = &state.resources;
     builder
@@ -93,10 +97,22 @@ pub async fn serve(
     )
     .await
     {
+        let activity = Activity::new();
+        let stream = Watched::new(
+            stream,
+            activity.clone(),
+            HEADER_READ_TIMEOUT,
+            state.resources.idle_timeout,
+        );
         let state = state.clone();
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(answered(&state, peer, &req).await) }
+            let busy = activity.busy();
+            async move {
+                let resp = answered(&state, peer, &req).await;
+                drop(busy);
+                Ok::<_, Infallible>(resp)
+            }
         });
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn.into_owned());

@@ -289,6 +289,7 @@ pub struct RawLimits {
     pub http2_max_local_error_reset_streams: Option<usize>,
     pub http2_keep_alive_interval: Option<String>,
     pub http2_keep_alive_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -618,6 +619,8 @@ pub struct Limits {
     pub http2_max_local_error_reset_streams: usize,
     pub http2_keep_alive_interval: Duration,
     pub http2_keep_alive_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -629,6 +632,7 @@ impl Default for Limits {
             http2_max_local_error_reset_streams: 1024,
             http2_keep_alive_interval: Duration::from_secs(30),
             http2_keep_alive_timeout: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(180),
         }
     }
 }
@@ -1182,6 +1186,11 @@ impl Validator<'_> {
                 "limits.http2_keep_alive_timeout",
                 raw.http2_keep_alive_timeout.as_deref(),
                 d.http2_keep_alive_timeout,
+            ),
+            idle_timeout: self.duration(
+                "limits.idle_timeout",
+                raw.idle_timeout.as_deref(),
+                d.idle_timeout,
             ),
         }
     }

@@ -33,10 +33,11 @@ use crate::credential::{extract_from_headers, Credential};
 use crate::decision::{decide_attributed, now_ms, RequestFacts, Verdict};
 use crate::deny::DenyReason;
 use crate::headers::{request_id_str, set_identity, strip_hop_and_identity, wants_upgrade};
+use crate::listen::{Activity, Tracked, Watched};
 use crate::path::normalize;
 use crate::request_id;
 use crate::snapshot::SnapshotStore;
-use crate::telemetry::{Connections, Front, Note, Shard, Telemetry};
+use crate::telemetry::{ConnectionGuard, Connections, Front, Note, Shard, Telemetry};
 use crate::tls::TlsServer;
 use crate::upstream::{PooledBody, Upstream, UpstreamError, UpstreamTls};
 
@@ -159,12 +160,26 @@ pub async fn serve(
             .await
     {
         let tls = state.tls.clone();
-        let client = Arc::new(Peer::new(peer, tls.is_some()));
+        let activity = Activity::new();
+        // No request within header_read_timeout of the accept (a TLS handshake included), or
+        // none in flight for limits.idle_timeout: the connection closes.
+        let stream = Watched::new(
+            stream,
+            activity.clone(),
+            state.settings.header_read_timeout,
+            state.resources.idle_timeout,
+        );
+        let client = Arc::new(Peer::new(peer, tls.is_some(), activity, open));
         let st = state.clone();
         let service = hyper::service::service_fn(move |req| {
             let state = st.clone();
             let client = client.clone();
-            async move { Ok::<_, Infallible>(handle(&state, &client, req).await) }
+            // In flight until the response body has been sent (or dropped).
+            let busy = client.activity.busy();
+            async move {
+                let resp = handle(&state, &client, req).await;
+                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, busy)))
+            }
         });
         let watcher = graceful.watcher();
         let Some(tls) = tls else {
@@ -174,7 +189,6 @@ pub async fn serve(
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, %peer, "proxy connection ended with an error");
                 }
-                drop(open);
             });
             continue;
         };
@@ -194,7 +208,6 @@ pub async fn serve(
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(error = %e, %peer, "proxy connection ended with an error");
             }
-            drop(open);
         });
     }
     drop(listener);
@@ -222,26 +235,37 @@ fn smuggling_shape(req: &Request<Incoming>) -> Option<&'static str> {
 }
 
 /// The TCP peer of a connection, with its `X-Forwarded-For` form built once per connection.
+/// Shared by the connection's requests and by an upgraded tunnel, which outlives the
+/// connection's HTTP part: the connection's place among `limits.max_connections` is held until
+/// the last of them ends.
 struct Peer {
     ip: IpAddr,
     header: HeaderValue,
     /// `X-Forwarded-Proto`: how the client reached keygate.
     proto: HeaderValue,
+    activity: Arc<Activity>,
+    _open: ConnectionGuard,
 }
 
 impl Peer {
-    fn new(addr: SocketAddr, tls: bool) -> Self {
+    fn new(addr: SocketAddr, tls: bool, activity: Arc<Activity>, open: ConnectionGuard) -> Self {
         let ip = crate::snapshot::canonical_ip(addr.ip());
         Peer {
             ip,
             header: HeaderValue::from_str(&ip.to_string()).expect("an IP is a header value"),
             proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
+            activity,
+            _open: open,
         }
     }
 }
 
 /// Answer one request, then count it and log the decision.
-async fn handle(state: &ProxyState, peer: &Peer, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(
+    state: &ProxyState,
+    peer: &Arc<Peer>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let started = std::time::Instant::now();
     let mut note = Note::default();
     let resp = answer(state, peer, req, &mut note).await;
@@ -264,7 +288,7 @@ struct Denied(usize);
 
 async fn answer(
     state: &ProxyState,
-    peer: &Peer,
+    peer: &Arc<Peer>,
     mut req: Request<Incoming>,
     note: &mut Note,
 ) -> Response<ProxyBody> {
@@ -489,7 +513,11 @@ async fn answer(
 
     if let (Some(client_side), StatusCode::SWITCHING_PROTOCOLS) = (on_upgrade, resp.status()) {
         let upstream_side = hyper::upgrade::on(&mut resp);
+        // The tunnel keeps the connection's place and counts as a request in flight (so the
+        // idle deadline does not cut it) until it ends.
+        let tunnel = (peer.clone(), peer.activity.busy());
         tokio::spawn(async move {
+            let _tunnel = tunnel;
             match tokio::try_join!(client_side, upstream_side) {
                 Ok((a, b)) => {
                     let _ =

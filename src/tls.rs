@@ -286,11 +286,11 @@ impl TlsServer {
     }
 
     /// The TLS handshake on an accepted connection, within `timeout`.
-    pub async fn accept(
+    pub async fn accept<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         &self,
-        stream: TcpStream,
+        stream: S,
         timeout: Duration,
-    ) -> std::io::Result<TlsStream<TcpStream>> {
+    ) -> std::io::Result<TlsStream<S>> {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.config());
         match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
             Ok(result) => result,

@@ -189,3 +189,105 @@ async fn http2_rapid_reset_flood_closes_the_connection() {
     );
     gate.stop().await;
 }
+
+/// Reads until the peer closes (or resets) the connection; `None` if it is still open after
+/// `within`.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at((started + within).into(), stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+/// A client that connects and sends nothing, or only part of an HTTP/2 preface, is closed once
+/// `proxy.header_read_timeout` (1 s here) passes, and its place comes back: silent sockets
+/// cannot use up `limits.max_connections`.
+#[tokio::test]
+async fn silent_and_half_open_connections_are_closed_and_give_their_place_back() {
+    let (gate, key, _upstream, _snap) = h2_gate("[limits]\nmax_connections = 2\n").await;
+    let mut silent = TcpStream::connect(gate.addr).await.unwrap();
+    let mut half = TcpStream::connect(gate.addr).await.unwrap();
+    half.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let (a, b) = tokio::join!(
+        closed_within(&mut silent, Duration::from_secs(5)),
+        closed_within(&mut half, Duration::from_secs(5))
+    );
+    let a = a.expect("a silent connection was still open after 5 s");
+    let b = b.expect("a half-sent HTTP/2 preface was still open after 5 s");
+    assert!(
+        a >= Duration::from_millis(800) && b >= Duration::from_millis(800),
+        "{a:?} {b:?}"
+    );
+    // Both places are back: two new clients are served.
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(gate.addr).await.unwrap();
+        let req = format!("GET /v1/analyses/1 HTTP/1.1\r\nHost: api\r\nX-API-Key: {key}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    }
+    gate.stop().await;
+}
+
+/// An HTTP/2 connection with nothing in flight for `limits.idle_timeout` is closed.
+#[tokio::test]
+async fn idle_http2_connections_are_closed() {
+    let (gate, key, _upstream, _snap) = h2_gate("[limits]\nidle_timeout = \"1s\"\n").await;
+    let tcp = TcpStream::connect(gate.addr).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(conn);
+    let (resp, _) = client.send_request(h2_get(&gate, &key), true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), driver).await;
+    assert!(
+        ended.is_ok(),
+        "an idle HTTP/2 connection was still open after 5 s"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(800));
+    gate.stop().await;
+}
+
+/// A WebSocket tunnel keeps its connection's place (and is not cut as idle) for as long as it
+/// is open, though its HTTP part ended with the 101.
+#[tokio::test]
+async fn an_upgraded_tunnel_keeps_its_place_and_outlives_the_idle_timeout() {
+    let (gate, key, _upstream, _snap) =
+        h2_gate("[limits]\nmax_connections = 1\nidle_timeout = \"1s\"\n").await;
+    let mut ws = TcpStream::connect(gate.addr).await.unwrap();
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: api\r\nConnection: upgrade\r\nUpgrade: websocket\r\nX-API-Key: {key}\r\n\r\n"
+    );
+    ws.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = ws.read(&mut buf).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Still the only place: a second client is reset.
+    let refused = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut s = TcpStream::connect(gate.addr).await?;
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        s.read(&mut [0u8; 64]).await
+    })
+    .await
+    .expect("the second client hung");
+    assert!(matches!(refused, Ok(0) | Err(_)), "{refused:?}");
+    // And the tunnel still echoes after the idle timeout.
+    ws.write_all(b"ping").await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(2), ws.read(&mut buf))
+        .await
+        .expect("the tunnel was cut")
+        .unwrap();
+    assert_eq!(&buf[..n], b"ping");
+    gate.stop().await;
+}
