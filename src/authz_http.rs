@@ -42,7 +42,7 @@ use crate::listen::{Activity, Watched};
 use crate::path::{normalize, split_target};
 use crate::request_id;
 use crate::snapshot::SnapshotStore;
-use crate::telemetry::{Connections, Note, Shard};
+use crate::telemetry::{Connections, Note, Record, Shard};
 
 /// The path callers ask on.
 pub const PREFIX: &str = "/authz";
@@ -168,22 +168,19 @@ fn agreeing<'a>(h: &'a HeaderMap, a: &str, b: &str) -> Result<Option<&'a str>, &
     }
 }
 
-/// Answer one ask, then count it and log the decision.
+/// Answer one ask, then count it and log the decision (also when the caller leaves first).
 async fn answered(
     state: &AuthzState,
     peer: SocketAddr,
     req: &Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    let started = std::time::Instant::now();
-    let mut note = Note::default();
-    let resp = check(state, peer, req, &mut note).await;
+    let mut record = Record::new(&state.shard);
+    let resp = check(state, peer, req, &mut record.note).await;
     let request_id = resp
         .headers()
         .get(&state.names.request_id)
         .map_or("", request_id_str);
-    state
-        .shard
-        .answered(started, &note, resp.status().as_u16(), request_id);
+    record.finish(resp.status().as_u16(), request_id);
     resp
 }
 
@@ -197,6 +194,7 @@ async fn check(
     let headers = req.headers();
     let request_id = request_id::accept(headers.get_all(&names.request_id).iter())
         .unwrap_or_else(request_id::mint);
+    note.request_id = Some(request_id.clone());
     let (method, target) = match original(req) {
         Ok(Some(o)) => o,
         Ok(None) => {

@@ -32,7 +32,7 @@ use crate::headers::is_identity_variant;
 use crate::path::{normalize, split_target};
 use crate::request_id;
 use crate::snapshot::SnapshotStore;
-use crate::telemetry::Note;
+use crate::telemetry::{Note, Record};
 
 /// The service name health checks ask about (besides the whole server, `""`).
 pub const SERVICE: &str = "envoy.service.auth.v3.Authorization";
@@ -222,16 +222,16 @@ impl<'a> Headers<'a> {
     }
 }
 
-/// Decide one `CheckRequest`, then count it and log the decision. Always a `CheckResponse`.
+/// Decide one `CheckRequest`, then count it and log the decision (also when Envoy cancels
+/// first). Always a `CheckResponse`.
 pub async fn check(state: &ExtAuthzState, req: &CheckRequest) -> CheckResponse {
-    let started = std::time::Instant::now();
-    let mut note = Note::default();
-    let (resp, request_id) = decide_check(state, req, &mut note).await;
+    let mut record = Record::new(&state.shard);
+    let (resp, request_id) = decide_check(state, req, &mut record.note).await;
     let status = match &resp.http_response {
         Some(HttpResponse::DeniedResponse(d)) => d.status.as_ref().map_or(403, |s| s.code as u16),
         _ => 200,
     };
-    state.shard.answered(started, &note, status, &request_id);
+    record.finish(status, &request_id);
     resp
 }
 

@@ -37,7 +37,7 @@ use crate::listen::{Activity, Tracked, Watched};
 use crate::path::normalize;
 use crate::request_id;
 use crate::snapshot::SnapshotStore;
-use crate::telemetry::{ConnectionGuard, Connections, Front, Note, Shard, Telemetry};
+use crate::telemetry::{ConnectionGuard, Connections, Front, Note, Record, Shard, Telemetry};
 use crate::tls::TlsServer;
 use crate::upstream::{PooledBody, Upstream, UpstreamError, UpstreamTls};
 
@@ -260,25 +260,23 @@ impl Peer {
     }
 }
 
-/// Answer one request, then count it and log the decision.
+/// Answer one request, then count it and log the decision (also when the client leaves
+/// before the answer).
 async fn handle(
     state: &ProxyState,
     peer: &Arc<Peer>,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let started = std::time::Instant::now();
-    let mut note = Note::default();
-    let resp = answer(state, peer, req, &mut note).await;
+    let mut record = Record::new(&state.shard);
+    let resp = answer(state, peer, req, &mut record.note).await;
     if let Some(Denied(i)) = resp.extensions().get::<Denied>() {
-        note.denied = Some(*i);
+        record.note.denied = Some(*i);
     }
     let request_id = resp
         .headers()
         .get(&state.names.request_id)
         .map_or("", request_id_str);
-    state
-        .shard
-        .answered(started, &note, resp.status().as_u16(), request_id);
+    record.finish(resp.status().as_u16(), request_id);
     resp
 }
 
@@ -295,6 +293,7 @@ async fn answer(
     let names = &*state.names;
     let request_id = request_id::accept(req.headers().get_all(&names.request_id).iter())
         .unwrap_or_else(request_id::mint);
+    note.request_id = Some(request_id.clone());
 
     if let Some(why) = smuggling_shape(&req) {
         return deny(&DenyReason::BadRequest(why), &request_id, names, true);

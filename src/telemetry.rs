@@ -128,6 +128,8 @@ pub struct Shard {
 /// A request's facts as it is answered, filled in by the front.
 #[derive(Default)]
 pub struct Note {
+    /// The request id, once known (for a request whose client leaves before the answer).
+    pub request_id: Option<HeaderValue>,
     /// When the verdict was known.
     pub decided: Option<Instant>,
     /// The denial's position in [`CODES`]; `None` while the request is allowed.
@@ -190,6 +192,43 @@ impl Shard {
                 latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
                 "decision"
             );
+        }
+    }
+}
+
+/// Counts and logs one request exactly once: with its answer ([`Record::finish`]), or, when
+/// the client leaves first and the request's future is dropped, with status 499 (nginx's
+/// "client closed request") and whatever was decided by then.
+pub struct Record<'s> {
+    shard: &'s Shard,
+    started: Instant,
+    pub note: Note,
+    finished: bool,
+}
+
+impl<'s> Record<'s> {
+    pub fn new(shard: &'s Shard) -> Self {
+        Record {
+            shard,
+            started: Instant::now(),
+            note: Note::default(),
+            finished: false,
+        }
+    }
+
+    pub fn finish(mut self, status: u16, request_id: &str) {
+        self.finished = true;
+        self.shard
+            .answered(self.started, &self.note, status, request_id);
+    }
+}
+
+impl Drop for Record<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let id = self.note.request_id.as_ref().and_then(|v| v.to_str().ok());
+            self.shard
+                .answered(self.started, &self.note, 499, id.unwrap_or(""));
         }
     }
 }

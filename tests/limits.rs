@@ -291,3 +291,36 @@ async fn an_upgraded_tunnel_keeps_its_place_and_outlives_the_idle_timeout() {
     assert_eq!(&buf[..n], b"ping");
     gate.stop().await;
 }
+
+/// A request whose client leaves before the answer (an HTTP/2 stream reset while the upstream
+/// is still working) is still counted once, as status 499, with what was decided.
+#[tokio::test]
+async fn a_request_the_client_abandons_is_still_counted() {
+    let (gate, key, upstream, _snap) = h2_gate("").await;
+    let tcp = TcpStream::connect(gate.addr).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/slow/1500", gate.addr))
+        .header("x-api-key", &key)
+        .body(())
+        .unwrap();
+    let (resp, mut stream) = client.send_request(req, true).unwrap();
+    let arrived = eventually(Duration::from_secs(3), || upstream.count() == 1).await;
+    assert!(arrived, "the request never reached the upstream");
+    stream.send_reset(h2::Reason::CANCEL);
+    drop(resp);
+    let metric = "keygate_requests_total{front=\"proxy\",code=\"allowed\"}";
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while gate.metric(metric).await != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "an abandoned request was not counted: {:?}",
+            gate.metric(metric).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let histogram = "keygate_request_duration_seconds_count{front=\"proxy\"}";
+    assert_eq!(gate.metric(histogram).await, Some(1.0));
+    drop((client, driver));
+    gate.stop().await;
+}
