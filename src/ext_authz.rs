@@ -123,6 +123,7 @@ pub async fn serve(
     // snapshot ever leaves force without one.
     let store = state.store.clone();
     let mut closing = state.closing.clone();
+    let mut clearing = reporter.clone();
     let watcher = tokio::spawn(async move {
         let mut published = store.watch();
         let mut last = None;
@@ -145,6 +146,15 @@ pub async fn serve(
             }
         }
     });
+    // When the listener stops, health Watch streams end (their channels close), so the drain
+    // is not held for drain_timeout by clients that watch health on every connection.
+    let stop_watcher = watcher.abort_handle();
+    let shutdown = async move {
+        shutdown.await;
+        stop_watcher.abort();
+        clearing.clear_service_status("").await;
+        clearing.clear_service_status(SERVICE).await;
+    };
     let connections = state.connections.clone();
     let r = &state.resources;
     let router = tonic::transport::Server::builder()

@@ -818,3 +818,59 @@ async fn health_watch_turns_serving_when_a_snapshot_is_published() {
     }
     gate.stop().await;
 }
+
+/// Shutdown with a health Watch open (gRPC clients watch health on every connection): the
+/// stream says NOT_SERVING at once, Checks are still answered during shutdown.delay, then the
+/// stream ends and shutdown completes without waiting out drain_timeout.
+#[tokio::test]
+async fn shutdown_ends_health_watches_instead_of_waiting_out_the_drain() {
+    let (mut gate, _snap, k, addr, _up) =
+        start("\n[shutdown]\ndelay = \"500ms\"\ndrain_timeout = \"20s\"\n").await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut watch = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap().status;
+    assert_eq!(first, ServingStatus::Serving as i32);
+
+    let app = gate.app.take().unwrap();
+    let started = std::time::Instant::now();
+    let stopping = tokio::spawn(app.shutdown());
+    let next = tokio::time::timeout(std::time::Duration::from_secs(2), watch.message())
+        .await
+        .expect("no status change within 2 s of shutdown")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status, ServingStatus::NotServing as i32);
+    // Still deciding during the delay.
+    let r = AuthorizationClient::new(channel.clone())
+        .check(check_request(
+            "GET",
+            "/v1/analyses/1",
+            &[("x-api-key", k.ok.as_str())],
+            "127.0.0.1",
+        ))
+        .await
+        .expect("a Check during shutdown.delay")
+        .into_inner();
+    assert_eq!(r.status.unwrap().code, 0);
+    // The stream ends, and shutdown is done well before drain_timeout.
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), watch.message())
+        .await
+        .expect("the health Watch stream did not end");
+    assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+    drop(channel);
+    tokio::time::timeout(std::time::Duration::from_secs(10), stopping)
+        .await
+        .expect("shutdown waited for the drain timeout")
+        .unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
