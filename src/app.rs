@@ -54,6 +54,8 @@ pub struct App {
     shutdown: crate::config::ShutdownSettings,
     /// True once shutdown begins: readiness and gRPC health turn false.
     closing: watch::Sender<bool>,
+    /// The same, read on the proxy's request path.
+    draining: Arc<std::sync::atomic::AtomicBool>,
     /// True once the fronts stop accepting (after `shutdown.delay`).
     stop_fronts: watch::Sender<bool>,
     /// The fronts (their accept loops and drains).
@@ -142,6 +144,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
     let (stop, rx) = watch::channel(false);
     let (stop_fronts, fronts_rx) = watch::channel(false);
     let (closing, closing_rx) = watch::channel(false);
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = JoinSet::new();
     let mut fronts = JoinSet::new();
     let drain = settings.shutdown.drain_timeout;
@@ -171,6 +174,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
                     idempotency.clone(),
                     &telemetry,
                     settings.limits,
+                    draining.clone(),
                 )
                 .with_tls(tls.clone(), upstream_tls.clone()),
             )
@@ -371,6 +375,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
         limits,
         shutdown: settings.shutdown,
         closing,
+        draining,
         stop_fronts,
         fronts,
         stop,
@@ -387,6 +392,8 @@ impl App {
     /// finish for up to `shutdown.drain_timeout`; the snapshot source and the admin listener
     /// run until then, so revocations still apply and probes still answer.
     pub async fn shutdown(mut self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = self.closing.send(true);
         let crate::config::ShutdownSettings {
             delay,

@@ -12,6 +12,7 @@ use crate::upstream::ReadAhead;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,6 +59,9 @@ pub struct ProxyState {
     pub shard: Arc<Shard>,
     pub connections: Arc<Connections>,
     pub resources: Limits,
+    /// True from the start of shutdown: HTTP/1.1 answers carry `Connection: close`, so clients
+    /// move to other replicas during `shutdown.delay` instead of being cut after it.
+    pub draining: Arc<AtomicBool>,
     /// TLS termination on the listener; shared by every proxy thread, reloaded in place.
     tls: Option<Arc<TlsServer>>,
     upstream: Arc<Upstream>,
@@ -76,6 +80,7 @@ impl ProxyState {
         idempotency: Option<Arc<idempotency::Idempotency>>,
         telemetry: &Telemetry,
         resources: Limits,
+        draining: Arc<AtomicBool>,
     ) -> Self {
         let upstream = Upstream::new(
             connect_address(&settings),
@@ -94,6 +99,7 @@ impl ProxyState {
             shard: telemetry.shard(Front::Proxy),
             connections: telemetry.connections(Front::Proxy),
             resources,
+            draining,
             tls: None,
             upstream,
         }
@@ -268,7 +274,15 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let mut record = Record::new(&state.shard);
-    let resp = answer(state, peer, req, &mut record.note).await;
+    let http1 = req.version() <= Version::HTTP_11;
+    let mut resp = answer(state, peer, req, &mut record.note).await;
+    if http1
+        && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+        && state.draining.load(Ordering::Relaxed)
+    {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if let Some(Denied(i)) = resp.extensions().get::<Denied>() {
         record.note.denied = Some(*i);
     }

@@ -1434,6 +1434,8 @@ async fn serve_drains_in_the_order_a_load_balancer_needs() {
     .await;
     assert_eq!(a.status, 200, "refused during shutdown.delay: {:?}", a.body);
     assert!(signalled.elapsed() < Duration::from_millis(1500));
+    // …and told to go elsewhere for its next request.
+    assert_eq!(a.header("connection"), Some("close"));
 
     // After the delay: new connections are refused, well before the slow request ends.
     let refused = loop {
