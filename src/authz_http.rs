@@ -192,8 +192,11 @@ async fn check(
 ) -> Response<Full<Bytes>> {
     let names = &*state.names;
     let headers = req.headers();
-    let request_id = request_id::accept(headers.get_all(&names.request_id).iter())
-        .unwrap_or_else(request_id::mint);
+    let request_id = request_id::accept(
+        headers.get_all(&names.request_id).iter(),
+        &state.policy.prefixes,
+    )
+    .unwrap_or_else(request_id::mint);
     note.request_id = Some(request_id.clone());
     let (method, target) = match original(req) {
         Ok(Some(o)) => o,

@@ -265,7 +265,7 @@ async fn decide_check(
     let headers = Headers::of(http);
     let request_id = headers
         .single(names.request_id.as_str())
-        .filter(|v| request_id::is_well_formed(v))
+        .filter(|v| request_id::acceptable(v, &state.policy.prefixes))
         .and_then(|v| std::str::from_utf8(v).ok().map(str::to_owned))
         .unwrap_or_else(|| request_id::mint().to_str().unwrap_or("").to_owned());
 

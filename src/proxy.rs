@@ -305,8 +305,11 @@ async fn answer(
     note: &mut Note,
 ) -> Response<ProxyBody> {
     let names = &*state.names;
-    let request_id = request_id::accept(req.headers().get_all(&names.request_id).iter())
-        .unwrap_or_else(request_id::mint);
+    let request_id = request_id::accept(
+        req.headers().get_all(&names.request_id).iter(),
+        &state.policy.prefixes,
+    )
+    .unwrap_or_else(request_id::mint);
     note.request_id = Some(request_id.clone());
 
     if let Some(why) = smuggling_shape(&req) {

@@ -5,13 +5,25 @@
 use http::HeaderValue;
 use rand::Rng;
 
-/// The caller's id if exactly one, well-formed value was sent.
-pub fn accept<'a>(mut values: impl Iterator<Item = &'a HeaderValue>) -> Option<HeaderValue> {
+use crate::credential::PrefixRules;
+
+/// The caller's id if exactly one, well-formed value was sent that does not start with one of
+/// the configured key prefixes: an id is logged and forwarded, and a key put in the wrong
+/// header by mistake must not be.
+pub fn accept<'a>(
+    mut values: impl Iterator<Item = &'a HeaderValue>,
+    prefixes: &PrefixRules,
+) -> Option<HeaderValue> {
     let first = values.next()?;
-    if values.next().is_some() || !is_well_formed(first.as_bytes()) {
+    if values.next().is_some() || !acceptable(first.as_bytes(), prefixes) {
         return None;
     }
     Some(first.clone())
+}
+
+/// Well formed and not key-like (see [`accept`]).
+pub fn acceptable(v: &[u8], prefixes: &PrefixRules) -> bool {
+    is_well_formed(v) && std::str::from_utf8(v).is_ok_and(|id| prefixes.classify(id).is_none())
 }
 
 pub fn is_well_formed(v: &[u8]) -> bool {
@@ -35,21 +47,41 @@ pub fn mint() -> HeaderValue {
 mod tests {
     use super::*;
 
+    fn none() -> PrefixRules {
+        PrefixRules::new(Vec::new())
+    }
+
     #[test]
     fn accepts_only_one_well_formed_value() {
         let ok = HeaderValue::from_static("req-123_abc.def:1/2");
-        assert_eq!(accept([&ok].into_iter()), Some(ok.clone()));
+        let accept = |v: &mut dyn Iterator<Item = &HeaderValue>| super::accept(v, &none());
+        assert_eq!(accept(&mut [&ok].into_iter()), Some(ok.clone()));
         let table: &[&[u8]] = &[b"", b"has space", b"quote\"", b"<script>", &[b'a'; 129]];
         for bad in table {
             let v = HeaderValue::from_bytes(bad).unwrap_or(HeaderValue::from_static(" "));
-            assert_eq!(accept([&v].into_iter()), None, "{bad:?}");
+            assert_eq!(accept(&mut [&v].into_iter()), None, "{bad:?}");
         }
         assert_eq!(
-            accept([&ok, &ok].into_iter()),
+            accept(&mut [&ok, &ok].into_iter()),
             None,
             "two values are not one id"
         );
-        assert_eq!(accept(std::iter::empty()), None);
+        assert_eq!(accept(&mut std::iter::empty()), None);
+    }
+
+    /// A key sent as the request id by mistake is not kept (it would be logged and forwarded).
+    #[test]
+    fn refuses_ids_that_start_like_a_key() {
+        let prefixes = PrefixRules::new(vec![crate::credential::PrefixRule {
+            prefix: "sk_live_".into(),
+            environment: "live".into(),
+            checksum: true,
+        }]);
+        let key = HeaderValue::from_str(&crate::credential::mint("sk_live_")).unwrap();
+        assert_eq!(accept([&key].into_iter(), &prefixes), None);
+        let id = HeaderValue::from_static("sk_test_not_ours-123");
+        assert_eq!(accept([&id].into_iter(), &prefixes), Some(id.clone()));
+        assert!(!acceptable(key.as_bytes(), &prefixes));
     }
 
     #[test]

@@ -155,6 +155,8 @@ class Operations(unittest.TestCase):
         proxy = [
             ({"x-api-key": cls.good}, "allowed", 200),
             ({"authorization": "Bearer " + cls.good}, "allowed", 200),
+            # A key sent as the request id by mistake is replaced, never logged or forwarded.
+            ({"x-api-key": cls.good, "x-request-id": cls.revoked}, "allowed", 200),
             ({"x-api-key": cls.revoked}, "key_revoked", 401),
             ({"authorization": "Bearer " + cls.unknown}, "invalid_api_key", 401),
             ({"x-api-key": cls.broken}, "invalid_api_key", 401),
