@@ -117,6 +117,39 @@ fn tls_server(
     Ok(Some(server))
 }
 
+/// The soft limit on open files (`ulimit -n`), from `/proc/self/limits` (Linux).
+fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Say so when the fronts may accept more connections than the process may open files: past
+/// the file limit, accepts fail (and are retried) instead of excess connections being reset.
+fn check_open_file_limit(settings: &Settings) {
+    let fronts = [
+        settings.proxy.is_some(),
+        settings.ext_authz.is_some(),
+        settings.authz_http.is_some(),
+        settings.admin.is_some(),
+        settings.sync_server.is_some(),
+    ]
+    .into_iter()
+    .filter(|on| *on)
+    .count() as u64;
+    let wanted = (settings.limits.max_connections as u64).saturating_mul(fronts);
+    if let Some(files) = open_file_limit() {
+        if wanted > files {
+            tracing::warn!(
+                max_connections = settings.limits.max_connections,
+                fronts,
+                open_file_limit = files,
+                "limits.max_connections on every front exceeds the open-file limit (ulimit -n); raise the limit or lower max_connections"
+            );
+        }
+    }
+}
+
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
     TcpListener::bind(addr)
         .await
@@ -131,6 +164,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
         settings.sync_server.is_some(),
     ));
     let source = Source::start(&settings.snapshot, &store).await?;
+    check_open_file_limit(&settings);
     let limits = Arc::new(RateLimits::new(settings.rate_limit.clone()));
     let usage = Arc::new(crate::usage::Usage::new(crate::decision::now_ms()));
     let idempotency = settings

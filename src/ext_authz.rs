@@ -160,6 +160,7 @@ pub async fn serve(
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(r.http2_max_concurrent_streams)
         .http2_max_pending_accept_reset_streams(Some(r.http2_max_pending_accept_reset_streams))
+        .http2_max_local_error_reset_streams(Some(r.http2_max_local_error_reset_streams))
         .http2_keepalive_interval(Some(r.http2_keep_alive_interval))
         .http2_keepalive_timeout(Some(r.http2_keep_alive_timeout))
         .add_service(health)
