@@ -999,7 +999,7 @@ pub fn validate_with_env(
                 false
             }
         },
-        decisions: match raw.log.decisions.as_deref().unwrap_or("all") {
+        decisions: match raw.log.decisions.as_deref().unwrap_or("denied") {
             "all" => DecisionLog::All,
             "denied" => DecisionLog::Denied,
             "none" => DecisionLog::None,
