@@ -426,6 +426,59 @@ mod tests {
         assert!(totals.decision.sum_seconds >= 60.003);
     }
 
+    /// What `log.decisions` lets through, captured from a real subscriber.
+    fn logged(mode: DecisionLog) -> String {
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let t = Telemetry::new(10, mode);
+            let s = t.shard(Front::AuthzHttp);
+            let mut allowed = Note::default();
+            allowed.key(
+                &HeaderValue::from_static("key_a"),
+                Some(&HeaderValue::from_static("partner_a")),
+            );
+            allowed.allow();
+            s.answered(Instant::now(), &allowed, 200, "req-allowed");
+            let mut denied = Note::default();
+            denied.deny(&DenyReason::KeyRevoked);
+            s.answered(Instant::now(), &denied, 401, "req-denied");
+        });
+        let out = sink.0.lock().unwrap().clone();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn decision_events_follow_log_decisions() {
+        let all = logged(DecisionLog::All);
+        assert!(
+            all.contains("req-allowed") && all.contains("req-denied"),
+            "{all}"
+        );
+        assert!(all.contains("partner_id=partner_a") && all.contains("code=\"key_revoked\""));
+        let denied = logged(DecisionLog::Denied);
+        assert!(
+            !denied.contains("req-allowed") && denied.contains("req-denied"),
+            "{denied}"
+        );
+        assert_eq!(logged(DecisionLog::None), "");
+    }
+
     #[test]
     fn connections_past_the_limit_are_refused_and_places_come_back() {
         let t = Telemetry::new(2, DecisionLog::None);
