@@ -62,9 +62,6 @@ pub struct AuthzState {
     pub resources: Limits,
 }
 
-/// Time a caller has for a request head (and for the first one after connecting).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Answer forward-auth checks on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
@@ -76,7 +73,7 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(state.settings.header_read_timeout)
         .max_headers(200);
     let r = &state.resources;
     builder
@@ -101,7 +98,7 @@ pub async fn serve(
         let stream = Watched::new(
             stream,
             activity.clone(),
-            HEADER_READ_TIMEOUT,
+            state.settings.header_read_timeout,
             state.resources.idle_timeout,
         );
         let state = state.clone();

@@ -186,6 +186,7 @@ pub struct RawFront {
     pub listen: Option<String>,
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    pub header_read_timeout: Option<String>,
 }
 
 /// The gRPC front: a [`RawFront`] that can also serve TLS.
@@ -554,6 +555,9 @@ pub struct FrontSettings {
     pub trusted_proxies: Arc<[IpNet]>,
     /// Serve over TLS (ext_authz only; `None` for authz_http).
     pub tls: Option<ServerTlsSettings>,
+    /// authz_http: time a caller has to send a request head (also the first one after it
+    /// connects, and the keep-alive idle limit).
+    pub header_read_timeout: Duration,
 }
 
 /// Header names keygate reads and writes, all configurable.
@@ -1849,10 +1853,16 @@ impl Validator<'_> {
     fn front(&mut self, section: &str, raw: &RawFront) -> Option<FrontSettings> {
         let listen = self.listen(&format!("{section}.listen"), raw.listen.as_deref());
         let trusted = self.cidrs(&format!("{section}.trusted_proxies"), &raw.trusted_proxies);
+        let header_read_timeout = self.duration(
+            &format!("{section}.header_read_timeout"),
+            raw.header_read_timeout.as_deref(),
+            Duration::from_secs(10),
+        );
         Some(FrontSettings {
             listen: listen?,
             trusted_proxies: trusted.into(),
             tls: None,
+            header_read_timeout,
         })
     }
 
@@ -1866,6 +1876,7 @@ impl Validator<'_> {
         let front = RawFront {
             listen: raw.listen.clone(),
             trusted_proxies: raw.trusted_proxies.clone(),
+            header_read_timeout: None,
         };
         Some(FrontSettings {
             tls,

@@ -54,67 +54,7 @@ pub async fn next_connection<F: Future<Output = ()>>(
 /// How long a gRPC client has to send its first bytes after connecting.
 pub const FIRST_BYTES: Duration = Duration::from_secs(10);
 
-/// A connection that holds its place among the front's `limits.max_connections` until dropped.
-pub struct Counted<S> {
-    inner: S,
-    _open: ConnectionGuard,
-}
-
-impl<S> Counted<S> {
-    pub fn new(inner: S, open: ConnectionGuard) -> Self {
-        Counted { inner, _open: open }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
 impl<S: Connected> Connected for Watched<S> {
-    type ConnectInfo = S::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
-    }
-}
-
-impl<S: Connected> Connected for Counted<S> {
     type ConnectInfo = S::ConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
@@ -129,7 +69,7 @@ pub fn counted_incoming(
     listener: TcpListener,
     connections: Arc<Connections>,
     front: &'static str,
-) -> ReceiverStream<std::io::Result<Counted<Watched<TcpStream>>>> {
+) -> ReceiverStream<std::io::Result<Watched<TcpStream>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         let closed = tx.clone();
@@ -138,8 +78,8 @@ pub fn counted_incoming(
         while let Some((stream, _, open)) =
             next_connection(&listener, closed.as_mut(), front, &connections).await
         {
-            let stream = Watched::until_first_bytes(stream, FIRST_BYTES);
-            if tx.send(Ok(Counted::new(stream, open))).await.is_err() {
+            let stream = Watched::until_first_bytes(stream, FIRST_BYTES, open);
+            if tx.send(Ok(stream)).await.is_err() {
                 return;
             }
         }
@@ -199,6 +139,9 @@ pub struct Watched<S> {
     /// first bytes arrive.
     until_first_bytes: bool,
     disarmed: bool,
+    /// For tonic's connections, which keygate does not hold otherwise: the connection's place
+    /// among `limits.max_connections`, given back when the connection is dropped.
+    _open: Option<ConnectionGuard>,
 }
 
 impl<S> Watched<S> {
@@ -211,14 +154,16 @@ impl<S> Watched<S> {
             begun_then: 0,
             until_first_bytes: false,
             disarmed: false,
+            _open: None,
         }
     }
 
-    /// For a server whose requests are not tracked: close the connection if nothing at all
-    /// arrives within `first_bytes` of the accept; after that, never.
-    pub fn until_first_bytes(inner: S, first_bytes: Duration) -> Self {
+    /// For a server whose requests are not tracked (tonic): close the connection if nothing
+    /// at all arrives within `first_bytes` of the accept; after that, never. Holds `open`.
+    pub fn until_first_bytes(inner: S, first_bytes: Duration, open: ConnectionGuard) -> Self {
         let mut w = Self::new(inner, Activity::new(), first_bytes, Duration::MAX);
         w.until_first_bytes = true;
+        w._open = Some(open);
         w
     }
 

@@ -28,7 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 
 use crate::config::{ServerTlsSettings, TlsIdentity};
-use crate::listen::Counted;
+use crate::listen::Watched;
 use crate::telemetry::Connections;
 
 /// How often [`TlsServer::watch`] reads the files.
@@ -351,7 +351,7 @@ pub fn incoming(
     tls: Arc<TlsServer>,
     connections: Arc<Connections>,
     front: &'static str,
-) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Counted<TlsStream<TcpStream>>>> {
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsStream<Watched<TcpStream>>>> {
     /// A client has this long to complete its handshake.
     const HANDSHAKE: Duration = Duration::from_secs(10);
     let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -363,10 +363,12 @@ pub fn incoming(
             crate::listen::next_connection(&listener, closed.as_mut(), front, &connections).await
         {
             let (tx, tls) = (tx.clone(), tls.clone());
+            // The TLS stream wraps the connection's place, given back when tonic drops it.
+            let stream = Watched::until_first_bytes(stream, HANDSHAKE, open);
             tokio::spawn(async move {
                 match tls.accept(stream, HANDSHAKE).await {
                     Ok(stream) => {
-                        let _ = tx.send(Ok(Counted::new(stream, open))).await;
+                        let _ = tx.send(Ok(stream)).await;
                     }
                     Err(e) => tracing::debug!(error = %e, %peer, front, "TLS handshake failed"),
                 }

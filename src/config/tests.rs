@@ -365,6 +365,11 @@ fn each_problem_names_its_dotted_key() {
             "log.level",
         ),
         (
+            "forward-auth header timeout without a unit",
+            add("[authz_http]\nlisten = \"127.0.0.1:9192\"\nheader_read_timeout = \"10\"\n"),
+            "authz_http.header_read_timeout",
+        ),
+        (
             "bad decision log",
             add("[log]\ndecisions = \"some\"\n"),
             "log.decisions",

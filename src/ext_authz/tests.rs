@@ -71,6 +71,7 @@ fn fixture(extra: &str, trusted: &[&str]) -> Fixture {
             listen: "127.0.0.1:0".parse().unwrap(),
             trusted_proxies: trusted.iter().map(|c| c.parse().unwrap()).collect(),
             tls: None,
+            header_read_timeout: std::time::Duration::from_secs(10),
         },
         policy: settings.policy,
         names: settings.headers,
