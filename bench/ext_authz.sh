@@ -8,6 +8,8 @@
 # h2load's per-request log.
 #
 # Usage: cargo build --release && bash bench/ext_authz.sh
+#        cargo build --release --example ext_authz_floor && FLOOR=1 bash bench/ext_authz.sh
+#        (the same load against an empty tonic Authorization server: the gRPC stack's floor)
 # Needs: h2load (nghttp2-client), python3 with grpcio + xds-protos, taskset.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,7 +61,12 @@ msg = req.SerializeToString()
 open(sys.argv[1], "wb").write(b"\x00" + struct.pack(">I", len(msg)) + msg)
 PY
 
-taskset -c "$PROXY_CPU" "$KEYGATE" serve --config "$TMP/keygate.toml" &
+if [ -n "${FLOOR:-}" ]; then
+  # The floor: an empty tonic Authorization server (examples/ext_authz_floor.rs), same load.
+  taskset -c "$PROXY_CPU" target/release/examples/ext_authz_floor "127.0.0.1:$PORT" &
+else
+  taskset -c "$PROXY_CPU" "$KEYGATE" serve --config "$TMP/keygate.toml" &
+fi
 PID=$!
 for _ in $(seq 1 100); do
   python3 -c "import socket; socket.create_connection(('127.0.0.1', $PORT), 0.2)" 2>/dev/null && break

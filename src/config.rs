@@ -1096,6 +1096,9 @@ pub fn validate_with_env(
     })
 }
 
+/// The longest duration any key takes.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 86_400);
+
 struct Validator<'e> {
     problems: Vec<Problem>,
     env: &'e dyn Fn(&str) -> Option<String>,
@@ -1112,6 +1115,12 @@ impl Validator<'_> {
     fn duration(&mut self, key: &str, value: Option<&str>, default: Duration) -> Duration {
         let Some(text) = value else { return default };
         match humantime::parse_duration(text) {
+            // hyper, h2 and keygate add durations to the clock: a year is more than any timeout
+            // needs, and far from overflowing it.
+            Ok(d) if d > MAX_DURATION => {
+                self.problem(key, format!("{text:?} is more than a year"));
+                default
+            }
             Ok(d) if !d.is_zero() => d,
             Ok(_) => {
                 self.problem(key, format!("{text:?} must be more than zero"));
@@ -1614,7 +1623,13 @@ impl Validator<'_> {
 
     /// A readable file at `key`, if one is named.
     fn pem_file(&mut self, key: &str, path: Option<&PathBuf>) -> Option<PathBuf> {
-        let path = path.filter(|p| !p.as_os_str().is_empty())?;
+        let path = path?;
+        // An empty value is an unset variable, not "no TLS": refusing it keeps a typo from
+        // turning TLS or client-certificate checks off silently.
+        if path.as_os_str().is_empty() {
+            self.problem(key, "is empty: name a PEM file, or remove the key");
+            return None;
+        }
         if std::fs::File::open(path).is_err() {
             self.problem(key, format!("{} is not a readable file", path.display()));
             return None;

@@ -370,6 +370,22 @@ fn each_problem_names_its_dotted_key() {
             "authz_http.header_read_timeout",
         ),
         (
+            "a timeout past a year (hyper would overflow the clock)",
+            edit(
+                "upstream = \"http://127.0.0.1:3000\"\n",
+                "upstream = \"http://127.0.0.1:3000\"\nheader_read_timeout = \"500000000000y\"\n",
+            ),
+            "proxy.header_read_timeout",
+        ),
+        (
+            "an empty tls_cert (an unset variable) next to a key and a client CA",
+            edit(
+                "upstream = \"http://127.0.0.1:3000\"\n",
+                "upstream = \"http://127.0.0.1:3000\"\ntls_cert = \"\"\ntls_key = \"Cargo.toml\"\nclient_ca = \"Cargo.toml\"\n",
+            ),
+            "proxy.tls_cert",
+        ),
+        (
             "bad decision log",
             add("[log]\ndecisions = \"some\"\n"),
             "log.decisions",
