@@ -367,6 +367,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
             hub,
             tls,
             crate::telemetry::Connections::new(settings.limits.max_connections),
+            settings.limits.idle_timeout,
             stopped(fronts_rx.clone()),
         ));
     }

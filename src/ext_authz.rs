@@ -157,7 +157,9 @@ pub async fn serve(
     };
     let connections = state.connections.clone();
     let r = &state.resources;
+    let idle = r.idle_timeout;
     let router = tonic::transport::Server::builder()
+        .layer(crate::listen::TrackRequestsLayer)
         .max_concurrent_streams(r.http2_max_concurrent_streams)
         .http2_max_pending_accept_reset_streams(Some(r.http2_max_pending_accept_reset_streams))
         .http2_max_local_error_reset_streams(Some(r.http2_max_local_error_reset_streams))
@@ -169,13 +171,14 @@ pub async fn serve(
         );
     let result = match tls {
         Some(tls) => {
-            let incoming = crate::tls::incoming(listener, tls, connections, "ext_authz");
+            let incoming = crate::tls::incoming(listener, tls, connections, idle, "ext_authz");
             router
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await
         }
         None => {
-            let incoming = crate::listen::counted_incoming(listener, connections, "ext_authz");
+            let incoming =
+                crate::listen::counted_incoming(listener, connections, idle, "ext_authz");
             router
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await

@@ -51,23 +51,120 @@ pub async fn next_connection<F: Future<Output = ()>>(
     }
 }
 
-/// How long a gRPC client has to send its first bytes after connecting.
-pub const FIRST_BYTES: Duration = Duration::from_secs(10);
+/// How long a gRPC client has, from connecting (a TLS handshake included), to begin its first
+/// request.
+pub const FIRST_REQUEST: Duration = Duration::from_secs(10);
+
+/// What a tonic request carries about its connection: the inner stream's info and the
+/// connection's [`Activity`], for [`TrackRequests`].
+#[derive(Clone)]
+pub struct WatchedInfo<I> {
+    pub inner: I,
+    activity: Arc<Activity>,
+}
 
 impl<S: Connected> Connected for Watched<S> {
-    type ConnectInfo = S::ConnectInfo;
+    type ConnectInfo = WatchedInfo<S::ConnectInfo>;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        WatchedInfo {
+            inner: self.inner.connect_info(),
+            activity: self.activity.clone(),
+        }
     }
 }
 
-/// Connections accepted on `listener` for a tonic server, each counted against `connections`
-/// (past the limit they are reset, as on the other fronts) and closed if nothing arrives within
-/// [`FIRST_BYTES`]. Ends, closing the listener, when the stream is dropped.
+type TcpInfo = tonic::transport::server::TcpConnectInfo;
+
+/// The connection's activity, from a tonic request's extensions (plain or TLS).
+fn activity_of(ext: &http::Extensions) -> Option<&Arc<Activity>> {
+    ext.get::<WatchedInfo<TcpInfo>>()
+        .map(|w| &w.activity)
+        .or_else(|| {
+            ext.get::<tonic::transport::server::TlsConnectInfo<WatchedInfo<TcpInfo>>>()
+                .map(|t| &t.get_ref().activity)
+        })
+}
+
+/// The client's address, from a tonic request's extensions (plain or TLS).
+pub fn remote_addr(ext: &http::Extensions) -> Option<SocketAddr> {
+    ext.get::<WatchedInfo<TcpInfo>>()
+        .and_then(|w| w.inner.remote_addr())
+        .or_else(|| {
+            ext.get::<tonic::transport::server::TlsConnectInfo<WatchedInfo<TcpInfo>>>()
+                .and_then(|t| t.get_ref().inner.remote_addr())
+        })
+}
+
+/// A tower layer for tonic servers: each request is in flight on its connection (until its
+/// response body, a stream included, ends), so gRPC connections get the same first-request and
+/// idle rules as the HTTP fronts.
+#[derive(Clone, Copy, Default)]
+pub struct TrackRequestsLayer;
+
+impl<S> tower_layer::Layer<S> for TrackRequestsLayer {
+    type Service = TrackRequests<S>;
+
+    fn layer(&self, inner: S) -> TrackRequests<S> {
+        TrackRequests(inner)
+    }
+}
+
+#[derive(Clone)]
+pub struct TrackRequests<S>(S);
+
+impl<S, B, R> tower_service::Service<http::Request<B>> for TrackRequests<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<R>>,
+{
+    type Response = http::Response<Tracked<R>>;
+    type Error = S::Error;
+    type Future = TrackedCall<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let busy = activity_of(req.extensions()).map(Activity::busy);
+        TrackedCall {
+            inner: self.0.call(req),
+            busy,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A tracked call's future: hands its [`Busy`] to the response body.
+    pub struct TrackedCall<F> {
+        #[pin]
+        inner: F,
+        busy: Option<Busy>,
+    }
+}
+
+impl<F, R, E> Future for TrackedCall<F>
+where
+    F: Future<Output = Result<http::Response<R>, E>>,
+{
+    type Output = Result<http::Response<Tracked<R>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.inner.poll(cx))?;
+        let busy = this.busy.take();
+        Poll::Ready(Ok(resp.map(|body| Tracked { body, busy })))
+    }
+}
+
+/// Connections accepted on `listener` for a tonic server (with [`TrackRequestsLayer`]), each
+/// counted against `connections` (past the limit they are reset, as on the other fronts) and
+/// closed when no request begins within [`FIRST_REQUEST`] of the accept or none is in flight
+/// for `idle`. Ends, closing the listener, when the stream is dropped.
 pub fn counted_incoming(
     listener: TcpListener,
     connections: Arc<Connections>,
+    idle: Duration,
     front: &'static str,
 ) -> ReceiverStream<std::io::Result<Watched<TcpStream>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -78,7 +175,7 @@ pub fn counted_incoming(
         while let Some((stream, _, open)) =
             next_connection(&listener, closed.as_mut(), front, &connections).await
         {
-            let stream = Watched::until_first_bytes(stream, FIRST_BYTES, open);
+            let stream = Watched::new(stream, Activity::new(), FIRST_REQUEST, idle).holding(open);
             if tx.send(Ok(stream)).await.is_err() {
                 return;
             }
@@ -135,10 +232,6 @@ pub struct Watched<S> {
     timer: Pin<Box<tokio::time::Sleep>>,
     /// `activity.begun` when the timer was last armed.
     begun_then: u64,
-    /// For servers whose requests keygate cannot see (tonic): the deadline holds only until the
-    /// first bytes arrive.
-    until_first_bytes: bool,
-    disarmed: bool,
     /// For tonic's connections, which keygate does not hold otherwise: the connection's place
     /// among `limits.max_connections`, given back when the connection is dropped.
     _open: Option<ConnectionGuard>,
@@ -152,19 +245,15 @@ impl<S> Watched<S> {
             idle,
             timer: Box::pin(tokio::time::sleep(first_request)),
             begun_then: 0,
-            until_first_bytes: false,
-            disarmed: false,
             _open: None,
         }
     }
 
-    /// For a server whose requests are not tracked (tonic): close the connection if nothing
-    /// at all arrives within `first_bytes` of the accept; after that, never. Holds `open`.
-    pub fn until_first_bytes(inner: S, first_bytes: Duration, open: ConnectionGuard) -> Self {
-        let mut w = Self::new(inner, Activity::new(), first_bytes, Duration::MAX);
-        w.until_first_bytes = true;
-        w._open = Some(open);
-        w
+    /// The same, holding the connection's place until it is dropped (tonic's connections,
+    /// whose requests [`TrackRequests`] marks on the connection's [`Activity`]).
+    pub fn holding(mut self, open: ConnectionGuard) -> Self {
+        self._open = Some(open);
+        self
     }
 
     /// `Ready(Err)` once the connection has been unused past its deadline.
@@ -198,17 +287,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if !self.disarmed {
-            if let Poll::Ready(e) = self.poll_expired(cx) {
-                return Poll::Ready(Err(e));
-            }
+        if let Poll::Ready(e) = self.poll_expired(cx) {
+            return Poll::Ready(Err(e));
         }
-        let before = buf.filled().len();
-        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if self.until_first_bytes && buf.filled().len() > before {
-            self.disarmed = true;
-        }
-        read
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 

@@ -350,6 +350,7 @@ pub fn incoming(
     listener: TcpListener,
     tls: Arc<TlsServer>,
     connections: Arc<Connections>,
+    idle: Duration,
     front: &'static str,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsStream<Watched<TcpStream>>>> {
     /// A client has this long to complete its handshake.
@@ -363,8 +364,11 @@ pub fn incoming(
             crate::listen::next_connection(&listener, closed.as_mut(), front, &connections).await
         {
             let (tx, tls) = (tx.clone(), tls.clone());
-            // The TLS stream wraps the connection's place, given back when tonic drops it.
-            let stream = Watched::until_first_bytes(stream, HANDSHAKE, open);
+            // The TLS stream wraps the watched connection (its place, and its deadlines: the
+            // first request within FIRST_REQUEST of the accept, handshake included).
+            let activity = crate::listen::Activity::new();
+            let stream =
+                Watched::new(stream, activity, crate::listen::FIRST_REQUEST, idle).holding(open);
             tokio::spawn(async move {
                 match tls.accept(stream, HANDSHAKE).await {
                     Ok(stream) => {

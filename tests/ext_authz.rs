@@ -874,3 +874,91 @@ async fn shutdown_ends_health_watches_instead_of_waiting_out_the_drain() {
         .unwrap();
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
 }
+
+/// Reads until the peer closes (or resets) the connection; `None` if still open after `within`.
+async fn closed_within(
+    stream: &mut tokio::net::TcpStream,
+    within: std::time::Duration,
+) -> Option<std::time::Duration> {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at((started + within).into(), stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+/// gRPC connections are held to the HTTP fronts' rules: one that sends half an HTTP/2 preface
+/// and stops is closed once its first request is overdue (10 s), one left unused after its
+/// Checks is closed an idle period later (`limits.idle_timeout`, checked from then on), and a
+/// long health Watch stream counts as a request in flight, so it is not cut.
+#[tokio::test]
+async fn grpc_connections_that_hold_a_place_unused_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let (gate, _snap, k, addr, _up) = start("\n[limits]\nidle_timeout = \"1s\"\n").await;
+
+    let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+    half.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+
+    // A client that made a Check and then leaves its connection unused.
+    let idle_channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let r = AuthorizationClient::new(idle_channel.clone())
+        .check(check_request(
+            "GET",
+            "/v1/analyses/1",
+            &[("x-api-key", k.ok.as_str())],
+            "127.0.0.1",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status.unwrap().code, 0);
+
+    // A health Watch: a response stream that stays open.
+    let watch_channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut watch = HealthClient::new(watch_channel.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+    let open = "keygate_connections_open{front=\"ext_authz\"}";
+    assert_eq!(gate.metric(open).await, Some(3.0));
+
+    // Both the half preface and the unused connection are closed once the first-request
+    // deadline (10 s) has passed and, for the used one, a whole idle period after it; the Watch
+    // is not.
+    let closed = closed_within(&mut half, std::time::Duration::from_secs(15)).await;
+    let closed = closed.expect("a half-sent preface still held its connection after 15 s");
+    assert!(closed >= std::time::Duration::from_secs(8), "{closed:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while gate.metric(open).await != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the unused gRPC connection was not closed: {:?}",
+            gate.metric(open).await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let still = tokio::time::timeout(std::time::Duration::from_millis(300), watch.message()).await;
+    assert!(still.is_err(), "the Watch stream ended: {still:?}");
+    drop((watch, watch_channel, idle_channel));
+    gate.stop().await;
+}

@@ -234,7 +234,7 @@ impl Sync for Service {
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.0.authorized(&req)?;
-        let peer = req.remote_addr();
+        let peer = crate::listen::remote_addr(req.extensions());
         let WatchRequest {
             since_revision,
             client,
@@ -319,6 +319,7 @@ pub async fn serve(
     hub: Arc<Hub>,
     tls: Option<Arc<crate::tls::TlsServer>>,
     connections: Arc<crate::telemetry::Connections>,
+    idle: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let follower = tokio::spawn(hub.clone().follow(std::future::pending::<()>()));
@@ -328,6 +329,7 @@ pub async fn serve(
         closing.closing.send_replace(true);
     };
     let router = tonic::transport::Server::builder()
+        .layer(crate::listen::TrackRequestsLayer)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(
             SyncServer::new(Service(hub))
@@ -336,13 +338,14 @@ pub async fn serve(
         );
     let result = match tls {
         Some(tls) => {
-            let incoming = crate::tls::incoming(listener, tls, connections, "sync_server");
+            let incoming = crate::tls::incoming(listener, tls, connections, idle, "sync_server");
             router
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await
         }
         None => {
-            let incoming = crate::listen::counted_incoming(listener, connections, "sync_server");
+            let incoming =
+                crate::listen::counted_incoming(listener, connections, idle, "sync_server");
             router
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await
