@@ -196,6 +196,9 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
                 what: "proxy upstream",
                 source,
             })?;
+        if let Some(u) = &upstream_tls {
+            tasks.spawn(u.clone().watch(stopped(rx.clone())));
+        }
         let new_state = || {
             Arc::new(
                 ProxyState::new(

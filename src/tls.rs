@@ -85,6 +85,21 @@ fn pem_reason(e: &rustls::pki_types::pem::Error) -> String {
     }
 }
 
+/// A digest of the files' contents (an unreadable file counts as empty), to notice a change
+/// without keeping a copy of a key. `None` when there are no files.
+pub fn fingerprint_files(paths: &[&Path]) -> Option<[u8; 32]> {
+    if paths.is_empty() {
+        return None;
+    }
+    let mut h = Sha256::new();
+    for path in paths {
+        let bytes = std::fs::read(path).unwrap_or_default();
+        h.update((bytes.len() as u64).to_be_bytes());
+        h.update(&bytes);
+    }
+    Some(h.finalize().into())
+}
+
 fn read(file: TlsFile, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|e| TlsError::new(file, path, format!("cannot be read: {e}")))
 }

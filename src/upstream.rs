@@ -8,7 +8,7 @@
 //! on a fresh connection; a request that may have reached the upstream is never retried.
 //!
 //! An `https://` upstream gets TLS on each new connection (ALPN `http/1.1`, SNI and certificate
-//! checked against [`UpstreamTls::server_name`]); the TCP connect and the handshake together
+//! checked against the upstream's name); the TCP connect and the handshake together
 //! must finish within `connect_timeout`. Pooled connections stay TLS connections.
 
 use std::pin::Pin;
@@ -25,6 +25,8 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
+
+use arc_swap::ArcSwap;
 
 use crate::config::UpstreamTlsSettings;
 use crate::tls::TlsError;
@@ -67,32 +69,100 @@ pub enum UpstreamError {
     Http(#[from] hyper::Error),
 }
 
-/// TLS to an `https://` upstream: built once, shared by every thread's pool.
+/// TLS to an `https://` upstream, shared by every thread's pool. The CA and client
+/// certificate files are re-read when they change (short-lived client certificates from a
+/// mesh or cert-manager), as the listeners' certificates are; a broken replacement keeps the
+/// configuration in force. Connections already open keep theirs.
 #[derive(Clone)]
-pub struct UpstreamTls {
-    connector: tokio_rustls::TlsConnector,
+pub struct UpstreamTls(Arc<TlsInner>);
+
+struct TlsInner {
+    settings: UpstreamTlsSettings,
+    config: ArcSwap<rustls::ClientConfig>,
+    /// What the files held when `config` was built (or last refused).
+    seen: Mutex<Option<[u8; 32]>>,
     /// What the certificate is checked against, and the SNI when it is a DNS name.
-    pub server_name: ServerName<'static>,
+    server_name: ServerName<'static>,
 }
 
 impl UpstreamTls {
     /// Read the CA and client certificate files (already checked by `config check`).
     pub fn new(settings: &UpstreamTlsSettings) -> Result<Self, TlsError> {
-        let config = crate::tls::client_config(
-            settings.ca_file.as_deref(),
-            settings.client_identity.as_ref(),
-            &[b"http/1.1"],
-        )?;
         let server_name =
             crate::tls::server_name(&settings.server_name).ok_or_else(|| TlsError {
                 file: crate::tls::TlsFile::Cert,
                 path: settings.server_name.clone(),
                 reason: "is not a DNS name or an IP address".into(),
             })?;
-        Ok(Self {
-            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        let seen = crate::tls::fingerprint_files(&Self::files(settings));
+        Ok(Self(Arc::new(TlsInner {
+            config: ArcSwap::from_pointee(Self::build(settings)?),
+            settings: settings.clone(),
+            seen: Mutex::new(seen),
             server_name,
-        })
+        })))
+    }
+
+    fn build(settings: &UpstreamTlsSettings) -> Result<rustls::ClientConfig, TlsError> {
+        crate::tls::client_config(
+            settings.ca_file.as_deref(),
+            settings.client_identity.as_ref(),
+            &[b"http/1.1"],
+        )
+    }
+
+    fn files(settings: &UpstreamTlsSettings) -> Vec<&std::path::Path> {
+        let mut files: Vec<&std::path::Path> =
+            settings.ca_file.iter().map(|p| p.as_path()).collect();
+        if let Some(id) = &settings.client_identity {
+            files.extend([id.cert.as_path(), id.key.as_path()]);
+        }
+        files
+    }
+
+    fn connector(&self) -> tokio_rustls::TlsConnector {
+        tokio_rustls::TlsConnector::from(self.0.config.load_full())
+    }
+
+    /// Re-read the files; when they changed, put a configuration built from them in force, or
+    /// keep the one in force and say why. Blocking file I/O.
+    pub fn reload_if_changed(&self) {
+        let inner = &self.0;
+        let files = Self::files(&inner.settings);
+        if files.is_empty() {
+            return;
+        }
+        let now = crate::tls::fingerprint_files(&files);
+        {
+            let mut seen = inner.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if *seen == now {
+                return;
+            }
+            *seen = now;
+        }
+        match Self::build(&inner.settings) {
+            Ok(config) => {
+                inner.config.store(Arc::new(config));
+                tracing::info!("proxy upstream TLS: new CA or client certificate files in force");
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "proxy upstream TLS: the changed files are not usable; keeping the ones in force"
+            ),
+        }
+    }
+
+    /// Follow the files until `shutdown` resolves.
+    pub async fn watch(self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = tokio::time::sleep(crate::tls::RELOAD_EVERY) => {}
+            }
+            let me = self.clone();
+            let _ = tokio::task::spawn_blocking(move || me.reload_if_changed()).await;
+        }
     }
 }
 
@@ -222,8 +292,8 @@ impl Upstream {
                 None => handshake(stream).await,
                 Some(tls) => {
                     let stream = tls
-                        .connector
-                        .connect(tls.server_name.clone(), stream)
+                        .connector()
+                        .connect(tls.0.server_name.clone(), stream)
                         .await
                         .map_err(UpstreamError::Tls)?;
                     handshake(stream).await

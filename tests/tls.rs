@@ -778,3 +778,67 @@ mod ext_authz_tls {
         gate.stop().await;
     }
 }
+
+/// A short-lived client certificate for an mTLS upstream is renewed in place (cert-manager,
+/// a mesh): keygate's next connection to the upstream presents the new one, without restart.
+#[tokio::test]
+async fn a_renewed_upstream_client_certificate_is_used_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (trusted, untrusted) = (dir.path().join("trusted"), dir.path().join("other"));
+    std::fs::create_dir_all(&trusted).unwrap();
+    std::fs::create_dir_all(&untrusted).unwrap();
+    let pki = Pki::new(&trusted);
+    let other = Pki::new(&untrusted);
+    let upstream =
+        Upstream::start_tls(pki.issue(&["127.0.0.1"], false).server_config(Some(&pki))).await;
+    let key = mint("sk_live_");
+    let snap = snapshot(&key);
+    // At first keygate holds a client certificate from a CA the upstream does not trust.
+    let (cert, client_key) = (
+        dir.path().join("client.pem"),
+        dir.path().join("client-key.pem"),
+    );
+    other.issue(&["keygate"], true).write_to(&cert, &client_key);
+    let more = format!(
+        "upstream_ca_file = {:?}\nupstream_client_cert = {:?}\nupstream_client_key = {:?}\n",
+        show(&pki.ca),
+        show(&cert),
+        show(&client_key)
+    );
+    let gate = Gate::start(&https(config_toml_proxy(
+        &snap.path(),
+        upstream.addr,
+        &more,
+        "",
+    )))
+    .await;
+    let a = get(
+        &client(),
+        &gate.url("/v1/analyses/1"),
+        &[("x-api-key", &key)],
+    )
+    .await;
+    assert_error(&a, 502, "upstream_unavailable");
+
+    // The renewal: a certificate the upstream trusts, written over the old files.
+    pki.issue(&["keygate"], true).write_to(&cert, &client_key);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let a = get(
+            &client(),
+            &gate.url("/v1/analyses/1"),
+            &[("x-api-key", &key)],
+        )
+        .await;
+        if a.status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed client certificate was not used within 5 s: {a:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(upstream.count(), 1);
+    gate.stop().await;
+}
