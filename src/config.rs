@@ -1003,7 +1003,7 @@ pub fn validate_with_env(
                 false
             }
         },
-        decisions: match raw.log.decisions.as_deref().unwrap_or("denied") {
+        decisions: match raw.log.decisions.as_deref().unwrap_or("all") {
             "all" => DecisionLog::All,
             "denied" => DecisionLog::Denied,
             "none" => DecisionLog::None,
