@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -152,7 +152,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let resp = std::task::ready!(this.inner.poll(cx))?;
-        let busy = this.busy.take();
+        let mut busy = this.busy.take();
+        if let Some(b) = busy.as_mut() {
+            b.answered();
+        }
         Poll::Ready(Ok(resp.map(|body| Tracked { body, busy })))
     }
 }
@@ -185,53 +188,88 @@ pub fn counted_incoming(
 }
 
 /// What one connection is doing, shared by its IO ([`Watched`]) and its service: how many
-/// requests are in flight, and how many have begun. Two relaxed atomic adds per request; no
-/// clock read, lock or wake-up on the request path.
+/// requests have begun and are in flight, and how many response frames have been sent.
+/// Relaxed atomic adds per request and per response frame; no clock read, lock or wake-up on
+/// the request path.
 pub struct Activity {
-    in_flight: AtomicUsize,
     begun: AtomicU64,
+    in_flight: AtomicU64,
+    /// In flight without a response head yet (bounded by the front's own timeouts).
+    waiting: AtomicU64,
+    frames: AtomicU64,
 }
 
 impl Activity {
     pub fn new() -> Arc<Self> {
         Arc::new(Activity {
-            in_flight: AtomicUsize::new(0),
             begun: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
+            frames: AtomicU64::new(0),
         })
     }
 
-    /// A request begins; it is in flight until the returned guard drops (for the proxy, with
-    /// the response body; for an upgrade, with the tunnel).
+    /// A request begins; it is in flight until the returned guard drops (with its response
+    /// body, [`Tracked`], whose frames count as use; an upgraded tunnel holds one too).
     pub fn busy(self: &Arc<Self>) -> Busy {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.begun.fetch_add(1, Ordering::Relaxed);
-        Busy(self.clone())
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        Busy {
+            activity: self.clone(),
+            waiting: true,
+        }
     }
 }
 
-/// A request in flight on its connection.
-pub struct Busy(Arc<Activity>);
+/// A request in flight on its connection (see [`Activity::busy`]).
+pub struct Busy {
+    activity: Arc<Activity>,
+    waiting: bool,
+}
+
+impl Busy {
+    /// The response head is ready: from now on the request counts as use only while its
+    /// frames or bytes move (an upgraded tunnel too).
+    pub fn answered(&mut self) {
+        if std::mem::take(&mut self.waiting) {
+            self.activity.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn frame_sent(&self) {
+        self.activity.frames.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.answered();
+        self.activity.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-/// A connection's IO that fails its reads once the connection has been unused for too long:
-/// no request within `first_request` of the accept (silent clients, a half-sent HTTP/2
-/// preface), or, later, a whole `idle` period (checked when the timer fires: so between `idle`
-/// and twice that after the last request) with none begun and none in flight (HTTP/2
-/// connections kept open unused). The server then closes it, giving its place among
-/// `limits.max_connections` back.
+/// A connection's IO that fails its reads once the connection has been unused for too long,
+/// so the server closes it and its place among `limits.max_connections` comes back:
+/// - no request begun within `first_request` of the accept (silent clients, a half-sent
+///   HTTP/2 preface trickled a byte at a time, a TLS handshake and then nothing);
+/// - later, a whole `idle` period (checked when the timer fires: so closed between `idle` and
+///   twice that after the last use) in which no request began, none waited for its answer
+///   and, if one is in flight, no response frame was sent and no byte moved either way: HTTP/2 connections kept open unused
+///   (their keep-alive PINGs do not count), a client that stopped reading its response over
+///   HTTP/1.1 (it holds an upstream connection too), a silent WebSocket tunnel. Over HTTP/2 a
+///   stream in flight counts as used while PINGs are answered, so quiet gRPC streams (health
+///   Watch) are kept as long as their client answers.
 pub struct Watched<S> {
     inner: S,
     activity: Arc<Activity>,
     idle: Duration,
     /// Always armed: at the first-request deadline, then every `idle`.
     timer: Pin<Box<tokio::time::Sleep>>,
-    /// `activity.begun` when the timer was last armed.
-    begun_then: u64,
+    /// Requests begun, response frames sent and bytes moved when the timer was last armed.
+    then: (u64, u64, u64),
+    /// Bytes read from and written to the client.
+    moved: u64,
     /// For tonic's connections, which keygate does not hold otherwise: the connection's place
     /// among `limits.max_connections`, given back when the connection is dropped.
     _open: Option<ConnectionGuard>,
@@ -244,7 +282,8 @@ impl<S> Watched<S> {
             activity,
             idle,
             timer: Box::pin(tokio::time::sleep(first_request)),
-            begun_then: 0,
+            then: (0, 0, 0),
+            moved: 0,
             _open: None,
         }
     }
@@ -259,16 +298,26 @@ impl<S> Watched<S> {
     /// `Ready(Err)` once the connection has been unused past its deadline.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
         while self.timer.as_mut().poll(cx).is_ready() {
-            let begun = self.activity.begun.load(Ordering::Relaxed);
-            let busy = self.activity.in_flight.load(Ordering::Relaxed) > 0;
-            if !busy && begun == self.begun_then {
+            let now = (
+                self.activity.begun.load(Ordering::Relaxed),
+                self.activity.frames.load(Ordering::Relaxed),
+                self.moved,
+            );
+            // A new request is use. Frames and bytes are use only for a request in flight:
+            // bytes trickled into a preface or a handshake, or keep-alive PINGs on an unused
+            // connection, are not.
+            let a = &self.activity;
+            let in_flight = a.in_flight.load(Ordering::Relaxed) > 0;
+            let waiting = a.waiting.load(Ordering::Relaxed) > 0;
+            let used = now.0 != self.then.0 || waiting || (in_flight && now != self.then);
+            if !used {
                 return Poll::Ready(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "connection closed: unused for too long",
                 ));
             }
             // Used since: look again in a whole idle period.
-            self.begun_then = begun;
+            self.then = now;
             let next = tokio::time::Instant::now()
                 .checked_add(self.idle)
                 .unwrap_or_else(|| tokio::time::Instant::now() + FAR);
@@ -290,7 +339,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         if let Poll::Ready(e) = self.poll_expired(cx) {
             return Poll::Ready(Err(e));
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.moved += (buf.filled().len() - before) as u64;
+        read
     }
 }
 
@@ -300,7 +352,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            self.moved += n as u64;
+        }
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -316,7 +372,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = written {
+            self.moved += n as u64;
+        }
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -335,7 +395,8 @@ pin_project_lite::pin_project! {
 }
 
 impl<B> Tracked<B> {
-    pub fn new(body: B, busy: Busy) -> Self {
+    pub fn new(body: B, mut busy: Busy) -> Self {
+        busy.answered();
         Tracked {
             body,
             busy: Some(busy),
@@ -353,8 +414,16 @@ impl<B: hyper::body::Body> hyper::body::Body for Tracked<B> {
     ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let frame = this.body.poll_frame(cx);
-        if matches!(frame, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            this.busy.take();
+        match &frame {
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(b) = this.busy.as_ref() {
+                    b.frame_sent();
+                }
+            }
+            Poll::Ready(None | Some(Err(_))) => {
+                this.busy.take();
+            }
+            Poll::Pending => {}
         }
         frame
     }

@@ -529,9 +529,11 @@ async fn answer(
 
     if let (Some(client_side), StatusCode::SWITCHING_PROTOCOLS) = (on_upgrade, resp.status()) {
         let upstream_side = hyper::upgrade::on(&mut resp);
-        // The tunnel keeps the connection's place and counts as a request in flight (so the
-        // idle deadline does not cut it) until it ends.
-        let tunnel = (peer.clone(), peer.activity.busy());
+        // The tunnel keeps the connection's place until it ends, and is closed as idle only
+        // after a whole limits.idle_timeout with no byte either way.
+        let mut busy = peer.activity.busy();
+        busy.answered();
+        let tunnel = (peer.clone(), busy);
         tokio::spawn(async move {
             let _tunnel = tunnel;
             match tokio::try_join!(client_side, upstream_side) {

@@ -894,12 +894,18 @@ async fn closed_within(
 
 /// gRPC connections are held to the HTTP fronts' rules: one that sends half an HTTP/2 preface
 /// and stops is closed once its first request is overdue (10 s), one left unused after its
-/// Checks is closed an idle period later (`limits.idle_timeout`, checked from then on), and a
-/// long health Watch stream counts as a request in flight, so it is not cut.
+/// Checks is closed an idle period later (`limits.idle_timeout`, checked from then on), though
+/// keep-alive PINGs still flow on it, and a quiet health Watch stream whose client answers them
+/// is not cut.
 #[tokio::test]
 async fn grpc_connections_that_hold_a_place_unused_are_closed() {
     use tokio::io::AsyncWriteExt;
-    let (gate, _snap, k, addr, _up) = start("\n[limits]\nidle_timeout = \"1s\"\n").await;
+    // Keep-alive PINGs well inside the idle period: a quiet stream in flight is kept while its
+    // client answers them; an unused connection is not.
+    let (gate, _snap, k, addr, _up) = start(
+        "\n[limits]\nidle_timeout = \"1s\"\nhttp2_keep_alive_interval = \"200ms\"\nhttp2_keep_alive_timeout = \"1s\"\n",
+    )
+    .await;
 
     let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
     half.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();

@@ -324,3 +324,38 @@ async fn a_request_the_client_abandons_is_still_counted() {
     drop((client, driver));
     gate.stop().await;
 }
+
+/// A client that asks for a large answer and stops reading it holds its connection (and an
+/// upstream connection) only until a whole `limits.idle_timeout` passes with nothing moving.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_after_an_idle_period() {
+    let (gate, key, upstream, _snap) = h2_gate("[limits]\nidle_timeout = \"1s\"\n").await;
+    let mut s = TcpStream::connect(gate.addr).await.unwrap();
+    let req = format!("GET /big/50000000 HTTP/1.1\r\nHost: api\r\nX-API-Key: {key}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let arrived = eventually(Duration::from_secs(3), || upstream.count() == 1).await;
+    assert!(arrived, "the request never reached the upstream");
+    let open = "keygate_connections_open{front=\"proxy\"}";
+    assert_eq!(gate.metric(open).await, Some(1.0));
+    // Nothing read from here on: the answer stalls in the socket buffers.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while gate.metric(open).await != Some(0.0) {
+        assert!(
+            Instant::now() < deadline,
+            "a client that stopped reading still held its connection after 8 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(s);
+    gate.stop().await;
+}
+
+/// A request waiting longer than `limits.idle_timeout` for a slow upstream is not closed as
+/// idle: only `proxy.upstream_timeout` bounds that wait.
+#[tokio::test]
+async fn a_request_waiting_on_a_slow_upstream_is_not_cut_as_idle() {
+    let (gate, key, _upstream, _snap) = h2_gate("[limits]\nidle_timeout = \"500ms\"\n").await;
+    let a = get(&client(), &gate.url("/slow/1800"), &[("x-api-key", &key)]).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    gate.stop().await;
+}
