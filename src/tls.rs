@@ -397,8 +397,9 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// The client side for `https://` upstreams: `ca_file`'s certificates as the only roots (else
-/// the system's), a client certificate when `identity` is given, and `alpn`.
+/// The client side of every https client (upstreams, the http snapshot source, usage reports):
+/// `ca_file`'s certificates as the only roots (else the system's), a client certificate when
+/// `identity` is given, and `alpn`.
 pub fn client_config(
     ca_file: Option<&Path>,
     identity: Option<&TlsIdentity>,
@@ -414,7 +415,7 @@ pub fn client_config(
             let mut store = rustls::RootCertStore::empty();
             let (added, _ignored) = store.add_parsable_certificates(found.certs);
             if added == 0 {
-                tracing::warn!("no system root certificates: https:// upstreams will not verify");
+                tracing::warn!("no system root certificates: https:// peers will not verify");
             }
             store
         }

@@ -63,43 +63,9 @@ pub enum Polled {
 type HttpsClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
 /// Build the TLS client configuration: the PEM certificates of `ca_file` as the only roots when
-/// given, else the system's roots.
+/// given, else the system's roots (one implementation for every https client, in [`crate::tls`]).
 pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let shown = path.display();
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("{shown}: {e}"))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("{shown}: {e}"))?;
-            if certs.is_empty() {
-                return Err(format!("{shown}: no PEM certificate in it"));
-            }
-            for cert in certs {
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("{shown}: a certificate is not usable: {e}"))?;
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for e in &found.errors {
-                tracing::warn!(error = %e, "while reading the system's root certificates");
-            }
-            let (added, _ignored) = roots.add_parsable_certificates(found.certs);
-            if added == 0 {
-                tracing::warn!("no system root certificates: https:// sources will not verify");
-            }
-        }
-    }
-    Ok(builder.with_root_certificates(roots).with_no_client_auth())
+    crate::tls::client_config(ca_file, None, &[]).map_err(|e| e.to_string())
 }
 
 /// The poller: remembers the ETag of the document in force and how many polls failed in a row.
