@@ -217,11 +217,21 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("proxy: connections still open after the drain timeout");
+    // HTTP connections first (each finishes its request, HTTP/2 ones get GOAWAY), then the
+    // upgraded tunnels, which hyper no longer tracks but which hold their connection's place:
+    // both get what is left of the drain.
+    let drained = tokio::time::timeout(drain, async {
+        graceful.shutdown().await;
+        while state.connections.open() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = state.connections.open(),
+            "proxy: connections or tunnels still open after the drain timeout"
+        );
     }
 }
 

@@ -359,3 +359,37 @@ async fn a_request_waiting_on_a_slow_upstream_is_not_cut_as_idle() {
     assert_eq!(a.status, 200, "{a:?}");
     gate.stop().await;
 }
+
+/// On shutdown a WebSocket tunnel gets the drain like a request in flight: it still carries
+/// traffic after the listener closed, and shutdown waits for it (up to drain_timeout).
+#[tokio::test]
+async fn shutdown_drains_upgraded_tunnels_too() {
+    let (mut gate, key, _upstream, _snap) = h2_gate("[shutdown]\ndrain_timeout = \"5s\"\n").await;
+    let mut ws = TcpStream::connect(gate.addr).await.unwrap();
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: api\r\nConnection: upgrade\r\nUpgrade: websocket\r\nX-API-Key: {key}\r\n\r\n"
+    );
+    ws.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = ws.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
+
+    let app = gate.app.take().unwrap();
+    let stopping = tokio::spawn(app.shutdown());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ws.write_all(b"still here").await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(2), ws.read(&mut buf))
+        .await
+        .expect("the tunnel was cut when shutdown began")
+        .unwrap();
+    assert_eq!(&buf[..n], b"still here");
+    assert!(
+        !stopping.is_finished(),
+        "shutdown did not wait for the tunnel"
+    );
+    drop(ws);
+    tokio::time::timeout(Duration::from_secs(3), stopping)
+        .await
+        .expect("shutdown did not end once the tunnel closed")
+        .unwrap();
+}
