@@ -497,17 +497,28 @@ impl SnapshotStore {
         bytes: &[u8],
         pepper: Option<Arc<[u8]>>,
     ) -> Result<(u64, Vec<Quarantined>), LoadFailure> {
-        let snapshot = parse(bytes, pepper)?;
-        let revision = snapshot.revision;
-        let fresh = self.publish(snapshot)?;
-        if self.retain_documents {
-            // It parsed as a snapshot a moment ago, so its envelope is sound.
-            match document::Document::from_json(bytes) {
-                Ok(doc) => self.keep_document(Arc::new(doc)),
-                Err(e) => tracing::error!(error = %e, revision, "sync: cannot keep the document"),
+        // A hub also keeps the document as entries by id, for its followers. That second parse
+        // runs on another thread at the same time, so the snapshot is put in force no later
+        // and the delta is ready almost as soon as it is (hub → sidecar propagation).
+        std::thread::scope(|scope| {
+            let doc = self
+                .retain_documents
+                .then(|| scope.spawn(|| document::Document::from_json(bytes)));
+            let snapshot = parse(bytes, pepper)?;
+            let revision = snapshot.revision;
+            let fresh = self.publish(snapshot)?;
+            match doc.map(|d| d.join()) {
+                None => {}
+                Some(Ok(Ok(doc))) => self.keep_document(Arc::new(doc)),
+                Some(Ok(Err(e))) => {
+                    tracing::error!(error = %e, revision, "sync: cannot keep the document")
+                }
+                Some(Err(_)) => {
+                    tracing::error!(revision, "sync: keeping the document failed (a panic)")
+                }
             }
-        }
-        Ok((revision, fresh))
+            Ok((revision, fresh))
+        })
     }
 
     fn keep_document(&self, doc: Arc<document::Document>) {
