@@ -141,6 +141,24 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) {
+    // The same settings three ways: `auto` sniffs HTTP/1.1 or h2c on a plain connection; over
+    // TLS, the protocol ALPN agreed on is the only one served (hyper-util's `auto` cannot be
+    // held to one protocol when it also serves upgrades).
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    h1.timer(TokioTimer::new())
+        .header_read_timeout(state.settings.header_read_timeout)
+        .max_buf_size(state.settings.max_header_bytes.max(8192))
+        .max_headers(state.settings.max_headers)
+        .keep_alive(true);
+    let r = &state.resources;
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        .max_header_list_size(state.settings.max_header_bytes as u32)
+        .max_concurrent_streams(r.http2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(r.http2_max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(r.http2_max_local_error_reset_streams)
+        .keep_alive_interval(Some(r.http2_keep_alive_interval))
+        .keep_alive_timeout(r.http2_keep_alive_timeout);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -149,7 +167,6 @@ pub async fn serve(
         .max_buf_size(state.settings.max_header_bytes.max(8192))
         .max_headers(state.settings.max_headers)
         .keep_alive(true);
-    let r = &state.resources;
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -160,6 +177,7 @@ pub async fn serve(
         .keep_alive_interval(Some(r.http2_keep_alive_interval))
         .keep_alive_timeout(r.http2_keep_alive_timeout);
     let graceful = GracefulShutdown::new();
+    let (draining_tx, draining_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     while let Some((stream, peer, open)) =
         crate::listen::next_connection(&listener, shutdown.as_mut(), "proxy", &state.connections)
@@ -200,7 +218,8 @@ pub async fn serve(
         };
         // The handshake runs in the connection's task, bounded like the request head it
         // precedes, so a slow client holds up no one.
-        let builder = builder.clone();
+        let (h1, h2) = (h1.clone(), h2.clone());
+        let mut draining = draining_rx.clone();
         let handshake = state.settings.header_read_timeout;
         tokio::spawn(async move {
             let stream = match tls.accept(stream, handshake).await {
@@ -210,13 +229,33 @@ pub async fn serve(
                     return;
                 }
             };
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
+            // keygate offers h2 and http/1.1; a client that offers neither speaks HTTP/1.1.
+            let io = TokioIo::new(stream);
+            let ended: Result<(), hyper::Error> =
+                if io.inner().get_ref().1.alpn_protocol() == Some(b"h2") {
+                    watcher.watch(h2.serve_connection(io, service)).await
+                } else {
+                    // hyper-util's graceful watch does not take an upgradeable HTTP/1.1
+                    // connection: the same, by hand (the drain waits for its place to be given
+                    // back, below).
+                    drop(watcher);
+                    let conn = h1.serve_connection(io, service).with_upgrades();
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        ended = conn.as_mut() => ended,
+                        () = async { let _ = draining.wait_for(|d| *d).await; } => {
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    }
+                };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, %peer, "proxy connection ended with an error");
             }
         });
     }
     drop(listener);
+    draining_tx.send_replace(true);
     // HTTP connections first (each finishes its request, HTTP/2 ones get GOAWAY), then the
     // upgraded tunnels, which hyper no longer tracks but which hold their connection's place:
     // both get what is left of the drain.

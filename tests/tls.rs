@@ -842,3 +842,65 @@ async fn a_renewed_upstream_client_certificate_is_used_without_restart() {
     assert_eq!(upstream.count(), 1);
     gate.stop().await;
 }
+
+/// The protocol ALPN agreed on is the one spoken: an HTTP/2 preface on a connection that
+/// negotiated http/1.1 is not served as HTTP/2, nor an HTTP/1.1 request on an h2 one.
+#[tokio::test]
+async fn the_protocol_is_the_one_alpn_chose() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let upstream = Upstream::start().await;
+    let key = mint("sk_live_");
+    let snap = snapshot(&key);
+    let gate = Gate::start(&tls_proxy(&snap, upstream.addr, &pki, "")).await;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+
+    // Negotiates http/1.1, then speaks HTTP/2.
+    let tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(pki.client_config(H1, None))
+        .connect(name.clone(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let answered = async {
+        let (mut client, conn) = h2::client::handshake(tls)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = http::Request::get("https://127.0.0.1/v1/analyses/1")
+            .header("x-api-key", &key)
+            .body(())
+            .unwrap();
+        let (resp, _) = client.send_request(req, true).map_err(|e| e.to_string())?;
+        resp.await.map(|r| r.status()).map_err(|e| e.to_string())
+    };
+    let got = tokio::time::timeout(Duration::from_secs(5), answered)
+        .await
+        .expect("no answer and no close within 5 s");
+    assert!(
+        got.is_err(),
+        "HTTP/2 was served on an http/1.1 connection: {got:?}"
+    );
+
+    // Negotiates h2, then sends an HTTP/1.1 request: no HTTP/1.1 answer.
+    let tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(pki.client_config(H2, None))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let req = format!("GET /v1/analyses/1 HTTP/1.1\r\nHost: a\r\nX-API-Key: {key}\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf))
+        .await
+        .expect("no answer and no close within 5 s")
+        .unwrap_or(0);
+    assert!(
+        !String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1"),
+        "HTTP/1.1 was served on an h2 connection"
+    );
+    assert_eq!(upstream.count(), 0);
+    gate.stop().await;
+}
