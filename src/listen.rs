@@ -288,6 +288,10 @@ impl<S> Watched<S> {
         }
     }
 
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
     /// The same, holding the connection's place until it is dropped (tonic's connections,
     /// whose requests [`TrackRequests`] marks on the connection's [`Activity`]).
     pub fn holding(mut self, open: ConnectionGuard) -> Self {

@@ -112,12 +112,14 @@ impl ProxyState {
         upstream: Option<UpstreamTls>,
     ) -> Self {
         self.tls = server;
-        self.upstream = Upstream::new(
-            connect_address(&self.settings),
-            upstream,
-            self.settings.connect_timeout,
-            self.settings.pool_idle_per_host,
-        );
+        if upstream.is_some() {
+            self.upstream = Upstream::new(
+                connect_address(&self.settings),
+                upstream,
+                self.settings.connect_timeout,
+                self.settings.pool_idle_per_host,
+            );
+        }
         self
     }
 }
@@ -141,43 +143,40 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) {
-    // The same settings three ways: `auto` sniffs HTTP/1.1 or h2c on a plain connection; over
-    // TLS, the protocol ALPN agreed on is the only one served (hyper-util's `auto` cannot be
-    // held to one protocol when it also serves upgrades).
+    // The same settings for hyper's builders and for hyper-util `auto`'s: `auto` sniffs
+    // HTTP/1.1 or h2c on a plain connection; over TLS, the protocol ALPN agreed on is the only
+    // one served (`auto` cannot be held to one protocol when it also serves upgrades).
+    let (p, r) = (&state.settings, &state.resources);
+    macro_rules! http1 {
+        ($b:expr) => {
+            $b.timer(TokioTimer::new())
+                .header_read_timeout(p.header_read_timeout)
+                .max_buf_size(p.max_header_bytes.max(8192))
+                .max_headers(p.max_headers)
+                .keep_alive(true)
+        };
+    }
+    macro_rules! http2 {
+        ($b:expr) => {
+            $b.timer(TokioTimer::new())
+                .max_header_list_size(p.max_header_bytes as u32)
+                .max_concurrent_streams(r.http2_max_concurrent_streams)
+                .max_pending_accept_reset_streams(r.http2_max_pending_accept_reset_streams)
+                .max_local_error_reset_streams(r.http2_max_local_error_reset_streams)
+                .keep_alive_interval(Some(r.http2_keep_alive_interval))
+                .keep_alive_timeout(r.http2_keep_alive_timeout)
+        };
+    }
     let mut h1 = hyper::server::conn::http1::Builder::new();
-    h1.timer(TokioTimer::new())
-        .header_read_timeout(state.settings.header_read_timeout)
-        .max_buf_size(state.settings.max_header_bytes.max(8192))
-        .max_headers(state.settings.max_headers)
-        .keep_alive(true);
-    let r = &state.resources;
+    http1!(h1);
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    h2.timer(TokioTimer::new())
-        .max_header_list_size(state.settings.max_header_bytes as u32)
-        .max_concurrent_streams(r.http2_max_concurrent_streams)
-        .max_pending_accept_reset_streams(r.http2_max_pending_accept_reset_streams)
-        .max_local_error_reset_streams(r.http2_max_local_error_reset_streams)
-        .keep_alive_interval(Some(r.http2_keep_alive_interval))
-        .keep_alive_timeout(r.http2_keep_alive_timeout);
+    http2!(h2);
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(state.settings.header_read_timeout)
-        .max_buf_size(state.settings.max_header_bytes.max(8192))
-        .max_headers(state.settings.max_headers)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(state.settings.max_header_bytes as u32)
-        .max_concurrent_streams(r.http2_max_concurrent_streams)
-        .max_pending_accept_reset_streams(r.http2_max_pending_accept_reset_streams)
-        .max_local_error_reset_streams(r.http2_max_local_error_reset_streams)
-        .keep_alive_interval(Some(r.http2_keep_alive_interval))
-        .keep_alive_timeout(r.http2_keep_alive_timeout);
+    http1!(builder.http1());
+    http2!(builder.http2());
     let graceful = GracefulShutdown::new();
-    let (draining_tx, draining_rx) = tokio::sync::watch::channel(false);
+    // True once the listener has stopped: the connections served by hand shut down gracefully.
+    let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     while let Some((stream, peer, open)) =
         crate::listen::next_connection(&listener, shutdown.as_mut(), "proxy", &state.connections)
@@ -219,7 +218,7 @@ pub async fn serve(
         // The handshake runs in the connection's task, bounded like the request head it
         // precedes, so a slow client holds up no one.
         let (h1, h2) = (h1.clone(), h2.clone());
-        let mut draining = draining_rx.clone();
+        let mut stopped = stopped_rx.clone();
         let handshake = state.settings.header_read_timeout;
         tokio::spawn(async move {
             let stream = match tls.accept(stream, handshake).await {
@@ -243,7 +242,7 @@ pub async fn serve(
                     tokio::pin!(conn);
                     tokio::select! {
                         ended = conn.as_mut() => ended,
-                        () = async { let _ = draining.wait_for(|d| *d).await; } => {
+                        () = async { let _ = stopped.wait_for(|d| *d).await; } => {
                             conn.as_mut().graceful_shutdown();
                             conn.await
                         }
@@ -255,7 +254,7 @@ pub async fn serve(
         });
     }
     drop(listener);
-    draining_tx.send_replace(true);
+    stopped_tx.send_replace(true);
     // HTTP connections first (each finishes its request, HTTP/2 ones get GOAWAY), then the
     // upgraded tunnels, which hyper no longer tracks but which hold their connection's place:
     // both get what is left of the drain.

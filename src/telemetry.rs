@@ -90,9 +90,7 @@ pub struct HistogramTotals {
     pub sum_seconds: f64,
 }
 
-fn totals(
-    parts: impl Iterator<Item = impl std::ops::Deref<Target = Histogram>>,
-) -> HistogramTotals {
+fn totals<'a>(parts: impl Iterator<Item = &'a Histogram>) -> HistogramTotals {
     let mut counts = [0u64; BUCKETS_NS.len() + 1];
     let mut sum_ns = 0u64;
     for h in parts {
@@ -364,24 +362,10 @@ impl Telemetry {
         FrontTotals {
             front,
             answers,
-            decision: totals(shards.iter().map(|s| HistRef(s, false))),
-            request: totals(shards.iter().map(|s| HistRef(s, true))),
+            decision: totals(shards.iter().map(|s| &s.decision)),
+            request: totals(shards.iter().map(|s| &s.request)),
             open_connections: stats.connections.open(),
             refused_connections: stats.connections.refused(),
-        }
-    }
-}
-
-/// One of a shard's histograms, by reference.
-struct HistRef<'a>(&'a Shard, bool);
-
-impl std::ops::Deref for HistRef<'_> {
-    type Target = Histogram;
-    fn deref(&self) -> &Histogram {
-        if self.1 {
-            &self.0.request
-        } else {
-            &self.0.decision
         }
     }
 }

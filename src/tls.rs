@@ -368,28 +368,31 @@ pub fn incoming(
     idle: Duration,
     front: &'static str,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsStream<Watched<TcpStream>>>> {
+    use tokio_stream::StreamExt;
     /// A client has this long to complete its handshake.
     const HANDSHAKE: Duration = Duration::from_secs(10);
+    // The plain accept loop (connection places, deadlines), with a handshake on top: the TLS
+    // stream wraps the watched connection, whose first request is due within FIRST_REQUEST of
+    // the accept, handshake included.
+    let mut plain = crate::listen::counted_incoming(listener, connections, idle, front);
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
-        let closed = tx.clone();
-        let closed = closed.closed();
-        tokio::pin!(closed);
-        while let Some((stream, peer, open)) =
-            crate::listen::next_connection(&listener, closed.as_mut(), front, &connections).await
-        {
+        loop {
+            let stream = tokio::select! {
+                () = tx.closed() => return,
+                next = plain.next() => match next {
+                    Some(Ok(stream)) => stream,
+                    _ => return,
+                },
+            };
             let (tx, tls) = (tx.clone(), tls.clone());
-            // The TLS stream wraps the watched connection (its place, and its deadlines: the
-            // first request within FIRST_REQUEST of the accept, handshake included).
-            let activity = crate::listen::Activity::new();
-            let stream =
-                Watched::new(stream, activity, crate::listen::FIRST_REQUEST, idle).holding(open);
             tokio::spawn(async move {
+                let peer = stream.get_ref().peer_addr().ok();
                 match tls.accept(stream, HANDSHAKE).await {
                     Ok(stream) => {
                         let _ = tx.send(Ok(stream)).await;
                     }
-                    Err(e) => tracing::debug!(error = %e, %peer, front, "TLS handshake failed"),
+                    Err(e) => tracing::debug!(error = %e, ?peer, front, "TLS handshake failed"),
                 }
             });
         }
