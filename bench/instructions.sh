@@ -26,7 +26,12 @@ done
 
 TMP=$(mktemp -d /tmp/keygate-instr.XXXXXX)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$TMP"; }
+# KEEP=DIR keeps the callgrind outputs there, for callgrind_annotate (where the instructions go).
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$TMP"/*.out "$KEEP"/ 2>/dev/null || true; fi
+  rm -rf "$TMP"
+}
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

@@ -575,28 +575,35 @@ async fn answer(
         Ok(Ok(resp)) => resp,
     };
 
-    if let (Some(client_side), StatusCode::SWITCHING_PROTOCOLS) = (on_upgrade, resp.status()) {
-        let upstream_side = hyper::upgrade::on(&mut resp);
-        // The tunnel keeps the connection's place until it ends, and is closed as idle only
-        // after a whole limits.idle_timeout with no byte either way.
-        let mut busy = peer.activity.busy();
-        busy.answered();
-        let tunnel = (peer.clone(), busy);
-        tokio::spawn(async move {
-            let _tunnel = tunnel;
-            match tokio::try_join!(client_side, upstream_side) {
-                Ok((a, b)) => {
-                    let _ =
-                        tokio::io::copy_bidirectional(&mut TokioIo::new(a), &mut TokioIo::new(b))
-                            .await;
+    let mut resp = match (on_upgrade, resp.status()) {
+        (Some(client_side), StatusCode::SWITCHING_PROTOCOLS) => {
+            // The upstream agreed to switch: the client's connection and the upstream's become
+            // one byte stream. The tunnel keeps the connection's place until it ends, and is
+            // closed as idle only after a whole limits.idle_timeout with no byte either way.
+            let (parts, body) = resp.into_parts();
+            let upstream_side = body.into_tunnel();
+            let mut busy = peer.activity.busy();
+            busy.answered();
+            let tunnel = (peer.clone(), busy);
+            tokio::spawn(async move {
+                let _tunnel = tunnel;
+                match (client_side.await, upstream_side) {
+                    (Ok(client), Some(mut upstream)) => {
+                        let _ =
+                            tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut upstream)
+                                .await;
+                    }
+                    (Err(e), _) => tracing::debug!(error = %e, "upgrade failed"),
+                    (Ok(_), None) => {}
                 }
-                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-            }
-        });
-    } else {
-        strip_hop_and_identity(resp.headers_mut(), None, false);
-    }
-    let mut resp = resp.map(Either::Left);
+            });
+            Response::from_parts(parts, Either::Right(Full::new(Bytes::new())))
+        }
+        _ => {
+            strip_hop_and_identity(resp.headers_mut(), None, false);
+            resp.map(Either::Left)
+        }
+    };
     resp.headers_mut()
         .insert(names.request_id.clone(), request_id);
     if let Some(status) = &limit {
@@ -827,7 +834,7 @@ fn upstream_error(e: &UpstreamError) -> DenyReason {
         UpstreamError::Connect(io) if io.kind() == std::io::ErrorKind::TimedOut => {
             DenyReason::UpstreamTimeout
         }
-        UpstreamError::Connect(_) | UpstreamError::Tls(_) | UpstreamError::Http(_) => {
+        UpstreamError::Connect(_) | UpstreamError::Tls(_) | UpstreamError::Exchange(_) => {
             DenyReason::UpstreamUnavailable
         }
     }

@@ -1,28 +1,32 @@
-//! The proxy's upstream client: HTTP/1.1 connections from hyper's `client::conn`, kept in a
-//! small pool owned by one [`ProxyState`](crate::proxy::ProxyState), so with the thread-per-core
-//! layout every thread has its own pool and its lock is never contended.
+//! The proxy's upstream client: HTTP/1.1 connections kept in a small pool owned by one
+//! [`ProxyState`](crate::proxy::ProxyState), so with the thread-per-core layout every thread has
+//! its own pool and its lock is never contended. The wire format is [`wire`]; a connection is
+//! driven by the request using it ([`conn`]), with no task of its own.
 //!
 //! A connection goes back to the pool when the response body it carried has been read to the
-//! end (or had none); a body dropped half-way takes its connection with it. A request that a
-//! pooled connection could not send at all (the upstream closed it while idle) is retried once
-//! on a fresh connection; a request that may have reached the upstream is never retried.
+//! end (or had none) and the upstream lets it be reused; a body dropped half-way takes its
+//! connection with it. An idle connection is checked before use (one non-blocking read: closed,
+//! or sending unasked, it is dropped). A request that a reused connection got no answer to at
+//! all is sent once more on a fresh connection when that is safe: its head never went out
+//! whole, or it is idempotent with its body in memory. Anything else is never retried.
 //!
 //! An `https://` upstream gets TLS on each new connection (ALPN `http/1.1`, SNI and certificate
 //! checked against the upstream's name); the TCP connect and the handshake together
 //! must finish within `connect_timeout`. Pooled connections stay TLS connections.
 
+mod conn;
+pub mod wire;
+
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response};
+use http::{header, request, Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
@@ -30,30 +34,14 @@ use arc_swap::ArcSwap;
 
 use crate::config::UpstreamTlsSettings;
 use crate::tls::TlsError;
-
-/// What goes upstream: the client's streaming body, or one held in memory (empty for a
-/// bodiless request, or read whole for an idempotent replay's fingerprint), which can be sent
-/// again.
-pub type UpBody = Either<Incoming, Full<Bytes>>;
+use conn::{Conn, Failed, Io, Outgoing, Polled, ResponseBody};
+pub use conn::{ConnError, Tunnel};
 
 fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     )
-}
-
-/// A copy of a request whose body is in memory, to send again.
-fn replay(req: &Request<UpBody>) -> Option<Request<UpBody>> {
-    let Either::Right(body) = req.body() else {
-        return None;
-    };
-    let mut copy = Request::new(Either::Right(body.clone()));
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    Some(copy)
 }
 
 /// Why a request did not get a response from the upstream.
@@ -66,7 +54,7 @@ pub enum UpstreamError {
     #[error("the TLS handshake with the upstream failed: {0}")]
     Tls(std::io::Error),
     #[error("the upstream connection failed: {0}")]
-    Http(#[from] hyper::Error),
+    Exchange(#[from] ConnError),
 }
 
 /// TLS to an `https://` upstream, shared by every thread's pool. The CA and client
@@ -173,7 +161,7 @@ pub struct Upstream {
     tls: Option<UpstreamTls>,
     connect_timeout: Duration,
     max_idle: usize,
-    idle: Mutex<Vec<SendRequest<UpBody>>>,
+    idle: Mutex<Vec<Conn>>,
     me: Weak<Upstream>,
 }
 
@@ -202,13 +190,13 @@ impl Upstream {
         // A request without a body and with a method that is safe to repeat (RFC 9110 §9.2.2)
         // can be sent again when a reused connection turns out to be closed: an upstream that
         // closes an idle connection races the next request on it, and nginx retries the same way.
-        let replayable = req.body().is_end_stream() && is_idempotent(req.method());
-        let req: Request<UpBody> = if replayable {
-            req.map(|_| Either::Right(Full::new(Bytes::new())))
+        let (parts, body) = req.into_parts();
+        let (body, replayable) = if body.is_end_stream() {
+            (Outgoing::Bytes(Bytes::new()), is_idempotent(&parts.method))
         } else {
-            req.map(Either::Left)
+            (Outgoing::Stream(body), false)
         };
-        self.send_up(req, replayable).await
+        self.send_up(parts, body, replayable).await
     }
 
     /// Send a request whose body has been read into memory already.
@@ -217,135 +205,128 @@ impl Upstream {
         req: Request<Bytes>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let replayable = is_idempotent(req.method());
-        self.send_up(req.map(|b| Either::Right(Full::new(b))), replayable)
-            .await
+        let (parts, body) = req.into_parts();
+        self.send_up(parts, Outgoing::Bytes(body), replayable).await
     }
 
     async fn send_up(
         &self,
-        mut req: Request<UpBody>,
+        parts: request::Parts,
+        mut body: Outgoing,
         replayable: bool,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        if let Some(mut sender) = self.checkout().await {
-            let again = if replayable { replay(&req) } else { None };
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.wrap(resp, sender)),
-                Err(mut e) => match (e.take_message(), again) {
-                    // Never written: the idle connection was closed under us. Retry below.
-                    (Some(back), _) => req = back,
-                    // Written, but the connection failed before an answer: send it again on a
-                    // fresh connection, once.
-                    (None, Some(again)) => {
-                        tracing::debug!(error = %e.error(), "reused upstream connection failed; retrying");
-                        req = again;
-                    }
-                    (None, None) => return Err(UpstreamError::Http(e.into_error())),
-                },
+        let upgrade = parts.headers.contains_key(header::UPGRADE);
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        if let Some(mut conn) = self.checkout() {
+            match conn
+                .exchange(&parts.method, target, &parts.headers, body, upgrade)
+                .await
+            {
+                Ok((head, whole)) => return Ok(self.wrap(head, conn, whole)),
+                // No answer on a reused connection: retry on a fresh one, once, when safe.
+                Err(Failed {
+                    error,
+                    body: Some(back),
+                    sent,
+                }) if replayable || !sent => {
+                    tracing::debug!(error = %error, "reused upstream connection failed; retrying");
+                    body = back;
+                }
+                Err(failed) => return Err(failed.error.into()),
             }
         }
-        let mut sender = self.connect().await?;
-        let resp = sender.send_request(req).await?;
-        Ok(self.wrap(resp, sender))
+        let mut conn = self.connect().await?;
+        match conn
+            .exchange(&parts.method, target, &parts.headers, body, upgrade)
+            .await
+        {
+            Ok((head, whole)) => Ok(self.wrap(head, conn, whole)),
+            Err(failed) => Err(failed.error.into()),
+        }
     }
 
-    fn wrap(&self, resp: Response<Incoming>, sender: SendRequest<UpBody>) -> Response<PooledBody> {
-        resp.map(|inner| PooledBody {
-            prefix: std::collections::VecDeque::new(),
+    fn wrap(&self, head: wire::Head, conn: Conn, whole: bool) -> Response<PooledBody> {
+        let inner = ResponseBody::new(conn, &head, whole);
+        let mut resp = Response::new(PooledBody {
+            prefix: VecDeque::new(),
             inner,
-            sender: Some(sender),
             pool: self.me.clone(),
-        })
+        });
+        *resp.status_mut() = head.status;
+        *resp.version_mut() = head.version;
+        *resp.headers_mut() = head.headers;
+        resp
     }
 
-    /// An idle connection that is still open and ready, if there is one.
-    async fn checkout(&self) -> Option<SendRequest<UpBody>> {
+    /// An idle connection that is still open, if there is one.
+    fn checkout(&self) -> Option<Conn> {
         loop {
-            let mut sender = self.idle.lock().expect("pool lock").pop()?;
-            if sender.is_closed() {
-                continue;
-            }
-            // Usually ready already; right after a body ends the connection task may not have
-            // polled yet, and this waits for it.
-            if sender.ready().await.is_ok() {
-                return Some(sender);
+            let mut conn = self.idle.lock().expect("pool lock").pop()?;
+            if conn.is_usable() {
+                return Some(conn);
             }
         }
     }
 
-    fn checkin(&self, sender: SendRequest<UpBody>) {
-        if sender.is_closed() {
-            return;
-        }
+    fn checkin(&self, conn: Conn) {
         let mut idle = self.idle.lock().expect("pool lock");
         if idle.len() < self.max_idle {
-            idle.push(sender);
+            idle.push(conn);
         }
     }
 
-    async fn connect(&self) -> Result<SendRequest<UpBody>, UpstreamError> {
+    async fn connect(&self) -> Result<Conn, UpstreamError> {
         let connected = tokio::time::timeout(self.connect_timeout, async {
             let stream = TcpStream::connect(&self.authority)
                 .await
                 .map_err(UpstreamError::Connect)?;
             let _ = stream.set_nodelay(true);
-            match &self.tls {
-                None => handshake(stream).await,
-                Some(tls) => {
-                    let stream = tls
-                        .connector()
+            let io = match &self.tls {
+                None => Io::Plain(stream),
+                Some(tls) => Io::Tls(Box::new(
+                    tls.connector()
                         .connect(tls.0.server_name.clone(), stream)
                         .await
-                        .map_err(UpstreamError::Tls)?;
-                    handshake(stream).await
-                }
-            }
+                        .map_err(UpstreamError::Tls)?,
+                )),
+            };
+            Ok(Conn::new(io))
         });
         connected.await.map_err(|_| UpstreamError::ConnectTimeout)?
     }
-}
-
-/// HTTP/1.1 on a connected stream; the connection is driven by its own task.
-async fn handshake<S>(stream: S) -> Result<SendRequest<UpBody>, UpstreamError>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok(sender)
 }
 
 /// An upstream response body that returns its connection to the pool once fully read.
 pub struct PooledBody {
     /// Frames already read from `inner` (by the idempotent replay, which reads ahead to store
     /// the answer), given out first.
-    prefix: std::collections::VecDeque<Frame<Bytes>>,
-    inner: Incoming,
-    sender: Option<SendRequest<UpBody>>,
+    prefix: VecDeque<Frame<Bytes>>,
+    inner: ResponseBody,
     pool: Weak<Upstream>,
 }
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ConnError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ConnError>>> {
         if let Some(frame) = self.prefix.pop_front() {
             return Poll::Ready(Some(Ok(frame)));
         }
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            self.release();
+        match self.inner.poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(Polled::Frame(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(Ok(Polled::End(conn))) => {
+                if let Some(conn) = conn {
+                    self.release(conn);
+                }
+                Poll::Ready(None)
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -378,10 +359,10 @@ pub enum ReadAhead {
 
 impl PooledBody {
     /// Read the body into memory if it is at most `limit` bytes; otherwise give it back intact.
-    pub async fn read_ahead(mut self, limit: usize) -> Result<ReadAhead, hyper::Error> {
+    pub async fn read_ahead(mut self, limit: usize) -> Result<ReadAhead, ConnError> {
         use http_body_util::BodyExt;
         let mut whole = bytes::BytesMut::new();
-        let mut frames = std::collections::VecDeque::new();
+        let mut frames = VecDeque::new();
         while let Some(frame) = self.frame().await {
             let frame = frame?;
             match frame.data_ref() {
@@ -399,12 +380,15 @@ impl PooledBody {
         }
         Ok(ReadAhead::Whole(whole.freeze()))
     }
-}
 
-impl PooledBody {
-    fn release(&mut self) {
-        if let (Some(sender), Some(pool)) = (self.sender.take(), self.pool.upgrade()) {
-            pool.checkin(sender);
+    /// After a 101 Switching Protocols: the upstream connection as a byte stream.
+    pub fn into_tunnel(mut self) -> Option<Tunnel> {
+        self.inner.take_conn().map(|conn| conn.into_tunnel())
+    }
+
+    fn release(&self, conn: Conn) {
+        if let Some(pool) = self.pool.upgrade() {
+            pool.checkin(conn);
         }
     }
 }
@@ -412,9 +396,9 @@ impl PooledBody {
 impl Drop for PooledBody {
     fn drop(&mut self) {
         // A body with nothing left (read to the end, or none at all, as for HEAD or 204) leaves
-        // its connection reusable; one dropped half-way does not, and the sender just drops.
-        if self.inner.is_end_stream() {
-            self.release();
+        // its connection reusable; one dropped half-way does not, and its connection closes.
+        if let Some(conn) = self.inner.take_reusable() {
+            self.release(conn);
         }
     }
 }

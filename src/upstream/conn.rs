@@ -1,0 +1,509 @@
+//! One HTTP/1.1 connection to the upstream, driven by the request that holds it: the request
+//! future writes the head and body and reads the answer's head itself, and the response body
+//! reads from the same connection as the client's side of the proxy asks for it. No task per
+//! connection and no channel between the request and its connection, which is what hyper's
+//! `client::conn` costs on every request.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Method};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::wire::{self, Chunked, Decoded, Framing, Head, RequestFraming, WireError};
+
+/// The transport under a connection: plain TCP or TLS over it.
+pub enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the upstream closed the connection before answering")]
+    Closed,
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("the upstream closed the connection in the middle of the response body")]
+    Incomplete,
+    #[error("the client's request body failed: {0}")]
+    ClientBody(hyper::Error),
+}
+
+/// A request body on its way up: in memory (resendable), or streaming from the client.
+pub enum Outgoing {
+    Bytes(Bytes),
+    Stream(Incoming),
+}
+
+/// An exchange that got no answer. `body` is given back when the request can be sent again
+/// on another connection: its body untouched, and nothing of an answer received.
+pub struct Failed {
+    pub error: ConnError,
+    pub body: Option<Outgoing>,
+    /// Whether the request may have reached the upstream whole (its head was written).
+    pub sent: bool,
+}
+
+/// Bodies held in memory up to this size go out in the same write as the head.
+const INLINE_BODY: usize = 64 * 1024;
+/// Read buffer growth: room for a typical answer in one read.
+const READ_ROOM: usize = 16 * 1024;
+
+/// An HTTP/1.1 connection, idle (in the pool) or carrying one exchange.
+pub struct Conn {
+    io: Io,
+    /// Bytes read and not consumed yet. Empty whenever the connection is idle: anything the
+    /// upstream sends unasked makes the connection unusable.
+    read: BytesMut,
+    /// The request head being written; its capacity is kept for the next request.
+    write: Vec<u8>,
+    /// Whether it has carried an exchange before (so a failure may be a stale connection).
+    pub reused: bool,
+}
+
+impl Conn {
+    pub fn new(io: Io) -> Self {
+        Self {
+            io,
+            read: BytesMut::new(),
+            write: Vec::new(),
+            reused: false,
+        }
+    }
+
+    /// Whether an idle connection can carry a request: the upstream has not closed it and has
+    /// sent nothing unasked. One non-blocking read; it never waits.
+    pub fn is_usable(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        matches!(
+            Pin::new(&mut self.io).poll_read(&mut cx, &mut buf),
+            Poll::Pending
+        )
+    }
+
+    /// Send a request and read its answer's head; the body is read afterwards through
+    /// [`ResponseBody`].
+    pub async fn exchange(
+        &mut self,
+        method: &Method,
+        target: &str,
+        headers: &HeaderMap,
+        body: Outgoing,
+        upgrade: bool,
+    ) -> Result<(Head, bool), Failed> {
+        let framing = match &body {
+            Outgoing::Bytes(b) if !b.is_empty() => RequestFraming::Length(b.len() as u64),
+            Outgoing::Bytes(_) => {
+                if headers.contains_key(http::header::CONTENT_LENGTH)
+                    || matches!(*method, Method::POST | Method::PUT | Method::PATCH)
+                {
+                    RequestFraming::Length(0)
+                } else {
+                    RequestFraming::None
+                }
+            }
+            Outgoing::Stream(s) => match s.size_hint().exact() {
+                Some(n) => RequestFraming::Length(n),
+                None => RequestFraming::Chunked,
+            },
+        };
+        self.write.clear();
+        wire::encode_head(&mut self.write, method, target, headers, framing);
+        let reused = self.reused;
+        self.reused = true;
+        let give_back = |body: Outgoing, error: ConnError, sent: bool| Failed {
+            error,
+            body: Some(body),
+            sent,
+        };
+        match body {
+            Outgoing::Bytes(b) if b.len() <= INLINE_BODY => {
+                self.write.extend_from_slice(&b);
+                if let Err(e) = self.io.write_all(&self.write).await {
+                    // The head did not go out whole: no upstream can have acted on it.
+                    return Err(give_back(Outgoing::Bytes(b), e.into(), false));
+                }
+                match self.read_head(method, upgrade).await {
+                    Ok(head) => Ok((head, true)),
+                    Err(error) => {
+                        let nothing_back = self.read.is_empty()
+                            && matches!(error, ConnError::Closed | ConnError::Io(_));
+                        Err(Failed {
+                            error,
+                            body: (reused && nothing_back).then_some(Outgoing::Bytes(b)),
+                            sent: true,
+                        })
+                    }
+                }
+            }
+            Outgoing::Bytes(b) => self
+                .stream_exchange(method, upgrade, Upload::Full(b))
+                .await
+                .map_err(|(error, sent)| Failed {
+                    error,
+                    body: None,
+                    sent,
+                }),
+            Outgoing::Stream(s) => {
+                let chunked = framing == RequestFraming::Chunked;
+                self.stream_exchange(method, upgrade, Upload::Streamed { body: s, chunked })
+                    .await
+                    .map_err(|(error, sent)| Failed {
+                        error,
+                        body: None,
+                        sent,
+                    })
+            }
+        }
+    }
+
+    /// Write the head and stream the body while reading the answer, which may come before the
+    /// body is all sent (an upstream refusing a large upload). Returns the head and whether
+    /// the whole request was written (if not, the connection cannot be reused).
+    async fn stream_exchange(
+        &mut self,
+        method: &Method,
+        upgrade: bool,
+        body: Upload,
+    ) -> Result<(Head, bool), (ConnError, bool)> {
+        let Conn {
+            io, read, write, ..
+        } = self;
+        let (mut reader, mut writer) = tokio::io::split(io);
+        let send = async {
+            writer.write_all(write).await.map_err(ConnError::Io)?;
+            body.send(&mut writer).await?;
+            writer.flush().await.map_err(ConnError::Io)
+        };
+        let answer = read_head(&mut reader, read, method, upgrade);
+        tokio::pin!(send, answer);
+        let mut sent = None;
+        loop {
+            tokio::select! {
+                biased;
+                head = &mut answer => {
+                    return match head {
+                        Ok(head) => Ok((head, matches!(sent, Some(Ok(()))))),
+                        // The upstream's refusal to read on is often the real story.
+                        Err(e) => Err((match sent {
+                            Some(Err(write_error)) if matches!(e, ConnError::Closed | ConnError::Io(_)) => write_error,
+                            _ => e,
+                        }, true)),
+                    };
+                }
+                done = &mut send, if sent.is_none() => {
+                    if let Err(ConnError::ClientBody(e)) = done {
+                        // The client's body broke: the request cannot be completed upstream.
+                        return Err((ConnError::ClientBody(e), false));
+                    }
+                    sent = Some(done);
+                }
+            }
+        }
+    }
+
+    async fn read_head(&mut self, method: &Method, upgrade: bool) -> Result<Head, ConnError> {
+        read_head(&mut self.io, &mut self.read, method, upgrade).await
+    }
+
+    /// Read more into the buffer; `Ok(0)` at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.read.capacity() - self.read.len() < 1024 {
+            self.read.reserve(READ_ROOM);
+        }
+        let fill = self.io.read_buf(&mut self.read);
+        std::pin::pin!(fill).poll(cx)
+    }
+
+    /// The connection as a byte stream, after a switch of protocols: what was read past the
+    /// 101's head comes first.
+    pub fn into_tunnel(self) -> Tunnel {
+        Tunnel {
+            io: self.io,
+            pending: self.read.freeze(),
+        }
+    }
+}
+
+async fn read_head<R: AsyncRead + Unpin>(
+    io: &mut R,
+    read: &mut BytesMut,
+    method: &Method,
+    upgrade: bool,
+) -> Result<Head, ConnError> {
+    loop {
+        if !read.is_empty() {
+            if let Some(head) = wire::parse_head(read, method, upgrade)? {
+                return Ok(head);
+            }
+        }
+        if read.capacity() - read.len() < 1024 {
+            read.reserve(READ_ROOM);
+        }
+        if io.read_buf(read).await? == 0 {
+            return Err(if read.is_empty() {
+                ConnError::Closed
+            } else {
+                ConnError::Wire(WireError::MalformedHead)
+            });
+        }
+    }
+}
+
+/// A request body written after its head.
+enum Upload {
+    /// A large body already in memory.
+    Full(Bytes),
+    /// The client's body, forwarded as it arrives, with its length or chunked.
+    Streamed { body: Incoming, chunked: bool },
+}
+
+impl Upload {
+    async fn send<W: AsyncWrite + Unpin>(self, w: &mut W) -> Result<(), ConnError> {
+        use http_body_util::BodyExt;
+        let (mut body, chunked) = match self {
+            Upload::Full(b) => return Ok(w.write_all(&b).await?),
+            Upload::Streamed { body, chunked } => (body, chunked),
+        };
+        let mut framed = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(ConnError::ClientBody)?;
+            // Trailers of a request are not forwarded.
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if data.is_empty() {
+                continue;
+            }
+            if chunked {
+                framed.clear();
+                wire::encode_chunk(&mut framed, &data);
+                w.write_all(&framed).await?;
+            } else {
+                w.write_all(&data).await?;
+            }
+        }
+        if chunked {
+            w.write_all(wire::LAST_CHUNK).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A response body read from its connection. When it ends and the connection can carry
+/// another request, `release` gets the connection back.
+pub struct ResponseBody {
+    conn: Option<Conn>,
+    state: BodyState,
+    keep_alive: bool,
+}
+
+#[derive(Debug)]
+enum BodyState {
+    Length(u64),
+    Chunked(Chunked),
+    UntilClose,
+    Done,
+}
+
+/// What polling a [`ResponseBody`] gave.
+pub enum Polled {
+    Frame(Frame<Bytes>),
+    /// The body is complete; the connection comes back when it can be reused.
+    End(Option<Conn>),
+}
+
+impl ResponseBody {
+    pub fn new(conn: Conn, head: &Head, whole_request_sent: bool) -> Self {
+        let state = match head.framing {
+            Framing::Empty => BodyState::Done,
+            Framing::Length(n) => BodyState::Length(n),
+            Framing::Chunked => BodyState::Chunked(Chunked::default()),
+            Framing::UntilClose => BodyState::UntilClose,
+        };
+        Self {
+            conn: Some(conn),
+            state,
+            keep_alive: head.keep_alive && whole_request_sent,
+        }
+    }
+
+    pub fn is_end_stream(&self) -> bool {
+        matches!(self.state, BodyState::Done | BodyState::Length(0))
+    }
+
+    pub fn size_hint(&self) -> SizeHint {
+        match self.state {
+            BodyState::Length(n) => SizeHint::with_exact(n),
+            BodyState::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+
+    /// The connection, if the body is over and it is fit for another request.
+    pub fn take_reusable(&mut self) -> Option<Conn> {
+        let ended = match &self.state {
+            BodyState::Done => true,
+            BodyState::Length(0) => true,
+            BodyState::Chunked(c) => c.is_done(),
+            _ => false,
+        };
+        let conn = self
+            .conn
+            .take_if(|c| ended && self.keep_alive && c.read.is_empty())?;
+        Some(conn)
+    }
+
+    /// The connection itself, for a switch of protocols.
+    pub fn take_conn(&mut self) -> Option<Conn> {
+        self.conn.take()
+    }
+
+    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Polled, ConnError>> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(Ok(Polled::End(None)));
+            };
+            match &mut self.state {
+                BodyState::Done | BodyState::Length(0) => {
+                    self.state = BodyState::Done;
+                    return Poll::Ready(Ok(Polled::End(self.take_reusable())));
+                }
+                BodyState::Length(left) => {
+                    if !conn.read.is_empty() {
+                        let take = usize::try_from(*left)
+                            .unwrap_or(usize::MAX)
+                            .min(conn.read.len());
+                        *left -= take as u64;
+                        let data = conn.read.split_to(take).freeze();
+                        return Poll::Ready(Ok(Polled::Frame(Frame::data(data))));
+                    }
+                }
+                BodyState::Chunked(decoder) => match decoder.decode(&mut conn.read)? {
+                    Decoded::Data(data) => {
+                        return Poll::Ready(Ok(Polled::Frame(Frame::data(data))))
+                    }
+                    Decoded::Trailers(t) => {
+                        return Poll::Ready(Ok(Polled::Frame(Frame::trailers(t))))
+                    }
+                    Decoded::End => {
+                        self.state = BodyState::Done;
+                        return Poll::Ready(Ok(Polled::End(self.take_reusable())));
+                    }
+                    Decoded::More => {}
+                },
+                BodyState::UntilClose => {
+                    if !conn.read.is_empty() {
+                        let data = conn.read.split().freeze();
+                        return Poll::Ready(Ok(Polled::Frame(Frame::data(data))));
+                    }
+                }
+            }
+            let n = match conn.poll_fill(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(r) => r?,
+            };
+            if n == 0 {
+                if let BodyState::UntilClose = self.state {
+                    self.state = BodyState::Done;
+                    self.conn = None;
+                    return Poll::Ready(Ok(Polled::End(None)));
+                }
+                self.conn = None;
+                return Poll::Ready(Err(ConnError::Incomplete));
+            }
+        }
+    }
+}
+
+/// An upstream connection turned into a byte stream by a 101 Switching Protocols.
+pub struct Tunnel {
+    io: Io,
+    /// Bytes that came after the 101's head, read before the switch.
+    pending: Bytes,
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.pending.is_empty() {
+            let n = this.pending.len().min(buf.remaining());
+            buf.put_slice(&this.pending.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}

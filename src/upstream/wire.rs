@@ -1,0 +1,405 @@
+//! HTTP/1.1 toward the upstream, as bytes (RFC 9112): the request head written, the response
+//! head read and the response body's framing decided, chunked bodies decoded. Pure: no I/O.
+//!
+//! Strict on what the upstream sends, because a response framed two ways is how a connection
+//! gets desynchronized: `Content-Length` together with `Transfer-Encoding`, several lengths, a
+//! transfer coding other than `chunked`, bare-LF line ends or an oversized head are refused
+//! (the client gets 502), never guessed at.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+
+/// Most bytes a response head (or a chunked body's trailer section) may take.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Most header fields in a response head or trailer section.
+const MAX_HEADERS: usize = 128;
+/// Most bytes of one chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// What is wrong with the upstream's answer. Never quotes it: it may carry anything.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("the upstream's response head is malformed")]
+    MalformedHead,
+    #[error("the upstream's response head is larger than {MAX_HEAD_BYTES} bytes or has more than {MAX_HEADERS} fields")]
+    HeadTooLarge,
+    #[error("the upstream's response is framed ambiguously ({0})")]
+    Framing(&'static str),
+    #[error("the upstream switched protocols without being asked to")]
+    UnaskedUpgrade,
+    #[error("the upstream's chunked body is malformed ({0})")]
+    Chunk(&'static str),
+}
+
+/// How a request body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestFraming {
+    /// No body and no `Content-Length`.
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Write `METHOD target HTTP/1.1`, the headers, the framing header and the blank line.
+/// `Content-Length` and `Transfer-Encoding` in `headers` are skipped: `framing` says what the
+/// body really is, so a stale or client-chosen value can never frame it differently.
+pub fn encode_head(
+    out: &mut Vec<u8>,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    framing: RequestFraming,
+) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        RequestFraming::None => {}
+        RequestFraming::Length(n) => {
+            use std::io::Write;
+            let _ = write!(out, "content-length: {n}\r\n");
+        }
+        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A chunk of a chunked request body: size line, data, CRLF.
+pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    use std::io::Write;
+    let _ = write!(out, "{:x}\r\n", data.len());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The last chunk of a chunked request body (request trailers are not forwarded).
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// How the response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body: HEAD, 1xx, 204, 304, or a switch of protocols.
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes the connection (no length, no chunking).
+    UntilClose,
+}
+
+/// A final response head.
+#[derive(Debug)]
+pub struct Head {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub framing: Framing,
+    /// The upstream lets the connection carry another request after this answer.
+    pub keep_alive: bool,
+}
+
+/// Parse a response head from the front of `buf`, consuming it (and any interim 1xx heads
+/// before it). `Ok(None)`: incomplete, read more. `method` is the request's (HEAD answers have
+/// no body); `upgrade`: the request asked to switch protocols, so a 101 is welcome.
+pub fn parse_head(
+    buf: &mut BytesMut,
+    method: &Method,
+    upgrade: bool,
+) -> Result<Option<Head>, WireError> {
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut fields);
+        let len = match response.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
+                return Err(WireError::HeadTooLarge)
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => return Err(WireError::HeadTooLarge),
+            Err(_) => return Err(WireError::MalformedHead),
+        };
+        if len > MAX_HEAD_BYTES {
+            return Err(WireError::HeadTooLarge);
+        }
+        let code = response.code.ok_or(WireError::MalformedHead)?;
+        let status = StatusCode::from_u16(code).map_err(|_| WireError::MalformedHead)?;
+        let version = match response.version {
+            Some(1) => Version::HTTP_11,
+            Some(0) => Version::HTTP_10,
+            _ => return Err(WireError::MalformedHead),
+        };
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            // 100 Continue, 103 Early Hints…: interim, not the answer.
+            buf.advance(len);
+            continue;
+        }
+        if status == StatusCode::SWITCHING_PROTOCOLS && !upgrade {
+            return Err(WireError::UnaskedUpgrade);
+        }
+        // The head's bytes, shared by the header values instead of copied into each.
+        let base = buf.as_ptr() as usize;
+        let mut fields_at = Vec::with_capacity(response.headers.len());
+        for h in response.headers.iter() {
+            let name =
+                HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| WireError::MalformedHead)?;
+            let start = h.value.as_ptr() as usize - base;
+            fields_at.push((name, start..start + h.value.len()));
+        }
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(fields_at.len());
+        for (name, range) in fields_at {
+            let value = HeaderValue::from_maybe_shared(head.slice(range))
+                .map_err(|_| WireError::MalformedHead)?;
+            headers.append(name, value);
+        }
+        let framing = framing(status, method, version, &headers)?;
+        let keep_alive = version == Version::HTTP_11
+            && framing != Framing::UntilClose
+            && status != StatusCode::SWITCHING_PROTOCOLS
+            && !has_token(&headers, header::CONNECTION, "close");
+        return Ok(Some(Head {
+            status,
+            version,
+            headers,
+            framing,
+            keep_alive,
+        }));
+    }
+}
+
+/// RFC 9112 §6.3, refusing every case where two readers could disagree on where the body ends.
+fn framing(
+    status: StatusCode,
+    method: &Method,
+    version: Version,
+    headers: &HeaderMap,
+) -> Result<Framing, WireError> {
+    if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Empty);
+    }
+    let te = headers.contains_key(header::TRANSFER_ENCODING);
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    let length = lengths.next();
+    if te {
+        if length.is_some() {
+            return Err(WireError::Framing(
+                "both Content-Length and Transfer-Encoding",
+            ));
+        }
+        if version == Version::HTTP_10 {
+            return Err(WireError::Framing(
+                "Transfer-Encoding in an HTTP/1.0 response",
+            ));
+        }
+        let mut values = headers.get_all(header::TRANSFER_ENCODING).iter();
+        let only = values.next().and_then(|v| v.to_str().ok()).map(str::trim);
+        if values.next().is_some() || !only.is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+            return Err(WireError::Framing("a transfer coding other than chunked"));
+        }
+        return Ok(Framing::Chunked);
+    }
+    match length {
+        None => Ok(Framing::UntilClose),
+        Some(_) if lengths.next().is_some() => Err(WireError::Framing("several Content-Length")),
+        Some(v) => {
+            let digits = v.as_bytes();
+            if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+                return Err(WireError::Framing("a Content-Length that is not a number"));
+            }
+            let n = digits
+                .iter()
+                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            Ok(Framing::Length(n))
+        }
+    }
+}
+
+/// Whether a comma-separated header lists `token` (case-insensitively).
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// What [`Chunked::decode`] found next.
+#[derive(Debug, PartialEq)]
+pub enum Decoded {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    /// The body is complete.
+    End,
+    /// Read more bytes into the buffer first.
+    More,
+}
+
+/// A chunked body's decoder; it consumes from the connection's read buffer, so the bytes after
+/// the body stay there.
+#[derive(Debug, Default)]
+pub struct Chunked {
+    state: ChunkState,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+enum ChunkState {
+    /// Expecting a chunk-size line.
+    #[default]
+    Size,
+    /// Inside a chunk's data: this many bytes to go.
+    Data(u64),
+    /// After a chunk's data: its CRLF.
+    DataEnd,
+    /// After the last chunk: the trailer section.
+    Trailers,
+    Done,
+}
+
+impl Chunked {
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, ChunkState::Done)
+    }
+
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, WireError> {
+        loop {
+            match self.state {
+                ChunkState::Size => {
+                    let Some(end) = find_crlf(buf, MAX_CHUNK_LINE)? else {
+                        return Ok(Decoded::More);
+                    };
+                    let size = chunk_size(&buf[..end])?;
+                    buf.advance(end + 2);
+                    self.state = if size == 0 {
+                        ChunkState::Trailers
+                    } else {
+                        ChunkState::Data(size)
+                    };
+                }
+                ChunkState::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                    let left = left - take as u64;
+                    self.state = if left == 0 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left)
+                    };
+                    return Ok(Decoded::Data(buf.split_to(take).freeze()));
+                }
+                ChunkState::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Decoded::More);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(WireError::Chunk("data not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    if buf.starts_with(b"\n") {
+                        return Err(WireError::Chunk("a bare LF"));
+                    }
+                    if buf.starts_with(b"\r\n") {
+                        buf.advance(2);
+                        self.state = ChunkState::Done;
+                        return Ok(Decoded::End);
+                    }
+                    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    let (len, trailers) = match httparse::parse_headers(buf, &mut fields) {
+                        Ok(httparse::Status::Complete((len, _))) if len > MAX_HEAD_BYTES => {
+                            return Err(WireError::HeadTooLarge)
+                        }
+                        Ok(httparse::Status::Complete((len, fields))) => {
+                            if has_bare_lf(&buf[..len]) {
+                                return Err(WireError::Chunk("a bare LF"));
+                            }
+                            let mut trailers = HeaderMap::with_capacity(fields.len());
+                            for f in fields {
+                                let name = HeaderName::from_bytes(f.name.as_bytes())
+                                    .map_err(|_| WireError::Chunk("a malformed trailer"))?;
+                                let value = HeaderValue::from_bytes(f.value)
+                                    .map_err(|_| WireError::Chunk("a malformed trailer"))?;
+                                trailers.append(name, value);
+                            }
+                            (len, trailers)
+                        }
+                        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
+                            return Err(WireError::HeadTooLarge)
+                        }
+                        Ok(httparse::Status::Partial) => return Ok(Decoded::More),
+                        Err(httparse::Error::TooManyHeaders) => {
+                            return Err(WireError::HeadTooLarge)
+                        }
+                        Err(_) => return Err(WireError::Chunk("a malformed trailer")),
+                    };
+                    buf.advance(len);
+                    self.state = ChunkState::Done;
+                    return Ok(Decoded::Trailers(trailers));
+                }
+                ChunkState::Done => return Ok(Decoded::End),
+            }
+        }
+    }
+}
+
+/// The position of the first CRLF within `max` bytes; a bare LF is an error.
+fn find_crlf(buf: &[u8], max: usize) -> Result<Option<usize>, WireError> {
+    let window = &buf[..buf.len().min(max)];
+    match window.iter().position(|&b| b == b'\n') {
+        Some(0) => Err(WireError::Chunk("a bare LF")),
+        Some(lf) if window[lf - 1] == b'\r' => Ok(Some(lf - 1)),
+        Some(_) => Err(WireError::Chunk("a bare LF")),
+        None if buf.len() >= max => Err(WireError::Chunk("a chunk-size line too long")),
+        None => Ok(None),
+    }
+}
+
+fn has_bare_lf(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || bytes[i - 1] != b'\r'))
+}
+
+/// `1*HEXDIG [ BWS ";" chunk-ext ]`, at most 16 hex digits.
+fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
+        return Err(WireError::Chunk("no chunk size"));
+    }
+    if digits > 16 {
+        return Err(WireError::Chunk("a chunk size too large"));
+    }
+    let rest = &line[digits..];
+    let after_space = rest
+        .iter()
+        .position(|&b| b != b' ' && b != b'\t')
+        .map_or(&[][..], |i| &rest[i..]);
+    if !rest.is_empty() && !after_space.starts_with(b";") {
+        return Err(WireError::Chunk("junk after the chunk size"));
+    }
+    if rest.iter().any(|&b| b == b'\r' || b == 0) {
+        return Err(WireError::Chunk("a control character in a chunk extension"));
+    }
+    let text = std::str::from_utf8(&line[..digits]).expect("hex digits are ASCII");
+    u64::from_str_radix(text, 16).map_err(|_| WireError::Chunk("a chunk size too large"))
+}
+
+#[cfg(test)]
+mod tests;
