@@ -565,7 +565,7 @@ async fn answer(
             }
         }
     };
-    let mut resp = match sent {
+    let resp = match sent {
         Err(_) => return deny(&DenyReason::UpstreamTimeout, &request_id, names, false),
         Ok(Err(e)) => {
             let reason = upstream_error(&e);
@@ -599,10 +599,8 @@ async fn answer(
             });
             Response::from_parts(parts, Either::Right(Full::new(Bytes::new())))
         }
-        _ => {
-            strip_hop_and_identity(resp.headers_mut(), None, false);
-            resp.map(Either::Left)
-        }
+        // The upstream client has left out the answer's hop-by-hop fields already.
+        _ => resp.map(Either::Left),
     };
     resp.headers_mut()
         .insert(names.request_id.clone(), request_id);
@@ -656,10 +654,7 @@ async fn exchange_once(
                 Err(_) => Err(DenyReason::UpstreamTimeout),
                 // Never answered: the key is freed (dropping `pending`) so a retry runs.
                 Ok(Err(e)) => Err(upstream_error(&e)),
-                Ok(Ok(mut resp)) => {
-                    strip_hop_and_identity(resp.headers_mut(), None, false);
-                    remember(pending, resp, max, BACKGROUND_EXCHANGE).await
-                }
+                Ok(Ok(resp)) => remember(pending, resp, max, BACKGROUND_EXCHANGE).await,
             };
         let _ = tx.send(outcome);
     });

@@ -6,9 +6,14 @@
 //! transfer coding other than `chunked`, bare-LF line ends or an oversized head are refused
 //! (the client gets 502), never guessed at.
 
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
+
+use crate::headers::is_hop_by_hop;
 
 /// Most bytes a response head (or a chunked body's trailer section) may take.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -111,15 +116,24 @@ pub struct Head {
 /// Parse a response head from the front of `buf`, consuming it (and any interim 1xx heads
 /// before it). `Ok(None)`: incomplete, read more. `method` is the request's (HEAD answers have
 /// no body); `upgrade`: the request asked to switch protocols, so a 101 is welcome.
+///
+/// The head comes back without its hop-by-hop fields (`Connection`, those it lists,
+/// `Transfer-Encoding`, `Keep-Alive`…): they were about this connection, not for the client.
+/// A 101 keeps them all, since the client's side switches with them.
 pub fn parse_head(
     buf: &mut BytesMut,
     method: &Method,
     upgrade: bool,
 ) -> Result<Option<Head>, WireError> {
     loop {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut response = httparse::Response::new(&mut fields);
-        let len = match response.parse(buf) {
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            buf,
+            &mut fields,
+        );
+        let len = match parsed {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
                 return Err(WireError::HeadTooLarge)
@@ -146,27 +160,46 @@ pub fn parse_head(
         if status == StatusCode::SWITCHING_PROTOCOLS && !upgrade {
             return Err(WireError::UnaskedUpgrade);
         }
-        // The head's bytes, shared by the header values instead of copied into each.
+        // Where each field is, so that the values can share the head's bytes once split off.
         let base = buf.as_ptr() as usize;
-        let mut fields_at = Vec::with_capacity(response.headers.len());
-        for h in response.headers.iter() {
-            let name =
-                HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| WireError::MalformedHead)?;
-            let start = h.value.as_ptr() as usize - base;
-            fields_at.push((name, start..start + h.value.len()));
+        let count = response.headers.len();
+        let mut at = [Field::default(); MAX_HEADERS];
+        for (slot, h) in at.iter_mut().zip(response.headers.iter()) {
+            *slot = Field {
+                name: offset(h.name.as_bytes(), base),
+                value: offset(h.value, base),
+            };
         }
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(fields_at.len());
-        for (name, range) in fields_at {
-            let value = HeaderValue::from_maybe_shared(head.slice(range))
+        let at = &at[..count];
+        let framing = framing(status, method, version, &head, at)?;
+        let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+        let listed: Vec<&[u8]> = at
+            .iter()
+            .filter(|f| head[f.name()].eq_ignore_ascii_case(b"connection"))
+            .flat_map(|f| head[f.value()].split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.is_empty())
+            .collect();
+        let close = listed.iter().any(|t| t.eq_ignore_ascii_case(b"close"));
+        let mut headers = HeaderMap::with_capacity(count);
+        for f in at {
+            let name =
+                HeaderName::from_bytes(&head[f.name()]).map_err(|_| WireError::MalformedHead)?;
+            if !switching
+                && (is_hop_by_hop(&name)
+                    || listed
+                        .iter()
+                        .any(|t| t.eq_ignore_ascii_case(name.as_str().as_bytes())))
+            {
+                continue;
+            }
+            let value = HeaderValue::from_maybe_shared(head.slice(f.value()))
                 .map_err(|_| WireError::MalformedHead)?;
             headers.append(name, value);
         }
-        let framing = framing(status, method, version, &headers)?;
-        let keep_alive = version == Version::HTTP_11
-            && framing != Framing::UntilClose
-            && status != StatusCode::SWITCHING_PROTOCOLS
-            && !has_token(&headers, header::CONNECTION, "close");
+        let keep_alive =
+            version == Version::HTTP_11 && framing != Framing::UntilClose && !switching && !close;
         return Ok(Some(Head {
             status,
             version,
@@ -177,12 +210,38 @@ pub fn parse_head(
     }
 }
 
+/// A header field's name and value as places in its head (start, end), small and `Copy` so
+/// that a whole head's worth is one cheap array on the stack.
+#[derive(Debug, Default, Clone, Copy)]
+struct Field {
+    name: (u32, u32),
+    value: (u32, u32),
+}
+
+impl Field {
+    fn name(&self) -> Range<usize> {
+        self.name.0 as usize..self.name.1 as usize
+    }
+
+    fn value(&self) -> Range<usize> {
+        self.value.0 as usize..self.value.1 as usize
+    }
+}
+
+/// `part`'s place in the buffer starting at address `base` (`part` lies inside it, and the
+/// buffer is at most [`MAX_HEAD_BYTES`] long where this is used).
+fn offset(part: &[u8], base: usize) -> (u32, u32) {
+    let start = part.as_ptr() as usize - base;
+    (start as u32, (start + part.len()) as u32)
+}
+
 /// RFC 9112 §6.3, refusing every case where two readers could disagree on where the body ends.
 fn framing(
     status: StatusCode,
     method: &Method,
     version: Version,
-    headers: &HeaderMap,
+    head: &[u8],
+    fields: &[Field],
 ) -> Result<Framing, WireError> {
     if *method == Method::HEAD
         || status.is_informational()
@@ -191,10 +250,16 @@ fn framing(
     {
         return Ok(Framing::Empty);
     }
-    let te = headers.contains_key(header::TRANSFER_ENCODING);
-    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    let named = |name: &'static [u8]| {
+        fields
+            .iter()
+            .filter(move |f| head[f.name()].eq_ignore_ascii_case(name))
+            .map(|f| &head[f.value()])
+    };
+    let mut codings = named(b"transfer-encoding");
+    let mut lengths = named(b"content-length");
     let length = lengths.next();
-    if te {
+    if let Some(coding) = codings.next() {
         if length.is_some() {
             return Err(WireError::Framing(
                 "both Content-Length and Transfer-Encoding",
@@ -205,9 +270,7 @@ fn framing(
                 "Transfer-Encoding in an HTTP/1.0 response",
             ));
         }
-        let mut values = headers.get_all(header::TRANSFER_ENCODING).iter();
-        let only = values.next().and_then(|v| v.to_str().ok()).map(str::trim);
-        if values.next().is_some() || !only.is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        if codings.next().is_some() || !coding.trim_ascii().eq_ignore_ascii_case(b"chunked") {
             return Err(WireError::Framing("a transfer coding other than chunked"));
         }
         return Ok(Framing::Chunked);
@@ -215,8 +278,7 @@ fn framing(
     match length {
         None => Ok(Framing::UntilClose),
         Some(_) if lengths.next().is_some() => Err(WireError::Framing("several Content-Length")),
-        Some(v) => {
-            let digits = v.as_bytes();
+        Some(digits) => {
             if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
                 return Err(WireError::Framing("a Content-Length that is not a number"));
             }
@@ -226,14 +288,6 @@ fn framing(
             Ok(Framing::Length(n))
         }
     }
-}
-
-/// Whether a comma-separated header lists `token` (case-insensitively).
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
 }
 
 /// What [`Chunked::decode`] found next.

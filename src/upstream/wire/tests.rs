@@ -310,3 +310,21 @@ proptest! {
         let _ = decode_all(&bytes, 3);
     }
 }
+
+#[test]
+fn hop_by_hop_fields_stay_with_the_connection_unless_it_switches() {
+    let h = head(
+        "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nConnection: keep-alive, X-Secret\r\nkeep-alive: timeout=5\r\nx-secret: 1\r\nproxy-connection: x\r\ntrailer: x\r\nupgrade: h2c\r\nx-kept: yes\r\n\r\nok",
+    );
+    let names: Vec<&str> = h.headers.keys().map(|n| n.as_str()).collect();
+    assert_eq!(names, ["content-length", "x-kept"]);
+    assert!(h.keep_alive);
+    let (h, _) = parse(
+        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+        Method::GET,
+        true,
+    );
+    let h = h.unwrap().unwrap();
+    assert_eq!(h.headers["upgrade"], "websocket");
+    assert_eq!(h.headers["connection"], "upgrade");
+}
