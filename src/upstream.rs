@@ -34,7 +34,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::UpstreamTlsSettings;
 use crate::tls::TlsError;
-use conn::{Conn, Failed, Io, Outgoing, Polled, ResponseBody};
+use conn::{Conn, Failed, Outgoing, Polled, ResponseBody, Transport};
 pub use conn::{ConnError, Tunnel};
 
 fn is_idempotent(method: &Method) -> bool {
@@ -282,8 +282,8 @@ impl Upstream {
                 .map_err(UpstreamError::Connect)?;
             let _ = stream.set_nodelay(true);
             let io = match &self.tls {
-                None => Io::Plain(stream),
-                Some(tls) => Io::Tls(Box::new(
+                None => Transport::Plain(stream),
+                Some(tls) => Transport::Tls(Box::new(
                     tls.connector()
                         .connect(tls.0.server_name.clone(), stream)
                         .await

@@ -431,3 +431,79 @@ async fn an_early_answer_to_an_upload_reaches_the_client() {
     assert!(text.ends_with("too big!"), "{text}");
     f.gate.stop().await;
 }
+
+/// Read from `s` until `needle` has arrived (within 5 s).
+async fn read_until(s: &mut TcpStream, got: &mut Vec<u8>, needle: &str) {
+    let mut chunk = [0u8; 4096];
+    let waited = tokio::time::timeout(Duration::from_secs(5), async {
+        while !String::from_utf8_lossy(got).contains(needle) {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        waited.is_ok() && String::from_utf8_lossy(got).contains(needle),
+        "{needle:?} never came: {:?}",
+        String::from_utf8_lossy(got)
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_answering_while_it_reads_gets_the_rest_of_the_upload() {
+    // Answers at once with a chunked head, then echoes each piece of the upload as it comes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while find(&buf, b"\r\n\r\n").is_none() {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let head_end = find(&buf, b"\r\n\r\n").unwrap() + 4;
+        buf.drain(..head_end);
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await;
+        loop {
+            // Echo every complete piece ("ping1", "ping2") as its own chunk.
+            for word in ["ping1", "ping2"] {
+                if let Some(at) = find(&buf, word.as_bytes()) {
+                    buf.drain(..at + word.len());
+                    let _ = s.write_all(format!("5\r\n{word}\r\n").as_bytes()).await;
+                    if word == "ping2" {
+                        let _ = s.write_all(b"0\r\n\r\n").await;
+                        return;
+                    }
+                }
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    });
+    let f = fx(|_, _| reply(OK)).await;
+    // Point a second keygate at the echoing upstream, with the same key.
+    let gate = Gate::start(&config_toml(&f._snap.path(), addr, "")).await;
+    let mut s = TcpStream::connect(gate.addr).await.unwrap();
+    s.write_all(&f.req("POST /v1/analyses/1", "Transfer-Encoding: chunked\r\n"))
+        .await
+        .unwrap();
+    s.write_all(b"5\r\nping1\r\n").await.unwrap();
+    let mut got = Vec::new();
+    read_until(&mut s, &mut got, "ping1").await;
+    s.write_all(b"5\r\nping2\r\n0\r\n\r\n").await.unwrap();
+    read_until(&mut s, &mut got, "ping2").await;
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    gate.stop().await;
+    f.gate.stop().await;
+}

@@ -12,15 +12,86 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 use super::wire::{self, Chunked, Decoded, Framing, Head, RequestFraming, WireError};
 
-/// The transport under a connection: plain TCP or TLS over it.
-pub enum Io {
+/// The byte stream under a connection: plain TCP or TLS over it.
+pub enum Transport {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_flush(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A connection's stream as its exchange left it.
+enum Io {
+    Whole(Transport),
+    /// The answer came while the request body was still going up, from a task of its own
+    /// that goes on beside the response body (full duplex) and is stopped with it. Such a
+    /// connection is never reused.
+    Reading {
+        half: ReadHalf<Transport>,
+        /// Held for its `Drop`: the upload stops with the response body.
+        _upload: Option<AbortOnDrop>,
+    },
+    /// Lost to a failed exchange.
+    Gone,
+}
+
+/// Stops a task when dropped (dropping a `JoinHandle` alone lets the task run on).
+struct AbortOnDrop(tokio::task::JoinHandle<Result<WriteHalf<Transport>, ConnError>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn not_writable() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::NotConnected,
+        "the upstream connection is not writable",
+    )
 }
 
 impl AsyncRead for Io {
@@ -30,8 +101,9 @@ impl AsyncRead for Io {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Io::Whole(t) => Pin::new(t).poll_read(cx, buf),
+            Io::Reading { half, .. } => Pin::new(half).poll_read(cx, buf),
+            Io::Gone => Poll::Ready(Err(not_writable())),
         }
     }
 }
@@ -43,22 +115,22 @@ impl AsyncWrite for Io {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Io::Whole(t) => Pin::new(t).poll_write(cx, buf),
+            _ => Poll::Ready(Err(not_writable())),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Io::Whole(t) => Pin::new(t).poll_flush(cx),
+            _ => Poll::Ready(Err(not_writable())),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Io::Whole(t) => Pin::new(t).poll_shutdown(cx),
+            _ => Poll::Ready(Ok(())),
         }
     }
 }
@@ -111,9 +183,9 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(io: Io) -> Self {
+    pub fn new(transport: Transport) -> Self {
         Self {
-            io,
+            io: Io::Whole(transport),
             read: BytesMut::new(),
             write: Vec::new(),
             reused: false,
@@ -123,6 +195,9 @@ impl Conn {
     /// Whether an idle connection can carry a request: the upstream has not closed it and has
     /// sent nothing unasked. One non-blocking read; it never waits.
     pub fn is_usable(&mut self) -> bool {
+        if !matches!(self.io, Io::Whole(_)) {
+            return false;
+        }
         let mut probe = [0u8; 1];
         let mut buf = ReadBuf::new(&mut probe);
         let mut cx = Context::from_waker(std::task::Waker::noop());
@@ -208,48 +283,72 @@ impl Conn {
         }
     }
 
-    /// Write the head and stream the body while reading the answer, which may come before the
-    /// body is all sent (an upstream refusing a large upload). Returns the head and whether
-    /// the whole request was written (if not, the connection cannot be reused).
+    /// Write the head and the body from a task of their own while this reads the answer, which
+    /// may come before the body is all sent: an upstream refusing a large upload, or one that
+    /// answers as it reads (full duplex). Then the upload goes on beside the response body and
+    /// stops with it, and the connection is not reused. Returns the head and whether the whole
+    /// request was written by the time it came.
     async fn stream_exchange(
         &mut self,
         method: &Method,
         upgrade: bool,
         body: Upload,
     ) -> Result<(Head, bool), (ConnError, bool)> {
-        let Conn {
-            io, read, write, ..
-        } = self;
-        let (mut reader, mut writer) = tokio::io::split(io);
-        let send = async {
-            writer.write_all(write).await.map_err(ConnError::Io)?;
-            body.send(&mut writer).await?;
-            writer.flush().await.map_err(ConnError::Io)
+        let Io::Whole(transport) = std::mem::replace(&mut self.io, Io::Gone) else {
+            return Err((ConnError::Io(not_writable()), false));
         };
-        let answer = read_head(&mut reader, read, method, upgrade);
-        tokio::pin!(send, answer);
-        let mut sent = None;
-        loop {
-            tokio::select! {
-                biased;
-                head = &mut answer => {
-                    return match head {
-                        Ok(head) => Ok((head, matches!(sent, Some(Ok(()))))),
-                        // The upstream's refusal to read on is often the real story.
-                        Err(e) => Err((match sent {
-                            Some(Err(write_error)) if matches!(e, ConnError::Closed | ConnError::Io(_)) => write_error,
-                            _ => e,
-                        }, true)),
-                    };
-                }
-                done = &mut send, if sent.is_none() => {
-                    if let Err(ConnError::ClientBody(e)) = done {
-                        // The client's body broke: the request cannot be completed upstream.
-                        return Err((ConnError::ClientBody(e), false));
+        let (mut reader, mut writer) = tokio::io::split(transport);
+        let head = std::mem::take(&mut self.write);
+        let mut upload = AbortOnDrop(tokio::spawn(async move {
+            writer.write_all(&head).await?;
+            body.send(&mut writer).await?;
+            writer.flush().await?;
+            Ok(writer)
+        }));
+        let (head, sent) = {
+            let answer = read_head(&mut reader, &mut self.read, method, upgrade);
+            tokio::pin!(answer);
+            let mut sent = None;
+            let head = loop {
+                tokio::select! {
+                    biased;
+                    head = &mut answer => break head,
+                    done = &mut upload.0, if sent.is_none() => {
+                        let done = done.unwrap_or_else(|e| Err(ConnError::Io(std::io::Error::other(e))));
+                        if let Err(ConnError::ClientBody(e)) = done {
+                            // The client's body broke: the request cannot be completed upstream.
+                            return Err((ConnError::ClientBody(e), false));
+                        }
+                        sent = Some(done);
                     }
-                    sent = Some(done);
                 }
+            };
+            (head, sent)
+        };
+        match (head, sent) {
+            (Ok(head), Some(Ok(writer))) => {
+                self.io = Io::Whole(reader.unsplit(writer));
+                Ok((head, true))
             }
+            (Ok(head), Some(Err(_))) => {
+                self.io = Io::Reading {
+                    half: reader,
+                    _upload: None,
+                };
+                Ok((head, false))
+            }
+            (Ok(head), None) => {
+                self.io = Io::Reading {
+                    half: reader,
+                    _upload: Some(upload),
+                };
+                Ok((head, false))
+            }
+            // The upstream's refusal to read on is often the real story.
+            (Err(ConnError::Closed | ConnError::Io(_)), Some(Err(write_error))) => {
+                Err((write_error, true))
+            }
+            (Err(e), _) => Err((e, true)),
         }
     }
 
