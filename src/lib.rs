@@ -22,7 +22,8 @@
 //!   `snapshot::cache` (last good on disk), `snapshot::document` (entries by id, for sync).
 //! - [`sync`]: `keygate.sync.v1`: the hub (`sync::server`) and the follower (`sync::client`).
 //! - [`headers`]: hop-by-hop and identity header rules shared by the fronts.
-//! - [`proxy`]: the hyper reverse-proxy front; [`upstream`]: its per-thread connection pool.
+//! - [`proxy`]: the hyper reverse-proxy front; [`upstream`]: its HTTP/1.1 client (`wire`: the
+//!   bytes, strict on framing; `conn`: a connection driven by its request) and per-thread pool.
 //! - [`tls`]: rustls for the listeners (certificates reloaded when their files change) and for
 //!   `https://` upstreams.
 //! - [`authz_http`]: the forward-auth front (Envoy `http_service`, nginx, Traefik).

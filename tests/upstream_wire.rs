@@ -25,6 +25,8 @@ struct Reply {
     trickle: bool,
     /// Answer as soon as the head is in, without reading the body.
     early: bool,
+    /// Written 100 ms after the reply, unasked.
+    later: Option<Vec<u8>>,
 }
 
 fn reply(bytes: &[u8]) -> Reply {
@@ -33,6 +35,7 @@ fn reply(bytes: &[u8]) -> Reply {
         close: false,
         trickle: false,
         early: false,
+        later: None,
     }
 }
 
@@ -112,6 +115,10 @@ impl Scripted {
                             };
                             if !written || r.close {
                                 return;
+                            }
+                            if let Some(later) = r.later {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                let _ = s.write_all(&later).await;
                             }
                         }
                         match s.read(&mut chunk).await {
@@ -366,7 +373,8 @@ async fn a_truncated_answer_never_looks_complete_and_its_connection_is_dropped()
 #[tokio::test]
 async fn uploads_are_framed_by_what_their_body_is() {
     let f = fx(|_, _| reply(OK)).await;
-    // A chunked upload stays chunked, whatever Content-Length a smuggler adds upstream-side.
+    // A chunked upload stays chunked (its own Content-Length, were there one, is refused with
+    // 400 before this: tests/attacks.rs).
     let mut r = f.req("POST /v1/analyses/1", "Transfer-Encoding: chunked\r\n");
     r.extend_from_slice(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n");
     assert_eq!(raw(f.gate.addr, &r).await.status, 200);
@@ -505,5 +513,66 @@ async fn an_upstream_answering_while_it_reads_gets_the_rest_of_the_upload() {
     read_until(&mut s, &mut got, "ping2").await;
     assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
     gate.stop().await;
+    f.gate.stop().await;
+}
+
+#[tokio::test]
+async fn bytes_after_an_answer_retire_its_connection() {
+    let f = fx(|n, _| match n {
+        // A second answer glued to the first.
+        0 => reply(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\ncleanHTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nPOISON"),
+        // A stray body sent after the answer, once the connection is idle in the pool.
+        2 => Reply {
+            later: Some(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nPOISON".to_vec()),
+            ..reply(OK)
+        },
+        _ => reply(OK),
+    })
+    .await;
+    for i in 0..4 {
+        let a = f.get().await;
+        assert_eq!((a.status, &a.body[..]), (200, &b"clean"[..]), "request {i}");
+        // Let the stray bytes of request 2 arrive while its connection is idle.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Request 0's connection had bytes left over: request 1 needed a new one. Request 2's got
+    // bytes while idle: request 3 needed a new one too.
+    assert_eq!(f.up.connections(), 3);
+    f.gate.stop().await;
+}
+
+#[tokio::test]
+async fn a_get_or_head_with_a_chunked_body_is_refused() {
+    let f = fx(|_, _| reply(OK)).await;
+    for method in ["GET", "HEAD"] {
+        let mut r = f.req(
+            &format!("{method} /v1/analyses/1"),
+            "Transfer-Encoding: chunked\r\n",
+        );
+        r.extend_from_slice(b"3b\r\nGET /admin HTTP/1.1\r\nHost: api.example\r\nx-key-id: key_evil\r\n\r\n\r\n0\r\n\r\n");
+        // Read the head only: a HEAD's answer has a length and no body.
+        let mut s = TcpStream::connect(f.gate.addr).await.unwrap();
+        s.write_all(&r).await.unwrap();
+        let mut got = Vec::new();
+        read_until(&mut s, &mut got, "\r\n\r\n").await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 400"), "{method}: {text}");
+    }
+    let mut r = f.req("GET /v1/analyses/1", "Transfer-Encoding: chunked\r\n");
+    r.extend_from_slice(b"0\r\n\r\n");
+    assert_error(&raw(f.gate.addr, &r).await, 400, "invalid_request");
+    assert!(
+        f.up.requests.lock().unwrap().is_empty(),
+        "the upstream saw a request"
+    );
+    // With a length, a GET body goes up framed by it.
+    let mut r = f.req("GET /v1/analyses/1", "Content-Length: 4\r\n");
+    r.extend_from_slice(b"body");
+    assert_eq!(raw(f.gate.addr, &r).await.status, 200);
+    let up = f.up.request(0).to_ascii_lowercase();
+    assert!(
+        up.contains("content-length: 4\r\n") && up.ends_with("\r\n\r\nbody"),
+        "{up}"
+    );
     f.gate.stop().await;
 }

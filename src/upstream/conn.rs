@@ -245,15 +245,31 @@ impl Conn {
         match body {
             Outgoing::Bytes(b) if b.len() <= INLINE_BODY => {
                 self.write.extend_from_slice(&b);
-                if let Err(e) = self.io.write_all(&self.write).await {
-                    // The head did not go out whole: no upstream can have acted on it.
-                    return Err(give_back(Outgoing::Bytes(b), e.into(), false));
+                let mut written = 0;
+                let wrote = async {
+                    while written < self.write.len() {
+                        match self.io.write(&self.write[written..]).await? {
+                            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                            n => written += n,
+                        }
+                    }
+                    // TLS may hold the last records back until flushed.
+                    self.io.flush().await
                 }
-                match self.read_head(method, upgrade).await {
+                .await;
+                if let Err(e) = wrote {
+                    // Not a byte accepted: no upstream can have seen any of it. Once some
+                    // went out, the upstream may have acted on the head alone.
+                    let untouched = written == 0;
+                    return Err(give_back(Outgoing::Bytes(b), e.into(), !untouched));
+                }
+                let mut heard = false;
+                match read_head(&mut self.io, &mut self.read, method, upgrade, &mut heard).await {
                     Ok(head) => Ok((head, true)),
                     Err(error) => {
-                        let nothing_back = self.read.is_empty()
-                            && matches!(error, ConnError::Closed | ConnError::Io(_));
+                        // Not even an interim answer: the connection was dead on arrival.
+                        let nothing_back =
+                            !heard && matches!(error, ConnError::Closed | ConnError::Io(_));
                         Err(Failed {
                             error,
                             body: (reused && nothing_back).then_some(Outgoing::Bytes(b)),
@@ -301,12 +317,14 @@ impl Conn {
         let head = std::mem::take(&mut self.write);
         let mut upload = AbortOnDrop(tokio::spawn(async move {
             writer.write_all(&head).await?;
+            writer.flush().await?;
             body.send(&mut writer).await?;
             writer.flush().await?;
             Ok(writer)
         }));
         let (head, sent) = {
-            let answer = read_head(&mut reader, &mut self.read, method, upgrade);
+            let mut heard = false;
+            let answer = read_head(&mut reader, &mut self.read, method, upgrade, &mut heard);
             tokio::pin!(answer);
             let mut sent = None;
             let head = loop {
@@ -326,6 +344,12 @@ impl Conn {
             (head, sent)
         };
         match (head, sent) {
+            // A switch needs the whole connection: not while the request is still going up.
+            (Ok(head), Some(Err(_)) | None)
+                if head.status == http::StatusCode::SWITCHING_PROTOCOLS =>
+            {
+                Err((WireError::UnaskedUpgrade.into(), true))
+            }
             (Ok(head), Some(Ok(writer))) => {
                 self.io = Io::Whole(reader.unsplit(writer));
                 Ok((head, true))
@@ -352,10 +376,6 @@ impl Conn {
         }
     }
 
-    async fn read_head(&mut self, method: &Method, upgrade: bool) -> Result<Head, ConnError> {
-        read_head(&mut self.io, &mut self.read, method, upgrade).await
-    }
-
     /// Read more into the buffer; `Ok(0)` at the end of the stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
         if self.read.capacity() - self.read.len() < 1024 {
@@ -375,11 +395,14 @@ impl Conn {
     }
 }
 
+/// Read until a final answer's head is in. `heard` is set once any byte came back (an interim
+/// answer included), after which the request must not be sent again.
 async fn read_head<R: AsyncRead + Unpin>(
     io: &mut R,
     read: &mut BytesMut,
     method: &Method,
     upgrade: bool,
+    heard: &mut bool,
 ) -> Result<Head, ConnError> {
     loop {
         if !read.is_empty() {
@@ -390,7 +413,9 @@ async fn read_head<R: AsyncRead + Unpin>(
         if read.capacity() - read.len() < 1024 {
             read.reserve(READ_ROOM);
         }
-        if io.read_buf(read).await? == 0 {
+        let n = io.read_buf(read).await?;
+        *heard |= n > 0;
+        if n == 0 {
             return Err(if read.is_empty() {
                 ConnError::Closed
             } else {
@@ -412,7 +437,10 @@ impl Upload {
     async fn send<W: AsyncWrite + Unpin>(self, w: &mut W) -> Result<(), ConnError> {
         use http_body_util::BodyExt;
         let (mut body, chunked) = match self {
-            Upload::Full(b) => return Ok(w.write_all(&b).await?),
+            Upload::Full(b) => {
+                w.write_all(&b).await?;
+                return Ok(w.flush().await?);
+            }
             Upload::Streamed { body, chunked } => (body, chunked),
         };
         let mut framed = Vec::new();
@@ -432,6 +460,9 @@ impl Upload {
             } else {
                 w.write_all(&data).await?;
             }
+            // Out now, not when the next piece comes: the client may pause (and TLS holds
+            // records back until flushed).
+            w.flush().await?;
         }
         if chunked {
             w.write_all(wire::LAST_CHUNK).await?;

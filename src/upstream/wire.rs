@@ -3,8 +3,9 @@
 //!
 //! Strict on what the upstream sends, because a response framed two ways is how a connection
 //! gets desynchronized: `Content-Length` together with `Transfer-Encoding`, several lengths, a
-//! transfer coding other than `chunked`, bare-LF line ends or an oversized head are refused
-//! (the client gets 502), never guessed at.
+//! transfer coding other than `chunked`, bare-LF line ends in chunked framing, or an oversized
+//! head are refused (the client gets 502), never guessed at. (A head's own lines may end in a
+//! bare LF, as httparse and most servers read them: the head is re-encoded for the client.)
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -198,8 +199,15 @@ pub fn parse_head(
                 .map_err(|_| WireError::MalformedHead)?;
             headers.append(name, value);
         }
-        let keep_alive =
-            version == Version::HTTP_11 && framing != Framing::UntilClose && !switching && !close;
+        // HTTP/1.1 keeps the connection unless told otherwise; HTTP/1.0 only when asked to.
+        let persistent = match version {
+            Version::HTTP_11 => !close,
+            _ => !close && listed.iter().any(|t| t.eq_ignore_ascii_case(b"keep-alive")),
+        };
+        let keep_alive = persistent
+            && framing != Framing::UntilClose
+            && !switching
+            && *method != Method::CONNECT;
         return Ok(Some(Head {
             status,
             version,
@@ -244,6 +252,7 @@ fn framing(
     fields: &[Field],
 ) -> Result<Framing, WireError> {
     if *method == Method::HEAD
+        || (*method == Method::CONNECT && status.is_success())
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
@@ -306,7 +315,13 @@ pub enum Decoded {
 #[derive(Debug, Default)]
 pub struct Chunked {
     state: ChunkState,
+    /// Bytes of chunk-size lines beyond their digits and CRLF, over the whole body.
+    extensions: usize,
 }
+
+/// Most bytes of chunk extensions a body may carry (as hyper allows): past it, an upstream
+/// would be sending framing instead of data.
+const MAX_CHUNK_EXTENSIONS: usize = 16 * 1024;
 
 #[derive(Debug, Default, Clone, Copy)]
 enum ChunkState {
@@ -335,6 +350,14 @@ impl Chunked {
                         return Ok(Decoded::More);
                     };
                     let size = chunk_size(&buf[..end])?;
+                    self.extensions += end
+                        - buf[..end]
+                            .iter()
+                            .take_while(|b| b.is_ascii_hexdigit())
+                            .count();
+                    if self.extensions > MAX_CHUNK_EXTENSIONS {
+                        return Err(WireError::Chunk("too many chunk extensions"));
+                    }
                     buf.advance(end + 2);
                     self.state = if size == 0 {
                         ChunkState::Trailers

@@ -101,6 +101,11 @@ fn response_framing_follows_rfc_9112() {
         (
             "HTTP/1.0 200 OK\r\ncontent-length: 5\r\nconnection: keep-alive\r\n\r\n",
             Framing::Length(5),
+            true,
+        ),
+        (
+            "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\n\r\n",
+            Framing::UntilClose,
             false,
         ),
     ];
@@ -109,6 +114,14 @@ fn response_framing_follows_rfc_9112() {
         assert_eq!(h.framing, *framing, "{bytes:?}");
         assert_eq!(h.keep_alive, *keep_alive, "{bytes:?}");
     }
+    // A CONNECT's success is a tunnel: no body, and never a pooled connection.
+    let (h, _) = parse(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+        Method::CONNECT,
+        false,
+    );
+    let h = h.unwrap().unwrap();
+    assert_eq!((h.framing, h.keep_alive), (Framing::Empty, false));
     // A HEAD's answer has no body, whatever its length says.
     let (h, _) = parse(
         b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
@@ -212,14 +225,15 @@ fn a_head_in_pieces_is_incomplete_until_its_end() {
 /// Body, trailers and the bytes after the body.
 type Decoding = (Vec<u8>, Option<HeaderMap>, Vec<u8>);
 
-/// Decode all of `input`, fed `step` bytes at a time.
-fn decode_all(input: &[u8], step: usize) -> Result<Decoding, WireError> {
+/// Decode all of `input`, fed `step` bytes at a time. `Err(None)`: the decoder still waited for
+/// more when the input ran out; `Err(Some(_))`: it refused.
+fn decode_all(input: &[u8], step: usize) -> Result<Decoding, Option<WireError>> {
     let mut decoder = Chunked::default();
     let mut buf = BytesMut::new();
     let mut fed = 0;
     let (mut body, mut trailers) = (Vec::new(), None);
     loop {
-        match decoder.decode(&mut buf)? {
+        match decoder.decode(&mut buf).map_err(Some)? {
             Decoded::Data(d) => body.extend_from_slice(&d),
             Decoded::Trailers(t) => trailers = Some(t),
             Decoded::End => return Ok((body, trailers, [&buf[..], &input[fed..]].concat())),
@@ -228,7 +242,7 @@ fn decode_all(input: &[u8], step: usize) -> Result<Decoding, WireError> {
                 buf.extend_from_slice(&input[fed..next]);
                 fed = next;
             }
-            Decoded::More => return Err(WireError::Chunk("ran out of input")),
+            Decoded::More => return Err(None),
         }
     }
 }
@@ -257,30 +271,44 @@ fn chunked_bodies_decode_in_any_pieces_and_leave_what_follows() {
 
 #[test]
 fn malformed_chunks_are_refused() {
-    for input in [
-        &b"5\nhello\r\n0\r\n\r\n"[..],
-        b"\r\n",
-        b"\n",
-        b"x\r\n",
-        b"5 5\r\nhello\r\n0\r\n\r\n",
-        b"-5\r\n",
-        b"5\r\nhelloXX0\r\n\r\n",
-        b"5\r\nhello\n0\r\n\r\n",
-        b"11111111111111111\r\n",
-        b"0\r\nbad trailer\r\n\r\n",
-        b"5\r\nhello\r\n0\r\n\n",
-    ] {
-        assert!(
-            matches!(
-                decode_all(input, 1),
-                Err(WireError::Chunk(_) | WireError::HeadTooLarge)
-            ),
+    let cases: &[(&[u8], &str)] = &[
+        (b"5\nhello\r\n0\r\n\r\n", "a bare LF"),
+        (b"\r\n", "no chunk size"),
+        (b"\n", "a bare LF"),
+        (b"x\r\n", "no chunk size"),
+        (b"5 5\r\nhello\r\n0\r\n\r\n", "junk after the chunk size"),
+        (b"5 \r\nhello\r\n0\r\n\r\n", "junk after the chunk size"),
+        (b"-5\r\n", "no chunk size"),
+        (b"5\r\nhelloXX0\r\n\r\n", "data not followed by CRLF"),
+        (b"5\r\nhello\n0\r\n\r\n", "data not followed by CRLF"),
+        (b"11111111111111111\r\n", "a chunk size too large"),
+        (b"0\r\nbad trailer\r\n\r\n", "a malformed trailer"),
+        (b"5\r\nhello\r\n0\r\n\n", "a bare LF"),
+        (b"0\r\nx-a: 1\nx-b: 2\r\n\r\n", "a bare LF"),
+    ];
+    for (input, reason) in cases {
+        assert_eq!(
+            decode_all(input, 1),
+            Err(Some(WireError::Chunk(reason))),
             "{:?}",
             String::from_utf8_lossy(input)
         );
     }
     let long_line = format!("5;{}\r\n", "e".repeat(MAX_CHUNK_LINE));
-    assert!(decode_all(long_line.as_bytes(), 4096).is_err());
+    assert_eq!(
+        decode_all(long_line.as_bytes(), 4096),
+        Err(Some(WireError::Chunk("a chunk-size line too long")))
+    );
+    // Extensions within each line's limit, but too many over the body.
+    let many: String = (0..10)
+        .map(|_| format!("1;{}\r\na\r\n", "e".repeat(2000)))
+        .collect();
+    assert_eq!(
+        decode_all(many.as_bytes(), 4096),
+        Err(Some(WireError::Chunk("too many chunk extensions")))
+    );
+    // Still waiting, not refused: an unfinished body.
+    assert_eq!(decode_all(b"5\r\nhel", 1), Err(None));
     // The largest 16-digit size is a size, not an overflow.
     let mut decoder = Chunked::default();
     let mut buf = BytesMut::from(&b"ffffffffffffffff\r\nab"[..]);
@@ -298,7 +326,7 @@ proptest! {
             encode_chunk(&mut encoded, c);
         }
         encoded.extend_from_slice(LAST_CHUNK);
-        let (body, trailers, rest) = decode_all(&encoded, step).unwrap();
+        let (body, trailers, rest) = decode_all(&encoded, step).expect("decodes");
         prop_assert_eq!(body, chunks.concat());
         prop_assert!(trailers.is_none());
         prop_assert!(rest.is_empty());
