@@ -282,13 +282,13 @@ impl Upstream {
                 .map_err(UpstreamError::Connect)?;
             let _ = stream.set_nodelay(true);
             let io = match &self.tls {
-                None => Transport::Plain(stream),
-                Some(tls) => Transport::Tls(Box::new(
+                None => Box::new(stream) as Transport,
+                Some(tls) => Box::new(
                     tls.connector()
                         .connect(tls.0.server_name.clone(), stream)
                         .await
                         .map_err(UpstreamError::Tls)?,
-                )),
+                ),
             };
             Ok(Conn::new(io))
         });
