@@ -20,6 +20,9 @@ use crate::headers::is_hop_by_hop;
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Most header fields in a response head or trailer section.
 const MAX_HEADERS: usize = 128;
+/// Fields a client's request gains on its way up (identity, forwarding, request id, host),
+/// with a few of its own; see `parse_head`.
+const ROOM_FOR_THE_NEXT_REQUEST: usize = 24;
 /// Most bytes of one chunk-size line, extensions included.
 const MAX_CHUNK_LINE: usize = 4096;
 
@@ -183,7 +186,10 @@ pub fn parse_head(
             .filter(|t| !t.is_empty())
             .collect();
         let close = listed.iter().any(|t| t.eq_ignore_ascii_case(b"close"));
-        let mut headers = HeaderMap::with_capacity(count);
+        // Room to spare: hyper's server side keeps the answer's map, cleared, for the next
+        // request on the client's connection, and the proxy adds identity and forwarding
+        // headers to that one; sized here, it does not have to grow (and rehash) there.
+        let mut headers = HeaderMap::with_capacity(count + ROOM_FOR_THE_NEXT_REQUEST);
         for f in at {
             let name =
                 HeaderName::from_bytes(&head[f.name()]).map_err(|_| WireError::MalformedHead)?;
