@@ -815,6 +815,250 @@ fn a_key_record_stays_small() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Reading a document entry by entry
+
+/// A reader that hands out a few bytes at a time, so every state of the reader's scan meets a
+/// block boundary: inside a string, after a backslash, between entries, inside the envelope.
+struct Trickle<'a> {
+    bytes: &'a [u8],
+    step: usize,
+}
+
+impl std::io::Read for Trickle<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.step = self.step % 7 + 1;
+        let n = self.step.min(buf.len()).min(self.bytes.len());
+        buf[..n].copy_from_slice(&self.bytes[..n]);
+        self.bytes = &self.bytes[n..];
+        Ok(n)
+    }
+}
+
+fn read_in_pieces(bytes: &[u8], pepper: Option<Arc<[u8]>>) -> Result<Snapshot, DocumentError> {
+    parse::parse_reader(Trickle { bytes, step: 0 }, pepper).map_err(|e| match e {
+        parse::ReadError::Document(d) => d,
+        parse::ReadError::Io(e) => panic!("{e}"),
+    })
+}
+
+/// What a test compares of two snapshots: revision, quarantine list, and who each key is.
+fn summary(s: &Snapshot, secrets: &[&str]) -> (u64, Vec<(String, String)>, Vec<Option<String>>) {
+    let found = secrets
+        .iter()
+        .map(|k| s.find(k).map(|r| format!("{} {}", r.id(), s.partner(r).id)))
+        .collect();
+    (s.revision, entries(s), found)
+}
+
+/// JSON objects may list their members in any order: keys before the partners they name are
+/// read the same, with the same reasons for the same entries.
+#[test]
+fn keys_may_come_before_partners() {
+    let (a, b, c, d) = (
+        mint("sk_live_"),
+        mint("sk_live_"),
+        mint("sk_live_"),
+        mint("sk_live_"),
+    );
+    let keys = json!([
+        key("key_a", &sha256(&a), json!({})),
+        key("key_b", &sha256(&b), json!({"partner_id": "partner_dup"})),
+        // Two problems: the partner's, checked first, is the reason given.
+        key(
+            "key_c",
+            &sha256(&c),
+            json!({"partner_id": "partner_nope", "status": "x"})
+        ),
+        key(
+            "key_d",
+            &sha256(&d),
+            json!({"partner_id": "partner_late", "status": "x"})
+        ),
+    ]);
+    let partners = json!([
+        acme(),
+        {"id": "partner_dup", "status": "active"},
+        {"id": "partner_dup", "status": "active"},
+        {"id": "partner_late", "status": "active"},
+    ]);
+    let envelope = r#""schema": "keygate.snapshot/v1", "revision": 4"#;
+    let keys_first = format!(r#"{{{envelope}, "keys": {keys}, "partners": {partners}}}"#);
+    let partners_first = format!(r#"{{"partners": {partners}, {envelope}, "keys": {keys}}}"#);
+    let secrets = [a.as_str(), &b, &c, &d];
+    let want = (
+        4,
+        vec![
+            (
+                "key key_b".to_owned(),
+                "partner partner_dup is ambiguous".to_owned(),
+            ),
+            (
+                "key key_c".to_owned(),
+                "partner_id names no partner entry".to_owned(),
+            ),
+            (
+                "key key_d".to_owned(),
+                "status must be \"active\" or \"revoked\"".to_owned(),
+            ),
+            (
+                "partner partner_dup".to_owned(),
+                "the partner id appears more than once".to_owned(),
+            ),
+        ],
+        vec![Some("key_a partner_acme".to_owned()), None, None, None],
+    );
+    for text in [&keys_first, &partners_first] {
+        let s = parse(text.as_bytes(), None).unwrap();
+        assert_eq!(summary(&s, &secrets), want, "{text}");
+        let s = read_in_pieces(text.as_bytes(), None).unwrap();
+        assert_eq!(summary(&s, &secrets), want, "in pieces: {text}");
+    }
+}
+
+/// Text that looks like structure inside strings, escapes, nesting inside entries and unknown
+/// members: read from bytes, from a reader in pieces, and by serde whole, all the same.
+#[test]
+fn a_document_read_in_pieces_is_read_the_same() {
+    let (a, b) = (mint("sk_live_"), mint("sk_live_"));
+    let text = format!(
+        r#" {{ "x_before": {{"keys": [1, {{"partners": "]"}}], "s": "\"[{{,"}},
+            "keys" : [ {{"id": "key_\u0061", "name": "a \\\" ] }} , [ {{", "hash": "{}",
+                      "partner_id": "partner_acme", "environment": "live", "scopes": [],
+                      "status": "active", "metadata": {{"deep": [[[{{}}]]], "n": -1.5e3}}}} ,
+                    "not an object" , 42 , null ,
+                    {{"id": "key_b", "hash": "{}", "partner_id": "partner_acme",
+                      "environment": "live", "status": "revoked"}} ],
+            "partners": [{{"id": "partner_acme", "status": "active", "x": "\\"}}],
+            "k\u0065ys_not": [ "ignored" ],
+            "schema": "keygate.snapshot/v1", "revision": 12 }}
+        "#,
+        sha256(&a),
+        sha256(&b)
+    );
+    let whole = parse(text.as_bytes(), None).unwrap();
+    let pieces = read_in_pieces(text.as_bytes(), None).unwrap();
+    let secrets = [a.as_str(), &b];
+    assert_eq!(summary(&whole, &secrets), summary(&pieces, &secrets));
+    assert_eq!(whole.find(&a).unwrap().id(), "key_a");
+    assert_eq!(
+        whole.key_name(whole.find(&a).unwrap()),
+        Some("a \\\" ] } , [ {")
+    );
+    assert_eq!(whole.find(&b).unwrap().status, KeyStatus::Revoked);
+    assert_eq!(
+        entries(&whole)
+            .iter()
+            .map(|(e, _)| e.as_str())
+            .collect::<Vec<_>>(),
+        ["keys[1]", "keys[2]", "keys[3]"]
+    );
+    // The same entries, as serde reads the document whole.
+    let raw: parse::RawDocument<'_> = serde_json::from_str(&text).unwrap();
+    let built = build(12, None, &raw.partners, &raw.keys, None);
+    assert_eq!(summary(&built, &secrets), summary(&whole, &secrets));
+}
+
+/// A document cut short anywhere, in its envelope or in the middle of an entry, is refused,
+/// read whole or in pieces.
+#[test]
+fn a_document_cut_short_anywhere_is_refused() {
+    let text = String::from_utf8(doc(
+        2,
+        vec![acme()],
+        vec![
+            key(
+                "key_1",
+                &sha256("one"),
+                json!({"allowed_cidrs": ["10.0.0.0/8"]}),
+            ),
+            key(
+                "key_2",
+                &sha256("two"),
+                json!({"name": "a \"quoted\" name"}),
+            ),
+        ],
+    ))
+    .unwrap();
+    for cut in 0..text.len() {
+        let short = &text.as_bytes()[..cut];
+        assert!(parse(short, None).is_err(), "accepted cut at {cut}");
+        assert!(
+            read_in_pieces(short, None).is_err(),
+            "accepted in pieces, cut at {cut}"
+        );
+    }
+    assert!(read_in_pieces(text.as_bytes(), None).is_ok());
+}
+
+#[test]
+fn a_read_error_is_not_a_document_error() {
+    struct Failing;
+    impl std::io::Read for Failing {
+        fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::other("disk on fire"))
+        }
+    }
+    assert!(matches!(
+        parse::parse_reader(Failing, None),
+        Err(parse::ReadError::Io(_))
+    ));
+}
+
+mod split_property {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A small document with what a reader of structure could stumble on.
+    fn base() -> String {
+        String::from_utf8(doc(
+            3,
+            vec![acme(), json!({"id": "p\\\"]", "status": "active"})],
+            vec![
+                key("key_1", &sha256("one"), json!({"name": "[{\"}],"})),
+                key("key_2", &sha256("two"), json!({"partner_id": "partner_x"})),
+                json!({"id": "key_3", "x": [[{"y": null}], true, -0.5]}),
+            ],
+        ))
+        .unwrap()
+    }
+
+    /// Today's rule, serde reading the document whole: accepted or not, and then the same
+    /// entries indexed.
+    fn whole(bytes: &[u8]) -> Option<Snapshot> {
+        let raw: parse::RawDocument<'_> = serde_json::from_slice(bytes).ok()?;
+        std::str::from_utf8(bytes).ok()?;
+        (raw.schema.as_deref() == Some(parse::SCHEMA))
+            .then(|| build(raw.revision, None, &raw.partners, &raw.keys, None))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Any edit of a document — a byte dropped, or one of JSON's structural bytes (or a
+        /// byte that is not UTF-8) put anywhere — is accepted by the entry-by-entry read
+        /// exactly when serde accepts the whole document, with the same result.
+        #[test]
+        fn the_entry_by_entry_read_agrees_with_serde(
+            at in 0.0f64..1.0,
+            edit in 0usize..13,
+        ) {
+            let mut bytes = base().into_bytes();
+            let at = (at * bytes.len() as f64) as usize;
+            let inserted = b"[]{},:\"\\ 0n\xff";
+            match edit {
+                12 => { bytes.remove(at.min(bytes.len() - 1)); }
+                i => bytes.insert(at, inserted[i]),
+            }
+            let want = whole(&bytes).map(|s| summary(&s, &["one", "two"]));
+            let got = parse(&bytes, None).ok().map(|s| summary(&s, &["one", "two"]));
+            prop_assert_eq!(&got, &want, "{}", String::from_utf8_lossy(&bytes));
+            let pieces = read_in_pieces(&bytes, None).ok().map(|s| summary(&s, &["one", "two"]));
+            prop_assert_eq!(&pieces, &want);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Publishing
 
 fn snapshot_with(revision: u64, bad_ids: &[&str]) -> Snapshot {

@@ -15,11 +15,10 @@ use bytes::Bytes;
 use http::HeaderValue;
 use serde::de::{Deserializer, Visitor};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use super::{
     entry_id, header, is_id, parse_digest, parse_rfc3339_ms, q, redact, referrer_problem,
-    route_problem, EntryError,
+    route_problem, PartnerIds,
 };
 use crate::config::{is_scope, parse_cidr};
 use crate::referrer::{ReferrerPattern, ReferrerSet};
@@ -93,8 +92,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
 }
 
 /// Reads key entries one by one into compact records, storing once what keys share.
-pub(super) struct KeysBuilder<'p> {
-    partners: &'p HashMap<&'p str, Option<u32>>,
+pub(super) struct KeysBuilder {
     have_pepper: bool,
     records: Vec<KeyRecord>,
     /// Each record's id in `text`, until the id headers are made from it.
@@ -122,17 +120,34 @@ pub(super) struct Keys {
 /// Why an entry would make the snapshot's text (ids and names, `u32` offsets) too long.
 const TEXT_FULL: &str = "the snapshot's key ids and names exceed 4 GiB";
 
-impl<'p> KeysBuilder<'p> {
-    pub fn new(
-        partners: &'p HashMap<&'p str, Option<u32>>,
-        have_pepper: bool,
-        keys: usize,
-    ) -> Self {
+/// Why a key entry was not added.
+pub(super) enum Failure {
+    /// serde could not read it: perhaps not JSON at all (see `super::not_json`).
+    NotJson(serde_json::Error),
+    Entry {
+        /// `key <id>`, when it has a usable id.
+        entry: Option<String>,
+        reason: String,
+        /// The partner slot, for a failure found after the partner check: if that partner
+        /// turns out missing or ambiguous, that is the reason instead.
+        partner: Option<u32>,
+    },
+}
+
+fn failure(entry: Option<String>, reason: String) -> Failure {
+    Failure::Entry {
+        entry,
+        reason,
+        partner: None,
+    }
+}
+
+impl KeysBuilder {
+    pub fn new(have_pepper: bool) -> Self {
         Self {
-            partners,
             have_pepper,
-            records: Vec::with_capacity(keys),
-            ids: Vec::with_capacity(keys),
+            records: Vec::new(),
+            ids: Vec::new(),
             text: String::new(),
             environments: Vec::new(),
             environment_index: HashMap::new(),
@@ -142,24 +157,36 @@ impl<'p> KeysBuilder<'p> {
         }
     }
 
-    pub fn add(&mut self, raw: &RawValue) -> Result<(), EntryError> {
-        let k: RawKey<'_> = serde_json::from_str(raw.get())
-            .map_err(|e| (entry_id(raw).map(|id| format!("key {id}")), redact(&e)))?;
+    /// Read one key entry. Its partner is a slot in `partners`, resolved by [`Self::finish`].
+    pub fn add(&mut self, text: &str, partners: &mut PartnerIds) -> Result<(), Failure> {
+        let k: RawKey<'_> = serde_json::from_str(text).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => {
+                match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                    Ok(_) => failure(entry_id(text).map(|id| format!("key {id}")), redact(&e)),
+                    Err(_) => Failure::NotJson(e),
+                }
+            }
+            _ => Failure::NotJson(e),
+        })?;
         if !is_id(&k.id) {
-            return Err((None, "id must be 1-128 of A-Z a-z 0-9 _ - . :".into()));
+            return Err(failure(
+                None,
+                "id must be 1-128 of A-Z a-z 0-9 _ - . :".into(),
+            ));
         }
-        let fail = |reason: String| (Some(format!("key {}", &*k.id)), reason);
-
-        let (kind, digest) = parse_digest(&k.hash).map_err(|r| fail(r.into()))?;
+        let entry = || Some(format!("key {}", &*k.id));
+        let (kind, digest) = parse_digest(&k.hash).map_err(|r| failure(entry(), r.into()))?;
         if kind == DigestKind::HmacSha256 && !self.have_pepper {
-            return Err(fail(
+            return Err(failure(
+                entry(),
                 "hmac-sha256 digest, but no pepper is configured (snapshot.pepper_env)".into(),
             ));
         }
-        let partner = match self.partners.get(&*k.partner_id) {
-            Some(Some(i)) => *i,
-            Some(None) => return Err(fail(format!("partner {} is ambiguous", &*k.partner_id))),
-            None => return Err(fail("partner_id names no partner entry".into())),
+        let partner = partners.slot(&k.partner_id);
+        let fail = |reason: String| Failure::Entry {
+            entry: entry(),
+            reason,
+            partner: Some(partner),
         };
         if k.environment.is_empty()
             || !k
@@ -281,8 +308,36 @@ impl<'p> KeysBuilder<'p> {
         &self.text[self.ids[i].range()]
     }
 
-    /// Quarantine every entry that shares its digest or id with another, and index the rest.
-    pub fn finish(mut self, quarantined: &mut Vec<Quarantined>) -> Keys {
+    /// Resolve each record's partner slot through `partners` (its position in the snapshot,
+    /// or why its keys are quarantined), quarantine every entry that shares its digest or id
+    /// with another, and index the rest.
+    pub fn finish(
+        mut self,
+        partners: &[Result<u32, String>],
+        quarantined: &mut Vec<Quarantined>,
+    ) -> Keys {
+        let mut keep = Vec::with_capacity(self.records.len());
+        for (i, record) in self.records.iter_mut().enumerate() {
+            match &partners[record.partner as usize] {
+                Ok(position) => {
+                    record.partner = *position;
+                    keep.push(true);
+                }
+                Err(reason) => {
+                    let id = &self.text[self.ids[i].range()];
+                    quarantined.push(q(format!("key {id}"), reason.as_str()));
+                    keep.push(false);
+                }
+            }
+        }
+        if keep.contains(&false) {
+            let mut k = keep.iter();
+            self.records
+                .retain(|_| *k.next().expect("one flag a record"));
+            let mut k = keep.iter();
+            self.ids.retain(|_| *k.next().expect("one flag an id"));
+        }
+        drop(keep);
         const SAME_DIGEST: u8 = 1;
         const SAME_ID: u8 = 2;
         let mut shared = vec![0u8; self.records.len()];
@@ -379,8 +434,8 @@ fn restrictions(
     cidrs: Option<&[Text<'_>]>,
     referrers: Option<&[Text<'_>]>,
     routes: Option<&[Text<'_>]>,
-    fail: &impl Fn(String) -> EntryError,
-) -> Result<Option<Box<Restrictions>>, EntryError> {
+    fail: &impl Fn(String) -> Failure,
+) -> Result<Option<Box<Restrictions>>, Failure> {
     let (cidrs, referrers, routes) = (
         cidrs.unwrap_or_default(),
         referrers.unwrap_or_default(),
