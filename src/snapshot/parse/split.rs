@@ -298,9 +298,8 @@ impl Scanner {
         let name: std::borrow::Cow<'_, str> = if quoted.contains(&b'\\') {
             serde_json::from_slice::<String>(quoted).ok()?.into()
         } else {
-            std::str::from_utf8(quoted.get(1..quoted.len() - 1)?)
-                .ok()?
-                .into()
+            let inner = quoted.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+            std::str::from_utf8(inner).ok()?.into()
         };
         match &*name {
             "partners" => Some(List::Partners),
