@@ -37,7 +37,11 @@ const SCOPE_SETS: [&str; 6] = [
 
 /// The secret of key `i`: the same in every document, so a reload can keep it.
 fn secret(i: usize) -> String {
-    let prefix = if i.is_multiple_of(10) { "sk_test_" } else { "sk_live_" };
+    let prefix = if i.is_multiple_of(10) {
+        "sk_test_"
+    } else {
+        "sk_live_"
+    };
     let body = hex::encode(Sha256::digest(format!("snapshot_scale {i}")));
     format!("{prefix}{}", &body[..32])
 }

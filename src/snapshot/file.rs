@@ -37,14 +37,21 @@ pub enum LoadError {
     Publish { path: String, source: PublishError },
 }
 
-/// Read and parse the file (no publishing), a block at a time.
-pub fn read(path: &Path, pepper: Option<Arc<[u8]>>) -> Result<Snapshot, LoadError> {
+/// Read and parse the file (no publishing), a block at a time. With `base`, the snapshot in
+/// force, the keys that did not change are shared with it.
+pub fn read(
+    path: &Path,
+    pepper: Option<Arc<[u8]>>,
+    base: Option<&Snapshot>,
+) -> Result<Snapshot, LoadError> {
     let shown = || path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|source| LoadError::Read {
+    let read_error = |source| LoadError::Read {
         path: shown(),
         source,
-    })?;
-    parse_reader(file, pepper).map_err(|e| match e {
+    };
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let len = file.metadata().map_err(read_error)?.len();
+    parse_reader(file, pepper, base, len).map_err(|e| match e {
         ReadError::Io(source) => LoadError::Read {
             path: shown(),
             source,
@@ -82,7 +89,10 @@ pub fn load_into(store: &SnapshotStore, settings: &SnapshotSettings) -> Result<u
                     })
             })
     } else {
-        read(path, settings.pepper.clone()).and_then(|snapshot| {
+        let base = store.current_arc();
+        let read = read(path, settings.pepper.clone(), base.as_deref());
+        drop(base);
+        read.and_then(|snapshot| {
             let revision = snapshot.revision;
             store
                 .publish(snapshot)

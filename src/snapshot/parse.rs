@@ -78,17 +78,38 @@ struct RawPartner {
 /// Parse and index a document. `pepper` verifies `hmac-sha256:` digests; without it such
 /// entries are quarantined.
 pub fn parse(bytes: &[u8], pepper: Option<Arc<[u8]>>) -> Result<Snapshot, DocumentError> {
-    let mut builder = Builder::new(pepper);
+    parse_with_base(bytes, pepper, None)
+}
+
+/// As [`parse`], sharing the keys that did not change with `base`, the snapshot in force (a
+/// reload): only the chunks where a key changed are built. The result is the same as without.
+pub fn parse_with_base(
+    bytes: &[u8],
+    pepper: Option<Arc<[u8]>>,
+    base: Option<&Snapshot>,
+) -> Result<Snapshot, DocumentError> {
+    let mut builder = Builder::new(pepper, base, keys_in(bytes.len() as u64));
     let envelope = split::split_slice(bytes, &mut builder)?;
     builder.finish_envelope(&envelope)
 }
 
-/// As [`parse`], reading the document from `reader` a block at a time: the document is never
-/// held whole, only the entry being read and what the index keeps of the others.
-pub fn parse_reader(reader: impl Read, pepper: Option<Arc<[u8]>>) -> Result<Snapshot, ReadError> {
-    let mut builder = Builder::new(pepper);
+/// As [`parse_with_base`], reading the document from `reader` a block at a time: the document
+/// is never held whole, only the entry being read and what the index keeps of the others.
+/// `len` (the file's size, say) only sizes what is built.
+pub fn parse_reader(
+    reader: impl Read,
+    pepper: Option<Arc<[u8]>>,
+    base: Option<&Snapshot>,
+    len: u64,
+) -> Result<Snapshot, ReadError> {
+    let mut builder = Builder::new(pepper, base, keys_in(len));
     let envelope = split::split_reader(reader, &mut builder)?;
     Ok(builder.finish_envelope(&envelope)?)
+}
+
+/// About how many keys a document of `len` bytes holds (entries are 250 to 450 bytes).
+fn keys_in(len: u64) -> usize {
+    usize::try_from(len / 400).unwrap_or(usize::MAX)
 }
 
 /// Index a document given as its parts: each partner and key entry as the JSON object the
@@ -101,7 +122,7 @@ pub fn build(
     raw_keys: &[&RawValue],
     pepper: Option<Arc<[u8]>>,
 ) -> Snapshot {
-    let mut builder = Builder::new(pepper);
+    let mut builder = Builder::new(pepper, None, raw_keys.len());
     let lists = [(List::Partners, raw_partners), (List::Keys, raw_keys)];
     for (list, entries) in lists {
         for (position, raw) in entries.iter().enumerate() {
@@ -122,6 +143,19 @@ pub(super) struct PartnerIds {
 }
 
 impl PartnerIds {
+    /// The positions of `partners` (a snapshot's), kept. A placeholder's position is kept but
+    /// not its id (it has none).
+    fn seeded(partners: &[Partner]) -> Self {
+        let mut ids = PartnerIds::default();
+        for (i, p) in partners.iter().enumerate() {
+            if !p.id.is_empty() {
+                ids.slots.insert(p.id.clone(), i as u32);
+            }
+            ids.ids.push(p.id.clone());
+        }
+        ids
+    }
+
     pub fn slot(&mut self, id: &str) -> u32 {
         if let Some(&slot) = self.slots.get(id) {
             return slot;
@@ -143,19 +177,22 @@ enum PartnerEntry {
 }
 
 /// A document being read, entry by entry, in any order.
-pub(super) struct Builder {
+pub(super) struct Builder<'b> {
     pepper: Option<Arc<[u8]>>,
+    /// Partner ids by position (the snapshot's partner positions): a reload starts from the
+    /// positions of the snapshot in force, so that the records it shares still name the right
+    /// partner.
     partner_ids: PartnerIds,
-    /// By partner slot.
+    /// By partner position.
     partners: Vec<PartnerEntry>,
-    keys: KeysBuilder,
+    keys: KeysBuilder<'b>,
     quarantined: Vec<Quarantined>,
     /// Key entries that failed a check made after their partner's: quarantined for their
     /// partner instead, if it turns out missing or ambiguous (the order today's checks run in).
     pending: Vec<(u32, Quarantined)>,
 }
 
-impl Entries for Builder {
+impl Entries for Builder<'_> {
     fn entry(&mut self, list: List, position: usize, text: &str) -> Result<(), DocumentError> {
         match list {
             List::Partners => self.partner(position, text),
@@ -164,12 +201,18 @@ impl Entries for Builder {
     }
 }
 
-impl Builder {
-    fn new(pepper: Option<Arc<[u8]>>) -> Self {
+impl<'b> Builder<'b> {
+    /// With `base`, the snapshot in force, its positions are kept and its unchanged keys
+    /// shared, when it is compact and sized for about as many keys as `keys_hint`.
+    fn new(pepper: Option<Arc<[u8]>>, base: Option<&'b Snapshot>, keys_hint: usize) -> Self {
+        let base = base.filter(|b| {
+            b.reusable && b.chunk_bits.abs_diff(super::chunk::chunk_bits(keys_hint)) <= 2
+        });
+        let partner_ids = PartnerIds::seeded(base.map_or(&[][..], |b| &b.partners));
         Self {
-            keys: KeysBuilder::new(pepper.is_some()),
+            keys: KeysBuilder::new(pepper.is_some(), base, keys_hint),
             pepper,
-            partner_ids: PartnerIds::default(),
+            partner_ids,
             partners: Vec::new(),
             quarantined: Vec::new(),
             pending: Vec::new(),
@@ -274,27 +317,33 @@ impl Builder {
     }
 
     fn finish(mut self, revision: u64, generated_at: Option<String>) -> Snapshot {
-        // Each partner slot: its position in the snapshot, or why its keys are quarantined.
+        // Each partner position: its partner, or why its keys are quarantined (and a
+        // placeholder no key in force names).
         self.partners
             .resize_with(self.partner_ids.ids.len(), || PartnerEntry::Missing);
         let mut partners = Vec::with_capacity(self.partners.len());
         let mut resolved = Vec::with_capacity(self.partners.len());
-        for (slot, entry) in self.partners.into_iter().enumerate() {
-            resolved.push(match entry {
+        let mut present = 0;
+        for (entry, id) in self.partners.into_iter().zip(&self.partner_ids.ids) {
+            let (partner, outcome) = match entry {
                 PartnerEntry::One(p) => {
-                    partners.push(p);
-                    Ok(partners.len() as u32 - 1)
+                    present += 1;
+                    (p, Ok(()))
                 }
-                PartnerEntry::Missing => Err("partner_id names no partner entry".to_owned()),
+                PartnerEntry::Missing => (
+                    placeholder(),
+                    Err("partner_id names no partner entry".to_owned()),
+                ),
                 PartnerEntry::Ambiguous => {
-                    let id = &self.partner_ids.ids[slot];
                     self.quarantined.push(q(
                         format!("partner {id}"),
                         "the partner id appears more than once",
                     ));
-                    Err(format!("partner {id} is ambiguous"))
+                    (placeholder(), Err(format!("partner {id} is ambiguous")))
                 }
-            });
+            };
+            partners.push(partner);
+            resolved.push(outcome);
         }
         for (slot, mut q) in self.pending {
             if let Err(reason) = &resolved[slot as usize] {
@@ -309,16 +358,31 @@ impl Builder {
         Snapshot {
             revision,
             generated_at: generated_at.map(String::into_boxed_str),
+            reusable: keys.compact && partners.len() <= 2 * present + 64,
             partners,
             environments: keys.environments,
             scope_sets: keys.scope_sets,
-            keys: keys.records,
             quarantined,
-            text: keys.text,
-            by_sha256: keys.by_sha256,
-            by_hmac: keys.by_hmac,
+            chunks: keys.chunks,
+            chunk_bits: keys.chunk_bits,
+            key_count: keys.key_count,
+            has_sha256: keys.has_sha256,
+            has_hmac: keys.has_hmac,
             pepper: self.pepper,
         }
+    }
+}
+
+/// The partner at a position no key in force names (an id only quarantined keys name, or
+/// that the document gives twice): no id (the document's text is not kept, it may be
+/// anything), deactivated should anything look.
+fn placeholder() -> Partner {
+    Partner {
+        id: "".into(),
+        org_id: None,
+        status: PartnerStatus::Deactivated,
+        id_header: HeaderValue::from_static(""),
+        org_header: None,
     }
 }
 
