@@ -122,7 +122,19 @@ pub fn build(
     raw_keys: &[&RawValue],
     pepper: Option<Arc<[u8]>>,
 ) -> Snapshot {
-    let mut builder = Builder::new(pepper, None, raw_keys.len());
+    build_with_base(revision, generated_at, raw_partners, raw_keys, pepper, None)
+}
+
+/// As [`build`], sharing the keys that did not change with `base`, the snapshot in force.
+pub fn build_with_base(
+    revision: u64,
+    generated_at: Option<String>,
+    raw_partners: &[&RawValue],
+    raw_keys: &[&RawValue],
+    pepper: Option<Arc<[u8]>>,
+    base: Option<&Snapshot>,
+) -> Snapshot {
+    let mut builder = Builder::new(pepper, base, raw_keys.len());
     let lists = [(List::Partners, raw_partners), (List::Keys, raw_keys)];
     for (list, entries) in lists {
         for (position, raw) in entries.iter().enumerate() {
