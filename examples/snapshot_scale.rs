@@ -52,8 +52,9 @@ const RELIMITED: usize = 2;
 const REMOVED: usize = 3;
 
 /// Write a document of `keys` keys to `path` (through a temporary file and a rename, as a
-/// control plane or `keygate keys create` replaces it). With `edited`, the few changes above.
-fn write_document(path: &Path, keys: usize, revision: u64, edited: bool) {
+/// control plane or `keygate keys create` replaces it). With `edited`, the few changes above;
+/// with `relimited`, every key's rate limit changes too.
+fn write_document(path: &Path, keys: usize, revision: u64, edited: bool, relimited: bool) {
     let tmp = path.with_extension("tmp");
     let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).unwrap());
     write!(
@@ -115,7 +116,9 @@ fn write_document(path: &Path, keys: usize, revision: u64, edited: bool) {
         } else {
             entry.push_str(r#""expires_at":null,"#);
         }
-        if edited && i == RELIMITED {
+        if relimited {
+            entry.push_str(r#""rate_limit_per_minute":900,"#);
+        } else if edited && i == RELIMITED {
             entry.push_str(r#""rate_limit_per_minute":1200,"#);
         } else if i % 5 == 1 {
             entry.push_str(r#""rate_limit_per_minute":600,"#);
@@ -203,7 +206,7 @@ fn main() {
 
     let base = rss();
     let t = Instant::now();
-    write_document(&path, keys, 1, false);
+    write_document(&path, keys, 1, false, false);
     let generated = t.elapsed();
     let doc_len = std::fs::metadata(&path).unwrap().len();
 
@@ -221,7 +224,7 @@ fn main() {
 
     // A reload: the first snapshot stays held (as a request in flight holds it) until the
     // second is published and measured.
-    write_document(&path, keys, 2, true);
+    write_document(&path, keys, 2, true, false);
     reset_peak();
     let (t, cpu) = (Instant::now(), cpu_time());
     file::load_into(&store, &settings).expect("the document reloads");
@@ -253,11 +256,25 @@ fn main() {
         second.find(&secret(keys)).is_some(),
         "the added key is found"
     );
-    drop(second);
     let t = Instant::now();
     drop(first);
     let drop_time = t.elapsed();
     let after_reload = rss();
+
+    // A reload that changes every key (all rate limits): nothing can be shared.
+    write_document(&path, keys, 3, true, true);
+    reset_peak();
+    let (t, cpu) = (Instant::now(), cpu_time());
+    file::load_into(&store, &settings).expect("the document reloads");
+    let (all_time, all_cpu) = (t.elapsed(), cpu_time() - cpu);
+    let all_peak = status("VmHWM:");
+    let third = store.current_arc().unwrap();
+    assert_eq!(third.revision, 3);
+    assert_eq!(
+        third.find(&secret(0)).unwrap().rate_limit_per_minute(),
+        Some(900)
+    );
+    drop((second, third));
 
     // For comparison with earlier figures: `parse` of the same document held in memory.
     let bytes = std::fs::read(&path).unwrap();
@@ -292,6 +309,11 @@ fn main() {
         ms(reload_cpu)
     );
     println!(
+        "| read + parse + index + publish, reload of every key changed: wall (on CPU) | {} ({}) |",
+        ms(all_time),
+        ms(all_cpu)
+    );
+    println!(
         "| parse + index of the same document held in memory: wall (on CPU) | {} ({}) |",
         ms(bytes_time),
         ms(bytes_cpu)
@@ -312,5 +334,10 @@ fn main() {
     println!(
         "| RSS after the reload, old snapshot dropped | {} |",
         mib(after_reload)
+    );
+    println!(
+        "| peak during a reload of every key changed (old snapshot held) | {} ({:.2}x steady) |",
+        mib(all_peak),
+        all_peak as f64 / steady as f64
     );
 }

@@ -16,10 +16,10 @@ use super::index::{digest_hash, HashIndex};
 use super::{DigestKind, KeyRecord, Span};
 
 /// Keys a chunk is made for (between half and all of this): a reload that changes one key
-/// rebuilds about this many (2 MiB at most). Few chunks keep what a reload looks up in the
-/// snapshot in force, and where a first load writes, in the CPU's caches: with a million keys,
-/// 64 chunks cost no time beside one index (1.6–1.7 s per load), 256 cost 0.2–0.3 s more and
-/// 4,096 about 1.5 s more per reload.
+/// rebuilds about this many (~3 MiB). Few chunks keep what a reload looks up in the snapshot in
+/// force, and where a first load writes, in the CPU's caches: on the 2-core machine of
+/// BENCHMARKS.md §5, a million-key reload took ~1.5 s longer with 4,096 chunks than with 64,
+/// and ~0.3 s longer with 256.
 /// (Unit tests use small chunks, so that a few thousand keys make many.)
 pub(super) const KEYS_PER_CHUNK: usize = if cfg!(test) { 256 } else { 16384 };
 
