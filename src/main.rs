@@ -159,7 +159,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Some(var) => Some(keys::pepper_from_env(&var)?.into()),
                 None => None,
             };
-            match keygate::snapshot::file::read(&file, pepper) {
+            match keygate::snapshot::file::read(&file, pepper, None) {
                 Err(e) => {
                     eprintln!("{e}");
                     Ok(ExitCode::FAILURE)

@@ -196,7 +196,7 @@ impl fmt::Display for ReferrerPattern {
 }
 
 /// A key's allowed referrers. Empty means no restriction.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReferrerSet {
     patterns: Vec<ReferrerPattern>,
 }

@@ -228,7 +228,7 @@ fn split_first(rest: &str) -> Option<(&str, Option<&str>)> {
 }
 
 /// The values of the patterns that end at one trie position, by method.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct Terminals<T> {
     /// Exact methods; a handful at most, so a linear scan beats hashing.
     exact: Vec<(Box<str>, T)>,
@@ -283,7 +283,7 @@ impl<T> Terminals<T> {
 }
 
 /// One trie node: the patterns whose path so far led here.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct Node<T> {
     /// Children by literal segment (indices into `RouteTable::nodes`).
     literal: HashMap<Box<str>, usize>,
@@ -309,7 +309,8 @@ impl<T> Default for Node<T> {
 /// A set of route patterns with a value each, answering "which pattern is
 /// the most specific match for this request" in time proportional to the
 /// path depth (a segment trie walked depth-first in priority order).
-#[derive(Debug, Clone)]
+/// Equal tables match the same requests (a reload compares a key's table with the one in force).
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteTable<T> {
     /// Arena of trie nodes; index 0 is the root.
     nodes: Vec<Node<T>>,

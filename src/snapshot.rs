@@ -12,10 +12,17 @@
 //! pointer for them; and the digest index holds positions, not digests. A key record has no heap
 //! allocation of its own.
 //!
+//! Keys are stored in chunks chosen by digest (`snapshot::chunk`), each behind an `Arc`: a reload
+//! builds only the chunks whose keys changed and shares the others with the snapshot in force,
+//! so that during a reload the memory of two snapshots is not needed, only of one and the change.
+//! For that, a reload keeps the positions of partners, environments and scope sets the snapshot
+//! in force gave them.
+//!
 //! Requests read the store without locks and see exactly one revision from start to end; the
 //! source task (`snapshot::source`: a file, a control plane or a sync hub) is the only writer.
 
 pub mod cache;
+mod chunk;
 pub mod document;
 pub mod file;
 pub mod http_source;
@@ -30,19 +37,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::{ArcSwapOption, Guard};
-use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http::HeaderValue;
 use ipnet::IpNet;
 use sha2::{Digest as _, Sha256};
-use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
 use crate::referrer::ReferrerSet;
 use crate::routes::RouteTable;
-use index::{digest_hash, HashIndex};
+use chunk::{chunk_of, Chunk};
 
-pub use parse::{build, parse, DocumentError};
+pub use parse::{build, parse, parse_with_base, DocumentError};
 
 /// Partner account status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +69,7 @@ pub struct Partner {
 }
 
 /// A key environment, stored once for all the keys of that environment.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Environment {
     pub name: Box<str>,
     /// Pre-validated `x-key-environment` value.
@@ -72,7 +77,7 @@ pub struct Environment {
 }
 
 /// A set of scopes, stored once for all the keys granted exactly that set.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ScopeSet {
     /// Sorted, deduplicated.
     scopes: Box<[Box<str>]>,
@@ -106,7 +111,7 @@ pub enum DigestKind {
 
 /// Where a request may come from and what it may ask for, for the keys that say. Empty lists
 /// are no restriction; a key with none of them has no `Restrictions` at all.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Restrictions {
     pub cidrs: Box<[IpNet]>,
     pub referrers: ReferrerSet,
@@ -114,7 +119,7 @@ pub struct Restrictions {
     pub routes: Option<RouteTable<()>>,
 }
 
-/// A run of [`Snapshot`]'s shared text.
+/// A run of a chunk's shared text.
 #[derive(Debug, Clone, Copy)]
 struct Span {
     start: u32,
@@ -134,11 +139,11 @@ impl Span {
 }
 
 /// One key in force. Fixed size, no heap allocation of its own: what it shares with other keys
-/// is a position in the snapshot, its id and name are in the snapshot's text.
+/// is a position in the snapshot, its id and name are in its chunk's text.
 #[derive(Debug)]
 pub struct KeyRecord {
     digest: [u8; 32],
-    /// Pre-validated `x-key-id` value; its bytes are the snapshot's shared text.
+    /// Pre-validated `x-key-id` value; its bytes are its chunk's shared text.
     pub id_header: HeaderValue,
     /// Unix milliseconds; `i64::MAX` for a key that does not expire.
     expires_at_ms: i64,
@@ -168,6 +173,11 @@ impl KeyRecord {
         self.id_header
             .to_str()
             .expect("ids are validated to be visible ASCII")
+    }
+
+    /// The id, unchecked (ids are checked when read): for comparing many.
+    fn id_bytes(&self) -> &[u8] {
+        self.id_header.as_bytes()
     }
 
     /// Unix milliseconds.
@@ -233,15 +243,23 @@ pub struct Quarantined {
 pub struct Snapshot {
     pub revision: u64,
     pub generated_at: Option<Box<str>>,
+    /// By the position a key record names. A partner id that keys name but the document does
+    /// not give (once) has a place too, holding a deactivated placeholder no key in force
+    /// refers to: positions stay the same from one reload to the next.
     pub partners: Vec<Partner>,
     pub environments: Vec<Environment>,
     pub scope_sets: Vec<ScopeSet>,
-    pub keys: Vec<KeyRecord>,
     pub quarantined: Vec<Quarantined>,
-    /// The ids and names of all keys, one allocation; the keys' id headers share it.
-    text: Bytes,
-    by_sha256: HashIndex,
-    by_hmac: HashIndex,
+    /// `1 << chunk_bits` chunks, by digest.
+    chunks: Box<[Arc<Chunk>]>,
+    chunk_bits: u32,
+    key_count: usize,
+    /// Whether any key is stored as each kind of digest: a lookup skips the other.
+    has_sha256: bool,
+    has_hmac: bool,
+    /// Whether the tables above are compact enough for the next reload to keep their
+    /// positions (each at most about twice what is used), so that it can share chunks.
+    reusable: bool,
     pepper: Option<Arc<[u8]>>,
 }
 
@@ -249,29 +267,27 @@ impl Snapshot {
     /// Find the record for a presented key: hash it the way the records were stored, probe the
     /// index, and confirm the digest in constant time.
     pub fn find(&self, key: &str) -> Option<&KeyRecord> {
-        if !self.by_sha256.is_empty() {
+        if self.has_sha256 {
             let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-            if let Some(r) = self.probe(&self.by_sha256, &digest) {
+            if let Some(r) = self.probe(DigestKind::Sha256, &digest) {
                 return Some(r);
             }
         }
-        if let (false, Some(pepper)) = (self.by_hmac.is_empty(), &self.pepper) {
+        if let (true, Some(pepper)) = (self.has_hmac, &self.pepper) {
             let mut mac =
                 Hmac::<Sha256>::new_from_slice(pepper).expect("HMAC takes any key length");
             mac.update(key.as_bytes());
             let digest: [u8; 32] = mac.finalize().into_bytes().into();
-            if let Some(r) = self.probe(&self.by_hmac, &digest) {
+            if let Some(r) = self.probe(DigestKind::HmacSha256, &digest) {
                 return Some(r);
             }
         }
         None
     }
 
-    fn probe(&self, index: &HashIndex, digest: &[u8; 32]) -> Option<&KeyRecord> {
-        let i = index.find(digest_hash(digest), |i| {
-            self.keys[i as usize].digest.ct_eq(digest).into()
-        })?;
-        Some(&self.keys[i as usize])
+    #[inline]
+    fn probe(&self, kind: DigestKind, digest: &[u8; 32]) -> Option<&KeyRecord> {
+        self.chunks[chunk_of(digest, self.chunk_bits)].find(kind, digest)
     }
 
     pub fn partner(&self, record: &KeyRecord) -> &Partner {
@@ -286,18 +302,14 @@ impl Snapshot {
         &self.scope_sets[record.scopes as usize]
     }
 
-    /// The key's `name`, if the document gave one.
+    /// The key's `name`, if the document gave one. `record` is one of this snapshot's.
     pub fn key_name(&self, record: &KeyRecord) -> Option<&str> {
-        if record.name.len == Span::NONE.len {
-            return None;
-        }
-        let bytes = &self.text[record.name.range()];
-        Some(std::str::from_utf8(bytes).expect("names are stored as UTF-8"))
+        self.chunks[chunk_of(&record.digest, self.chunk_bits)].name(record)
     }
 
     /// Keys in force (not quarantined).
     pub fn key_count(&self) -> usize {
-        self.keys.len()
+        self.key_count
     }
 }
 
@@ -504,7 +516,10 @@ impl SnapshotStore {
             let doc = self
                 .retain_documents
                 .then(|| scope.spawn(|| document::Document::from_json(bytes)));
-            let snapshot = parse(bytes, pepper)?;
+            // Keys that did not change are shared with the snapshot in force.
+            let base = self.current_arc();
+            let snapshot = parse_with_base(bytes, pepper, base.as_deref())?;
+            drop(base);
             let revision = snapshot.revision;
             let fresh = self.publish(snapshot)?;
             match doc.map(|d| d.join()) {

@@ -210,6 +210,54 @@ async fn broken_documents_keep_the_last_good_snapshot() {
     gate.stop().await;
 }
 
+/// The file is read a block (1 MiB) at a time, never whole: a large document cut short in its
+/// keys, past the first block, is refused and the snapshot in force stays; the whole one, its
+/// keys before its partners, is then put in force.
+#[tokio::test]
+async fn a_large_document_cut_short_in_its_keys_keeps_the_last_good_snapshot() {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let (a, b) = (mint("sk_live_"), mint("sk_live_"));
+    snap.write(&two_partners(1, &a, &b, "active"));
+    let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, "")).await;
+    gate.wait_revision(1).await;
+
+    let mut big = two_partners(2, &a, &b, "revoked");
+    let mut last = String::new();
+    for i in 0..4000 {
+        last = mint("sk_live_");
+        big = big.key(
+            &format!("key_{i:05}"),
+            &last,
+            json!({"partner_id": "partner_b"}),
+        );
+    }
+    // `to_json` writes members in name order: "keys" comes before "partners".
+    let good = big.to_json();
+    assert!(good.len() * 9 / 10 > 1 << 20, "{} bytes", good.len());
+    assert!(good.find("\"keys\"") < good.find("\"partners\""));
+    let cut = good[..good.len() * 9 / 10].to_owned();
+    snap.write_text(&cut);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        gate.revision(),
+        Some(1),
+        "a cut-short document was put in force"
+    );
+    assert_eq!(status_of(&gate, &a).await.status, 200, "keys keep working");
+
+    snap.write_text(&good);
+    gate.wait_revision(2).await;
+    assert_error(&status_of(&gate, &a).await, 401, "key_revoked");
+    assert_eq!(status_of(&gate, &b).await.status, 200);
+    assert_eq!(
+        status_of(&gate, &last).await.status,
+        200,
+        "the last key of the large document is in force"
+    );
+    gate.stop().await;
+}
+
 #[tokio::test]
 async fn a_half_written_file_is_never_served() {
     let upstream = Upstream::start().await;

@@ -91,16 +91,18 @@ impl Document {
         out
     }
 
-    /// Index the document (see [`super::build`]).
-    pub fn index(&self, pepper: Option<Arc<[u8]>>) -> Snapshot {
+    /// Index the document (see [`super::build`]), sharing the keys that did not change with
+    /// `base`, the snapshot in force, if any.
+    pub fn index(&self, pepper: Option<Arc<[u8]>>, base: Option<&Snapshot>) -> Snapshot {
         let partners: Vec<&RawValue> = self.partners.values().flatten().map(|b| &**b).collect();
         let keys: Vec<&RawValue> = self.keys.values().flatten().map(|b| &**b).collect();
-        super::build(
+        super::parse::build_with_base(
             self.revision,
             self.generated_at.clone(),
             &partners,
             &keys,
             pepper,
+            base,
         )
     }
 }

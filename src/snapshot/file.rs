@@ -5,6 +5,11 @@
 //! and safety net. A reload is attempted only when the file's identity (inode, size, mtime) has
 //! changed; a document that does not parse — a half-written file, say — is rejected and the
 //! snapshot in force stays, and the next change is tried again.
+//!
+//! The file is parsed as it is read ([`parse_reader`]): a reload holds the snapshot in force,
+//! the one being built and a block of the file, never the whole document (for a million keys
+//! the document is twice the size of the snapshot). Only a sync hub, which keeps the document's
+//! entries for its followers, reads the file whole.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -14,9 +19,8 @@ use std::time::{Duration, SystemTime};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use super::{
-    parse, DocumentError, LoadFailure, PublishError, Snapshot, SnapshotStore, SourceStats,
-};
+use super::parse::{parse_reader, ReadError};
+use super::{DocumentError, LoadFailure, PublishError, Snapshot, SnapshotStore, SourceStats};
 use crate::config::SnapshotSettings;
 
 /// Why a load did not put a snapshot in force.
@@ -33,16 +37,29 @@ pub enum LoadError {
     Publish { path: String, source: PublishError },
 }
 
-/// Read and parse the file (no publishing).
-pub fn read(path: &Path, pepper: Option<Arc<[u8]>>) -> Result<Snapshot, LoadError> {
+/// Read and parse the file (no publishing), a block at a time. With `base`, the snapshot in
+/// force, the keys that did not change are shared with it.
+pub fn read(
+    path: &Path,
+    pepper: Option<Arc<[u8]>>,
+    base: Option<&Snapshot>,
+) -> Result<Snapshot, LoadError> {
     let shown = || path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+    let read_error = |source| LoadError::Read {
         path: shown(),
         source,
-    })?;
-    parse(&bytes, pepper).map_err(|source| LoadError::Document {
-        path: shown(),
-        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let len = file.metadata().map_err(read_error)?.len();
+    parse_reader(file, pepper, base, len).map_err(|e| match e {
+        ReadError::Io(source) => LoadError::Read {
+            path: shown(),
+            source,
+        },
+        ReadError::Document(source) => LoadError::Document {
+            path: shown(),
+            source,
+        },
     })
 }
 
@@ -50,39 +67,56 @@ pub fn read(path: &Path, pepper: Option<Arc<[u8]>>) -> Result<Snapshot, LoadErro
 pub fn load_into(store: &SnapshotStore, settings: &SnapshotSettings) -> Result<u64, LoadError> {
     let path = &settings.path;
     let shown = || path.display().to_string();
-    let result = std::fs::read(path)
-        .map_err(|source| LoadError::Read {
-            path: shown(),
-            source,
-        })
-        .and_then(|bytes| {
+    let published = if store.retains_documents() {
+        // A hub keeps the document's entries too: it reads the file whole.
+        std::fs::read(path)
+            .map_err(|source| LoadError::Read {
+                path: shown(),
+                source,
+            })
+            .and_then(|bytes| {
+                store
+                    .publish_json(&bytes, settings.pepper.clone())
+                    .map_err(|e| match e {
+                        LoadFailure::Document(source) => LoadError::Document {
+                            path: shown(),
+                            source,
+                        },
+                        LoadFailure::Publish(source) => LoadError::Publish {
+                            path: shown(),
+                            source,
+                        },
+                    })
+            })
+    } else {
+        let base = store.current_arc();
+        let read = read(path, settings.pepper.clone(), base.as_deref());
+        drop(base);
+        read.and_then(|snapshot| {
+            let revision = snapshot.revision;
             store
-                .publish_json(&bytes, settings.pepper.clone())
-                .map_err(|e| match e {
-                    LoadFailure::Document(source) => LoadError::Document {
-                        path: shown(),
-                        source,
-                    },
-                    LoadFailure::Publish(source) => LoadError::Publish {
-                        path: shown(),
-                        source,
-                    },
+                .publish(snapshot)
+                .map(|fresh| (revision, fresh))
+                .map_err(|source| LoadError::Publish {
+                    path: shown(),
+                    source,
                 })
         })
-        .map(|(revision, fresh)| {
-            for q in fresh {
-                tracing::warn!(entry = %q.entry, reason = %q.reason, "snapshot entry quarantined");
-            }
-            if let Some(s) = store.current().as_ref() {
-                tracing::info!(
-                    revision,
-                    keys = s.key_count(),
-                    quarantined = s.quarantined.len(),
-                    "snapshot in force"
-                );
-            }
-            revision
-        });
+    };
+    let result = published.map(|(revision, fresh)| {
+        for q in fresh {
+            tracing::warn!(entry = %q.entry, reason = %q.reason, "snapshot entry quarantined");
+        }
+        if let Some(s) = store.current().as_ref() {
+            tracing::info!(
+                revision,
+                keys = s.key_count(),
+                quarantined = s.quarantined.len(),
+                "snapshot in force"
+            );
+        }
+        revision
+    });
     if let Err(e) = &result {
         let in_force = store.current().as_ref().map(|s| s.revision);
         tracing::error!(error = %e, revision_in_force = ?in_force, "snapshot rejected; keeping the one in force");

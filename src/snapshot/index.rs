@@ -42,6 +42,7 @@ impl HashIndex {
         }
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -815,6 +815,499 @@ fn a_key_record_stays_small() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Reading a document entry by entry
+
+/// A reader that hands out a few bytes at a time, so every state of the reader's scan meets a
+/// block boundary: inside a string, after a backslash, between entries, inside the envelope.
+struct Trickle<'a> {
+    bytes: &'a [u8],
+    step: usize,
+}
+
+impl std::io::Read for Trickle<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.step = self.step % 7 + 1;
+        let n = self.step.min(buf.len()).min(self.bytes.len());
+        buf[..n].copy_from_slice(&self.bytes[..n]);
+        self.bytes = &self.bytes[n..];
+        Ok(n)
+    }
+}
+
+fn read_in_pieces(bytes: &[u8], pepper: Option<Arc<[u8]>>) -> Result<Snapshot, DocumentError> {
+    parse::parse_reader(Trickle { bytes, step: 0 }, pepper, None, bytes.len() as u64).map_err(|e| {
+        match e {
+            parse::ReadError::Document(d) => d,
+            parse::ReadError::Io(e) => panic!("{e}"),
+        }
+    })
+}
+
+/// What a test compares of two snapshots: revision, quarantine list, and who each key is.
+fn summary(s: &Snapshot, secrets: &[&str]) -> (u64, Vec<(String, String)>, Vec<Option<String>>) {
+    let found = secrets
+        .iter()
+        .map(|k| s.find(k).map(|r| format!("{} {}", r.id(), s.partner(r).id)))
+        .collect();
+    (s.revision, entries(s), found)
+}
+
+/// JSON objects may list their members in any order: keys before the partners they name are
+/// read the same, with the same reasons for the same entries.
+#[test]
+fn keys_may_come_before_partners() {
+    let (a, b, c, d) = (
+        mint("sk_live_"),
+        mint("sk_live_"),
+        mint("sk_live_"),
+        mint("sk_live_"),
+    );
+    let keys = json!([
+        key("key_a", &sha256(&a), json!({})),
+        key("key_b", &sha256(&b), json!({"partner_id": "partner_dup"})),
+        // Two problems: the partner's, checked first, is the reason given.
+        key(
+            "key_c",
+            &sha256(&c),
+            json!({"partner_id": "partner_nope", "status": "x"})
+        ),
+        key(
+            "key_d",
+            &sha256(&d),
+            json!({"partner_id": "partner_late", "status": "x"})
+        ),
+    ]);
+    let partners = json!([
+        acme(),
+        {"id": "partner_dup", "status": "active"},
+        {"id": "partner_dup", "status": "active"},
+        {"id": "partner_late", "status": "active"},
+    ]);
+    let envelope = r#""schema": "keygate.snapshot/v1", "revision": 4"#;
+    let keys_first = format!(r#"{{{envelope}, "keys": {keys}, "partners": {partners}}}"#);
+    let partners_first = format!(r#"{{"partners": {partners}, {envelope}, "keys": {keys}}}"#);
+    let secrets = [a.as_str(), &b, &c, &d];
+    let want = (
+        4,
+        vec![
+            (
+                "key key_b".to_owned(),
+                "partner partner_dup is ambiguous".to_owned(),
+            ),
+            (
+                "key key_c".to_owned(),
+                "partner_id names no partner entry".to_owned(),
+            ),
+            (
+                "key key_d".to_owned(),
+                "status must be \"active\" or \"revoked\"".to_owned(),
+            ),
+            (
+                "partner partner_dup".to_owned(),
+                "the partner id appears more than once".to_owned(),
+            ),
+        ],
+        vec![Some("key_a partner_acme".to_owned()), None, None, None],
+    );
+    for text in [&keys_first, &partners_first] {
+        let s = parse(text.as_bytes(), None).unwrap();
+        assert_eq!(summary(&s, &secrets), want, "{text}");
+        let s = read_in_pieces(text.as_bytes(), None).unwrap();
+        assert_eq!(summary(&s, &secrets), want, "in pieces: {text}");
+    }
+}
+
+/// Text that looks like structure inside strings, escapes, nesting inside entries and unknown
+/// members: read from bytes, from a reader in pieces, and by serde whole, all the same.
+#[test]
+fn a_document_read_in_pieces_is_read_the_same() {
+    let (a, b) = (mint("sk_live_"), mint("sk_live_"));
+    let text = format!(
+        r#" {{ "x_before": {{"keys": [1, {{"partners": "]"}}], "s": "\"[{{,"}},
+            "keys" : [ {{"id": "key_\u0061", "name": "a \\\" ] }} , [ {{", "hash": "{}",
+                      "partner_id": "partner_acme", "environment": "live", "scopes": [],
+                      "status": "active", "metadata": {{"deep": [[[{{}}]]], "n": -1.5e3}}}} ,
+                    "not an object" , 42 , null ,
+                    {{"id": "key_b", "hash": "{}", "partner_id": "partner_acme",
+                      "environment": "live", "status": "revoked"}} ],
+            "partners": [{{"id": "partner_acme", "status": "active", "x": "\\"}}],
+            "k\u0065ys_not": [ "ignored" ],
+            "schema": "keygate.snapshot/v1", "revision": 12 }}
+        "#,
+        sha256(&a),
+        sha256(&b)
+    );
+    let whole = parse(text.as_bytes(), None).unwrap();
+    let pieces = read_in_pieces(text.as_bytes(), None).unwrap();
+    let secrets = [a.as_str(), &b];
+    assert_eq!(summary(&whole, &secrets), summary(&pieces, &secrets));
+    assert_eq!(whole.find(&a).unwrap().id(), "key_a");
+    assert_eq!(
+        whole.key_name(whole.find(&a).unwrap()),
+        Some("a \\\" ] } , [ {")
+    );
+    assert_eq!(whole.find(&b).unwrap().status, KeyStatus::Revoked);
+    assert_eq!(
+        entries(&whole)
+            .iter()
+            .map(|(e, _)| e.as_str())
+            .collect::<Vec<_>>(),
+        ["keys[1]", "keys[2]", "keys[3]"]
+    );
+    // The same entries, as serde reads the document whole.
+    let raw: parse::RawDocument<'_> = serde_json::from_str(&text).unwrap();
+    let built = build(12, None, &raw.partners, &raw.keys, None);
+    assert_eq!(summary(&built, &secrets), summary(&whole, &secrets));
+}
+
+/// A document cut short anywhere, in its envelope or in the middle of an entry, is refused,
+/// read whole or in pieces.
+#[test]
+fn a_document_cut_short_anywhere_is_refused() {
+    let text = String::from_utf8(doc(
+        2,
+        vec![acme()],
+        vec![
+            key(
+                "key_1",
+                &sha256("one"),
+                json!({"allowed_cidrs": ["10.0.0.0/8"]}),
+            ),
+            key(
+                "key_2",
+                &sha256("two"),
+                json!({"name": "a \"quoted\" name"}),
+            ),
+        ],
+    ))
+    .unwrap();
+    for cut in 0..text.len() {
+        let short = &text.as_bytes()[..cut];
+        assert!(parse(short, None).is_err(), "accepted cut at {cut}");
+        assert!(
+            read_in_pieces(short, None).is_err(),
+            "accepted in pieces, cut at {cut}"
+        );
+    }
+    assert!(read_in_pieces(text.as_bytes(), None).is_ok());
+}
+
+#[test]
+fn a_read_error_is_not_a_document_error() {
+    struct Failing;
+    impl std::io::Read for Failing {
+        fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::other("disk on fire"))
+        }
+    }
+    assert!(matches!(
+        parse::parse_reader(Failing, None, None, 0),
+        Err(parse::ReadError::Io(_))
+    ));
+}
+
+mod split_property {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A small document with what a reader of structure could stumble on.
+    fn base() -> String {
+        String::from_utf8(doc(
+            3,
+            vec![acme(), json!({"id": "p\\\"]", "status": "active"})],
+            vec![
+                key("key_1", &sha256("one"), json!({"name": "[{\"}],"})),
+                key("key_2", &sha256("two"), json!({"partner_id": "partner_x"})),
+                json!({"id": "key_3", "x": [[{"y": null}], true, -0.5]}),
+            ],
+        ))
+        .unwrap()
+    }
+
+    /// Today's rule, serde reading the document whole: accepted or not, and then the same
+    /// entries indexed.
+    fn whole(bytes: &[u8]) -> Option<Snapshot> {
+        let raw: parse::RawDocument<'_> = serde_json::from_slice(bytes).ok()?;
+        std::str::from_utf8(bytes).ok()?;
+        (raw.schema.as_deref() == Some(parse::SCHEMA))
+            .then(|| build(raw.revision, None, &raw.partners, &raw.keys, None))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Any edit of a document — a byte dropped, or one of JSON's structural bytes (or a
+        /// byte that is not UTF-8) put anywhere — is accepted by the entry-by-entry read
+        /// exactly when serde accepts the whole document, with the same result.
+        #[test]
+        fn the_entry_by_entry_read_agrees_with_serde(
+            at in 0.0f64..1.0,
+            edit in 0usize..13,
+        ) {
+            let mut bytes = base().into_bytes();
+            let at = (at * bytes.len() as f64) as usize;
+            let inserted = b"[]{},:\"\\ 0n\xff";
+            match edit {
+                12 => { bytes.remove(at.min(bytes.len() - 1)); }
+                i => bytes.insert(at, inserted[i]),
+            }
+            let want = whole(&bytes).map(|s| summary(&s, &["one", "two"]));
+            let got = parse(&bytes, None).ok().map(|s| summary(&s, &["one", "two"]));
+            prop_assert_eq!(&got, &want, "{}", String::from_utf8_lossy(&bytes));
+            let pieces = read_in_pieces(&bytes, None).ok().map(|s| summary(&s, &["one", "two"]));
+            prop_assert_eq!(&pieces, &want);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A reload shares the keys that did not change
+
+const MANY: usize = 20_000;
+
+/// `MANY` keys (`k0`, `k1`, … are their secrets), of two partners; `edit` may change any.
+fn many(revision: u64, edit: impl Fn(usize, &mut Value)) -> Vec<u8> {
+    let keys = (0..MANY)
+        .map(|i| {
+            let mut k = key(
+                &format!("key_{i}"),
+                &sha256(&format!("k{i}")),
+                json!({"name": format!("name {}", i % 7), "rate_limit_per_minute": 60}),
+            );
+            edit(i, &mut k);
+            k
+        })
+        .filter(|k| !k.is_null())
+        .collect();
+    let partner_b = json!({"id": "partner_b", "status": "active"});
+    doc(revision, vec![acme(), partner_b], keys)
+}
+
+/// What a decision or an identity header can see of key `secret` in `s`.
+fn seen(s: &Snapshot, secret: &str) -> Option<String> {
+    let r = s.find(secret)?;
+    Some(format!(
+        "{} {:?} {:?} {:?} {} {:?} {} {} {:?}",
+        r.id(),
+        r.status,
+        r.rate_limit_per_minute(),
+        r.expires_at_ms(),
+        s.partner(r).id,
+        s.partner(r).status,
+        s.environment(r).header.to_str().unwrap(),
+        s.scopes(r).header.to_str().unwrap(),
+        s.key_name(r),
+    ))
+}
+
+/// The chunks of `new` that are `old`'s own, and how many there are.
+fn shared_chunks(old: &Snapshot, new: &Snapshot) -> (usize, usize) {
+    let shared = old
+        .chunks
+        .iter()
+        .zip(new.chunks.iter())
+        .filter(|(a, b)| Arc::ptr_eq(a, b))
+        .count();
+    (shared, new.chunks.len())
+}
+
+fn chunk_holding(s: &Snapshot, secret: &str) -> usize {
+    let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+    chunk::chunk_of(&digest, s.chunk_bits)
+}
+
+#[test]
+fn a_reload_shares_unchanged_keys_and_sees_every_change() {
+    let old = parse(&many(1, |_, _| {}), None).unwrap();
+    assert!(old.chunks.len() >= 32, "{} chunks", old.chunks.len());
+    let changed = [1, 2, 3, 4, 5, 6, 7];
+    let edited = many(2, |i, k| match i {
+        1 => k["status"] = json!("revoked"),
+        2 => k["rate_limit_per_minute"] = json!(1200),
+        3 => *k = Value::Null, // removed
+        4 => k["name"] = json!("renamed"),
+        5 => k["partner_id"] = json!("partner_b"),
+        6 => k["scopes"] = json!(["analyses:write"]),
+        7 => k["allowed_cidrs"] = json!(["10.0.0.0/8"]),
+        _ => {}
+    });
+    // And one key added (at the front: the order of entries does not matter).
+    let mut text = String::from_utf8(edited).unwrap();
+    let added = key("key_new", &sha256("k_new"), json!({}));
+    text = text.replacen(r#""keys":["#, &format!(r#""keys":[{added},"#), 1);
+    let new = parse_with_base(text.as_bytes(), None, Some(&old)).unwrap();
+    let fresh = parse(text.as_bytes(), None).unwrap();
+    assert!(new.quarantined.is_empty(), "{:?}", new.quarantined);
+    assert_eq!(new.key_count(), MANY);
+
+    // Every key reads as it does in a snapshot built from nothing, the changed ones included.
+    let secrets: Vec<String> = (0..MANY)
+        .map(|i| format!("k{i}"))
+        .chain(["k_new".to_owned()])
+        .collect();
+    for secret in &secrets {
+        assert_eq!(seen(&new, secret), seen(&fresh, secret), "{secret}");
+    }
+    let field = |s: &Snapshot, secret: &str| seen(s, secret).unwrap();
+    assert_eq!(new.find("k1").unwrap().status, KeyStatus::Revoked);
+    assert_eq!(new.find("k2").unwrap().rate_limit_per_minute(), Some(1200));
+    assert!(new.find("k3").is_none());
+    assert_eq!(new.key_name(new.find("k4").unwrap()), Some("renamed"));
+    assert!(field(&new, "k5").contains("partner_b"));
+    assert_eq!(new.scopes(new.find("k6").unwrap()).header, "analyses:write");
+    assert!(!new
+        .find("k7")
+        .unwrap()
+        .allows_ip(Some([192, 0, 2, 1].into())));
+    assert!(new.find("k_new").is_some());
+    // The snapshot in force while the reload was built is untouched.
+    assert_eq!(old.find("k1").unwrap().status, KeyStatus::Active);
+    assert_eq!(old.find("k2").unwrap().rate_limit_per_minute(), Some(60));
+    assert!(old.find("k3").is_some() && old.find("k_new").is_none());
+
+    // Only the chunks of changed keys are new; the others are the old snapshot's own.
+    let mut touched: Vec<usize> = changed
+        .iter()
+        .map(|i| chunk_holding(&new, &format!("k{i}")))
+        .chain([chunk_holding(&new, "k_new")])
+        .collect();
+    touched.sort_unstable();
+    touched.dedup();
+    for &c in &touched {
+        assert!(!Arc::ptr_eq(&old.chunks[c], &new.chunks[c]), "chunk {c}");
+    }
+    let (shared, all) = shared_chunks(&old, &new);
+    assert_eq!(
+        shared,
+        all - touched.len(),
+        "{shared} of {all} chunks shared"
+    );
+    let unchanged = chunk_holding(&new, "k0");
+    if !touched.contains(&unchanged) {
+        assert!(std::ptr::eq(
+            old.find("k0").unwrap(),
+            new.find("k0").unwrap()
+        ));
+    }
+
+    // A partner's status changes no key record: every chunk is shared, and every key of that
+    // partner sees the new status.
+    let suspended = text.replacen(
+        r#"{"id":"partner_b","status":"active"}"#,
+        r#"{"id":"partner_b","status":"suspended"}"#,
+        1,
+    );
+    assert_ne!(suspended, text);
+    let next = parse_with_base(suspended.as_bytes(), None, Some(&new)).unwrap();
+    assert_eq!(shared_chunks(&new, &next), (all, all));
+    assert_eq!(
+        next.partner(next.find("k5").unwrap()).status,
+        PartnerStatus::Suspended
+    );
+    assert_eq!(
+        new.partner(new.find("k5").unwrap()).status,
+        PartnerStatus::Active
+    );
+}
+
+/// Sharing never lets an old record escape what makes it ambiguous or orphaned in the new
+/// document: a new entry with an unchanged key's digest or id, or its partner gone.
+#[test]
+fn a_reload_quarantines_unchanged_keys_it_must() {
+    let old = parse(&many(1, |_, _| {}), None).unwrap();
+    let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
+        (
+            "another entry with k10's digest",
+            many(2, |i, k| {
+                if i == 11 {
+                    k["hash"] = json!(sha256("k10"));
+                }
+            }),
+            &["key key_10", "key key_11"],
+        ),
+        (
+            "another entry with key_20's id, in another chunk",
+            many(2, |i, k| {
+                if i == 21 {
+                    k["id"] = json!("key_20");
+                }
+            }),
+            &["key key_20", "key key_20"],
+        ),
+        (
+            "partner_acme gone",
+            String::from_utf8(many(2, |i, k| {
+                if i > 0 {
+                    k["partner_id"] = json!("partner_b");
+                }
+            }))
+            .unwrap()
+            .replacen(
+                r#"{"id":"partner_acme","org_id":"org_1","status":"active"},"#,
+                "",
+                1,
+            )
+            .into_bytes(),
+            &["key key_0"],
+        ),
+        (
+            "the same entry twice",
+            String::from_utf8(many(2, |_, _| {}))
+                .unwrap()
+                .replacen(
+                    r#""keys":["#,
+                    &format!(
+                        r#""keys":[{},"#,
+                        key(
+                            "key_30",
+                            &sha256("k30"),
+                            json!({"name": "name 2", "rate_limit_per_minute": 60})
+                        )
+                    ),
+                    1,
+                )
+                .into_bytes(),
+            &["key key_30", "key key_30"],
+        ),
+    ];
+    for (name, text, want) in cases {
+        let new = parse_with_base(&text, None, Some(&old)).unwrap();
+        let fresh = parse(&text, None).unwrap();
+        let got: Vec<&str> = new.quarantined.iter().map(|q| q.entry.as_str()).collect();
+        assert_eq!(got, want, "{name}: {:?}", new.quarantined);
+        assert_eq!(new.quarantined, fresh.quarantined, "{name}");
+        assert_eq!(new.key_count(), fresh.key_count(), "{name}");
+        for i in [0, 10, 11, 20, 21, 30, 31] {
+            let secret = format!("k{i}");
+            assert_eq!(
+                seen(&new, &secret),
+                seen(&fresh, &secret),
+                "{name}: {secret}"
+            );
+        }
+    }
+}
+
+/// A store publishing documents one after the other shares their unchanged keys.
+#[test]
+fn publishing_json_shares_with_the_snapshot_in_force() {
+    let store = SnapshotStore::new();
+    store.publish_json(&many(1, |_, _| {}), None).unwrap();
+    let first = store.current_arc().unwrap();
+    let revoked = many(2, |i, k| {
+        if i == 1 {
+            k["status"] = json!("revoked")
+        }
+    });
+    store.publish_json(&revoked, None).unwrap();
+    let second = store.current_arc().unwrap();
+    let (shared, all) = shared_chunks(&first, &second);
+    assert_eq!(shared, all - 1);
+    assert_eq!(second.find("k1").unwrap().status, KeyStatus::Revoked);
+    assert_eq!(first.find("k1").unwrap().status, KeyStatus::Active);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Publishing
 
 fn snapshot_with(revision: u64, bad_ids: &[&str]) -> Snapshot {

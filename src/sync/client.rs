@@ -342,7 +342,10 @@ fn publish(
     doc: Document,
     bytes: &[u8],
 ) -> Result<Arc<Document>, String> {
-    let snapshot = doc.index(settings.pepper.clone());
+    // A delta changes a few keys: the others are shared with the snapshot in force.
+    let base = store.current_arc();
+    let snapshot = doc.index(settings.pepper.clone(), base.as_deref());
+    drop(base);
     let doc = Arc::new(doc);
     let fresh = store
         .publish_document(snapshot, Some(doc.clone()))

@@ -10,23 +10,24 @@ use std::fmt;
 use std::hash::{BuildHasher, RandomState};
 use std::num::NonZeroU32;
 use std::ops::Deref;
+use std::sync::Arc;
 
-use bytes::Bytes;
 use http::HeaderValue;
 use serde::de::{Deserializer, Visitor};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use super::{
     entry_id, header, is_id, parse_digest, parse_rfc3339_ms, q, redact, referrer_problem,
-    route_problem, EntryError,
+    route_problem, PartnerIds,
 };
 use crate::config::{is_scope, parse_cidr};
 use crate::referrer::{ReferrerPattern, ReferrerSet};
 use crate::routes::{RoutePattern, RouteTable};
+use crate::snapshot::chunk::{chunk_bits, chunk_of, Chunk};
 use crate::snapshot::index::{digest_hash, HashIndex};
 use crate::snapshot::{
-    DigestKind, Environment, KeyRecord, KeyStatus, Quarantined, Restrictions, ScopeSet, Span,
+    DigestKind, Environment, KeyRecord, KeyStatus, Quarantined, Restrictions, ScopeSet, Snapshot,
+    Span,
 };
 
 /// A key entry as the document has it. Strings are borrowed from the document (see [`Text`]):
@@ -92,13 +93,18 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     }
 }
 
-/// Reads key entries one by one into compact records, storing once what keys share.
-pub(super) struct KeysBuilder<'p> {
-    partners: &'p HashMap<&'p str, Option<u32>>,
+/// Reads key entries one by one into compact records, storing once what keys share, and puts
+/// each in its chunk's bucket: a reference to the same key in the snapshot in force when there
+/// is one, else the new record.
+pub(super) struct KeysBuilder<'b> {
     have_pepper: bool,
-    records: Vec<KeyRecord>,
-    /// Each record's id in `text`, until the id headers are made from it.
-    ids: Vec<Span>,
+    /// The snapshot in force, when its positions (partners, environments, scope sets) and
+    /// chunk count are kept: its chunks can be shared.
+    base: Option<&'b Snapshot>,
+    chunk_bits: u32,
+    /// By chunk.
+    buckets: Vec<Bucket>,
+    /// The ids and names of the new records, until they are copied to their chunks.
     text: String,
     environments: Vec<Environment>,
     environment_index: HashMap<Box<str>, u32>,
@@ -109,57 +115,134 @@ pub(super) struct KeysBuilder<'p> {
     joined: String,
 }
 
-/// The keys in force, indexed.
-pub(super) struct Keys {
-    pub records: Vec<KeyRecord>,
-    pub text: Bytes,
-    pub environments: Vec<Environment>,
-    pub scope_sets: Vec<ScopeSet>,
-    pub by_sha256: HashIndex,
-    pub by_hmac: HashIndex,
+/// The keys of one chunk, as read.
+#[derive(Default)]
+struct Bucket {
+    /// Positions in the base's chunk of keys the document has unchanged.
+    old: Vec<u32>,
+    /// Keys new or changed since the base: when a chunk has no others (a first load), this
+    /// becomes the chunk's own, not a copy.
+    new: Vec<KeyRecord>,
+    /// The id and name of each of `new`, in the builder's text until copied to the chunk's.
+    new_text: Vec<(Span, Span)>,
 }
 
-/// Why an entry would make the snapshot's text (ids and names, `u32` offsets) too long.
+/// The keys in force, indexed.
+pub(super) struct Keys {
+    pub chunks: Box<[Arc<Chunk>]>,
+    pub chunk_bits: u32,
+    pub key_count: usize,
+    pub has_sha256: bool,
+    pub has_hmac: bool,
+    pub environments: Vec<Environment>,
+    pub scope_sets: Vec<ScopeSet>,
+    /// Each table at most about twice what the keys in force use.
+    pub compact: bool,
+}
+
 const TEXT_FULL: &str = "the snapshot's key ids and names exceed 4 GiB";
 
-impl<'p> KeysBuilder<'p> {
-    pub fn new(
-        partners: &'p HashMap<&'p str, Option<u32>>,
-        have_pepper: bool,
-        keys: usize,
-    ) -> Self {
-        Self {
-            partners,
+/// Why a key entry was not added.
+pub(super) enum Failure {
+    /// serde could not read it: perhaps not JSON at all (see `super::not_json`).
+    NotJson(serde_json::Error),
+    Entry {
+        /// `key <id>`, when it has a usable id.
+        entry: Option<String>,
+        reason: String,
+        /// The partner slot, for a failure found after the partner check: if that partner
+        /// turns out missing or ambiguous, that is the reason instead.
+        partner: Option<u32>,
+    },
+}
+
+fn failure(entry: Option<String>, reason: String) -> Failure {
+    Failure::Entry {
+        entry,
+        reason,
+        partner: None,
+    }
+}
+
+impl<'b> KeysBuilder<'b> {
+    /// A builder for about `keys_hint` keys. With `base` (the snapshot in force, its partner
+    /// positions kept by the caller), unchanged keys are shared with it.
+    pub fn new(have_pepper: bool, base: Option<&'b Snapshot>, keys_hint: usize) -> Self {
+        let chunk_bits = match base {
+            Some(b) => b.chunk_bits,
+            None => chunk_bits(keys_hint),
+        };
+        let mut builder = Self {
             have_pepper,
-            records: Vec::with_capacity(keys),
-            ids: Vec::with_capacity(keys),
+            base,
+            chunk_bits,
+            buckets: (0..1usize << chunk_bits)
+                .map(|_| Bucket::default())
+                .collect(),
             text: String::new(),
             environments: Vec::new(),
             environment_index: HashMap::new(),
             scope_sets: Vec::new(),
             scope_set_index: HashMap::new(),
             joined: String::new(),
+        };
+        if let Some(base) = base {
+            for (i, e) in base.environments.iter().enumerate() {
+                builder.environment_index.insert(e.name.clone(), i as u32);
+            }
+            builder.environments = base.environments.clone();
+            for (i, s) in base.scope_sets.iter().enumerate() {
+                let text = s.header.to_str().expect("scope headers are visible ASCII");
+                builder.scope_set_index.insert(text.into(), i as u32);
+            }
+            builder.scope_sets = base.scope_sets.clone();
+            for (bucket, chunk) in builder.buckets.iter_mut().zip(&base.chunks) {
+                bucket.old.reserve(chunk.records.len());
+            }
+        } else {
+            // A first load: each chunk's records are read into what becomes the chunk, so
+            // room for about as many as it will hold (growing it by doubling would leave
+            // holes in the heap the size of the snapshot).
+            let expected = keys_hint >> chunk_bits;
+            let room = expected + expected / 8 + 4;
+            for bucket in &mut builder.buckets {
+                bucket.new.reserve_exact(room);
+                bucket.new_text.reserve_exact(room);
+            }
         }
+        builder
     }
 
-    pub fn add(&mut self, raw: &RawValue) -> Result<(), EntryError> {
-        let k: RawKey<'_> = serde_json::from_str(raw.get())
-            .map_err(|e| (entry_id(raw).map(|id| format!("key {id}")), redact(&e)))?;
+    /// Read one key entry. Its partner is a slot in `partners`, resolved by [`Self::finish`].
+    pub fn add(&mut self, text: &str, partners: &mut PartnerIds) -> Result<(), Failure> {
+        let k: RawKey<'_> = serde_json::from_str(text).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => {
+                match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                    Ok(_) => failure(entry_id(text).map(|id| format!("key {id}")), redact(&e)),
+                    Err(_) => Failure::NotJson(e),
+                }
+            }
+            _ => Failure::NotJson(e),
+        })?;
         if !is_id(&k.id) {
-            return Err((None, "id must be 1-128 of A-Z a-z 0-9 _ - . :".into()));
+            return Err(failure(
+                None,
+                "id must be 1-128 of A-Z a-z 0-9 _ - . :".into(),
+            ));
         }
-        let fail = |reason: String| (Some(format!("key {}", &*k.id)), reason);
-
-        let (kind, digest) = parse_digest(&k.hash).map_err(|r| fail(r.into()))?;
+        let entry = || Some(format!("key {}", &*k.id));
+        let (kind, digest) = parse_digest(&k.hash).map_err(|r| failure(entry(), r.into()))?;
         if kind == DigestKind::HmacSha256 && !self.have_pepper {
-            return Err(fail(
+            return Err(failure(
+                entry(),
                 "hmac-sha256 digest, but no pepper is configured (snapshot.pepper_env)".into(),
             ));
         }
-        let partner = match self.partners.get(&*k.partner_id) {
-            Some(Some(i)) => *i,
-            Some(None) => return Err(fail(format!("partner {} is ambiguous", &*k.partner_id))),
-            None => return Err(fail("partner_id names no partner entry".into())),
+        let partner = partners.slot(&k.partner_id);
+        let fail = |reason: String| Failure::Entry {
+            entry: entry(),
+            reason,
+            partner: Some(partner),
         };
         if k.environment.is_empty()
             || !k
@@ -207,28 +290,40 @@ impl<'p> KeysBuilder<'p> {
             .scope_set(&scopes)
             .map_err(|()| fail("scopes".into()))?;
         let environment = self.environment(&k.environment);
-        let id = self
-            .push_text(&k.id)
-            .ok_or_else(|| fail(TEXT_FULL.into()))?;
-        let name = match k.name.as_deref() {
-            None => Span::NONE,
-            Some(name) => self.push_text(name).ok_or_else(|| fail(TEXT_FULL.into()))?,
-        };
-        self.records.push(KeyRecord {
+        let record = KeyRecord {
             digest,
-            // Made from `text` once it is complete; a static placeholder costs nothing.
+            // Made from the chunk's text; a static placeholder costs nothing.
             id_header: HeaderValue::from_static(""),
             expires_at_ms,
             restrictions,
-            name,
+            name: Span::NONE,
             partner,
             scopes,
             environment,
             rate_limit_per_minute,
             status,
             kind,
-        });
-        self.ids.push(id);
+        };
+        let chunk = chunk_of(&digest, self.chunk_bits);
+        let bucket = &mut self.buckets[chunk];
+        // The same key as in the snapshot in force: keep a reference to it, not a copy.
+        if let Some(base) = self.base {
+            let chunk = &base.chunks[chunk];
+            if let Some(i) = chunk.position(kind, &digest) {
+                let old = &chunk.records[i as usize];
+                if same(&record, &k.id, k.name.as_deref(), old, chunk) {
+                    bucket.old.push(i);
+                    return Ok(());
+                }
+            }
+        }
+        let id = push_text(&mut self.text, &k.id).ok_or_else(|| fail(TEXT_FULL.into()))?;
+        let name = match k.name.as_deref() {
+            None => Span::NONE,
+            Some(name) => push_text(&mut self.text, name).ok_or_else(|| fail(TEXT_FULL.into()))?,
+        };
+        bucket.new.push(record);
+        bucket.new_text.push((id, name));
         Ok(())
     }
 
@@ -268,43 +363,146 @@ impl<'p> KeysBuilder<'p> {
         i
     }
 
-    /// Append to the shared text; `None` past what `u32` offsets reach.
-    fn push_text(&mut self, s: &str) -> Option<Span> {
-        let start = u32::try_from(self.text.len()).ok()?;
-        let len = u32::try_from(s.len()).ok()?;
-        start.checked_add(len).filter(|&end| end < u32::MAX)?;
-        self.text.push_str(s);
-        Some(Span { start, len })
-    }
+    /// Quarantine the keys whose partner `partners` does not resolve (by partner position:
+    /// `Err` = why), then every entry that shares its digest or id with another; make the
+    /// chunks, sharing the base's where nothing changed.
+    pub fn finish(
+        self,
+        partners: &[Result<(), String>],
+        quarantined: &mut Vec<Quarantined>,
+    ) -> Keys {
+        let base_chunks: &[Arc<Chunk>] = self.base.map_or(&[], |b| &b.chunks);
+        let text = &self.text;
+        let mut buckets = self.buckets;
+        // An item of a bucket: an old key's place in the base chunk, or a new one's in `new`.
+        let id_of = |b: usize, bucket: &Bucket, item: Item| -> &[u8] {
+            match item {
+                Item::Old(i) => base_chunks[b].records[bucket.old[i] as usize].id_bytes(),
+                Item::New(i) => text[bucket.new_text[i].0.range()].as_bytes(),
+            }
+        };
 
-    fn id(&self, i: usize) -> &str {
-        &self.text[self.ids[i].range()]
-    }
+        // Keys whose partner is missing or ambiguous.
+        for (b, bucket) in buckets.iter_mut().enumerate() {
+            if !bucket.old.is_empty() {
+                let chunk = &base_chunks[b];
+                bucket.old.retain(|&i| {
+                    let record = &chunk.records[i as usize];
+                    match &partners[record.partner as usize] {
+                        Ok(()) => true,
+                        Err(reason) => {
+                            quarantined.push(q(format!("key {}", record.id()), reason.as_str()));
+                            false
+                        }
+                    }
+                });
+            }
+            let orphan = |r: &KeyRecord| partners[r.partner as usize].is_err();
+            if bucket.new.iter().any(orphan) {
+                let mut keep = Vec::with_capacity(bucket.new.len());
+                for (r, (id, _)) in bucket.new.iter().zip(&bucket.new_text) {
+                    keep.push(match &partners[r.partner as usize] {
+                        Ok(()) => true,
+                        Err(reason) => {
+                            let id = &text[id.range()];
+                            quarantined.push(q(format!("key {id}"), reason.as_str()));
+                            false
+                        }
+                    });
+                }
+                let mut k = keep.iter();
+                bucket.new.retain(|_| *k.next().expect("one flag a record"));
+                let mut k = keep.iter();
+                bucket
+                    .new_text
+                    .retain(|_| *k.next().expect("one flag a record"));
+            }
+        }
 
-    /// Quarantine every entry that shares its digest or id with another, and index the rest.
-    pub fn finish(mut self, quarantined: &mut Vec<Quarantined>) -> Keys {
+        // The same digest, always in one chunk.
         const SAME_DIGEST: u8 = 1;
         const SAME_ID: u8 = 2;
-        let mut shared = vec![0u8; self.records.len()];
-        let (mut by_sha256, mut by_hmac, duplicates) = index_digests(&self.records);
-        for i in duplicates {
-            shared[i as usize] |= SAME_DIGEST;
+        let mut flags: Vec<Vec<u8>> = Vec::with_capacity(buckets.len());
+        // For a chunk of new SHA-256 keys only, none a duplicate: its index, made here.
+        let mut indexes: Vec<Option<HashIndex>> = Vec::with_capacity(buckets.len());
+        let mut seen: Vec<u32> = Vec::new();
+        for (b, bucket) in buckets.iter().enumerate() {
+            let n = bucket.old.len() + bucket.new.len();
+            let mut f = vec![0u8; n];
+            let mut made = None;
+            if bucket.new.is_empty() {
+                // Only keys of the base chunk, whose digests differ: the same key twice.
+                if let Some(chunk) = base_chunks.get(b).filter(|_| n > 1) {
+                    seen.clear();
+                    seen.resize(chunk.records.len(), u32::MAX);
+                    for (j, &i) in bucket.old.iter().enumerate() {
+                        match seen[i as usize] {
+                            u32::MAX => seen[i as usize] = j as u32,
+                            first => {
+                                f[j] |= SAME_DIGEST;
+                                f[first as usize] |= SAME_DIGEST;
+                            }
+                        }
+                    }
+                }
+            } else {
+                let digest = |j: u32| match Item::of(bucket, j as usize) {
+                    Item::Old(i) => &base_chunks[b].records[bucket.old[i] as usize].digest,
+                    Item::New(i) => &bucket.new[i].digest,
+                };
+                let mut index = HashIndex::with_capacity(n);
+                let mut clean = true;
+                for j in 0..n as u32 {
+                    let d = digest(j);
+                    if let Err(first) = index.insert(digest_hash(d), j, |k| digest(k) == d) {
+                        f[j as usize] |= SAME_DIGEST;
+                        f[first as usize] |= SAME_DIGEST;
+                        clean = false;
+                    }
+                }
+                let sha256_only = bucket.new.iter().all(|r| r.kind == DigestKind::Sha256);
+                if clean && bucket.old.is_empty() && sha256_only {
+                    made = Some(index);
+                }
+            }
+            flags.push(f);
+            indexes.push(made);
         }
+        drop(seen);
+
+        // The same id, anywhere: sorted by a hash of the id, then compared where hashes meet.
         let ids = RandomState::new();
-        let mut by_id = HashIndex::with_capacity(self.records.len());
-        for i in 0..self.records.len() {
-            let id = self.id(i);
-            if let Err(first) =
-                by_id.insert(ids.hash_one(id), i as u32, |j| self.id(j as usize) == id)
-            {
-                shared[i] |= SAME_ID;
-                shared[first as usize] |= SAME_ID;
+        let total: usize = buckets.iter().map(|b| b.old.len() + b.new.len()).sum();
+        let mut by_id: Vec<(u64, u64)> = Vec::with_capacity(total);
+        for (b, bucket) in buckets.iter().enumerate() {
+            for j in 0..bucket.old.len() + bucket.new.len() {
+                let id = id_of(b, bucket, Item::of(bucket, j));
+                by_id.push((ids.hash_one(id), (b as u64) << 32 | j as u64));
+            }
+        }
+        by_id.sort_unstable_by_key(|&(hash, _)| hash);
+        let place = |at: u64| ((at >> 32) as usize, (at & u64::from(u32::MAX)) as usize);
+        let id_at = |at: u64| {
+            let (b, j) = place(at);
+            id_of(b, &buckets[b], Item::of(&buckets[b], j))
+        };
+        for run in by_id
+            .chunk_by_mut(|x, y| x.0 == y.0)
+            .filter(|r| r.len() > 1)
+        {
+            run.sort_unstable_by(|x, y| id_at(x.1).cmp(id_at(y.1)));
+            for pair in run.windows(2) {
+                if id_at(pair[0].1) == id_at(pair[1].1) {
+                    for (_, at) in pair {
+                        let (b, j) = place(*at);
+                        flags[b][j] |= SAME_ID;
+                    }
+                }
             }
         }
         drop(by_id);
-
-        if shared.iter().any(|&s| s != 0) {
-            for (i, &s) in shared.iter().enumerate() {
+        for (b, (bucket, f)) in buckets.iter().zip(&flags).enumerate() {
+            for (j, &s) in f.iter().enumerate() {
                 let reason = if s & SAME_DIGEST != 0 {
                     "another entry has the same digest"
                 } else if s & SAME_ID != 0 {
@@ -312,66 +510,134 @@ impl<'p> KeysBuilder<'p> {
                 } else {
                     continue;
                 };
-                quarantined.push(q(format!("key {}", self.id(i)), reason));
+                let id = String::from_utf8_lossy(id_of(b, bucket, Item::of(bucket, j)));
+                quarantined.push(q(format!("key {id}"), reason));
             }
-            let mut keep = shared.iter().map(|&s| s == 0);
-            self.records.retain(|_| keep.next() == Some(true));
-            let mut keep = shared.iter().map(|&s| s == 0);
-            self.ids.retain(|_| keep.next() == Some(true));
-            let duplicates;
-            (by_sha256, by_hmac, duplicates) = index_digests(&self.records);
-            debug_assert!(duplicates.is_empty());
         }
 
-        self.text.shrink_to_fit();
-        let text = Bytes::from(self.text.into_bytes());
-        for (record, id) in self.records.iter_mut().zip(&self.ids) {
-            record.id_header = HeaderValue::from_maybe_shared(text.slice(id.range()))
-                .expect("validated ids are valid header values");
+        // The chunks: the base's own where its keys are all there unchanged, else made.
+        let name_of = |name: Span| (name.len != Span::NONE.len).then(|| &text[name.range()]);
+        let empty = Arc::new(Chunk::default());
+        let mut chunks = Vec::with_capacity(buckets.len());
+        let (mut key_count, mut has_sha256, mut has_hmac) = (0, false, false);
+        let mut used_environments = vec![false; self.environments.len()];
+        let mut used_scope_sets = vec![false; self.scope_sets.len()];
+        let parts = buckets.into_iter().zip(flags).zip(indexes);
+        for (b, ((bucket, f), index)) in parts.enumerate() {
+            let old_chunk = base_chunks.get(b);
+            let all_kept = f.iter().all(|&s| s == 0);
+            let chunk = if all_kept
+                && bucket.new.is_empty()
+                && old_chunk.is_some_and(|c| c.records.len() == bucket.old.len())
+            {
+                old_chunk.expect("checked").clone()
+            } else if f.iter().all(|&s| s != 0) {
+                empty.clone()
+            } else if all_kept && bucket.old.is_empty() {
+                // New keys only (a first load): the bucket's records become the chunk's.
+                let texts = bucket.new_text.iter();
+                let texts = texts.map(|&(id, name)| (&text[id.range()], name_of(name)));
+                Chunk::new(bucket.new, texts, index)
+            } else {
+                let mut records = Vec::with_capacity(f.len());
+                let mut texts = Vec::with_capacity(f.len());
+                let mut f = f.into_iter();
+                for &i in &bucket.old {
+                    if f.next() == Some(0) {
+                        let chunk = old_chunk.expect("old keys have a base chunk");
+                        let old = &chunk.records[i as usize];
+                        records.push(copy(old));
+                        texts.push((old.id(), chunk.name(old)));
+                    }
+                }
+                for (record, &(id, name)) in bucket.new.into_iter().zip(&bucket.new_text) {
+                    if f.next() == Some(0) {
+                        texts.push((&text[id.range()], name_of(name)));
+                        records.push(record);
+                    }
+                }
+                Chunk::new(records, texts.into_iter(), None)
+            };
+            for r in chunk.records.iter() {
+                used_environments[r.environment as usize] = true;
+                used_scope_sets[r.scopes as usize] = true;
+                has_sha256 |= r.kind == DigestKind::Sha256;
+                has_hmac |= r.kind == DigestKind::HmacSha256;
+            }
+            key_count += chunk.records.len();
+            chunks.push(chunk);
         }
-        self.records.shrink_to_fit();
+        let compact = |used: &[bool]| used.len() <= 2 * used.iter().filter(|&&u| u).count() + 64;
         Keys {
-            records: self.records,
-            text,
+            compact: compact(&used_environments) && compact(&used_scope_sets),
+            chunks: chunks.into_boxed_slice(),
+            chunk_bits: self.chunk_bits,
+            key_count,
+            has_sha256,
+            has_hmac,
             environments: self.environments,
             scope_sets: self.scope_sets,
-            by_sha256,
-            by_hmac,
         }
     }
 }
 
-/// The digest indexes of `records`, and the positions of records whose digest another record
-/// has too (of either kind). Duplicates after the first are left out of the indexes.
-fn index_digests(records: &[KeyRecord]) -> (HashIndex, HashIndex, Vec<u32>) {
-    let sha256 = records
-        .iter()
-        .filter(|r| r.kind == DigestKind::Sha256)
-        .count();
-    let mut by_sha256 = HashIndex::with_capacity(sha256);
-    let mut by_hmac = HashIndex::with_capacity(records.len() - sha256);
-    let mut duplicates = Vec::new();
-    for (i, r) in records.iter().enumerate() {
-        let index = match r.kind {
-            DigestKind::Sha256 => &mut by_sha256,
-            DigestKind::HmacSha256 => &mut by_hmac,
-        };
-        let same = |j: u32| records[j as usize].digest == r.digest;
-        if let Err(first) = index.insert(digest_hash(&r.digest), i as u32, same) {
-            duplicates.extend([i as u32, first]);
+/// An item of a bucket, numbered old keys first.
+#[derive(Clone, Copy)]
+enum Item {
+    Old(usize),
+    New(usize),
+}
+
+impl Item {
+    fn of(bucket: &Bucket, j: usize) -> Item {
+        match j.checked_sub(bucket.old.len()) {
+            None => Item::Old(j),
+            Some(i) => Item::New(i),
         }
     }
-    if !by_sha256.is_empty() && !by_hmac.is_empty() {
-        for (i, r) in records.iter().enumerate() {
-            if r.kind == DigestKind::HmacSha256 {
-                let same = |j: u32| records[j as usize].digest == r.digest;
-                if let Some(other) = by_sha256.find(digest_hash(&r.digest), same) {
-                    duplicates.extend([i as u32, other]);
-                }
-            }
-        }
+}
+
+/// Whether `record` (just read, with this id and name) is `old` (of the base chunk `chunk`) in
+/// every respect a decision or an identity header can see. Positions (partner, environment,
+/// scope set) are comparable because the builder kept the base's.
+fn same(record: &KeyRecord, id: &str, name: Option<&str>, old: &KeyRecord, chunk: &Chunk) -> bool {
+    record.digest == old.digest
+        && record.kind == old.kind
+        && record.status == old.status
+        && record.expires_at_ms == old.expires_at_ms
+        && record.rate_limit_per_minute == old.rate_limit_per_minute
+        && record.partner == old.partner
+        && record.scopes == old.scopes
+        && record.environment == old.environment
+        && record.restrictions == old.restrictions
+        && id.as_bytes() == old.id_bytes()
+        && name == chunk.name(old)
+}
+
+/// A record of the base, for a chunk rebuilt around it.
+fn copy(r: &KeyRecord) -> KeyRecord {
+    KeyRecord {
+        digest: r.digest,
+        id_header: r.id_header.clone(),
+        expires_at_ms: r.expires_at_ms,
+        restrictions: r.restrictions.clone(),
+        name: r.name,
+        partner: r.partner,
+        scopes: r.scopes,
+        environment: r.environment,
+        rate_limit_per_minute: r.rate_limit_per_minute,
+        status: r.status,
+        kind: r.kind,
     }
-    (by_sha256, by_hmac, duplicates)
+}
+
+/// Append to the builder's text; `None` past what `u32` offsets reach.
+fn push_text(text: &mut String, s: &str) -> Option<Span> {
+    let start = u32::try_from(text.len()).ok()?;
+    let len = u32::try_from(s.len()).ok()?;
+    start.checked_add(len).filter(|&end| end < u32::MAX)?;
+    text.push_str(s);
+    Some(Span { start, len })
 }
 
 /// A key's `allowed_*` lists; `None` when none restricts anything.
@@ -379,8 +645,8 @@ fn restrictions(
     cidrs: Option<&[Text<'_>]>,
     referrers: Option<&[Text<'_>]>,
     routes: Option<&[Text<'_>]>,
-    fail: &impl Fn(String) -> EntryError,
-) -> Result<Option<Box<Restrictions>>, EntryError> {
+    fail: &impl Fn(String) -> Failure,
+) -> Result<Option<Box<Restrictions>>, Failure> {
     let (cidrs, referrers, routes) = (
         cidrs.unwrap_or_default(),
         referrers.unwrap_or_default(),
