@@ -50,8 +50,8 @@ pub fn read(
         source,
     };
     let file = std::fs::File::open(path).map_err(read_error)?;
-    let len = file.metadata().map_err(read_error)?.len();
-    parse_reader(file, pepper, base, len).map_err(|e| match e {
+    let before = FileState::of(&file).map_err(read_error)?;
+    let parsed = parse_reader(&file, pepper, base, before.len).map_err(|e| match e {
         ReadError::Io(source) => LoadError::Read {
             path: shown(),
             source,
@@ -60,7 +60,55 @@ pub fn read(
             path: shown(),
             source,
         },
-    })
+    });
+    // A file rewritten in place while it was read (it takes a second or two at a million keys)
+    // may read as the old start spliced to the new end: valid JSON, and wrong. Refused; the
+    // write that changed it wakes the watcher, which reads it again.
+    unchanged_since(&file, &before).map_err(read_error)?;
+    parsed
+}
+
+/// What shows that an open file changed: its length and times, from the open descriptor. (A
+/// file renamed over the path changes only the old one's status time, as it is unlinked: that
+/// read is refused too, harmlessly, and the new file is read next.)
+#[derive(Debug, PartialEq, Eq)]
+struct FileState {
+    len: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
+}
+
+impl FileState {
+    fn of(file: &std::fs::File) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        Ok(FileState {
+            len: m.len(),
+            modified: (m.mtime(), m.mtime_nsec()),
+            changed: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+fn unchanged_since(file: &std::fs::File, before: &FileState) -> std::io::Result<()> {
+    if FileState::of(file)? == *before {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(
+            "the file changed while it was read (written in place); it is read again once written",
+        ))
+    }
+}
+
+/// The file's bytes, refused if it changed while being read.
+fn read_whole(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let before = FileState::of(&file)?;
+    let mut bytes = Vec::with_capacity(before.len as usize);
+    file.read_to_end(&mut bytes)?;
+    unchanged_since(&file, &before)?;
+    Ok(bytes)
 }
 
 /// Read, parse and publish; logs the outcome (never key material).
@@ -69,7 +117,7 @@ pub fn load_into(store: &SnapshotStore, settings: &SnapshotSettings) -> Result<u
     let shown = || path.display().to_string();
     let published = if store.retains_documents() {
         // A hub keeps the document's entries too: it reads the file whole.
-        std::fs::read(path)
+        read_whole(path)
             .map_err(|source| LoadError::Read {
                 path: shown(),
                 source,
@@ -260,4 +308,37 @@ fn start_inotify(path: &Path, tx: mpsc::Sender<()>) -> Option<notify::Recommende
         return None;
     }
     Some(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_file_written_in_place_while_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        std::fs::write(&path, b"{\"revision\":1}").unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let before = FileState::of(&file).unwrap();
+        assert!(unchanged_since(&file, &before).is_ok());
+        // Another writer rewrites it in place as the read goes on (a little later: file times
+        // move with the kernel's coarse clock).
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut writer = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        writer.write_all(b"{\"revision\":2}").unwrap();
+        writer.flush().unwrap();
+        drop(writer);
+        assert!(unchanged_since(&file, &before).is_err());
+        // Left alone, it reads as unchanged.
+        let file = std::fs::File::open(&path).unwrap();
+        let before = FileState::of(&file).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(unchanged_since(&file, &before).is_ok());
+    }
 }

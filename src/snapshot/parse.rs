@@ -318,6 +318,9 @@ impl<'b> Builder<'b> {
 
     /// The document is read: check its envelope, then index.
     fn finish_envelope(self, envelope: &[u8]) -> Result<Snapshot, DocumentError> {
+        // serde skips unknown members without looking at their bytes; the whole document must
+        // be UTF-8 all the same (the entries were checked as they came).
+        std::str::from_utf8(envelope).map_err(|_| DocumentError::Json("not UTF-8".into()))?;
         let doc: Envelope =
             serde_json::from_slice(envelope).map_err(|e| DocumentError::Json(redact(&e)))?;
         match doc.schema.as_deref() {

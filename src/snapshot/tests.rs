@@ -1417,3 +1417,43 @@ fn canonical_ip_unmaps_ipv4_mapped_addresses() {
         assert_eq!(got, want.parse::<IpAddr>().unwrap(), "{input}");
     }
 }
+
+#[test]
+fn deep_unknown_members_are_skipped_at_any_depth() {
+    // A control plane's metadata nested deeper than serde's limit for typed values: skipped, as
+    // serde skips it, in an entry and in the envelope alike.
+    let deep = format!("{}1{}", "[".repeat(300), "]".repeat(300));
+    let secret = mint("sk_live_");
+    let mut k = key("key_deep", &sha256(&secret), json!({}));
+    k["meta"] = serde_json::from_str(&deep).unwrap_or(Value::Null);
+    let text = String::from_utf8(doc(1, vec![acme()], vec![k])).unwrap();
+    let text = text.replacen("\"meta\":null", &format!("\"meta\":{deep}"), 1);
+    let text = text.replacen('{', &format!("{{\"x-deep\":{deep},"), 1);
+    assert!(text.contains(&deep), "the fixture holds the deep value");
+    for s in [
+        parse(text.as_bytes(), None).unwrap(),
+        read_in_pieces(text.as_bytes(), None).unwrap(),
+    ] {
+        assert_eq!(s.find(&secret).map(|r| r.id()), Some("key_deep"));
+    }
+}
+
+#[test]
+fn a_document_that_is_not_utf8_anywhere_is_refused() {
+    let secret = mint("sk_live_");
+    let text = doc(
+        1,
+        vec![acme()],
+        vec![key("key_1", &sha256(&secret), json!({}))],
+    );
+    // An unknown top-level member, which serde would skip without reading it as text.
+    let mut bytes = b"{\"x-note\":\"caf\xff\",".to_vec();
+    bytes.extend_from_slice(&text[1..]);
+    for result in [parse(&bytes, None), read_in_pieces(&bytes, None)] {
+        assert!(
+            matches!(result, Err(DocumentError::Json(_))),
+            "{:?}",
+            result.map(|s| s.revision)
+        );
+    }
+}

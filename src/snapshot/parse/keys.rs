@@ -601,15 +601,29 @@ impl Item {
 /// every respect a decision or an identity header can see. Positions (partner, environment,
 /// scope set) are comparable because the builder kept the base's.
 fn same(record: &KeyRecord, id: &str, name: Option<&str>, old: &KeyRecord, chunk: &Chunk) -> bool {
-    record.digest == old.digest
-        && record.kind == old.kind
-        && record.status == old.status
-        && record.expires_at_ms == old.expires_at_ms
-        && record.rate_limit_per_minute == old.rate_limit_per_minute
-        && record.partner == old.partner
-        && record.scopes == old.scopes
-        && record.environment == old.environment
-        && record.restrictions == old.restrictions
+    // Every field named, so that a field added to `KeyRecord` must be added here too.
+    let KeyRecord {
+        digest,
+        id_header: _, // the id, compared below as text
+        expires_at_ms,
+        restrictions,
+        name: _, // a place in the chunk's text, compared below as text
+        partner,
+        scopes,
+        environment,
+        rate_limit_per_minute,
+        status,
+        kind,
+    } = record;
+    *digest == old.digest
+        && *kind == old.kind
+        && *status == old.status
+        && *expires_at_ms == old.expires_at_ms
+        && *rate_limit_per_minute == old.rate_limit_per_minute
+        && *partner == old.partner
+        && *scopes == old.scopes
+        && *environment == old.environment
+        && *restrictions == old.restrictions
         && id.as_bytes() == old.id_bytes()
         && name == chunk.name(old)
 }

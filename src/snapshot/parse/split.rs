@@ -46,9 +46,6 @@ pub enum ReadError {
 /// a large document. An entry longer than this grows the buffer to hold it.
 const BLOCK: usize = 1 << 20;
 
-/// serde_json's own nesting limit: a document nested deeper is not accepted whole either.
-const MAX_DEPTH: usize = 128;
-
 /// Read the document from `reader`, sending its entries to `sink`; returns the envelope.
 pub(crate) fn split_reader(
     mut reader: impl Read,
@@ -221,9 +218,8 @@ impl Scanner {
                     }
                 }
                 b'{' | b'[' => {
-                    if self.stack.len() >= MAX_DEPTH {
-                        return Err(syntax("nested too deeply"));
-                    }
+                    // No depth limit: the stack is a byte per level on the heap, and serde
+                    // skips deep unknown members (an entry's, the envelope's) without one.
                     let member = self.member.take();
                     self.stack.push(b);
                     if let (b'[', 2, Some(which)) = (b, self.stack.len(), member) {
