@@ -199,11 +199,6 @@ impl Conn {
         wire::encode_head(&mut self.write, method, target, headers, framing);
         let reused = self.reused;
         self.reused = true;
-        let give_back = |body: Outgoing, error: ConnError, sent: bool| Failed {
-            error,
-            body: Some(body),
-            sent,
-        };
         match body {
             Outgoing::Bytes(b) if b.len() <= INLINE_BODY => {
                 self.write.extend_from_slice(&b);
@@ -222,8 +217,11 @@ impl Conn {
                 if let Err(e) = wrote {
                     // Not a byte accepted: no upstream can have seen any of it. Once some
                     // went out, the upstream may have acted on the head alone.
-                    let untouched = written == 0;
-                    return Err(give_back(Outgoing::Bytes(b), e.into(), !untouched));
+                    return Err(Failed {
+                        error: e.into(),
+                        body: Some(Outgoing::Bytes(b)),
+                        sent: written > 0,
+                    });
                 }
                 let mut heard = false;
                 match read_head(&mut self.io, &mut self.read, method, upgrade, &mut heard).await {
@@ -240,23 +238,11 @@ impl Conn {
                     }
                 }
             }
-            Outgoing::Bytes(b) => self
-                .stream_exchange(method, upgrade, Upload::Full(b))
-                .await
-                .map_err(|(error, sent)| Failed {
-                    error,
-                    body: None,
-                    sent,
-                }),
+            Outgoing::Bytes(b) => self.stream_exchange(method, upgrade, Upload::Full(b)).await,
             Outgoing::Stream(s) => {
                 let chunked = framing == RequestFraming::Chunked;
-                self.stream_exchange(method, upgrade, Upload::Streamed { body: s, chunked })
-                    .await
-                    .map_err(|(error, sent)| Failed {
-                        error,
-                        body: None,
-                        sent,
-                    })
+                let upload = Upload::Streamed { body: s, chunked };
+                self.stream_exchange(method, upgrade, upload).await
             }
         }
     }
@@ -271,9 +257,15 @@ impl Conn {
         method: &Method,
         upgrade: bool,
         body: Upload,
-    ) -> Result<(Head, bool), (ConnError, bool)> {
+    ) -> Result<(Head, bool), Failed> {
+        // An upload may have been consumed: never given back to be sent again.
+        let failed = |error, sent| Failed {
+            error,
+            body: None,
+            sent,
+        };
         let Io::Whole(transport) = std::mem::replace(&mut self.io, Io::Gone) else {
-            return Err((ConnError::Io(not_writable()), false));
+            return Err(failed(ConnError::Io(not_writable()), false));
         };
         let (mut reader, mut writer) = tokio::io::split(transport);
         let head = std::mem::take(&mut self.write);
@@ -297,7 +289,7 @@ impl Conn {
                         let done = done.unwrap_or_else(|e| Err(ConnError::Io(std::io::Error::other(e))));
                         if let Err(ConnError::ClientBody(e)) = done {
                             // The client's body broke: the request cannot be completed upstream.
-                            return Err((ConnError::ClientBody(e), false));
+                            return Err(failed(ConnError::ClientBody(e), false));
                         }
                         sent = Some(done);
                     }
@@ -310,7 +302,7 @@ impl Conn {
             (Ok(head), Some(Err(_)) | None)
                 if head.status == http::StatusCode::SWITCHING_PROTOCOLS =>
             {
-                Err((WireError::UnaskedUpgrade.into(), true))
+                Err(failed(WireError::UnaskedUpgrade.into(), true))
             }
             (Ok(head), Some(Ok(writer))) => {
                 self.io = Io::Whole(reader.unsplit(writer));
@@ -332,9 +324,9 @@ impl Conn {
             }
             // The upstream's refusal to read on is often the real story.
             (Err(ConnError::Closed | ConnError::Io(_)), Some(Err(write_error))) => {
-                Err((write_error, true))
+                Err(failed(write_error, true))
             }
-            (Err(e), _) => Err((e, true)),
+            (Err(e), _) => Err(failed(e, true)),
         }
     }
 
