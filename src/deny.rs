@@ -15,6 +15,8 @@ pub enum DenyReason {
     InvalidPath(PathError),
     /// A request keygate will not interpret (smuggling shapes, several `Host`s): what is wrong.
     BadRequest(&'static str),
+    /// A request head over `proxy.max_header_bytes` or `proxy.max_headers`.
+    HeadTooLarge,
     AuthenticationRequired,
     EnvironmentMismatch,
     InvalidApiKey,
@@ -88,6 +90,7 @@ impl DenyReason {
         use DenyReason::*;
         match self {
             InvalidPath(_) | BadRequest(_) | IdempotencyKeyRequired => StatusCode::BAD_REQUEST,
+            HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             IdempotencyKeyInUse => StatusCode::CONFLICT,
             IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -109,7 +112,7 @@ impl DenyReason {
         use DenyReason::*;
         match self {
             InvalidPath(_) => "invalid_path",
-            BadRequest(_) => "invalid_request",
+            BadRequest(_) | HeadTooLarge => "invalid_request",
             AuthenticationRequired => "authentication_required",
             EnvironmentMismatch => "key_environment_mismatch",
             InvalidApiKey => "invalid_api_key",
@@ -139,6 +142,7 @@ impl DenyReason {
         match self {
             InvalidPath(_)
             | BadRequest(_)
+            | HeadTooLarge
             | IdempotencyKeyRequired
             | IdempotencyKeyInUse
             | IdempotencyKeyReused
@@ -162,6 +166,7 @@ impl DenyReason {
         match self {
             InvalidPath(e) => format!("The request path is not acceptable: {e}."),
             BadRequest(why) => format!("The request is malformed: {why}."),
+            HeadTooLarge => "The request's header section is larger than keygate accepts.".into(),
             AuthenticationRequired => "An API key is required: send it as 'Authorization: Bearer <key>' or in the API key header, once.".into(),
             EnvironmentMismatch => "The API key belongs to another environment.".into(),
             InvalidApiKey => "The API key is not valid.".into(),
@@ -252,6 +257,12 @@ mod tests {
             (
                 DenyReason::BadRequest("two Content-Length headers"),
                 400,
+                "invalid_request",
+                "invalid_request_error",
+            ),
+            (
+                DenyReason::HeadTooLarge,
+                431,
                 "invalid_request",
                 "invalid_request_error",
             ),

@@ -22,8 +22,10 @@
 //!   `snapshot::cache` (last good on disk), `snapshot::document` (entries by id, for sync).
 //! - [`sync`]: `keygate.sync.v1`: the hub (`sync::server`) and the follower (`sync::client`).
 //! - [`headers`]: hop-by-hop and identity header rules shared by the fronts.
-//! - [`proxy`]: the hyper reverse-proxy front; [`upstream`]: its HTTP/1.1 client (`wire`: the
-//!   bytes, strict on framing; `conn`: a connection driven by its request) and per-thread pool.
+//! - [`proxy`]: the reverse-proxy front; [`server`]: its HTTP/1.1 server side (`wire`: the
+//!   bytes, strict on framing; a connection driven by one task, the request body read from
+//!   it), hyper serving HTTP/2; [`upstream`]: its HTTP/1.1 client (`wire`: the bytes, strict
+//!   on framing; `conn`: a connection driven by its request) and per-thread pool.
 //! - [`tls`]: rustls for the listeners (certificates reloaded when their files change) and for
 //!   `https://` upstreams.
 //! - [`authz_http`]: the forward-auth front (Envoy `http_service`, nginx, Traefik).
@@ -59,6 +61,7 @@ pub mod ratelimit;
 pub mod referrer;
 pub mod request_id;
 pub mod routes;
+pub mod server;
 pub mod snapshot;
 pub mod sync;
 pub mod telemetry;

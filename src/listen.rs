@@ -357,8 +357,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let written = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = written {
-            self.moved += n as u64;
+        match written {
+            Poll::Ready(Ok(n)) => self.moved += n as u64,
+            // A client that stopped reading: the deadline holds for writes too.
+            Poll::Pending => {
+                if let Poll::Ready(e) = self.poll_expired(cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+            Poll::Ready(Err(_)) => {}
         }
         written
     }
@@ -377,8 +384,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = written {
-            self.moved += n as u64;
+        match written {
+            Poll::Ready(Ok(n)) => self.moved += n as u64,
+            Poll::Pending => {
+                if let Poll::Ready(e) = self.poll_expired(cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+            Poll::Ready(Err(_)) => {}
         }
         written
     }

@@ -23,7 +23,6 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
@@ -37,6 +36,7 @@ use crate::headers::{request_id_str, set_identity, strip_hop_and_identity, wants
 use crate::listen::{Activity, Tracked, Watched};
 use crate::path::normalize;
 use crate::request_id;
+use crate::server::{self, ClientBody};
 use crate::snapshot::SnapshotStore;
 use crate::telemetry::{ConnectionGuard, Connections, Front, Note, Record, Shard, Telemetry};
 use crate::tls::TlsServer;
@@ -143,39 +143,27 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) {
-    // The same settings for hyper's builders and for hyper-util `auto`'s: `auto` sniffs
-    // HTTP/1.1 or h2c on a plain connection; over TLS, the protocol ALPN agreed on is the only
-    // one served (`auto` cannot be held to one protocol when it also serves upgrades).
+    // HTTP/1.1 is keygate's own server; HTTP/2 (h2c with prior knowledge, or ALPN `h2` over
+    // TLS) is hyper's.
     let (p, r) = (&state.settings, &state.resources);
-    macro_rules! http1 {
-        ($b:expr) => {
-            $b.timer(TokioTimer::new())
-                .header_read_timeout(p.header_read_timeout)
-                .max_buf_size(p.max_header_bytes.max(8192))
-                .max_headers(p.max_headers)
-                .keep_alive(true)
-        };
-    }
-    macro_rules! http2 {
-        ($b:expr) => {
-            $b.timer(TokioTimer::new())
-                .max_header_list_size(p.max_header_bytes as u32)
-                .max_concurrent_streams(r.http2_max_concurrent_streams)
-                .max_pending_accept_reset_streams(r.http2_max_pending_accept_reset_streams)
-                .max_local_error_reset_streams(r.http2_max_local_error_reset_streams)
-                .keep_alive_interval(Some(r.http2_keep_alive_interval))
-                .keep_alive_timeout(r.http2_keep_alive_timeout)
-        };
-    }
-    let mut h1 = hyper::server::conn::http1::Builder::new();
-    http1!(h1);
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    http2!(h2);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    http1!(builder.http1());
-    http2!(builder.http2());
+    h2.timer(TokioTimer::new())
+        .max_header_list_size(p.max_header_bytes as u32)
+        .max_concurrent_streams(r.http2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(r.http2_max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(r.http2_max_local_error_reset_streams)
+        .keep_alive_interval(Some(r.http2_keep_alive_interval))
+        .keep_alive_timeout(r.http2_keep_alive_timeout);
+    let h1 = server::Settings {
+        header_read_timeout: p.header_read_timeout,
+        limits: server::wire::HeadLimits {
+            bytes: p.max_header_bytes,
+            fields: p.max_headers,
+        },
+    };
     let graceful = GracefulShutdown::new();
-    // True once the listener has stopped: the connections served by hand shut down gracefully.
+    // True once the listener has stopped: HTTP/1.1 connections finish the request in flight
+    // and close.
     let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     while let Some((stream, peer, open)) =
@@ -193,71 +181,78 @@ pub async fn serve(
             state.resources.idle_timeout,
         );
         let client = Arc::new(Peer::new(peer, tls.is_some(), activity, open));
-        let st = state.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let state = st.clone();
-            let client = client.clone();
-            // In flight until the response body has been sent (or dropped).
-            let busy = client.activity.busy();
-            async move {
-                let resp = handle(&state, &client, req).await;
-                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, busy)))
-            }
-        });
         let watcher = graceful.watcher();
-        let Some(tls) = tls else {
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            let conn = watcher.watch(conn.into_owned());
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, %peer, "proxy connection ended with an error");
-                }
-            });
-            continue;
-        };
-        // The handshake runs in the connection's task, bounded like the request head it
-        // precedes, so a slow client holds up no one.
-        let (h1, h2) = (h1.clone(), h2.clone());
-        let mut stopped = stopped_rx.clone();
+        let h2 = h2.clone();
+        let stopped = stopped_rx.clone();
+        let state = state.clone();
         let handshake = state.settings.header_read_timeout;
         tokio::spawn(async move {
-            let stream = match tls.accept(stream, handshake).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(error = %e, %peer, "proxy: TLS handshake failed");
-                    return;
+            let (io, read, http2): (server::Transport, _, _) = match tls {
+                None => {
+                    // h2c with prior knowledge starts with HTTP/2's preface; anything else is
+                    // HTTP/1.1.
+                    let mut stream = stream;
+                    let mut read = bytes::BytesMut::with_capacity(8192);
+                    let http2 = loop {
+                        match tokio::io::AsyncReadExt::read_buf(&mut stream, &mut read).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        if !server::wire::may_be_h2(&read) {
+                            break false;
+                        }
+                        if read.len() >= server::wire::H2_PREFACE.len() {
+                            break true;
+                        }
+                    };
+                    (Box::new(stream), read, http2)
+                }
+                Some(tls) => {
+                    // The handshake runs in the connection's task, bounded like the request
+                    // head it precedes, so a slow client holds up no one.
+                    let stream = match tls.accept(stream, handshake).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::debug!(error = %e, %peer, "proxy: TLS handshake failed");
+                            return;
+                        }
+                    };
+                    // keygate offers h2 and http/1.1; a client that offers neither speaks
+                    // HTTP/1.1.
+                    let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    (Box::new(stream), bytes::BytesMut::new(), http2)
                 }
             };
-            // keygate offers h2 and http/1.1; a client that offers neither speaks HTTP/1.1.
-            let io = TokioIo::new(stream);
-            let ended: Result<(), hyper::Error> =
-                if io.inner().get_ref().1.alpn_protocol() == Some(b"h2") {
-                    watcher.watch(h2.serve_connection(io, service)).await
-                } else {
-                    // hyper-util's graceful watch does not take an upgradeable HTTP/1.1
-                    // connection: the same, by hand (the drain waits for its place to be given
-                    // back, below).
-                    drop(watcher);
-                    let conn = h1.serve_connection(io, service).with_upgrades();
-                    tokio::pin!(conn);
-                    tokio::select! {
-                        ended = conn.as_mut() => ended,
-                        () = async { let _ = stopped.wait_for(|d| *d).await; } => {
-                            conn.as_mut().graceful_shutdown();
-                            conn.await
-                        }
-                    }
+            if !http2 {
+                drop(watcher);
+                let handler = H1 {
+                    state,
+                    peer: client,
                 };
-            if let Err(e) = ended {
+                return server::serve(io, read, handler, h1, stopped).await;
+            }
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                let client = client.clone();
+                // In flight until the response body has been sent (or dropped).
+                let busy = client.activity.busy();
+                async move {
+                    let resp = handle(&state, &client, req.map(ClientBody::H2)).await;
+                    Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, busy)))
+                }
+            });
+            let io = server::Upgraded::rewind(io, read.freeze());
+            let conn = h2.serve_connection(TokioIo::new(io), service);
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(error = %e, %peer, "proxy connection ended with an error");
             }
         });
     }
     drop(listener);
     stopped_tx.send_replace(true);
-    // HTTP connections first (each finishes its request, HTTP/2 ones get GOAWAY), then the
-    // upgraded tunnels, which hyper no longer tracks but which hold their connection's place:
-    // both get what is left of the drain.
+    // HTTP/2 connections get GOAWAY and finish their streams, HTTP/1.1 ones their request in
+    // flight; upgraded tunnels hold their connection's place: all get what is left of the
+    // drain.
     let drained = tokio::time::timeout(drain, async {
         graceful.shutdown().await;
         while state.connections.open() > 0 {
@@ -273,8 +268,48 @@ pub async fn serve(
     }
 }
 
+/// The proxy's HTTP/1.1 requests on one connection.
+struct H1 {
+    state: Arc<ProxyState>,
+    peer: Arc<Peer>,
+}
+
+impl server::Handler for H1 {
+    type Body = Tracked<ProxyBody>;
+
+    fn call(
+        &self,
+        req: Request<server::RequestBody>,
+    ) -> impl Future<Output = Response<Tracked<ProxyBody>>> + Send {
+        // In flight until the response body has been sent (or dropped).
+        let busy = self.peer.activity.busy();
+        async move {
+            let resp = handle(&self.state, &self.peer, req.map(ClientBody::H1)).await;
+            resp.map(|body| Tracked::new(body, busy))
+        }
+    }
+
+    fn refuse(&self, error: server::wire::HeadError) -> Response<Tracked<ProxyBody>> {
+        let reason = match error {
+            server::wire::HeadError::TooLarge => DenyReason::HeadTooLarge,
+            server::wire::HeadError::Fragment => {
+                DenyReason::InvalidPath(crate::path::PathError::Fragment)
+            }
+            server::wire::HeadError::Malformed(why) => DenyReason::BadRequest(why),
+        };
+        let mut record = Record::new(&self.state.shard);
+        let request_id = request_id::mint();
+        record.note.deny(&reason);
+        let resp = deny(&reason, &request_id, &self.state.names, true);
+        record.finish(resp.status().as_u16(), request_id_str(&request_id));
+        let mut busy = self.peer.activity.busy();
+        busy.answered();
+        resp.map(|body| Tracked::new(body, busy))
+    }
+}
+
 /// Shapes keygate refuses to interpret, because a server behind it might read them differently.
-fn smuggling_shape(req: &Request<Incoming>) -> Option<&'static str> {
+fn smuggling_shape(req: &Request<ClientBody>) -> Option<&'static str> {
     let h = req.headers();
     if h.get_all(header::CONTENT_LENGTH).iter().count() > 1 {
         return Some("more than one Content-Length header");
@@ -327,7 +362,7 @@ impl Peer {
 async fn handle(
     state: &ProxyState,
     peer: &Arc<Peer>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Response<ProxyBody> {
     let mut record = Record::new(&state.shard);
     let http1 = req.version() <= Version::HTTP_11;
@@ -357,7 +392,7 @@ struct Denied(usize);
 async fn answer(
     state: &ProxyState,
     peer: &Arc<Peer>,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     note: &mut Note,
 ) -> Response<ProxyBody> {
     let names = &*state.names;
@@ -446,7 +481,9 @@ async fn answer(
 
     // Build the upstream request in place: same method, body and (cleaned) headers.
     let upgrade = req.version() == Version::HTTP_11 && wants_upgrade(req.headers());
-    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let on_upgrade = upgrade
+        .then(|| req.extensions_mut().remove::<server::OnUpgrade>())
+        .flatten();
     let (mut parts, body) = req.into_parts();
     let Some(uri) = upstream_uri(&parts.uri, path.as_str()) else {
         return deny(
@@ -597,9 +634,8 @@ async fn answer(
                 let _tunnel = tunnel;
                 match (client_side.await, upstream_side) {
                     (Ok(client), Some(mut upstream)) => {
-                        let _ =
-                            tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut upstream)
-                                .await;
+                        let mut client = client;
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
                     }
                     (Err(e), _) => tracing::debug!(error = %e, "upgrade failed"),
                     (Ok(_), None) => {}
@@ -620,7 +656,7 @@ async fn answer(
 
 /// Read a request body whole, refusing one over `max` bytes (by its Content-Length at once).
 async fn read_request_body(
-    body: Incoming,
+    body: ClientBody,
     declared: Option<&HeaderValue>,
     max: usize,
 ) -> Result<Bytes, DenyReason> {
@@ -760,7 +796,7 @@ fn upstream_uri(received: &Uri, path: &str) -> Option<Uri> {
 }
 
 /// The host the client addressed: the URI's authority (HTTP/2, absolute-form) or `Host`.
-fn host_of(req: &Request<Incoming>) -> Option<HeaderValue> {
+fn host_of(req: &Request<ClientBody>) -> Option<HeaderValue> {
     match req.uri().authority() {
         Some(a) => HeaderValue::from_str(a.as_str()).ok(),
         None => req.headers().get(header::HOST).cloned(),

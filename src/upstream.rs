@@ -23,10 +23,10 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::server::ClientBody;
 use bytes::Bytes;
 use http::{header, request, Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
@@ -185,7 +185,7 @@ impl Upstream {
     /// Send `req` and return the response head; the body streams from the connection.
     pub async fn send(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         // A request without a body and with a method that is safe to repeat (RFC 9110 §9.2.2)
         // can be sent again when a reused connection turns out to be closed: an upstream that

@@ -744,8 +744,8 @@ async fn absolute_form_is_forwarded_in_origin_form_with_its_authority_as_host() 
     f.gate.stop().await;
 }
 
-/// hyper's URI parser drops a raw `#fragment` before keygate sees the request, so whatever
-/// keygate decides, it must decide on exactly the path it forwards.
+/// A raw `#fragment` is refused (`invalid_path`); were it ever let through, keygate must decide
+/// on exactly the path it forwards.
 #[tokio::test]
 async fn raw_fragment_cannot_split_decision_from_forwarded_path() {
     let f = fx("").await;
@@ -768,9 +768,6 @@ async fn raw_fragment_cannot_split_decision_from_forwarded_path() {
 }
 
 #[tokio::test]
-#[ignore = "contract: DESIGN.md says a `#` fragment is 400 invalid_path, but hyper's URI parser \
-            truncates the target at a raw `#` before keygate sees it (keygate answers 200 and \
-            forwards the part before `#`, so decision and forward still agree)"]
 async fn raw_fragment_is_invalid_path() {
     let f = fx("").await;
     check_target(&f, "GET", "/v1/analyses/1#frag", &f.full, &BAD).await;
@@ -1031,9 +1028,6 @@ async fn content_length_and_chunked_together_never_smuggle() {
 }
 
 #[tokio::test]
-#[ignore = "contract: CL + TE should be 400 (DESIGN/brief), but hyper drops Content-Length when \
-            Transfer-Encoding is present (and closes after the response), so \
-            proxy::smuggling_shape never sees both; keygate forwards one chunked request"]
 async fn content_length_and_chunked_together_is_400() {
     let f = fx("").await;
     let mut r = req(
@@ -1085,9 +1079,6 @@ async fn repeated_content_length_never_smuggles() {
 }
 
 #[tokio::test]
-#[ignore = "contract: two equal Content-Length headers should be 400 (brief), but hyper keeps \
-            only the first, so proxy::smuggling_shape never sees two; keygate forwards the \
-            request with one Content-Length"]
 async fn repeated_equal_content_length_is_400() {
     let f = fx("").await;
     let mut r = req(

@@ -8,10 +8,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::server::ClientBody;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 
 use super::wire::{self, Chunked, Decoded, Framing, Head, RequestFraming, WireError};
@@ -109,13 +109,13 @@ pub enum ConnError {
     #[error("the upstream closed the connection in the middle of the response body")]
     Incomplete,
     #[error("the client's request body failed: {0}")]
-    ClientBody(hyper::Error),
+    ClientBody(crate::server::ClientBodyError),
 }
 
 /// A request body on its way up: in memory (resendable), or streaming from the client.
 pub enum Outgoing {
     Bytes(Bytes),
-    Stream(Incoming),
+    Stream(ClientBody),
 }
 
 /// An exchange that got no answer. `body` is given back when the request can be sent again
@@ -384,7 +384,7 @@ enum Upload {
     /// A large body already in memory.
     Full(Bytes),
     /// The client's body, forwarded as it arrives, with its length or chunked.
-    Streamed { body: Incoming, chunked: bool },
+    Streamed { body: ClientBody, chunked: bool },
 }
 
 impl Upload {

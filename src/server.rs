@@ -1,0 +1,643 @@
+//! keygate's own HTTP/1.1 server connection, for the proxy front: one task per connection
+//! reads a request head, hands the request to the front's [`Handler`], writes the answer, and
+//! reads the next head. No channel and no second task between the connection and its request:
+//! the request body reads from the connection itself ([`RequestBody`]).
+//!
+//! What it owes the client, and never leaves to chance:
+//! - a request framed ambiguously (see [`wire`]) or a head over the configured limits is
+//!   answered by the front's refusal (400 or 431, the contract's JSON) and the connection
+//!   closes; nothing after such a head is read as a request;
+//! - a head must arrive whole within `header_read_timeout` of the connection being ready for
+//!   it (between requests too), or the connection closes;
+//! - a body the front did not read is drained when it is small and already on its way
+//!   (`Content-Length` up to [`DRAIN_MAX`], no `100 Continue` owed); otherwise the answer says
+//!   `Connection: close` and the connection closes after it, so the body is never read as the
+//!   next request;
+//! - `Expect: 100-continue` is answered when the front first reads the body, so a denied
+//!   request's body is never asked for;
+//! - the answer's framing is keygate's: its own `Content-Length` or chunking, whatever length
+//!   fields the answer carried (HEAD and 304 answers keep theirs, since they describe a body
+//!   not sent);
+//! - a client that goes away mid-answer (end of stream or reset) ends the exchange at once,
+//!   which drops the upstream's side too.
+
+mod body;
+pub mod wire;
+
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{header, Method, Request, Response, StatusCode, Version};
+use http_body::Body;
+use tokio::io::AsyncWrite;
+
+pub use body::{BodyError, OnUpgrade, RequestBody, Stream, Transport, Upgraded};
+use body::{BodyState, Continue, Shared};
+use wire::{BodyFraming, HeadError, HeadLimits, Persistence, ResponseFraming};
+
+/// A request body that is still unread when its answer has been written is read and dropped
+/// when it is at most this long, so the connection can carry the next request.
+pub const DRAIN_MAX: u64 = 64 * 1024;
+/// Answer bytes gathered before they are written: one write for a head and a small body.
+const WRITE_AT: usize = 16 * 1024;
+/// After a refusal, how long (and how much) the client's unread bytes are read and dropped
+/// before the connection closes: closing with them unread would reset the connection, and the
+/// client could lose the refusal.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// What a front does with the requests of a connection.
+pub trait Handler: Send + Sync + 'static {
+    type Body: Body<Data = Bytes, Error: std::fmt::Display> + Send + Unpin + 'static;
+
+    fn call(&self, req: Request<RequestBody>) -> impl Future<Output = Response<Self::Body>> + Send;
+
+    /// The answer to a request whose head could not be taken (the connection closes after it).
+    fn refuse(&self, error: HeadError) -> Response<Self::Body>;
+}
+
+/// A connection's settings, from `[proxy]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub header_read_timeout: Duration,
+    pub limits: HeadLimits,
+}
+
+/// Serve HTTP/1.1 on `io` until the client closes, a request or answer ends the connection,
+/// or `stopped` turns true (the request in flight is answered first). `read` holds bytes
+/// already read from `io` (the start of the first request).
+pub async fn serve<H: Handler>(
+    io: Transport,
+    read: BytesMut,
+    handler: H,
+    settings: Settings,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let shared = Shared::new(io, read);
+    let shutting_down = stopped.clone();
+    let mut conn = Conn {
+        shared: &shared,
+        out: Vec::with_capacity(4096),
+        scratch: Vec::new(),
+        settings,
+    };
+    let stop = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let mut stop = std::pin::pin!(stop);
+    let mut stopping = false;
+    let timer = tokio::time::sleep(settings.header_read_timeout);
+    let mut timer = std::pin::pin!(timer);
+    loop {
+        timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + settings.header_read_timeout);
+        let next = conn
+            .next_head(timer.as_mut(), stop.as_mut(), &mut stopping)
+            .await;
+        let head = match next {
+            Next::Head(head) => head,
+            Next::Close => return conn.close(false).await,
+            Next::Refuse(error) => {
+                let resp = handler.refuse(error);
+                let _ = conn.respond(resp, &Method::GET, true, false, false).await;
+                return conn.close(true).await;
+            }
+        };
+        let mut request = head.request.map(|()| RequestBody::empty());
+        let seq = {
+            let mut inner = shared.lock();
+            inner.seq += 1;
+            inner.expect = Continue::NotExpected;
+            let seq = inner.seq;
+            let (state, length) = match head.framing {
+                BodyFraming::Empty => (BodyState::Done, Some(0)),
+                BodyFraming::Length(n) => (BodyState::Length(n), Some(n)),
+                BodyFraming::Chunked => (BodyState::Chunked(Default::default()), None),
+            };
+            if head.framing != BodyFraming::Empty {
+                *request.body_mut() = RequestBody::new(shared.clone(), seq, length);
+                if head.expect_continue {
+                    inner.expect = Continue::Expected;
+                }
+            }
+            inner.body = state;
+            seq
+        };
+        let upgrade = (request.version() == Version::HTTP_11
+            && request.headers().contains_key(header::UPGRADE))
+        .then(|| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let rx = Arc::new(std::sync::Mutex::new(Some(rx)));
+            request.extensions_mut().insert(OnUpgrade(rx));
+            tx
+        });
+        let method = request.method().clone();
+        let http10 = request.version() == Version::HTTP_10;
+        let keep_alive = head.keep_alive && !stopping;
+
+        let call = handler.call(request);
+        let resp = if head.expect_continue {
+            match conn.answer_expecting_continue(call).await {
+                Some(resp) => resp,
+                None => return,
+            }
+        } else {
+            call.await
+        };
+        let close = !keep_alive || *shutting_down.borrow();
+        let written = conn
+            .respond(resp, &method, close, http10, upgrade.is_some())
+            .await;
+        let keep = match written {
+            Ok(Written::KeepAlive) => true,
+            Ok(Written::Close) => false,
+            Ok(Written::Switched) => {
+                let taken = {
+                    let mut inner = shared.lock();
+                    inner.seq += 1;
+                    inner.io.take().map(|io| Upgraded {
+                        io,
+                        pending: inner.buf.split().freeze(),
+                    })
+                };
+                if let (Some(tx), Some(upgraded)) = (upgrade, taken) {
+                    let _ = tx.send(upgraded);
+                }
+                return;
+            }
+            Err(Abort) => return,
+        };
+        if !keep || !conn.finish_body(seq, timer.as_mut()).await {
+            return conn.close(true).await;
+        }
+    }
+}
+
+/// What came of waiting for a request head (one per request, moved once: its size does not
+/// matter).
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    Head(wire::RequestHead),
+    Refuse(HeadError),
+    /// The client closed, went silent past the timeout, or keygate is shutting down.
+    Close,
+}
+
+/// How an answer left the connection.
+enum Written {
+    KeepAlive,
+    Close,
+    /// A 101 went out: the connection is the client's tunnel now.
+    Switched,
+}
+
+/// The connection cannot go on (the client went away, the answer broke off).
+struct Abort;
+
+struct Conn<'a> {
+    shared: &'a Arc<Shared>,
+    /// The answer being written.
+    out: Vec<u8>,
+    scratch: Vec<wire::Field>,
+    settings: Settings,
+}
+
+impl Conn<'_> {
+    async fn next_head(
+        &mut self,
+        mut timer: Pin<&mut tokio::time::Sleep>,
+        mut stop: Pin<&mut impl Future<Output = ()>>,
+        stopping: &mut bool,
+    ) -> Next {
+        let limits = self.settings.limits;
+        poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            loop {
+                if !inner.buf.is_empty() {
+                    match wire::parse_request(&mut inner.buf, limits, &mut self.scratch) {
+                        Ok(Some(head)) => return Poll::Ready(Next::Head(head)),
+                        Ok(None) => {}
+                        Err(e) => return Poll::Ready(Next::Refuse(e)),
+                    }
+                }
+                if !*stopping && stop.as_mut().poll(cx).is_ready() {
+                    *stopping = true;
+                }
+                // Shutting down: a request already begun is still taken, none is waited for.
+                if *stopping && inner.buf.is_empty() {
+                    return Poll::Ready(Next::Close);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Next::Close);
+                }
+                match std::task::ready!(inner.poll_fill(cx)) {
+                    Ok(0) | Err(_) => return Poll::Ready(Next::Close),
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+    }
+
+    /// Poll the answer, sending `100 Continue` when the front reads the body. `None`: the
+    /// interim answer could not be written.
+    async fn answer_expecting_continue<B>(
+        &mut self,
+        call: impl Future<Output = Response<B>>,
+    ) -> Option<Response<B>> {
+        let mut call = std::pin::pin!(call);
+        loop {
+            let polled = poll_fn(|cx| {
+                if let Poll::Ready(resp) = call.as_mut().poll(cx) {
+                    return Poll::Ready(Some(resp));
+                }
+                let mut inner = self.shared.lock();
+                match inner.expect {
+                    Continue::Wanted => Poll::Ready(None),
+                    Continue::Expected => {
+                        inner.conn_waker = Some(cx.waker().clone());
+                        Poll::Pending
+                    }
+                    Continue::NotExpected | Continue::Sent => Poll::Pending,
+                }
+            })
+            .await;
+            if let Some(resp) = polled {
+                self.shared.lock().conn_waker = None;
+                return Some(resp);
+            }
+            self.shared.lock().expect = Continue::Sent;
+            if self.write_all(wire::CONTINUE).await.is_err() || self.flush().await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Write `resp`. `close`: the connection ends after it whatever else is said; `upgrade`:
+    /// the request asked to switch protocols.
+    async fn respond<B>(
+        &mut self,
+        resp: Response<B>,
+        method: &Method,
+        close: bool,
+        http10: bool,
+        upgrade: bool,
+    ) -> Result<Written, Abort>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let (parts, mut body) = resp.into_parts();
+        let status = parts.status;
+        let switch = status == StatusCode::SWITCHING_PROTOCOLS && upgrade;
+        let framing = if switch {
+            ResponseFraming::NoBody { keep_length: false }
+        } else if *method == Method::HEAD || status == StatusCode::NOT_MODIFIED {
+            ResponseFraming::NoBody { keep_length: true }
+        } else if status.is_informational() || status == StatusCode::NO_CONTENT {
+            ResponseFraming::NoBody { keep_length: false }
+        } else if let Some(n) = body.size_hint().exact() {
+            ResponseFraming::Length(n)
+        } else if http10 {
+            ResponseFraming::UntilClose
+        } else {
+            ResponseFraming::Chunked
+        };
+        let said_close = parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        let close = close
+            || said_close
+            || framing == ResponseFraming::UntilClose
+            || (status.is_informational() && !switch)
+            || !self.body_drainable();
+        let persistence = if switch {
+            Persistence::Upgrade
+        } else if close {
+            Persistence::Close
+        } else if http10 {
+            Persistence::KeepAlive
+        } else {
+            Persistence::Default
+        };
+        self.out.clear();
+        wire::encode_response_head(
+            &mut self.out,
+            status,
+            &parts.headers,
+            framing,
+            persistence,
+            &wire::date(),
+        );
+        drop(parts);
+        let chunked = framing == ResponseFraming::Chunked;
+        let mut left = match framing {
+            ResponseFraming::NoBody { .. } => {
+                // An upstream's empty body gives its connection back to the pool when it is
+                // seen to end.
+                let _ = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+                drop(body);
+                self.write_out().await?;
+                return Ok(if switch {
+                    Written::Switched
+                } else if close {
+                    Written::Close
+                } else {
+                    Written::KeepAlive
+                });
+            }
+            ResponseFraming::Length(n) => n,
+            ResponseFraming::Chunked | ResponseFraming::UntilClose => u64::MAX,
+        };
+        let mut trailers = None;
+        loop {
+            let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => {
+                    // Nothing more yet: what is gathered goes out now.
+                    self.write_out().await?;
+                    self.wait_frame(&mut body).await?
+                }
+            };
+            match frame {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "the answer's body failed; closing the connection");
+                    return Err(Abort);
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        if data.is_empty() {
+                            continue;
+                        }
+                        let n = data.len() as u64;
+                        if !chunked && n > left {
+                            tracing::debug!("the answer's body is longer than it said");
+                            return Err(Abort);
+                        }
+                        left -= n;
+                        if chunked {
+                            wire::encode_chunk_size(&mut self.out, data.len());
+                        }
+                        if data.len() >= WRITE_AT {
+                            self.write_out().await?;
+                            self.write_all(&data).await.map_err(|_| Abort)?;
+                        } else {
+                            self.out.extend_from_slice(&data);
+                        }
+                        if chunked {
+                            self.out.extend_from_slice(b"\r\n");
+                        }
+                        if self.out.len() >= WRITE_AT {
+                            self.write_out().await?;
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(t) = frame.into_trailers() {
+                            trailers = Some(t);
+                        }
+                    }
+                },
+            }
+        }
+        drop(body);
+        match framing {
+            ResponseFraming::Length(_) if left != 0 => {
+                tracing::debug!("the answer's body is shorter than it said");
+                return Err(Abort);
+            }
+            ResponseFraming::Chunked => {
+                let trailers = trailers.map(|mut t| {
+                    crate::headers::strip_hop_and_identity(&mut t, None, false);
+                    t
+                });
+                wire::encode_last_chunk(&mut self.out, trailers.as_ref());
+            }
+            _ => {}
+        }
+        self.write_out().await?;
+        Ok(if close {
+            Written::Close
+        } else {
+            Written::KeepAlive
+        })
+    }
+
+    /// Whether the request body, if unread when the answer is ready, may be drained.
+    fn body_drainable(&self) -> bool {
+        let inner = self.shared.lock();
+        match inner.body {
+            BodyState::Done => true,
+            BodyState::Length(n) => {
+                n <= DRAIN_MAX && matches!(inner.expect, Continue::NotExpected | Continue::Sent)
+            }
+            BodyState::Chunked(_) | BodyState::Failed => false,
+        }
+    }
+
+    /// Wait for the answer's next frame; meanwhile, once the request body is in, watch the
+    /// client's side: its end of stream or a reset ends the exchange (as does the connection
+    /// going unused past `limits.idle_timeout`, which reads report).
+    async fn wait_frame<B>(
+        &mut self,
+        body: &mut B,
+    ) -> Result<Option<Result<http_body::Frame<Bytes>, B::Error>>, Abort>
+    where
+        B: Body<Data = Bytes> + Unpin,
+    {
+        let limit = self.settings.limits.bytes;
+        poll_fn(|cx| {
+            if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
+                return Poll::Ready(Ok(frame));
+            }
+            let mut inner = self.shared.lock();
+            // Pipelined bytes are kept (up to a head's worth) for the next request.
+            while matches!(inner.body, BodyState::Done) && inner.buf.len() < limit {
+                match std::task::ready!(inner.poll_fill(cx)) {
+                    Ok(0) | Err(_) => return Poll::Ready(Err(Abort)),
+                    Ok(_) => {}
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// After an answer on a connection that goes on: the request body, if unread, is read and
+    /// dropped (it was found drainable). `false` if that failed.
+    async fn finish_body(&mut self, seq: u64, mut timer: Pin<&mut tokio::time::Sleep>) -> bool {
+        {
+            let mut inner = self.shared.lock();
+            if inner.seq != seq {
+                return false;
+            }
+            // The body (in a task that may still run) can no longer read.
+            inner.seq += 1;
+            if matches!(inner.body, BodyState::Done) {
+                return true;
+            }
+        }
+        timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + self.settings.header_read_timeout);
+        poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            loop {
+                let left = match inner.body {
+                    BodyState::Done => return Poll::Ready(true),
+                    BodyState::Length(n) => n,
+                    BodyState::Chunked(_) | BodyState::Failed => return Poll::Ready(false),
+                };
+                let take = usize::try_from(left)
+                    .unwrap_or(usize::MAX)
+                    .min(inner.buf.len());
+                let _ = inner.buf.split_to(take);
+                let left = left - take as u64;
+                inner.body = if left == 0 {
+                    BodyState::Done
+                } else {
+                    BodyState::Length(left)
+                };
+                if left == 0 {
+                    return Poll::Ready(true);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(false);
+                }
+                match std::task::ready!(inner.poll_fill(cx)) {
+                    Ok(0) | Err(_) => return Poll::Ready(false),
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+    }
+
+    async fn write_out(&mut self) -> Result<(), Abort> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let out = std::mem::take(&mut self.out);
+        let wrote = match self.write_all(&out).await {
+            Ok(()) => self.flush().await,
+            Err(e) => Err(e),
+        };
+        self.out = out;
+        self.out.clear();
+        wrote.map_err(|_| Abort)
+    }
+
+    async fn write_all(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut written = 0;
+        while written < bytes.len() {
+            let n = poll_fn(|cx| {
+                let mut inner = self.shared.lock();
+                let Some(io) = inner.io.as_mut() else {
+                    return Poll::Ready(Err(std::io::ErrorKind::NotConnected.into()));
+                };
+                Pin::new(io).poll_write(cx, &bytes[written..])
+            })
+            .await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            written += n;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> std::io::Result<()> {
+        poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            match inner.io.as_mut() {
+                Some(io) => Pin::new(io).poll_flush(cx),
+                None => Poll::Ready(Ok(())),
+            }
+        })
+        .await
+    }
+
+    /// End the connection: the write side first (the client sees the end of the answer), then,
+    /// with `linger`, what the client still sends is read and dropped for a moment, so that
+    /// closing with bytes unread does not reset the connection under the last answer.
+    async fn close(self, linger: bool) {
+        let shut = poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            match inner.io.as_mut() {
+                Some(io) => Pin::new(io).poll_shutdown(cx),
+                None => Poll::Ready(Ok(())),
+            }
+        });
+        if tokio::time::timeout(LINGER, shut).await.is_err() || !linger {
+            return;
+        }
+        let mut dropped = 0;
+        let drain = poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            loop {
+                inner.buf.clear();
+                match std::task::ready!(inner.poll_fill(cx)) {
+                    Ok(0) | Err(_) => return Poll::Ready(()),
+                    Ok(n) => {
+                        dropped += n;
+                        if dropped > LINGER_BYTES {
+                            return Poll::Ready(());
+                        }
+                    }
+                }
+            }
+        });
+        let _ = tokio::time::timeout(LINGER, drain).await;
+    }
+}
+
+/// A proxied request's body, read by keygate's HTTP/1.1 server or by hyper's HTTP/2 one.
+pub enum ClientBody {
+    H1(RequestBody),
+    H2(hyper::body::Incoming),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    #[error(transparent)]
+    H1(#[from] BodyError),
+    #[error(transparent)]
+    H2(#[from] hyper::Error),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, ClientBodyError>>> {
+        match self.get_mut() {
+            ClientBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ClientBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::H1(b) => b.is_end_stream(),
+            ClientBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            ClientBody::H1(b) => b.size_hint(),
+            ClientBody::H2(b) => b.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! HTTP/1.1 from the client, as bytes (RFC 9112): the request head read and its body's framing
+//! decided, the response head written. Pure: no I/O.
+//!
+//! Strict where two readers could disagree: a request framed both by `Content-Length` and
+//! `Transfer-Encoding`, with two `Content-Length` fields (equal or not), a transfer coding
+//! other than a lone `chunked`, or `Transfer-Encoding` in HTTP/1.0 is refused, never guessed
+//! at. A server behind keygate, or a proxy in front of it, might read such a request the other
+//! way, and the bytes one of them takes for a body would be another request to the other.
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Uri, Version};
+
+/// Most header fields httparse is given room for: `proxy.max_headers`' upper bound.
+pub const MAX_FIELDS: usize = 1000;
+/// Fields a request gains on its way up (identity, forwarding, request id, host): the header
+/// map is made with this much room, so adding them does not grow it.
+const ROOM_TO_ADD: usize = 24;
+
+/// Limits on a request head (`proxy.max_header_bytes`, `proxy.max_headers`).
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLimits {
+    pub bytes: usize,
+    pub fields: usize,
+}
+
+/// What is wrong with a request head. Never quotes it: it may carry a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    /// Over `proxy.max_header_bytes` or `proxy.max_headers`: 431.
+    #[error("the request's header section is too large")]
+    TooLarge,
+    /// A raw `#` in the request target: a fragment is never sent to a server, and parsers
+    /// disagree on whether it ends the path (the contract's `invalid_path`).
+    #[error("the request target contains '#'")]
+    Fragment,
+    /// Anything else: 400.
+    #[error("{0}")]
+    Malformed(&'static str),
+}
+
+/// How the request's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// No body: neither `Content-Length` nor `Transfer-Encoding`, or a length of 0.
+    Empty,
+    Length(u64),
+    Chunked,
+}
+
+/// A request head, with what the connection needs to know about it.
+#[derive(Debug)]
+pub struct RequestHead {
+    pub request: Request<()>,
+    pub framing: BodyFraming,
+    /// The client lets the connection carry another request after this one.
+    pub keep_alive: bool,
+    /// `Expect: 100-continue`: the client waits for an interim answer before sending the body.
+    pub expect_continue: bool,
+}
+
+/// Parse a request head from the front of `buf`, consuming it. `Ok(None)`: incomplete, read
+/// more (nothing is consumed). Empty lines before the request line are skipped (RFC 9112
+/// §2.2). `scratch` is the connection's, kept between requests so that no request allocates
+/// it.
+pub fn parse_request(
+    buf: &mut BytesMut,
+    limits: HeadLimits,
+    scratch: &mut Vec<Field>,
+) -> Result<Option<RequestHead>, HeadError> {
+    let fields_room = limits.fields.min(MAX_FIELDS);
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+    let mut request = httparse::Request::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut request,
+        buf,
+        &mut fields[..fields_room],
+    );
+    let len = match parsed {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > limits.bytes => {
+            return Err(HeadError::TooLarge)
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(httparse::Error::Version) => {
+            return Err(HeadError::Malformed(
+                "an HTTP version other than 1.0 or 1.1",
+            ))
+        }
+        Err(_) => return Err(HeadError::Malformed("the request head is malformed")),
+    };
+    if len > limits.bytes {
+        return Err(HeadError::TooLarge);
+    }
+    let version = match request.version {
+        Some(1) => Version::HTTP_11,
+        Some(0) => Version::HTTP_10,
+        _ => {
+            return Err(HeadError::Malformed(
+                "an HTTP version other than 1.0 or 1.1",
+            ))
+        }
+    };
+    let (Some(method), Some(target)) = (request.method, request.path) else {
+        return Err(HeadError::Malformed("the request line is malformed"));
+    };
+    let method = Method::from_bytes(method.as_bytes())
+        .map_err(|_| HeadError::Malformed("the method is malformed"))?;
+    // Where the target and each field are, so that they can share the head's bytes once it is
+    // split off the buffer.
+    let base = buf.as_ptr() as usize;
+    let target = offset(target.as_bytes(), base);
+    let count = request.headers.len();
+    scratch.clear();
+    scratch.extend(request.headers.iter().map(|h| Field {
+        name: offset(h.name.as_bytes(), base),
+        value: offset(h.value, base),
+    }));
+    let head = buf.split_to(len).freeze();
+    let at = &scratch[..];
+
+    if head[range(target)].contains(&b'#') {
+        return Err(HeadError::Fragment);
+    }
+    let uri = Uri::from_maybe_shared(head.slice(range(target)))
+        .map_err(|_| HeadError::Malformed("the request target is malformed"))?;
+    let framing = framing(version, &head, at)?;
+    let mut headers = HeaderMap::with_capacity(count + ROOM_TO_ADD);
+    let (mut close, mut keep_alive, mut expect_continue) = (false, false, false);
+    for f in at {
+        let name = HeaderName::from_bytes(&head[f.name()])
+            .map_err(|_| HeadError::Malformed("a header name is malformed"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(f.value()))
+            .map_err(|_| HeadError::Malformed("a header value is malformed"))?;
+        if name == header::CONNECTION {
+            for token in value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+            {
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name == header::EXPECT {
+            expect_continue |= value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+        }
+        headers.append(name, value);
+    }
+    // HTTP/1.1 keeps the connection unless told otherwise; HTTP/1.0 only when asked to.
+    let keep_alive = !close && (version == Version::HTTP_11 || keep_alive);
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    Ok(Some(RequestHead {
+        request,
+        framing,
+        keep_alive,
+        expect_continue: expect_continue && version == Version::HTTP_11,
+    }))
+}
+
+/// A header field's name and value as places in its head (start, end).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Field {
+    name: (u32, u32),
+    value: (u32, u32),
+}
+
+impl Field {
+    fn name(&self) -> Range<usize> {
+        range(self.name)
+    }
+
+    fn value(&self) -> Range<usize> {
+        range(self.value)
+    }
+}
+
+fn range((start, end): (u32, u32)) -> Range<usize> {
+    start as usize..end as usize
+}
+
+/// `part`'s place in the buffer starting at address `base` (`part` lies inside it; a head is
+/// far below 4 GiB).
+fn offset(part: &[u8], base: usize) -> (u32, u32) {
+    let start = part.as_ptr() as usize - base;
+    (start as u32, (start + part.len()) as u32)
+}
+
+/// RFC 9112 §6.3 for requests, refusing every case where two readers could disagree on where
+/// the body ends.
+fn framing(version: Version, head: &[u8], fields: &[Field]) -> Result<BodyFraming, HeadError> {
+    let named = |name: &'static [u8]| {
+        fields
+            .iter()
+            .filter(move |f| head[f.name()].eq_ignore_ascii_case(name))
+            .map(|f| &head[f.value()])
+    };
+    let mut codings = named(b"transfer-encoding");
+    let mut lengths = named(b"content-length");
+    let length = lengths.next();
+    if let Some(coding) = codings.next() {
+        if length.is_some() {
+            return Err(HeadError::Malformed(
+                "both Transfer-Encoding and Content-Length",
+            ));
+        }
+        if version == Version::HTTP_10 {
+            return Err(HeadError::Malformed(
+                "Transfer-Encoding in an HTTP/1.0 request",
+            ));
+        }
+        if codings.next().is_some() || !coding.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            return Err(HeadError::Malformed("a transfer coding other than chunked"));
+        }
+        return Ok(BodyFraming::Chunked);
+    }
+    match length {
+        None => Ok(BodyFraming::Empty),
+        Some(_) if lengths.next().is_some() => {
+            Err(HeadError::Malformed("more than one Content-Length header"))
+        }
+        Some(digits) => {
+            if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+                return Err(HeadError::Malformed(
+                    "a Content-Length that is not a number",
+                ));
+            }
+            let n = digits
+                .iter()
+                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            Ok(if n == 0 {
+                BodyFraming::Empty
+            } else {
+                BodyFraming::Length(n)
+            })
+        }
+    }
+}
+
+/// How a response body goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFraming {
+    /// No body. `keep_length`: the answer's own `Content-Length` is written as it is (HEAD
+    /// and 304 answers describe the body a GET would get).
+    NoBody {
+        keep_length: bool,
+    },
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (an HTTP/1.0 client, a body of unknown length).
+    UntilClose,
+}
+
+/// What the response says about the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persistence {
+    /// HTTP/1.1's default: nothing said.
+    Default,
+    /// `Connection: keep-alive`, for an HTTP/1.0 client that asked for it.
+    KeepAlive,
+    /// `Connection: close`.
+    Close,
+    /// A switch of protocols: the answer's own `Connection` and `Upgrade` fields go as they are.
+    Upgrade,
+}
+
+/// Write the status line, `headers` (without framing or connection fields, which `framing`
+/// and `persistence` decide), a `Date` when the answer has none, and the blank line.
+pub fn encode_response_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    framing: ResponseFraming,
+    persistence: Persistence,
+    date: &[u8],
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let keep_length = matches!(framing, ResponseFraming::NoBody { keep_length: true });
+    let upgrade = persistence == Persistence::Upgrade;
+    for (name, value) in headers {
+        let skip = (*name == header::CONTENT_LENGTH && !keep_length)
+            || *name == header::TRANSFER_ENCODING
+            || (!upgrade && (*name == header::CONNECTION || name.as_str() == "keep-alive"));
+        if skip {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(date);
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        ResponseFraming::Length(n) => {
+            use std::io::Write;
+            let _ = write!(out, "content-length: {n}\r\n");
+        }
+        ResponseFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        ResponseFraming::NoBody { .. } | ResponseFraming::UntilClose => {}
+    }
+    match persistence {
+        Persistence::Default | Persistence::Upgrade => {}
+        Persistence::KeepAlive => out.extend_from_slice(b"connection: keep-alive\r\n"),
+        Persistence::Close => out.extend_from_slice(b"connection: close\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The chunk framing before `len` bytes of data.
+pub fn encode_chunk_size(out: &mut Vec<u8>, len: usize) {
+    use std::io::Write;
+    let _ = write!(out, "{len:x}\r\n");
+}
+
+/// The last chunk and `trailers` (request-side fields such as hop-by-hop ones are the
+/// caller's to leave out), ending a chunked body.
+pub fn encode_last_chunk(out: &mut Vec<u8>, trailers: Option<&HeaderMap>) {
+    out.extend_from_slice(b"0\r\n");
+    for (name, value) in trailers.into_iter().flatten() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The interim answer to `Expect: 100-continue`.
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// The HTTP/2 connection preface: a client speaking h2c with prior knowledge starts with it.
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether `bytes`, the start of a connection, is (so far) the HTTP/2 preface.
+pub fn may_be_h2(bytes: &[u8]) -> bool {
+    let n = bytes.len().min(H2_PREFACE.len());
+    bytes[..n] == H2_PREFACE[..n]
+}
+
+/// The `Date` field's value for the current second, formatted once per second per thread.
+pub fn date() -> Bytes {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static CACHED: RefCell<(u64, Bytes)> = const { RefCell::new((u64::MAX, Bytes::new())) };
+    }
+    let now = SystemTime::now();
+    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != second {
+            *c = (second, Bytes::from(httpdate::fmt_http_date(now)));
+        }
+        c.1.clone()
+    })
+}
+
+#[cfg(test)]
+mod tests;
