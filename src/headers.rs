@@ -119,6 +119,25 @@ pub fn set_identity(headers: &mut HeaderMap, names: &HeaderNames, allow: &Allow<
     headers.insert(names.scopes.clone(), allow.scopes.header.clone());
 }
 
+/// The same fields as [`set_identity`], for a request whose map holds none of their names
+/// (stripped): written after its own fields instead of inserted.
+pub fn set_identity_fields(
+    added: &mut crate::upstream::Added,
+    names: &HeaderNames,
+    allow: &Allow<'_>,
+) {
+    added.push(names.partner_id.clone(), allow.partner.id_header.clone());
+    if let Some(org) = &allow.partner.org_header {
+        added.push(names.org_id.clone(), org.clone());
+    }
+    added.push(names.key_id.clone(), allow.key.id_header.clone());
+    added.push(
+        names.key_environment.clone(),
+        allow.environment.header.clone(),
+    );
+    added.push(names.scopes.clone(), allow.scopes.header.clone());
+}
+
 /// The request id header value, for errors and logs.
 pub fn request_id_str(v: &HeaderValue) -> &str {
     v.to_str().unwrap_or("")

@@ -32,7 +32,7 @@ use crate::config::{folded_eq, HeaderNames, Policy, ProxySettings};
 use crate::credential::{extract_from_headers, Credential};
 use crate::decision::{decide_attributed, now_ms, RequestFacts, Verdict};
 use crate::deny::DenyReason;
-use crate::headers::{request_id_str, set_identity, strip_hop_and_identity, wants_upgrade};
+use crate::headers::{request_id_str, set_identity_fields, strip_hop_and_identity, wants_upgrade};
 use crate::listen::{Activity, Tracked, Watched};
 use crate::path::normalize;
 use crate::request_id;
@@ -40,7 +40,7 @@ use crate::server::{self, ClientBody};
 use crate::snapshot::SnapshotStore;
 use crate::telemetry::{ConnectionGuard, Connections, Front, Note, Record, Shard, Telemetry};
 use crate::tls::TlsServer;
-use crate::upstream::{PooledBody, Upstream, UpstreamError, UpstreamTls};
+use crate::upstream::{Added, PooledBody, Upstream, UpstreamError, UpstreamTls};
 
 /// Response body: the upstream's, streamed, or one keygate made.
 pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
@@ -495,12 +495,6 @@ async fn answer(
     };
     let h = &mut parts.headers;
     strip_hop_and_identity(h, Some(names), upgrade);
-    // Room for what is added below (identity, request id, forwarding headers), so the map grows
-    // once instead of on several inserts.
-    h.reserve(10);
-    if upgrade {
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
     if !names.forward_credentials {
         if found.authorization {
             h.remove(&names.credentials.authorization);
@@ -509,15 +503,31 @@ async fn answer(
             h.remove(&names.credentials.api_key);
         }
     }
-    set_forwarded(h, peer, host.as_ref(), &state.settings.trusted_proxies);
-    // HTTP/1.1 needs a Host: the client's, or (HTTP/1.0 without one) the upstream's.
-    let host = host.unwrap_or_else(|| {
-        HeaderValue::from_str(state.settings.upstream.as_str())
-            .expect("an authority is a header value")
-    });
-    h.insert(header::HOST, host);
-    set_identity(h, names, &allow);
-    h.insert(names.request_id.clone(), request_id.clone());
+    // keygate's own fields go after the client's, written as they are: none of their names is
+    // left in the map (identity and request id were stripped above, forwarding fields in
+    // `set_forwarded`).
+    let mut added = Added::new();
+    if upgrade {
+        added.push(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    set_forwarded(
+        h,
+        &mut added,
+        peer,
+        host.as_ref(),
+        &state.settings.trusted_proxies,
+    );
+    // HTTP/1.1 needs a Host: the client's, the authority of an absolute-form target, or
+    // (HTTP/1.0 without one) the upstream's.
+    if parts.uri.authority().is_some() || !h.contains_key(header::HOST) {
+        let host = host.unwrap_or_else(|| {
+            HeaderValue::from_str(state.settings.upstream.as_str())
+                .expect("an authority is a header value")
+        });
+        h.insert(header::HOST, host);
+    }
+    set_identity_fields(&mut added, names, &allow);
+    added.push(names.request_id.clone(), request_id.clone());
     drop(snapshot);
     parts.uri = uri;
     parts.version = Version::HTTP_11;
@@ -527,7 +537,7 @@ async fn answer(
     let sent = match replay.filter(|_| !upgrade) {
         None => {
             let upstream_req = Request::from_parts(parts, body);
-            tokio::time::timeout(timeout, state.upstream.send(upstream_req)).await
+            tokio::time::timeout(timeout, state.upstream.send(upstream_req, &added)).await
         }
         Some((store, idempotency_key, key_id)) => {
             // Bodies of idempotent requests are held in memory: only so many at once.
@@ -582,6 +592,7 @@ async fn answer(
                     let mut resp = match exchange_once(
                         state.upstream.clone(),
                         upstream_req,
+                        added,
                         (pending, admitted),
                         max,
                         timeout,
@@ -685,6 +696,7 @@ const BACKGROUND_EXCHANGE: std::time::Duration = std::time::Duration::from_secs(
 async fn exchange_once(
     upstream: Arc<Upstream>,
     req: Request<Bytes>,
+    added: Added,
     (pending, admitted): (idempotency::Pending, tokio::sync::OwnedSemaphorePermit),
     max: usize,
     timeout: std::time::Duration,
@@ -694,7 +706,9 @@ async fn exchange_once(
         // Held until the answer is recorded (or given up on), with the bodies it covers.
         let _admitted = admitted;
         let outcome =
-            match tokio::time::timeout(BACKGROUND_EXCHANGE, upstream.send_buffered(req)).await {
+            match tokio::time::timeout(BACKGROUND_EXCHANGE, upstream.send_buffered(req, &added))
+                .await
+            {
                 Err(_) => Err(DenyReason::UpstreamTimeout),
                 // Never answered: the key is freed (dropping `pending`) so a retry runs.
                 Ok(Err(e)) => Err(upstream_error(&e)),
@@ -804,9 +818,11 @@ fn host_of(req: &Request<ClientBody>) -> Option<HeaderValue> {
 }
 
 /// `X-Forwarded-For/-Proto/-Host`: extended when the peer is a trusted proxy, replaced otherwise
-/// (an untrusted client's claims about the chain are not passed on).
+/// (an untrusted client's claims about the chain are not passed on). What keygate sets goes
+/// into `added`, and the map keeps none of those names.
 fn set_forwarded(
     h: &mut HeaderMap,
+    added: &mut Added,
     peer: &Peer,
     host: Option<&HeaderValue>,
     trusted: &[ipnet::IpNet],
@@ -814,56 +830,50 @@ fn set_forwarded(
     const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
     const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
     const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+    let trusted = is_trusted(peer.ip, trusted);
     // `_` spellings are what CGI-style upstreams read as HTTP_X_FORWARDED_FOR too: never pass
-    // them on, from anyone.
-    if h.keys().any(|k| k.as_str().contains('_')) {
-        let spoofed: Vec<HeaderName> = h
-            .keys()
-            .filter(|k| {
-                k.as_str().contains('_')
-                    && [&XFF, &XFP, &XFH, &header::FORWARDED]
-                        .iter()
-                        .any(|n| folded_eq(n.as_str(), k.as_str()))
-            })
-            .cloned()
-            .collect();
-        for k in spoofed {
+    // them on, from anyone. From an untrusted client, none of the chain's fields go on (RFC
+    // 7239 `Forwarded` included): keygate says what it saw.
+    let doomed = |k: &HeaderName| {
+        let k = k.as_str();
+        let forwarding = [&XFF, &XFP, &XFH, &header::FORWARDED];
+        (k.as_bytes().contains(&b'_') && forwarding.iter().any(|n| folded_eq(n.as_str(), k)))
+            || (!trusted && forwarding.iter().any(|n| n.as_str() == k))
+    };
+    if h.keys().any(doomed) {
+        let names: Vec<HeaderName> = h.keys().filter(|k| doomed(k)).cloned().collect();
+        for k in names {
             h.remove(k);
         }
     }
-    if is_trusted(peer.ip, trusted) {
-        let prior: Vec<&str> = h
-            .get_all(&XFF)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        if !prior.is_empty() {
-            let chain = format!("{}, {}", prior.join(", "), peer.ip);
-            match HeaderValue::from_str(&chain) {
-                Ok(v) => h.insert(XFF, v),
-                Err(_) => h.insert(XFF, peer.header.clone()),
-            };
-        } else {
-            h.insert(XFF, peer.header.clone());
+    if !trusted {
+        added.push(XFF, peer.header.clone());
+        added.push(XFP, peer.proto.clone());
+        if let Some(host) = host {
+            added.push(XFH, host.clone());
         }
-        if !h.contains_key(&XFP) {
-            h.insert(XFP, peer.proto.clone());
-        }
-        if !h.contains_key(&XFH) {
-            if let Some(host) = host {
-                h.insert(XFH, host.clone());
-            }
-        }
+        return;
+    }
+    let prior: Vec<&str> = h
+        .get_all(&XFF)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let chain = if prior.is_empty() {
+        peer.header.clone()
     } else {
-        // An untrusted client's claims about the chain (RFC 7239 `Forwarded` included) are
-        // replaced by what keygate saw.
-        h.remove(header::FORWARDED);
-        h.insert(XFF, peer.header.clone());
-        h.insert(XFP, peer.proto.clone());
-        match host {
-            Some(host) => h.insert(XFH, host.clone()),
-            None => h.remove(&XFH),
-        };
+        HeaderValue::from_str(&format!("{}, {}", prior.join(", "), peer.ip))
+            .unwrap_or_else(|_| peer.header.clone())
+    };
+    h.remove(&XFF);
+    added.push(XFF, chain);
+    if !h.contains_key(&XFP) {
+        added.push(XFP, peer.proto.clone());
+    }
+    if !h.contains_key(&XFH) {
+        if let Some(host) = host {
+            added.push(XFH, host.clone());
+        }
     }
 }
 

@@ -36,6 +36,7 @@ use crate::config::UpstreamTlsSettings;
 use crate::tls::TlsError;
 use conn::{Conn, Failed, Outgoing, Polled, ResponseBody, Transport};
 pub use conn::{ConnError, Tunnel};
+pub use wire::Added;
 
 fn is_idempotent(method: &Method) -> bool {
     matches!(
@@ -186,6 +187,7 @@ impl Upstream {
     pub async fn send(
         &self,
         req: Request<ClientBody>,
+        added: &Added,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         // A request without a body and with a method that is safe to repeat (RFC 9110 §9.2.2)
         // can be sent again when a reused connection turns out to be closed: an upstream that
@@ -196,22 +198,25 @@ impl Upstream {
         } else {
             (Outgoing::Stream(body), false)
         };
-        self.send_up(parts, body, replayable).await
+        self.send_up(parts, added, body, replayable).await
     }
 
     /// Send a request whose body has been read into memory already.
     pub async fn send_buffered(
         &self,
         req: Request<Bytes>,
+        added: &Added,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let replayable = is_idempotent(req.method());
         let (parts, body) = req.into_parts();
-        self.send_up(parts, Outgoing::Bytes(body), replayable).await
+        self.send_up(parts, added, Outgoing::Bytes(body), replayable)
+            .await
     }
 
     async fn send_up(
         &self,
         parts: request::Parts,
+        added: &Added,
         mut body: Outgoing,
         replayable: bool,
     ) -> Result<Response<PooledBody>, UpstreamError> {
@@ -219,7 +224,7 @@ impl Upstream {
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         if let Some(mut conn) = self.checkout() {
             match conn
-                .exchange(&parts.method, target, &parts.headers, body, upgrade)
+                .exchange(&parts.method, target, &parts.headers, added, body, upgrade)
                 .await
             {
                 Ok((head, whole)) => return Ok(self.wrap(head, conn, whole)),
@@ -237,7 +242,7 @@ impl Upstream {
         }
         let mut conn = self.connect().await?;
         match conn
-            .exchange(&parts.method, target, &parts.headers, body, upgrade)
+            .exchange(&parts.method, target, &parts.headers, added, body, upgrade)
             .await
         {
             Ok((head, whole)) => Ok(self.wrap(head, conn, whole)),

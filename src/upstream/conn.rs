@@ -176,6 +176,7 @@ impl Conn {
         method: &Method,
         target: &str,
         headers: &HeaderMap,
+        added: &wire::Added,
         body: Outgoing,
         upgrade: bool,
     ) -> Result<(Head, bool), Failed> {
@@ -196,7 +197,7 @@ impl Conn {
             },
         };
         self.write.clear();
-        wire::encode_head(&mut self.write, method, target, headers, framing);
+        wire::encode_head(&mut self.write, method, target, headers, added, framing);
         let reused = self.reused;
         self.reused = true;
         match body {

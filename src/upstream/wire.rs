@@ -20,9 +20,8 @@ use crate::headers::is_hop_by_hop;
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Most header fields in a response head or trailer section.
 const MAX_HEADERS: usize = 128;
-/// Fields a client's request gains on its way up (identity, forwarding, request id, host),
-/// with a few of its own; see `parse_head`.
-const ROOM_FOR_THE_NEXT_REQUEST: usize = 24;
+/// Fields the proxy adds to an answer (the request id, rate-limit fields); see `parse_head`.
+const ROOM_TO_ADD: usize = 4;
 /// Most bytes of one chunk-size line, extensions included.
 const MAX_CHUNK_LINE: usize = 4096;
 
@@ -50,21 +49,62 @@ pub enum RequestFraming {
     Chunked,
 }
 
-/// Write `METHOD target HTTP/1.1`, the headers, the framing header and the blank line.
-/// `Content-Length` and `Transfer-Encoding` in `headers` are skipped: `framing` says what the
-/// body really is, so a stale or client-chosen value can never frame it differently.
+/// Fields a request gets after its own, written as they are instead of inserted into its map
+/// (a hash and an insert each, several times per request): keygate's identity, forwarding and
+/// request-id fields. The map must hold none of these names; the proxy strips them first.
+pub struct Added {
+    fields: [Option<(HeaderName, HeaderValue)>; Added::MAX],
+    len: usize,
+}
+
+impl Added {
+    /// More than the proxy ever adds (identity 5, forwarding 3, request id, connection).
+    pub const MAX: usize = 12;
+
+    pub fn new() -> Self {
+        Added {
+            fields: [const { None }; Added::MAX],
+            len: 0,
+        }
+    }
+
+    pub fn push(&mut self, name: HeaderName, value: HeaderValue) {
+        assert!(self.len < Added::MAX, "more added fields than Added::MAX");
+        self.fields[self.len] = Some((name, value));
+        self.len += 1;
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        self.fields[..self.len]
+            .iter()
+            .flatten()
+            .map(|(n, v)| (n, v))
+    }
+}
+
+impl Default for Added {
+    fn default() -> Self {
+        Added::new()
+    }
+}
+
+/// Write `METHOD target HTTP/1.1`, the headers, the added ones, the framing header and the
+/// blank line. `Content-Length` and `Transfer-Encoding` in `headers` are skipped: `framing`
+/// says what the body really is, so a stale or client-chosen value can never frame it
+/// differently.
 pub fn encode_head(
     out: &mut Vec<u8>,
     method: &Method,
     target: &str,
     headers: &HeaderMap,
+    added: &Added,
     framing: RequestFraming,
 ) {
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
+    for (name, value) in headers.iter().chain(added.iter()) {
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
             continue;
         }
@@ -178,26 +218,24 @@ pub fn parse_head(
         let at = &at[..count];
         let framing = framing(status, method, version, &head, at)?;
         let switching = status == StatusCode::SWITCHING_PROTOCOLS;
-        let listed: Vec<&[u8]> = at
-            .iter()
-            .filter(|f| head[f.name()].eq_ignore_ascii_case(b"connection"))
-            .flat_map(|f| head[f.value()].split(|&b| b == b','))
-            .map(<[u8]>::trim_ascii)
-            .filter(|t| !t.is_empty())
-            .collect();
-        let close = listed.iter().any(|t| t.eq_ignore_ascii_case(b"close"));
-        // Room to spare: hyper's server side keeps the answer's map, cleared, for the next
-        // request on the client's connection, and the proxy adds identity and forwarding
-        // headers to that one; sized here, it does not have to grow (and rehash) there.
-        let mut headers = HeaderMap::with_capacity(count + ROOM_FOR_THE_NEXT_REQUEST);
+        // The tokens of every `Connection` field, read where they lie (no list is built: an
+        // answer has one such field with one token, if any).
+        let listed = || {
+            at.iter()
+                .filter(|f| head[f.name()].eq_ignore_ascii_case(b"connection"))
+                .flat_map(|f| head[f.value()].split(|&b| b == b','))
+                .map(<[u8]>::trim_ascii)
+                .filter(|t| !t.is_empty())
+        };
+        let close = listed().any(|t| t.eq_ignore_ascii_case(b"close"));
+        // Room for what the proxy adds (the request id, rate-limit fields).
+        let mut headers = HeaderMap::with_capacity(count + ROOM_TO_ADD);
         for f in at {
             let name =
                 HeaderName::from_bytes(&head[f.name()]).map_err(|_| WireError::MalformedHead)?;
             if !switching
                 && (is_hop_by_hop(&name)
-                    || listed
-                        .iter()
-                        .any(|t| t.eq_ignore_ascii_case(name.as_str().as_bytes())))
+                    || listed().any(|t| t.eq_ignore_ascii_case(name.as_str().as_bytes())))
             {
                 continue;
             }
@@ -208,7 +246,7 @@ pub fn parse_head(
         // HTTP/1.1 keeps the connection unless told otherwise; HTTP/1.0 only when asked to.
         let persistent = match version {
             Version::HTTP_11 => !close,
-            _ => !close && listed.iter().any(|t| t.eq_ignore_ascii_case(b"keep-alive")),
+            _ => !close && listed().any(|t| t.eq_ignore_ascii_case(b"keep-alive")),
         };
         let keep_alive = persistent
             && framing != Framing::UntilClose

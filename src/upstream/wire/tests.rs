@@ -36,11 +36,17 @@ fn request_heads_are_framed_by_the_body_not_by_the_headers() {
     ];
     for (framing, expected) in cases {
         let mut out = Vec::new();
-        encode_head(&mut out, &Method::POST, "/v1/a?b=c", &h, framing);
+        let mut added = Added::new();
+        added.push(
+            HeaderName::from_static("x-key-id"),
+            HeaderValue::from_static("k1"),
+        );
+        added.push(header::CONTENT_LENGTH, HeaderValue::from_static("7"));
+        encode_head(&mut out, &Method::POST, "/v1/a?b=c", &h, &added, framing);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             format!(
-                "POST /v1/a?b=c HTTP/1.1\r\nhost: api.example\r\nx-a: 1\r\nx-a: 2\r\n{expected}\r\n"
+                "POST /v1/a?b=c HTTP/1.1\r\nhost: api.example\r\nx-a: 1\r\nx-a: 2\r\nx-key-id: k1\r\n{expected}\r\n"
             )
         );
     }
