@@ -331,6 +331,18 @@ impl<S> Watched<S> {
     }
 }
 
+impl crate::server::Stream for Watched<TcpStream> {
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        Watched::poll_expired(self, cx)
+    }
+}
+
+impl crate::server::Stream for tokio_rustls::server::TlsStream<Watched<TcpStream>> {
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        Watched::poll_expired(self.get_mut().0, cx)
+    }
+}
+
 /// A limit too far out to represent is no limit.
 const FAR: Duration = Duration::from_secs(100 * 365 * 86_400);
 
@@ -418,6 +430,12 @@ impl<B> Tracked<B> {
             body,
             busy: Some(busy),
         }
+    }
+}
+
+impl<B: crate::server::PassedFields> crate::server::PassedFields for Tracked<B> {
+    fn passed(&self) -> Option<&crate::upstream::wire::Fields> {
+        self.body.passed()
     }
 }
 

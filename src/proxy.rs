@@ -40,10 +40,19 @@ use crate::server::{self, ClientBody};
 use crate::snapshot::SnapshotStore;
 use crate::telemetry::{ConnectionGuard, Connections, Front, Note, Record, Shard, Telemetry};
 use crate::tls::TlsServer;
-use crate::upstream::{Added, PooledBody, Upstream, UpstreamError, UpstreamTls};
+use crate::upstream::{Added, ConnError, PooledBody, Upstream, UpstreamError, UpstreamTls};
 
 /// Response body: the upstream's, streamed, or one keygate made.
 pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
+
+impl server::PassedFields for ProxyBody {
+    fn passed(&self) -> Option<&crate::upstream::wire::Fields> {
+        match self {
+            Either::Left(upstream) => Some(upstream.fields()),
+            Either::Right(_) => None,
+        }
+    }
+}
 
 /// Everything a proxy connection needs, shared by all of them.
 pub struct ProxyState {
@@ -367,6 +376,21 @@ async fn handle(
     let mut record = Record::new(&state.shard);
     let http1 = req.version() <= Version::HTTP_11;
     let mut resp = answer(state, peer, req, &mut record.note).await;
+    if !http1 {
+        // HTTP/2 answers are hyper's to write: the upstream's fields go into the map.
+        let (mut parts, mut body) = resp.into_parts();
+        if let Either::Left(upstream) = &mut body {
+            if upstream.merge_fields(&mut parts.headers).is_err() {
+                let id = parts.headers.get(&state.names.request_id).cloned();
+                let id = id.unwrap_or_else(request_id::mint);
+                resp = deny(&DenyReason::UpstreamUnavailable, &id, &state.names, false);
+            } else {
+                resp = Response::from_parts(parts, body);
+            }
+        } else {
+            resp = Response::from_parts(parts, body);
+        }
+    }
     if http1
         && resp.status() != StatusCode::SWITCHING_PROTOCOLS
         && state.draining.load(Ordering::Relaxed)
@@ -623,6 +647,18 @@ async fn answer(
     };
     let resp = match sent {
         Err(_) => return deny(&DenyReason::UpstreamTimeout, &request_id, names, false),
+        // The client's own body broke off (malformed chunks, cut short): its fault, not the
+        // upstream's, and the connection cannot carry another request.
+        Ok(Err(UpstreamError::Exchange(ConnError::ClientBody(e)))) => {
+            tracing::debug!(error = %e, request_id = request_id_str(&request_id), "the request body failed");
+            let why = match e {
+                server::ClientBodyError::H1(server::BodyError::Malformed) => {
+                    "the chunked request body is malformed"
+                }
+                _ => "the request body ended before it was complete",
+            };
+            return deny(&DenyReason::BadRequest(why), &request_id, names, true);
+        }
         Ok(Err(e)) => {
             let reason = upstream_error(&e);
             tracing::warn!(error = %e, request_id = request_id_str(&request_id), "upstream request failed");
@@ -636,7 +672,10 @@ async fn answer(
             // The upstream agreed to switch: the client's connection and the upstream's become
             // one byte stream. The tunnel keeps the connection's place until it ends, and is
             // closed as idle only after a whole limits.idle_timeout with no byte either way.
-            let (parts, body) = resp.into_parts();
+            let (mut parts, mut body) = resp.into_parts();
+            if body.merge_fields(&mut parts.headers).is_err() {
+                return deny(&DenyReason::UpstreamUnavailable, &request_id, names, false);
+            }
             let upstream_side = body.into_tunnel();
             let mut busy = peer.activity.busy();
             busy.answered();
@@ -732,6 +771,11 @@ async fn remember(
     max: usize,
     timeout: std::time::Duration,
 ) -> Result<Response<ProxyBody>, DenyReason> {
+    // The stored answer needs its fields in the map.
+    let (mut parts, mut body) = resp.into_parts();
+    body.merge_fields(&mut parts.headers)
+        .map_err(|_| DenyReason::UpstreamUnavailable)?;
+    let resp = Response::from_parts(parts, body);
     let declared = resp
         .headers()
         .get(header::CONTENT_LENGTH)

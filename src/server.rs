@@ -50,9 +50,17 @@ const WRITE_AT: usize = 16 * 1024;
 const LINGER: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 256 * 1024;
 
+/// Header fields an answer carries outside its map: an upstream's, as it sent them (see
+/// [`crate::upstream::PooledBody`]). The map's names win over them.
+pub trait PassedFields {
+    fn passed(&self) -> Option<&crate::upstream::wire::Fields> {
+        None
+    }
+}
+
 /// What a front does with the requests of a connection.
 pub trait Handler: Send + Sync + 'static {
-    type Body: Body<Data = Bytes, Error: std::fmt::Display> + Send + Unpin + 'static;
+    type Body: Body<Data = Bytes, Error: std::fmt::Display> + PassedFields + Send + Unpin + 'static;
 
     fn call(&self, req: Request<RequestBody>) -> impl Future<Output = Response<Self::Body>> + Send;
 
@@ -104,7 +112,7 @@ pub async fn serve<H: Handler>(
             Next::Close => return conn.close(false).await,
             Next::Refuse(error) => {
                 let resp = handler.refuse(error);
-                let _ = conn.respond(resp, &Method::GET, true, false, false).await;
+                let _ = conn.respond(resp, &Method::GET, Said::refusal()).await;
                 return conn.close(true).await;
             }
         };
@@ -137,7 +145,12 @@ pub async fn serve<H: Handler>(
             tx
         });
         let method = request.method().clone();
-        let http10 = request.version() == Version::HTTP_10;
+        let said = Said {
+            close: false,
+            http10: request.version() == Version::HTTP_10,
+            upgrade: upgrade.is_some(),
+            trailers: head.trailers,
+        };
         let keep_alive = head.keep_alive && !stopping;
 
         let call = handler.call(request);
@@ -149,10 +162,11 @@ pub async fn serve<H: Handler>(
         } else {
             call.await
         };
-        let close = !keep_alive || *shutting_down.borrow();
-        let written = conn
-            .respond(resp, &method, close, http10, upgrade.is_some())
-            .await;
+        let said = Said {
+            close: !keep_alive || *shutting_down.borrow(),
+            ..said
+        };
+        let written = conn.respond(resp, &method, said).await;
         let keep = match written {
             Ok(Written::KeepAlive) => true,
             Ok(Written::Close) => false,
@@ -198,6 +212,29 @@ enum Written {
 
 /// The connection cannot go on (the client went away, the answer broke off).
 struct Abort;
+
+/// What the request (and the connection) said about how its answer may be written.
+#[derive(Clone, Copy)]
+struct Said {
+    /// The connection ends after the answer, whatever else is said.
+    close: bool,
+    http10: bool,
+    /// The request asked to switch protocols.
+    upgrade: bool,
+    /// `TE: trailers`.
+    trailers: bool,
+}
+
+impl Said {
+    fn refusal() -> Self {
+        Said {
+            close: true,
+            http10: false,
+            upgrade: false,
+            trailers: false,
+        }
+    }
+}
 
 struct Conn<'a> {
     shared: &'a Arc<Shared>,
@@ -278,21 +315,24 @@ impl Conn<'_> {
         }
     }
 
-    /// Write `resp`. `close`: the connection ends after it whatever else is said; `upgrade`:
-    /// the request asked to switch protocols.
+    /// Write `resp` as `said` allows.
     async fn respond<B>(
         &mut self,
         resp: Response<B>,
         method: &Method,
-        close: bool,
-        http10: bool,
-        upgrade: bool,
+        said: Said,
     ) -> Result<Written, Abort>
     where
-        B: Body<Data = Bytes> + Unpin,
+        B: Body<Data = Bytes> + PassedFields + Unpin,
         B::Error: std::fmt::Display,
     {
-        let (parts, mut body) = resp.into_parts();
+        let Said {
+            close,
+            http10,
+            upgrade,
+            trailers: wants_trailers,
+        } = said;
+        let (mut parts, mut body) = resp.into_parts();
         let status = parts.status;
         let switch = status == StatusCode::SWITCHING_PROTOCOLS && upgrade;
         let framing = if switch {
@@ -328,11 +368,22 @@ impl Conn<'_> {
         } else {
             Persistence::Default
         };
+        let passed = body.passed();
+        // A HEAD answer of keygate's own (a refusal) says how long its GET answer would be.
+        if framing == (ResponseFraming::NoBody { keep_length: true })
+            && passed.is_none()
+            && !parts.headers.contains_key(header::CONTENT_LENGTH)
+        {
+            if let Some(n) = body.size_hint().exact() {
+                parts.headers.insert(header::CONTENT_LENGTH, n.into());
+            }
+        }
         self.out.clear();
         wire::encode_response_head(
             &mut self.out,
             status,
             &parts.headers,
+            body.passed(),
             framing,
             persistence,
             &wire::date(),
@@ -400,11 +451,13 @@ impl Conn<'_> {
                             self.write_out().await?;
                         }
                     }
-                    Err(frame) => {
+                    // Trailers only to a client that said it reads them (RFC 9110 §6.5.1).
+                    Err(frame) if wants_trailers => {
                         if let Ok(t) = frame.into_trailers() {
                             trailers = Some(t);
                         }
                     }
+                    Err(_) => {}
                 },
             }
         }
@@ -416,7 +469,11 @@ impl Conn<'_> {
             }
             ResponseFraming::Chunked => {
                 let trailers = trailers.map(|mut t| {
+                    // Framing, routing and hop-by-hop fields are not trailers' to set.
                     crate::headers::strip_hop_and_identity(&mut t, None, false);
+                    for name in [header::CONTENT_LENGTH, header::HOST, header::CONTENT_TYPE] {
+                        t.remove(name);
+                    }
                     t
                 });
                 wire::encode_last_chunk(&mut self.out, trailers.as_ref());
@@ -443,9 +500,11 @@ impl Conn<'_> {
         }
     }
 
-    /// Wait for the answer's next frame; meanwhile, once the request body is in, watch the
-    /// client's side: its end of stream or a reset ends the exchange (as does the connection
-    /// going unused past `limits.idle_timeout`, which reads report).
+    /// Wait for the answer's next frame; meanwhile watch the client's side. Once the request
+    /// body is in, its end of stream or a reset ends the exchange (as does the connection going
+    /// unused past `limits.idle_timeout`, which reads report). While the body is still being
+    /// read (by the upload, in another task), a body that broke off ends it, and so does the
+    /// connection's deadline, polled here since this task does not read.
     async fn wait_frame<B>(
         &mut self,
         body: &mut B,
@@ -459,14 +518,31 @@ impl Conn<'_> {
                 return Poll::Ready(Ok(frame));
             }
             let mut inner = self.shared.lock();
-            // Pipelined bytes are kept (up to a head's worth) for the next request.
-            while matches!(inner.body, BodyState::Done) && inner.buf.len() < limit {
-                match std::task::ready!(inner.poll_fill(cx)) {
-                    Ok(0) | Err(_) => return Poll::Ready(Err(Abort)),
-                    Ok(_) => {}
+            loop {
+                match inner.body {
+                    BodyState::Failed => return Poll::Ready(Err(Abort)),
+                    // Pipelined bytes are kept (up to a head's worth) for the next request.
+                    BodyState::Done if inner.buf.len() < limit => {
+                        match std::task::ready!(inner.poll_fill(cx)) {
+                            Ok(0) | Err(_) => return Poll::Ready(Err(Abort)),
+                            Ok(_) => continue,
+                        }
+                    }
+                    BodyState::Done => {}
+                    BodyState::Length(_) | BodyState::Chunked(_) => {
+                        inner.conn_waker = Some(cx.waker().clone());
+                    }
                 }
+                let expired = match inner.io.as_mut() {
+                    Some(io) => io.poll_expired(cx).is_ready(),
+                    None => true,
+                };
+                return if expired {
+                    Poll::Ready(Err(Abort))
+                } else {
+                    Poll::Pending
+                };
             }
-            Poll::Pending
         })
         .await
     }

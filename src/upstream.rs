@@ -252,14 +252,15 @@ impl Upstream {
 
     fn wrap(&self, head: wire::Head, conn: Conn, whole: bool) -> Response<PooledBody> {
         let inner = ResponseBody::new(conn, &head, whole);
+        // The answer's map starts empty: its fields travel with the body (see `PooledBody`).
         let mut resp = Response::new(PooledBody {
+            fields: head.fields,
             prefix: VecDeque::new(),
             inner,
             pool: self.me.clone(),
         });
         *resp.status_mut() = head.status;
         *resp.version_mut() = head.version;
-        *resp.headers_mut() = head.headers;
         resp
     }
 
@@ -303,6 +304,11 @@ impl Upstream {
 
 /// An upstream response body that returns its connection to the pool once fully read.
 pub struct PooledBody {
+    /// The answer's header fields as the upstream sent them. They are not in the response's
+    /// map, which holds only what keygate adds (and wins over these): the HTTP/1.1 side writes
+    /// them as they are, and [`PooledBody::merge_fields`] makes map entries of them where a map
+    /// is needed.
+    fields: wire::Fields,
     /// Frames already read from `inner` (by the idempotent replay, which reads ahead to store
     /// the answer), given out first.
     prefix: VecDeque<Frame<Bytes>>,
@@ -363,6 +369,17 @@ pub enum ReadAhead {
 }
 
 impl PooledBody {
+    /// The upstream's header fields still to be written (see the field's doc).
+    pub fn fields(&self) -> &wire::Fields {
+        &self.fields
+    }
+
+    /// Move the upstream's header fields into `map`, where keygate's own values win.
+    pub fn merge_fields(&mut self, map: &mut http::HeaderMap) -> Result<(), wire::WireError> {
+        let fields = std::mem::take(&mut self.fields);
+        fields.merge_into(map)
+    }
+
     /// Read the body into memory if it is at most `limit` bytes; otherwise give it back intact.
     pub async fn read_ahead(mut self, limit: usize) -> Result<ReadAhead, ConnError> {
         use http_body_util::BodyExt;

@@ -17,9 +17,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use crate::upstream::wire::{Chunked, Decoded};
 
 /// What a client connection runs over: TCP, or TLS over TCP.
-pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
-
-impl<S: AsyncRead + AsyncWrite + Send + Unpin> Stream for S {}
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {
+    /// Ready with the error once the connection has gone unused past its deadline
+    /// ([`crate::listen::Watched`]): polled by the connection while it neither reads nor
+    /// writes, since the request body (in another task) may be the one reading.
+    fn poll_expired(&mut self, _cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        Poll::Pending
+    }
+}
 
 pub type Transport = Box<dyn Stream>;
 
@@ -83,8 +88,22 @@ impl Inner {
         std::pin::pin!(io.read_buf(&mut self.buf)).poll(cx)
     }
 
-    /// The body's next piece from the buffer, reading more as needed.
+    /// The body's next piece from the buffer, reading more as needed. When it breaks off, the
+    /// connection's task is woken: it may be waiting on an answer that now never ends.
     fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let polled = self.poll_body_inner(cx);
+        if let Poll::Ready(Some(Err(_))) = polled {
+            if let Some(waker) = self.conn_waker.take() {
+                waker.wake();
+            }
+        }
+        polled
+    }
+
+    fn poll_body_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         loop {
             match &mut self.body {
                 BodyState::Done => return Poll::Ready(None),

@@ -16,9 +16,9 @@ use http::{Method, Request, StatusCode, Uri, Version};
 
 /// Most header fields httparse is given room for: `proxy.max_headers`' upper bound.
 pub const MAX_FIELDS: usize = 1000;
-/// Fields a request gains on its way up (identity, forwarding, request id, host): the header
-/// map is made with this much room, so adding them does not grow it.
-const ROOM_TO_ADD: usize = 24;
+/// Fields the proxy may insert into a request's map (`Host`, a credential put back…): its own
+/// identity, forwarding and request-id fields are written beside the map, not into it.
+const ROOM_TO_ADD: usize = 2;
 
 /// Limits on a request head (`proxy.max_header_bytes`, `proxy.max_headers`).
 #[derive(Debug, Clone, Copy)]
@@ -60,6 +60,8 @@ pub struct RequestHead {
     pub keep_alive: bool,
     /// `Expect: 100-continue`: the client waits for an interim answer before sending the body.
     pub expect_continue: bool,
+    /// `TE: trailers`: the client reads trailer fields after a chunked answer.
+    pub trailers: bool,
 }
 
 /// Parse a request head from the front of `buf`, consuming it. `Ok(None)`: incomplete, read
@@ -131,6 +133,7 @@ pub fn parse_request(
     let framing = framing(version, &head, at)?;
     let mut headers = HeaderMap::with_capacity(count + ROOM_TO_ADD);
     let (mut close, mut keep_alive, mut expect_continue) = (false, false, false);
+    let (mut trailers, mut host) = (false, false);
     for f in at {
         let name = HeaderName::from_bytes(&head[f.name()])
             .map_err(|_| HeadError::Malformed("a header name is malformed"))?;
@@ -147,8 +150,19 @@ pub fn parse_request(
             }
         } else if name == header::EXPECT {
             expect_continue |= value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+        } else if name == header::TE {
+            trailers |= value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+        } else if name == header::HOST {
+            host = true;
         }
         headers.append(name, value);
+    }
+    // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
+    if version == Version::HTTP_11 && !host {
+        return Err(HeadError::Malformed("an HTTP/1.1 request without Host"));
     }
     // HTTP/1.1 keeps the connection unless told otherwise; HTTP/1.0 only when asked to.
     let keep_alive = !close && (version == Version::HTTP_11 || keep_alive);
@@ -162,6 +176,7 @@ pub fn parse_request(
         framing,
         keep_alive,
         expect_continue: expect_continue && version == Version::HTTP_11,
+        trailers,
     }))
 }
 
@@ -271,12 +286,14 @@ pub enum Persistence {
     Upgrade,
 }
 
-/// Write the status line, `headers` (without framing or connection fields, which `framing`
-/// and `persistence` decide), a `Date` when the answer has none, and the blank line.
+/// Write the status line, `passed` (an upstream's fields as they came, except those `headers`
+/// names), `headers` (without framing or connection fields, which `framing` and
+/// `persistence` decide), a `Date` when the answer has none, and the blank line.
 pub fn encode_response_head(
     out: &mut Vec<u8>,
     status: StatusCode,
     headers: &HeaderMap,
+    passed: Option<&crate::upstream::wire::Fields>,
     framing: ResponseFraming,
     persistence: Persistence,
     date: &[u8],
@@ -288,22 +305,30 @@ pub fn encode_response_head(
     out.extend_from_slice(b"\r\n");
     let keep_length = matches!(framing, ResponseFraming::NoBody { keep_length: true });
     let upgrade = persistence == Persistence::Upgrade;
+    let mut dated = headers.contains_key(header::DATE);
+    for (name, value) in passed.into_iter().flat_map(|p| p.iter()) {
+        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        let skip = (is("content-length") && !keep_length)
+            || is("transfer-encoding")
+            || headers
+                .keys()
+                .any(|k| name.eq_ignore_ascii_case(k.as_str().as_bytes()));
+        if skip {
+            continue;
+        }
+        dated |= is("date");
+        field(out, name, value);
+    }
     for (name, value) in headers {
         let skip = (*name == header::CONTENT_LENGTH && !keep_length)
             || *name == header::TRANSFER_ENCODING
             || (!upgrade && (*name == header::CONNECTION || name.as_str() == "keep-alive"));
-        if skip {
-            continue;
+        if !skip {
+            field(out, name.as_str().as_bytes(), value.as_bytes());
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
     }
-    if !headers.contains_key(header::DATE) {
-        out.extend_from_slice(b"date: ");
-        out.extend_from_slice(date);
-        out.extend_from_slice(b"\r\n");
+    if !dated {
+        field(out, b"date", date);
     }
     match framing {
         ResponseFraming::Length(n) => {
@@ -318,6 +343,13 @@ pub fn encode_response_head(
         Persistence::KeepAlive => out.extend_from_slice(b"connection: keep-alive\r\n"),
         Persistence::Close => out.extend_from_slice(b"connection: close\r\n"),
     }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 

@@ -14,14 +14,10 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
-use crate::headers::is_hop_by_hop;
-
 /// Most bytes a response head (or a chunked body's trailer section) may take.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Most header fields in a response head or trailer section.
 const MAX_HEADERS: usize = 128;
-/// Fields the proxy adds to an answer (the request id, rate-limit fields); see `parse_head`.
-const ROOM_TO_ADD: usize = 4;
 /// Most bytes of one chunk-size line, extensions included.
 const MAX_CHUNK_LINE: usize = 4096;
 
@@ -151,7 +147,7 @@ pub enum Framing {
 pub struct Head {
     pub status: StatusCode,
     pub version: Version,
-    pub headers: HeaderMap,
+    pub fields: Fields,
     pub framing: Framing,
     /// The upstream lets the connection carry another request after this answer.
     pub keep_alive: bool,
@@ -228,20 +224,14 @@ pub fn parse_head(
                 .filter(|t| !t.is_empty())
         };
         let close = listed().any(|t| t.eq_ignore_ascii_case(b"close"));
-        // Room for what the proxy adds (the request id, rate-limit fields).
-        let mut headers = HeaderMap::with_capacity(count + ROOM_TO_ADD);
+        let mut kept = Vec::with_capacity(count);
         for f in at {
-            let name =
-                HeaderName::from_bytes(&head[f.name()]).map_err(|_| WireError::MalformedHead)?;
-            if !switching
-                && (is_hop_by_hop(&name)
-                    || listed().any(|t| t.eq_ignore_ascii_case(name.as_str().as_bytes())))
-            {
-                continue;
+            let name = &head[f.name()];
+            let hop_by_hop = HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+                || listed().any(|t| t.eq_ignore_ascii_case(name));
+            if switching || !hop_by_hop {
+                kept.push(*f);
             }
-            let value = HeaderValue::from_maybe_shared(head.slice(f.value()))
-                .map_err(|_| WireError::MalformedHead)?;
-            headers.append(name, value);
         }
         // HTTP/1.1 keeps the connection unless told otherwise; HTTP/1.0 only when asked to.
         let persistent = match version {
@@ -255,10 +245,80 @@ pub fn parse_head(
         return Ok(Some(Head {
             status,
             version,
-            headers,
+            fields: Fields { head, at: kept },
             framing,
             keep_alive,
         }));
+    }
+}
+
+/// The hop-by-hop fields of RFC 9110 §7.6.1 and the obsolete ones still seen: about one
+/// connection, never passed on (see [`crate::headers::is_hop_by_hop`]).
+const HOP_BY_HOP: [&[u8]; 9] = [
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+];
+
+/// An answer's end-to-end header fields as they came (hop-by-hop ones and those its
+/// `Connection` lists left out): the head's bytes and where each field lies. The proxy's
+/// HTTP/1.1 side writes them to the client as they are; a `HeaderMap` is made of them only
+/// where one is needed (HTTP/2, the idempotent store). httparse has checked every name to be a
+/// token and every value to hold no control character but tab.
+#[derive(Debug, Clone, Default)]
+pub struct Fields {
+    head: Bytes,
+    at: Vec<Field>,
+}
+
+impl Fields {
+    /// `(name, value)` in the order they came; names as the upstream spelled them.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.at
+            .iter()
+            .map(|f| (&self.head[f.name()], &self.head[f.value()]))
+    }
+
+    /// The first value of `name` (lower case).
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+
+    /// Append the fields to `map`, except those whose name `map` holds already (keygate's own
+    /// values win, as an insert after them would).
+    pub fn merge_into(&self, map: &mut HeaderMap) -> Result<(), WireError> {
+        let own: Vec<HeaderName> = map.keys().cloned().collect();
+        map.reserve(self.at.len());
+        for f in &self.at {
+            let name = HeaderName::from_bytes(&self.head[f.name()])
+                .map_err(|_| WireError::MalformedHead)?;
+            if own.contains(&name) {
+                continue;
+            }
+            let value = HeaderValue::from_maybe_shared(self.head.slice(f.value()))
+                .map_err(|_| WireError::MalformedHead)?;
+            map.append(name, value);
+        }
+        Ok(())
+    }
+
+    /// The same as a new map.
+    pub fn to_map(&self) -> Result<HeaderMap, WireError> {
+        let mut map = HeaderMap::new();
+        self.merge_into(&mut map)?;
+        Ok(map)
     }
 }
 

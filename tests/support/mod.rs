@@ -633,7 +633,7 @@ pub async fn raw_many(addr: SocketAddr, request: &[u8], n: usize) -> Vec<Answer>
 }
 
 /// Parse a complete HTTP/1.1 response with a Content-Length body.
-fn parse_response(buf: &[u8]) -> Option<Answer> {
+pub fn parse_response(buf: &[u8]) -> Option<Answer> {
     parse_one(buf).map(|(a, _)| a)
 }
 

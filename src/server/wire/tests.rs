@@ -55,13 +55,13 @@ fn a_request_head_is_read_whole_and_only_the_head_is_consumed() {
 #[test]
 fn body_framing_follows_rfc_9112_and_refuses_every_ambiguity() {
     let ok: &[(&str, BodyFraming)] = &[
-        ("POST / HTTP/1.1\r\n\r\n", BodyFraming::Empty),
+        ("POST / HTTP/1.1\r\nHost: h\r\n\r\n", BodyFraming::Empty),
         (
-            "POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n",
             BodyFraming::Empty,
         ),
         (
-            "POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 12\r\n\r\n",
             BodyFraming::Length(12),
         ),
         (
@@ -69,11 +69,11 @@ fn body_framing_follows_rfc_9112_and_refuses_every_ambiguity() {
             BodyFraming::Length(3),
         ),
         (
-            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n",
             BodyFraming::Chunked,
         ),
         (
-            "POST / HTTP/1.1\r\ntransfer-encoding:  Chunked \r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\ntransfer-encoding:  Chunked \r\n\r\n",
             BodyFraming::Chunked,
         ),
     ];
@@ -81,32 +81,32 @@ fn body_framing_follows_rfc_9112_and_refuses_every_ambiguity() {
         assert_eq!(head(bytes).framing, *framing, "{bytes:?}");
     }
     let bad = [
-        "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
-        "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
-        "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
-        "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
-        "POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
-        "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
-        "POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-        "POST / HTTP/1.1\r\nContent-Length: 0x10\r\n\r\n",
-        "POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
-        "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
-        "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
-        "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
-        "POST / HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n",
-        "POST / HTTP/1.1\r\nTransfer-Encoding: xchunked\r\n\r\n",
-        "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 5\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +5\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0x10\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: \r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999999999999\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: identity\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: xchunked\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
         "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
         // Not a field name (a space before the colon), a folded line, bare CR.
-        "POST / HTTP/1.1\r\nTransfer-Encoding : chunked\r\n\r\n",
-        "POST / HTTP/1.1\r\nX-A: 1\r\n Transfer-Encoding: chunked\r\n\r\n",
-        "GET / HTTP/1.1\r\nX-A: 1\rX-B: 2\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n Transfer-Encoding: chunked\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: h\r\nX-A: 1\rX-B: 2\r\n\r\n",
         "GET / HTTP/2.0\r\n\r\n",
         "GET / HTTP/1.2\r\n\r\n",
         "GET /\r\n\r\n",
-        "GET  / HTTP/1.1\r\n\r\n",
-        "G\0T / HTTP/1.1\r\n\r\n",
-        "GET / HTTP/1.1\r\nX-A: a\0b\r\n\r\n",
+        "GET  / HTTP/1.1\r\nHost: h\r\n\r\n",
+        "G\0T / HTTP/1.1\r\nHost: h\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: h\r\nX-A: a\0b\r\n\r\n",
     ];
     for bytes in bad {
         assert!(
@@ -117,10 +117,21 @@ fn body_framing_follows_rfc_9112_and_refuses_every_ambiguity() {
 }
 
 #[test]
+fn http_1_1_needs_a_host_and_te_trailers_is_read() {
+    assert!(matches!(
+        refused("GET / HTTP/1.1\r\nX-A: 1\r\n\r\n"),
+        HeadError::Malformed(_)
+    ));
+    assert!(head("GET / HTTP/1.0\r\n\r\n").request.headers().is_empty());
+    assert!(head("GET / HTTP/1.1\r\nHost: h\r\nTE: gzip, Trailers\r\n\r\n").trailers);
+    assert!(!head("GET / HTTP/1.1\r\nHost: h\r\nTE: gzip\r\n\r\n").trailers);
+}
+
+#[test]
 fn a_raw_fragment_is_refused_not_cut_off() {
     for target in ["/a#b", "/a?q=1#b", "/a#/../admin", "#"] {
         assert_eq!(
-            refused(&format!("GET {target} HTTP/1.1\r\n\r\n")),
+            refused(&format!("GET {target} HTTP/1.1\r\nHost: h\r\n\r\n")),
             HeadError::Fragment
         );
     }
@@ -129,15 +140,19 @@ fn a_raw_fragment_is_refused_not_cut_off() {
 #[test]
 fn connection_and_expect_are_read_from_every_field() {
     let cases: &[(&str, bool, bool)] = &[
-        ("GET / HTTP/1.1\r\n\r\n", true, false),
-        ("GET / HTTP/1.1\r\nConnection: close\r\n\r\n", false, false),
+        ("GET / HTTP/1.1\r\nHost: h\r\n\r\n", true, false),
         (
-            "GET / HTTP/1.1\r\nConnection: x-a, Close\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
             false,
             false,
         ),
         (
-            "GET / HTTP/1.1\r\nConnection: x-a\r\nConnection: close\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: h\r\nConnection: x-a, Close\r\n\r\n",
+            false,
+            false,
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: h\r\nConnection: x-a\r\nConnection: close\r\n\r\n",
             false,
             false,
         ),
@@ -153,12 +168,12 @@ fn connection_and_expect_are_read_from_every_field() {
             false,
         ),
         (
-            "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
             true,
             true,
         ),
         (
-            "POST / HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-Continue\r\nContent-Length: 3\r\n\r\n",
             true,
             true,
         ),
@@ -168,7 +183,7 @@ fn connection_and_expect_are_read_from_every_field() {
             false,
         ),
         (
-            "POST / HTTP/1.1\r\nExpect: something\r\nContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\nExpect: something\r\nContent-Length: 3\r\n\r\n",
             true,
             false,
         ),
@@ -182,19 +197,22 @@ fn connection_and_expect_are_read_from_every_field() {
 
 #[test]
 fn heads_over_the_limits_are_too_large() {
-    let big = format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(20 * 1024));
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: h\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20 * 1024)
+    );
     assert_eq!(refused(&big), HeadError::TooLarge);
     // Incomplete but already over the limit: refused without waiting for the rest.
     let (r, _) = parse(&big.as_bytes()[..17 * 1024], LIMITS);
     assert_eq!(r.unwrap_err(), HeadError::TooLarge);
     let many: String = (0..101).map(|i| format!("X-H{i}: {i}\r\n")).collect();
     assert_eq!(
-        refused(&format!("GET / HTTP/1.1\r\n{many}\r\n")),
+        refused(&format!("GET / HTTP/1.1\r\nHost: h\r\n{many}\r\n")),
         HeadError::TooLarge
     );
-    let some: String = (0..100).map(|i| format!("X-H{i}: {i}\r\n")).collect();
+    let some: String = (0..99).map(|i| format!("X-H{i}: {i}\r\n")).collect();
     assert_eq!(
-        head(&format!("GET / HTTP/1.1\r\n{some}\r\n"))
+        head(&format!("GET / HTTP/1.1\r\nHost: h\r\n{some}\r\n"))
             .request
             .headers()
             .len(),
@@ -235,7 +253,15 @@ fn response_heads_carry_keygates_framing_only() {
     ];
     for (framing, persistence, tail) in cases {
         let mut out = Vec::new();
-        encode_response_head(&mut out, StatusCode::OK, &h, *framing, *persistence, date);
+        encode_response_head(
+            &mut out,
+            StatusCode::OK,
+            &h,
+            None,
+            *framing,
+            *persistence,
+            date,
+        );
         assert_eq!(
             String::from_utf8(out).unwrap(),
             format!(
@@ -254,6 +280,7 @@ fn response_heads_carry_keygates_framing_only() {
         &mut out,
         StatusCode::NOT_MODIFIED,
         &h,
+        None,
         ResponseFraming::NoBody { keep_length: true },
         Persistence::Default,
         date,
@@ -271,6 +298,7 @@ fn response_heads_carry_keygates_framing_only() {
         &mut out,
         StatusCode::SWITCHING_PROTOCOLS,
         &up,
+        None,
         ResponseFraming::NoBody { keep_length: false },
         Persistence::Upgrade,
         date,
@@ -294,7 +322,7 @@ fn the_h2_preface_is_recognized_from_its_first_byte() {
     assert!(may_be_h2(b"P"));
     assert!(may_be_h2(b"PRI * HTTP/2.0\r\n"));
     assert!(may_be_h2(H2_PREFACE));
-    assert!(!may_be_h2(b"POST / HTTP/1.1\r\n"));
+    assert!(!may_be_h2(b"POST / HTTP/1.1\r\nHost: h\r\n"));
     assert!(!may_be_h2(b"GET"));
     assert_eq!(date().len(), 29);
 }

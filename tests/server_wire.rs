@@ -1,0 +1,320 @@
+//! The proxy's HTTP/1.1 server side against raw clients and an upstream that writes exact
+//! bytes: the upstream's fields reach the client as it sent them (keygate's own values win),
+//! trailers only to a client that asks, refusals keep the contract, and a connection whose
+//! client goes away or goes silent mid-upload never outlives `limits.idle_timeout`.
+
+mod support;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// An upstream running `serve` on each connection it accepts.
+async fn upstream<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(serve(s));
+        }
+    });
+    addr
+}
+
+/// Read a request head from `s`; what came after it.
+async fn read_head(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while find(&buf, b"\r\n\r\n").is_none() {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let end = find(&buf, b"\r\n\r\n").unwrap() + 4;
+    Some(buf.split_off(end))
+}
+
+/// An upstream answering every request (read with a body of `Content-Length`) with `answer`.
+async fn answering(answer: &'static [u8]) -> SocketAddr {
+    // Requests here carry no body, and come one at a time.
+    upstream(move |mut s| async move {
+        while read_head(&mut s).await.is_some() {
+            if s.write_all(answer).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+struct Fx {
+    gate: Gate,
+    _snap: SnapshotDir,
+    key: String,
+}
+
+async fn fx(up: SocketAddr, extra: &str) -> Fx {
+    let snap = SnapshotDir::new();
+    let key = mint("sk_live_");
+    snap.write(
+        &Doc::new(1)
+            .partner("partner_acme", Some("org_1"), "active")
+            .key(
+                "key_1",
+                &key,
+                json!({"scopes": ["analyses:read", "analyses:write"]}),
+            ),
+    );
+    let gate = Gate::start(&config_toml(&snap.path(), up, extra)).await;
+    Fx {
+        gate,
+        _snap: snap,
+        key,
+    }
+}
+
+impl Fx {
+    fn req(&self, line: &str, headers: &str) -> Vec<u8> {
+        format!(
+            "{line} HTTP/1.1\r\nHost: api.example\r\nAuthorization: Bearer {}\r\n{headers}\r\n",
+            self.key
+        )
+        .into_bytes()
+    }
+}
+
+/// Everything `s` sends until it closes (or `within` passes).
+async fn read_all(s: &mut TcpStream, within: Duration) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let _ = tokio::time::timeout(within, async {
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    got
+}
+
+#[tokio::test]
+async fn the_upstreams_fields_pass_as_sent_and_keygates_own_win() {
+    let up = answering(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nX-Multi: a\r\nx-multi: b\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\nx-request-id: made-upstream\r\nConnection: keep-alive, x-hop\r\nx-hop: 1\r\n\r\nok",
+    )
+    .await;
+    let f = fx(up, "").await;
+    let bearer = format!("Bearer {}", f.key);
+    for c in [client(), h2_client()] {
+        let a = get(
+            &c,
+            &f.gate.url("/v1/analyses/1"),
+            &[("authorization", &bearer)],
+        )
+        .await;
+        assert_eq!(a.status, 200, "{a:?}");
+        assert_eq!(&a.body[..], b"ok");
+        let multi: Vec<_> = a.headers.get_all("x-multi").iter().collect();
+        assert_eq!(multi, ["a", "b"], "{a:?}");
+        let dates: Vec<_> = a.headers.get_all("date").iter().collect();
+        assert_eq!(dates, ["Mon, 01 Jan 2024 00:00:00 GMT"], "{a:?}");
+        let ids: Vec<_> = a.headers.get_all("x-request-id").iter().collect();
+        assert_eq!(ids.len(), 1, "{a:?}");
+        assert_ne!(
+            ids[0], "made-upstream",
+            "the upstream's request id won: {a:?}"
+        );
+        assert!(a.headers.get("x-hop").is_none(), "{a:?}");
+    }
+    // On the wire: each field once, the length keygate's.
+    let mut s = TcpStream::connect(f.gate.addr).await.unwrap();
+    s.write_all(&f.req("GET /v1/analyses/1", "Connection: close\r\n"))
+        .await
+        .unwrap();
+    let text = String::from_utf8(read_all(&mut s, Duration::from_secs(5)).await).unwrap();
+    assert_eq!(text.matches("content-length: 2\r\n").count(), 1, "{text}");
+    assert_eq!(
+        text.to_ascii_lowercase().matches("\r\ndate:").count(),
+        1,
+        "{text}"
+    );
+    assert!(text.contains("X-Multi: a\r\nx-multi: b\r\n"), "{text}");
+    f.gate.stop().await;
+}
+
+#[tokio::test]
+async fn trailers_reach_only_a_client_that_asks_for_them() {
+    let up = answering(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-trail\r\n\r\n5\r\nhello\r\n0\r\nx-trail: 1\r\ncontent-length: 987654\r\n\r\n",
+    )
+    .await;
+    let f = fx(up, "").await;
+    for (te, want) in [("", false), ("TE: trailers\r\n", true)] {
+        let mut s = TcpStream::connect(f.gate.addr).await.unwrap();
+        s.write_all(&f.req("GET /v1/analyses/1", &format!("{te}Connection: close\r\n")))
+            .await
+            .unwrap();
+        let text = String::from_utf8(read_all(&mut s, Duration::from_secs(5)).await).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.contains("\r\n5\r\nhello\r\n0\r\n"), "{text}");
+        assert_eq!(text.contains("x-trail: 1\r\n"), want, "{te:?}: {text}");
+        assert!(!text.contains("987654"), "a length in the trailers: {text}");
+        assert!(text.ends_with("\r\n\r\n"), "{text}");
+    }
+    f.gate.stop().await;
+}
+
+#[tokio::test]
+async fn refusals_keep_the_contract() {
+    let up = answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+    let f = fx(up, "").await;
+    // HTTP/1.1 without Host (RFC 9112 §3.2).
+    let a = raw(
+        f.gate.addr,
+        format!(
+            "GET /v1/analyses/1 HTTP/1.1\r\nAuthorization: Bearer {}\r\n\r\n",
+            f.key
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_error(&a, 400, "invalid_request");
+    // A HEAD refusal says how long the GET's would be, and sends no body.
+    let get = raw(
+        f.gate.addr,
+        b"GET /v1/analyses/1 HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .await;
+    assert_error(&get, 401, "authentication_required");
+    let mut s = TcpStream::connect(f.gate.addr).await.unwrap();
+    s.write_all(b"HEAD /v1/analyses/1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let text = String::from_utf8(read_all(&mut s, Duration::from_secs(5)).await).unwrap();
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    let length = format!("content-length: {}\r\n", get.body.len());
+    assert!(text.contains(&length), "{text}");
+    assert!(
+        text.ends_with("\r\n\r\n"),
+        "a body after a HEAD answer: {text}"
+    );
+    f.gate.stop().await;
+}
+
+/// A client whose upload breaks (malformed chunks, or cut short) gets 400 `invalid_request`,
+/// not a 502 that would blame the upstream.
+#[tokio::test]
+async fn a_broken_upload_is_the_clients_fault() {
+    // Reads whatever comes and never answers: only the client's body can end the exchange.
+    let up = upstream(|mut s| async move {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = s.read(&mut chunk).await {
+            if n == 0 {
+                return;
+            }
+        }
+    })
+    .await;
+    let f = fx(up, "").await;
+    for (headers, body, half_close) in [
+        (
+            "Transfer-Encoding: chunked\r\n",
+            &b"5\r\nhelloXX\r\n0\r\n\r\n"[..],
+            false,
+        ),
+        ("Transfer-Encoding: chunked\r\n", b"zz\r\nhello\r\n", false),
+        ("Content-Length: 100\r\n", b"hello", true),
+    ] {
+        let mut s = TcpStream::connect(f.gate.addr).await.unwrap();
+        s.write_all(&f.req("POST /v1/analyses/1", headers))
+            .await
+            .unwrap();
+        s.write_all(body).await.unwrap();
+        if half_close {
+            s.shutdown().await.unwrap();
+        }
+        let got = read_all(&mut s, Duration::from_secs(5)).await;
+        let a = parse_response(&got)
+            .unwrap_or_else(|| panic!("{headers:?}: {:?}", String::from_utf8_lossy(&got)));
+        assert_error(&a, 400, "invalid_request");
+        assert_eq!(a.header("connection"), Some("close"), "{headers:?}");
+    }
+    f.gate.stop().await;
+}
+
+/// An upstream that answers at once and keeps its body open while it reads the upload (a
+/// streaming handler): a client that then goes silent, or away, must not hold its connection,
+/// its place and an upstream connection for ever.
+#[tokio::test]
+async fn a_client_gone_silent_or_away_mid_upload_lets_its_connection_go() {
+    let up = upstream(|mut s| async move {
+        if read_head(&mut s).await.is_none() {
+            return;
+        }
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            .await;
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = s.read(&mut chunk).await {
+            if n == 0 {
+                return;
+            }
+        }
+    })
+    .await;
+    let f = fx(up, "[limits]\nidle_timeout = \"1s\"\n").await;
+    let open = "keygate_connections_open{front=\"proxy\"}";
+    for away in [false, true] {
+        let mut s = TcpStream::connect(f.gate.addr).await.unwrap();
+        s.write_all(&f.req("POST /v1/analyses/1", "Content-Length: 1000000\r\n"))
+            .await
+            .unwrap();
+        s.write_all(b"aaaaaaaaaa").await.unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("hello") {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+                .await
+                .expect("the early answer")
+                .unwrap();
+            assert!(n > 0, "closed before the early answer");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        let started = Instant::now();
+        if away {
+            drop(s);
+        } else {
+            // Silent: the connection must be closed by keygate.
+            read_all(&mut s, Duration::from_secs(8)).await;
+            assert!(
+                started.elapsed() < Duration::from_secs(7),
+                "a silent client mid-upload was not closed after the idle timeout"
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(8);
+        while f.gate.metric(open).await != Some(0.0) {
+            assert!(
+                Instant::now() < deadline,
+                "away = {away}: the connection was still open after 8 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    f.gate.stop().await;
+}
