@@ -1,5 +1,6 @@
-//! The reverse-proxy front (hyper): HTTP/1.1 and h2c on one port, or both over TLS (ALPN `h2`
-//! and `http/1.1`, optionally requiring client certificates) when `proxy.tls_cert` is set. It turns a request into
+//! The reverse-proxy front: HTTP/1.1 (keygate's own server, [`crate::server`]) and h2c (hyper)
+//! on one port, or both over TLS (ALPN `h2` and `http/1.1`, optionally requiring client
+//! certificates) when `proxy.tls_cert` is set. It turns a request into
 //! [`RequestFacts`], asks [`decide`](crate::decision::decide), and applies the verdict: an allowed request is forwarded with
 //! its normalized path, without hop-by-hop headers, spoofed identity headers or (by default) the
 //! credential, and with keygate's identity headers; a denied one is answered here with the

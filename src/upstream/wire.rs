@@ -224,11 +224,15 @@ pub fn parse_head(
                 .filter(|t| !t.is_empty())
         };
         let close = listed().any(|t| t.eq_ignore_ascii_case(b"close"));
+        // Tokens other than `close` and `keep-alive` name fields to leave out too; an answer
+        // rarely has any, and then no field is checked against them.
+        let names_fields = listed()
+            .any(|t| !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive"));
         let mut kept = Vec::with_capacity(count);
         for f in at {
             let name = &head[f.name()];
-            let hop_by_hop = HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-                || listed().any(|t| t.eq_ignore_ascii_case(name));
+            let hop_by_hop = is_hop_by_hop_name(name)
+                || (names_fields && listed().any(|t| t.eq_ignore_ascii_case(name)));
             if switching || !hop_by_hop {
                 kept.push(*f);
             }
@@ -252,19 +256,22 @@ pub fn parse_head(
     }
 }
 
-/// The hop-by-hop fields of RFC 9110 §7.6.1 and the obsolete ones still seen: about one
-/// connection, never passed on (see [`crate::headers::is_hop_by_hop`]).
-const HOP_BY_HOP: [&[u8]; 9] = [
-    b"connection",
-    b"keep-alive",
-    b"proxy-connection",
-    b"proxy-authenticate",
-    b"proxy-authorization",
-    b"te",
-    b"trailer",
-    b"transfer-encoding",
-    b"upgrade",
-];
+/// The hop-by-hop fields of RFC 9110 §7.6.1 and the obsolete ones still seen, about one
+/// connection and never passed on (as [`crate::headers::is_hop_by_hop`], for names in any case).
+/// Most names are told apart by their length alone.
+fn is_hop_by_hop_name(name: &[u8]) -> bool {
+    let is = |h: &[u8]| name.eq_ignore_ascii_case(h);
+    match name.len() {
+        2 => is(b"te"),
+        7 => is(b"trailer") || is(b"upgrade"),
+        10 => is(b"connection") || is(b"keep-alive"),
+        16 => is(b"proxy-connection"),
+        17 => is(b"transfer-encoding"),
+        18 => is(b"proxy-authenticate"),
+        19 => is(b"proxy-authorization"),
+        _ => false,
+    }
+}
 
 /// An answer's end-to-end header fields as they came (hop-by-hop ones and those its
 /// `Connection` lists left out): the head's bytes and where each field lies. The proxy's

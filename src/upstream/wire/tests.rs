@@ -370,3 +370,32 @@ fn hop_by_hop_fields_stay_with_the_connection_unless_it_switches() {
     assert_eq!(own.get_all("upgrade").iter().collect::<Vec<_>>(), ["mine"]);
     assert_eq!(own["connection"], "upgrade");
 }
+
+#[test]
+fn hop_by_hop_names_are_told_apart_in_any_case() {
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "content-type",
+        "date",
+        "x-upstream",
+        "tk",
+        "trailers",
+        "upgrade-insecure-requests",
+    ] {
+        let header = HeaderName::from_static(name);
+        assert_eq!(
+            is_hop_by_hop_name(name.to_ascii_uppercase().as_bytes()),
+            crate::headers::is_hop_by_hop(&header),
+            "{name}"
+        );
+    }
+}
