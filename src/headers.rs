@@ -52,6 +52,25 @@ pub fn strip_hop_and_identity(
     }
 }
 
+/// Leave in an answer's trailer section only what a trailer may say (RFC 9110 §6.5.1): no
+/// hop-by-hop field, nothing about framing, routing or the content's form, and (with
+/// `identity`) no identity or request-id field, which only keygate sets.
+pub fn strip_trailers(t: &mut HeaderMap, identity: Option<&HeaderNames>) {
+    strip_hop_and_identity(t, identity, false);
+    for name in [
+        header::CONTENT_LENGTH,
+        header::CONTENT_TYPE,
+        header::CONTENT_ENCODING,
+        header::CONTENT_RANGE,
+        header::HOST,
+        header::DATE,
+        header::CACHE_CONTROL,
+        header::SET_COOKIE,
+    ] {
+        t.remove(name);
+    }
+}
+
 /// Header names listed in `Connection` (lower-cased), which are hop-by-hop too.
 pub fn connection_tokens(headers: &HeaderMap) -> Vec<HeaderName> {
     let mut out = Vec::new();

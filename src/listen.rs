@@ -266,6 +266,11 @@ pub struct Watched<S> {
     idle: Duration,
     /// Always armed: at the first-request deadline, then every `idle`.
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// Wakes every task that asked, not only the last: keygate's HTTP/1.1 side reads a request
+    /// body in one task while another writes the answer, and either may be the one left
+    /// waiting when the deadline passes.
+    wakers: Arc<Wakers>,
+    waker: std::task::Waker,
     /// Requests begun, response frames sent and bytes moved when the timer was last armed.
     then: (u64, u64, u64),
     /// Bytes read from and written to the client.
@@ -277,11 +282,14 @@ pub struct Watched<S> {
 
 impl<S> Watched<S> {
     pub fn new(inner: S, activity: Arc<Activity>, first_request: Duration, idle: Duration) -> Self {
+        let wakers = Arc::new(Wakers::default());
         Watched {
             inner,
             activity,
             idle,
             timer: Box::pin(tokio::time::sleep(first_request)),
+            wakers: wakers.clone(),
+            waker: std::task::Waker::from(wakers),
             then: (0, 0, 0),
             moved: 0,
             _open: None,
@@ -301,7 +309,9 @@ impl<S> Watched<S> {
 
     /// `Ready(Err)` once the connection has been unused past its deadline.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
-        while self.timer.as_mut().poll(cx).is_ready() {
+        self.wakers.register(cx.waker());
+        let mut fanned = Context::from_waker(&self.waker);
+        while self.timer.as_mut().poll(&mut fanned).is_ready() {
             let now = (
                 self.activity.begun.load(Ordering::Relaxed),
                 self.activity.frames.load(Ordering::Relaxed),
@@ -340,6 +350,44 @@ impl crate::server::Stream for Watched<TcpStream> {
 impl crate::server::Stream for tokio_rustls::server::TlsStream<Watched<TcpStream>> {
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
         Watched::poll_expired(self.get_mut().0, cx)
+    }
+}
+
+/// The tasks waiting on a connection's deadline (at most two: a request body's reader and the
+/// connection's writer).
+#[derive(Default)]
+struct Wakers(std::sync::Mutex<[Option<std::task::Waker>; 2]>);
+
+impl Wakers {
+    fn register(&self, waker: &std::task::Waker) {
+        let mut slots = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slots.iter().flatten().any(|w| w.will_wake(waker)) {
+            return;
+        }
+        // The older one goes when a third task asks.
+        slots[1] = slots[0].take();
+        slots[0] = Some(waker.clone());
+    }
+}
+
+impl std::task::Wake for Wakers {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let woken = std::mem::take(
+            &mut *self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for w in woken.into_iter().flatten() {
+            w.wake();
+        }
     }
 }
 

@@ -695,7 +695,10 @@ async fn answer(
             Response::from_parts(parts, Either::Right(Full::new(Bytes::new())))
         }
         // The upstream client has left out the answer's hop-by-hop fields already.
-        _ => resp.map(Either::Left),
+        _ => resp.map(|mut body| {
+            body.keep_out_of_trailers(state.names.clone());
+            Either::Left(body)
+        }),
     };
     resp.headers_mut()
         .insert(names.request_id.clone(), request_id);
@@ -791,10 +794,13 @@ async fn remember(
     let (parts, body) = resp.into_parts();
     match tokio::time::timeout(timeout, body.read_ahead(max)).await {
         Ok(Ok(ReadAhead::Whole(bytes))) => {
+            // A replay gets the date it is sent on, not the first answer's.
+            let mut headers = parts.headers.clone();
+            headers.remove(header::DATE);
             pending
                 .complete(Stored {
                     status: parts.status,
-                    headers: parts.headers.clone(),
+                    headers,
                     body: bytes.clone(),
                 })
                 .await;

@@ -468,14 +468,7 @@ impl Conn<'_> {
                 return Err(Abort);
             }
             ResponseFraming::Chunked => {
-                let trailers = trailers.map(|mut t| {
-                    // Framing, routing and hop-by-hop fields are not trailers' to set.
-                    crate::headers::strip_hop_and_identity(&mut t, None, false);
-                    for name in [header::CONTENT_LENGTH, header::HOST, header::CONTENT_TYPE] {
-                        t.remove(name);
-                    }
-                    t
-                });
+                // What a trailer may not say was left out where the answer was read.
                 wire::encode_last_chunk(&mut self.out, trailers.as_ref());
             }
             _ => {}

@@ -255,6 +255,7 @@ impl Upstream {
         // The answer's map starts empty: its fields travel with the body (see `PooledBody`).
         let mut resp = Response::new(PooledBody {
             fields: head.fields,
+            identity: None,
             prefix: VecDeque::new(),
             inner,
             pool: self.me.clone(),
@@ -309,6 +310,9 @@ pub struct PooledBody {
     /// them as they are, and [`PooledBody::merge_fields`] makes map entries of them where a map
     /// is needed.
     fields: wire::Fields,
+    /// Identity and request-id names to keep out of the answer's trailers (only keygate sets
+    /// them); see [`PooledBody::keep_out_of_trailers`].
+    identity: Option<Arc<crate::config::HeaderNames>>,
     /// Frames already read from `inner` (by the idempotent replay, which reads ahead to store
     /// the answer), given out first.
     prefix: VecDeque<Frame<Bytes>>,
@@ -325,11 +329,11 @@ impl Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ConnError>>> {
         if let Some(frame) = self.prefix.pop_front() {
-            return Poll::Ready(Some(Ok(frame)));
+            return Poll::Ready(Some(Ok(self.clean(frame))));
         }
         match self.inner.poll(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(Polled::Frame(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(Ok(Polled::Frame(frame))) => Poll::Ready(Some(Ok(self.clean(frame)))),
             Poll::Ready(Ok(Polled::End(conn))) => {
                 if let Some(conn) = conn {
                     self.release(conn);
@@ -369,6 +373,22 @@ pub enum ReadAhead {
 }
 
 impl PooledBody {
+    /// Keep every spelling of `names`' identity and request-id fields out of the trailers.
+    pub fn keep_out_of_trailers(&mut self, names: Arc<crate::config::HeaderNames>) {
+        self.identity = Some(names);
+    }
+
+    fn clean(&self, frame: Frame<Bytes>) -> Frame<Bytes> {
+        match (frame.into_trailers(), &self.identity) {
+            (Ok(mut t), Some(names)) => {
+                crate::headers::strip_trailers(&mut t, Some(names));
+                Frame::trailers(t)
+            }
+            (Ok(t), None) => Frame::trailers(t),
+            (Err(frame), _) => frame,
+        }
+    }
+
     /// The upstream's header fields still to be written (see the field's doc).
     pub fn fields(&self) -> &wire::Fields {
         &self.fields

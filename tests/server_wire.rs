@@ -161,7 +161,7 @@ async fn the_upstreams_fields_pass_as_sent_and_keygates_own_win() {
 #[tokio::test]
 async fn trailers_reach_only_a_client_that_asks_for_them() {
     let up = answering(
-        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-trail\r\n\r\n5\r\nhello\r\n0\r\nx-trail: 1\r\ncontent-length: 987654\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-trail\r\n\r\n5\r\nhello\r\n0\r\nx-trail: 1\r\ncontent-length: 987654\r\nx-key-id: made-up\r\nX_Request_Id: made-up\r\nconnection: close\r\n\r\n",
     )
     .await;
     let f = fx(up, "").await;
@@ -175,7 +175,56 @@ async fn trailers_reach_only_a_client_that_asks_for_them() {
         assert!(text.contains("\r\n5\r\nhello\r\n0\r\n"), "{text}");
         assert_eq!(text.contains("x-trail: 1\r\n"), want, "{te:?}: {text}");
         assert!(!text.contains("987654"), "a length in the trailers: {text}");
+        assert!(
+            !text.contains("made-up"),
+            "an identity field in the trailers: {text}"
+        );
+        assert!(!text.ends_with("connection: close\r\n\r\n"), "{text}");
         assert!(text.ends_with("\r\n\r\n"), "{text}");
+    }
+    f.gate.stop().await;
+}
+
+/// Answers without a body keep a `Content-Length` only where it means something and only if
+/// it is one number, so that an HTTP/2 client (which checks) gets them too.
+#[tokio::test]
+async fn bodyless_answers_carry_only_a_sound_length() {
+    let up = upstream(|mut s| async move {
+        while read_head(&mut s).await.is_some() {
+            let _ = s
+                .write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 3\r\n\r\n")
+                .await;
+        }
+    })
+    .await;
+    let f = fx(up, "").await;
+    let bearer = format!("Bearer {}", f.key);
+    for c in [client(), h2_client()] {
+        let a = get(
+            &c,
+            &f.gate.url("/v1/analyses/1"),
+            &[("authorization", &bearer)],
+        )
+        .await;
+        assert_eq!(a.status, 204, "{a:?}");
+        assert!(a.headers.get("content-length").is_none(), "{a:?}");
+    }
+    f.gate.stop().await;
+    let up = upstream(|mut s| async move {
+        while read_head(&mut s).await.is_some() {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\n")
+                .await;
+        }
+    })
+    .await;
+    let f = fx(up, "").await;
+    let bearer = format!("Bearer {}", f.key);
+    for c in [client(), h2_client()] {
+        let url = f.gate.url("/v1/analyses/1");
+        let a = send(&c, "HEAD", &url, &[("authorization", &bearer)], "").await;
+        assert_eq!(a.status, 200, "{a:?}");
+        assert!(a.headers.get("content-length").is_none(), "{a:?}");
     }
     f.gate.stop().await;
 }
@@ -316,5 +365,61 @@ async fn a_client_gone_silent_or_away_mid_upload_lets_its_connection_go() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    f.gate.stop().await;
+}
+
+/// The same with the upload stuck: the upstream stops reading it, so the upload (in its own
+/// task) waits on the upstream while the connection waits on the answer. When the client then
+/// goes silent, the deadline must still reach whichever task can close the connection.
+#[tokio::test]
+async fn a_silent_client_is_closed_while_its_upload_is_stuck_upstream() {
+    let up = upstream(|mut s| async move {
+        if read_head(&mut s).await.is_none() {
+            return;
+        }
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await;
+        // Never reads the upload; holds the connection for longer than the test.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    })
+    .await;
+    let f = fx(up, "[limits]\nidle_timeout = \"1s\"\n").await;
+    let mut s = TcpStream::connect(f.gate.addr).await.unwrap();
+    s.write_all(&f.req("POST /v1/analyses/1", "Content-Length: 100000000\r\n"))
+        .await
+        .unwrap();
+    s.write_all(b"x").await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while find(&got, b"\r\n\r\n").is_none() {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("the early answer's head")
+            .unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&chunk[..n]);
+    }
+    // Push the upload until every buffer on the way is full, then go silent.
+    let block = vec![b'x'; 64 * 1024];
+    let pushing = Instant::now();
+    while pushing.elapsed() < Duration::from_secs(1) {
+        if tokio::time::timeout(Duration::from_millis(200), s.write_all(&block))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let silent = Instant::now();
+    let open = "keygate_connections_open{front=\"proxy\"}";
+    while f.gate.metric(open).await != Some(0.0) {
+        assert!(
+            silent.elapsed() < Duration::from_secs(8),
+            "a silent client with its upload stuck upstream held its connection for 8 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(s);
     f.gate.stop().await;
 }

@@ -519,8 +519,9 @@ impl ResponseBody {
                     Decoded::Data(data) => {
                         return Poll::Ready(Ok(Polled::Frame(Frame::data(data))))
                     }
-                    Decoded::Trailers(t) => {
-                        return Poll::Ready(Ok(Polled::Frame(Frame::trailers(t))))
+                    Decoded::Trailers(mut t) => {
+                        crate::headers::strip_trailers(&mut t, None);
+                        return Poll::Ready(Ok(Polled::Frame(Frame::trailers(t))));
                     }
                     Decoded::End => {
                         self.state = BodyState::Done;

@@ -228,12 +228,19 @@ pub fn parse_head(
         // rarely has any, and then no field is checked against them.
         let names_fields = listed()
             .any(|t| !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive"));
+        // An answer without a body keeps its Content-Length only where it means something (HEAD,
+        // 304: the length a GET would get) and only if it is one number: `framing` did not
+        // need to check it, and a client (an HTTP/2 one at least) refuses the answer otherwise.
+        let keep_length = framing != Framing::Empty
+            || ((*method == Method::HEAD || status == StatusCode::NOT_MODIFIED)
+                && one_length(&head, at));
         let mut kept = Vec::with_capacity(count);
         for f in at {
             let name = &head[f.name()];
             let hop_by_hop = is_hop_by_hop_name(name)
                 || (names_fields && listed().any(|t| t.eq_ignore_ascii_case(name)));
-            if switching || !hop_by_hop {
+            let dropped_length = !keep_length && name.eq_ignore_ascii_case(b"content-length");
+            if switching || !(hop_by_hop || dropped_length) {
                 kept.push(*f);
             }
         }
@@ -352,6 +359,18 @@ impl Field {
 fn offset(part: &[u8], base: usize) -> (u32, u32) {
     let start = part.as_ptr() as usize - base;
     (start as u32, (start + part.len()) as u32)
+}
+
+/// Exactly one `Content-Length`, all digits.
+fn one_length(head: &[u8], fields: &[Field]) -> bool {
+    let mut lengths = fields
+        .iter()
+        .filter(|f| head[f.name()].eq_ignore_ascii_case(b"content-length"))
+        .map(|f| &head[f.value()]);
+    match (lengths.next(), lengths.next()) {
+        (Some(v), None) => !v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit),
+        _ => false,
+    }
 }
 
 /// RFC 9112 §6.3, refusing every case where two readers could disagree on where the body ends.

@@ -399,3 +399,51 @@ fn hop_by_hop_names_are_told_apart_in_any_case() {
         );
     }
 }
+
+#[test]
+fn a_bodyless_answer_keeps_its_length_only_where_it_means_something() {
+    let cases: &[(&str, Method, Option<&str>)] = &[
+        (
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+            Method::HEAD,
+            Some("5"),
+        ),
+        (
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\n",
+            Method::HEAD,
+            None,
+        ),
+        (
+            "HTTP/1.1 200 OK\r\ncontent-length: abc\r\n\r\n",
+            Method::HEAD,
+            None,
+        ),
+        (
+            "HTTP/1.1 304 Not Modified\r\ncontent-length: 10\r\n\r\n",
+            Method::GET,
+            Some("10"),
+        ),
+        (
+            "HTTP/1.1 304 Not Modified\r\ncontent-length: 1, 2\r\n\r\n",
+            Method::GET,
+            None,
+        ),
+        (
+            "HTTP/1.1 204 No Content\r\ncontent-length: 3\r\n\r\n",
+            Method::GET,
+            None,
+        ),
+    ];
+    for (bytes, method, want) in cases {
+        let h = parse(bytes.as_bytes(), method.clone(), false)
+            .0
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, Framing::Empty, "{bytes:?}");
+        let got = h
+            .fields
+            .get("content-length")
+            .map(|v| std::str::from_utf8(v).unwrap());
+        assert_eq!(got, *want, "{bytes:?}");
+    }
+}
