@@ -154,14 +154,14 @@ impl<F: Future + Unpin> Future for CatchUnwind<F> {
 
 /// The request's headers as Envoy sends them: the `headers` map (lower-case names, repeated
 /// headers comma-joined) or, with `encode_raw_headers`, the `header_map` list.
-struct Headers<'a, 'f>(&'f [(&'a str, &'a [u8])]);
+struct Headers<'a, 'f>(&'f [(&'a [u8], &'a [u8])]);
 
 impl<'a> Headers<'a, '_> {
     fn all<'s>(&'s self, name: &'s str) -> impl DoubleEndedIterator<Item = &'a [u8]> + 's {
         let name = name.as_bytes();
         self.0
             .iter()
-            .filter(move |(k, _)| k.as_bytes().eq_ignore_ascii_case(name))
+            .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| *v)
     }
 
@@ -244,11 +244,11 @@ async fn decide_check(
             &state.settings.trusted_proxies,
         )
     });
-    let auth: Vec<&[u8]> = headers
-        .all(names.credentials.authorization.as_str())
-        .collect();
-    let api_key: Vec<&[u8]> = headers.all(names.credentials.api_key.as_str()).collect();
-    let credential = extract(&auth, &api_key);
+    let (mut auth, mut api_key) = (Values::new(), Values::new());
+    let credential = extract(
+        auth.of(headers, names.credentials.authorization.as_str()),
+        api_key.of(headers, names.credentials.api_key.as_str()),
+    );
     let facts = RequestFacts {
         method: req.method,
         path: normalized.as_ref().map_err(|e| *e),
@@ -303,6 +303,37 @@ async fn decide_check(
         Verdict::Deny(reason) => {
             state.usage.denied(key, &reason);
             deny(reason, note)
+        }
+    }
+}
+
+/// A header's values, gathered without an allocation when there are few (there is one).
+struct Values<'a> {
+    few: [&'a [u8]; 4],
+    many: Vec<&'a [u8]>,
+}
+
+impl<'a> Values<'a> {
+    fn new() -> Self {
+        Values {
+            few: [b""; 4],
+            many: Vec::new(),
+        }
+    }
+
+    fn of(&mut self, headers: &Headers<'a, '_>, name: &str) -> &[&'a [u8]] {
+        let mut n = 0;
+        for v in headers.all(name) {
+            if n < self.few.len() {
+                self.few[n] = v;
+            }
+            n += 1;
+        }
+        if n <= self.few.len() {
+            &self.few[..n]
+        } else {
+            self.many = headers.all(name).collect();
+            &self.many
         }
     }
 }
@@ -391,11 +422,16 @@ impl Allowed<'_, '_> {
         };
         let remove = self.removed(set);
         let request_id = Set(names.request_id.as_str(), self.request_id);
-        let limits = self.limits.map(|l| l.each_ref().map(|(k, v)| Set(k, text(v))));
+        let limits = self
+            .limits
+            .map(|l| l.each_ref().map(|(k, v)| Set(k, text(v))));
         let to_add = std::iter::once(request_id).chain(limits.into_iter().flatten());
 
         let ok_len = set.iter().map(|s| s.field_len(2)).sum::<usize>()
-            + remove.iter().map(|r| delimited_len(5, r.len())).sum::<usize>()
+            + remove
+                .iter()
+                .map(|r| delimited_len(5, r.len()))
+                .sum::<usize>()
             + to_add.clone().map(|s| s.field_len(6)).sum::<usize>();
         let metadata = self.metadata_len();
         let len = delimited_len(1, 0) + delimited_len(3, ok_len) + delimited_len(4, metadata);
@@ -435,11 +471,21 @@ impl Allowed<'_, '_> {
             }
         }
         for (name, _) in self.headers.0 {
-            let lower: std::borrow::Cow<'_, str> = if name.bytes().any(|b| b.is_ascii_uppercase())
+            // Identity variants are ASCII, of the length of an identity header's name.
+            if !names
+                .identity()
+                .iter()
+                .any(|n| n.as_str().len() == name.len())
             {
+                continue;
+            }
+            let Ok(name) = std::str::from_utf8(name) else {
+                continue;
+            };
+            let lower: std::borrow::Cow<'_, str> = if name.bytes().any(|b| b.is_ascii_uppercase()) {
                 name.to_ascii_lowercase().into()
             } else {
-                (*name).into()
+                name.into()
             };
             if is_identity_variant(&lower, names)
                 && !set.iter().any(|s| s.0 == lower)

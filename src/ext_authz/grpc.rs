@@ -132,7 +132,10 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
             Box::pin(async move {
                 type Tonic = tonic::service::Routes;
                 std::future::poll_fn(|cx| {
-                    <Tonic as tower_service::Service<Request<Incoming>>>::poll_ready(&mut others, cx)
+                    <Tonic as tower_service::Service<Request<Incoming>>>::poll_ready(
+                        &mut others,
+                        cx,
+                    )
                 })
                 .await?;
                 let answer = tower_service::Service::call(&mut others, req).await?;
@@ -404,10 +407,9 @@ impl Body for Reply {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Reply::Message {
-                message: Some(m), ..
-            } => SizeHint::with_exact(m.len() as u64),
-            Reply::Message { .. } | Reply::Empty => SizeHint::with_exact(0),
+            // Not exact for a message: hyper would add a content-length, which gRPC does not use.
+            Reply::Message { .. } => SizeHint::default(),
+            Reply::Empty => SizeHint::with_exact(0),
             Reply::Tonic { body } => body.size_hint(),
         }
     }

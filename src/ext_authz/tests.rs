@@ -12,9 +12,9 @@ use envoy_types::ext_authz::v3::pb::{
 use envoy_types::pb::envoy::config::core::v3::{
     address, Address, HeaderMap, HeaderValue, SocketAddress,
 };
-use prost::Message as _;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
 use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+use prost::Message as _;
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
@@ -50,7 +50,11 @@ async fn check(state: &ExtAuthzState, req: &CheckRequest) -> CheckResponse {
 fn decode(message: &[u8]) -> CheckResponse {
     assert_eq!(message[0], 0, "not compressed");
     let len = u32::from_be_bytes(message[1..5].try_into().unwrap()) as usize;
-    assert_eq!(message.len(), 5 + len, "the prefix gives the message's length");
+    assert_eq!(
+        message.len(),
+        5 + len,
+        "the prefix gives the message's length"
+    );
     CheckResponse::decode(&message[5..]).expect("a CheckResponse")
 }
 
@@ -510,8 +514,8 @@ async fn an_allow_is_exactly_the_check_response_envoy_reads() {
             ),
         ]),
     };
-    let allow = |set_headers: Vec<HeaderValueOption>, remove: &[&str], id: &str, m: Struct| {
-        CheckResponse {
+    let allow =
+        |set_headers: Vec<HeaderValueOption>, remove: &[&str], id: &str, m: Struct| CheckResponse {
             status: Some(envoy_types::pb::google::rpc::Status::default()),
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                 headers: set_headers,
@@ -520,8 +524,7 @@ async fn an_allow_is_exactly_the_check_response_envoy_reads() {
                 ..Default::default()
             })),
             dynamic_metadata: Some(m),
-        }
-    };
+        };
     let bearer = format!("bearer {}", f.ok);
     let got = check(
         &f.state,

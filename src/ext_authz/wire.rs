@@ -10,12 +10,14 @@
 
 use bytes::BufMut;
 use prost::encoding::{
-    decode_key, decode_varint, encode_key, encode_varint, encoded_len_varint, key_len, skip_field,
+    decode_key, decode_varint, encode_varint, encoded_len_varint, key_len, skip_field,
     DecodeContext, WireType,
 };
 
-/// The bytes are not a `CheckRequest` prost would decode (bad varint, a length past the end,
-/// a field read with the wrong wire type, a string that is not UTF-8).
+/// The bytes are not a `CheckRequest` (bad varint, a length past the end, a field read with
+/// the wrong wire type, a method, path, host or address that is not UTF-8). Fields keygate
+/// does not read are only skipped: what prost decodes, [`read`] reads the same way, and it
+/// reads some messages prost refuses (headers or unread fields that are not UTF-8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Malformed;
 
@@ -30,8 +32,11 @@ pub struct CheckFacts<'a> {
     /// `attributes.source.address`, when it is a socket address.
     pub peer: Option<&'a str>,
     /// The `headers` map (each name once, with its last value, as prost's map keeps it), then
-    /// the `header_map` list (`raw_value` when set, else `value`).
-    pub headers: Vec<(&'a str, &'a [u8])>,
+    /// the `header_map` list (`raw_value` when set, else `value`). Names and values are bytes,
+    /// not checked to be UTF-8: Envoy passes header bytes on as they came, the decision reads
+    /// them as bytes (as the proxy front does), and a request whose headers prost would refuse
+    /// to decode must still be decided.
+    pub headers: Vec<(&'a [u8], &'a [u8])>,
 }
 
 /// Which variant of `Address`'s oneof was read last (a later variant replaces an earlier one;
@@ -48,7 +53,7 @@ pub fn read(message: &[u8]) -> Result<CheckFacts<'_>, Malformed> {
     let mut facts = CheckFacts::default();
     let mut addr = Addr::Unset;
     let mut raw = Vec::new();
-    for field in Fields(message) {
+    for field in fields(message) {
         // CheckRequest.attributes = 1
         if let (1, value) = field? {
             attributes(bytes(value)?, &mut facts, &mut addr, &mut raw)?;
@@ -76,18 +81,18 @@ pub fn read(message: &[u8]) -> Result<CheckFacts<'_>, Malformed> {
     Ok(facts)
 }
 
-/// `AttributeContext`: source = 1, request = 4.
+/// `AttributeContext`: source = 1, request = 4 (context_extensions = 10 is a map).
 fn attributes<'a>(
     m: &'a [u8],
     facts: &mut CheckFacts<'a>,
     addr: &mut Addr<'a>,
-    raw: &mut Vec<(&'a str, &'a [u8])>,
+    raw: &mut Vec<(&'a [u8], &'a [u8])>,
 ) -> Result<(), Malformed> {
-    for field in Fields(m) {
+    for field in fields_with_maps(m, &[10]) {
         match field? {
             (1, v) => {
-                // Peer.address = 1
-                for field in Fields(bytes(v)?) {
+                // Peer.address = 1 (labels = 3 is a map)
+                for field in fields_with_maps(bytes(v)?, &[3]) {
                     if let (1, v) = field? {
                         address(bytes(v)?, addr)?;
                     }
@@ -95,7 +100,7 @@ fn attributes<'a>(
             }
             (4, v) => {
                 // Request.http = 2
-                for field in Fields(bytes(v)?) {
+                for field in fields(bytes(v)?) {
                     if let (2, v) = field? {
                         facts.http = true;
                         http_request(bytes(v)?, facts, raw)?;
@@ -111,14 +116,14 @@ fn attributes<'a>(
 /// `Address`: the oneof socket_address = 1 (`SocketAddress.address` = 2), pipe = 2,
 /// envoy_internal_address = 3.
 fn address<'a>(m: &'a [u8], addr: &mut Addr<'a>) -> Result<(), Malformed> {
-    for field in Fields(m) {
+    for field in fields(m) {
         match field? {
             (1, v) => {
                 let mut a = match *addr {
                     Addr::Socket(a) => a,
                     _ => "",
                 };
-                for field in Fields(bytes(v)?) {
+                for field in fields(bytes(v)?) {
                     if let (2, v) = field? {
                         a = string(v)?;
                     }
@@ -135,45 +140,45 @@ fn address<'a>(m: &'a [u8], addr: &mut Addr<'a>) -> Result<(), Malformed> {
     Ok(())
 }
 
-/// `HttpRequest`: method = 2, headers = 3, path = 4, host = 5, header_map = 13.
+/// `HttpRequest`: method = 2, headers = 3 (a map), path = 4, host = 5, header_map = 13.
 fn http_request<'a>(
     m: &'a [u8],
     facts: &mut CheckFacts<'a>,
-    raw: &mut Vec<(&'a str, &'a [u8])>,
+    raw: &mut Vec<(&'a [u8], &'a [u8])>,
 ) -> Result<(), Malformed> {
-    for field in Fields(m) {
+    for field in fields_with_maps(m, &[3]) {
         match field? {
             (2, v) => facts.method = string(v)?,
             (4, v) => facts.path = string(v)?,
             (5, v) => facts.host = string(v)?,
             (3, v) => {
                 // A map entry: key = 1, value = 2.
-                let (mut name, mut value) = ("", "");
-                for field in Fields(bytes(v)?) {
+                let (mut name, mut value): (&[u8], &[u8]) = (b"", b"");
+                for field in fields(bytes(v)?) {
                     match field? {
-                        (1, v) => name = string(v)?,
-                        (2, v) => value = string(v)?,
+                        (1, v) => name = bytes(v)?,
+                        (2, v) => value = bytes(v)?,
                         _ => {}
                     }
                 }
-                facts.headers.push((name, value.as_bytes()));
+                facts.headers.push((name, value));
             }
             (13, v) => {
                 // HeaderMap.headers = 1, each a HeaderValue: key = 1, value = 2, raw_value = 3.
-                for field in Fields(bytes(v)?) {
+                for field in fields(bytes(v)?) {
                     if let (1, v) = field? {
-                        let (mut name, mut value, mut raw_value): (&str, &str, &[u8]) =
-                            ("", "", b"");
-                        for field in Fields(bytes(v)?) {
+                        let (mut name, mut value, mut raw_value): (&[u8], &[u8], &[u8]) =
+                            (b"", b"", b"");
+                        for field in fields(bytes(v)?) {
                             match field? {
-                                (1, v) => name = string(v)?,
-                                (2, v) => value = string(v)?,
+                                (1, v) => name = bytes(v)?,
+                                (2, v) => value = bytes(v)?,
                                 (3, v) => raw_value = bytes(v)?,
                                 _ => {}
                             }
                         }
                         let value = if raw_value.is_empty() {
-                            value.as_bytes()
+                            value
                         } else {
                             raw_value
                         };
@@ -206,35 +211,47 @@ fn string(v: Value<'_>) -> Result<&str, Malformed> {
     std::str::from_utf8(bytes(v)?).map_err(|_| Malformed)
 }
 
-/// The fields of one message, in wire order: (field number, value).
-struct Fields<'a>(&'a [u8]);
+/// The fields of one message, in wire order: (field number, value). Fields numbered in `maps`
+/// are map fields, read as length-delimited whatever their wire type, as prost reads them.
+struct Fields<'a> {
+    buf: &'a [u8],
+    maps: &'static [u32],
+}
+
+fn fields(buf: &[u8]) -> Fields<'_> {
+    Fields { buf, maps: &[] }
+}
+
+fn fields_with_maps<'a>(buf: &'a [u8], maps: &'static [u32]) -> Fields<'a> {
+    Fields { buf, maps }
+}
 
 impl<'a> Iterator for Fields<'a> {
     type Item = Result<(u32, Value<'a>), Malformed>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.0.is_empty() {
+        if self.buf.is_empty() {
             return None;
         }
         let next = (|| {
-            let (tag, wire) = decode_key(&mut self.0).map_err(|_| Malformed)?;
-            if wire != WireType::LengthDelimited {
-                skip_field(wire, tag, &mut self.0, DecodeContext::default())
+            let (tag, wire) = decode_key(&mut self.buf).map_err(|_| Malformed)?;
+            if wire != WireType::LengthDelimited && !self.maps.contains(&tag) {
+                skip_field(wire, tag, &mut self.buf, DecodeContext::default())
                     .map_err(|_| Malformed)?;
                 return Ok((tag, Value::Other));
             }
-            let len = decode_varint(&mut self.0).map_err(|_| Malformed)?;
+            let len = decode_varint(&mut self.buf).map_err(|_| Malformed)?;
             let len = usize::try_from(len).map_err(|_| Malformed)?;
-            if len > self.0.len() {
+            if len > self.buf.len() {
                 return Err(Malformed);
             }
-            let (value, rest) = self.0.split_at(len);
-            self.0 = rest;
+            let (value, rest) = self.buf.split_at(len);
+            self.buf = rest;
             Ok((tag, Value::Delimited(value)))
         })();
         if next.is_err() {
             // Stop after the first error.
-            self.0 = &[];
+            self.buf = &[];
         }
         Some(next)
     }
@@ -259,10 +276,23 @@ pub const fn string_len(tag: u32, s: &str) -> usize {
 pub struct Writer<'b, B: BufMut>(pub &'b mut B);
 
 impl<B: BufMut> Writer<'_, B> {
+    /// A varint; most here (keys of small field numbers, short lengths) are one byte.
+    fn put_varint(&mut self, v: u64) {
+        if v < 0x80 {
+            self.0.put_u8(v as u8);
+        } else {
+            encode_varint(v, self.0);
+        }
+    }
+
+    fn key(&mut self, tag: u32, wire: WireType) {
+        self.put_varint(u64::from(tag << 3 | wire as u32));
+    }
+
     /// The key and length of an embedded message (or string) of `len` bytes; its content follows.
     pub fn delimited(&mut self, tag: u32, len: usize) {
-        encode_key(tag, WireType::LengthDelimited, self.0);
-        encode_varint(len as u64, self.0);
+        self.key(tag, WireType::LengthDelimited);
+        self.put_varint(len as u64);
     }
 
     /// A proto3 string field: nothing when empty.
@@ -280,8 +310,8 @@ impl<B: BufMut> Writer<'_, B> {
 
     /// A varint field (an int32, enum or bool), written even when zero.
     pub fn varint(&mut self, tag: u32, v: u64) {
-        encode_key(tag, WireType::Varint, self.0);
-        encode_varint(v, self.0);
+        self.key(tag, WireType::Varint);
+        self.put_varint(v);
     }
 }
 

@@ -16,12 +16,21 @@ use prost::Message as _;
 
 use super::*;
 
-type Owned = (bool, String, String, String, Option<String>, Vec<(String, Vec<u8>)>);
+type Owned = (
+    bool,
+    String,
+    String,
+    String,
+    Option<String>,
+    Vec<(Vec<u8>, Vec<u8>)>,
+);
 
 /// What `read` must find, from prost's decoding.
 fn expected(req: &CheckRequest) -> Owned {
     let a = req.attributes.as_ref();
-    let http = a.and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
+    let http = a
+        .and_then(|a| a.request.as_ref())
+        .and_then(|r| r.http.as_ref());
     let peer = a
         .and_then(|a| a.source.as_ref())
         .and_then(|s| s.address.as_ref())
@@ -32,10 +41,10 @@ fn expected(req: &CheckRequest) -> Owned {
     let Some(http) = http else {
         return (false, "".into(), "".into(), "".into(), peer, Vec::new());
     };
-    let mut headers: Vec<(String, Vec<u8>)> = http
+    let mut headers: Vec<(Vec<u8>, Vec<u8>)> = http
         .headers
         .iter()
-        .map(|(k, v)| (k.clone(), v.as_bytes().to_vec()))
+        .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
         .collect();
     headers.sort();
     for h in http.header_map.iter().flat_map(|m| &m.headers) {
@@ -44,7 +53,7 @@ fn expected(req: &CheckRequest) -> Owned {
         } else {
             h.raw_value.clone()
         };
-        headers.push((h.key.clone(), v));
+        headers.push((h.key.as_bytes().to_vec(), v));
     }
     (
         true,
@@ -65,7 +74,7 @@ fn owned(f: &CheckFacts<'_>) -> Owned {
         f.peer.map(str::to_owned),
         f.headers
             .iter()
-            .map(|(k, v)| (k.to_string(), v.to_vec()))
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
             .collect(),
     )
 }
@@ -188,5 +197,47 @@ fn malformed_bytes() {
         assert!(CheckRequest::decode(*bytes).is_err(), "{bytes:?}");
         assert_eq!(read(bytes).unwrap_err(), Malformed, "{bytes:?}");
     }
-    assert!(!read(&[]).unwrap().http, "an empty message has no HTTP request");
+    assert!(
+        !read(&[]).unwrap().http,
+        "an empty message has no HTTP request"
+    );
+}
+
+/// prost reads a map field as length-delimited whatever its wire type says (it does not check
+/// it), so `read` does too: here `Peer.labels` (3) sent as a fixed64.
+#[test]
+fn map_fields_are_length_delimited_whatever_their_wire_type() {
+    // attributes { source { labels(3, wire type 1) <empty entry> } request { http {} } }
+    let message = [0x0a, 0x08, 0x0a, 0x02, 0x19, 0x00, 0x22, 0x02, 0x12, 0x00];
+    let req = CheckRequest::decode(&message[..]).expect("prost reads it");
+    let labels = &req
+        .attributes
+        .as_ref()
+        .unwrap()
+        .source
+        .as_ref()
+        .unwrap()
+        .labels;
+    assert_eq!(labels.len(), 1, "one entry, empty name and value");
+    agrees(&message);
+}
+
+/// Header bytes are passed on as they came, like the proxy front reads them: a value that is
+/// not UTF-8 (which prost refuses to decode) is read, not a reason to refuse the request.
+#[test]
+fn headers_that_are_not_utf8_are_read_as_bytes() {
+    // attributes { request { http { headers { key: "x-a", value: 0xff } } } }
+    let entry = [0x0a, 0x03, b'x', b'-', b'a', 0x12, 0x01, 0xff];
+    let mut http = vec![0x1a, entry.len() as u8];
+    http.extend_from_slice(&entry);
+    let mut request = vec![0x12, http.len() as u8];
+    request.extend_from_slice(&http);
+    let mut attributes = vec![0x22, request.len() as u8];
+    attributes.extend_from_slice(&request);
+    let mut message = vec![0x0a, attributes.len() as u8];
+    message.extend_from_slice(&attributes);
+    assert!(CheckRequest::decode(&message[..]).is_err());
+    let facts = read(&message).unwrap();
+    assert!(facts.http);
+    assert_eq!(facts.headers, [(&b"x-a"[..], &[0xff][..])]);
 }
