@@ -7,13 +7,25 @@
 # half of the measured peak (--rps) for the latency goal. Latency percentiles come from
 # h2load's per-request log.
 #
+# CALLGRIND=1 counts user-space instructions per Check instead, with valgrind --tool=callgrind:
+# the server answers N1 and then N2 Checks (10 connections x 10 streams) and instructions per
+# Check = (total(N2) - total(N1)) / (N2 - N1), which cancels start-up and shutdown (as
+# bench/instructions.sh). Unlike CPU time it does not move with whatever else the machine does:
+# the figure to compare two builds with. Under valgrind sha2 cannot use SHA-NI: keygate's count
+# includes ~3.6k instructions of software SHA-256. KEEP=DIR keeps the callgrind outputs.
+#
 # Usage: cargo build --release && bash bench/ext_authz.sh
 #        cargo build --release --example ext_authz_floor && FLOOR=1 bash bench/ext_authz.sh
 #        (the same load against an empty tonic Authorization server: the gRPC stack's floor)
-# Needs: h2load (nghttp2-client), python3 with grpcio + xds-protos, taskset.
+#        CALLGRIND=1 bash bench/ext_authz.sh     (also with FLOOR=1, or KEYGATE=another/build)
+# Needs: h2load (nghttp2-client), python3 with grpcio + xds-protos, taskset; valgrind for
+# CALLGRIND.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-KEYGATE=${KEYGATE:-target/release/keygate}
+KEYGATE=${KEYGATE:-${CARGO_TARGET_DIR:-target}/release/keygate}
+FLOOR_BIN=${FLOOR_BIN:-${CARGO_TARGET_DIR:-target}/release/examples/ext_authz_floor}
+N1=${N1:-100}
+N2=${N2:-5100}
 N=${N:-200000}
 CLIENTS=${CLIENTS:-10}
 STREAMS=${STREAMS:-10}
@@ -24,7 +36,11 @@ TMP=$(mktemp -d /tmp/keygate-extauthz.XXXXXX)
 # h2load's request logs go elsewhere than the snapshot's directory, which keygate watches.
 LOGS=$(mktemp -d /tmp/keygate-extauthz-logs.XXXXXX)
 PID=""
-cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null; rm -rf "$TMP" "$LOGS"; }
+cleanup() {
+  [ -n "$PID" ] && kill "$PID" 2>/dev/null
+  if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$TMP"/*.out "$KEEP"/ 2>/dev/null; fi
+  rm -rf "$TMP" "$LOGS"
+}
 trap cleanup EXIT
 
 python3 bench/gen_keys.py "$KEYS" "$TMP" >/dev/null 2>&1
@@ -44,6 +60,8 @@ listen = "127.0.0.1:$PORT"
 level = "warn"
 [runtime]
 flavor = "current_thread"
+[shutdown]
+delay = "0s"
 CONF
 
 python3 - "$TMP/body.bin" "$KEY" <<'PY'
@@ -61,9 +79,58 @@ msg = req.SerializeToString()
 open(sys.argv[1], "wb").write(b"\x00" + struct.pack(">I", len(msg)) + msg)
 PY
 
+# Waits until the server answers a Check, and checks it is an allow (the floor answers OK).
+ready() {
+  python3 - "$PORT" "$KEY" <<'PY'
+import sys, time, grpc
+from envoy.service.auth.v3 import attribute_context_pb2 as ac, external_auth_pb2 as ea, external_auth_pb2_grpc as eag
+stub = eag.AuthorizationStub(grpc.insecure_channel(f"127.0.0.1:{sys.argv[1]}"))
+for _ in range(600):
+    try:
+        r = stub.Check(ea.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
+            http=ac.AttributeContext.HttpRequest(method="GET", path="/v1/analyses/1", headers={"x-api-key": sys.argv[2]})))), timeout=2)
+        break
+    except grpc.RpcError:
+        time.sleep(0.2)
+assert r.status.code == 0 and r.HasField("ok_response"), r
+PY
+}
+
+if [ -n "${CALLGRIND:-}" ]; then
+
+# measure N -> prints the total instructions of a run answering N Checks
+measure() {
+  local n=$1
+  if [ -n "${FLOOR:-}" ]; then
+    valgrind --tool=callgrind --callgrind-out-file="$TMP/floor-$n.out" "$FLOOR_BIN" "127.0.0.1:$PORT" 2>"$TMP/vg-$n.log" &
+  else
+    valgrind --tool=callgrind --callgrind-out-file="$TMP/keygate-$n.out" "$KEYGATE" serve --config "$TMP/keygate.toml" 2>"$TMP/vg-$n.log" &
+  fi
+  PID=$!
+  ready || { echo "no allow answered; valgrind's log:" >&2; tail -20 "$TMP/vg-$n.log" >&2; exit 1; }
+  local out ok
+  out=$(h2load -n "$n" -c 10 -m 10 -d "$TMP/body.bin" -H 'content-type: application/grpc' -H 'te: trailers' \
+        "http://127.0.0.1:$PORT/envoy.service.auth.v3.Authorization/Check")
+  ok=$(echo "$out" | sed -n 's/^status codes: \([0-9]*\) 2xx.*/\1/p')
+  [ "$ok" = "$n" ] || { echo "only $ok of $n Checks answered 200" >&2; echo "$out" >&2; exit 1; }
+  # keygate drains on SIGINT; the floor has no handler, and a background job ignores SIGINT.
+  if [ -n "${FLOOR:-}" ]; then kill -TERM "$PID"; else kill -INT "$PID"; fi
+  wait "$PID" || true; PID=""
+  callgrind_annotate "$TMP"/*-"$n".out 2>/dev/null | sed -n 's/^ *\([0-9,]*\) .*PROGRAM TOTALS.*/\1/p' | tr -d ,
+}
+
+a=$(measure "$N1")
+b=$(measure "$N2")
+who=keygate; [ -n "${FLOOR:-}" ] && who="empty tonic handler"
+echo "| server | Checks measured | user-space instructions per Check |"
+echo "|---|---:|---:|"
+echo "| $who | $((N2 - N1)) | $(( (b - a) / (N2 - N1) )) |"
+exit 0
+fi
+
 if [ -n "${FLOOR:-}" ]; then
   # The floor: an empty tonic Authorization server (examples/ext_authz_floor.rs), same load.
-  taskset -c "$PROXY_CPU" target/release/examples/ext_authz_floor "127.0.0.1:$PORT" &
+  taskset -c "$PROXY_CPU" "$FLOOR_BIN" "127.0.0.1:$PORT" &
 else
   taskset -c "$PROXY_CPU" "$KEYGATE" serve --config "$TMP/keygate.toml" &
 fi
@@ -100,20 +167,7 @@ PY
 }
 
 # The gRPC response must really be an allow: check one Check through Python first.
-python3 - "$PORT" "$KEY" <<'PY'
-import sys, grpc
-from envoy.config.core.v3 import address_pb2
-from envoy.service.auth.v3 import attribute_context_pb2 as ac, external_auth_pb2 as ea, external_auth_pb2_grpc as eag
-stub = eag.AuthorizationStub(grpc.insecure_channel(f"127.0.0.1:{sys.argv[1]}"))
-for _ in range(100):
-    try:
-        r = stub.Check(ea.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
-            http=ac.AttributeContext.HttpRequest(method="GET", path="/v1/analyses/1", headers={"x-api-key": sys.argv[2]})))), timeout=1)
-        break
-    except grpc.RpcError:
-        import time; time.sleep(0.1)
-assert r.status.code == 0 and r.HasField("ok_response"), r
-PY
+ready
 
 echo "| run | Checks/s | p50 | p99 | keygate CPU µs/Check |"
 echo "|---|---:|---:|---:|---:|"

@@ -332,6 +332,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
             state,
             tls,
             stopped(fronts_rx.clone()),
+            drain,
         ));
     }
     let mut admin_addr = None;

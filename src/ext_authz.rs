@@ -3,22 +3,25 @@
 //! [`RequestFacts`], asks [`decide`](crate::decision::decide), and answers with a `CheckResponse`: OK with header
 //! mutations, or a denial carrying the contract's HTTP status, JSON body and headers.
 //!
-//! It never answers with a gRPC error, not for a missing snapshot and not for a malformed
-//! request: an error is what `failure_mode_allow` turns into an allow.
+//! A Check never gets a gRPC error for its decision, not for a missing snapshot, not for a
+//! `CheckRequest` that cannot be decoded or lacks its HTTP request, not for a fault: an error is
+//! what `failure_mode_allow` turns into an allow. Only a call that is not a well-framed gRPC
+//! call at all (see [`grpc`]) gets one, since no `CheckResponse` can answer it.
+//!
+//! Check is served below tonic ([`grpc`]: hyper's HTTP/2 and the gRPC framing by hand), and the
+//! messages are read and written without prost's owned types ([`wire`]): with tonic, the gRPC
+//! stack alone cost more than the whole budget of a Check. Health (and any other path) goes to
+//! tonic's routes.
 
-use crate::ratelimit::Outcome;
-use std::collections::HashMap;
+mod grpc;
+pub mod wire;
+
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::ext_authz::v3::pb::{
-    Authorization, AuthorizationServer, CheckRequest, CheckResponse, DeniedHttpResponse,
-    HeaderAppendAction, HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, OkHttpResponse,
-};
-use envoy_types::pb::google::protobuf::{value::Kind, BoolValue, Struct, Value};
-use envoy_types::pb::google::rpc;
+use bytes::{BufMut, Bytes, BytesMut};
 use http::StatusCode;
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
@@ -30,16 +33,18 @@ use crate::decision::{decide_attributed, now_ms, Allow, RequestFacts, Verdict};
 use crate::deny::DenyReason;
 use crate::headers::is_identity_variant;
 use crate::path::{normalize, split_target};
+use crate::ratelimit::Outcome;
 use crate::request_id;
 use crate::snapshot::SnapshotStore;
 use crate::telemetry::{Note, Record};
+use wire::{delimited_len, string_len, varint_len, CheckFacts, Writer};
 
 /// The service name health checks ask about (besides the whole server, `""`).
 pub const SERVICE: &str = "envoy.service.auth.v3.Authorization";
 
-/// The largest `CheckRequest` decoded. tonic's default (4 MiB) is below what Envoy can send with
-/// `with_request_body` or large header limits, and a message over the limit is a gRPC error,
-/// which `failure_mode_allow` turns into an allow. keygate reads no body, but must decode it.
+/// The largest `CheckRequest` decoded. Envoy can send large ones (`with_request_body`, large
+/// header limits), and a message over the limit is a gRPC error, which `failure_mode_allow`
+/// turns into an allow. keygate reads no body, but must decode it.
 pub const MAX_CHECK_BYTES: usize = 64 << 20;
 
 pub struct ExtAuthzState {
@@ -57,65 +62,14 @@ pub struct ExtAuthzState {
     pub resources: crate::config::Limits,
 }
 
-struct Service(Arc<ExtAuthzState>);
-
-#[tonic::async_trait]
-impl Authorization for Service {
-    async fn check(
-        &self,
-        request: tonic::Request<CheckRequest>,
-    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
-        let request = request.into_inner();
-        Ok(tonic::Response::new(
-            guarded(&self.0.names, check(&self.0, &request)).await,
-        ))
-    }
-}
-
-/// Run `check`; should it panic, answer a denial rather than let the stream die, which Envoy
-/// would count as an authorization error (an allow under `failure_mode_allow`).
-async fn guarded(names: &HeaderNames, check: impl Future<Output = CheckResponse>) -> CheckResponse {
-    CatchUnwind(std::pin::pin!(check))
-        .await
-        .unwrap_or_else(|()| {
-            tracing::error!("ext_authz: a Check panicked; denied with snapshot_unavailable");
-            let id = request_id::mint();
-            denied(
-                &DenyReason::SnapshotUnavailable,
-                id.to_str().unwrap_or(""),
-                names,
-            )
-        })
-}
-
-/// A future that turns a panic while polling `F` into `Err(())`.
-struct CatchUnwind<F>(F);
-
-impl<F: Future + Unpin> Future for CatchUnwind<F> {
-    type Output = Result<F::Output, ()>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let inner = &mut self.0;
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            std::pin::Pin::new(inner).poll(cx)
-        })) {
-            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
-            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
-            Err(_) => std::task::Poll::Ready(Err(())),
-        }
-    }
-}
-
-/// Serve Check and Health on `listener` until `shutdown` resolves; over TLS (ALPN `h2`) when
-/// `tls` is given.
+/// Serve Check and Health on `listener` until `shutdown` resolves, then let calls in flight
+/// finish for up to `drain`; over TLS (ALPN `h2`) when `tls` is given.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<ExtAuthzState>,
     tls: Option<Arc<crate::tls::TlsServer>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    drain: Duration,
 ) {
     let (reporter, health) = tonic_health::server::health_reporter();
     // Health follows the snapshot: SERVING only while one is in force, and not once shutdown
@@ -155,149 +109,150 @@ pub async fn serve(
         clearing.clear_service_status("").await;
         clearing.clear_service_status(SERVICE).await;
     };
-    let connections = state.connections.clone();
-    let r = &state.resources;
-    let idle = r.idle_timeout;
-    let router = tonic::transport::Server::builder()
-        .layer(crate::listen::TrackRequestsLayer)
-        .max_concurrent_streams(r.http2_max_concurrent_streams)
-        .http2_max_pending_accept_reset_streams(Some(r.http2_max_pending_accept_reset_streams))
-        .http2_max_local_error_reset_streams(Some(r.http2_max_local_error_reset_streams))
-        .http2_keepalive_interval(Some(r.http2_keep_alive_interval))
-        .http2_keepalive_timeout(Some(r.http2_keep_alive_timeout))
-        .add_service(health)
-        .add_service(
-            AuthorizationServer::new(Service(state)).max_decoding_message_size(MAX_CHECK_BYTES),
-        );
-    let result = match tls {
-        Some(tls) => {
-            let incoming = crate::tls::incoming(listener, tls, connections, idle, "ext_authz");
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await
-        }
-        None => {
-            let incoming =
-                crate::listen::counted_incoming(listener, connections, idle, "ext_authz");
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await
-        }
-    };
+    let others = tonic::service::Routes::new(health).prepare();
+    grpc::serve(listener, state, tls, others, shutdown, drain).await;
     watcher.abort();
-    if let Err(e) = result {
-        tracing::error!(error = %e, "ext_authz server stopped");
+}
+
+/// Run `check`; should it panic, answer a denial rather than let the stream die, which Envoy
+/// would count as an authorization error (an allow under `failure_mode_allow`).
+async fn guarded(names: &HeaderNames, check: impl Future<Output = Bytes>) -> Bytes {
+    CatchUnwind(std::pin::pin!(check))
+        .await
+        .unwrap_or_else(|()| {
+            tracing::error!("ext_authz: a Check panicked; denied with snapshot_unavailable");
+            let id = request_id::mint();
+            denied(
+                &DenyReason::SnapshotUnavailable,
+                id.to_str().unwrap_or(""),
+                names,
+                None,
+            )
+        })
+}
+
+/// A future that turns a panic while polling `F` into `Err(())`.
+struct CatchUnwind<F>(F);
+
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            std::pin::Pin::new(inner).poll(cx)
+        })) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(_) => std::task::Poll::Ready(Err(())),
+        }
     }
 }
 
 /// The request's headers as Envoy sends them: the `headers` map (lower-case names, repeated
 /// headers comma-joined) or, with `encode_raw_headers`, the `header_map` list.
-struct Headers<'a> {
-    map: Vec<(&'a str, &'a [u8])>,
-}
+struct Headers<'a, 'f>(&'f [(&'a [u8], &'a [u8])]);
 
-impl<'a> Headers<'a> {
-    fn of(
-        http: &'a envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest,
-    ) -> Self {
-        let mut map: Vec<(&str, &[u8])> = http
-            .headers
+impl<'a> Headers<'a, '_> {
+    fn all<'s>(&'s self, name: &'s str) -> impl DoubleEndedIterator<Item = &'a [u8]> + 's {
+        let name = name.as_bytes();
+        self.0
             .iter()
-            .map(|(k, v)| (k.as_str(), v.as_bytes()))
-            .collect();
-        if let Some(raw) = &http.header_map {
-            for h in &raw.headers {
-                let value: &[u8] = if h.raw_value.is_empty() {
-                    h.value.as_bytes()
-                } else {
-                    &h.raw_value
-                };
-                map.push((h.key.as_str(), value));
-            }
-        }
-        Headers { map }
-    }
-
-    fn all(&self, name: &str) -> Vec<&'a [u8]> {
-        self.map
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| *v)
-            .collect()
     }
 
     /// The one value of `name`; a repeated header yields an empty value (matches nothing).
     fn single(&self, name: &str) -> Option<&'a [u8]> {
-        match self.all(name).as_slice() {
-            [] => None,
-            [one] => Some(one),
-            _ => Some(b""),
-        }
+        let mut all = self.all(name);
+        let first = all.next()?;
+        Some(if all.next().is_some() { b"" } else { first })
     }
 }
 
-/// Decide one `CheckRequest`, then count it and log the decision (also when Envoy cancels
-/// first). Always a `CheckResponse`.
-pub async fn check(state: &ExtAuthzState, req: &CheckRequest) -> CheckResponse {
+/// Decide one serialized `CheckRequest`, then count it and log the decision (also when Envoy
+/// cancels first). The answer is a whole gRPC message: the 5-byte prefix and a serialized
+/// `CheckResponse`, always one.
+pub async fn check(state: &ExtAuthzState, message: &[u8]) -> Bytes {
     let mut record = Record::new(&state.shard);
-    let (resp, request_id) = decide_check(state, req, &mut record.note).await;
-    let status = match &resp.http_response {
-        Some(HttpResponse::DeniedResponse(d)) => d.status.as_ref().map_or(403, |s| s.code as u16),
-        _ => 200,
+    let minted;
+    let (answer, status, request_id) = match wire::read(message) {
+        Ok(facts) => return decided(state, &facts, record).await,
+        Err(wire::Malformed) => {
+            minted = request_id::mint();
+            let id = minted.to_str().unwrap_or("");
+            let reason = DenyReason::BadRequest("the CheckRequest could not be decoded");
+            record.note.deny(&reason);
+            (denied(&reason, id, &state.names, None), reason.status(), id)
+        }
     };
-    record.finish(status, &request_id);
-    resp
+    record.finish(status.as_u16(), request_id);
+    answer
+}
+
+async fn decided(state: &ExtAuthzState, facts: &CheckFacts<'_>, mut record: Record<'_>) -> Bytes {
+    let minted;
+    let headers = Headers(&facts.headers);
+    let names = &*state.names;
+    let request_id = match headers
+        .single(names.request_id.as_str())
+        .filter(|v| request_id::acceptable(v, &state.policy.prefixes))
+        .and_then(|v| std::str::from_utf8(v).ok())
+    {
+        Some(id) => id,
+        None => {
+            minted = request_id::mint();
+            minted.to_str().unwrap_or("")
+        }
+    };
+    let (answer, status) = decide_check(state, facts, &headers, request_id, &mut record.note).await;
+    record.finish(status, request_id);
+    answer
 }
 
 async fn decide_check(
     state: &ExtAuthzState,
-    req: &CheckRequest,
+    req: &CheckFacts<'_>,
+    headers: &Headers<'_, '_>,
+    request_id: &str,
     note: &mut Note,
-) -> (CheckResponse, String) {
+) -> (Bytes, u16) {
     let names = &*state.names;
-    let attributes = req.attributes.as_ref();
-    let Some(http) = attributes
-        .and_then(|a| a.request.as_ref())
-        .and_then(|r| r.http.as_ref())
-    else {
-        let id = request_id::mint();
-        let id = id.to_str().unwrap_or("").to_owned();
-        let reason = DenyReason::BadRequest("the CheckRequest has no HTTP request");
+    let deny = |reason: DenyReason, note: &mut Note| {
         note.deny(&reason);
-        return (denied(&reason, &id, names), id);
+        (
+            denied(&reason, request_id, names, None),
+            reason.status().as_u16(),
+        )
     };
-    let headers = Headers::of(http);
-    let request_id = headers
-        .single(names.request_id.as_str())
-        .filter(|v| request_id::acceptable(v, &state.policy.prefixes))
-        .and_then(|v| std::str::from_utf8(v).ok().map(str::to_owned))
-        .unwrap_or_else(|| request_id::mint().to_str().unwrap_or("").to_owned());
-
-    let (path, _query) = split_target(&http.path);
+    if !req.http {
+        return deny(
+            DenyReason::BadRequest("the CheckRequest has no HTTP request"),
+            note,
+        );
+    }
+    let (path, _query) = split_target(req.path);
     let normalized = normalize(path, state.policy.path);
-    let peer = attributes
-        .and_then(|a| a.source.as_ref())
-        .and_then(|s| s.address.as_ref())
-        .and_then(|a| match a.address.as_ref()? {
-            envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(s) => {
-                s.address.parse::<IpAddr>().ok()
-            }
-            _ => None,
-        });
+    let peer = req.peer.and_then(|a| a.parse::<IpAddr>().ok());
     let client = peer.and_then(|p| {
         client_ip(
             p,
-            headers.all("x-forwarded-for").into_iter(),
+            headers.all("x-forwarded-for"),
             &state.settings.trusted_proxies,
         )
     });
-    let auth = headers.all(names.credentials.authorization.as_str());
-    let api_key = headers.all(names.credentials.api_key.as_str());
-    let credential = extract(&auth, &api_key);
+    let (mut auth, mut api_key) = (Values::new(), Values::new());
+    let credential = extract(
+        auth.of(headers, names.credentials.authorization.as_str()),
+        api_key.of(headers, names.credentials.api_key.as_str()),
+    );
     let facts = RequestFacts {
-        method: &http.method,
+        method: req.method,
         path: normalized.as_ref().map_err(|e| *e),
-        host: Some(http.host.as_str()).filter(|h| !h.is_empty()),
+        host: Some(req.host).filter(|h| !h.is_empty()),
         client_ip: client,
         credential,
         referer: headers.single("referer"),
@@ -315,156 +270,302 @@ async fn decide_check(
     if let Some(k) = key {
         note.key(&k.id_header, None);
     }
-    let resp = match verdict {
-        Verdict::Allow(allow) => match state.limits.check(&allow).await.map(Outcome::verdict) {
-            Some(Err((reason, status))) => {
-                note.key(&allow.key.id_header, Some(&allow.partner.id_header));
-                note.deny(&reason);
-                state.usage.denied(Some(allow.key), &reason);
-                let mut resp = denied(&reason, &request_id, names);
-                if let Some(HttpResponse::DeniedResponse(d)) = &mut resp.http_response {
-                    d.headers.extend(limit_headers(&status));
+    match verdict {
+        Verdict::Allow(allow) => {
+            note.key(&allow.key.id_header, Some(&allow.partner.id_header));
+            match state.limits.check(&allow).await.map(Outcome::verdict) {
+                Some(Err((reason, status))) => {
+                    note.deny(&reason);
+                    state.usage.denied(Some(allow.key), &reason);
+                    let limits = status.headers();
+                    let answer = denied(&reason, request_id, names, Some(&limits));
+                    (answer, reason.status().as_u16())
                 }
-                resp
-            }
-            limit => {
-                note.key(&allow.key.id_header, Some(&allow.partner.id_header));
-                note.allow();
-                state.usage.allowed(allow.key, now);
-                let mut resp = allowed(&allow, credential, &headers, &request_id, names);
-                if let (Some(Ok(status)), Some(HttpResponse::OkResponse(ok))) =
-                    (limit, &mut resp.http_response)
-                {
-                    ok.response_headers_to_add.extend(limit_headers(&status));
+                limit => {
+                    note.allow();
+                    state.usage.allowed(allow.key, now);
+                    let limits = match &limit {
+                        Some(Ok(status)) => Some(status.headers()),
+                        _ => None,
+                    };
+                    let allowed = Allowed {
+                        allow: &allow,
+                        credential,
+                        headers,
+                        request_id,
+                        names,
+                        limits: limits.as_ref(),
+                    };
+                    (allowed.encode(), 200)
                 }
-                resp
             }
-        },
-        Verdict::Deny(reason) => {
-            note.deny(&reason);
-            state.usage.denied(key, &reason);
-            denied(&reason, &request_id, names)
         }
-    };
-    (resp, request_id)
-}
-
-/// `X-RateLimit-*` as header mutations (for the client's response).
-fn limit_headers(status: &crate::ratelimit::Status) -> impl Iterator<Item = HeaderValueOption> {
-    status
-        .headers()
-        .into_iter()
-        .map(|(name, value)| set(name, text(&value)))
-}
-
-fn set(key: &str, value: &str) -> HeaderValueOption {
-    #[allow(deprecated)] // `append` is read by Envoy versions before `append_action`.
-    HeaderValueOption {
-        header: Some(HeaderValue {
-            key: key.to_owned(),
-            value: value.to_owned(),
-            raw_value: Vec::new(),
-        }),
-        append: Some(BoolValue { value: false }),
-        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-        keep_empty_value: false,
+        Verdict::Deny(reason) => {
+            state.usage.denied(key, &reason);
+            deny(reason, note)
+        }
     }
 }
+
+/// A header's values, gathered without an allocation when there are few (there is one).
+struct Values<'a> {
+    few: [&'a [u8]; 4],
+    many: Vec<&'a [u8]>,
+}
+
+impl<'a> Values<'a> {
+    fn new() -> Self {
+        Values {
+            few: [b""; 4],
+            many: Vec::new(),
+        }
+    }
+
+    fn of(&mut self, headers: &Headers<'a, '_>, name: &str) -> &[&'a [u8]] {
+        let mut n = 0;
+        for v in headers.all(name) {
+            if n < self.few.len() {
+                self.few[n] = v;
+            }
+            n += 1;
+        }
+        if n <= self.few.len() {
+            &self.few[..n]
+        } else {
+            self.many = headers.all(name).collect();
+            &self.many
+        }
+    }
+}
+
+/// `X-RateLimit-*`, for the client's response.
+type LimitHeaders = [(&'static str, http::HeaderValue); 3];
 
 fn text(v: &http::HeaderValue) -> &str {
     v.to_str().unwrap_or("")
 }
 
-fn allowed(
-    allow: &Allow<'_>,
-    credential: Credential<'_>,
-    headers: &Headers<'_>,
-    request_id: &str,
-    names: &HeaderNames,
-) -> CheckResponse {
-    let (partner, key) = (allow.partner, allow.key);
-    let mut set_headers = vec![
-        set(names.partner_id.as_str(), &partner.id),
-        set(names.key_id.as_str(), key.id()),
-        set(names.key_environment.as_str(), &allow.environment.name),
-        set(names.scopes.as_str(), text(&allow.scopes.header)),
-        set(names.request_id.as_str(), request_id),
-    ];
-    if let Some(org) = &partner.org_id {
-        set_headers.push(set(names.org_id.as_str(), org));
+/// A buffer for a gRPC message of `len` bytes: the prefix (not compressed, the length) written.
+fn message_buffer(len: usize) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.put_u8(0);
+    buf.put_u32(u32::try_from(len).expect("a CheckResponse is far below 4 GiB"));
+    buf
+}
+
+/// One header mutation, a `HeaderValueOption`: header = 1 (`HeaderValue`: key = 1, value = 2),
+/// `append` = 2 set to false (read by Envoy versions before `append_action`), `append_action`
+/// = 3 `OVERWRITE_IF_EXISTS_OR_ADD` (2).
+#[derive(Clone, Copy)]
+struct Set<'a>(&'a str, &'a str);
+
+impl Set<'_> {
+    /// `append` = 2: an empty `BoolValue` (false).
+    const APPEND_FALSE: usize = 2;
+    const OVERWRITE_IF_EXISTS_OR_ADD: u64 = 2;
+
+    fn header_len(self) -> usize {
+        string_len(1, self.0) + string_len(2, self.1)
     }
-    let mut remove: Vec<String> = Vec::new();
-    if let Credential::Present { found, .. } = credential {
-        if !names.forward_credentials {
-            if found.authorization {
-                remove.push(names.credentials.authorization.as_str().to_owned());
+
+    fn len(self) -> usize {
+        delimited_len(1, self.header_len())
+            + Self::APPEND_FALSE
+            + varint_len(3, Self::OVERWRITE_IF_EXISTS_OR_ADD)
+    }
+
+    /// As a field `tag` of the enclosing message.
+    fn field_len(self, tag: u32) -> usize {
+        delimited_len(tag, self.len())
+    }
+
+    fn write<B: BufMut>(self, tag: u32, w: &mut Writer<'_, B>) {
+        w.delimited(tag, self.len());
+        w.delimited(1, self.header_len());
+        w.string(1, self.0);
+        w.string(2, self.1);
+        w.delimited(2, 0);
+        w.varint(3, Self::OVERWRITE_IF_EXISTS_OR_ADD);
+    }
+}
+
+/// The parts of an allow's `CheckResponse`.
+struct Allowed<'r, 'a> {
+    allow: &'r Allow<'a>,
+    credential: Credential<'r>,
+    headers: &'r Headers<'r, 'r>,
+    request_id: &'r str,
+    names: &'r HeaderNames,
+    limits: Option<&'r LimitHeaders>,
+}
+
+impl Allowed<'_, '_> {
+    /// A `CheckResponse`: status = 1 (OK: empty), ok_response = 3 (`OkHttpResponse`: headers =
+    /// 2, headers_to_remove = 5, response_headers_to_add = 6), dynamic_metadata = 4.
+    fn encode(&self) -> Bytes {
+        let names = self.names;
+        let (partner, key) = (self.allow.partner, self.allow.key);
+        let mut set = [Set("", ""); 6];
+        set[..5].copy_from_slice(&[
+            Set(names.partner_id.as_str(), &partner.id),
+            Set(names.key_id.as_str(), key.id()),
+            Set(names.key_environment.as_str(), &self.allow.environment.name),
+            Set(names.scopes.as_str(), text(&self.allow.scopes.header)),
+            Set(names.request_id.as_str(), self.request_id),
+        ]);
+        let set = match &partner.org_id {
+            Some(org) => {
+                set[5] = Set(names.org_id.as_str(), org);
+                &set[..]
             }
-            if found.api_key {
-                remove.push(names.credentials.api_key.as_str().to_owned());
+            None => &set[..5],
+        };
+        let remove = self.removed(set);
+        let request_id = Set(names.request_id.as_str(), self.request_id);
+        let limits = self
+            .limits
+            .map(|l| l.each_ref().map(|(k, v)| Set(k, text(v))));
+        let to_add = std::iter::once(request_id).chain(limits.into_iter().flatten());
+
+        let ok_len = set.iter().map(|s| s.field_len(2)).sum::<usize>()
+            + remove
+                .iter()
+                .map(|r| delimited_len(5, r.len()))
+                .sum::<usize>()
+            + to_add.clone().map(|s| s.field_len(6)).sum::<usize>();
+        let metadata = self.metadata_len();
+        let len = delimited_len(1, 0) + delimited_len(3, ok_len) + delimited_len(4, metadata);
+
+        let mut buf = message_buffer(len);
+        let w = &mut Writer(&mut buf);
+        w.delimited(1, 0);
+        w.delimited(3, ok_len);
+        for s in set {
+            s.write(2, w);
+        }
+        for r in &remove {
+            w.bytes(5, r.as_bytes());
+        }
+        for s in to_add {
+            s.write(6, w);
+        }
+        w.delimited(4, metadata);
+        self.write_metadata(w);
+        debug_assert_eq!(buf.len(), 5 + len);
+        buf.freeze()
+    }
+
+    /// `headers_to_remove`: credential headers (unless forwarded), and spoofed identity headers
+    /// keygate does not overwrite (`x-org-id` of a partner without an org, `_` spellings).
+    fn removed(&self, set: &[Set<'_>]) -> Vec<std::borrow::Cow<'_, str>> {
+        let names = self.names;
+        let mut remove = Vec::new();
+        if let Credential::Present { found, .. } = self.credential {
+            if !names.forward_credentials {
+                if found.authorization {
+                    remove.push(names.credentials.authorization.as_str().into());
+                }
+                if found.api_key {
+                    remove.push(names.credentials.api_key.as_str().into());
+                }
             }
         }
+        for (name, _) in self.headers.0 {
+            // Identity variants are ASCII, of the length of an identity header's name.
+            if !names
+                .identity()
+                .iter()
+                .any(|n| n.as_str().len() == name.len())
+            {
+                continue;
+            }
+            let Ok(name) = std::str::from_utf8(name) else {
+                continue;
+            };
+            let lower: std::borrow::Cow<'_, str> = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+                name.to_ascii_lowercase().into()
+            } else {
+                name.into()
+            };
+            if is_identity_variant(&lower, names)
+                && !set.iter().any(|s| s.0 == lower)
+                && !remove.contains(&lower)
+            {
+                remove.push(lower);
+            }
+        }
+        remove
     }
-    // Spoofed identity headers keygate does not overwrite (`x-org-id` of a partner without an
-    // org, `_` spellings) are removed.
-    for (name, _) in &headers.map {
-        let lower = name.to_ascii_lowercase();
-        let overwritten = set_headers
+
+    /// The metadata `Struct`'s entries (fields = 1, a map of `Value`s: null = 1, string = 3,
+    /// list = 6 whose values = 1): partner, org, key, environment and scopes.
+    fn metadata_entries(&self) -> [(&str, Meta<'_>); 5] {
+        let (partner, allow) = (self.allow.partner, self.allow);
+        [
+            ("partner_id", Meta::String(&partner.id)),
+            (
+                "org_id",
+                partner.org_id.as_deref().map_or(Meta::Null, Meta::String),
+            ),
+            ("key_id", Meta::String(allow.key.id())),
+            ("key_environment", Meta::String(&allow.environment.name)),
+            ("scopes", Meta::List),
+        ]
+    }
+
+    fn value_len(&self, value: Meta<'_>) -> usize {
+        match value {
+            Meta::Null => varint_len(1, 0),
+            Meta::String(s) => delimited_len(3, s.len()),
+            Meta::List => delimited_len(6, self.list_len()),
+        }
+    }
+
+    fn list_len(&self) -> usize {
+        self.allow
+            .scopes
             .iter()
-            .any(|h| h.header.as_ref().is_some_and(|h| h.key == lower));
-        if is_identity_variant(&lower, names) && !overwritten && !remove.contains(&lower) {
-            remove.push(lower);
+            .map(|s| delimited_len(1, delimited_len(3, s.len())))
+            .sum()
+    }
+
+    fn entry_len(&self, name: &str, value: Meta<'_>) -> usize {
+        delimited_len(1, name.len()) + delimited_len(2, self.value_len(value))
+    }
+
+    fn metadata_len(&self) -> usize {
+        self.metadata_entries()
+            .into_iter()
+            .map(|(name, value)| delimited_len(1, self.entry_len(name, value)))
+            .sum()
+    }
+
+    fn write_metadata<B: BufMut>(&self, w: &mut Writer<'_, B>) {
+        for (name, value) in self.metadata_entries() {
+            w.delimited(1, self.entry_len(name, value));
+            w.bytes(1, name.as_bytes());
+            w.delimited(2, self.value_len(value));
+            match value {
+                Meta::Null => w.varint(1, 0),
+                Meta::String(s) => w.bytes(3, s.as_bytes()),
+                Meta::List => {
+                    w.delimited(6, self.list_len());
+                    for scope in self.allow.scopes.iter() {
+                        w.delimited(1, delimited_len(3, scope.len()));
+                        w.bytes(3, scope.as_bytes());
+                    }
+                }
+            }
         }
     }
-    let metadata = Struct {
-        fields: HashMap::from([
-            ("partner_id".to_owned(), string(&partner.id)),
-            (
-                "org_id".to_owned(),
-                partner.org_id.as_deref().map_or(null(), string),
-            ),
-            ("key_id".to_owned(), string(key.id())),
-            (
-                "key_environment".to_owned(),
-                string(&allow.environment.name),
-            ),
-            (
-                "scopes".to_owned(),
-                Value {
-                    kind: Some(Kind::ListValue(
-                        envoy_types::pb::google::protobuf::ListValue {
-                            values: allow.scopes.iter().map(string).collect(),
-                        },
-                    )),
-                },
-            ),
-        ]),
-    };
-    CheckResponse {
-        status: Some(rpc::Status {
-            code: 0,
-            message: String::new(),
-            details: Vec::new(),
-        }),
-        http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-            headers: set_headers,
-            headers_to_remove: remove,
-            response_headers_to_add: vec![set(names.request_id.as_str(), request_id)],
-            ..Default::default()
-        })),
-        dynamic_metadata: Some(metadata),
-    }
 }
 
-fn string(s: &str) -> Value {
-    Value {
-        kind: Some(Kind::StringValue(s.to_owned())),
-    }
-}
-
-fn null() -> Value {
-    Value {
-        kind: Some(Kind::NullValue(0)),
-    }
+/// A metadata value: a string, null (no org), or the list of scopes.
+#[derive(Clone, Copy)]
+enum Meta<'a> {
+    Null,
+    String(&'a str),
+    List,
 }
 
 /// gRPC status code for a denial's HTTP status (google.rpc.Code).
@@ -480,29 +581,52 @@ pub fn grpc_code(status: StatusCode) -> i32 {
     }
 }
 
-fn denied(reason: &DenyReason, request_id: &str, names: &HeaderNames) -> CheckResponse {
+/// A denial's `CheckResponse`: status = 1 (`google.rpc.Status`: code = 1, message = 2, the
+/// reason's code), denied_response = 2 (`DeniedHttpResponse`: status = 1 (`HttpStatus`: code =
+/// 1), headers = 2, body = 3); the contract's headers, the request id and `limits`.
+fn denied(
+    reason: &DenyReason,
+    request_id: &str,
+    names: &HeaderNames,
+    limits: Option<&LimitHeaders>,
+) -> Bytes {
     let status = reason.status();
-    let mut headers: Vec<HeaderValueOption> = reason
-        .headers()
+    let code = u64::from(grpc_code(status).unsigned_abs());
+    let reason_headers = reason.headers();
+    let headers = reason_headers
         .iter()
-        .map(|(k, v)| set(k.as_str(), text(v)))
-        .collect();
-    headers.push(set(names.request_id.as_str(), request_id));
-    CheckResponse {
-        status: Some(rpc::Status {
-            code: grpc_code(status),
-            message: reason.code().to_owned(),
-            details: Vec::new(),
-        }),
-        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
-            status: Some(HttpStatus {
-                code: i32::from(status.as_u16()),
-            }),
-            headers,
-            body: String::from_utf8_lossy(&reason.body(request_id)).into_owned(),
-        })),
-        dynamic_metadata: None,
+        .map(|(k, v)| Set(k.as_str(), text(v)))
+        .chain(std::iter::once(Set(names.request_id.as_str(), request_id)))
+        .chain(
+            limits
+                .into_iter()
+                .flat_map(|l| l.iter().map(|(k, v)| Set(k, text(v)))),
+        )
+        .collect::<Vec<_>>();
+    let body = reason.body(request_id);
+    let body = String::from_utf8_lossy(&body);
+
+    let rpc_status = varint_len(1, code) + string_len(2, reason.code());
+    let http_status = varint_len(1, u64::from(status.as_u16()));
+    let denied = delimited_len(1, http_status)
+        + headers.iter().map(|s| s.field_len(2)).sum::<usize>()
+        + string_len(3, &body);
+    let len = delimited_len(1, rpc_status) + delimited_len(2, denied);
+
+    let mut buf = message_buffer(len);
+    let w = &mut Writer(&mut buf);
+    w.delimited(1, rpc_status);
+    w.varint(1, code);
+    w.string(2, reason.code());
+    w.delimited(2, denied);
+    w.delimited(1, http_status);
+    w.varint(1, u64::from(status.as_u16()));
+    for s in headers {
+        s.write(2, w);
     }
+    w.string(3, &body);
+    debug_assert_eq!(buf.len(), 5 + len);
+    buf.freeze()
 }
 
 #[cfg(test)]

@@ -1,12 +1,20 @@
 //! `check` without a network: the mapping of every deny reason to a `CheckResponse`, a panic
 //! turned into a denial, and the request fields Envoy may send in more than one shape
 //! (`header_map` instead of `headers`, IPv4-mapped peers, forwarded-for chains, request ids).
+//! Requests are serialized and answers decoded with prost, so [`wire`]'s reading and writing is
+//! checked against prost's own; `wire.rs`'s own tests check the reading field by field.
 
 use std::collections::HashMap;
 
-use envoy_types::pb::envoy::config::core::v3::{address, Address, HeaderMap, SocketAddress};
+use envoy_types::ext_authz::v3::pb::{
+    CheckRequest, CheckResponse, HeaderAppendAction, HeaderValueOption, HttpResponse,
+};
+use envoy_types::pb::envoy::config::core::v3::{
+    address, Address, HeaderMap, HeaderValue, SocketAddress,
+};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
 use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+use prost::Message as _;
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
@@ -32,6 +40,27 @@ listen = "127.0.0.1:0"
 route = "GET /v1/analyses/**"
 scopes = ["analyses:read"]
 "#;
+
+/// `check` of the serialized request, its answer decoded: a gRPC message of exactly one
+/// `CheckResponse`.
+async fn check(state: &ExtAuthzState, req: &CheckRequest) -> CheckResponse {
+    decode(&super::check(state, &req.encode_to_vec()).await)
+}
+
+fn decode(message: &[u8]) -> CheckResponse {
+    assert_eq!(message[0], 0, "not compressed");
+    let len = u32::from_be_bytes(message[1..5].try_into().unwrap()) as usize;
+    assert_eq!(
+        message.len(),
+        5 + len,
+        "the prefix gives the message's length"
+    );
+    CheckResponse::decode(&message[5..]).expect("a CheckResponse")
+}
+
+fn denied(reason: &DenyReason, request_id: &str, names: &HeaderNames) -> CheckResponse {
+    decode(&super::denied(reason, request_id, names, None))
+}
 
 struct Fixture {
     state: ExtAuthzState,
@@ -287,13 +316,14 @@ fn every_reason_is_a_check_response_with_its_grpc_code() {
 async fn a_panic_is_a_denial_not_a_broken_stream() {
     let f = fixture("", &[]);
     let r = guarded(&f.state.names, async { panic!("a fault in check") }).await;
-    let s = seen(&r);
+    let s = seen(&decode(&r));
     assert_eq!(
         (s.grpc, s.http, s.code.as_str()),
         (14, 503, "snapshot_unavailable")
     );
-    let fine = guarded(&f.state.names, check(&f.state, &request("/", &[], None))).await;
-    assert_eq!(seen(&fine).code, "authentication_required");
+    let message = request("/", &[], None).encode_to_vec();
+    let fine = guarded(&f.state.names, super::check(&f.state, &message)).await;
+    assert_eq!(seen(&decode(&fine)).code, "authentication_required");
 }
 
 #[tokio::test]
@@ -432,5 +462,187 @@ async fn the_query_never_changes_the_decision() {
     ] {
         let s = seen(&check(&f.state, &request(path, &[("x-api-key", &f.ok)], None)).await);
         assert_eq!(s.code, code, "{path}");
+    }
+}
+
+fn set(key: &str, value: &str) -> HeaderValueOption {
+    #[allow(deprecated)]
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            raw_value: Vec::new(),
+        }),
+        append: Some(envoy_types::pb::google::protobuf::BoolValue { value: false }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        keep_empty_value: false,
+    }
+}
+
+/// The allow as prost would build it, field for field: identity headers, headers to remove
+/// (credentials, then spoofed identity headers keygate does not overwrite, any case), the
+/// request id on the response, and the metadata `Struct` (org null for a partner without one).
+#[tokio::test]
+async fn an_allow_is_exactly_the_check_response_envoy_reads() {
+    use envoy_types::ext_authz::v3::pb::OkHttpResponse;
+    use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value};
+    let f = fixture("", &[]);
+    let string = |s: &str| Value {
+        kind: Some(Kind::StringValue(s.to_owned())),
+    };
+    let metadata = |partner: &str, org: Option<&str>, key: &str| Struct {
+        fields: HashMap::from([
+            ("partner_id".to_owned(), string(partner)),
+            (
+                "org_id".to_owned(),
+                org.map_or(
+                    Value {
+                        kind: Some(Kind::NullValue(0)),
+                    },
+                    string,
+                ),
+            ),
+            ("key_id".to_owned(), string(key)),
+            ("key_environment".to_owned(), string("live")),
+            (
+                "scopes".to_owned(),
+                Value {
+                    kind: Some(Kind::ListValue(ListValue {
+                        values: vec![string("analyses:read")],
+                    })),
+                },
+            ),
+        ]),
+    };
+    let allow =
+        |set_headers: Vec<HeaderValueOption>, remove: &[&str], id: &str, m: Struct| CheckResponse {
+            status: Some(envoy_types::pb::google::rpc::Status::default()),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                headers: set_headers,
+                headers_to_remove: remove.iter().map(|s| s.to_string()).collect(),
+                response_headers_to_add: vec![set("x-request-id", id)],
+                ..Default::default()
+            })),
+            dynamic_metadata: Some(m),
+        };
+    let bearer = format!("bearer {}", f.ok);
+    let got = check(
+        &f.state,
+        &request(
+            "/v1/analyses/1",
+            &[
+                ("authorization", &bearer),
+                ("x-request-id", "req-7"),
+                ("X_Scopes", "spoof"),
+                ("x-partner-id", "spoof"),
+            ],
+            None,
+        ),
+    )
+    .await;
+    let want = allow(
+        vec![
+            set("x-partner-id", "partner_acme"),
+            set("x-key-id", "key_ok"),
+            set("x-key-environment", "live"),
+            set("x-scopes", "analyses:read"),
+            set("x-request-id", "req-7"),
+            set("x-org-id", "org_1"),
+        ],
+        &["authorization", "x_scopes"],
+        "req-7",
+        metadata("partner_acme", Some("org_1"), "key_ok"),
+    );
+    assert_eq!(got, want);
+
+    let got = check(
+        &f.state,
+        &request(
+            "/v1/analyses/1",
+            &[
+                ("x-api-key", &f.near),
+                ("x-request-id", "req-8"),
+                ("x-org-id", "spoof"),
+            ],
+            Some("203.0.113.9"),
+        ),
+    )
+    .await;
+    let want = allow(
+        vec![
+            set("x-partner-id", "partner_solo"),
+            set("x-key-id", "key_near"),
+            set("x-key-environment", "live"),
+            set("x-scopes", "analyses:read"),
+            set("x-request-id", "req-8"),
+        ],
+        &["x-api-key", "x-org-id"],
+        "req-8",
+        metadata("partner_solo", None, "key_near"),
+    );
+    assert_eq!(got, want);
+}
+
+/// With rate limits on, the `X-RateLimit-*` headers follow the request id: on the client's
+/// response of an allow, among the denial's headers of a 429.
+#[tokio::test]
+async fn rate_limit_headers_follow_the_request_id() {
+    let f = fixture("\n[rate_limit]\ndefault_per_minute = 1\n", &[]);
+    let ask = || request("/v1/analyses/1", &[("x-api-key", &f.ok)], None);
+    let names = |hs: &[HeaderValueOption]| -> Vec<String> {
+        hs.iter().map(|h| h.header.clone().unwrap().key).collect()
+    };
+    let first = check(&f.state, &ask()).await;
+    let Some(HttpResponse::OkResponse(ok)) = &first.http_response else {
+        panic!("{first:?}")
+    };
+    let added = &ok.response_headers_to_add;
+    assert_eq!(
+        names(added),
+        [
+            "x-request-id",
+            "x-ratelimit-limit",
+            "x-ratelimit-remaining",
+            "x-ratelimit-reset"
+        ]
+    );
+    assert_eq!(added[1].header.as_ref().unwrap().value, "1");
+    assert_eq!(added[2].header.as_ref().unwrap().value, "0");
+    let second = check(&f.state, &ask()).await;
+    let s = seen(&second);
+    assert_eq!((s.grpc, s.http, s.code.as_str()), (8, 429, "rate_limited"));
+    let Some(HttpResponse::DeniedResponse(d)) = &second.http_response else {
+        unreachable!()
+    };
+    let all = names(&d.headers);
+    let id = all.iter().position(|n| n == "x-request-id").unwrap();
+    assert_eq!(
+        all[id..],
+        [
+            "x-request-id",
+            "x-ratelimit-limit",
+            "x-ratelimit-remaining",
+            "x-ratelimit-reset"
+        ]
+    );
+}
+
+/// Bytes that are not a `CheckRequest` are still answered with a `CheckResponse`: a denial
+/// (a gRPC error would be an allow under `failure_mode_allow`).
+#[tokio::test]
+async fn an_undecodable_check_request_is_a_denial() {
+    let f = fixture("", &[]);
+    let valid = request("/v1/analyses/1", &[("x-api-key", &f.ok)], None).encode_to_vec();
+    // A length past the end; a varint that never ends; a string field sent as a varint.
+    let mut truncated = valid.clone();
+    truncated.pop();
+    for bad in [truncated, vec![0x0a, 0xff], vec![0x0a, 0x02, 0x20, 0x01]] {
+        assert!(CheckRequest::decode(&bad[..]).is_err(), "{bad:?}");
+        let s = seen(&decode(&super::check(&f.state, &bad).await));
+        assert_eq!(
+            (s.grpc, s.http, s.code.as_str()),
+            (3, 400, "invalid_request"),
+            "{bad:?}"
+        );
     }
 }

@@ -198,6 +198,33 @@ class ExtAuthzWire(unittest.TestCase):
         self.assertEqual(headers["x-org-id"], "org_1")
         self.assertEqual(list(r.ok_response.headers_to_remove), ["x-api-key"])
 
+    def test_grpc_framing_through_grpcio(self):
+        """Check is served below tonic: grpcio's framing must still be understood. Many Checks
+        in flight on one channel each get their own answer (grpcio sends grpc-timeout on each);
+        a gzip-compressed call is refused with UNIMPLEMENTED (keygate agreed to no compression);
+        an unknown method of the service is UNIMPLEMENTED, not a CheckResponse."""
+        futures = [
+            self.stub.Check.future(ea.CheckRequest(attributes=ac.AttributeContext(
+                request=ac.AttributeContext.Request(http=ac.AttributeContext.HttpRequest(
+                    method="GET", path="/v1/analyses/%d" % i, host="api.example.com",
+                    headers={"x-api-key": self.key if i % 2 == 0 else self.revoked,
+                             "x-request-id": "req-%d" % i})))), timeout=10)
+            for i in range(40)
+        ]
+        for i, f in enumerate(futures):
+            r = f.result()
+            self.assertEqual(r.status.code, 0 if i % 2 == 0 else 16, i)
+            where = r.ok_response.headers if i % 2 == 0 else r.denied_response.headers
+            ids = [o.header.value for o in where if o.header.key == "x-request-id"]
+            self.assertEqual(ids, ["req-%d" % i])
+        with self.assertRaises(grpc.RpcError) as e:
+            self.stub.Check(ea.CheckRequest(), timeout=5, compression=grpc.Compression.Gzip)
+        self.assertEqual(e.exception.code(), grpc.StatusCode.UNIMPLEMENTED)
+        nope = self.channel.unary_unary("/envoy.service.auth.v3.Authorization/Nope")
+        with self.assertRaises(grpc.RpcError) as e:
+            nope(b"", timeout=5)
+        self.assertEqual(e.exception.code(), grpc.StatusCode.UNIMPLEMENTED)
+
     def test_health_service_names(self):
         health = health_pb2_grpc.HealthStub(self.channel)
         for service in ["", "envoy.service.auth.v3.Authorization"]:

@@ -1,0 +1,461 @@
+//! The ext_authz listener's gRPC framing, driven with raw HTTP/2 frames (the `h2` crate) against
+//! the real keygate: a call that is not well-framed gRPC gets a gRPC error (compressed flag,
+//! `grpc-encoding`, wrong content type or method, oversized, truncated, empty or doubled
+//! message, `grpc-timeout` passed), a Check split across DATA frames or many on one connection
+//! are answered like any other, and every other path still reaches tonic (health, unknown
+//! methods). A well-formed Check is never a gRPC error: see `tests/ext_authz.rs`.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+use prost::Message as _;
+use serde_json::json;
+use support::*;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
+
+async fn start() -> (Gate, SnapshotDir, String, SocketAddr, Upstream) {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let key = mint("sk_live_");
+    snap.write(
+        &Doc::new(1)
+            .partner("partner_acme", Some("org_1"), "active")
+            .key("key_ok", &key, json!({})),
+    );
+    let gate = Gate::start(&config_toml(
+        &snap.path(),
+        upstream.addr,
+        "[ext_authz]\nlisten = \"127.0.0.1:0\"\n",
+    ))
+    .await;
+    let addr = gate.app.as_ref().unwrap().ext_authz_addr.unwrap();
+    (gate, snap, key, addr, upstream)
+}
+
+fn check_request(key: &str) -> Vec<u8> {
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: "GET".into(),
+                    path: "/v1/analyses/1".into(),
+                    host: "api.example.com".into(),
+                    headers: [("x-api-key".to_owned(), key.to_owned())].into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+    .encode_to_vec()
+}
+
+/// A gRPC message: flags, big-endian length, the message.
+fn framed(flags: u8, message: &[u8]) -> Vec<u8> {
+    let mut m = vec![flags];
+    m.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    m.extend_from_slice(message);
+    m
+}
+
+async fn connect(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// An answer: HTTP status, `grpc-status` (from the headers of a trailers-only answer, else the
+/// trailers), the response body, and the response headers.
+struct Answer {
+    http: u16,
+    grpc: Option<String>,
+    body: Vec<u8>,
+    headers: http::HeaderMap,
+}
+
+impl Answer {
+    fn check_response(&self) -> CheckResponse {
+        assert_eq!(self.headers["content-type"], "application/grpc");
+        assert_eq!(self.body[0], 0);
+        let len = u32::from_be_bytes(self.body[1..5].try_into().unwrap()) as usize;
+        assert_eq!(self.body.len(), 5 + len);
+        CheckResponse::decode(&self.body[5..]).unwrap()
+    }
+}
+
+/// Send one call: `method` to `path` with `headers`, the body as separate DATA frames (the
+/// stream left open after the last one unless `end`), and read the whole answer.
+async fn call(
+    send: &mut h2::client::SendRequest<Bytes>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    frames: &[&[u8]],
+    end: bool,
+) -> Answer {
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://keygate{path}"))
+        .header("te", "trailers");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut ready = send.clone().ready().await.unwrap();
+    let (response, mut stream) = ready
+        .send_request(req.body(()).unwrap(), frames.is_empty() && end)
+        .unwrap();
+    for (i, f) in frames.iter().enumerate() {
+        let last = i + 1 == frames.len();
+        stream
+            .send_data(Bytes::copy_from_slice(f), last && end)
+            .unwrap();
+    }
+    let response = tokio::time::timeout(Duration::from_secs(20), response)
+        .await
+        .expect("an answer")
+        .unwrap();
+    let (parts, mut body) = response.into_parts();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.unwrap();
+    let status = |h: &http::HeaderMap| h.get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
+    let grpc = status(&parts.headers).or_else(|| trailers.as_ref().and_then(status));
+    drop(stream);
+    Answer {
+        http: parts.status.as_u16(),
+        grpc,
+        body: data,
+        headers: parts.headers,
+    }
+}
+
+const GRPC: (&str, &str) = ("content-type", "application/grpc");
+
+/// Calls no `CheckResponse` can answer get a gRPC error, each with the status a gRPC server
+/// owes them, in a trailers-only answer (no message).
+#[tokio::test]
+async fn calls_that_are_not_well_framed_grpc_get_grpc_errors() {
+    let (gate, _snap, key, addr, _up) = start().await;
+    let mut send = connect(addr).await;
+    let message = check_request(&key);
+    let whole = framed(0, &message);
+    let mut two = whole.clone();
+    two.extend_from_slice(&whole);
+    let (compressed, flags) = (framed(1, &message), framed(2, &message));
+    let mut oversized = vec![0];
+    oversized.extend_from_slice(&((64u32 << 20) + 1).to_be_bytes());
+    // (what, method, headers, body frames, end the stream, HTTP status, grpc-status)
+    type Row<'a> = (
+        &'a str,
+        &'a str,
+        Vec<(&'a str, &'a str)>,
+        Vec<&'a [u8]>,
+        bool,
+        u16,
+        &'a str,
+    );
+    let table: Vec<Row> = vec![
+        (
+            "compressed flag",
+            "POST",
+            vec![GRPC],
+            vec![&compressed],
+            true,
+            200,
+            "13",
+        ),
+        (
+            "unknown flags",
+            "POST",
+            vec![GRPC],
+            vec![&flags],
+            true,
+            200,
+            "13",
+        ),
+        (
+            "grpc-encoding",
+            "POST",
+            vec![GRPC, ("grpc-encoding", "gzip")],
+            vec![&whole],
+            true,
+            200,
+            "12",
+        ),
+        (
+            "no content type",
+            "POST",
+            vec![],
+            vec![&whole],
+            true,
+            415,
+            "13",
+        ),
+        (
+            "JSON content type",
+            "POST",
+            vec![("content-type", "application/json")],
+            vec![&whole],
+            true,
+            415,
+            "13",
+        ),
+        (
+            "grpc+json",
+            "POST",
+            vec![("content-type", "application/grpc+json")],
+            vec![&whole],
+            true,
+            415,
+            "13",
+        ),
+        ("GET", "GET", vec![GRPC], vec![], true, 405, "12"),
+        // Refused at its prefix, without waiting for 64 MiB: the stream stays open.
+        (
+            "oversized",
+            "POST",
+            vec![GRPC],
+            vec![&oversized],
+            false,
+            200,
+            "8",
+        ),
+        ("empty body", "POST", vec![GRPC], vec![], true, 200, "13"),
+        (
+            "half a prefix",
+            "POST",
+            vec![GRPC],
+            vec![&whole[..3]],
+            true,
+            200,
+            "13",
+        ),
+        (
+            "truncated",
+            "POST",
+            vec![GRPC],
+            vec![&whole[..whole.len() - 1]],
+            true,
+            200,
+            "13",
+        ),
+        (
+            "two messages",
+            "POST",
+            vec![GRPC],
+            vec![&two],
+            true,
+            200,
+            "13",
+        ),
+        (
+            "a second message in its own frame",
+            "POST",
+            vec![GRPC],
+            vec![&whole, &whole[..6]],
+            true,
+            200,
+            "13",
+        ),
+    ];
+    for (what, method, headers, frames, end, http, grpc) in table {
+        let a = call(&mut send, method, CHECK, &headers, &frames, end).await;
+        assert_eq!((a.http, a.grpc.as_deref()), (http, Some(grpc)), "{what}");
+        assert!(a.body.is_empty(), "{what}: trailers-only");
+        if what == "grpc-encoding" {
+            assert_eq!(a.headers["grpc-accept-encoding"], "identity");
+        }
+    }
+    // The connection still serves Checks after all that.
+    let a = call(&mut send, "POST", CHECK, &[GRPC], &[&whole], true).await;
+    assert_eq!((a.http, a.grpc.as_deref()), (200, Some("0")));
+    gate.stop().await;
+}
+
+/// A Check whose message arrives in pieces (the prefix split too) is answered like one in a
+/// single frame; many Checks on one connection at once each get their own answer.
+#[tokio::test]
+async fn split_messages_and_many_checks_on_one_connection() {
+    let (gate, _snap, key, addr, _up) = start().await;
+    let mut send = connect(addr).await;
+    let whole = framed(0, &check_request(&key));
+    let ok = |a: &Answer| {
+        assert_eq!((a.http, a.grpc.as_deref()), (200, Some("0")));
+        let r = a.check_response();
+        assert_eq!(r.status.unwrap().code, 0);
+        let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
+            panic!("not an allow")
+        };
+        ok.headers
+            .iter()
+            .map(|h| h.header.clone().unwrap())
+            .find(|h| h.key == "x-key-id")
+            .unwrap()
+            .value
+    };
+    for cuts in [vec![2], vec![5], vec![3, 9, 20], (1..whole.len()).collect()] {
+        let mut frames: Vec<&[u8]> = Vec::new();
+        let mut at = 0;
+        for c in cuts.iter().copied().chain([whole.len()]) {
+            frames.push(&whole[at..c]);
+            at = c;
+        }
+        let a = call(&mut send, "POST", CHECK, &[GRPC], &frames, true).await;
+        assert_eq!(ok(&a), "key_ok", "{cuts:?}");
+    }
+    // An allow and a denial, 50 of each, all in flight on one connection.
+    let denied = framed(0, &check_request("sk_live_nope"));
+    let calls = (0..100).map(|i| {
+        let mut send = send.clone();
+        let body = if i % 2 == 0 {
+            whole.clone()
+        } else {
+            denied.clone()
+        };
+        async move {
+            (
+                i,
+                call(&mut send, "POST", CHECK, &[GRPC], &[&body], true).await,
+            )
+        }
+    });
+    for (i, a) in futures_join_all(calls).await {
+        if i % 2 == 0 {
+            assert_eq!(ok(&a), "key_ok");
+        } else {
+            let r = a.check_response();
+            assert_eq!(r.status.unwrap().code, 16, "a denial is a CheckResponse");
+            assert!(matches!(
+                r.http_response,
+                Some(HttpResponse::DeniedResponse(_))
+            ));
+        }
+    }
+    gate.stop().await;
+}
+
+/// Join futures without another dependency: each spawned, awaited in order.
+async fn futures_join_all<F>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+/// A call whose message has not arrived when its `grpc-timeout` passes ends with
+/// DEADLINE_EXCEEDED instead of holding its stream; without one it would wait for the body.
+#[tokio::test]
+async fn grpc_timeout_is_honoured() {
+    let (gate, _snap, key, addr, _up) = start().await;
+    let mut send = connect(addr).await;
+    let whole = framed(0, &check_request(&key));
+    let a = call(
+        &mut send,
+        "POST",
+        CHECK,
+        &[GRPC, ("grpc-timeout", "100m")],
+        &[&whole[..8]],
+        false,
+    )
+    .await;
+    assert_eq!((a.http, a.grpc.as_deref()), (200, Some("4")));
+    // A Check that arrives in time is answered, the timeout notwithstanding.
+    let a = call(
+        &mut send,
+        "POST",
+        CHECK,
+        &[GRPC, ("grpc-timeout", "10S")],
+        &[&whole],
+        true,
+    )
+    .await;
+    assert_eq!((a.http, a.grpc.as_deref()), (200, Some("0")));
+    assert_eq!(a.check_response().status.unwrap().code, 0);
+    gate.stop().await;
+}
+
+/// Everything but Check still reaches tonic: health (Check and Watch, served over the same
+/// connection as Checks) and UNIMPLEMENTED for unknown methods and services.
+#[tokio::test]
+async fn health_and_unknown_methods_are_tonics() {
+    let (gate, _snap, key, addr, _up) = start().await;
+    let mut send = connect(addr).await;
+    for path in [
+        "/envoy.service.auth.v3.Authorization/Nope",
+        "/envoy.service.auth.v2.Authorization/Check",
+        "/no.Such/Method",
+    ] {
+        let a = call(&mut send, "POST", path, &[GRPC], &[&framed(0, b"")], true).await;
+        assert_eq!((a.http, a.grpc.as_deref()), (200, Some("12")), "{path}");
+    }
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "envoy.service.auth.v3.Authorization"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "no.such.Service".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    // A Check on the channel that watches health.
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+    let mut c =
+        envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::new(
+            channel,
+        );
+    let r = c
+        .check(CheckRequest::decode(&check_request(&key)[..]).unwrap())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status.unwrap().code, 0);
+    drop(watch);
+    gate.stop().await;
+}
