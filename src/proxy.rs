@@ -433,14 +433,18 @@ async fn answer(
     }
 
     let normalized = normalize(req.uri().path(), state.policy.path);
-    let client = client_ip(
-        peer.ip,
-        req.headers()
-            .get_all("x-forwarded-for")
-            .iter()
-            .map(HeaderValue::as_bytes),
-        &state.settings.trusted_proxies,
-    );
+    // Only a trusted proxy's X-Forwarded-For is read (and only then looked up).
+    let trusted = &state.settings.trusted_proxies;
+    let client = if trusted.is_empty() {
+        Some(peer.ip)
+    } else {
+        const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+        client_ip(
+            peer.ip,
+            req.headers().get_all(XFF).iter().map(HeaderValue::as_bytes),
+            trusted,
+        )
+    };
     let credential = extract_from_headers(req.headers(), &names.credentials);
     let host = host_of(&req);
     let snapshot = state.store.serving();

@@ -83,12 +83,24 @@ pub async fn serve<H: Handler>(
     read: BytesMut,
     handler: H,
     settings: Settings,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
+    stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     let shared = Shared::new(io, read);
+    serve_on(&shared, handler, settings, stopped).await;
+    // The socket closes now, even if a request body (held by an upload task on its way out)
+    // still refers to the connection.
+    drop(shared.lock().io.take());
+}
+
+async fn serve_on<H: Handler>(
+    shared: &Arc<Shared>,
+    handler: H,
+    settings: Settings,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
     let shutting_down = stopped.clone();
     let mut conn = Conn {
-        shared: &shared,
+        shared,
         out: Vec::with_capacity(4096),
         scratch: Vec::new(),
         settings,
