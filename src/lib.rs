@@ -21,7 +21,8 @@
 //!   `snapshot::{file, http_source}` and the grpc one in [`sync`], chosen by `snapshot::source`;
 //!   `snapshot::cache` (last good on disk), `snapshot::document` (entries by id, for sync).
 //! - [`sync`]: `keygate.sync.v1`: the hub (`sync::server`) and the follower (`sync::client`).
-//! - [`headers`]: hop-by-hop and identity header rules shared by the fronts.
+//! - [`headers`]: hop-by-hop and identity header rules shared by the fronts; [`http1`]: what
+//!   the HTTP/1.1 server and upstream client share (field places, framing rules, `Rewind`).
 //! - [`proxy`]: the reverse-proxy front; [`server`]: its HTTP/1.1 server side (`wire`: the
 //!   bytes, strict on framing; a connection driven by one task, the request body read from
 //!   it), hyper serving HTTP/2; [`upstream`]: its HTTP/1.1 client (`wire`: the bytes, strict
@@ -51,6 +52,7 @@ pub mod deny;
 pub mod ext_authz;
 pub mod fleet;
 pub mod headers;
+pub mod http1;
 pub mod idempotency;
 pub mod keys;
 pub mod listen;

@@ -410,16 +410,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
+impl<S> Watched<S> {
+    /// Count what a write moved; a write that must wait is where a client that stopped
+    /// reading is found, so the deadline holds for writes too.
+    fn wrote(
+        &mut self,
+        written: Poll<std::io::Result<usize>>,
         cx: &mut Context<'_>,
-        buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
         match written {
             Poll::Ready(Ok(n)) => self.moved += n as u64,
-            // A client that stopped reading: the deadline holds for writes too.
             Poll::Pending => {
                 if let Poll::Ready(e) = self.poll_expired(cx) {
                     return Poll::Ready(Err(e));
@@ -428,6 +428,17 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
             Poll::Ready(Err(_)) => {}
         }
         written
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.wrote(written, cx)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -444,16 +455,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        match written {
-            Poll::Ready(Ok(n)) => self.moved += n as u64,
-            Poll::Pending => {
-                if let Poll::Ready(e) = self.poll_expired(cx) {
-                    return Poll::Ready(Err(e));
-                }
-            }
-            Poll::Ready(Err(_)) => {}
-        }
-        written
+        self.wrote(written, cx)
     }
 
     fn is_write_vectored(&self) -> bool {

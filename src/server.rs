@@ -186,10 +186,8 @@ async fn serve_on<H: Handler>(
                 let taken = {
                     let mut inner = shared.lock();
                     inner.seq += 1;
-                    inner.io.take().map(|io| Upgraded {
-                        io,
-                        pending: inner.buf.split().freeze(),
-                    })
+                    let pending = inner.buf.split().freeze();
+                    inner.io.take().map(|io| Upgraded::new(io, pending))
                 };
                 if let (Some(tx), Some(upgraded)) = (upgrade, taken) {
                     let _ = tx.send(upgraded);

@@ -425,7 +425,7 @@ impl PooledBody {
 
     /// After a 101 Switching Protocols: the upstream connection as a byte stream.
     pub fn into_tunnel(mut self) -> Option<Tunnel> {
-        self.inner.take_conn().map(|conn| conn.into_tunnel())
+        self.inner.take_conn().and_then(|conn| conn.into_tunnel())
     }
 
     fn release(&self, conn: Conn) {

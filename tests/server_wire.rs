@@ -61,6 +61,29 @@ async fn answering(answer: &'static [u8]) -> SocketAddr {
     .await
 }
 
+/// An upstream that answers a request as soon as its head is in, leaving the answer's body
+/// open, then reads the upload as it comes (`reads`) or never (holding the connection for
+/// longer than any test).
+async fn answering_early(answer: &'static [u8], reads: bool) -> SocketAddr {
+    upstream(move |mut s| async move {
+        if read_head(&mut s).await.is_none() {
+            return;
+        }
+        let _ = s.write_all(answer).await;
+        if !reads {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            return;
+        }
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = s.read(&mut chunk).await {
+            if n == 0 {
+                return;
+            }
+        }
+    })
+    .await
+}
+
 struct Fx {
     gate: Gate,
     _snap: SnapshotDir,
@@ -111,6 +134,38 @@ async fn read_all(s: &mut TcpStream, within: Duration) -> Vec<u8> {
     })
     .await;
     got
+}
+
+/// Start an upload of `length` bytes (the head and a first byte) and read the answer until
+/// `until` has come.
+async fn upload_until_answered(f: &Fx, length: u64, until: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(f.gate.addr).await.unwrap();
+    let head = format!("Content-Length: {length}\r\n");
+    s.write_all(&f.req("POST /v1/analyses/1", &head))
+        .await
+        .unwrap();
+    s.write_all(b"x").await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while find(&got, until).is_none() {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("the early answer")
+            .unwrap();
+        assert!(n > 0, "closed before the early answer");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    s
+}
+
+/// Wait (up to 8 s) until the proxy holds no connection.
+async fn no_connection_left(f: &Fx, what: &str) {
+    let open = "keygate_connections_open{front=\"proxy\"}";
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while f.gate.metric(open).await != Some(0.0) {
+        assert!(Instant::now() < deadline, "{what}: still open after 8 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
@@ -312,39 +367,14 @@ async fn a_broken_upload_is_the_clients_fault() {
 /// its place and an upstream connection for ever.
 #[tokio::test]
 async fn a_client_gone_silent_or_away_mid_upload_lets_its_connection_go() {
-    let up = upstream(|mut s| async move {
-        if read_head(&mut s).await.is_none() {
-            return;
-        }
-        let _ = s
-            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
-            .await;
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = s.read(&mut chunk).await {
-            if n == 0 {
-                return;
-            }
-        }
-    })
+    let up = answering_early(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        true,
+    )
     .await;
     let f = fx(up, "[limits]\nidle_timeout = \"1s\"\n").await;
-    let open = "keygate_connections_open{front=\"proxy\"}";
     for away in [false, true] {
-        let mut s = TcpStream::connect(f.gate.addr).await.unwrap();
-        s.write_all(&f.req("POST /v1/analyses/1", "Content-Length: 1000000\r\n"))
-            .await
-            .unwrap();
-        s.write_all(b"aaaaaaaaaa").await.unwrap();
-        let mut got = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while !String::from_utf8_lossy(&got).contains("hello") {
-            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
-                .await
-                .expect("the early answer")
-                .unwrap();
-            assert!(n > 0, "closed before the early answer");
-            got.extend_from_slice(&chunk[..n]);
-        }
+        let mut s = upload_until_answered(&f, 1_000_000, b"hello").await;
         let started = Instant::now();
         if away {
             drop(s);
@@ -356,14 +386,15 @@ async fn a_client_gone_silent_or_away_mid_upload_lets_its_connection_go() {
                 "a silent client mid-upload was not closed after the idle timeout"
             );
         }
-        let deadline = Instant::now() + Duration::from_secs(8);
-        while f.gate.metric(open).await != Some(0.0) {
-            assert!(
-                Instant::now() < deadline,
-                "away = {away}: the connection was still open after 8 s"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        no_connection_left(
+            &f,
+            if away {
+                "a client gone"
+            } else {
+                "a silent client"
+            },
+        )
+        .await;
     }
     f.gate.stop().await;
 }
@@ -373,33 +404,13 @@ async fn a_client_gone_silent_or_away_mid_upload_lets_its_connection_go() {
 /// goes silent, the deadline must still reach whichever task can close the connection.
 #[tokio::test]
 async fn a_silent_client_is_closed_while_its_upload_is_stuck_upstream() {
-    let up = upstream(|mut s| async move {
-        if read_head(&mut s).await.is_none() {
-            return;
-        }
-        let _ = s
-            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-            .await;
-        // Never reads the upload; holds the connection for longer than the test.
-        tokio::time::sleep(Duration::from_secs(60)).await;
-    })
+    let up = answering_early(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+        false,
+    )
     .await;
     let f = fx(up, "[limits]\nidle_timeout = \"1s\"\n").await;
-    let mut s = TcpStream::connect(f.gate.addr).await.unwrap();
-    s.write_all(&f.req("POST /v1/analyses/1", "Content-Length: 100000000\r\n"))
-        .await
-        .unwrap();
-    s.write_all(b"x").await.unwrap();
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 4096];
-    while find(&got, b"\r\n\r\n").is_none() {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
-            .await
-            .expect("the early answer's head")
-            .unwrap();
-        assert!(n > 0);
-        got.extend_from_slice(&chunk[..n]);
-    }
+    let mut s = upload_until_answered(&f, 100_000_000, b"\r\n\r\n").await;
     // Push the upload until every buffer on the way is full, then go silent.
     let block = vec![b'x'; 64 * 1024];
     let pushing = Instant::now();
@@ -411,15 +422,7 @@ async fn a_silent_client_is_closed_while_its_upload_is_stuck_upstream() {
             break;
         }
     }
-    let silent = Instant::now();
-    let open = "keygate_connections_open{front=\"proxy\"}";
-    while f.gate.metric(open).await != Some(0.0) {
-        assert!(
-            silent.elapsed() < Duration::from_secs(8),
-            "a silent client with its upload stuck upstream held its connection for 8 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    no_connection_left(&f, "a silent client with its upload stuck upstream").await;
     drop(s);
     f.gate.stop().await;
 }

@@ -12,7 +12,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use crate::upstream::wire::{Chunked, Decoded};
 
@@ -249,52 +249,7 @@ impl Body for RequestBody {
 
 /// The client's side of a connection that switched protocols (a WebSocket), once the 101 has
 /// been written: the stream, and what the client sent past its request head before the switch.
-pub struct Upgraded {
-    pub(super) io: Transport,
-    pub(super) pending: Bytes,
-}
-
-impl Upgraded {
-    /// `io` with `pending`, bytes already read from it, put back in front: for a connection
-    /// sniffed as HTTP/2 and handed to another server.
-    pub fn rewind(io: Transport, pending: Bytes) -> Self {
-        Upgraded { io, pending }
-    }
-}
-
-impl AsyncRead for Upgraded {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if !this.pending.is_empty() {
-            let n = this.pending.len().min(buf.remaining());
-            buf.put_slice(&this.pending.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Upgraded {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
+pub type Upgraded = crate::http1::Rewind<Transport>;
 
 /// In a request's extensions when it asks to switch protocols: resolves to the client's
 /// connection once a 101 answer has been written, or fails if the answer was another.

@@ -8,11 +8,13 @@
 //! way, and the bytes one of them takes for a body would be another request to the other.
 
 use std::mem::MaybeUninit;
-use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
+
+pub use crate::http1::Field;
+use crate::http1::{self, Declared};
 
 /// Most header fields httparse is given room for: `proxy.max_headers`' upper bound.
 pub const MAX_FIELDS: usize = 1000;
@@ -115,20 +117,22 @@ pub fn parse_request(
     // Where the target and each field are, so that they can share the head's bytes once it is
     // split off the buffer.
     let base = buf.as_ptr() as usize;
-    let target = offset(target.as_bytes(), base);
+    let target = http1::offset(target.as_bytes(), base);
     let count = request.headers.len();
     scratch.clear();
-    scratch.extend(request.headers.iter().map(|h| Field {
-        name: offset(h.name.as_bytes(), base),
-        value: offset(h.value, base),
-    }));
+    scratch.extend(
+        request
+            .headers
+            .iter()
+            .map(|h| Field::at(h.name.as_bytes(), h.value, base)),
+    );
     let head = buf.split_to(len).freeze();
     let at = &scratch[..];
 
-    if head[range(target)].contains(&b'#') {
+    if head[http1::range(target)].contains(&b'#') {
         return Err(HeadError::Fragment);
     }
-    let uri = Uri::from_maybe_shared(head.slice(range(target)))
+    let uri = Uri::from_maybe_shared(head.slice(http1::range(target)))
         .map_err(|_| HeadError::Malformed("the request target is malformed"))?;
     let framing = framing(version, &head, at)?;
     let mut headers = HeaderMap::with_capacity(count + ROOM_TO_ADD);
@@ -180,82 +184,13 @@ pub fn parse_request(
     }))
 }
 
-/// A header field's name and value as places in its head (start, end).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Field {
-    name: (u32, u32),
-    value: (u32, u32),
-}
-
-impl Field {
-    fn name(&self) -> Range<usize> {
-        range(self.name)
-    }
-
-    fn value(&self) -> Range<usize> {
-        range(self.value)
-    }
-}
-
-fn range((start, end): (u32, u32)) -> Range<usize> {
-    start as usize..end as usize
-}
-
-/// `part`'s place in the buffer starting at address `base` (`part` lies inside it; a head is
-/// far below 4 GiB).
-fn offset(part: &[u8], base: usize) -> (u32, u32) {
-    let start = part.as_ptr() as usize - base;
-    (start as u32, (start + part.len()) as u32)
-}
-
-/// RFC 9112 §6.3 for requests, refusing every case where two readers could disagree on where
-/// the body ends.
+/// RFC 9112 §6.3 for requests (see [`http1::declared_framing`]): without framing fields, no
+/// body.
 fn framing(version: Version, head: &[u8], fields: &[Field]) -> Result<BodyFraming, HeadError> {
-    let named = |name: &'static [u8]| {
-        fields
-            .iter()
-            .filter(move |f| head[f.name()].eq_ignore_ascii_case(name))
-            .map(|f| &head[f.value()])
-    };
-    let mut codings = named(b"transfer-encoding");
-    let mut lengths = named(b"content-length");
-    let length = lengths.next();
-    if let Some(coding) = codings.next() {
-        if length.is_some() {
-            return Err(HeadError::Malformed(
-                "both Transfer-Encoding and Content-Length",
-            ));
-        }
-        if version == Version::HTTP_10 {
-            return Err(HeadError::Malformed(
-                "Transfer-Encoding in an HTTP/1.0 request",
-            ));
-        }
-        if codings.next().is_some() || !coding.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-            return Err(HeadError::Malformed("a transfer coding other than chunked"));
-        }
-        return Ok(BodyFraming::Chunked);
-    }
-    match length {
-        None => Ok(BodyFraming::Empty),
-        Some(_) if lengths.next().is_some() => {
-            Err(HeadError::Malformed("more than one Content-Length header"))
-        }
-        Some(digits) => {
-            if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-                return Err(HeadError::Malformed(
-                    "a Content-Length that is not a number",
-                ));
-            }
-            let n = digits
-                .iter()
-                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            Ok(if n == 0 {
-                BodyFraming::Empty
-            } else {
-                BodyFraming::Length(n)
-            })
-        }
+    match http1::declared_framing(version, head, fields).map_err(HeadError::Malformed)? {
+        Declared::Nothing | Declared::Length(0) => Ok(BodyFraming::Empty),
+        Declared::Length(n) => Ok(BodyFraming::Length(n)),
+        Declared::Chunked => Ok(BodyFraming::Chunked),
     }
 }
 

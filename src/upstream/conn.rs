@@ -15,6 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 
 use super::wire::{self, Chunked, Decoded, Framing, Head, RequestFraming, WireError};
+use crate::http1::Rewind;
 
 /// What a connection runs over: TCP, or TLS over TCP.
 pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -341,11 +342,12 @@ impl Conn {
     }
 
     /// The connection as a byte stream, after a switch of protocols: what was read past the
-    /// 101's head comes first.
-    pub fn into_tunnel(self) -> Tunnel {
-        Tunnel {
-            io: self.io,
-            pending: self.read.freeze(),
+    /// 101's head comes first. `None` if the exchange left it half (a 101 is only accepted
+    /// once the request was written whole, so this does not happen).
+    pub fn into_tunnel(self) -> Option<Tunnel> {
+        match self.io {
+            Io::Whole(t) => Some(Rewind::new(t, self.read.freeze())),
+            Io::Reading { .. } | Io::Gone => None,
         }
     }
 }
@@ -554,42 +556,4 @@ impl ResponseBody {
 }
 
 /// An upstream connection turned into a byte stream by a 101 Switching Protocols.
-pub struct Tunnel {
-    io: Io,
-    /// Bytes that came after the 101's head, read before the switch.
-    pending: Bytes,
-}
-
-impl AsyncRead for Tunnel {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if !this.pending.is_empty() {
-            let n = this.pending.len().min(buf.remaining());
-            buf.put_slice(&this.pending.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Tunnel {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
+pub type Tunnel = Rewind<Transport>;

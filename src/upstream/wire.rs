@@ -8,11 +8,12 @@
 //! bare LF, as httparse and most servers read them: the head is re-encoded for the client.)
 
 use std::mem::MaybeUninit;
-use std::ops::Range;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
+
+use crate::http1::{self, Declared, Field};
 
 /// Most bytes a response head (or a chunked body's trailer section) may take.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -205,10 +206,7 @@ pub fn parse_head(
         let count = response.headers.len();
         let mut at = [Field::default(); MAX_HEADERS];
         for (slot, h) in at.iter_mut().zip(response.headers.iter()) {
-            *slot = Field {
-                name: offset(h.name.as_bytes(), base),
-                value: offset(h.value, base),
-            };
+            *slot = Field::at(h.name.as_bytes(), h.value, base);
         }
         let head = buf.split_to(len).freeze();
         let at = &at[..count];
@@ -336,31 +334,6 @@ impl Fields {
     }
 }
 
-/// A header field's name and value as places in its head (start, end), small and `Copy` so
-/// that a whole head's worth is one cheap array on the stack.
-#[derive(Debug, Default, Clone, Copy)]
-struct Field {
-    name: (u32, u32),
-    value: (u32, u32),
-}
-
-impl Field {
-    fn name(&self) -> Range<usize> {
-        self.name.0 as usize..self.name.1 as usize
-    }
-
-    fn value(&self) -> Range<usize> {
-        self.value.0 as usize..self.value.1 as usize
-    }
-}
-
-/// `part`'s place in the buffer starting at address `base` (`part` lies inside it, and the
-/// buffer is at most [`MAX_HEAD_BYTES`] long where this is used).
-fn offset(part: &[u8], base: usize) -> (u32, u32) {
-    let start = part.as_ptr() as usize - base;
-    (start as u32, (start + part.len()) as u32)
-}
-
 /// Exactly one `Content-Length`, all digits.
 fn one_length(head: &[u8], fields: &[Field]) -> bool {
     let mut lengths = fields
@@ -368,7 +341,7 @@ fn one_length(head: &[u8], fields: &[Field]) -> bool {
         .filter(|f| head[f.name()].eq_ignore_ascii_case(b"content-length"))
         .map(|f| &head[f.value()]);
     match (lengths.next(), lengths.next()) {
-        (Some(v), None) => !v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit),
+        (Some(v), None) => http1::parse_length(v).is_some(),
         _ => false,
     }
 }
@@ -389,43 +362,10 @@ fn framing(
     {
         return Ok(Framing::Empty);
     }
-    let named = |name: &'static [u8]| {
-        fields
-            .iter()
-            .filter(move |f| head[f.name()].eq_ignore_ascii_case(name))
-            .map(|f| &head[f.value()])
-    };
-    let mut codings = named(b"transfer-encoding");
-    let mut lengths = named(b"content-length");
-    let length = lengths.next();
-    if let Some(coding) = codings.next() {
-        if length.is_some() {
-            return Err(WireError::Framing(
-                "both Content-Length and Transfer-Encoding",
-            ));
-        }
-        if version == Version::HTTP_10 {
-            return Err(WireError::Framing(
-                "Transfer-Encoding in an HTTP/1.0 response",
-            ));
-        }
-        if codings.next().is_some() || !coding.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-            return Err(WireError::Framing("a transfer coding other than chunked"));
-        }
-        return Ok(Framing::Chunked);
-    }
-    match length {
-        None => Ok(Framing::UntilClose),
-        Some(_) if lengths.next().is_some() => Err(WireError::Framing("several Content-Length")),
-        Some(digits) => {
-            if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-                return Err(WireError::Framing("a Content-Length that is not a number"));
-            }
-            let n = digits
-                .iter()
-                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            Ok(Framing::Length(n))
-        }
+    match http1::declared_framing(version, head, fields).map_err(WireError::Framing)? {
+        Declared::Nothing => Ok(Framing::UntilClose),
+        Declared::Length(n) => Ok(Framing::Length(n)),
+        Declared::Chunked => Ok(Framing::Chunked),
     }
 }
 
