@@ -251,7 +251,7 @@ pub async fn serve(
                     Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, busy)))
                 }
             });
-            let io = server::Upgraded::new(io, read.freeze());
+            let io = crate::http1::Rewind::new(io, read.freeze());
             let conn = h2.serve_connection(TokioIo::new(io), service);
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(error = %e, %peer, "proxy connection ended with an error");
