@@ -321,11 +321,15 @@ impl server::Handler for H1 {
 /// Shapes keygate refuses to interpret, because a server behind it might read them differently.
 fn smuggling_shape(req: &Request<ClientBody>) -> Option<&'static str> {
     let h = req.headers();
-    if h.get_all(header::CONTENT_LENGTH).iter().count() > 1 {
-        return Some("more than one Content-Length header");
-    }
-    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
-        return Some("both Transfer-Encoding and Content-Length");
+    // keygate's HTTP/1.1 server refuses these before a request is made (`http1::
+    // declared_framing`); over HTTP/2 they are checked here.
+    if let ClientBody::H2(_) = req.body() {
+        if h.get_all(header::CONTENT_LENGTH).iter().count() > 1 {
+            return Some("more than one Content-Length header");
+        }
+        if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+            return Some("both Transfer-Encoding and Content-Length");
+        }
     }
     if h.get_all(header::HOST).iter().count() > 1 {
         return Some("more than one Host header");
@@ -380,17 +384,18 @@ async fn handle(
     if !http1 {
         // HTTP/2 answers are hyper's to write: the upstream's fields go into the map.
         let (mut parts, mut body) = resp.into_parts();
-        if let Either::Left(upstream) = &mut body {
-            if upstream.merge_fields(&mut parts.headers).is_err() {
+        let merged = match &mut body {
+            Either::Left(upstream) => upstream.merge_fields(&mut parts.headers),
+            Either::Right(_) => Ok(()),
+        };
+        resp = match merged {
+            Ok(()) => Response::from_parts(parts, body),
+            Err(_) => {
                 let id = parts.headers.get(&state.names.request_id).cloned();
                 let id = id.unwrap_or_else(request_id::mint);
-                resp = deny(&DenyReason::UpstreamUnavailable, &id, &state.names, false);
-            } else {
-                resp = Response::from_parts(parts, body);
+                deny(&DenyReason::UpstreamUnavailable, &id, &state.names, false)
             }
-        } else {
-            resp = Response::from_parts(parts, body);
-        }
+        };
     }
     if http1
         && resp.status() != StatusCode::SWITCHING_PROTOCOLS

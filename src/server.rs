@@ -124,7 +124,7 @@ async fn serve_on<H: Handler>(
             Next::Close => return conn.close(false).await,
             Next::Refuse(error) => {
                 let resp = handler.refuse(error);
-                let _ = conn.respond(resp, &Method::GET, Said::refusal()).await;
+                let _ = conn.respond(resp, Said::refusal()).await;
                 return conn.close(true).await;
             }
         };
@@ -148,16 +148,14 @@ async fn serve_on<H: Handler>(
             inner.body = state;
             seq
         };
-        let upgrade = (request.version() == Version::HTTP_11
-            && request.headers().contains_key(header::UPGRADE))
-        .then(|| {
+        let upgrade = head.upgrade.then(|| {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let rx = Arc::new(std::sync::Mutex::new(Some(rx)));
             request.extensions_mut().insert(OnUpgrade(rx));
             tx
         });
-        let method = request.method().clone();
         let said = Said {
+            head: request.method() == Method::HEAD,
             close: false,
             http10: request.version() == Version::HTTP_10,
             upgrade: upgrade.is_some(),
@@ -178,7 +176,7 @@ async fn serve_on<H: Handler>(
             close: !keep_alive || *shutting_down.borrow(),
             ..said
         };
-        let written = conn.respond(resp, &method, said).await;
+        let written = conn.respond(resp, said).await;
         let keep = match written {
             Ok(Written::KeepAlive) => true,
             Ok(Written::Close) => false,
@@ -226,6 +224,8 @@ struct Abort;
 /// What the request (and the connection) said about how its answer may be written.
 #[derive(Clone, Copy)]
 struct Said {
+    /// The request was a HEAD: the answer has no body.
+    head: bool,
     /// The connection ends after the answer, whatever else is said.
     close: bool,
     http10: bool,
@@ -238,6 +238,7 @@ struct Said {
 impl Said {
     fn refusal() -> Self {
         Said {
+            head: false,
             close: true,
             http10: false,
             upgrade: false,
@@ -326,17 +327,13 @@ impl Conn<'_> {
     }
 
     /// Write `resp` as `said` allows.
-    async fn respond<B>(
-        &mut self,
-        resp: Response<B>,
-        method: &Method,
-        said: Said,
-    ) -> Result<Written, Abort>
+    async fn respond<B>(&mut self, resp: Response<B>, said: Said) -> Result<Written, Abort>
     where
         B: Body<Data = Bytes> + PassedFields + Unpin,
         B::Error: std::fmt::Display,
     {
         let Said {
+            head,
             close,
             http10,
             upgrade,
@@ -347,7 +344,7 @@ impl Conn<'_> {
         let switch = status == StatusCode::SWITCHING_PROTOCOLS && upgrade;
         let framing = if switch {
             ResponseFraming::NoBody { keep_length: false }
-        } else if *method == Method::HEAD || status == StatusCode::NOT_MODIFIED {
+        } else if head || status == StatusCode::NOT_MODIFIED {
             ResponseFraming::NoBody { keep_length: true }
         } else if status.is_informational() || status == StatusCode::NO_CONTENT {
             ResponseFraming::NoBody { keep_length: false }
@@ -378,10 +375,9 @@ impl Conn<'_> {
         } else {
             Persistence::Default
         };
-        let passed = body.passed();
         // A HEAD answer of keygate's own (a refusal) says how long its GET answer would be.
         if framing == (ResponseFraming::NoBody { keep_length: true })
-            && passed.is_none()
+            && body.passed().is_none()
             && !parts.headers.contains_key(header::CONTENT_LENGTH)
         {
             if let Some(n) = body.size_hint().exact() {

@@ -64,6 +64,8 @@ pub struct RequestHead {
     pub expect_continue: bool,
     /// `TE: trailers`: the client reads trailer fields after a chunked answer.
     pub trailers: bool,
+    /// An HTTP/1.1 request with an `Upgrade` field: it may switch protocols.
+    pub upgrade: bool,
 }
 
 /// Parse a request head from the front of `buf`, consuming it. `Ok(None)`: incomplete, read
@@ -137,7 +139,7 @@ pub fn parse_request(
     let framing = framing(version, &head, at)?;
     let mut headers = HeaderMap::with_capacity(count + ROOM_TO_ADD);
     let (mut close, mut keep_alive, mut expect_continue) = (false, false, false);
-    let (mut trailers, mut host) = (false, false);
+    let (mut trailers, mut host, mut upgrade) = (false, false, false);
     for f in at {
         let name = HeaderName::from_bytes(&head[f.name()])
             .map_err(|_| HeadError::Malformed("a header name is malformed"))?;
@@ -161,6 +163,8 @@ pub fn parse_request(
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
         } else if name == header::HOST {
             host = true;
+        } else if name == header::UPGRADE {
+            upgrade = true;
         }
         headers.append(name, value);
     }
@@ -181,6 +185,7 @@ pub fn parse_request(
         keep_alive,
         expect_continue: expect_continue && version == Version::HTTP_11,
         trailers,
+        upgrade: upgrade && version == Version::HTTP_11,
     }))
 }
 

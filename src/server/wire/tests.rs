@@ -125,6 +125,9 @@ fn http_1_1_needs_a_host_and_te_trailers_is_read() {
     assert!(head("GET / HTTP/1.0\r\n\r\n").request.headers().is_empty());
     assert!(head("GET / HTTP/1.1\r\nHost: h\r\nTE: gzip, Trailers\r\n\r\n").trailers);
     assert!(!head("GET / HTTP/1.1\r\nHost: h\r\nTE: gzip\r\n\r\n").trailers);
+    assert!(head("GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n").upgrade);
+    assert!(!head("GET / HTTP/1.0\r\nUpgrade: websocket\r\n\r\n").upgrade);
+    assert!(!head("GET / HTTP/1.1\r\nHost: h\r\n\r\n").upgrade);
 }
 
 #[test]
