@@ -27,6 +27,8 @@ done
 TMP=$(mktemp -d /tmp/keygate-instr.XXXXXX)
 PIDS=()
 # KEEP=DIR keeps the callgrind outputs there, for callgrind_annotate (where the instructions go).
+# CALLGRIND_FLAGS="--cache-sim=yes --branch-sim=yes" also simulates caches and branch prediction
+# (see the kept outputs for the miss counts; the table still compares instructions).
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$TMP"/*.out "$KEEP"/ 2>/dev/null || true; fi
@@ -93,7 +95,8 @@ wait_up() { # url
 # measure NAME PORT SIGNAL N CMD... -> prints total instructions
 measure() {
   local name=$1 port=$2 sig=$3 n=$4; shift 4
-  valgrind --tool=callgrind --callgrind-out-file="$TMP/$name-$n.out" "$@" 2>"$TMP/$name-$n.vg" &
+  # shellcheck disable=SC2086 # CALLGRIND_FLAGS is a list of flags
+  valgrind --tool=callgrind ${CALLGRIND_FLAGS:-} --callgrind-out-file="$TMP/$name-$n.out" "$@" 2>"$TMP/$name-$n.vg" &
   local pid=$!
   wait_up "http://127.0.0.1:$port/"
   local ok

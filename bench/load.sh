@@ -71,18 +71,18 @@ alive() {
     [[ "${line:0:1}" != "Z" ]]
 }
 
-# Sum of utime+stime, in clock ticks, over the given pids (threads are included
-# in a process's own counters).
+# Sum of utime and of stime, in clock ticks, over the given pids ("user sys"; threads are
+# included in a process's own counters).
 cpu_ticks() {
-    local total=0 pid line
+    local user=0 sys=0 pid line
     local -a f
     for pid in "$@"; do
         read -r line 2>/dev/null <"/proc/$pid/stat" || die "process $pid vanished while measuring"
         line="${line##*) }"      # fields from #3 (state) on: utime is #14 -> f[11], stime #15 -> f[12]
         read -r -a f <<<"$line"
-        total=$(( total + f[11] + f[12] ))
+        user=$(( user + f[11] )); sys=$(( sys + f[12] ))
     done
-    echo "$total"
+    echo "$user $sys"
 }
 
 # "busy total" clock ticks of one core from /proc/stat (busy = everything but idle and iowait).
@@ -482,7 +482,7 @@ run_wrk() {   # $1 = url, $2 = duration, $3 = output file
         || { cat "$3" >&2; die "wrk failed against $1"; }
 }
 
-declare -A R_RPS R_REQ R_P50 R_P99 R_NON2XX R_ERRS R_CPU_US R_BUSY R_PCORE R_LCORE
+declare -A R_RPS R_REQ R_P50 R_P99 R_NON2XX R_ERRS R_CPU_US R_USER_US R_BUSY R_PCORE R_LCORE
 WARNINGS=()
 WRK_DIR="$TMP/wrk"; mkdir -p "$WRK_DIR"
 
@@ -537,7 +537,11 @@ for c in "${contenders[@]}"; do
     (( R_REQ[$c] > 0 )) || die "$c: wrk completed 0 requests"
 
     if (( ${#pids[@]} )); then
-        ticks=$(( t1 - t0 ))
+        read -r u0 s0 <<<"$t0"; read -r u1 s1 <<<"$t1"
+        ticks=$(( u1 + s1 - u0 - s0 ))
+        # User space alone: what the proxy's own code costs, apart from the kernel's network
+        # stack (which both proxies share).
+        R_USER_US[$c]="$(awk -v t="$(( u1 - u0 ))" -v hz="$CLK_TCK" -v n="${R_REQ[$c]}" 'BEGIN { printf "%.2f", t * 1e6 / hz / n }')"
         R_CPU_US[$c]="$(awk -v t="$ticks" -v hz="$CLK_TCK" -v n="${R_REQ[$c]}" 'BEGIN { printf "%.2f", t * 1e6 / hz / n }')"
         R_BUSY[$c]="$(awk -v t="$ticks" -v hz="$CLK_TCK" -v ns="$(( w1 - w0 ))" 'BEGIN { printf "%.0f", 100 * (t / hz) / (ns / 1e9) }')"
         if (( ticks < 100 )); then
@@ -552,7 +556,7 @@ for c in "${contenders[@]}"; do
     if (( R_NON2XX[$c] > 0 || R_ERRS[$c] > 0 )); then
         WARNINGS+=("$c: ${R_NON2XX[$c]} non-2xx responses and ${R_ERRS[$c]} socket errors during the measured run")
     fi
-    log "$c: ${R_RPS[$c]} req/s, p50 $(fmt_us "${R_P50[$c]}"), p99 $(fmt_us "${R_P99[$c]}"), proxy CPU ${R_CPU_US[$c]:-n/a} µs/req"
+    log "$c: ${R_RPS[$c]} req/s, p50 $(fmt_us "${R_P50[$c]}"), p99 $(fmt_us "${R_P99[$c]}"), proxy CPU ${R_CPU_US[$c]:-n/a} µs/req (user ${R_USER_US[$c]:-n/a})"
 
     if [[ -n "$RELOADER_PID" ]]; then
         kill "$RELOADER_PID" 2>/dev/null || true
@@ -572,20 +576,20 @@ done
 
 # ---------------------------------------------------------------- report
 table() {
-    echo "| contender | req/s | p50 | p99 | proxy CPU µs/req | CPU vs nginx |"
-    echo "|---|---:|---:|---:|---:|---:|"
-    local c cpu ratio
+    echo "| contender | req/s | p50 | p99 | proxy CPU µs/req | of which user space | CPU vs nginx |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
+    local c cpu user ratio
     for c in "${contenders[@]}"; do
-        cpu="—"; ratio="—"
+        cpu="—"; user="${R_USER_US[$c]:-—}"; ratio="—"
         if [[ -n "${R_CPU_US[$c]:-}" ]]; then
             cpu="${R_CPU_US[$c]} (core ${R_BUSY[$c]}% busy)"
             if [[ -n "${R_CPU_US[nginx]:-}" ]]; then
                 ratio="$(awk -v a="${R_CPU_US[$c]}" -v b="${R_CPU_US[nginx]}" 'BEGIN { if (b > 0) printf "%.2f×", a / b; else print "—" }')"
             fi
         fi
-        printf '| %s | %.0f | %s | %s | %s | %s |\n' \
+        printf '| %s | %.0f | %s | %s | %s | %s | %s |\n' \
             "$([[ $c == nginx ]] && echo nginx-gate || echo "$c")" \
-            "${R_RPS[$c]}" "$(fmt_us "${R_P50[$c]}")" "$(fmt_us "${R_P99[$c]}")" "$cpu" "$ratio"
+            "${R_RPS[$c]}" "$(fmt_us "${R_P50[$c]}")" "$(fmt_us "${R_P99[$c]}")" "$cpu" "$user" "$ratio"
     done
 }
 

@@ -190,7 +190,10 @@ async fn check(
     let names = &*state.names;
     let headers = req.headers();
     let request_id = request_id::accept(
-        headers.get_all(&names.request_id).iter(),
+        headers
+            .get_all(&names.request_id)
+            .iter()
+            .map(HeaderValue::as_bytes),
         &state.policy.prefixes,
     )
     .unwrap_or_else(request_id::mint);
@@ -287,7 +290,7 @@ async fn check(
         }
     }
     for name in headers.keys() {
-        if is_identity_variant(name.as_str(), names) && !h.contains_key(name) {
+        if is_identity_variant(name.as_str().as_bytes(), names) && !h.contains_key(name) {
             remove.push(name.as_str());
         }
     }

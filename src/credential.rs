@@ -17,7 +17,9 @@
 use std::cmp::Reverse;
 use std::fmt;
 
-use http::{HeaderMap, HeaderName};
+use http::HeaderName;
+
+use crate::headers::FieldLookup;
 use rand::CryptoRng;
 
 /// Number of random base62 characters in a minted key (≈190.5 bits).
@@ -280,10 +282,10 @@ impl Default for CredentialHeaders {
     }
 }
 
-/// [`extract`] over a hyper/`http` header map, where repeated headers are
-/// separate values. Does not allocate: at most two values per header matter.
+/// [`extract`] over a request's fields (hyper's map, or a head as received), where repeated
+/// headers are separate values. Does not allocate: at most two values per header matter.
 pub fn extract_from_headers<'a>(
-    headers: &'a HeaderMap,
+    headers: &'a impl FieldLookup,
     names: &CredentialHeaders,
 ) -> Credential<'a> {
     let (authorization, authorization_len) = first_two(headers, &names.authorization);
@@ -292,11 +294,11 @@ pub fn extract_from_headers<'a>(
 }
 
 /// Up to the first two values of `name`, and how many there are of those.
-fn first_two<'a>(headers: &'a HeaderMap, name: &HeaderName) -> ([&'a [u8]; 2], usize) {
+fn first_two<'a>(headers: &'a impl FieldLookup, name: &HeaderName) -> ([&'a [u8]; 2], usize) {
     let mut values: [&[u8]; 2] = [&[], &[]];
     let mut len = 0;
-    for (slot, value) in values.iter_mut().zip(headers.get_all(name)) {
-        *slot = value.as_bytes();
+    for (slot, value) in values.iter_mut().zip(headers.values(name)) {
+        *slot = value;
         len += 1;
     }
     (values, len)
@@ -370,7 +372,7 @@ fn trim_ows(value: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
+    use http::{HeaderMap, HeaderValue};
     use proptest::prelude::*;
     use rand::{CryptoRng, RngCore};
 

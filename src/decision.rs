@@ -8,11 +8,12 @@
 
 use std::net::IpAddr;
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderName};
 
 use crate::config::{HeaderNames, Policy, Unmatched};
 use crate::credential::{has_valid_checksum, Credential};
 use crate::deny::DenyReason;
+use crate::headers::FieldLookup;
 use crate::path::{NormalizedPath, PathError};
 use crate::snapshot::{
     Environment, KeyRecord, KeyStatus, Partner, PartnerStatus, ScopeSet, Snapshot,
@@ -44,7 +45,7 @@ impl<'a> RequestFacts<'a> {
         host: Option<&'a str>,
         client_ip: Option<IpAddr>,
         credential: Credential<'a>,
-        headers: &'a HeaderMap,
+        headers: &'a impl FieldLookup,
         names: &HeaderNames,
     ) -> Self {
         RequestFacts {
@@ -62,14 +63,10 @@ impl<'a> RequestFacts<'a> {
 
 /// The one value of a header. A repeated header yields an empty value, which matches no
 /// referrer pattern and is no idempotency key: repeats are refused, never resolved by picking one.
-fn single<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a [u8]> {
-    let mut values = h.get_all(name).iter();
+fn single<'a>(h: &'a impl FieldLookup, name: &HeaderName) -> Option<&'a [u8]> {
+    let mut values = h.values(name);
     let first = values.next()?;
-    Some(if values.next().is_some() {
-        b""
-    } else {
-        first.as_bytes()
-    })
+    Some(if values.next().is_some() { b"" } else { first })
 }
 
 /// The wall clock in Unix milliseconds: what fronts pass as `now`.

@@ -487,7 +487,7 @@ impl Allowed<'_, '_> {
             } else {
                 name.into()
             };
-            if is_identity_variant(&lower, names)
+            if is_identity_variant(lower.as_bytes(), names)
                 && !set.iter().any(|s| s.0 == lower)
                 && !remove.contains(&lower)
             {

@@ -1,55 +1,218 @@
 //! Header rules shared by every front: what is hop-by-hop, what counts as a spoofed identity
 //! header, and setting identity headers after an allow. Identity headers are overwritten or
 //! removed, never appended: only keygate speaks for identity.
+//!
+//! A request's fields come as hyper's map (HTTP/2, the forward-auth front) or, on the proxy's
+//! HTTP/1.1 side, as the head keygate read ([`http1::Fields`]): no map is built for those, and
+//! the rules here read both alike ([`FieldLookup`], [`FieldEdit`]). Names in a head keep the
+//! client's spelling, so every rule compares them without regard to case.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use crate::config::{folded_eq, HeaderNames};
+use crate::config::HeaderNames;
 use crate::decision::Allow;
+use crate::http1;
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1, `Upgrade`, and the usual non-standard ones): never
-/// forwarded. A `match` on the name: this runs for every header of every request and response.
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
+/// Reading a request's fields by name, whatever holds them.
+pub trait FieldLookup {
+    /// Every value of `name`, in order.
+    fn values<'a: 'n, 'n>(&'a self, name: &'n HeaderName) -> Values<'a, 'n>;
+
+    fn contains(&self, name: &HeaderName) -> bool {
+        self.values(name).next().is_some()
+    }
+}
+
+/// [`FieldLookup::values`]: a map's, or a head's.
+pub enum Values<'a, 'n> {
+    Map(http::header::ValueIter<'a, HeaderValue>),
+    Head(http1::Values<'a, 'n>),
+}
+
+impl<'a> Iterator for Values<'a, '_> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        match self {
+            Values::Map(m) => m.next().map(HeaderValue::as_bytes),
+            Values::Head(h) => h.next(),
+        }
+    }
+}
+
+impl DoubleEndedIterator for Values<'_, '_> {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        match self {
+            Values::Map(m) => m.next_back().map(HeaderValue::as_bytes),
+            Values::Head(h) => h.next_back(),
+        }
+    }
+}
+
+/// Taking fields out of a request (or an answer's trailers).
+pub trait FieldEdit: FieldLookup {
+    /// Remove every field whose name `doomed` picks. It sees names as they came: in a map lower
+    /// case, in a head as the client spelled them.
+    fn remove_where(&mut self, doomed: impl FnMut(&[u8]) -> bool);
+
+    fn remove(&mut self, name: &HeaderName) {
+        let name = name.as_str().as_bytes();
+        self.remove_where(|n| n.eq_ignore_ascii_case(name));
+    }
+}
+
+impl FieldLookup for HeaderMap {
+    fn values<'a: 'n, 'n>(&'a self, name: &'n HeaderName) -> Values<'a, 'n> {
+        Values::Map(self.get_all(name).iter())
+    }
+
+    fn contains(&self, name: &HeaderName) -> bool {
+        self.contains_key(name)
+    }
+}
+
+impl FieldEdit for HeaderMap {
+    fn remove_where(&mut self, mut doomed: impl FnMut(&[u8]) -> bool) {
+        // Allocate only in the rare case that something must go.
+        if self.keys().any(|n| doomed(n.as_str().as_bytes())) {
+            let names: Vec<HeaderName> = self
+                .keys()
+                .filter(|n| doomed(n.as_str().as_bytes()))
+                .cloned()
+                .collect();
+            for name in names {
+                HeaderMap::remove(self, name);
+            }
+        }
+    }
+
+    fn remove(&mut self, name: &HeaderName) {
+        HeaderMap::remove(self, name);
+    }
+}
+
+impl FieldLookup for http1::Fields {
+    fn values<'a: 'n, 'n>(&'a self, name: &'n HeaderName) -> Values<'a, 'n> {
+        Values::Head(http1::Fields::values(self, name.as_str().as_bytes()))
+    }
+}
+
+impl FieldEdit for http1::Fields {
+    fn remove_where(&mut self, doomed: impl FnMut(&[u8]) -> bool) {
+        http1::Fields::remove_where(self, doomed)
+    }
+}
+
+/// A request's fields on their way through the proxy: hyper's map (HTTP/2), or the head as it
+/// was read (HTTP/1.1), which goes upstream as it came less what keygate takes out.
+#[derive(Debug)]
+pub enum RequestFields {
+    Map(HeaderMap),
+    Head(http1::Fields),
+}
+
+/// [`RequestFields::iter`].
+pub enum Iter<'a> {
+    Map(http::header::Iter<'a, HeaderValue>),
+    Head(http1::Iter<'a>),
+}
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Iter::Map(m) => m.next().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
+            Iter::Head(h) => h.next(),
+        }
+    }
+}
+
+impl RequestFields {
+    /// `(name, value)` in order; a head's names as they came.
+    pub fn iter(&self) -> Iter<'_> {
+        match self {
+            RequestFields::Map(m) => Iter::Map(m.iter()),
+            RequestFields::Head(h) => Iter::Head(h.iter()),
+        }
+    }
+
+    /// The first value of `name`, as a header value of its own.
+    pub fn get_value(&self, name: &HeaderName) -> Option<HeaderValue> {
+        match self {
+            RequestFields::Map(m) => m.get(name).cloned(),
+            RequestFields::Head(h) => h.get_value(name.as_str().as_bytes()),
+        }
+    }
+}
+
+impl FieldLookup for RequestFields {
+    fn values<'a: 'n, 'n>(&'a self, name: &'n HeaderName) -> Values<'a, 'n> {
+        match self {
+            RequestFields::Map(m) => FieldLookup::values(m, name),
+            RequestFields::Head(h) => FieldLookup::values(h, name),
+        }
+    }
+
+    fn contains(&self, name: &HeaderName) -> bool {
+        match self {
+            RequestFields::Map(m) => m.contains_key(name),
+            RequestFields::Head(h) => h.values(name.as_str().as_bytes()).next().is_some(),
+        }
+    }
+}
+
+impl FieldEdit for RequestFields {
+    fn remove_where(&mut self, doomed: impl FnMut(&[u8]) -> bool) {
+        match self {
+            RequestFields::Map(m) => m.remove_where(doomed),
+            RequestFields::Head(h) => h.remove_where(doomed),
+        }
+    }
+
+    fn remove(&mut self, name: &HeaderName) {
+        match self {
+            RequestFields::Map(m) => FieldEdit::remove(m, name),
+            RequestFields::Head(h) => FieldEdit::remove(h, name),
+        }
+    }
+}
+
+/// Hop-by-hop fields (RFC 9110 §7.6.1, `Upgrade`, and the obsolete ones still seen), about one
+/// connection and never passed on; `name` in any case. Most names are told apart by their
+/// length alone: this runs for every field of every request and answer.
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    let is = |h: &[u8]| name.eq_ignore_ascii_case(h);
+    match name.len() {
+        2 => is(b"te"),
+        7 => is(b"trailer") || is(b"upgrade"),
+        10 => is(b"connection") || is(b"keep-alive"),
+        16 => is(b"proxy-connection"),
+        17 => is(b"transfer-encoding"),
+        18 => is(b"proxy-authenticate"),
+        19 => is(b"proxy-authorization"),
+        _ => false,
+    }
 }
 
 /// Remove, in one pass over the names, what must not travel on: hop-by-hop headers, those
 /// listed in `Connection`, and (`identity = Some`) every spelling of an identity header.
-/// `keep_upgrade` keeps `Upgrade` for a request being upgraded. One pass instead of a remove per
-/// candidate name: this runs twice per proxied request.
+/// `keep_upgrade` keeps `Upgrade` for a request being upgraded.
 pub fn strip_hop_and_identity(
-    h: &mut HeaderMap,
+    h: &mut impl FieldEdit,
     identity: Option<&HeaderNames>,
     keep_upgrade: bool,
 ) {
-    let listed = if h.contains_key(header::CONNECTION) {
-        connection_tokens(h)
-    } else {
-        Vec::new()
-    };
-    let doomed = |name: &HeaderName| {
-        let keep = keep_upgrade && name == header::UPGRADE;
-        (!keep && (is_hop_by_hop(name) || listed.contains(name)))
-            || identity.is_some_and(|names| is_identity_variant(name.as_str(), names))
-    };
-    // Allocate only in the rare case that something must go.
-    if h.keys().any(doomed) {
-        let names: Vec<HeaderName> = h.keys().filter(|n| doomed(n)).cloned().collect();
-        for name in names {
-            h.remove(name);
-        }
-    }
+    let listed = connection_tokens(h);
+    h.remove_where(|name| {
+        let keep = keep_upgrade && name.eq_ignore_ascii_case(b"upgrade");
+        (!keep
+            && (is_hop_by_hop(name)
+                || listed
+                    .iter()
+                    .any(|t| t.as_str().as_bytes().eq_ignore_ascii_case(name))))
+            || identity.is_some_and(|names| is_identity_variant(name, names))
+    });
 }
 
 /// Leave in an answer's trailer section only what a trailer may say (RFC 9110 §6.5.1): no
@@ -71,17 +234,16 @@ pub fn strip_trailers(t: &mut HeaderMap, identity: Option<&HeaderNames>) {
     }
 }
 
-/// Header names listed in `Connection` (lower-cased), which are hop-by-hop too.
-pub fn connection_tokens(headers: &HeaderMap) -> Vec<HeaderName> {
+/// Header names listed in `Connection` (lower-cased), which are hop-by-hop too. Allocates
+/// nothing when there is no `Connection`.
+pub fn connection_tokens(headers: &impl FieldLookup) -> Vec<HeaderName> {
     let mut out = Vec::new();
-    for value in headers.get_all(header::CONNECTION) {
-        let Ok(text) = value.to_str() else { continue };
-        for token in text.split(',') {
-            let token = token.trim();
+    for value in headers.values(&header::CONNECTION) {
+        for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
             if token.is_empty() {
                 continue;
             }
-            if let Ok(name) = HeaderName::from_bytes(token.to_ascii_lowercase().as_bytes()) {
+            if let Ok(name) = HeaderName::from_bytes(token) {
                 out.push(name);
             }
         }
@@ -95,32 +257,37 @@ pub fn connection_tokens(headers: &HeaderMap) -> Vec<HeaderName> {
 /// an `h2c` upgrade would turn the connection into HTTP/2 whose requests keygate never sees
 /// (h2c smuggling). A request asking for anything else is forwarded as a plain request, without
 /// `Upgrade`.
-pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+pub fn wants_upgrade(headers: &impl FieldLookup) -> bool {
     let mut protocols = headers
-        .get_all(header::UPGRADE)
-        .iter()
+        .values(&header::UPGRADE)
         // A value that is not visible ASCII names no protocol keygate knows.
-        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .flat_map(|v| std::str::from_utf8(v).unwrap_or("?").split(','))
         .map(str::trim)
         .peekable();
     let websocket_only =
         protocols.peek().is_some() && protocols.all(|p| p.eq_ignore_ascii_case("websocket"));
     websocket_only
         && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            .values(&header::CONNECTION)
+            .flat_map(|v| v.split(|&b| b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
 }
 
-/// Is `name` one of the identity headers, in any variant (`_` for `-`; names are lower case
-/// already in a `HeaderMap`)?
-pub fn is_identity_variant(name: &str, names: &HeaderNames) -> bool {
+/// Is `name` (any case) one of the identity headers, in any variant (`_` for `-`)?
+pub fn is_identity_variant(name: &[u8], names: &HeaderNames) -> bool {
     names
         .identity()
         .iter()
-        .any(|n| n.as_str().len() == name.len() && folded_eq(n.as_str(), name))
+        .any(|n| folded_eq_any_case(n.as_str().as_bytes(), name))
+}
+
+/// `lower` (a lower-case name) and `name` spell the same header, in any case and with `_` for
+/// `-`: how CGI-style servers read them.
+pub fn folded_eq_any_case(lower: &[u8], name: &[u8]) -> bool {
+    lower.len() == name.len()
+        && lower.iter().zip(name).all(|(&x, &y)| {
+            x == y.to_ascii_lowercase() || (matches!(x, b'_' | b'-') && matches!(y, b'_' | b'-'))
+        })
 }
 
 /// Set the identity headers of an allow (inbound variants must have been stripped already).

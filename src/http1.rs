@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -37,6 +38,146 @@ impl Field {
     pub fn value(&self) -> Range<usize> {
         range(self.value)
     }
+
+    /// Taken out of its head ([`Fields::remove_where`]): a field's name is never empty.
+    fn is_removed(&self) -> bool {
+        self.name.0 == self.name.1
+    }
+}
+
+/// A head's header fields as they came: its bytes and where each field lies, in order. Names
+/// keep the sender's spelling, so they are compared without regard to case. httparse has
+/// checked every name to be a token and every value to hold no control character but tab. A
+/// field taken out is marked, not moved: nothing is copied for it.
+#[derive(Debug, Clone, Default)]
+pub struct Fields {
+    head: Bytes,
+    at: Vec<Field>,
+}
+
+impl Fields {
+    /// The fields at `at` of `head` (the places [`Field::at`] gave, relative to its start).
+    pub fn new(head: Bytes, at: Vec<Field>) -> Self {
+        Fields { head, at }
+    }
+
+    /// `(name, value)` in the order they came.
+    pub fn iter(&self) -> Iter<'_> {
+        Iter {
+            head: &self.head,
+            at: self.at.iter(),
+        }
+    }
+
+    /// Every value of `name` (any case), in order.
+    pub fn values<'a: 'n, 'n>(&'a self, name: &'n [u8]) -> Values<'a, 'n> {
+        Values {
+            fields: self.iter(),
+            name,
+        }
+    }
+
+    /// The first value of `name` (any case).
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.values(name.as_bytes()).next()
+    }
+
+    /// The first value of `name` (any case) as a header value sharing the head's bytes.
+    pub fn get_value(&self, name: &[u8]) -> Option<HeaderValue> {
+        let f = self
+            .at
+            .iter()
+            .find(|f| !f.is_removed() && self.head[f.name()].eq_ignore_ascii_case(name))?;
+        HeaderValue::from_maybe_shared(self.head.slice(f.value())).ok()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.iter().next().is_none()
+    }
+
+    /// Take out every field whose name (as it came) `doomed` picks.
+    pub fn remove_where(&mut self, mut doomed: impl FnMut(&[u8]) -> bool) {
+        for f in &mut self.at {
+            if !f.is_removed() && doomed(&self.head[f.name()]) {
+                f.name = (0, 0);
+            }
+        }
+    }
+
+    /// Append the fields to `map`, except those whose name `map` holds already (keygate's own
+    /// values win, as an insert after them would).
+    pub fn merge_into(&self, map: &mut HeaderMap) -> Result<(), http::Error> {
+        let own: Vec<HeaderName> = map.keys().cloned().collect();
+        map.reserve(self.at.len());
+        for f in self.at.iter().filter(|f| !f.is_removed()) {
+            let name = HeaderName::from_bytes(&self.head[f.name()])?;
+            if own.contains(&name) {
+                continue;
+            }
+            let value = HeaderValue::from_maybe_shared(self.head.slice(f.value()))?;
+            map.append(name, value);
+        }
+        Ok(())
+    }
+
+    /// The same as a new map.
+    pub fn to_map(&self) -> Result<HeaderMap, http::Error> {
+        let mut map = HeaderMap::new();
+        self.merge_into(&mut map)?;
+        Ok(map)
+    }
+}
+
+/// [`Fields::iter`].
+pub struct Iter<'a> {
+    head: &'a [u8],
+    at: std::slice::Iter<'a, Field>,
+}
+
+impl<'a> Iter<'a> {
+    fn pair(&self, f: &Field) -> (&'a [u8], &'a [u8]) {
+        (&self.head[f.name()], &self.head[f.value()])
+    }
+}
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let f = self.at.by_ref().find(|f| !f.is_removed())?;
+        Some(self.pair(f))
+    }
+}
+
+impl DoubleEndedIterator for Iter<'_> {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        let f = self.at.by_ref().rfind(|f| !f.is_removed())?;
+        Some(self.pair(f))
+    }
+}
+
+/// [`Fields::values`].
+pub struct Values<'a, 'n> {
+    fields: Iter<'a>,
+    name: &'n [u8],
+}
+
+impl<'a> Iterator for Values<'a, '_> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let name = self.name;
+        let (_, v) = self.fields.find(|(n, _)| n.eq_ignore_ascii_case(name))?;
+        Some(v)
+    }
+}
+
+impl DoubleEndedIterator for Values<'_, '_> {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        let name = self.name;
+        let (_, v) = self.fields.rfind(|(n, _)| n.eq_ignore_ascii_case(name))?;
+        Some(v)
+    }
 }
 
 /// `part`'s place in the buffer starting at address `base`.
@@ -58,42 +199,75 @@ pub enum Declared {
     Chunked,
 }
 
-/// RFC 9112 §6.3, refusing every case where two readers could disagree on where the body
-/// ends: both fields, `Transfer-Encoding` in HTTP/1.0, a transfer coding other than one
-/// `chunked`, more than one `Content-Length` (even equal), or one that is not a number.
+/// A head's framing fields (`Content-Length`, `Transfer-Encoding`), noted while its fields are
+/// walked once for whatever else the reader wants of them.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Framing<'a> {
+    lengths: usize,
+    length: Option<&'a [u8]>,
+    codings: usize,
+    coding: Option<&'a [u8]>,
+}
+
+impl<'a> Framing<'a> {
+    /// Note the field `name: value` if it is a framing field (true when it was one).
+    pub fn note(&mut self, name: &[u8], value: &'a [u8]) -> bool {
+        let (count, first) = match name.len() {
+            14 if name.eq_ignore_ascii_case(b"content-length") => {
+                (&mut self.lengths, &mut self.length)
+            }
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                (&mut self.codings, &mut self.coding)
+            }
+            _ => return false,
+        };
+        *count += 1;
+        first.get_or_insert(value);
+        true
+    }
+
+    /// Exactly one `Content-Length`, and it is a number.
+    pub fn one_length(&self) -> bool {
+        self.lengths == 1 && self.length.and_then(parse_length).is_some()
+    }
+
+    /// RFC 9112 §6.3, refusing every case where two readers could disagree on where the body
+    /// ends: both fields, `Transfer-Encoding` in HTTP/1.0, a transfer coding other than one
+    /// `chunked`, more than one `Content-Length` (even equal), or one that is not a number.
+    pub fn declared(&self, version: Version) -> Result<Declared, &'static str> {
+        if let Some(coding) = self.coding {
+            if self.lengths > 0 {
+                return Err("both Transfer-Encoding and Content-Length");
+            }
+            if version == Version::HTTP_10 {
+                return Err("Transfer-Encoding in HTTP/1.0");
+            }
+            if self.codings > 1 || !coding.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err("a transfer coding other than chunked");
+            }
+            return Ok(Declared::Chunked);
+        }
+        match self.length {
+            None => Ok(Declared::Nothing),
+            Some(_) if self.lengths > 1 => Err("more than one Content-Length"),
+            Some(digits) => parse_length(digits)
+                .map(Declared::Length)
+                .ok_or("a Content-Length that is not a number"),
+        }
+    }
+}
+
+/// [`Framing::declared`] of the fields `fields` of `head`.
 pub fn declared_framing(
     version: Version,
     head: &[u8],
     fields: &[Field],
 ) -> Result<Declared, &'static str> {
-    let named = |name: &'static [u8]| {
-        fields
-            .iter()
-            .filter(move |f| head[f.name()].eq_ignore_ascii_case(name))
-            .map(|f| &head[f.value()])
-    };
-    let mut codings = named(b"transfer-encoding");
-    let mut lengths = named(b"content-length");
-    let length = lengths.next();
-    if let Some(coding) = codings.next() {
-        if length.is_some() {
-            return Err("both Transfer-Encoding and Content-Length");
-        }
-        if version == Version::HTTP_10 {
-            return Err("Transfer-Encoding in HTTP/1.0");
-        }
-        if codings.next().is_some() || !coding.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-            return Err("a transfer coding other than chunked");
-        }
-        return Ok(Declared::Chunked);
+    let mut framing = Framing::default();
+    for f in fields {
+        framing.note(&head[f.name()], &head[f.value()]);
     }
-    match length {
-        None => Ok(Declared::Nothing),
-        Some(_) if lengths.next().is_some() => Err("more than one Content-Length"),
-        Some(digits) => parse_length(digits)
-            .map(Declared::Length)
-            .ok_or("a Content-Length that is not a number"),
-    }
+    framing.declared(version)
 }
 
 /// A `Content-Length` value: 1 to 19 digits, nothing else.

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
@@ -29,11 +29,14 @@ use tokio::net::TcpListener;
 
 use crate::client_ip::{client_ip, is_trusted};
 use crate::config::Limits;
-use crate::config::{folded_eq, HeaderNames, Policy, ProxySettings};
+use crate::config::{HeaderNames, Policy, ProxySettings};
 use crate::credential::{extract_from_headers, Credential};
 use crate::decision::{decide_attributed, now_ms, RequestFacts, Verdict};
 use crate::deny::DenyReason;
-use crate::headers::{request_id_str, set_identity_fields, strip_hop_and_identity, wants_upgrade};
+use crate::headers::{
+    folded_eq_any_case, request_id_str, set_identity_fields, strip_hop_and_identity, wants_upgrade,
+    FieldEdit, FieldLookup, RequestFields,
+};
 use crate::listen::{Activity, Tracked, Watched};
 use crate::path::normalize;
 use crate::request_id;
@@ -41,7 +44,9 @@ use crate::server::{self, ClientBody};
 use crate::snapshot::SnapshotStore;
 use crate::telemetry::{ConnectionGuard, Connections, Front, Note, Record, Shard, Telemetry};
 use crate::tls::TlsServer;
-use crate::upstream::{Added, ConnError, PooledBody, Upstream, UpstreamError, UpstreamTls};
+use crate::upstream::{
+    Added, ConnError, Outbound, PooledBody, Upstream, UpstreamError, UpstreamTls,
+};
 
 /// Response body: the upstream's, streamed, or one keygate made.
 pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
@@ -247,7 +252,10 @@ pub async fn serve(
                 // In flight until the response body has been sent (or dropped).
                 let busy = client.activity.busy();
                 async move {
-                    let resp = handle(&state, &client, req.map(ClientBody::H2)).await;
+                    let (mut parts, body) = req.into_parts();
+                    let fields = RequestFields::Map(std::mem::take(&mut parts.headers));
+                    let req = Request::from_parts(parts, ClientBody::H2(body));
+                    let resp = handle(&state, &client, req, fields).await;
                     Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, busy)))
                 }
             });
@@ -290,11 +298,14 @@ impl server::Handler for H1 {
     fn call(
         &self,
         req: Request<server::RequestBody>,
+        fields: crate::http1::Fields,
     ) -> impl Future<Output = Response<Tracked<ProxyBody>>> + Send {
         // In flight until the response body has been sent (or dropped).
         let busy = self.peer.activity.busy();
         async move {
-            let resp = handle(&self.state, &self.peer, req.map(ClientBody::H1)).await;
+            let req = req.map(ClientBody::H1);
+            let fields = RequestFields::Head(fields);
+            let resp = handle(&self.state, &self.peer, req, fields).await;
             resp.map(|body| Tracked::new(body, busy))
         }
     }
@@ -319,20 +330,19 @@ impl server::Handler for H1 {
 }
 
 /// Shapes keygate refuses to interpret, because a server behind it might read them differently.
-fn smuggling_shape(req: &Request<ClientBody>) -> Option<&'static str> {
-    let h = req.headers();
+fn smuggling_shape(req: &Request<ClientBody>, fields: &RequestFields) -> Option<&'static str> {
     // keygate's HTTP/1.1 server refuses these before a request is made (`http1::
-    // declared_framing`); over HTTP/2 they are checked here.
+    // declared_framing`, `server::wire::parse_request`); over HTTP/2 they are checked here.
     if let ClientBody::H2(_) = req.body() {
-        if h.get_all(header::CONTENT_LENGTH).iter().count() > 1 {
+        if fields.values(&header::CONTENT_LENGTH).nth(1).is_some() {
             return Some("more than one Content-Length header");
         }
-        if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+        if fields.contains(&header::TRANSFER_ENCODING) && fields.contains(&header::CONTENT_LENGTH) {
             return Some("both Transfer-Encoding and Content-Length");
         }
-    }
-    if h.get_all(header::HOST).iter().count() > 1 {
-        return Some("more than one Host header");
+        if fields.values(&header::HOST).nth(1).is_some() {
+            return Some("more than one Host header");
+        }
     }
     // Such a body would go upstream chunked, and a server that reads no body on GET or HEAD
     // would take its bytes for another request, one keygate never checked.
@@ -372,15 +382,16 @@ impl Peer {
 }
 
 /// Answer one request, then count it and log the decision (also when the client leaves
-/// before the answer).
+/// before the answer). `req`'s own map is empty: its fields are `fields`.
 async fn handle(
     state: &ProxyState,
     peer: &Arc<Peer>,
     req: Request<ClientBody>,
+    fields: RequestFields,
 ) -> Response<ProxyBody> {
     let mut record = Record::new(&state.shard);
     let http1 = req.version() <= Version::HTTP_11;
-    let mut resp = answer(state, peer, req, &mut record.note).await;
+    let mut resp = answer(state, peer, req, fields, &mut record.note).await;
     if !http1 {
         // HTTP/2 answers are hyper's to write: the upstream's fields go into the map.
         let (mut parts, mut body) = resp.into_parts();
@@ -423,17 +434,15 @@ async fn answer(
     state: &ProxyState,
     peer: &Arc<Peer>,
     mut req: Request<ClientBody>,
+    mut fields: RequestFields,
     note: &mut Note,
 ) -> Response<ProxyBody> {
     let names = &*state.names;
-    let request_id = request_id::accept(
-        req.headers().get_all(&names.request_id).iter(),
-        &state.policy.prefixes,
-    )
-    .unwrap_or_else(request_id::mint);
+    let request_id = request_id::accept(fields.values(&names.request_id), &state.policy.prefixes)
+        .unwrap_or_else(request_id::mint);
     note.request_id = Some(request_id.clone());
 
-    if let Some(why) = smuggling_shape(&req) {
+    if let Some(why) = smuggling_shape(&req, &fields) {
         return deny(&DenyReason::BadRequest(why), &request_id, names, true);
     }
 
@@ -444,14 +453,10 @@ async fn answer(
         Some(peer.ip)
     } else {
         const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
-        client_ip(
-            peer.ip,
-            req.headers().get_all(XFF).iter().map(HeaderValue::as_bytes),
-            trusted,
-        )
+        client_ip(peer.ip, fields.values(&XFF), trusted)
     };
-    let credential = extract_from_headers(req.headers(), &names.credentials);
-    let host = host_of(&req);
+    let credential = extract_from_headers(&fields, &names.credentials);
+    let host = host_of(&req, &fields);
     let snapshot = state.store.serving();
     let facts = RequestFacts::from_headers(
         req.method().as_str(),
@@ -459,7 +464,7 @@ async fn answer(
         host.as_ref().and_then(|h| h.to_str().ok()),
         client,
         credential,
-        req.headers(),
+        &fields,
         names,
     );
     let now = now_ms();
@@ -514,12 +519,12 @@ async fn answer(
     let path = normalized.expect("an allow always has a normalized path");
 
     // Build the upstream request in place: same method, body and (cleaned) headers.
-    let upgrade = req.version() == Version::HTTP_11 && wants_upgrade(req.headers());
+    let upgrade = req.version() == Version::HTTP_11 && wants_upgrade(&fields);
     let on_upgrade = upgrade
         .then(|| req.extensions_mut().remove::<server::OnUpgrade>())
         .flatten();
-    let (mut parts, body) = req.into_parts();
-    let Some(uri) = upstream_uri(&parts.uri, path.as_str()) else {
+    let (parts, body) = req.into_parts();
+    let Some(target) = upstream_target(&parts.uri, path.as_str()) else {
         return deny(
             &DenyReason::BadRequest("the request target cannot be forwarded"),
             &request_id,
@@ -527,7 +532,7 @@ async fn answer(
             true,
         );
     };
-    let h = &mut parts.headers;
+    let h = &mut fields;
     strip_hop_and_identity(h, Some(names), upgrade);
     if !names.forward_credentials {
         if found.authorization {
@@ -538,8 +543,8 @@ async fn answer(
         }
     }
     // keygate's own fields go after the client's, written as they are: none of their names is
-    // left in the map (identity and request id were stripped above, forwarding fields in
-    // `set_forwarded`).
+    // left among the client's (identity and request id were stripped above, forwarding fields
+    // in `set_forwarded`, Host below when keygate writes its own).
     let mut added = Added::new();
     if upgrade {
         added.push(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -553,26 +558,27 @@ async fn answer(
     );
     // HTTP/1.1 needs a Host: the client's, the authority of an absolute-form target, or
     // (HTTP/1.0 without one) the upstream's.
-    if parts.uri.authority().is_some() || !h.contains_key(header::HOST) {
+    if parts.uri.authority().is_some() || !h.contains(&header::HOST) {
         let host = host.unwrap_or_else(|| {
             HeaderValue::from_str(state.settings.upstream.as_str())
                 .expect("an authority is a header value")
         });
-        h.insert(header::HOST, host);
+        h.remove(&header::HOST);
+        added.push(header::HOST, host);
     }
     set_identity_fields(&mut added, names, &allow);
     added.push(names.request_id.clone(), request_id.clone());
     drop(snapshot);
-    parts.uri = uri;
-    parts.version = Version::HTTP_11;
-    parts.extensions = http::Extensions::new();
+    let outbound = Outbound {
+        method: parts.method,
+        target,
+        fields,
+        added,
+    };
     let timeout = state.settings.upstream_timeout;
 
     let sent = match replay.filter(|_| !upgrade) {
-        None => {
-            let upstream_req = Request::from_parts(parts, body);
-            tokio::time::timeout(timeout, state.upstream.send(upstream_req, &added)).await
-        }
+        None => tokio::time::timeout(timeout, state.upstream.send(&outbound, body)).await,
         Some((store, idempotency_key, key_id)) => {
             // Bodies of idempotent requests are held in memory: only so many at once.
             let Some(admitted) = store.admit() else {
@@ -587,7 +593,7 @@ async fn answer(
                 timeout,
                 read_request_body(
                     body,
-                    parts.headers.get(header::CONTENT_LENGTH),
+                    outbound.fields.values(&header::CONTENT_LENGTH).next(),
                     store.limits.max_request_bytes,
                 ),
             )
@@ -600,8 +606,11 @@ async fn answer(
                     return deny(&reason, &request_id, names, true);
                 }
             };
-            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            let fingerprint = idempotency::fingerprint(parts.method.as_str(), target, &bytes);
+            let fingerprint = idempotency::fingerprint(
+                outbound.method.as_str(),
+                outbound.target.as_str(),
+                &bytes,
+            );
             match store.begin(&key_id, &idempotency_key, fingerprint).await {
                 Begin::Unavailable => {
                     return deny(
@@ -622,11 +631,9 @@ async fn answer(
                 }
                 Begin::Proceed(pending) => {
                     let max = store.limits.max_response_bytes;
-                    let upstream_req = Request::from_parts(parts, bytes);
                     let mut resp = match exchange_once(
                         state.upstream.clone(),
-                        upstream_req,
-                        added,
+                        (outbound, bytes),
                         (pending, admitted),
                         max,
                         timeout,
@@ -720,13 +727,11 @@ async fn answer(
 /// Read a request body whole, refusing one over `max` bytes (by its Content-Length at once).
 async fn read_request_body(
     body: ClientBody,
-    declared: Option<&HeaderValue>,
+    declared: Option<&[u8]>,
     max: usize,
 ) -> Result<Bytes, DenyReason> {
     use http_body_util::BodyExt;
-    let declared = declared
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared.and_then(crate::http1::parse_length);
     if declared.is_some_and(|n| n > max as u64) {
         return Err(DenyReason::RequestTooLarge);
     }
@@ -747,8 +752,7 @@ const BACKGROUND_EXCHANGE: std::time::Duration = std::time::Duration::from_secs(
 /// retry is replayed it (or told 409 until then) instead of running the mutation twice.
 async fn exchange_once(
     upstream: Arc<Upstream>,
-    req: Request<Bytes>,
-    added: Added,
+    (outbound, body): (Outbound, Bytes),
     (pending, admitted): (idempotency::Pending, tokio::sync::OwnedSemaphorePermit),
     max: usize,
     timeout: std::time::Duration,
@@ -757,15 +761,13 @@ async fn exchange_once(
     tokio::spawn(async move {
         // Held until the answer is recorded (or given up on), with the bodies it covers.
         let _admitted = admitted;
-        let outcome =
-            match tokio::time::timeout(BACKGROUND_EXCHANGE, upstream.send_buffered(req, &added))
-                .await
-            {
-                Err(_) => Err(DenyReason::UpstreamTimeout),
-                // Never answered: the key is freed (dropping `pending`) so a retry runs.
-                Ok(Err(e)) => Err(upstream_error(&e)),
-                Ok(Ok(resp)) => remember(pending, resp, max, BACKGROUND_EXCHANGE).await,
-            };
+        let send = upstream.send_buffered(&outbound, body);
+        let outcome = match tokio::time::timeout(BACKGROUND_EXCHANGE, send).await {
+            Err(_) => Err(DenyReason::UpstreamTimeout),
+            // Never answered: the key is freed (dropping `pending`) so a retry runs.
+            Ok(Err(e)) => Err(upstream_error(&e)),
+            Ok(Ok(resp)) => remember(pending, resp, max, BACKGROUND_EXCHANGE).await,
+        };
         let _ = tx.send(outcome);
     });
     match tokio::time::timeout(timeout, rx).await {
@@ -855,25 +857,24 @@ pub fn add_limit_headers(h: &mut http::HeaderMap, status: &crate::ratelimit::Sta
 /// query as received. The pool connects to the configured upstream, so no authority goes in the
 /// request line. When normalization changed nothing (the common case) the received bytes are
 /// reused without a copy.
-fn upstream_uri(received: &Uri, path: &str) -> Option<Uri> {
-    let path_and_query = match received.path_and_query() {
-        Some(pq) if pq.path() == path => pq.clone(),
+fn upstream_target(received: &Uri, path: &str) -> Option<PathAndQuery> {
+    match received.path_and_query() {
+        Some(pq) if pq.path() == path => Some(pq.clone()),
         _ => {
             let text = match received.query() {
                 Some(q) => format!("{path}?{q}"),
                 None => path.to_owned(),
             };
-            PathAndQuery::from_maybe_shared(Bytes::from(text)).ok()?
+            PathAndQuery::from_maybe_shared(Bytes::from(text)).ok()
         }
-    };
-    Some(Uri::from(path_and_query))
+    }
 }
 
 /// The host the client addressed: the URI's authority (HTTP/2, absolute-form) or `Host`.
-fn host_of(req: &Request<ClientBody>) -> Option<HeaderValue> {
+fn host_of(req: &Request<ClientBody>, fields: &RequestFields) -> Option<HeaderValue> {
     match req.uri().authority() {
         Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-        None => req.headers().get(header::HOST).cloned(),
+        None => fields.get_value(&header::HOST),
     }
 }
 
@@ -881,7 +882,7 @@ fn host_of(req: &Request<ClientBody>) -> Option<HeaderValue> {
 /// (an untrusted client's claims about the chain are not passed on). What keygate sets goes
 /// into `added`, and the map keeps none of those names.
 fn set_forwarded(
-    h: &mut HeaderMap,
+    h: &mut RequestFields,
     added: &mut Added,
     peer: &Peer,
     host: Option<&HeaderValue>,
@@ -894,18 +895,13 @@ fn set_forwarded(
     // `_` spellings are what CGI-style upstreams read as HTTP_X_FORWARDED_FOR too: never pass
     // them on, from anyone. From an untrusted client, none of the chain's fields go on (RFC
     // 7239 `Forwarded` included): keygate says what it saw.
-    let doomed = |k: &HeaderName| {
-        let k = k.as_str();
+    h.remove_where(|name| {
         let forwarding = [&XFF, &XFP, &XFH, &header::FORWARDED];
-        (k.as_bytes().contains(&b'_') && forwarding.iter().any(|n| folded_eq(n.as_str(), k)))
-            || (!trusted && forwarding.iter().any(|n| n.as_str() == k))
-    };
-    if h.keys().any(doomed) {
-        let names: Vec<HeaderName> = h.keys().filter(|k| doomed(k)).cloned().collect();
-        for k in names {
-            h.remove(k);
-        }
-    }
+        (!trusted || name.contains(&b'_'))
+            && forwarding
+                .iter()
+                .any(|n| folded_eq_any_case(n.as_str().as_bytes(), name))
+    });
     if !trusted {
         added.push(XFF, peer.header.clone());
         added.push(XFP, peer.proto.clone());
@@ -914,10 +910,11 @@ fn set_forwarded(
         }
         return;
     }
+    // Values a header value can be made of again (visible ASCII), as the chain's start.
     let prior: Vec<&str> = h
-        .get_all(&XFF)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+        .values(&XFF)
+        .filter(|v| v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)))
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .collect();
     let chain = if prior.is_empty() {
         peer.header.clone()
@@ -927,10 +924,10 @@ fn set_forwarded(
     };
     h.remove(&XFF);
     added.push(XFF, chain);
-    if !h.contains_key(&XFP) {
+    if !h.contains(&XFP) {
         added.push(XFP, peer.proto.clone());
     }
-    if !h.contains_key(&XFH) {
+    if !h.contains(&XFH) {
         if let Some(host) = host {
             added.push(XFH, host.clone());
         }

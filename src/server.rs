@@ -62,7 +62,12 @@ pub trait PassedFields {
 pub trait Handler: Send + Sync + 'static {
     type Body: Body<Data = Bytes, Error: std::fmt::Display> + PassedFields + Send + Unpin + 'static;
 
-    fn call(&self, req: Request<RequestBody>) -> impl Future<Output = Response<Self::Body>> + Send;
+    /// Answer `req`, whose header fields are `fields` (its own map is empty).
+    fn call(
+        &self,
+        req: Request<RequestBody>,
+        fields: crate::http1::Fields,
+    ) -> impl Future<Output = Response<Self::Body>> + Send;
 
     /// The answer to a request whose head could not be taken (the connection closes after it).
     fn refuse(&self, error: HeadError) -> Response<Self::Body>;
@@ -102,7 +107,6 @@ async fn serve_on<H: Handler>(
     let mut conn = Conn {
         shared,
         out: Vec::with_capacity(4096),
-        scratch: Vec::new(),
         settings,
     };
     let stop = async move {
@@ -163,7 +167,7 @@ async fn serve_on<H: Handler>(
         };
         let keep_alive = head.keep_alive && !stopping;
 
-        let call = handler.call(request);
+        let call = handler.call(request, head.fields);
         let resp = if head.expect_continue {
             match conn.answer_expecting_continue(call).await {
                 Some(resp) => resp,
@@ -251,7 +255,6 @@ struct Conn<'a> {
     shared: &'a Arc<Shared>,
     /// The answer being written.
     out: Vec<u8>,
-    scratch: Vec<wire::Field>,
     settings: Settings,
 }
 
@@ -267,7 +270,7 @@ impl Conn<'_> {
             let mut inner = self.shared.lock();
             loop {
                 if !inner.buf.is_empty() {
-                    match wire::parse_request(&mut inner.buf, limits, &mut self.scratch) {
+                    match wire::parse_request(&mut inner.buf, limits) {
                         Ok(Some(head)) => return Poll::Ready(Next::Head(head)),
                         Ok(None) => {}
                         Err(e) => return Poll::Ready(Next::Refuse(e)),

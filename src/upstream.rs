@@ -25,7 +25,8 @@ use std::time::Duration;
 
 use crate::server::ClientBody;
 use bytes::Bytes;
-use http::{header, request, Method, Request, Response};
+use http::uri::PathAndQuery;
+use http::{Method, Response};
 use http_body::{Body, Frame, SizeHint};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -33,6 +34,7 @@ use tokio::net::TcpStream;
 use arc_swap::ArcSwap;
 
 use crate::config::UpstreamTlsSettings;
+use crate::headers::{FieldLookup, RequestFields};
 use crate::tls::TlsError;
 use conn::{Conn, Failed, Outgoing, Polled, ResponseBody, Transport};
 pub use conn::{ConnError, Tunnel};
@@ -43,6 +45,18 @@ fn is_idempotent(method: &Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     )
+}
+
+/// A request's head on its way upstream.
+#[derive(Debug)]
+pub struct Outbound {
+    pub method: Method,
+    /// The request target in origin form (`/path?query`): the pool knows where it connects.
+    pub target: PathAndQuery,
+    /// The request's own fields, less what keygate took out.
+    pub fields: RequestFields,
+    /// keygate's fields, written after `fields` (which holds none of their names).
+    pub added: Added,
 }
 
 /// Why a request did not get a response from the upstream.
@@ -183,51 +197,43 @@ impl Upstream {
         })
     }
 
-    /// Send `req` and return the response head; the body streams from the connection.
+    /// Send a request and return the response head; the body streams from the connection.
     pub async fn send(
         &self,
-        req: Request<ClientBody>,
-        added: &Added,
+        head: &Outbound,
+        body: ClientBody,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         // A request without a body and with a method that is safe to repeat (RFC 9110 §9.2.2)
         // can be sent again when a reused connection turns out to be closed: an upstream that
         // closes an idle connection races the next request on it, and nginx retries the same way.
-        let (parts, body) = req.into_parts();
         let (body, replayable) = if body.is_end_stream() {
-            (Outgoing::Bytes(Bytes::new()), is_idempotent(&parts.method))
+            (Outgoing::Bytes(Bytes::new()), is_idempotent(&head.method))
         } else {
             (Outgoing::Stream(body), false)
         };
-        self.send_up(parts, added, body, replayable).await
+        self.send_up(head, body, replayable).await
     }
 
     /// Send a request whose body has been read into memory already.
     pub async fn send_buffered(
         &self,
-        req: Request<Bytes>,
-        added: &Added,
+        head: &Outbound,
+        body: Bytes,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let replayable = is_idempotent(req.method());
-        let (parts, body) = req.into_parts();
-        self.send_up(parts, added, Outgoing::Bytes(body), replayable)
-            .await
+        let replayable = is_idempotent(&head.method);
+        self.send_up(head, Outgoing::Bytes(body), replayable).await
     }
 
     async fn send_up(
         &self,
-        parts: request::Parts,
-        added: &Added,
+        head: &Outbound,
         mut body: Outgoing,
         replayable: bool,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let upgrade = parts.headers.contains_key(header::UPGRADE);
-        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let upgrade = head.fields.contains(&http::header::UPGRADE);
         if let Some(mut conn) = self.checkout() {
-            match conn
-                .exchange(&parts.method, target, &parts.headers, added, body, upgrade)
-                .await
-            {
-                Ok((head, whole)) => return Ok(self.wrap(head, conn, whole)),
+            match conn.exchange(head, body, upgrade).await {
+                Ok((answer, whole)) => return Ok(self.wrap(answer, conn, whole)),
                 // No answer on a reused connection: retry on a fresh one, once, when safe.
                 Err(Failed {
                     error,
@@ -241,11 +247,8 @@ impl Upstream {
             }
         }
         let mut conn = self.connect().await?;
-        match conn
-            .exchange(&parts.method, target, &parts.headers, added, body, upgrade)
-            .await
-        {
-            Ok((head, whole)) => Ok(self.wrap(head, conn, whole)),
+        match conn.exchange(head, body, upgrade).await {
+            Ok((answer, whole)) => Ok(self.wrap(answer, conn, whole)),
             Err(failed) => Err(failed.error.into()),
         }
     }
@@ -397,7 +400,9 @@ impl PooledBody {
     /// Move the upstream's header fields into `map`, where keygate's own values win.
     pub fn merge_fields(&mut self, map: &mut http::HeaderMap) -> Result<(), wire::WireError> {
         let fields = std::mem::take(&mut self.fields);
-        fields.merge_into(map)
+        fields
+            .merge_into(map)
+            .map_err(|_| wire::WireError::MalformedHead)
     }
 
     /// Read the body into memory if it is at most `limit` bytes; otherwise give it back intact.

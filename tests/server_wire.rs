@@ -213,6 +213,85 @@ async fn the_upstreams_fields_pass_as_sent_and_keygates_own_win() {
     f.gate.stop().await;
 }
 
+/// The client's fields reach the upstream as it spelled them and in its order, less every
+/// field keygate takes out, in whatever case it came: hop-by-hop ones and those `Connection`
+/// lists, spoofed identity and forwarding fields (`_` spellings too), the credential, and the
+/// client's framing fields (keygate frames the body itself).
+#[tokio::test]
+async fn the_clients_fields_go_upstream_as_spelled_less_what_keygate_takes_out() {
+    let (heads_tx, mut heads) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let up = upstream(move |mut s| {
+        let heads_tx = heads_tx.clone();
+        async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while find(&buf, b"\r\n\r\n").is_none() {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let _ = heads_tx.send(String::from_utf8_lossy(&buf).into_owned());
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+        }
+    })
+    .await;
+    let f = fx(up, "").await;
+    let sent = format!(
+        "GET /v1/analyses/1?q=1 HTTP/1.1\r\nhOST: api.example\r\nX-Custom: 1\r\n\
+         X-API-KEY: {key}\r\nX-PARTNER-ID: partner_evil\r\nx_key_id: key_evil\r\n\
+         X-Scopes: admin\r\nCONNECTION: X-Drop, close\r\nX-DROP: 1\r\nKeep-Alive: 5\r\n\
+         te: trailers\r\nX-Forwarded-For: 6.6.6.6\r\nX_Forwarded_Host: evil.example\r\n\
+         FORWARDED: for=6.6.6.6\r\nX-REQUEST-ID: client-id-1\r\ncontent-LENGTH: 0\r\n\
+         x-CUSTOM: 2\r\n\r\n",
+        key = f.key
+    );
+    let mut s = TcpStream::connect(f.gate.addr).await.unwrap();
+    s.write_all(sent.as_bytes()).await.unwrap();
+    let answer = String::from_utf8(read_all(&mut s, Duration::from_secs(5)).await).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let head = tokio::time::timeout(Duration::from_secs(5), heads.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let lower = head.to_ascii_lowercase();
+    assert!(
+        head.starts_with("GET /v1/analyses/1?q=1 HTTP/1.1\r\nhOST: api.example\r\nX-Custom: 1\r\n"),
+        "{head}"
+    );
+    assert!(head.contains("\r\nx-CUSTOM: 2\r\n"), "{head}");
+    for gone in [
+        f.key.as_str(),
+        "evil",
+        "admin",
+        "x-drop",
+        "keep-alive",
+        "\r\nte:",
+        "connection",
+        "6.6.6.6",
+        "forwarded:",
+        "x_forwarded",
+    ] {
+        assert!(!lower.contains(gone), "{gone:?} went upstream: {head}");
+    }
+    for (name, value) in [
+        ("x-partner-id", "partner_acme"),
+        ("x-key-id", "key_1"),
+        ("x-forwarded-for", "127.0.0.1"),
+        ("x-forwarded-host", "api.example"),
+        ("x-request-id", "client-id-1"),
+        ("content-length", "0"),
+    ] {
+        let field = format!("\r\n{name}: {value}\r\n");
+        assert_eq!(lower.matches(&field).count(), 1, "{field:?}: {head}");
+        let named = format!("\r\n{name}:");
+        assert_eq!(lower.matches(&named).count(), 1, "{named:?}: {head}");
+    }
+    f.gate.stop().await;
+}
+
 #[tokio::test]
 async fn trailers_reach_only_a_client_that_asks_for_them() {
     let up = answering(
@@ -299,6 +378,19 @@ async fn refusals_keep_the_contract() {
     )
     .await;
     assert_error(&a, 400, "invalid_request");
+    // Two Hosts, in any spelling: a server behind keygate might route by the other one.
+    for hosts in ["Host: a\r\nHost: b\r\n", "Host: a\r\nhOST: a\r\n"] {
+        let a = raw(
+            f.gate.addr,
+            format!(
+                "GET /v1/analyses/1 HTTP/1.1\r\n{hosts}Authorization: Bearer {}\r\n\r\n",
+                f.key
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert_error(&a, 400, "invalid_request");
+    }
     // A HEAD refusal says how long the GET's would be, and sends no body.
     let get = raw(
         f.gate.addr,

@@ -10,7 +10,7 @@
 use std::mem::MaybeUninit;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, Request, StatusCode, Uri, Version};
 
 pub use crate::http1::Field;
@@ -18,9 +18,6 @@ use crate::http1::{self, Declared};
 
 /// Most header fields httparse is given room for: `proxy.max_headers`' upper bound.
 pub const MAX_FIELDS: usize = 1000;
-/// Fields the proxy may insert into a request's map (`Host`, a credential put back…): its own
-/// identity, forwarding and request-id fields are written beside the map, not into it.
-const ROOM_TO_ADD: usize = 2;
 
 /// Limits on a request head (`proxy.max_header_bytes`, `proxy.max_headers`).
 #[derive(Debug, Clone, Copy)]
@@ -56,7 +53,11 @@ pub enum BodyFraming {
 /// A request head, with what the connection needs to know about it.
 #[derive(Debug)]
 pub struct RequestHead {
+    /// Method, target and version; its map is empty: the fields are in `fields`.
     pub request: Request<()>,
+    /// The header fields as they came (no map is built of them: the proxy reads a few and
+    /// forwards the rest as they are).
+    pub fields: http1::Fields,
     pub framing: BodyFraming,
     /// The client lets the connection carry another request after this one.
     pub keep_alive: bool,
@@ -70,12 +71,10 @@ pub struct RequestHead {
 
 /// Parse a request head from the front of `buf`, consuming it. `Ok(None)`: incomplete, read
 /// more (nothing is consumed). Empty lines before the request line are skipped (RFC 9112
-/// §2.2). `scratch` is the connection's, kept between requests so that no request allocates
-/// it.
+/// §2.2).
 pub fn parse_request(
     buf: &mut BytesMut,
     limits: HeadLimits,
-    scratch: &mut Vec<Field>,
 ) -> Result<Option<RequestHead>, HeadError> {
     let fields_room = limits.fields.min(MAX_FIELDS);
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
@@ -120,56 +119,57 @@ pub fn parse_request(
     // split off the buffer.
     let base = buf.as_ptr() as usize;
     let target = http1::offset(target.as_bytes(), base);
-    let count = request.headers.len();
-    scratch.clear();
-    scratch.extend(
-        request
-            .headers
-            .iter()
-            .map(|h| Field::at(h.name.as_bytes(), h.value, base)),
-    );
+    let at: Vec<Field> = request
+        .headers
+        .iter()
+        .map(|h| Field::at(h.name.as_bytes(), h.value, base))
+        .collect();
     let head = buf.split_to(len).freeze();
-    let at = &scratch[..];
 
     if head[http1::range(target)].contains(&b'#') {
         return Err(HeadError::Fragment);
     }
     let uri = Uri::from_maybe_shared(head.slice(http1::range(target)))
         .map_err(|_| HeadError::Malformed("the request target is malformed"))?;
-    let framing = framing(version, &head, at)?;
-    let mut headers = HeaderMap::with_capacity(count + ROOM_TO_ADD);
+    // httparse has checked every name to be a token and every value to hold no control
+    // character but tab: what `HeaderName` and `HeaderValue` would check again.
     let (mut close, mut keep_alive, mut expect_continue) = (false, false, false);
-    let (mut trailers, mut host, mut upgrade) = (false, false, false);
-    for f in at {
-        let name = HeaderName::from_bytes(&head[f.name()])
-            .map_err(|_| HeadError::Malformed("a header name is malformed"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(f.value()))
-            .map_err(|_| HeadError::Malformed("a header value is malformed"))?;
-        if name == header::CONNECTION {
-            for token in value
-                .as_bytes()
-                .split(|&b| b == b',')
-                .map(<[u8]>::trim_ascii)
-            {
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-            }
-        } else if name == header::EXPECT {
-            expect_continue |= value.as_bytes().eq_ignore_ascii_case(b"100-continue");
-        } else if name == header::TE {
-            trailers |= value
-                .as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
-        } else if name == header::HOST {
-            host = true;
-        } else if name == header::UPGRADE {
-            upgrade = true;
+    let (mut trailers, mut hosts, mut upgrade) = (false, 0, false);
+    let mut declared = http1::Framing::default();
+    for f in &at {
+        let (name, value) = (&head[f.name()], &head[f.value()]);
+        if declared.note(name, value) {
+            continue;
         }
-        headers.append(name, value);
+        let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+        // Told apart by length first: this runs for every field of every request.
+        match name.len() {
+            10 if is(b"connection") => {
+                for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    close |= token.eq_ignore_ascii_case(b"close");
+                    keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                }
+            }
+            6 if is(b"expect") => {
+                expect_continue |= value.eq_ignore_ascii_case(b"100-continue");
+            }
+            2 if is(b"te") => {
+                trailers |= value
+                    .split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+            }
+            4 if is(b"host") => hosts += 1,
+            7 if is(b"upgrade") => upgrade = true,
+            _ => {}
+        }
+    }
+    let framing = framing(version, &declared)?;
+    // Two Hosts name two targets, and a server behind keygate might route by the other one.
+    if hosts > 1 {
+        return Err(HeadError::Malformed("more than one Host header"));
     }
     // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
-    if version == Version::HTTP_11 && !host {
+    if version == Version::HTTP_11 && hosts == 0 {
         return Err(HeadError::Malformed("an HTTP/1.1 request without Host"));
     }
     // HTTP/1.1 keeps the connection unless told otherwise; HTTP/1.0 only when asked to.
@@ -178,9 +178,9 @@ pub fn parse_request(
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = version;
-    *request.headers_mut() = headers;
     Ok(Some(RequestHead {
         request,
+        fields: http1::Fields::new(head, at),
         framing,
         keep_alive,
         expect_continue: expect_continue && version == Version::HTTP_11,
@@ -191,8 +191,8 @@ pub fn parse_request(
 
 /// RFC 9112 §6.3 for requests (see [`http1::declared_framing`]): without framing fields, no
 /// body.
-fn framing(version: Version, head: &[u8], fields: &[Field]) -> Result<BodyFraming, HeadError> {
-    match http1::declared_framing(version, head, fields).map_err(HeadError::Malformed)? {
+fn framing(version: Version, declared: &http1::Framing) -> Result<BodyFraming, HeadError> {
+    match declared.declared(version).map_err(HeadError::Malformed)? {
         Declared::Nothing | Declared::Length(0) => Ok(BodyFraming::Empty),
         Declared::Length(n) => Ok(BodyFraming::Length(n)),
         Declared::Chunked => Ok(BodyFraming::Chunked),

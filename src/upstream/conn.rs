@@ -10,7 +10,9 @@ use std::task::{Context, Poll};
 
 use crate::server::ClientBody;
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, Method};
+use http::Method;
+
+use crate::headers::FieldLookup;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 
@@ -174,17 +176,15 @@ impl Conn {
     /// [`ResponseBody`].
     pub async fn exchange(
         &mut self,
-        method: &Method,
-        target: &str,
-        headers: &HeaderMap,
-        added: &wire::Added,
+        head: &super::Outbound,
         body: Outgoing,
         upgrade: bool,
     ) -> Result<(Head, bool), Failed> {
+        let method = &head.method;
         let framing = match &body {
             Outgoing::Bytes(b) if !b.is_empty() => RequestFraming::Length(b.len() as u64),
             Outgoing::Bytes(_) => {
-                if headers.contains_key(http::header::CONTENT_LENGTH)
+                if head.fields.contains(&http::header::CONTENT_LENGTH)
                     || matches!(*method, Method::POST | Method::PUT | Method::PATCH)
                 {
                     RequestFraming::Length(0)
@@ -198,7 +198,7 @@ impl Conn {
             },
         };
         self.write.clear();
-        wire::encode_head(&mut self.write, method, target, headers, added, framing);
+        wire::encode_head(&mut self.write, head, framing);
         let reused = self.reused;
         self.reused = true;
         match body {

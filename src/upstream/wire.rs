@@ -10,7 +10,7 @@
 use std::mem::MaybeUninit;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
 use crate::http1::{self, Declared, Field};
@@ -46,9 +46,10 @@ pub enum RequestFraming {
     Chunked,
 }
 
-/// Fields a request gets after its own, written as they are instead of inserted into its map
-/// (a hash and an insert each, several times per request): keygate's identity, forwarding and
-/// request-id fields. The map must hold none of these names; the proxy strips them first.
+/// Fields a request gets after its own, written as they are instead of inserted among them:
+/// keygate's identity, forwarding, request-id and (when it writes its own) Host fields. The
+/// request's fields must hold none of these names; the proxy strips them first.
+#[derive(Debug)]
 pub struct Added {
     fields: [Option<(HeaderName, HeaderValue)>; Added::MAX],
     len: usize,
@@ -85,29 +86,31 @@ impl Default for Added {
     }
 }
 
-/// Write `METHOD target HTTP/1.1`, the headers, the added ones, the framing header and the
-/// blank line. `Content-Length` and `Transfer-Encoding` in `headers` are skipped: `framing`
-/// says what the body really is, so a stale or client-chosen value can never frame it
-/// differently.
-pub fn encode_head(
-    out: &mut Vec<u8>,
-    method: &Method,
-    target: &str,
-    headers: &HeaderMap,
-    added: &Added,
-    framing: RequestFraming,
-) {
-    out.extend_from_slice(method.as_str().as_bytes());
+/// Write `METHOD target HTTP/1.1`, the request's fields, keygate's, the framing field and the
+/// blank line. `Content-Length` and `Transfer-Encoding` among the request's fields are skipped:
+/// `framing` says what the body really is, so a stale or client-chosen value can never frame
+/// it differently.
+pub fn encode_head(out: &mut Vec<u8>, head: &super::Outbound, framing: RequestFraming) {
+    out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(head.target.as_str().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers.iter().chain(added.iter()) {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+    let added = head
+        .added
+        .iter()
+        .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+    for (name, value) in head.fields.iter().chain(added) {
+        let framing_field = match name.len() {
+            14 => name.eq_ignore_ascii_case(b"content-length"),
+            17 => name.eq_ignore_ascii_case(b"transfer-encoding"),
+            _ => false,
+        };
+        if framing_field {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(name);
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
     match framing {
@@ -210,10 +213,28 @@ pub fn parse_head(
         }
         let head = buf.split_to(len).freeze();
         let at = &at[..count];
-        let framing = framing(status, method, version, &head, at)?;
+        // One walk over the fields for their framing and the `Connection` tokens; the tokens
+        // are read where they lie (an answer has one such field with one token, if any).
+        let mut declared = http1::Framing::default();
+        let (mut close, mut keep_alive_token, mut names_fields) = (false, false, false);
+        for f in at {
+            let (name, value) = (&head[f.name()], &head[f.value()]);
+            if declared.note(name, value) || !name.eq_ignore_ascii_case(b"connection") {
+                continue;
+            }
+            for t in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive_token = true;
+                } else if !t.is_empty() {
+                    // Other tokens name fields to leave out too.
+                    names_fields = true;
+                }
+            }
+        }
+        let framing = framing(status, method, version, &declared)?;
         let switching = status == StatusCode::SWITCHING_PROTOCOLS;
-        // The tokens of every `Connection` field, read where they lie (no list is built: an
-        // answer has one such field with one token, if any).
         let listed = || {
             at.iter()
                 .filter(|f| head[f.name()].eq_ignore_ascii_case(b"connection"))
@@ -221,21 +242,16 @@ pub fn parse_head(
                 .map(<[u8]>::trim_ascii)
                 .filter(|t| !t.is_empty())
         };
-        let close = listed().any(|t| t.eq_ignore_ascii_case(b"close"));
-        // Tokens other than `close` and `keep-alive` name fields to leave out too; an answer
-        // rarely has any, and then no field is checked against them.
-        let names_fields = listed()
-            .any(|t| !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive"));
         // An answer without a body keeps its Content-Length only where it means something (HEAD,
         // 304: the length a GET would get) and only if it is one number: `framing` did not
         // need to check it, and a client (an HTTP/2 one at least) refuses the answer otherwise.
         let keep_length = framing != Framing::Empty
             || ((*method == Method::HEAD || status == StatusCode::NOT_MODIFIED)
-                && one_length(&head, at));
+                && declared.one_length());
         let mut kept = Vec::with_capacity(count);
         for f in at {
             let name = &head[f.name()];
-            let hop_by_hop = is_hop_by_hop_name(name)
+            let hop_by_hop = crate::headers::is_hop_by_hop(name)
                 || (names_fields && listed().any(|t| t.eq_ignore_ascii_case(name)));
             let dropped_length = !keep_length && name.eq_ignore_ascii_case(b"content-length");
             if switching || !(hop_by_hop || dropped_length) {
@@ -245,7 +261,7 @@ pub fn parse_head(
         // HTTP/1.1 keeps the connection unless told otherwise; HTTP/1.0 only when asked to.
         let persistent = match version {
             Version::HTTP_11 => !close,
-            _ => !close && listed().any(|t| t.eq_ignore_ascii_case(b"keep-alive")),
+            _ => !close && keep_alive_token,
         };
         let keep_alive = persistent
             && framing != Framing::UntilClose
@@ -254,105 +270,24 @@ pub fn parse_head(
         return Ok(Some(Head {
             status,
             version,
-            fields: Fields { head, at: kept },
+            fields: Fields::new(head, kept),
             framing,
             keep_alive,
         }));
     }
 }
 
-/// The hop-by-hop fields of RFC 9110 §7.6.1 and the obsolete ones still seen, about one
-/// connection and never passed on (as [`crate::headers::is_hop_by_hop`], for names in any case).
-/// Most names are told apart by their length alone.
-fn is_hop_by_hop_name(name: &[u8]) -> bool {
-    let is = |h: &[u8]| name.eq_ignore_ascii_case(h);
-    match name.len() {
-        2 => is(b"te"),
-        7 => is(b"trailer") || is(b"upgrade"),
-        10 => is(b"connection") || is(b"keep-alive"),
-        16 => is(b"proxy-connection"),
-        17 => is(b"transfer-encoding"),
-        18 => is(b"proxy-authenticate"),
-        19 => is(b"proxy-authorization"),
-        _ => false,
-    }
-}
-
 /// An answer's end-to-end header fields as they came (hop-by-hop ones and those its
-/// `Connection` lists left out): the head's bytes and where each field lies. The proxy's
-/// HTTP/1.1 side writes them to the client as they are; a `HeaderMap` is made of them only
-/// where one is needed (HTTP/2, the idempotent store). httparse has checked every name to be a
-/// token and every value to hold no control character but tab.
-#[derive(Debug, Clone, Default)]
-pub struct Fields {
-    head: Bytes,
-    at: Vec<Field>,
-}
-
-impl Fields {
-    /// `(name, value)` in the order they came; names as the upstream spelled them.
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.at
-            .iter()
-            .map(|f| (&self.head[f.name()], &self.head[f.value()]))
-    }
-
-    /// The first value of `name` (lower case).
-    pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.at.is_empty()
-    }
-
-    /// Append the fields to `map`, except those whose name `map` holds already (keygate's own
-    /// values win, as an insert after them would).
-    pub fn merge_into(&self, map: &mut HeaderMap) -> Result<(), WireError> {
-        let own: Vec<HeaderName> = map.keys().cloned().collect();
-        map.reserve(self.at.len());
-        for f in &self.at {
-            let name = HeaderName::from_bytes(&self.head[f.name()])
-                .map_err(|_| WireError::MalformedHead)?;
-            if own.contains(&name) {
-                continue;
-            }
-            let value = HeaderValue::from_maybe_shared(self.head.slice(f.value()))
-                .map_err(|_| WireError::MalformedHead)?;
-            map.append(name, value);
-        }
-        Ok(())
-    }
-
-    /// The same as a new map.
-    pub fn to_map(&self) -> Result<HeaderMap, WireError> {
-        let mut map = HeaderMap::new();
-        self.merge_into(&mut map)?;
-        Ok(map)
-    }
-}
-
-/// Exactly one `Content-Length`, all digits.
-fn one_length(head: &[u8], fields: &[Field]) -> bool {
-    let mut lengths = fields
-        .iter()
-        .filter(|f| head[f.name()].eq_ignore_ascii_case(b"content-length"))
-        .map(|f| &head[f.value()]);
-    match (lengths.next(), lengths.next()) {
-        (Some(v), None) => http1::parse_length(v).is_some(),
-        _ => false,
-    }
-}
+/// `Connection` lists left out). The proxy's HTTP/1.1 side writes them to the client as they
+/// are; a `HeaderMap` is made of them only where one is needed (HTTP/2, the idempotent store).
+pub use crate::http1::Fields;
 
 /// RFC 9112 §6.3, refusing every case where two readers could disagree on where the body ends.
 fn framing(
     status: StatusCode,
     method: &Method,
     version: Version,
-    head: &[u8],
-    fields: &[Field],
+    declared: &http1::Framing,
 ) -> Result<Framing, WireError> {
     if *method == Method::HEAD
         || (*method == Method::CONNECT && status.is_success())
@@ -362,7 +297,7 @@ fn framing(
     {
         return Ok(Framing::Empty);
     }
-    match http1::declared_framing(version, head, fields).map_err(WireError::Framing)? {
+    match declared.declared(version).map_err(WireError::Framing)? {
         Declared::Nothing => Ok(Framing::UntilClose),
         Declared::Length(n) => Ok(Framing::Length(n)),
         Declared::Chunked => Ok(Framing::Chunked),

@@ -1,4 +1,5 @@
 use super::*;
+use http::header;
 use proptest::prelude::*;
 
 fn parse(bytes: &[u8], method: Method, upgrade: bool) -> (Result<Option<Head>, WireError>, usize) {
@@ -21,34 +22,67 @@ fn refused(bytes: &str) -> WireError {
     }
 }
 
+/// Fields as a client sent them: `Name: value` lines.
+fn received(lines: &'static [u8]) -> crate::http1::Fields {
+    let head = Bytes::from_static(lines);
+    let base = head.as_ptr() as usize;
+    let at = head
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let l = l.strip_suffix(b"\r").unwrap_or(l);
+            let colon = l.iter().position(|&b| b == b':').unwrap();
+            Field::at(&l[..colon], l[colon + 1..].trim_ascii(), base)
+        })
+        .collect();
+    crate::http1::Fields::new(head, at)
+}
+
 #[test]
 fn request_heads_are_framed_by_the_body_not_by_the_headers() {
+    use crate::headers::{FieldEdit, RequestFields};
     let mut h = HeaderMap::new();
     h.insert("host", HeaderValue::from_static("api.example"));
     h.insert("content-length", HeaderValue::from_static("999"));
     h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
     h.append("x-a", HeaderValue::from_static("1"));
     h.append("x-a", HeaderValue::from_static("2"));
+    h.append("x-gone", HeaderValue::from_static("3"));
+    let map = RequestFields::Map(h);
+    // As an HTTP/1.1 client sent them: names as spelled, passed on as spelled.
+    let head = RequestFields::Head(received(
+        b"Host: api.example\r\nContent-Length: 999\r\nX-Gone: 3\r\nTRANSFER-encoding: chunked\r\nX-A: 1\r\nx-a: 2\r\n",
+    ));
     let cases = [
         (RequestFraming::None, ""),
         (RequestFraming::Length(12), "content-length: 12\r\n"),
         (RequestFraming::Chunked, "transfer-encoding: chunked\r\n"),
     ];
-    for (framing, expected) in cases {
-        let mut out = Vec::new();
+    for (fields, spelled) in [
+        (map, "host: api.example\r\nx-a: 1\r\nx-a: 2\r\n"),
+        (head, "Host: api.example\r\nX-A: 1\r\nx-a: 2\r\n"),
+    ] {
         let mut added = Added::new();
         added.push(
             HeaderName::from_static("x-key-id"),
             HeaderValue::from_static("k1"),
         );
         added.push(header::CONTENT_LENGTH, HeaderValue::from_static("7"));
-        encode_head(&mut out, &Method::POST, "/v1/a?b=c", &h, &added, framing);
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            format!(
-                "POST /v1/a?b=c HTTP/1.1\r\nhost: api.example\r\nx-a: 1\r\nx-a: 2\r\nx-key-id: k1\r\n{expected}\r\n"
-            )
-        );
+        let mut request = crate::upstream::Outbound {
+            method: Method::POST,
+            target: http::uri::PathAndQuery::from_static("/v1/a?b=c"),
+            fields,
+            added,
+        };
+        request.fields.remove(&HeaderName::from_static("x-gone"));
+        for (framing, expected) in cases {
+            let mut out = Vec::new();
+            encode_head(&mut out, &request, framing);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                format!("POST /v1/a?b=c HTTP/1.1\r\n{spelled}x-key-id: k1\r\n{expected}\r\n")
+            );
+        }
     }
     let mut out = Vec::new();
     encode_chunk(&mut out, b"hello world, 26 bytes long");
@@ -373,7 +407,7 @@ fn hop_by_hop_fields_stay_with_the_connection_unless_it_switches() {
 
 #[test]
 fn hop_by_hop_names_are_told_apart_in_any_case() {
-    for name in [
+    let hop_by_hop = [
         "connection",
         "keep-alive",
         "proxy-connection",
@@ -383,6 +417,8 @@ fn hop_by_hop_names_are_told_apart_in_any_case() {
         "trailer",
         "transfer-encoding",
         "upgrade",
+    ];
+    let end_to_end = [
         "content-length",
         "content-type",
         "date",
@@ -390,13 +426,24 @@ fn hop_by_hop_names_are_told_apart_in_any_case() {
         "tk",
         "trailers",
         "upgrade-insecure-requests",
-    ] {
-        let header = HeaderName::from_static(name);
-        assert_eq!(
-            is_hop_by_hop_name(name.to_ascii_uppercase().as_bytes()),
-            crate::headers::is_hop_by_hop(&header),
-            "{name}"
-        );
+        "connectioN-x",
+        "keep_alive",
+    ];
+    for name in hop_by_hop {
+        for spelled in [name.to_owned(), name.to_ascii_uppercase()] {
+            assert!(
+                crate::headers::is_hop_by_hop(spelled.as_bytes()),
+                "{spelled}"
+            );
+        }
+    }
+    for name in end_to_end {
+        for spelled in [name.to_owned(), name.to_ascii_uppercase()] {
+            assert!(
+                !crate::headers::is_hop_by_hop(spelled.as_bytes()),
+                "{spelled}"
+            );
+        }
     }
 }
 
