@@ -72,7 +72,8 @@ impl Fields {
     /// Every value of `name` (any case), in order.
     pub fn values<'a: 'n, 'n>(&'a self, name: &'n [u8]) -> Values<'a, 'n> {
         Values {
-            fields: self.iter(),
+            head: &self.head,
+            at: self.at.iter(),
             name,
         }
     }
@@ -158,25 +159,41 @@ impl DoubleEndedIterator for Iter<'_> {
 
 /// [`Fields::values`].
 pub struct Values<'a, 'n> {
-    fields: Iter<'a>,
+    head: &'a [u8],
+    at: std::slice::Iter<'a, Field>,
     name: &'n [u8],
+}
+
+impl<'a> Values<'a, '_> {
+    /// Whether `f` is named `name`: lengths first, since most names differ in length (a field
+    /// taken out has none, so it never matches).
+    fn named(&self, f: &Field) -> bool {
+        (f.name.1 - f.name.0) as usize == self.name.len()
+            && self.head[f.name()].eq_ignore_ascii_case(self.name)
+    }
 }
 
 impl<'a> Iterator for Values<'a, '_> {
     type Item = &'a [u8];
 
     fn next(&mut self) -> Option<&'a [u8]> {
-        let name = self.name;
-        let (_, v) = self.fields.find(|(n, _)| n.eq_ignore_ascii_case(name))?;
-        Some(v)
+        loop {
+            let f = self.at.next()?;
+            if self.named(f) {
+                return Some(&self.head[f.value()]);
+            }
+        }
     }
 }
 
-impl DoubleEndedIterator for Values<'_, '_> {
-    fn next_back(&mut self) -> Option<Self::Item> {
-        let name = self.name;
-        let (_, v) = self.fields.rfind(|(n, _)| n.eq_ignore_ascii_case(name))?;
-        Some(v)
+impl<'a> DoubleEndedIterator for Values<'a, '_> {
+    fn next_back(&mut self) -> Option<&'a [u8]> {
+        loop {
+            let f = self.at.next_back()?;
+            if self.named(f) {
+                return Some(&self.head[f.value()]);
+            }
+        }
     }
 }
 

@@ -211,7 +211,15 @@ impl fmt::Display for RoutePattern {
 /// else the text after the leading `/`.
 /// A request segment without its `;parameters`, as upstreams that strip them route it.
 fn without_params(segment: &str) -> &str {
-    segment.split_once(';').map_or(segment, |(name, _)| name)
+    split_at_byte(segment, b';').map_or(segment, |(name, _)| name)
+}
+
+/// `s` split at the first `byte` (ASCII), which is left out. A byte search: the segments it
+/// runs on are short, and this runs for every segment of every request.
+fn split_at_byte(s: &str, byte: u8) -> Option<(&str, &str)> {
+    let i = s.bytes().position(|b| b == byte)?;
+    // An ASCII byte is a whole character: both halves are still UTF-8.
+    Some((&s[..i], &s[i + 1..]))
 }
 
 fn path_segments(path: &str) -> Option<&str> {
@@ -221,7 +229,7 @@ fn path_segments(path: &str) -> Option<&str> {
 
 /// Split off the first segment of `Some(rest)` from [`path_segments`].
 fn split_first(rest: &str) -> Option<(&str, Option<&str>)> {
-    Some(match rest.split_once('/') {
+    Some(match split_at_byte(rest, b'/') {
         Some((first, more)) => (first, (!more.is_empty()).then_some(more)),
         None => (rest, None),
     })
