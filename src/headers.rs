@@ -312,16 +312,13 @@ pub fn set_identity_fields(
     names: &HeaderNames,
     allow: &Allow<'_>,
 ) {
-    added.push(names.partner_id.clone(), allow.partner.id_header.clone());
+    added.push(&names.partner_id, &allow.partner.id_header);
     if let Some(org) = &allow.partner.org_header {
-        added.push(names.org_id.clone(), org.clone());
+        added.push(&names.org_id, org);
     }
-    added.push(names.key_id.clone(), allow.key.id_header.clone());
-    added.push(
-        names.key_environment.clone(),
-        allow.environment.header.clone(),
-    );
-    added.push(names.scopes.clone(), allow.scopes.header.clone());
+    added.push(&names.key_id, &allow.key.id_header);
+    added.push(&names.key_environment, &allow.environment.header);
+    added.push(&names.scopes, &allow.scopes.header);
 }
 
 /// The request id header value, for errors and logs.

@@ -547,7 +547,7 @@ async fn answer(
     // in `set_forwarded`, Host below when keygate writes its own).
     let mut added = Added::new();
     if upgrade {
-        added.push(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        added.push(&header::CONNECTION, &HeaderValue::from_static("upgrade"));
     }
     set_forwarded(
         h,
@@ -564,10 +564,10 @@ async fn answer(
                 .expect("an authority is a header value")
         });
         h.remove(&header::HOST);
-        added.push(header::HOST, host);
+        added.push(&header::HOST, &host);
     }
     set_identity_fields(&mut added, names, &allow);
-    added.push(names.request_id.clone(), request_id.clone());
+    added.push(&names.request_id, &request_id);
     drop(snapshot);
     let outbound = Outbound {
         method: parts.method,
@@ -903,10 +903,10 @@ fn set_forwarded(
                 .any(|n| folded_eq_any_case(n.as_str().as_bytes(), name))
     });
     if !trusted {
-        added.push(XFF, peer.header.clone());
-        added.push(XFP, peer.proto.clone());
+        added.push(&XFF, &peer.header);
+        added.push(&XFP, &peer.proto);
         if let Some(host) = host {
-            added.push(XFH, host.clone());
+            added.push(&XFH, host);
         }
         return;
     }
@@ -923,13 +923,13 @@ fn set_forwarded(
             .unwrap_or_else(|_| peer.header.clone())
     };
     h.remove(&XFF);
-    added.push(XFF, chain);
+    added.push(&XFF, &chain);
     if !h.contains(&XFP) {
-        added.push(XFP, peer.proto.clone());
+        added.push(&XFP, &peer.proto);
     }
     if !h.contains(&XFH) {
         if let Some(host) = host {
-            added.push(XFH, host.clone());
+            added.push(&XFH, host);
         }
     }
 }

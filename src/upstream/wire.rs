@@ -10,7 +10,7 @@
 use std::mem::MaybeUninit;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
 use crate::http1::{self, Declared, Field};
@@ -46,44 +46,41 @@ pub enum RequestFraming {
     Chunked,
 }
 
-/// Fields a request gets after its own, written as they are instead of inserted among them:
-/// keygate's identity, forwarding, request-id and (when it writes its own) Host fields. The
-/// request's fields must hold none of these names; the proxy strips them first.
-#[derive(Debug)]
+/// Fields a request gets after its own, written out as they are added instead of inserted
+/// among them: keygate's identity, forwarding, request-id and (when it writes its own) Host
+/// fields. The request's fields must hold none of these names; the proxy strips them first.
+/// Kept as the bytes they go out as: nothing is cloned for them, and they are written in one
+/// copy (and again, unchanged, when a request is retried on a fresh connection).
+#[derive(Debug, Default)]
 pub struct Added {
-    fields: [Option<(HeaderName, HeaderValue)>; Added::MAX],
-    len: usize,
+    bytes: Vec<u8>,
 }
 
 impl Added {
-    /// More than the proxy ever adds (identity 5, forwarding 3, request id, connection).
-    pub const MAX: usize = 12;
+    /// Room for what the proxy adds to a typical request, so that one allocation does.
+    const ROOM: usize = 384;
 
     pub fn new() -> Self {
-        Added {
-            fields: [const { None }; Added::MAX],
-            len: 0,
+        Added { bytes: Vec::new() }
+    }
+
+    pub fn push(&mut self, name: &HeaderName, value: &HeaderValue) {
+        // keygate frames the body itself (`encode_head`).
+        debug_assert!(name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING);
+        if self.bytes.capacity() == 0 {
+            self.bytes.reserve(Self::ROOM);
         }
-    }
-
-    pub fn push(&mut self, name: HeaderName, value: HeaderValue) {
-        assert!(self.len < Added::MAX, "more added fields than Added::MAX");
-        self.fields[self.len] = Some((name, value));
-        self.len += 1;
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
-        self.fields[..self.len]
-            .iter()
-            .flatten()
-            .map(|(n, v)| (n, v))
+        field(&mut self.bytes, name.as_str().as_bytes(), value.as_bytes());
     }
 }
 
-impl Default for Added {
-    fn default() -> Self {
-        Added::new()
-    }
+/// `name: value` and its line end.
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.reserve(name.len() + value.len() + 4);
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Write `METHOD target HTTP/1.1`, the request's fields, keygate's, the framing field and the
@@ -95,24 +92,17 @@ pub fn encode_head(out: &mut Vec<u8>, head: &super::Outbound, framing: RequestFr
     out.push(b' ');
     out.extend_from_slice(head.target.as_str().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let added = head
-        .added
-        .iter()
-        .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
-    for (name, value) in head.fields.iter().chain(added) {
+    for (name, value) in head.fields.iter() {
         let framing_field = match name.len() {
             14 => name.eq_ignore_ascii_case(b"content-length"),
             17 => name.eq_ignore_ascii_case(b"transfer-encoding"),
             _ => false,
         };
-        if framing_field {
-            continue;
+        if !framing_field {
+            field(out, name, value);
         }
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
     }
+    out.extend_from_slice(&head.added.bytes);
     match framing {
         RequestFraming::None => {}
         RequestFraming::Length(n) => {
