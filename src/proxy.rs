@@ -519,10 +519,13 @@ async fn answer(
     let path = normalized.expect("an allow always has a normalized path");
 
     // Build the upstream request in place: same method, body and (cleaned) headers.
-    let upgrade = req.version() == Version::HTTP_11 && wants_upgrade(&fields);
-    let on_upgrade = upgrade
-        .then(|| req.extensions_mut().remove::<server::OnUpgrade>())
-        .flatten();
+    // Only an HTTP/1.1 request with an `Upgrade` field may switch: the server marks it with the
+    // client side of the switch.
+    let on_upgrade = req
+        .extensions_mut()
+        .remove::<server::OnUpgrade>()
+        .filter(|_| wants_upgrade(&fields));
+    let upgrade = on_upgrade.is_some();
     let (parts, body) = req.into_parts();
     let Some(target) = upstream_target(&parts.uri, path.as_str()) else {
         return deny(
@@ -574,6 +577,7 @@ async fn answer(
         target,
         fields,
         added,
+        upgrade,
     };
     let timeout = state.settings.upstream_timeout;
 

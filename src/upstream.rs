@@ -34,7 +34,7 @@ use tokio::net::TcpStream;
 use arc_swap::ArcSwap;
 
 use crate::config::UpstreamTlsSettings;
-use crate::headers::{FieldLookup, RequestFields};
+use crate::headers::RequestFields;
 use crate::tls::TlsError;
 use conn::{Conn, Failed, Outgoing, Polled, ResponseBody, Transport};
 pub use conn::{ConnError, Tunnel};
@@ -57,6 +57,8 @@ pub struct Outbound {
     pub fields: RequestFields,
     /// keygate's fields, written after `fields` (which holds none of their names).
     pub added: Added,
+    /// The request asks to switch protocols (its `Upgrade` is kept): a 101 is welcome.
+    pub upgrade: bool,
 }
 
 /// Why a request did not get a response from the upstream.
@@ -230,7 +232,7 @@ impl Upstream {
         mut body: Outgoing,
         replayable: bool,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let upgrade = head.fields.contains(&http::header::UPGRADE);
+        let upgrade = head.upgrade;
         if let Some(mut conn) = self.checkout() {
             match conn.exchange(head, body, upgrade).await {
                 Ok((answer, whole)) => return Ok(self.wrap(answer, conn, whole)),

@@ -196,18 +196,17 @@ pub fn parse_head(
         }
         // Where each field is, so that the values can share the head's bytes once split off.
         let base = buf.as_ptr() as usize;
-        let count = response.headers.len();
-        let mut at = [Field::default(); MAX_HEADERS];
-        for (slot, h) in at.iter_mut().zip(response.headers.iter()) {
-            *slot = Field::at(h.name.as_bytes(), h.value, base);
-        }
+        let mut at: Vec<Field> = response
+            .headers
+            .iter()
+            .map(|h| Field::at(h.name.as_bytes(), h.value, base))
+            .collect();
         let head = buf.split_to(len).freeze();
-        let at = &at[..count];
         // One walk over the fields for their framing and the `Connection` tokens; the tokens
         // are read where they lie (an answer has one such field with one token, if any).
         let mut declared = http1::Framing::default();
         let (mut close, mut keep_alive_token, mut names_fields) = (false, false, false);
-        for f in at {
+        for f in &at {
             let (name, value) = (&head[f.name()], &head[f.value()]);
             if declared.note(name, value) || !name.eq_ignore_ascii_case(b"connection") {
                 continue;
@@ -225,12 +224,16 @@ pub fn parse_head(
         }
         let framing = framing(status, method, version, &declared)?;
         let switching = status == StatusCode::SWITCHING_PROTOCOLS;
-        let listed = || {
+        // The names `Connection` lists (rare: no list is made without them).
+        let listed: Vec<&[u8]> = if names_fields {
             at.iter()
                 .filter(|f| head[f.name()].eq_ignore_ascii_case(b"connection"))
                 .flat_map(|f| head[f.value()].split(|&b| b == b','))
                 .map(<[u8]>::trim_ascii)
                 .filter(|t| !t.is_empty())
+                .collect()
+        } else {
+            Vec::new()
         };
         // An answer without a body keeps its Content-Length only where it means something (HEAD,
         // 304: the length a GET would get) and only if it is one number: `framing` did not
@@ -238,16 +241,16 @@ pub fn parse_head(
         let keep_length = framing != Framing::Empty
             || ((*method == Method::HEAD || status == StatusCode::NOT_MODIFIED)
                 && declared.one_length());
-        let mut kept = Vec::with_capacity(count);
-        for f in at {
-            let name = &head[f.name()];
-            let hop_by_hop = crate::headers::is_hop_by_hop(name)
-                || (names_fields && listed().any(|t| t.eq_ignore_ascii_case(name)));
-            let dropped_length = !keep_length && name.eq_ignore_ascii_case(b"content-length");
-            if switching || !(hop_by_hop || dropped_length) {
-                kept.push(*f);
-            }
+        if !switching {
+            at.retain(|f| {
+                let name = &head[f.name()];
+                let hop_by_hop = crate::headers::is_hop_by_hop(name)
+                    || listed.iter().any(|t| t.eq_ignore_ascii_case(name));
+                let dropped_length = !keep_length && name.eq_ignore_ascii_case(b"content-length");
+                !(hop_by_hop || dropped_length)
+            });
         }
+        drop(listed);
         // HTTP/1.1 keeps the connection unless told otherwise; HTTP/1.0 only when asked to.
         let persistent = match version {
             Version::HTTP_11 => !close,
@@ -260,7 +263,7 @@ pub fn parse_head(
         return Ok(Some(Head {
             status,
             version,
-            fields: Fields::new(head, kept),
+            fields: Fields::new(head, at),
             framing,
             keep_alive,
         }));

@@ -71,6 +71,7 @@ fn request_heads_are_framed_by_the_body_not_by_the_headers() {
             target: http::uri::PathAndQuery::from_static("/v1/a?b=c"),
             fields,
             added,
+            upgrade: false,
         };
         request.fields.remove(&HeaderName::from_static("x-gone"));
         for (framing, expected) in cases {
