@@ -61,6 +61,29 @@ impl<'a> RequestFacts<'a> {
     }
 }
 
+impl<'a> RequestFacts<'a> {
+    /// Facts of a request whose fields were read in one walk ([`crate::headers::Read`]): the
+    /// same as [`RequestFacts::from_headers`].
+    pub fn from_read(
+        method: &'a str,
+        path: &'a Result<NormalizedPath, PathError>,
+        host: Option<&'a str>,
+        client_ip: Option<IpAddr>,
+        read: &crate::headers::Read<'a>,
+    ) -> Self {
+        RequestFacts {
+            method,
+            path: path.as_ref().map_err(|e| *e),
+            host,
+            client_ip,
+            credential: read.credential(),
+            referer: read.referer.single(),
+            origin: read.origin.single(),
+            idempotency_key: read.idempotency_key.single(),
+        }
+    }
+}
+
 /// The one value of a header. A repeated header yields an empty value, which matches no
 /// referrer pattern and is no idempotency key: repeats are refused, never resolved by picking one.
 fn single<'a>(h: &'a impl FieldLookup, name: &HeaderName) -> Option<&'a [u8]> {

@@ -178,6 +178,89 @@ impl FieldEdit for RequestFields {
     }
 }
 
+/// Up to the first two values of a field, and whether there were more than one: every rule
+/// reads at most that much (a repeated credential or id is refused, not resolved).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Two<'a> {
+    values: [&'a [u8]; 2],
+    seen: usize,
+}
+
+impl<'a> Two<'a> {
+    fn note(&mut self, value: &'a [u8]) {
+        if let Some(slot) = self.values.get_mut(self.seen) {
+            *slot = value;
+            self.seen += 1;
+        }
+    }
+
+    /// The first two values (fewer when fewer came).
+    pub fn as_slice(&self) -> &[&'a [u8]] {
+        &self.values[..self.seen]
+    }
+
+    /// The one value; a repeated field yields an empty one, which no rule accepts.
+    pub fn single(&self) -> Option<&'a [u8]> {
+        match self.seen {
+            0 => None,
+            1 => Some(self.values[0]),
+            _ => Some(b""),
+        }
+    }
+}
+
+/// What the decision and the request id read of a request's fields, found in one walk over
+/// them: a request has a handful of fields, and a lookup per rule walked them a dozen times.
+/// The same values [`crate::credential::extract_from_headers`] and
+/// [`crate::decision::RequestFacts::from_headers`] look up one by one.
+#[derive(Debug, Default)]
+pub struct Read<'a> {
+    pub request_id: Two<'a>,
+    pub authorization: Two<'a>,
+    pub api_key: Two<'a>,
+    pub referer: Two<'a>,
+    pub origin: Two<'a>,
+    pub idempotency_key: Two<'a>,
+}
+
+impl<'a> Read<'a> {
+    pub fn of(fields: impl Iterator<Item = (&'a [u8], &'a [u8])>, names: &HeaderNames) -> Self {
+        let mut read = Read::default();
+        let wanted = [
+            &names.request_id,
+            &names.credentials.authorization,
+            &names.credentials.api_key,
+            &header::REFERER,
+            &header::ORIGIN,
+            &names.idempotency_key,
+        ]
+        .map(|n| n.as_str().as_bytes());
+        for (name, value) in fields {
+            // Lengths first: most names differ in length. Every name is checked, so that two
+            // settings naming the same field both see it.
+            let slots = [
+                &mut read.request_id,
+                &mut read.authorization,
+                &mut read.api_key,
+                &mut read.referer,
+                &mut read.origin,
+                &mut read.idempotency_key,
+            ];
+            for (wanted, two) in wanted.iter().zip(slots) {
+                if name.len() == wanted.len() && name.eq_ignore_ascii_case(wanted) {
+                    two.note(value);
+                }
+            }
+        }
+        read
+    }
+
+    /// The credential the request presents (as [`crate::credential::extract_from_headers`]).
+    pub fn credential(&self) -> crate::credential::Credential<'a> {
+        crate::credential::extract(self.authorization.as_slice(), self.api_key.as_slice())
+    }
+}
+
 /// Hop-by-hop fields (RFC 9110 §7.6.1, `Upgrade`, and the obsolete ones still seen), about one
 /// connection and never passed on; `name` in any case. Most names are told apart by their
 /// length alone: this runs for every field of every request and answer.
@@ -329,6 +412,108 @@ pub fn request_id_str(v: &HeaderValue) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn names() -> HeaderNames {
+        HeaderNames {
+            credentials: crate::credential::CredentialHeaders::default(),
+            forward_credentials: false,
+            partner_id: HeaderName::from_static("x-partner-id"),
+            org_id: HeaderName::from_static("x-org-id"),
+            key_id: HeaderName::from_static("x-key-id"),
+            key_environment: HeaderName::from_static("x-key-environment"),
+            scopes: HeaderName::from_static("x-scopes"),
+            request_id: HeaderName::from_static("x-request-id"),
+            idempotency_key: HeaderName::from_static("idempotency-key"),
+        }
+    }
+
+    /// One walk over the fields reads what the lookups one by one read: first values, repeats,
+    /// any case, for HTTP/1.1's fields as received and for hyper's map alike.
+    #[test]
+    fn one_walk_reads_what_the_lookups_read() {
+        let names = names();
+        let table: &[&[(&str, &str)]] = &[
+            &[],
+            &[("x-api-key", "sk_live_a")],
+            &[("X-API-KEY", "sk_live_a"), ("x-api-key", "sk_live_b")],
+            &[
+                ("Authorization", "Bearer sk_live_a"),
+                ("X-Api-Key", "sk_live_a"),
+            ],
+            &[("authorization", "Bearer a"), ("AUTHORIZATION", "Bearer b")],
+            &[
+                ("Referer", "https://a.example/"),
+                ("Origin", "https://a.example"),
+            ],
+            &[
+                ("referer", "https://a.example/"),
+                ("REFERER", "https://b.example/"),
+            ],
+            &[("Idempotency-Key", "k1"), ("x-request-id", "req-1")],
+            &[("idempotency-key", "k1"), ("IDEMPOTENCY-KEY", "k2")],
+            &[
+                ("X-Request-Id", "a"),
+                ("x-request-id", "b"),
+                ("x-request-id", "c"),
+            ],
+            &[
+                ("x-api-keys", "sk_live_a"),
+                ("x-api-ke", "sk_live_a"),
+                ("origin2", "x"),
+            ],
+        ];
+        let path = crate::path::normalize("/a", crate::path::PathOptions::default());
+        for fields in table {
+            let text: String = fields
+                .iter()
+                .map(|(n, v)| format!("{n}: {v}\r\n"))
+                .collect();
+            let head = bytes::Bytes::from(text);
+            let base = head.as_ptr() as usize;
+            let mut at = Vec::new();
+            let mut map = HeaderMap::new();
+            let mut offset = 0;
+            for (n, v) in *fields {
+                let name = &head[offset..offset + n.len()];
+                let value = &head[offset + n.len() + 2..offset + n.len() + 2 + v.len()];
+                at.push(http1::Field::at(name, value, base));
+                offset += n.len() + v.len() + 4;
+                map.append(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            let received = http1::Fields::new(head.clone(), at);
+            let one_by_one = crate::decision::RequestFacts::from_headers(
+                "GET",
+                &path,
+                None,
+                None,
+                crate::credential::extract_from_headers(&map, &names.credentials),
+                &map,
+                &names,
+            );
+            let ids: Vec<&[u8]> = FieldLookup::values(&map, &names.request_id).collect();
+            let mapped = RequestFields::Map(map.clone());
+            for read in [
+                Read::of(received.iter(), &names),
+                Read::of(mapped.iter(), &names),
+            ] {
+                let facts =
+                    crate::decision::RequestFacts::from_read("GET", &path, None, None, &read);
+                assert_eq!(
+                    format!("{facts:?}"),
+                    format!("{one_by_one:?}"),
+                    "{fields:?}"
+                );
+                let prefixes = crate::credential::PrefixRules::new(Vec::new());
+                let want_id = crate::request_id::accept(ids.iter().copied(), &prefixes);
+                let got = read.request_id.as_slice().iter().copied();
+                let got_id = crate::request_id::accept(got, &prefixes);
+                assert_eq!(got_id, want_id, "{fields:?}");
+            }
+        }
+    }
 
     #[test]
     fn only_websocket_upgrades_are_forwarded() {

@@ -30,12 +30,12 @@ use tokio::net::TcpListener;
 use crate::client_ip::{client_ip, is_trusted};
 use crate::config::Limits;
 use crate::config::{HeaderNames, Policy, ProxySettings};
-use crate::credential::{extract_from_headers, Credential};
+use crate::credential::Credential;
 use crate::decision::{decide_attributed, now_ms, RequestFacts, Verdict};
 use crate::deny::DenyReason;
 use crate::headers::{
     folded_eq_any_case, request_id_str, set_identity_fields, strip_hop_and_identity, wants_upgrade,
-    FieldEdit, FieldLookup, RequestFields,
+    FieldEdit, FieldLookup, Read, RequestFields,
 };
 use crate::listen::{Activity, Tracked, Watched};
 use crate::path::normalize;
@@ -438,8 +438,12 @@ async fn answer(
     note: &mut Note,
 ) -> Response<ProxyBody> {
     let names = &*state.names;
-    let request_id = request_id::accept(fields.values(&names.request_id), &state.policy.prefixes)
-        .unwrap_or_else(request_id::mint);
+    let read = Read::of(fields.iter(), names);
+    let request_id = request_id::accept(
+        read.request_id.as_slice().iter().copied(),
+        &state.policy.prefixes,
+    )
+    .unwrap_or_else(request_id::mint);
     note.request_id = Some(request_id.clone());
 
     if let Some(why) = smuggling_shape(&req, &fields) {
@@ -455,18 +459,16 @@ async fn answer(
         const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
         client_ip(peer.ip, fields.values(&XFF), trusted)
     };
-    let credential = extract_from_headers(&fields, &names.credentials);
     let host = host_of(&req, &fields);
     let snapshot = state.store.serving();
-    let facts = RequestFacts::from_headers(
+    let facts = RequestFacts::from_read(
         req.method().as_str(),
         &normalized,
         host.as_ref().and_then(|h| h.to_str().ok()),
         client,
-        credential,
-        &fields,
-        names,
+        &read,
     );
+    let credential = facts.credential;
     let now = now_ms();
     let (verdict, key) = decide_attributed(
         snapshot.as_ref().and_then(|g| g.as_deref()),
