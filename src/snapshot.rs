@@ -27,6 +27,7 @@ pub mod document;
 pub mod file;
 pub mod http_source;
 mod index;
+mod memo;
 pub mod parse;
 pub mod source;
 
@@ -261,6 +262,10 @@ pub struct Snapshot {
     /// positions (each at most about twice what is used), so that it can share chunks.
     reusable: bool,
     pepper: Option<Arc<[u8]>>,
+    /// What the next reload needs to take entries whose text has not changed as they are.
+    memo: memo::Memo,
+    /// Key entries of the document taken from the snapshot it was a reload of, unread.
+    recalled: usize,
 }
 
 impl Snapshot {
@@ -310,6 +315,12 @@ impl Snapshot {
     /// Keys in force (not quarantined).
     pub fn key_count(&self) -> usize {
         self.key_count
+    }
+
+    /// Key entries of the document that had the same text in the snapshot this one is a
+    /// reload of, and were taken from it without being read again (see `snapshot::memo`).
+    pub fn recalled_entries(&self) -> usize {
+        self.recalled
     }
 }
 

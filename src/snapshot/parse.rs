@@ -209,16 +209,34 @@ pub(super) struct Builder<'b> {
 
 impl Entries for Builder<'_> {
     fn entry(&mut self, list: List, position: usize, text: &str) -> Result<(), DocumentError> {
-        // A reload shares the machine with the request threads: every few hundred entries
-        // (a few hundred microseconds) it lets any runnable thread go first, so a request
-        // waits that long at most instead of a scheduler slice of several milliseconds.
-        if position % YIELD_EVERY == YIELD_EVERY - 1 {
-            std::thread::yield_now();
-        }
+        pace(position);
         match list {
             List::Partners => self.partner(position, text),
             List::Keys => self.key(position, text),
         }
+    }
+
+    fn expected(&mut self, list: List, rest: &[u8]) -> Option<usize> {
+        match list {
+            List::Partners => None,
+            List::Keys => self.keys.expected(rest),
+        }
+    }
+
+    fn expected_entry(&mut self, list: List, position: usize) -> Result<(), DocumentError> {
+        pace(position);
+        debug_assert_eq!(list, List::Keys, "only key entries are expected");
+        self.keys.add_expected();
+        Ok(())
+    }
+}
+
+/// A reload shares the machine with the request threads: every few hundred entries (a few
+/// hundred microseconds) it lets any runnable thread go first, so a request waits that long at
+/// most instead of a scheduler slice of several milliseconds.
+fn pace(position: usize) {
+    if position % YIELD_EVERY == YIELD_EVERY - 1 {
+        std::thread::yield_now();
     }
 }
 
@@ -230,8 +248,11 @@ impl<'b> Builder<'b> {
             b.reusable && b.chunk_bits.abs_diff(super::chunk::chunk_bits(keys_hint)) <= 2
         });
         let partner_ids = PartnerIds::seeded(base.map_or(&[][..], |b| &b.partners));
+        // An entry reads the same as when the base was built from it only under the same
+        // pepper (without one, an HMAC digest is quarantined): else every entry is read again.
+        let recall = base.is_some_and(|b| b.pepper.as_deref() == pepper.as_deref());
         Self {
-            keys: KeysBuilder::new(pepper.is_some(), base, keys_hint),
+            keys: KeysBuilder::new(pepper.is_some(), base, recall, keys_hint),
             pepper,
             partner_ids,
             partners: Vec::new(),
@@ -393,6 +414,8 @@ impl<'b> Builder<'b> {
             has_sha256: keys.has_sha256,
             has_hmac: keys.has_hmac,
             pepper: self.pepper,
+            memo: keys.memo,
+            recalled: keys.recalled,
         }
     }
 }

@@ -31,6 +31,16 @@ impl List {
 /// Where the entries go. An `Err` (an entry that is not JSON) stops the read.
 pub(crate) trait Entries {
     fn entry(&mut self, list: List, position: usize, text: &str) -> Result<(), DocumentError>;
+
+    /// If `rest` (what is read from the first byte of an entry of `list` on) starts with the
+    /// text of an entry the sink has read before and expects now: that text's length. Those
+    /// bytes are then not scanned: they were, when they were read before, and scanning the
+    /// same bytes from the same state ends the same, at the end of a complete entry.
+    fn expected(&mut self, list: List, rest: &[u8]) -> Option<usize>;
+
+    /// The entry at `position` was the one expected, exactly (nothing but whitespace after it):
+    /// its bytes, those of an entry read before, are JSON and UTF-8.
+    fn expected_entry(&mut self, list: List, position: usize) -> Result<(), DocumentError>;
 }
 
 /// Why a read stopped.
@@ -119,6 +129,8 @@ struct ListState {
     entry_start: Option<usize>,
     /// A comma was read since the last entry, so another entry must come.
     want_entry: bool,
+    /// The entry being read started with the text the sink expected, this long.
+    expected: Option<usize>,
 }
 
 fn syntax(what: &str) -> DocumentError {
@@ -176,12 +188,16 @@ impl Scanner {
                         b',' | b']' => {
                             if let Some(start) = list.entry_start.take() {
                                 let text = trim_end(&buf[start..i]);
-                                let text =
-                                    std::str::from_utf8(text).map_err(|_| syntax("not UTF-8"))?;
                                 let position = list.count;
                                 list.count += 1;
                                 list.want_entry = false;
-                                sink.entry(list.which, position, text)?;
+                                if list.expected.take() == Some(text.len()) {
+                                    sink.expected_entry(list.which, position)?;
+                                } else {
+                                    let text = std::str::from_utf8(text)
+                                        .map_err(|_| syntax("not UTF-8"))?;
+                                    sink.entry(list.which, position, text)?;
+                                }
                             } else if b == b',' || list.want_entry {
                                 return Err(syntax(&format!(
                                     "{}: a missing entry (two commas, or a trailing one)",
@@ -205,6 +221,11 @@ impl Scanner {
                         _ => {
                             if list.entry_start.is_none() {
                                 list.entry_start = Some(i);
+                                if let Some(len) = sink.expected(list.which, &buf[i..]) {
+                                    list.expected = Some(len);
+                                    i += len;
+                                    continue;
+                                }
                             }
                         }
                     }
@@ -229,6 +250,7 @@ impl Scanner {
                             count: 0,
                             entry_start: None,
                             want_entry: false,
+                            expected: None,
                         });
                     }
                 }
