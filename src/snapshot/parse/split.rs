@@ -180,6 +180,10 @@ impl Scanner {
                 }
                 continue;
             }
+            if self.list.is_some() && self.stack.len() > 2 {
+                i = self.scan_nested(buf, i)?;
+                continue;
+            }
             let b = buf[i];
             if let Some(list) = &mut self.list {
                 if self.stack.len() == 2 {
@@ -284,6 +288,50 @@ impl Scanner {
         }
     }
 
+    /// Inside an entry of one of the two lists, nested deeper than the list: only strings and
+    /// brackets matter there, until the entry's own bracket closes. Scans from `i` to there
+    /// (or to the end of `buf`, in a string perhaps) and returns where it stopped. Most of a
+    /// document is this, and most of it strings of a few bytes: a loop of its own that goes
+    /// through each string at once takes less than half the time of the general one.
+    fn scan_nested(&mut self, buf: &[u8], mut i: usize) -> Result<usize, DocumentError> {
+        if self.in_string {
+            match string_end(buf, i, &mut self.escaped) {
+                None => return Ok(buf.len()),
+                Some(end) => {
+                    self.in_string = false;
+                    i = end;
+                }
+            }
+        }
+        while let Some(&b) = buf.get(i) {
+            match b {
+                b'"' => match string_end(buf, i + 1, &mut self.escaped) {
+                    None => {
+                        self.in_string = true;
+                        return Ok(buf.len());
+                    }
+                    Some(end) => {
+                        i = end;
+                        continue;
+                    }
+                },
+                b'{' | b'[' => self.stack.push(b),
+                b'}' | b']' => {
+                    let open = if b == b'}' { b'{' } else { b'[' };
+                    if self.stack.pop() != Some(open) {
+                        return Err(syntax("unbalanced brackets"));
+                    }
+                    if self.stack.len() == 2 {
+                        return Ok(i + 1);
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        Ok(i)
+    }
+
     /// The caller dropped the first `n` bytes of its buffer.
     fn shift(&mut self, n: usize) {
         self.pos -= n;
@@ -327,6 +375,50 @@ impl Scanner {
     }
 }
 
+/// In a string, from `i` (just after a backslash if `escaped`): where the string ends, just
+/// after its closing quote; or `None` if `buf` ends first, `escaped` then saying whether it
+/// ends just after a backslash.
+fn string_end(buf: &[u8], mut i: usize, escaped: &mut bool) -> Option<usize> {
+    loop {
+        if *escaped {
+            if i >= buf.len() {
+                return None;
+            }
+            *escaped = false;
+            i += 1;
+        }
+        i += quote_or_backslash(buf.get(i..)?)?;
+        if buf[i] == b'"' {
+            return Some(i + 1);
+        }
+        *escaped = true;
+        i += 1;
+    }
+}
+
+/// Where the first `"` or `\\` in `bytes` is, looked for eight bytes at a time: the strings of
+/// an entry are mostly a few bytes long, where `memchr`'s setup costs more than the search.
+fn quote_or_backslash(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut i = 0;
+    while let Some(word) = bytes.get(i..i + 8) {
+        let word = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+        // A byte of `x` is 0 where `word` has the byte looked for; `(x - ONES) & !x & HIGH`
+        // marks it, and any false mark is in a later byte than a true one, so the lowest
+        // mark is the first match.
+        let (quote, backslash) = (word ^ (ONES * b'"' as u64), word ^ (ONES * b'\\' as u64));
+        let marks =
+            (quote.wrapping_sub(ONES) & !quote | backslash.wrapping_sub(ONES) & !backslash) & HIGH;
+        if marks != 0 {
+            return Some(i + marks.trailing_zeros() as usize / 8);
+        }
+        i += 8;
+    }
+    let rest = bytes[i..].iter().position(|&b| b == b'"' || b == b'\\');
+    rest.map(|at| i + at)
+}
+
 fn trim_end(mut bytes: &[u8]) -> &[u8] {
     while let [rest @ .., last] = bytes {
         if !is_space(*last) {
@@ -335,4 +427,33 @@ fn trim_end(mut bytes: &[u8]) -> &[u8] {
         bytes = rest;
     }
     bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Eight bytes at a time finds what a byte at a time finds, wherever it is.
+        #[test]
+        fn quote_or_backslash_finds_the_first(
+            bytes in proptest::collection::vec(
+                prop_oneof![Just(b'"'), Just(b'\\'), Just(0u8), Just(1u8), Just(0x80u8), any::<u8>()],
+                0..40,
+            ),
+            plain in 0usize..40,
+        ) {
+            // Mostly bytes that are neither, before the first that is.
+            let mut bytes = bytes;
+            for b in bytes.iter_mut().take(plain) {
+                if *b == b'"' || *b == b'\\' {
+                    *b = b'a';
+                }
+            }
+            let want = bytes.iter().position(|&b| b == b'"' || b == b'\\');
+            prop_assert_eq!(quote_or_backslash(&bytes), want);
+        }
+    }
 }
