@@ -1239,6 +1239,16 @@ fn a_reload_quarantines_unchanged_keys_it_must() {
             MANY - 1,
         ),
         (
+            "two other entries with key_40's id",
+            many(2, |i, k| {
+                if i == 41 || i == 42 {
+                    k["id"] = json!("key_40");
+                }
+            }),
+            &["key key_40", "key key_40", "key key_40"],
+            MANY - 2,
+        ),
+        (
             "partner_acme gone",
             String::from_utf8(many(2, |i, k| {
                 if i > 0 {
@@ -1284,7 +1294,7 @@ fn a_reload_quarantines_unchanged_keys_it_must() {
         assert_eq!(got, want, "{name}: {:?}", new.quarantined);
         assert_eq!(new.quarantined, fresh.quarantined, "{name}");
         assert_eq!(new.key_count(), fresh.key_count(), "{name}");
-        for i in [0, 10, 11, 20, 21, 30, 31] {
+        for i in [0, 10, 11, 20, 21, 30, 31, 40, 41, 42] {
             let secret = format!("k{i}");
             assert_eq!(
                 seen(&new, &secret),

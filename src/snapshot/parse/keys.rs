@@ -502,15 +502,19 @@ impl<'b> KeysBuilder<'b> {
         const ORPHAN: u8 = 4;
         let mut flags: Vec<Vec<u8>> = Vec::with_capacity(buckets.len());
 
-        // Keys whose partner is missing or ambiguous.
+        // Keys whose partner is missing or ambiguous. A base chunk whose partners are all
+        // there has none.
         for (b, bucket) in buckets.iter().enumerate() {
             let mut f = vec![0u8; bucket.old.len() + bucket.new.len()];
-            let records = bucket
-                .old
-                .iter()
+            let orphans_in_base = base_chunks
+                .get(b)
+                .is_some_and(|c| c.partners.iter().any(|&p| partners[p as usize].is_err()));
+            let old = bucket.old.iter().filter(|_| orphans_in_base);
+            let old = old
                 .map(|&i| &base_chunks[b].records[i as usize])
-                .chain(&bucket.new);
-            for (j, r) in records.enumerate() {
+                .enumerate();
+            let new = (bucket.new.iter().enumerate()).map(|(n, r)| (bucket.old.len() + n, r));
+            for (j, r) in old.chain(new) {
                 if let Err(reason) = &partners[r.partner as usize] {
                     let id = String::from_utf8_lossy(id_of(b, bucket, Item::of(bucket, j)));
                     quarantined.push(q(format!("key {id}"), reason.as_str()));
@@ -573,37 +577,47 @@ impl<'b> KeysBuilder<'b> {
         }
         drop(seen);
 
-        // The same id, anywhere: sorted by a hash of the id, then compared where hashes meet.
+        // The same id twice. The base's keys have different ids (it quarantined the others),
+        // and the same base key twice has the same digest too (flagged above): two keys with
+        // the same id are new keys, or a new key and a base key. So the new keys are indexed by
+        // id and the base's looked up in that index, which costs nothing when no key is new.
         let ids = RandomState::new();
-        let total: usize = flags.iter().map(Vec::len).sum();
-        let mut by_id: Vec<(u64, u64)> = Vec::with_capacity(total);
-        for (b, (bucket, f)) in buckets.iter().zip(&flags).enumerate() {
-            for (j, _) in f.iter().enumerate().filter(|&(_, &s)| s != ORPHAN) {
-                let id = id_of(b, bucket, Item::of(bucket, j));
-                by_id.push((ids.hash_one(id), (b as u64) << 32 | j as u64));
-            }
-        }
-        by_id.sort_unstable_by_key(|&(hash, _)| hash);
-        let place = |at: u64| ((at >> 32) as usize, (at & u64::from(u32::MAX)) as usize);
-        let id_at = |at: u64| {
-            let (b, j) = place(at);
+        let new_keys: Vec<(usize, usize)> = (buckets.iter().zip(&flags).enumerate())
+            .flat_map(|(b, (bucket, f))| {
+                (bucket.old.len()..f.len())
+                    .filter(|&j| f[j] & ORPHAN == 0)
+                    .map(move |j| (b, j))
+            })
+            .collect();
+        let new_id = |n: u32| {
+            let (b, j) = new_keys[n as usize];
             id_of(b, &buckets[b], Item::of(&buckets[b], j))
         };
-        for run in by_id
-            .chunk_by_mut(|x, y| x.0 == y.0)
-            .filter(|r| r.len() > 1)
-        {
-            run.sort_unstable_by(|x, y| id_at(x.1).cmp(id_at(y.1)));
-            for pair in run.windows(2) {
-                if id_at(pair[0].1) == id_at(pair[1].1) {
-                    for (_, at) in pair {
-                        let (b, j) = place(*at);
+        if !new_keys.is_empty() {
+            let mut index = HashIndex::with_capacity(new_keys.len());
+            for (n, &(b, j)) in new_keys.iter().enumerate() {
+                let id = new_id(n as u32);
+                if let Err(first) = index.insert(ids.hash_one(id), n as u32, |m| new_id(m) == id) {
+                    let (first_b, first_j) = new_keys[first as usize];
+                    flags[b][j] |= SAME_ID;
+                    flags[first_b][first_j] |= SAME_ID;
+                }
+            }
+            for (b, bucket) in buckets.iter().enumerate() {
+                for j in 0..bucket.old.len() {
+                    if flags[b][j] & ORPHAN != 0 {
+                        continue;
+                    }
+                    let id = id_of(b, bucket, Item::Old(j));
+                    if let Some(n) = index.find(ids.hash_one(id), |m| new_id(m) == id) {
+                        let (new_b, new_j) = new_keys[n as usize];
                         flags[b][j] |= SAME_ID;
+                        flags[new_b][new_j] |= SAME_ID;
                     }
                 }
             }
         }
-        drop(by_id);
+        drop(new_keys);
         for (b, (bucket, f)) in buckets.iter().zip(&flags).enumerate() {
             for (j, &s) in f.iter().enumerate() {
                 let reason = if s & ORPHAN != 0 {
@@ -676,12 +690,14 @@ impl<'b> KeysBuilder<'b> {
                 }
                 (Chunk::new(records, texts.into_iter(), None), place)
             };
-            for r in chunk.records.iter() {
-                used_environments[r.environment as usize] = true;
-                used_scope_sets[r.scopes as usize] = true;
-                has_sha256 |= r.kind == DigestKind::Sha256;
-                has_hmac |= r.kind == DigestKind::HmacSha256;
+            for &e in chunk.environments.iter() {
+                used_environments[e as usize] = true;
             }
+            for &s in chunk.scope_sets.iter() {
+                used_scope_sets[s as usize] = true;
+            }
+            has_sha256 |= !chunk.by_sha256.is_empty();
+            has_hmac |= !chunk.by_hmac.is_empty();
             key_count += chunk.records.len();
             chunks.push(chunk);
             places.push(place);
