@@ -189,10 +189,13 @@ fn cpu_time() -> Duration {
 
 /// One file reload, on its own for callgrind (see the module's comment).
 #[inline(never)]
-fn reload(store: &SnapshotStore, settings: &keygate::config::SnapshotSettings) -> Duration {
-    let cpu = cpu_time();
+fn reload(
+    store: &SnapshotStore,
+    settings: &keygate::config::SnapshotSettings,
+) -> (Duration, Duration) {
+    let (t, cpu) = (Instant::now(), cpu_time());
     file::load_into(store, settings).expect("the document reloads");
-    cpu_time() - cpu
+    (t.elapsed(), cpu_time() - cpu)
 }
 
 fn mib(bytes: u64) -> String {
@@ -309,20 +312,21 @@ fn main() {
     // original, untimed (the document in force had every key changed).
     write_document(&path, keys, 4, false, false);
     file::load_into(&store, &settings).expect("the document reloads");
-    let mut repeated: Vec<Duration> = (0..reloads)
+    let (mut walls, mut repeated): (Vec<Duration>, Vec<Duration>) = (0..reloads)
         .map(|n| {
             let edited = n % 2 == 0;
             write_document(&path, keys, 5 + n as u64, edited, false);
-            let cpu = reload(&store, &settings);
+            let times = reload(&store, &settings);
             let s = store.current_arc().unwrap();
             assert_eq!(s.revision, 5 + n as u64);
             assert_eq!(s.key_count(), keys);
             assert_eq!(s.find(&secret(REMOVED)).is_none(), edited);
             let status = s.find(&secret(REVOKED)).unwrap().status;
             assert_eq!(status == KeyStatus::Revoked, edited);
-            cpu
+            times
         })
-        .collect();
+        .unzip();
+    walls.sort_unstable();
     repeated.sort_unstable();
     drop(dir);
 
@@ -366,6 +370,12 @@ fn main() {
             ms(*least),
             ms(repeated[reloads / 2]),
             ms(*most)
+        );
+        println!(
+            "| the same reloads, wall: least / median / most | {} / {} / {} |",
+            ms(walls[0]),
+            ms(walls[reloads / 2]),
+            ms(walls[reloads - 1])
         );
     }
     println!("| drop of the replaced snapshot | {} |", ms(drop_time));
