@@ -10,6 +10,9 @@
 //! file (never held whole in memory), from bytes, or as entries a sync client keeps: the same
 //! checks, in the same order, whatever the source. Entries may come in any order (`keys` before
 //! `partners` is legal JSON): a key names its partner by an interned id, resolved at the end.
+//! A reload takes a key entry whose text is, byte for byte, one the snapshot in force was read
+//! from as that record, unread (`snapshot::memo`); what depends on other entries (partners,
+//! duplicates) is checked for it all the same.
 
 mod keys;
 mod split;
