@@ -107,8 +107,9 @@ pub(super) struct KeysBuilder<'b> {
     recall: Option<&'b Memo>,
     /// Where in `recall` the next entry is looked for first: after the last one.
     cursor: usize,
-    /// Entries since one was found at `cursor`: past one, the document is not in the order
-    /// of the one in force, and no entry is expected (see [`Self::expected`]).
+    /// Expected entries that did not come since one was last found at `cursor`: past one,
+    /// the document is taken not to be in the order of the one in force, and no entry is
+    /// expected (each miss costs a fingerprint) until one is found at `cursor` again.
     out_of_step: u32,
     /// Entries taken by their fingerprint.
     recalled: usize,
