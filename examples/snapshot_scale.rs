@@ -1,7 +1,8 @@
 //! How a large snapshot costs in time and memory: parse + index time, resident memory per key,
 //! and the peak while a reload builds a second snapshot with the first still in force.
 //!
-//! Run: `cargo run --release --example snapshot_scale -- 1000000`. Results go in BENCHMARKS.md.
+//! Run: `cargo run --release --example snapshot_scale -- 1000000 [RELOADS]`. Results go in
+//! BENCHMARKS.md.
 //!
 //! The document is written to a file (in a temporary directory, removed at the end) the way
 //! `keygate keys create` writes entries: minted-looking keys' SHA-256 digests, every optional
@@ -13,6 +14,13 @@
 //! a real reload would be: one revoked, one with a new rate limit, one removed, one added.
 //! Memory is the process's own account of itself (`VmRSS`, `VmHWM` in `/proc/self/status`) under
 //! the system allocator; nothing here asserts a goal, it only measures.
+//!
+//! Then `RELOADS` more reloads of four changed keys (default 5; each document is the original or
+//! the edited one, in turn, with the next revision), each timed on its own: on a shared machine
+//! the least on-CPU time of several is the figure to compare. They all run in [`reload`], so
+//! that callgrind can count their instructions and nothing else:
+//! `valgrind --tool=callgrind --toggle-collect='snapshot_scale::reload' <example> 100000 3`
+//! (the example built with `debug = "line-tables-only"` or not: symbols are kept either way).
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -179,12 +187,23 @@ fn cpu_time() -> Duration {
     Duration::from_nanos(ns.expect("nanoseconds on CPU"))
 }
 
+/// One file reload, on its own for callgrind (see the module's comment).
+#[inline(never)]
+fn reload(
+    store: &SnapshotStore,
+    settings: &keygate::config::SnapshotSettings,
+) -> (Duration, Duration) {
+    let (t, cpu) = (Instant::now(), cpu_time());
+    file::load_into(store, settings).expect("the document reloads");
+    (t.elapsed(), cpu_time() - cpu)
+}
+
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
 fn ms(d: Duration) -> String {
-    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
 fn main() {
@@ -192,6 +211,10 @@ fn main() {
         .nth(1)
         .map(|a| a.parse().expect("usage: snapshot_scale [KEYS]"))
         .unwrap_or(1_000_000);
+    let reloads: usize = std::env::args()
+        .nth(2)
+        .map(|a| a.parse().expect("usage: snapshot_scale [KEYS [RELOADS]]"))
+        .unwrap_or(5);
     assert!(keys > 10, "at least a few keys");
     let dir = tempfile::tempdir().expect("a temporary directory");
     let path = dir.path().join("keys.json");
@@ -282,7 +305,30 @@ fn main() {
     let in_memory = parse(&bytes, None).expect("the document parses");
     let (bytes_time, bytes_cpu) = (t.elapsed(), cpu_time() - cpu);
     assert_eq!(in_memory.key_count(), keys);
-    drop((in_memory, bytes, dir));
+    drop((in_memory, bytes));
+
+    // Repeated reloads of four changed keys, each against the last: the edited document and
+    // the original one in turn (the revoked key revoked and restored, and so on), after the
+    // original, untimed (the document in force had every key changed).
+    write_document(&path, keys, 4, false, false);
+    file::load_into(&store, &settings).expect("the document reloads");
+    let (mut walls, mut repeated): (Vec<Duration>, Vec<Duration>) = (0..reloads)
+        .map(|n| {
+            let edited = n % 2 == 0;
+            write_document(&path, keys, 5 + n as u64, edited, false);
+            let times = reload(&store, &settings);
+            let s = store.current_arc().unwrap();
+            assert_eq!(s.revision, 5 + n as u64);
+            assert_eq!(s.key_count(), keys);
+            assert_eq!(s.find(&secret(REMOVED)).is_none(), edited);
+            let status = s.find(&secret(REVOKED)).unwrap().status;
+            assert_eq!(status == KeyStatus::Revoked, edited);
+            times
+        })
+        .unzip();
+    walls.sort_unstable();
+    repeated.sort_unstable();
+    drop(dir);
 
     let per_key = |bytes: u64| format!("{:.0} B", bytes as f64 / keys as f64);
     println!("snapshot_scale: {keys} keys, {PARTNERS} partners, system allocator");
@@ -318,6 +364,20 @@ fn main() {
         ms(bytes_time),
         ms(bytes_cpu)
     );
+    if let (Some(least), Some(most)) = (repeated.first(), repeated.last()) {
+        println!(
+            "| {reloads} more reloads of 4 changed keys, each: on CPU, least / median / most | {} / {} / {} |",
+            ms(*least),
+            ms(repeated[reloads / 2]),
+            ms(*most)
+        );
+        println!(
+            "| the same reloads, wall: least / median / most | {} / {} / {} |",
+            ms(walls[0]),
+            ms(walls[reloads / 2]),
+            ms(walls[reloads - 1])
+        );
+    }
     println!("| drop of the replaced snapshot | {} |", ms(drop_time));
     println!("| RSS before the document (baseline) | {} |", mib(base));
     println!("| RSS steady: one snapshot in force | {} |", mib(steady));

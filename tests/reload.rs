@@ -1,6 +1,7 @@
 //! The file source: revocation by atomic replace within a second (also under concurrent load,
-//! with no 5xx and no identity mix-ups), the last good snapshot kept through broken documents and
-//! half-written files, and a Kubernetes Secret's symlink swap.
+//! with no 5xx and no identity mix-ups, and over repeated reloads of a larger document), the
+//! last good snapshot kept through broken documents and half-written files, and a Kubernetes
+//! Secret's symlink swap.
 
 mod support;
 
@@ -58,6 +59,56 @@ async fn revocation_by_atomic_replace_is_refused_within_a_second() {
         status_of(&gate, &b).await.status,
         200,
         "other keys are untouched"
+    );
+    gate.stop().await;
+}
+
+/// A reload takes the entries whose text did not change from the snapshot in force without
+/// reading them again (`snapshot::memo`): in a document of a few thousand keys, one key revoked,
+/// restored and revoked again by atomic replace is refused, allowed and refused within a second
+/// each time, while a key whose entry never changes keeps working.
+#[tokio::test]
+async fn revocations_in_a_large_document_are_seen_each_time_within_a_second() {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let secrets: Vec<String> = (0..2000).map(|_| mint("sk_live_")).collect();
+    let (target, other) = (1000, 7);
+    let doc = |revision: u64, revoked: bool| {
+        let mut doc = Doc::new(revision).partner("partner_acme", Some("org_1"), "active");
+        for (i, secret) in secrets.iter().enumerate() {
+            let status = if i == target && revoked {
+                "revoked"
+            } else {
+                "active"
+            };
+            doc = doc.key(&format!("key_{i}"), secret, json!({"status": status}));
+        }
+        doc
+    };
+    snap.write(&doc(1, false));
+    let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, "")).await;
+    assert_eq!(status_of(&gate, &secrets[target]).await.status, 200);
+
+    for (revision, revoked) in [(2, true), (3, false), (4, true)] {
+        let start = Instant::now();
+        snap.write(&doc(revision, revoked));
+        let want = if revoked { 401 } else { 200 };
+        let mut seen = false;
+        while start.elapsed() < Duration::from_secs(1) {
+            if status_of(&gate, &secrets[target]).await.status == want {
+                seen = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let took = start.elapsed();
+        assert!(seen, "revision {revision}: not {want} after {took:?}");
+        assert_eq!(status_of(&gate, &secrets[other]).await.status, 200);
+    }
+    assert_error(
+        &status_of(&gate, &secrets[target]).await,
+        401,
+        "key_revoked",
     );
     gate.stop().await;
 }

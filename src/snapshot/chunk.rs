@@ -50,6 +50,11 @@ pub(super) struct Chunk {
     pub text: Bytes,
     pub by_sha256: HashIndex,
     pub by_hmac: HashIndex,
+    /// The positions of the partners, environments and scope sets `records` name, each once:
+    /// what a reload needs to know of a chunk it shares, without going through its records.
+    pub partners: Box<[u32]>,
+    pub environments: Box<[u32]>,
+    pub scope_sets: Box<[u32]>,
 }
 
 impl Chunk {
@@ -106,7 +111,16 @@ impl Chunk {
             Some(index) => (index, HashIndex::default()),
             None => index(&records),
         };
+        let named = |position: fn(&KeyRecord) -> u32| {
+            let mut named: Vec<u32> = records.iter().map(position).collect();
+            named.sort_unstable();
+            named.dedup();
+            named.into_boxed_slice()
+        };
         Arc::new(Chunk {
+            partners: named(|r| r.partner),
+            environments: named(|r| r.environment),
+            scope_sets: named(|r| r.scopes),
             records: records.into_boxed_slice(),
             text,
             by_sha256,

@@ -42,7 +42,6 @@ impl HashIndex {
         }
     }
 
-    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -10,6 +10,9 @@
 //! file (never held whole in memory), from bytes, or as entries a sync client keeps: the same
 //! checks, in the same order, whatever the source. Entries may come in any order (`keys` before
 //! `partners` is legal JSON): a key names its partner by an interned id, resolved at the end.
+//! A reload takes a key entry whose text is, byte for byte, one the snapshot in force was read
+//! from as that record, unread (`snapshot::memo`); what depends on other entries (partners,
+//! duplicates) is checked for it all the same.
 
 mod keys;
 mod split;
@@ -209,16 +212,34 @@ pub(super) struct Builder<'b> {
 
 impl Entries for Builder<'_> {
     fn entry(&mut self, list: List, position: usize, text: &str) -> Result<(), DocumentError> {
-        // A reload shares the machine with the request threads: every few hundred entries
-        // (a few hundred microseconds) it lets any runnable thread go first, so a request
-        // waits that long at most instead of a scheduler slice of several milliseconds.
-        if position % YIELD_EVERY == YIELD_EVERY - 1 {
-            std::thread::yield_now();
-        }
+        pace(position);
         match list {
             List::Partners => self.partner(position, text),
             List::Keys => self.key(position, text),
         }
+    }
+
+    fn expected(&mut self, list: List, rest: &[u8]) -> Option<usize> {
+        match list {
+            List::Partners => None,
+            List::Keys => self.keys.expected(rest),
+        }
+    }
+
+    fn expected_entry(&mut self, list: List, position: usize) -> Result<(), DocumentError> {
+        pace(position);
+        debug_assert_eq!(list, List::Keys, "only key entries are expected");
+        self.keys.add_expected();
+        Ok(())
+    }
+}
+
+/// A reload shares the machine with the request threads: every few hundred entries (a few
+/// hundred microseconds) it lets any runnable thread go first, so a request waits that long at
+/// most instead of a scheduler slice of several milliseconds.
+fn pace(position: usize) {
+    if position % YIELD_EVERY == YIELD_EVERY - 1 {
+        std::thread::yield_now();
     }
 }
 
@@ -230,8 +251,11 @@ impl<'b> Builder<'b> {
             b.reusable && b.chunk_bits.abs_diff(super::chunk::chunk_bits(keys_hint)) <= 2
         });
         let partner_ids = PartnerIds::seeded(base.map_or(&[][..], |b| &b.partners));
+        // An entry reads the same as when the base was built from it only under the same
+        // pepper (without one, an HMAC digest is quarantined): else every entry is read again.
+        let recall = base.is_some_and(|b| b.pepper.as_deref() == pepper.as_deref());
         Self {
-            keys: KeysBuilder::new(pepper.is_some(), base, keys_hint),
+            keys: KeysBuilder::new(pepper.is_some(), base, recall, keys_hint),
             pepper,
             partner_ids,
             partners: Vec::new(),
@@ -393,6 +417,8 @@ impl<'b> Builder<'b> {
             has_sha256: keys.has_sha256,
             has_hmac: keys.has_hmac,
             pepper: self.pepper,
+            memo: keys.memo,
+            recalled: keys.recalled,
         }
     }
 }

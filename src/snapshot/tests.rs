@@ -1215,7 +1215,9 @@ fn a_reload_shares_unchanged_keys_and_sees_every_change() {
 #[test]
 fn a_reload_quarantines_unchanged_keys_it_must() {
     let old = parse(&many(1, |_, _| {}), None).unwrap();
-    let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
+    // And the entries taken from the old snapshot by their unchanged text (`snapshot::memo`),
+    // which go through the same checks as those read.
+    let cases: Vec<(&str, Vec<u8>, &[&str], usize)> = vec![
         (
             "another entry with k10's digest",
             many(2, |i, k| {
@@ -1224,6 +1226,7 @@ fn a_reload_quarantines_unchanged_keys_it_must() {
                 }
             }),
             &["key key_10", "key key_11"],
+            MANY - 1,
         ),
         (
             "another entry with key_20's id, in another chunk",
@@ -1233,6 +1236,17 @@ fn a_reload_quarantines_unchanged_keys_it_must() {
                 }
             }),
             &["key key_20", "key key_20"],
+            MANY - 1,
+        ),
+        (
+            "two other entries with key_40's id",
+            many(2, |i, k| {
+                if i == 41 || i == 42 {
+                    k["id"] = json!("key_40");
+                }
+            }),
+            &["key key_40", "key key_40", "key key_40"],
+            MANY - 2,
         ),
         (
             "partner_acme gone",
@@ -1249,6 +1263,7 @@ fn a_reload_quarantines_unchanged_keys_it_must() {
             )
             .into_bytes(),
             &["key key_0"],
+            1,
         ),
         (
             "the same entry twice",
@@ -1268,16 +1283,18 @@ fn a_reload_quarantines_unchanged_keys_it_must() {
                 )
                 .into_bytes(),
             &["key key_30", "key key_30"],
+            MANY + 1,
         ),
     ];
-    for (name, text, want) in cases {
+    for (name, text, want, recalled) in cases {
         let new = parse_with_base(&text, None, Some(&old)).unwrap();
         let fresh = parse(&text, None).unwrap();
+        assert_eq!(new.recalled_entries(), recalled, "{name}");
         let got: Vec<&str> = new.quarantined.iter().map(|q| q.entry.as_str()).collect();
         assert_eq!(got, want, "{name}: {:?}", new.quarantined);
         assert_eq!(new.quarantined, fresh.quarantined, "{name}");
         assert_eq!(new.key_count(), fresh.key_count(), "{name}");
-        for i in [0, 10, 11, 20, 21, 30, 31] {
+        for i in [0, 10, 11, 20, 21, 30, 31, 40, 41, 42] {
             let secret = format!("k{i}");
             assert_eq!(
                 seen(&new, &secret),
@@ -1286,6 +1303,176 @@ fn a_reload_quarantines_unchanged_keys_it_must() {
             );
         }
     }
+}
+
+/// The text of the key entry with this id in `text` (a document as `doc` writes it), replaced
+/// by what `edit` makes of it.
+fn edit_entry(text: &str, id: &str, edit: impl Fn(&str) -> String) -> String {
+    let at = text.find(&format!(r#""id":"{id}","#)).expect("the id");
+    let start = text[..at].rfind('{').unwrap();
+    let end = at + text[at..].find('}').unwrap() + 1;
+    format!(
+        "{}{}{}",
+        &text[..start],
+        edit(&text[start..end]),
+        &text[end..]
+    )
+}
+
+/// The keys of `many` (the first ones, which the tests change, and every 50th) read in `new` as
+/// in `fresh`, a snapshot of the same document built from nothing, and the same entries are
+/// quarantined for the same reasons.
+fn assert_same_keys(new: &Snapshot, fresh: &Snapshot, what: &str) {
+    assert_eq!(entries(new), entries(fresh), "{what}");
+    assert_eq!(new.key_count(), fresh.key_count(), "{what}");
+    for i in (0..MANY).filter(|i| *i < 50 || i % 50 == 0) {
+        let secret = format!("k{i}");
+        assert_eq!(seen(new, &secret), seen(fresh, &secret), "{what}: {secret}");
+    }
+}
+
+/// A reload takes each entry whose text is, byte for byte, that of an entry the snapshot in
+/// force was built from, without reading it again (`snapshot::memo`): in any order, with every
+/// chunk shared and every key as a snapshot of the document built from nothing has it.
+#[test]
+fn a_reload_takes_entries_whose_text_did_not_change() {
+    let old = parse(&many(1, |_, _| {}), None).unwrap();
+    assert_eq!(old.recalled_entries(), 0);
+    let all = old.chunks.len();
+    let same = many(2, |_, _| {});
+    let new = parse_with_base(&same, None, Some(&old)).unwrap();
+    assert_eq!(new.recalled_entries(), MANY);
+    assert_eq!(shared_chunks(&old, &new), (all, all));
+    assert_same_keys(&new, &parse(&same, None).unwrap(), "unchanged");
+
+    // The entries in the reverse order: found by their fingerprint, not their place.
+    let mut reversed: Value = serde_json::from_slice(&same).unwrap();
+    reversed["keys"].as_array_mut().unwrap().reverse();
+    let reversed = reversed.to_string().into_bytes();
+    let next = parse_with_base(&reversed, None, Some(&new)).unwrap();
+    assert_eq!(next.recalled_entries(), MANY);
+    assert_eq!(shared_chunks(&new, &next), (all, all));
+    assert_same_keys(&next, &parse(&reversed, None).unwrap(), "reversed");
+}
+
+/// An entry that differs from the one in force in a single byte is read again: whatever the
+/// byte changes is seen, and the other entries are still taken as they were.
+#[test]
+fn an_entry_changed_in_one_byte_is_read_again() {
+    let old = parse(&many(1, |_, _| {}), None).unwrap();
+    let text = String::from_utf8(many(2, |_, _| {})).unwrap();
+    let one_byte = |from: &'static str, to: &'static str| {
+        assert_eq!(from.len(), to.len());
+        move |entry: &str| {
+            assert_eq!(entry.matches(from).count(), 1, "{from} in {entry}");
+            entry.replacen(from, to, 1)
+        }
+    };
+    let hash_5 = sha256("k5");
+    let last = &hash_5[hash_5.len() - 1..];
+    let other = if last == "0" { "1" } else { "0" };
+    let changed_hash = format!("{}{other}", &hash_5[..hash_5.len() - 1]);
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "a rate limit",
+            edit_entry(&text, "key_1", one_byte(":60,", ":61,")),
+        ),
+        (
+            "a name",
+            edit_entry(&text, "key_2", one_byte("name 2", "name 3")),
+        ),
+        (
+            "a status that is not one",
+            edit_entry(&text, "key_3", one_byte("\"active\"", "\"activf\"")),
+        ),
+        (
+            "an id, now another key's",
+            edit_entry(&text, "key_4", one_byte("\"key_4\"", "\"key_7\"")),
+        ),
+        (
+            "a digest",
+            edit_entry(&text, "key_5", |e| e.replacen(&hash_5, &changed_hash, 1)),
+        ),
+        (
+            "a partner, now one without an entry",
+            edit_entry(&text, "key_6", one_byte("partner_acme", "partner_acmf")),
+        ),
+    ];
+    for (what, edited) in cases {
+        assert_eq!(edited.len(), text.len(), "{what}");
+        let new = parse_with_base(edited.as_bytes(), None, Some(&old)).unwrap();
+        assert_eq!(new.recalled_entries(), MANY - 1, "{what}");
+        assert_same_keys(&new, &parse(edited.as_bytes(), None).unwrap(), what);
+    }
+
+    // A byte that changes no record (a space between members): read again, and found the
+    // same, so its chunk is shared; the next reload takes it by its new text.
+    let spaced = edit_entry(&text, "key_8", |e| e.replacen(",", ", ", 1));
+    let new = parse_with_base(spaced.as_bytes(), None, Some(&old)).unwrap();
+    assert_eq!(new.recalled_entries(), MANY - 1);
+    assert_eq!(
+        shared_chunks(&old, &new),
+        (old.chunks.len(), old.chunks.len())
+    );
+    let next = parse_with_base(spaced.as_bytes(), None, Some(&new)).unwrap();
+    assert_eq!(next.recalled_entries(), MANY);
+}
+
+/// A key revoked, restored and revoked again, each document read against the one before: every
+/// reload sees the change, and takes the other entries as they were.
+#[test]
+fn a_key_revoked_and_restored_over_reloads_is_seen_each_time() {
+    let mut in_force = parse(&many(1, |_, _| {}), None).unwrap();
+    for (revision, revoked) in [(2, true), (3, false), (4, true), (5, true)] {
+        let text = many(revision, |i, k| {
+            if i == 9 && revoked {
+                k["status"] = json!("revoked");
+            }
+        });
+        let next = parse_with_base(&text, None, Some(&in_force)).unwrap();
+        let status = next.find("k9").unwrap().status;
+        assert_eq!(status == KeyStatus::Revoked, revoked, "revision {revision}");
+        let unread = if revision == 5 { MANY } else { MANY - 1 };
+        assert_eq!(next.recalled_entries(), unread, "revision {revision}");
+        assert_same_keys(&next, &parse(&text, None).unwrap(), "a revocation");
+        in_force = next;
+    }
+}
+
+/// Without the pepper an HMAC digest was read under, the same text does not read the same (no
+/// pepper quarantines it): a reload under another pepper, or none, reads every entry again.
+#[test]
+fn a_pepper_change_reads_every_entry_again() {
+    let peppered = mint("sk_live_");
+    let text = String::from_utf8(many(1, |_, _| {})).unwrap();
+    let entry = key("key_hmac", &hmac_sha256(b"one", &peppered), json!({}));
+    let text = text.replacen(r#""keys":["#, &format!(r#""keys":[{entry},"#), 1);
+    let text = text.as_bytes();
+    let old = parse(text, pepper("one")).unwrap();
+    assert!(old.find(&peppered).is_some());
+    for (what, other, unread) in [
+        ("none", None, 0),
+        ("another", pepper("two"), 0),
+        ("the same", pepper("one"), MANY + 1),
+    ] {
+        let new = parse_with_base(text, other.clone(), Some(&old)).unwrap();
+        let fresh = parse(text, other).unwrap();
+        assert_eq!(new.recalled_entries(), unread, "{what}");
+        assert_same_keys(&new, &fresh, what);
+        assert_eq!(
+            new.find(&peppered).map(|r| r.id().to_owned()),
+            fresh.find(&peppered).map(|r| r.id().to_owned()),
+            "{what}"
+        );
+    }
+    let unpeppered = parse_with_base(text, None, Some(&old)).unwrap();
+    assert_eq!(
+        entries(&unpeppered),
+        [(
+            "key key_hmac".to_owned(),
+            "hmac-sha256 digest, but no pepper is configured (snapshot.pepper_env)".to_owned()
+        )]
+    );
 }
 
 /// A store publishing documents one after the other shares their unchanged keys.

@@ -25,6 +25,7 @@ use crate::referrer::{ReferrerPattern, ReferrerSet};
 use crate::routes::{RoutePattern, RouteTable};
 use crate::snapshot::chunk::{chunk_bits, chunk_of, Chunk};
 use crate::snapshot::index::{digest_hash, HashIndex};
+use crate::snapshot::memo::{Fingerprint, Memo, Remembered};
 use crate::snapshot::{
     DigestKind, Environment, KeyRecord, KeyStatus, Quarantined, Restrictions, ScopeSet, Snapshot,
     Span,
@@ -101,6 +102,20 @@ pub(super) struct KeysBuilder<'b> {
     /// The snapshot in force, when its positions (partners, environments, scope sets) and
     /// chunk count are kept: its chunks can be shared.
     base: Option<&'b Snapshot>,
+    /// The base's memo, when an entry it remembers reads the same now as it did then (the same
+    /// pepper): an entry with the same text is that record, not read again.
+    recall: Option<&'b Memo>,
+    /// Where in `recall` the next entry is looked for first: after the last one.
+    cursor: usize,
+    /// Expected entries that did not come since one was last found at `cursor`: past one,
+    /// the document is taken not to be in the order of the one in force, and no entry is
+    /// expected (each miss costs a fingerprint) until one is found at `cursor` again.
+    out_of_step: u32,
+    /// Entries taken by their fingerprint.
+    recalled: usize,
+    /// The key entries that made an item of a bucket, in the document's order: the next
+    /// reload's memo.
+    read: Vec<Read>,
     chunk_bits: u32,
     /// By chunk.
     buckets: Vec<Bucket>,
@@ -127,6 +142,17 @@ struct Bucket {
     new_text: Vec<(Span, Span)>,
 }
 
+/// A key entry that made an item of a bucket.
+struct Read {
+    fingerprint: Fingerprint,
+    len: u32,
+    chunk: u32,
+    /// In the bucket's `old` or, plus [`NEW`], its `new`.
+    item: u32,
+}
+
+const NEW: u32 = 1 << 31;
+
 /// The keys in force, indexed.
 pub(super) struct Keys {
     pub chunks: Box<[Arc<Chunk>]>,
@@ -138,6 +164,9 @@ pub(super) struct Keys {
     pub scope_sets: Vec<ScopeSet>,
     /// Each table at most about twice what the keys in force use.
     pub compact: bool,
+    pub memo: Memo,
+    /// Key entries taken by their fingerprint, not read.
+    pub recalled: usize,
 }
 
 const TEXT_FULL: &str = "the snapshot's key ids and names exceed 4 GiB";
@@ -166,8 +195,14 @@ fn failure(entry: Option<String>, reason: String) -> Failure {
 
 impl<'b> KeysBuilder<'b> {
     /// A builder for about `keys_hint` keys. With `base` (the snapshot in force, its partner
-    /// positions kept by the caller), unchanged keys are shared with it.
-    pub fn new(have_pepper: bool, base: Option<&'b Snapshot>, keys_hint: usize) -> Self {
+    /// positions kept by the caller), unchanged keys are shared with it; with `recall` too,
+    /// an entry whose text is that of one the base was built from is not read again.
+    pub fn new(
+        have_pepper: bool,
+        base: Option<&'b Snapshot>,
+        recall: bool,
+        keys_hint: usize,
+    ) -> Self {
         let chunk_bits = match base {
             Some(b) => b.chunk_bits,
             None => chunk_bits(keys_hint),
@@ -175,6 +210,11 @@ impl<'b> KeysBuilder<'b> {
         let mut builder = Self {
             have_pepper,
             base,
+            recall: base.filter(|_| recall).map(|b| &b.memo),
+            cursor: 0,
+            out_of_step: 0,
+            recalled: 0,
+            read: Vec::with_capacity(keys_hint),
             chunk_bits,
             buckets: (0..1usize << chunk_bits)
                 .map(|_| Bucket::default())
@@ -213,8 +253,68 @@ impl<'b> KeysBuilder<'b> {
         builder
     }
 
+    /// If `rest` starts with the text of the entry after the last one taken from the base's
+    /// memo (a document written in the same order as the one in force): that text's length.
+    pub fn expected(&mut self, rest: &[u8]) -> Option<usize> {
+        let memo = self.recall.filter(|_| self.out_of_step <= 1)?;
+        let next = memo.get(self.cursor)?;
+        let text = rest.get(..next.len as usize)?;
+        if Fingerprint::of(text) == next.fingerprint {
+            self.out_of_step = 0;
+            Some(text.len())
+        } else {
+            self.out_of_step += 1;
+            None
+        }
+    }
+
+    /// The entry [`Self::expected`] found came, whole.
+    pub fn add_expected(&mut self) {
+        let memo = self.recall.expect("an entry was expected");
+        self.recall(memo, self.cursor);
+    }
+
+    /// Take the record of the base's memo entry `at`, as read from the same text.
+    fn recall(&mut self, memo: &Memo, at: usize) {
+        let Remembered {
+            fingerprint,
+            len,
+            chunk,
+            position,
+        } = memo.get(at).expect("a remembered entry");
+        let bucket = &mut self.buckets[chunk as usize];
+        self.read.push(Read {
+            fingerprint,
+            len,
+            chunk,
+            item: bucket.old.len() as u32,
+        });
+        bucket.old.push(position);
+        self.recalled += 1;
+        self.cursor = at + 1;
+    }
+
     /// Read one key entry. Its partner is a slot in `partners`, resolved by [`Self::finish`].
     pub fn add(&mut self, text: &str, partners: &mut PartnerIds) -> Result<(), Failure> {
+        let fingerprint = Fingerprint::of(text.as_bytes());
+        // Longer is never expected (`Remembered::len`).
+        let len = u32::try_from(text.len()).unwrap_or(u32::MAX);
+        if let Some(memo) = self.recall {
+            // Documents are mostly written in the same order every time: the entry after the
+            // last one is looked for first.
+            match memo.find(self.cursor, &fingerprint) {
+                // The text a record in force was read from: that record (`snapshot::memo`).
+                Some(at) => {
+                    if at == self.cursor {
+                        self.out_of_step = 0;
+                    }
+                    self.recall(memo, at);
+                    return Ok(());
+                }
+                // A changed entry most often takes the place of the one it replaces.
+                None => self.cursor += 1,
+            }
+        }
         let k: RawKey<'_> = serde_json::from_str(text).map_err(|e| match e.classify() {
             serde_json::error::Category::Data => {
                 match serde_json::from_str::<serde::de::IgnoredAny>(text) {
@@ -306,12 +406,19 @@ impl<'b> KeysBuilder<'b> {
         };
         let chunk = chunk_of(&digest, self.chunk_bits);
         let bucket = &mut self.buckets[chunk];
+        let chunk_number = chunk as u32;
         // The same key as in the snapshot in force: keep a reference to it, not a copy.
         if let Some(base) = self.base {
             let chunk = &base.chunks[chunk];
             if let Some(i) = chunk.position(kind, &digest) {
                 let old = &chunk.records[i as usize];
                 if same(&record, &k.id, k.name.as_deref(), old, chunk) {
+                    self.read.push(Read {
+                        fingerprint,
+                        len,
+                        chunk: chunk_number,
+                        item: bucket.old.len() as u32,
+                    });
                     bucket.old.push(i);
                     return Ok(());
                 }
@@ -322,6 +429,12 @@ impl<'b> KeysBuilder<'b> {
             None => Span::NONE,
             Some(name) => push_text(&mut self.text, name).ok_or_else(|| fail(TEXT_FULL.into()))?,
         };
+        self.read.push(Read {
+            fingerprint,
+            len,
+            chunk: chunk_number,
+            item: NEW | bucket.new.len() as u32,
+        });
         bucket.new.push(record);
         bucket.new_text.push((id, name));
         Ok(())
@@ -364,8 +477,8 @@ impl<'b> KeysBuilder<'b> {
     }
 
     /// Quarantine the keys whose partner `partners` does not resolve (by partner position:
-    /// `Err` = why), then every entry that shares its digest or id with another; make the
-    /// chunks, sharing the base's where nothing changed.
+    /// `Err` = why), then every other entry that shares its digest or id with another; make
+    /// the chunks, sharing the base's where nothing changed, and the memo of the entries read.
     pub fn finish(
         self,
         partners: &[Result<(), String>],
@@ -373,7 +486,8 @@ impl<'b> KeysBuilder<'b> {
     ) -> Keys {
         let base_chunks: &[Arc<Chunk>] = self.base.map_or(&[], |b| &b.chunks);
         let text = &self.text;
-        let mut buckets = self.buckets;
+        let buckets = self.buckets;
+        let old_counts: Vec<u32> = buckets.iter().map(|b| b.old.len() as u32).collect();
         // An item of a bucket: an old key's place in the base chunk, or a new one's in `new`.
         let id_of = |b: usize, bucket: &Bucket, item: Item| -> &[u8] {
             match item {
@@ -382,53 +496,41 @@ impl<'b> KeysBuilder<'b> {
             }
         };
 
-        // Keys whose partner is missing or ambiguous.
-        for (b, bucket) in buckets.iter_mut().enumerate() {
-            if !bucket.old.is_empty() {
-                let chunk = &base_chunks[b];
-                bucket.old.retain(|&i| {
-                    let record = &chunk.records[i as usize];
-                    match &partners[record.partner as usize] {
-                        Ok(()) => true,
-                        Err(reason) => {
-                            quarantined.push(q(format!("key {}", record.id()), reason.as_str()));
-                            false
-                        }
-                    }
-                });
-            }
-            let orphan = |r: &KeyRecord| partners[r.partner as usize].is_err();
-            if bucket.new.iter().any(orphan) {
-                let mut keep = Vec::with_capacity(bucket.new.len());
-                for (r, (id, _)) in bucket.new.iter().zip(&bucket.new_text) {
-                    keep.push(match &partners[r.partner as usize] {
-                        Ok(()) => true,
-                        Err(reason) => {
-                            let id = &text[id.range()];
-                            quarantined.push(q(format!("key {id}"), reason.as_str()));
-                            false
-                        }
-                    });
+        // Why each item of each bucket is not a key in force; 0 = it is.
+        const SAME_DIGEST: u8 = 1;
+        const SAME_ID: u8 = 2;
+        /// Quarantined here, for its partner: left out of the checks below.
+        const ORPHAN: u8 = 4;
+        let mut flags: Vec<Vec<u8>> = Vec::with_capacity(buckets.len());
+
+        // Keys whose partner is missing or ambiguous. A base chunk whose partners are all
+        // there has none.
+        for (b, bucket) in buckets.iter().enumerate() {
+            let mut f = vec![0u8; bucket.old.len() + bucket.new.len()];
+            let orphans_in_base = base_chunks
+                .get(b)
+                .is_some_and(|c| c.partners.iter().any(|&p| partners[p as usize].is_err()));
+            let old = bucket.old.iter().filter(|_| orphans_in_base);
+            let old = old
+                .map(|&i| &base_chunks[b].records[i as usize])
+                .enumerate();
+            let new = (bucket.new.iter().enumerate()).map(|(n, r)| (bucket.old.len() + n, r));
+            for (j, r) in old.chain(new) {
+                if let Err(reason) = &partners[r.partner as usize] {
+                    let id = String::from_utf8_lossy(id_of(b, bucket, Item::of(bucket, j)));
+                    quarantined.push(q(format!("key {id}"), reason.as_str()));
+                    f[j] = ORPHAN;
                 }
-                let mut k = keep.iter();
-                bucket.new.retain(|_| *k.next().expect("one flag a record"));
-                let mut k = keep.iter();
-                bucket
-                    .new_text
-                    .retain(|_| *k.next().expect("one flag a record"));
             }
+            flags.push(f);
         }
 
         // The same digest, always in one chunk.
-        const SAME_DIGEST: u8 = 1;
-        const SAME_ID: u8 = 2;
-        let mut flags: Vec<Vec<u8>> = Vec::with_capacity(buckets.len());
-        // For a chunk of new SHA-256 keys only, none a duplicate: its index, made here.
+        // For a chunk of new SHA-256 keys only, all in force: its index, made here.
         let mut indexes: Vec<Option<HashIndex>> = Vec::with_capacity(buckets.len());
         let mut seen: Vec<u32> = Vec::new();
-        for (b, bucket) in buckets.iter().enumerate() {
-            let n = bucket.old.len() + bucket.new.len();
-            let mut f = vec![0u8; n];
+        for (b, (bucket, f)) in buckets.iter().zip(&mut flags).enumerate() {
+            let n = f.len();
             let mut made = None;
             if bucket.new.is_empty() {
                 // Only keys of the base chunk, whose digests differ: the same key twice.
@@ -436,6 +538,9 @@ impl<'b> KeysBuilder<'b> {
                     seen.clear();
                     seen.resize(chunk.records.len(), u32::MAX);
                     for (j, &i) in bucket.old.iter().enumerate() {
+                        if f[j] == ORPHAN {
+                            continue;
+                        }
                         match seen[i as usize] {
                             u32::MAX => seen[i as usize] = j as u32,
                             first => {
@@ -453,6 +558,10 @@ impl<'b> KeysBuilder<'b> {
                 let mut index = HashIndex::with_capacity(n);
                 let mut clean = true;
                 for j in 0..n as u32 {
+                    if f[j as usize] == ORPHAN {
+                        clean = false;
+                        continue;
+                    }
                     let d = digest(j);
                     if let Err(first) = index.insert(digest_hash(d), j, |k| digest(k) == d) {
                         f[j as usize] |= SAME_DIGEST;
@@ -465,45 +574,56 @@ impl<'b> KeysBuilder<'b> {
                     made = Some(index);
                 }
             }
-            flags.push(f);
             indexes.push(made);
         }
         drop(seen);
 
-        // The same id, anywhere: sorted by a hash of the id, then compared where hashes meet.
+        // The same id twice. The base's keys have different ids (it quarantined the others),
+        // and the same base key twice has the same digest too (flagged above): two keys with
+        // the same id are new keys, or a new key and a base key. So the new keys are indexed by
+        // id and the base's looked up in that index, which costs nothing when no key is new.
         let ids = RandomState::new();
-        let total: usize = buckets.iter().map(|b| b.old.len() + b.new.len()).sum();
-        let mut by_id: Vec<(u64, u64)> = Vec::with_capacity(total);
-        for (b, bucket) in buckets.iter().enumerate() {
-            for j in 0..bucket.old.len() + bucket.new.len() {
-                let id = id_of(b, bucket, Item::of(bucket, j));
-                by_id.push((ids.hash_one(id), (b as u64) << 32 | j as u64));
-            }
-        }
-        by_id.sort_unstable_by_key(|&(hash, _)| hash);
-        let place = |at: u64| ((at >> 32) as usize, (at & u64::from(u32::MAX)) as usize);
-        let id_at = |at: u64| {
-            let (b, j) = place(at);
+        let new_keys: Vec<(usize, usize)> = (buckets.iter().zip(&flags).enumerate())
+            .flat_map(|(b, (bucket, f))| {
+                (bucket.old.len()..f.len())
+                    .filter(|&j| f[j] & ORPHAN == 0)
+                    .map(move |j| (b, j))
+            })
+            .collect();
+        let new_id = |n: u32| {
+            let (b, j) = new_keys[n as usize];
             id_of(b, &buckets[b], Item::of(&buckets[b], j))
         };
-        for run in by_id
-            .chunk_by_mut(|x, y| x.0 == y.0)
-            .filter(|r| r.len() > 1)
-        {
-            run.sort_unstable_by(|x, y| id_at(x.1).cmp(id_at(y.1)));
-            for pair in run.windows(2) {
-                if id_at(pair[0].1) == id_at(pair[1].1) {
-                    for (_, at) in pair {
-                        let (b, j) = place(*at);
+        if !new_keys.is_empty() {
+            let mut index = HashIndex::with_capacity(new_keys.len());
+            for (n, &(b, j)) in new_keys.iter().enumerate() {
+                let id = new_id(n as u32);
+                if let Err(first) = index.insert(ids.hash_one(id), n as u32, |m| new_id(m) == id) {
+                    let (first_b, first_j) = new_keys[first as usize];
+                    flags[b][j] |= SAME_ID;
+                    flags[first_b][first_j] |= SAME_ID;
+                }
+            }
+            for (b, bucket) in buckets.iter().enumerate() {
+                for j in 0..bucket.old.len() {
+                    if flags[b][j] & ORPHAN != 0 {
+                        continue;
+                    }
+                    let id = id_of(b, bucket, Item::Old(j));
+                    if let Some(n) = index.find(ids.hash_one(id), |m| new_id(m) == id) {
+                        let (new_b, new_j) = new_keys[n as usize];
                         flags[b][j] |= SAME_ID;
+                        flags[new_b][new_j] |= SAME_ID;
                     }
                 }
             }
         }
-        drop(by_id);
+        drop(new_keys);
         for (b, (bucket, f)) in buckets.iter().zip(&flags).enumerate() {
             for (j, &s) in f.iter().enumerate() {
-                let reason = if s & SAME_DIGEST != 0 {
+                let reason = if s & ORPHAN != 0 {
+                    continue;
+                } else if s & SAME_DIGEST != 0 {
                     "another entry has the same digest"
                 } else if s & SAME_ID != 0 {
                     "the key id appears more than once"
@@ -515,10 +635,14 @@ impl<'b> KeysBuilder<'b> {
             }
         }
 
-        // The chunks: the base's own where its keys are all there unchanged, else made.
+        // The chunks: the base's own where its keys are all there unchanged, else made. And
+        // where each item of each bucket ends up in its chunk (`GONE`: quarantined), for the
+        // memo.
+        const GONE: u32 = u32::MAX;
         let name_of = |name: Span| (name.len != Span::NONE.len).then(|| &text[name.range()]);
         let empty = Arc::new(Chunk::default());
         let mut chunks = Vec::with_capacity(buckets.len());
+        let mut places: Vec<Vec<u32>> = Vec::with_capacity(buckets.len());
         let (mut key_count, mut has_sha256, mut has_hmac) = (0, false, false);
         let mut used_environments = vec![false; self.environments.len()];
         let mut used_scope_sets = vec![false; self.scope_sets.len()];
@@ -526,47 +650,79 @@ impl<'b> KeysBuilder<'b> {
         for (b, ((bucket, f), index)) in parts.enumerate() {
             let old_chunk = base_chunks.get(b);
             let all_kept = f.iter().all(|&s| s == 0);
-            let chunk = if all_kept
+            let (chunk, place) = if all_kept
                 && bucket.new.is_empty()
                 && old_chunk.is_some_and(|c| c.records.len() == bucket.old.len())
             {
-                old_chunk.expect("checked").clone()
+                let place = bucket.old.clone();
+                (old_chunk.expect("checked").clone(), place)
             } else if f.iter().all(|&s| s != 0) {
-                empty.clone()
+                (empty.clone(), vec![GONE; f.len()])
             } else if all_kept && bucket.old.is_empty() {
                 // New keys only (a first load): the bucket's records become the chunk's.
+                let place = (0..bucket.new.len() as u32).collect();
                 let texts = bucket.new_text.iter();
                 let texts = texts.map(|&(id, name)| (&text[id.range()], name_of(name)));
-                Chunk::new(bucket.new, texts, index)
+                (Chunk::new(bucket.new, texts, index), place)
             } else {
                 let mut records = Vec::with_capacity(f.len());
                 let mut texts = Vec::with_capacity(f.len());
+                let mut place = Vec::with_capacity(f.len());
                 let mut f = f.into_iter();
                 for &i in &bucket.old {
                     if f.next() == Some(0) {
                         let chunk = old_chunk.expect("old keys have a base chunk");
                         let old = &chunk.records[i as usize];
+                        place.push(records.len() as u32);
                         records.push(copy(old));
                         texts.push((old.id(), chunk.name(old)));
+                    } else {
+                        place.push(GONE);
                     }
                 }
                 for (record, &(id, name)) in bucket.new.into_iter().zip(&bucket.new_text) {
                     if f.next() == Some(0) {
+                        place.push(records.len() as u32);
                         texts.push((&text[id.range()], name_of(name)));
                         records.push(record);
+                    } else {
+                        place.push(GONE);
                     }
                 }
-                Chunk::new(records, texts.into_iter(), None)
+                (Chunk::new(records, texts.into_iter(), None), place)
             };
-            for r in chunk.records.iter() {
-                used_environments[r.environment as usize] = true;
-                used_scope_sets[r.scopes as usize] = true;
-                has_sha256 |= r.kind == DigestKind::Sha256;
-                has_hmac |= r.kind == DigestKind::HmacSha256;
+            for &e in chunk.environments.iter() {
+                used_environments[e as usize] = true;
             }
+            for &s in chunk.scope_sets.iter() {
+                used_scope_sets[s as usize] = true;
+            }
+            has_sha256 |= !chunk.by_sha256.is_empty();
+            has_hmac |= !chunk.by_hmac.is_empty();
             key_count += chunk.records.len();
             chunks.push(chunk);
+            places.push(place);
         }
+
+        // The entries whose records are in force, in the document's order.
+        let mut remembered = Vec::with_capacity(key_count);
+        for read in &self.read {
+            let item = match read.item.checked_sub(NEW) {
+                Some(new) => old_counts[read.chunk as usize] + new,
+                None => read.item,
+            };
+            let place = places[read.chunk as usize][item as usize];
+            if place != GONE {
+                remembered.push(Remembered {
+                    fingerprint: read.fingerprint,
+                    len: read.len,
+                    chunk: read.chunk,
+                    position: place,
+                });
+            }
+        }
+        drop(places);
+
         let compact = |used: &[bool]| used.len() <= 2 * used.iter().filter(|&&u| u).count() + 64;
         Keys {
             compact: compact(&used_environments) && compact(&used_scope_sets),
@@ -577,6 +733,8 @@ impl<'b> KeysBuilder<'b> {
             has_hmac,
             environments: self.environments,
             scope_sets: self.scope_sets,
+            memo: Memo::new(remembered),
+            recalled: self.recalled,
         }
     }
 }

@@ -31,6 +31,16 @@ impl List {
 /// Where the entries go. An `Err` (an entry that is not JSON) stops the read.
 pub(crate) trait Entries {
     fn entry(&mut self, list: List, position: usize, text: &str) -> Result<(), DocumentError>;
+
+    /// If `rest` (what is read from the first byte of an entry of `list` on) starts with the
+    /// text of an entry the sink has read before and expects now: that text's length. Those
+    /// bytes are then not scanned: they were, when they were read before, and scanning the
+    /// same bytes from the same state ends the same, at the end of a complete entry.
+    fn expected(&mut self, list: List, rest: &[u8]) -> Option<usize>;
+
+    /// The entry at `position` was the one expected, exactly (nothing but whitespace after it):
+    /// its bytes, those of an entry read before, are JSON and UTF-8.
+    fn expected_entry(&mut self, list: List, position: usize) -> Result<(), DocumentError>;
 }
 
 /// Why a read stopped.
@@ -119,6 +129,8 @@ struct ListState {
     entry_start: Option<usize>,
     /// A comma was read since the last entry, so another entry must come.
     want_entry: bool,
+    /// The entry being read started with the text the sink expected, this long.
+    expected: Option<usize>,
 }
 
 fn syntax(what: &str) -> DocumentError {
@@ -168,6 +180,10 @@ impl Scanner {
                 }
                 continue;
             }
+            if self.list.is_some() && self.stack.len() > 2 {
+                i = self.scan_nested(buf, i)?;
+                continue;
+            }
             let b = buf[i];
             if let Some(list) = &mut self.list {
                 if self.stack.len() == 2 {
@@ -176,12 +192,16 @@ impl Scanner {
                         b',' | b']' => {
                             if let Some(start) = list.entry_start.take() {
                                 let text = trim_end(&buf[start..i]);
-                                let text =
-                                    std::str::from_utf8(text).map_err(|_| syntax("not UTF-8"))?;
                                 let position = list.count;
                                 list.count += 1;
                                 list.want_entry = false;
-                                sink.entry(list.which, position, text)?;
+                                if list.expected.take() == Some(text.len()) {
+                                    sink.expected_entry(list.which, position)?;
+                                } else {
+                                    let text = std::str::from_utf8(text)
+                                        .map_err(|_| syntax("not UTF-8"))?;
+                                    sink.entry(list.which, position, text)?;
+                                }
                             } else if b == b',' || list.want_entry {
                                 return Err(syntax(&format!(
                                     "{}: a missing entry (two commas, or a trailing one)",
@@ -205,6 +225,11 @@ impl Scanner {
                         _ => {
                             if list.entry_start.is_none() {
                                 list.entry_start = Some(i);
+                                if let Some(len) = sink.expected(list.which, &buf[i..]) {
+                                    list.expected = Some(len);
+                                    i += len;
+                                    continue;
+                                }
                             }
                         }
                     }
@@ -229,6 +254,7 @@ impl Scanner {
                             count: 0,
                             entry_start: None,
                             want_entry: false,
+                            expected: None,
                         });
                     }
                 }
@@ -260,6 +286,50 @@ impl Scanner {
                 Ok(i)
             }
         }
+    }
+
+    /// Inside an entry of one of the two lists, nested deeper than the list: only strings and
+    /// brackets matter there, until the entry's own bracket closes. Scans from `i` to there
+    /// (or to the end of `buf`, in a string perhaps) and returns where it stopped. Most of a
+    /// document is this, and most of it strings of a few bytes: a loop of its own that goes
+    /// through each string at once takes less than half the time of the general one.
+    fn scan_nested(&mut self, buf: &[u8], mut i: usize) -> Result<usize, DocumentError> {
+        if self.in_string {
+            match string_end(buf, i, &mut self.escaped) {
+                None => return Ok(buf.len()),
+                Some(end) => {
+                    self.in_string = false;
+                    i = end;
+                }
+            }
+        }
+        while let Some(&b) = buf.get(i) {
+            match b {
+                b'"' => match string_end(buf, i + 1, &mut self.escaped) {
+                    None => {
+                        self.in_string = true;
+                        return Ok(buf.len());
+                    }
+                    Some(end) => {
+                        i = end;
+                        continue;
+                    }
+                },
+                b'{' | b'[' => self.stack.push(b),
+                b'}' | b']' => {
+                    let open = if b == b'}' { b'{' } else { b'[' };
+                    if self.stack.pop() != Some(open) {
+                        return Err(syntax("unbalanced brackets"));
+                    }
+                    if self.stack.len() == 2 {
+                        return Ok(i + 1);
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        Ok(i)
     }
 
     /// The caller dropped the first `n` bytes of its buffer.
@@ -305,6 +375,50 @@ impl Scanner {
     }
 }
 
+/// In a string, from `i` (just after a backslash if `escaped`): where the string ends, just
+/// after its closing quote; or `None` if `buf` ends first, `escaped` then saying whether it
+/// ends just after a backslash.
+fn string_end(buf: &[u8], mut i: usize, escaped: &mut bool) -> Option<usize> {
+    loop {
+        if *escaped {
+            if i >= buf.len() {
+                return None;
+            }
+            *escaped = false;
+            i += 1;
+        }
+        i += quote_or_backslash(buf.get(i..)?)?;
+        if buf[i] == b'"' {
+            return Some(i + 1);
+        }
+        *escaped = true;
+        i += 1;
+    }
+}
+
+/// Where the first `"` or `\\` in `bytes` is, looked for eight bytes at a time: the strings of
+/// an entry are mostly a few bytes long, where `memchr`'s setup costs more than the search.
+fn quote_or_backslash(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut i = 0;
+    while let Some(word) = bytes.get(i..i + 8) {
+        let word = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+        // A byte of `x` is 0 where `word` has the byte looked for; `(x - ONES) & !x & HIGH`
+        // marks it, and any false mark is in a later byte than a true one, so the lowest
+        // mark is the first match.
+        let (quote, backslash) = (word ^ (ONES * b'"' as u64), word ^ (ONES * b'\\' as u64));
+        let marks =
+            (quote.wrapping_sub(ONES) & !quote | backslash.wrapping_sub(ONES) & !backslash) & HIGH;
+        if marks != 0 {
+            return Some(i + marks.trailing_zeros() as usize / 8);
+        }
+        i += 8;
+    }
+    let rest = bytes[i..].iter().position(|&b| b == b'"' || b == b'\\');
+    rest.map(|at| i + at)
+}
+
 fn trim_end(mut bytes: &[u8]) -> &[u8] {
     while let [rest @ .., last] = bytes {
         if !is_space(*last) {
@@ -313,4 +427,33 @@ fn trim_end(mut bytes: &[u8]) -> &[u8] {
         bytes = rest;
     }
     bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Eight bytes at a time finds what a byte at a time finds, wherever it is.
+        #[test]
+        fn quote_or_backslash_finds_the_first(
+            bytes in proptest::collection::vec(
+                prop_oneof![Just(b'"'), Just(b'\\'), Just(0u8), Just(1u8), Just(0x80u8), any::<u8>()],
+                0..40,
+            ),
+            plain in 0usize..40,
+        ) {
+            // Mostly bytes that are neither, before the first that is.
+            let mut bytes = bytes;
+            for b in bytes.iter_mut().take(plain) {
+                if *b == b'"' || *b == b'\\' {
+                    *b = b'a';
+                }
+            }
+            let want = bytes.iter().position(|&b| b == b'"' || b == b'\\');
+            prop_assert_eq!(quote_or_backslash(&bytes), want);
+        }
+    }
 }
