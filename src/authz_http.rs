@@ -34,10 +34,10 @@ use tokio::net::TcpListener;
 
 use crate::client_ip::client_ip;
 use crate::config::{FrontSettings, HeaderNames, Limits, Policy};
-use crate::credential::{extract_from_headers, Credential};
+use crate::credential::Credential;
 use crate::decision::{decide_attributed, now_ms, RequestFacts, Verdict};
 use crate::deny::DenyReason;
-use crate::headers::{is_identity_variant, request_id_str, set_identity};
+use crate::headers::{is_identity_variant, map_fields, request_id_str, set_identity, Read};
 use crate::listen::{Activity, Watched};
 use crate::path::{normalize, split_target};
 use crate::request_id;
@@ -189,11 +189,9 @@ async fn check(
 ) -> Response<Full<Bytes>> {
     let names = &*state.names;
     let headers = req.headers();
+    let read = Read::of(map_fields(headers), names);
     let request_id = request_id::accept(
-        headers
-            .get_all(&names.request_id)
-            .iter()
-            .map(HeaderValue::as_bytes),
+        read.request_id.as_slice().iter().copied(),
         &state.policy.prefixes,
     )
     .unwrap_or_else(request_id::mint);
@@ -224,17 +222,9 @@ async fn check(
             .map(HeaderValue::as_bytes),
         &state.settings.trusted_proxies,
     );
-    let credential = extract_from_headers(headers, &names.credentials);
     let snapshot = state.store.serving();
-    let facts = RequestFacts::from_headers(
-        method,
-        &normalized,
-        host,
-        client,
-        credential,
-        headers,
-        names,
-    );
+    let facts = RequestFacts::from_read(method, &normalized, host, client, &read);
+    let credential = facts.credential;
     let now = now_ms();
     let (verdict, key) = decide_attributed(
         snapshot.as_ref().and_then(|g| g.as_deref()),

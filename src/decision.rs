@@ -8,12 +8,9 @@
 
 use std::net::IpAddr;
 
-use http::header::{self, HeaderName};
-
-use crate::config::{HeaderNames, Policy, Unmatched};
+use crate::config::{Policy, Unmatched};
 use crate::credential::{has_valid_checksum, Credential};
 use crate::deny::DenyReason;
-use crate::headers::FieldLookup;
 use crate::path::{NormalizedPath, PathError};
 use crate::snapshot::{
     Environment, KeyRecord, KeyStatus, Partner, PartnerStatus, ScopeSet, Snapshot,
@@ -36,34 +33,11 @@ pub struct RequestFacts<'a> {
 }
 
 impl<'a> RequestFacts<'a> {
-    /// Facts of a request that arrives with an `http::HeaderMap` (the proxy and forward-auth
-    /// fronts): referrer, origin and idempotency key read from `headers`, each only when sent
-    /// exactly once.
-    pub fn from_headers(
-        method: &'a str,
-        path: &'a Result<NormalizedPath, PathError>,
-        host: Option<&'a str>,
-        client_ip: Option<IpAddr>,
-        credential: Credential<'a>,
-        headers: &'a impl FieldLookup,
-        names: &HeaderNames,
-    ) -> Self {
-        RequestFacts {
-            method,
-            path: path.as_ref().map_err(|e| *e),
-            host,
-            client_ip,
-            credential,
-            referer: single(headers, &header::REFERER),
-            origin: single(headers, &header::ORIGIN),
-            idempotency_key: single(headers, &names.idempotency_key),
-        }
-    }
-}
-
-impl<'a> RequestFacts<'a> {
-    /// Facts of a request whose fields were read in one walk ([`crate::headers::Read`]): the
-    /// same as [`RequestFacts::from_headers`].
+    /// Facts of a request whose fields were read in one walk ([`crate::headers::Read`], by the
+    /// proxy and forward-auth fronts): the credential from its fields, and referrer, origin and
+    /// idempotency key each only when sent exactly once (a repeat yields an empty value, which
+    /// matches no referrer pattern and is no idempotency key: repeats are refused, never
+    /// resolved by picking one).
     pub fn from_read(
         method: &'a str,
         path: &'a Result<NormalizedPath, PathError>,
@@ -82,14 +56,6 @@ impl<'a> RequestFacts<'a> {
             idempotency_key: read.idempotency_key.single(),
         }
     }
-}
-
-/// The one value of a header. A repeated header yields an empty value, which matches no
-/// referrer pattern and is no idempotency key: repeats are refused, never resolved by picking one.
-fn single<'a>(h: &'a impl FieldLookup, name: &HeaderName) -> Option<&'a [u8]> {
-    let mut values = h.values(name);
-    let first = values.next()?;
-    Some(if values.next().is_some() { b"" } else { first })
 }
 
 /// The wall clock in Unix milliseconds: what fronts pass as `now`.

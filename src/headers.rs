@@ -128,11 +128,16 @@ impl<'a> Iterator for Iter<'a> {
     }
 }
 
+/// A map's fields as `(name, value)` bytes, as [`RequestFields::iter`] gives them.
+pub fn map_fields(map: &HeaderMap) -> Iter<'_> {
+    Iter::Map(map.iter())
+}
+
 impl RequestFields {
     /// `(name, value)` in order; a head's names as they came.
     pub fn iter(&self) -> Iter<'_> {
         match self {
-            RequestFields::Map(m) => Iter::Map(m.iter()),
+            RequestFields::Map(m) => map_fields(m),
             RequestFields::Head(h) => Iter::Head(h.iter()),
         }
     }
@@ -157,7 +162,7 @@ impl FieldLookup for RequestFields {
     fn contains(&self, name: &HeaderName) -> bool {
         match self {
             RequestFields::Map(m) => m.contains_key(name),
-            RequestFields::Head(h) => h.values(name.as_str().as_bytes()).next().is_some(),
+            RequestFields::Head(h) => FieldLookup::contains(h, name),
         }
     }
 }
@@ -211,8 +216,6 @@ impl<'a> Two<'a> {
 
 /// What the decision and the request id read of a request's fields, found in one walk over
 /// them: a request has a handful of fields, and a lookup per rule walked them a dozen times.
-/// The same values [`crate::credential::extract_from_headers`] and
-/// [`crate::decision::RequestFacts::from_headers`] look up one by one.
 #[derive(Debug, Default)]
 pub struct Read<'a> {
     pub request_id: Two<'a>,
@@ -255,7 +258,8 @@ impl<'a> Read<'a> {
         read
     }
 
-    /// The credential the request presents (as [`crate::credential::extract_from_headers`]).
+    /// The credential the request presents (as [`crate::credential::extract_from_headers`] finds
+    /// it by lookups).
     pub fn credential(&self) -> crate::credential::Credential<'a> {
         crate::credential::extract(self.authorization.as_slice(), self.api_key.as_slice())
     }
@@ -484,20 +488,31 @@ mod tests {
                 );
             }
             let received = http1::Fields::new(head.clone(), at);
-            let one_by_one = crate::decision::RequestFacts::from_headers(
-                "GET",
-                &path,
-                None,
-                None,
-                crate::credential::extract_from_headers(&map, &names.credentials),
-                &map,
-                &names,
-            );
+            // Looked up one by one: the first two values of each credential field; one value
+            // of the others, empty when repeated.
+            let single = |name: &HeaderName| {
+                let mut values = FieldLookup::values(&map, name);
+                let first = values.next()?;
+                Some(if values.next().is_some() {
+                    &b""[..]
+                } else {
+                    first
+                })
+            };
+            let one_by_one = crate::decision::RequestFacts {
+                method: "GET",
+                path: path.as_ref().map_err(|e| *e),
+                host: None,
+                client_ip: None,
+                credential: crate::credential::extract_from_headers(&map, &names.credentials),
+                referer: single(&header::REFERER),
+                origin: single(&header::ORIGIN),
+                idempotency_key: single(&names.idempotency_key),
+            };
             let ids: Vec<&[u8]> = FieldLookup::values(&map, &names.request_id).collect();
-            let mapped = RequestFields::Map(map.clone());
             for read in [
                 Read::of(received.iter(), &names),
-                Read::of(mapped.iter(), &names),
+                Read::of(map_fields(&map), &names),
             ] {
                 let facts =
                     crate::decision::RequestFacts::from_read("GET", &path, None, None, &read);

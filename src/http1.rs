@@ -1,7 +1,7 @@
 //! What keygate's two HTTP/1.1 sides share: the server ([`crate::server`]) and the upstream
 //! client ([`crate::upstream`]). Where a head's fields lie once it is split off the read
 //! buffer ([`Field`]), RFC 9112 §6.3's reading of a message's framing fields, strict on every
-//! ambiguity ([`declared_framing`]), and a stream with bytes already read put back in front
+//! ambiguity ([`Framing`]), and a stream with bytes already read put back in front
 //! ([`Rewind`]). Pure, but for `Rewind`'s I/O passing through.
 
 use std::ops::Range;
@@ -216,6 +216,25 @@ pub enum Declared {
     Chunked,
 }
 
+/// The two fields that frame a message's body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FramingField {
+    /// `Content-Length`.
+    Length,
+    /// `Transfer-Encoding`.
+    Coding,
+}
+
+/// Which framing field `name` (any case) is, if any; told apart by length first, since this
+/// runs for every field of every message.
+pub fn framing_field(name: &[u8]) -> Option<FramingField> {
+    match name.len() {
+        14 if name.eq_ignore_ascii_case(b"content-length") => Some(FramingField::Length),
+        17 if name.eq_ignore_ascii_case(b"transfer-encoding") => Some(FramingField::Coding),
+        _ => None,
+    }
+}
+
 /// A head's framing fields (`Content-Length`, `Transfer-Encoding`), noted while its fields are
 /// walked once for whatever else the reader wants of them.
 #[derive(Debug, Default, Clone, Copy)]
@@ -229,14 +248,10 @@ pub struct Framing<'a> {
 impl<'a> Framing<'a> {
     /// Note the field `name: value` if it is a framing field (true when it was one).
     pub fn note(&mut self, name: &[u8], value: &'a [u8]) -> bool {
-        let (count, first) = match name.len() {
-            14 if name.eq_ignore_ascii_case(b"content-length") => {
-                (&mut self.lengths, &mut self.length)
-            }
-            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
-                (&mut self.codings, &mut self.coding)
-            }
-            _ => return false,
+        let (count, first) = match framing_field(name) {
+            Some(FramingField::Length) => (&mut self.lengths, &mut self.length),
+            Some(FramingField::Coding) => (&mut self.codings, &mut self.coding),
+            None => return false,
         };
         *count += 1;
         first.get_or_insert(value);
@@ -272,19 +287,6 @@ impl<'a> Framing<'a> {
                 .ok_or("a Content-Length that is not a number"),
         }
     }
-}
-
-/// [`Framing::declared`] of the fields `fields` of `head`.
-pub fn declared_framing(
-    version: Version,
-    head: &[u8],
-    fields: &[Field],
-) -> Result<Declared, &'static str> {
-    let mut framing = Framing::default();
-    for f in fields {
-        framing.note(&head[f.name()], &head[f.value()]);
-    }
-    framing.declared(version)
 }
 
 /// A `Content-Length` value: 1 to 19 digits, nothing else.
@@ -362,7 +364,11 @@ mod tests {
             .iter()
             .map(|h| Field::at(h.name.as_bytes(), h.value, base))
             .collect();
-        declared_framing(version, head.as_bytes(), &at)
+        let mut framing = Framing::default();
+        for f in &at {
+            framing.note(&head.as_bytes()[f.name()], &head.as_bytes()[f.value()]);
+        }
+        framing.declared(version)
     }
 
     #[test]

@@ -331,8 +331,8 @@ impl server::Handler for H1 {
 
 /// Shapes keygate refuses to interpret, because a server behind it might read them differently.
 fn smuggling_shape(req: &Request<ClientBody>, fields: &RequestFields) -> Option<&'static str> {
-    // keygate's HTTP/1.1 server refuses these before a request is made (`http1::
-    // declared_framing`, `server::wire::parse_request`); over HTTP/2 they are checked here.
+    // keygate's HTTP/1.1 server refuses these before a request is made (`http1::Framing`,
+    // `server::wire::parse_request`); over HTTP/2 they are checked here.
     if let ClientBody::H2(_) = req.body() {
         if fields.values(&header::CONTENT_LENGTH).nth(1).is_some() {
             return Some("more than one Content-Length header");

@@ -232,9 +232,8 @@ impl Upstream {
         mut body: Outgoing,
         replayable: bool,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let upgrade = head.upgrade;
         if let Some(mut conn) = self.checkout() {
-            match conn.exchange(head, body, upgrade).await {
+            match conn.exchange(head, body).await {
                 Ok((answer, whole)) => return Ok(self.wrap(answer, conn, whole)),
                 // No answer on a reused connection: retry on a fresh one, once, when safe.
                 Err(Failed {
@@ -249,7 +248,7 @@ impl Upstream {
             }
         }
         let mut conn = self.connect().await?;
-        match conn.exchange(head, body, upgrade).await {
+        match conn.exchange(head, body).await {
             Ok((answer, whole)) => Ok(self.wrap(answer, conn, whole)),
             Err(failed) => Err(failed.error.into()),
         }

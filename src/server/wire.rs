@@ -189,7 +189,7 @@ pub fn parse_request(
     }))
 }
 
-/// RFC 9112 §6.3 for requests (see [`http1::declared_framing`]): without framing fields, no
+/// RFC 9112 §6.3 for requests (see [`http1::Framing::declared`]): without framing fields, no
 /// body.
 fn framing(version: Version, declared: &http1::Framing) -> Result<BodyFraming, HeadError> {
     match declared.declared(version).map_err(HeadError::Malformed)? {

@@ -178,9 +178,8 @@ impl Conn {
         &mut self,
         head: &super::Outbound,
         body: Outgoing,
-        upgrade: bool,
     ) -> Result<(Head, bool), Failed> {
-        let method = &head.method;
+        let (method, upgrade) = (&head.method, head.upgrade);
         let framing = match &body {
             Outgoing::Bytes(b) if !b.is_empty() => RequestFraming::Length(b.len() as u64),
             Outgoing::Bytes(_) => {

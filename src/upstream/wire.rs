@@ -93,12 +93,7 @@ pub fn encode_head(out: &mut Vec<u8>, head: &super::Outbound, framing: RequestFr
     out.extend_from_slice(head.target.as_str().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in head.fields.iter() {
-        let framing_field = match name.len() {
-            14 => name.eq_ignore_ascii_case(b"content-length"),
-            17 => name.eq_ignore_ascii_case(b"transfer-encoding"),
-            _ => false,
-        };
-        if !framing_field {
+        if http1::framing_field(name).is_none() {
             field(out, name, value);
         }
     }
