@@ -32,7 +32,8 @@
 //! - [`authz_http`]: the forward-auth front (Envoy `http_service`, nginx, Traefik).
 //! - [`ext_authz`]: the gRPC `envoy.service.auth.v3.Authorization` front, with health.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` ([`metrics`]), `/usage` ([`usage`]);
-//!   [`listen`]: the accept loop every front shares, with `limits.max_connections`.
+//!   [`listen`]: the accept loop every front shares, with `limits.max_connections`;
+//!   [`deadline`]: a connection's timer that moves with each request without re-arming.
 //! - [`telemetry`]: answers by front and code, latency histograms, connection counts (per-thread
 //!   shards read by [`metrics`]), and the one log event per decision.
 //! - [`ratelimit`]: per-key GCRA limits (check 12); [`idempotency`]: the proxy's idempotent
@@ -46,6 +47,7 @@ pub mod authz_http;
 pub mod client_ip;
 pub mod config;
 pub mod credential;
+pub mod deadline;
 pub mod decision;
 pub mod demo;
 pub mod deny;

@@ -7,6 +7,7 @@
 //! contract's JSON. Bodies stream both ways and are never buffered whole. This module decides
 //! nothing itself.
 
+use crate::deadline::Deadline;
 use crate::idempotency::{self, Begin, Stored};
 use crate::ratelimit::{Outcome, RateLimits};
 use crate::upstream::ReadAhead;
@@ -243,6 +244,7 @@ pub async fn serve(
                 let handler = H1 {
                     state,
                     peer: client,
+                    upstream_deadline: None,
                 };
                 return server::serve(io, read, handler, h1, stopped).await;
             }
@@ -255,7 +257,9 @@ pub async fn serve(
                     let (mut parts, body) = req.into_parts();
                     let fields = RequestFields::Map(std::mem::take(&mut parts.headers));
                     let req = Request::from_parts(parts, ClientBody::H2(body));
-                    let resp = handle(&state, &client, req, fields).await;
+                    let due = tokio::time::Instant::now() + state.settings.upstream_timeout;
+                    let mut deadline = Deadline::new(due);
+                    let resp = handle(&state, &client, req, fields, &mut deadline).await;
                     Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, busy)))
                 }
             });
@@ -290,13 +294,16 @@ pub async fn serve(
 struct H1 {
     state: Arc<ProxyState>,
     peer: Arc<Peer>,
+    /// The `upstream_timeout` of the request in flight: one timer for all the connection's
+    /// requests (made at the first one that goes upstream).
+    upstream_deadline: Option<Deadline>,
 }
 
 impl server::Handler for H1 {
     type Body = Tracked<ProxyBody>;
 
     fn call(
-        &self,
+        &mut self,
         req: Request<server::RequestBody>,
         fields: crate::http1::Fields,
     ) -> impl Future<Output = Response<Tracked<ProxyBody>>> + Send {
@@ -305,7 +312,11 @@ impl server::Handler for H1 {
         async move {
             let req = req.map(ClientBody::H1);
             let fields = RequestFields::Head(fields);
-            let resp = handle(&self.state, &self.peer, req, fields).await;
+            let timeout = self.state.settings.upstream_timeout;
+            let deadline = self
+                .upstream_deadline
+                .get_or_insert_with(|| Deadline::new(tokio::time::Instant::now() + timeout));
+            let resp = handle(&self.state, &self.peer, req, fields, deadline).await;
             resp.map(|body| Tracked::new(body, busy))
         }
     }
@@ -388,10 +399,19 @@ async fn handle(
     peer: &Arc<Peer>,
     req: Request<ClientBody>,
     fields: RequestFields,
+    upstream_deadline: &mut Deadline,
 ) -> Response<ProxyBody> {
     let mut record = Record::new(&state.shard);
     let http1 = req.version() <= Version::HTTP_11;
-    let mut resp = answer(state, peer, req, fields, &mut record.note).await;
+    let mut resp = answer(
+        state,
+        peer,
+        req,
+        fields,
+        upstream_deadline,
+        &mut record.note,
+    )
+    .await;
     if !http1 {
         // HTTP/2 answers are hyper's to write: the upstream's fields go into the map.
         let (mut parts, mut body) = resp.into_parts();
@@ -435,6 +455,7 @@ async fn answer(
     peer: &Arc<Peer>,
     mut req: Request<ClientBody>,
     mut fields: RequestFields,
+    upstream_deadline: &mut Deadline,
     note: &mut Note,
 ) -> Response<ProxyBody> {
     let names = &*state.names;
@@ -584,88 +605,16 @@ async fn answer(
     let timeout = state.settings.upstream_timeout;
 
     let sent = match replay.filter(|_| !upgrade) {
-        None => tokio::time::timeout(timeout, state.upstream.send(&outbound, body)).await,
-        Some((store, idempotency_key, key_id)) => {
-            // Bodies of idempotent requests are held in memory: only so many at once.
-            let Some(admitted) = store.admit() else {
-                return deny(
-                    &DenyReason::IdempotencyUnavailable,
-                    &request_id,
-                    names,
-                    false,
-                );
-            };
-            let read = tokio::time::timeout(
-                timeout,
-                read_request_body(
-                    body,
-                    outbound.fields.values(&header::CONTENT_LENGTH).next(),
-                    store.limits.max_request_bytes,
-                ),
-            )
-            .await;
-            let bytes = match read {
-                Ok(Ok(b)) => b,
-                Ok(Err(reason)) => return deny(&reason, &request_id, names, true),
-                Err(_) => {
-                    let reason = DenyReason::BadRequest("the request body did not arrive in time");
-                    return deny(&reason, &request_id, names, true);
-                }
-            };
-            let fingerprint = idempotency::fingerprint(
-                outbound.method.as_str(),
-                outbound.target.as_str(),
-                &bytes,
-            );
-            match store.begin(&key_id, &idempotency_key, fingerprint).await {
-                Begin::Unavailable => {
-                    return deny(
-                        &DenyReason::IdempotencyUnavailable,
-                        &request_id,
-                        names,
-                        false,
-                    )
-                }
-                Begin::Replay(stored) => {
-                    return replayed(&stored, request_id, names, limit.as_ref())
-                }
-                Begin::InUse => {
-                    return deny(&DenyReason::IdempotencyKeyInUse, &request_id, names, false)
-                }
-                Begin::Reused => {
-                    return deny(&DenyReason::IdempotencyKeyReused, &request_id, names, false)
-                }
-                Begin::Proceed(pending) => {
-                    let max = store.limits.max_response_bytes;
-                    let mut resp = match exchange_once(
-                        state.upstream.clone(),
-                        (outbound, bytes),
-                        (pending, admitted),
-                        max,
-                        timeout,
-                    )
-                    .await
-                    {
-                        Ok(resp) => resp,
-                        Err(reason) => {
-                            if !matches!(reason, DenyReason::UpstreamTimeout) {
-                                tracing::warn!(
-                                    request_id = request_id_str(&request_id),
-                                    code = reason.code(),
-                                    "upstream request failed"
-                                );
-                            }
-                            return deny(&reason, &request_id, names, false);
-                        }
-                    };
-                    resp.headers_mut()
-                        .insert(names.request_id.clone(), request_id);
-                    if let Some(status) = &limit {
-                        add_limit_headers(resp.headers_mut(), status);
-                    }
-                    return resp;
-                }
-            }
+        None => {
+            upstream_deadline.set(tokio::time::Instant::now() + timeout);
+            let send = std::pin::pin!(state.upstream.send(&outbound, body));
+            upstream_deadline.bound(send).await
+        }
+        // Rare, and its state is several times the plain exchange's: kept on the heap so that
+        // every request's future does not carry room for it.
+        Some(replay) => {
+            let replayable = answer_replayable(state, replay, outbound, body, request_id, limit);
+            return Box::pin(replayable).await;
         }
     };
     let resp = match sent {
@@ -728,6 +677,89 @@ async fn answer(
         add_limit_headers(resp.headers_mut(), status);
     }
     resp
+}
+
+/// [`answer`] for a mutating request with an `Idempotency-Key`: its body read whole, then the
+/// exchange made once (or a stored answer replayed).
+async fn answer_replayable(
+    state: &ProxyState,
+    (store, idempotency_key, key_id): (Arc<idempotency::Idempotency>, Vec<u8>, Box<str>),
+    outbound: Outbound,
+    body: ClientBody,
+    request_id: HeaderValue,
+    limit: Option<crate::ratelimit::Status>,
+) -> Response<ProxyBody> {
+    let names = &*state.names;
+    let timeout = state.settings.upstream_timeout;
+    // Bodies of idempotent requests are held in memory: only so many at once.
+    let Some(admitted) = store.admit() else {
+        return deny(
+            &DenyReason::IdempotencyUnavailable,
+            &request_id,
+            names,
+            false,
+        );
+    };
+    let read = tokio::time::timeout(
+        timeout,
+        read_request_body(
+            body,
+            outbound.fields.values(&header::CONTENT_LENGTH).next(),
+            store.limits.max_request_bytes,
+        ),
+    )
+    .await;
+    let bytes = match read {
+        Ok(Ok(b)) => b,
+        Ok(Err(reason)) => return deny(&reason, &request_id, names, true),
+        Err(_) => {
+            let reason = DenyReason::BadRequest("the request body did not arrive in time");
+            return deny(&reason, &request_id, names, true);
+        }
+    };
+    let fingerprint =
+        idempotency::fingerprint(outbound.method.as_str(), outbound.target.as_str(), &bytes);
+    match store.begin(&key_id, &idempotency_key, fingerprint).await {
+        Begin::Unavailable => deny(
+            &DenyReason::IdempotencyUnavailable,
+            &request_id,
+            names,
+            false,
+        ),
+        Begin::Replay(stored) => replayed(&stored, request_id, names, limit.as_ref()),
+        Begin::InUse => deny(&DenyReason::IdempotencyKeyInUse, &request_id, names, false),
+        Begin::Reused => deny(&DenyReason::IdempotencyKeyReused, &request_id, names, false),
+        Begin::Proceed(pending) => {
+            let max = store.limits.max_response_bytes;
+            let mut resp = match exchange_once(
+                state.upstream.clone(),
+                (outbound, bytes),
+                (pending, admitted),
+                max,
+                timeout,
+            )
+            .await
+            {
+                Ok(resp) => resp,
+                Err(reason) => {
+                    if !matches!(reason, DenyReason::UpstreamTimeout) {
+                        tracing::warn!(
+                            request_id = request_id_str(&request_id),
+                            code = reason.code(),
+                            "upstream request failed"
+                        );
+                    }
+                    return deny(&reason, &request_id, names, false);
+                }
+            };
+            resp.headers_mut()
+                .insert(names.request_id.clone(), request_id);
+            if let Some(status) = &limit {
+                add_limit_headers(resp.headers_mut(), status);
+            }
+            resp
+        }
+    }
 }
 
 /// Read a request body whole, refusing one over `max` bytes (by its Content-Length at once).

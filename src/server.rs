@@ -34,7 +34,9 @@ use bytes::{Bytes, BytesMut};
 use http::{header, Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use tokio::io::AsyncWrite;
+use tokio::time::Instant;
 
+use crate::deadline::Deadline;
 pub use body::{BodyError, OnUpgrade, RequestBody, Stream, Transport, Upgraded};
 use body::{BodyState, Continue, Shared};
 use wire::{BodyFraming, HeadError, HeadLimits, Persistence, ResponseFraming};
@@ -62,9 +64,10 @@ pub trait PassedFields {
 pub trait Handler: Send + Sync + 'static {
     type Body: Body<Data = Bytes, Error: std::fmt::Display> + PassedFields + Send + Unpin + 'static;
 
-    /// Answer `req`, whose header fields are `fields` (its own map is empty).
+    /// Answer `req`, whose header fields are `fields` (its own map is empty). One call at a
+    /// time: the connection's requests are answered in turn.
     fn call(
-        &self,
+        &mut self,
         req: Request<RequestBody>,
         fields: crate::http1::Fields,
     ) -> impl Future<Output = Response<Self::Body>> + Send;
@@ -99,7 +102,7 @@ pub async fn serve<H: Handler>(
 
 async fn serve_on<H: Handler>(
     shared: &Arc<Shared>,
-    handler: H,
+    mut handler: H,
     settings: Settings,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -114,14 +117,12 @@ async fn serve_on<H: Handler>(
     };
     let mut stop = std::pin::pin!(stop);
     let mut stopping = false;
-    let timer = tokio::time::sleep(settings.header_read_timeout);
-    let mut timer = std::pin::pin!(timer);
+    let wait = settings.header_read_timeout;
+    let mut deadline = Deadline::new(Instant::now() + wait);
     loop {
-        timer
-            .as_mut()
-            .reset(tokio::time::Instant::now() + settings.header_read_timeout);
+        deadline.set(Instant::now() + wait);
         let next = conn
-            .next_head(timer.as_mut(), stop.as_mut(), &mut stopping)
+            .next_head(&mut deadline, stop.as_mut(), &mut stopping)
             .await;
         let head = match next {
             Next::Head(head) => head,
@@ -167,9 +168,11 @@ async fn serve_on<H: Handler>(
         };
         let keep_alive = head.keep_alive && !stopping;
 
-        let call = handler.call(request, head.fields);
+        // Pinned where it is made: the handler's future (several KiB of state) is not moved
+        // again on its way to being polled.
+        let mut call = std::pin::pin!(handler.call(request, head.fields));
         let resp = if head.expect_continue {
-            match conn.answer_expecting_continue(call).await {
+            match conn.answer_expecting_continue(call.as_mut()).await {
                 Some(resp) => resp,
                 None => return,
             }
@@ -198,7 +201,7 @@ async fn serve_on<H: Handler>(
             }
             Err(Abort) => return,
         };
-        if !keep || !conn.finish_body(seq, timer.as_mut()).await {
+        if !keep || !conn.finish_body(seq, &mut deadline).await {
             return conn.close(true).await;
         }
     }
@@ -261,7 +264,7 @@ struct Conn<'a> {
 impl Conn<'_> {
     async fn next_head(
         &mut self,
-        mut timer: Pin<&mut tokio::time::Sleep>,
+        deadline: &mut Deadline,
         mut stop: Pin<&mut impl Future<Output = ()>>,
         stopping: &mut bool,
     ) -> Next {
@@ -283,7 +286,7 @@ impl Conn<'_> {
                 if *stopping && inner.buf.is_empty() {
                     return Poll::Ready(Next::Close);
                 }
-                if timer.as_mut().poll(cx).is_ready() {
+                if deadline.poll_expired(cx).is_ready() {
                     return Poll::Ready(Next::Close);
                 }
                 match std::task::ready!(inner.poll_fill(cx)) {
@@ -299,9 +302,8 @@ impl Conn<'_> {
     /// interim answer could not be written.
     async fn answer_expecting_continue<B>(
         &mut self,
-        call: impl Future<Output = Response<B>>,
+        mut call: Pin<&mut impl Future<Output = Response<B>>>,
     ) -> Option<Response<B>> {
-        let mut call = std::pin::pin!(call);
         loop {
             let polled = poll_fn(|cx| {
                 if let Poll::Ready(resp) = call.as_mut().poll(cx) {
@@ -551,7 +553,7 @@ impl Conn<'_> {
 
     /// After an answer on a connection that goes on: the request body, if unread, is read and
     /// dropped (it was found drainable). `false` if that failed.
-    async fn finish_body(&mut self, seq: u64, mut timer: Pin<&mut tokio::time::Sleep>) -> bool {
+    async fn finish_body(&mut self, seq: u64, deadline: &mut Deadline) -> bool {
         {
             let mut inner = self.shared.lock();
             if inner.seq != seq {
@@ -563,9 +565,7 @@ impl Conn<'_> {
                 return true;
             }
         }
-        timer
-            .as_mut()
-            .reset(tokio::time::Instant::now() + self.settings.header_read_timeout);
+        deadline.set(Instant::now() + self.settings.header_read_timeout);
         poll_fn(|cx| {
             let mut inner = self.shared.lock();
             loop {
@@ -587,7 +587,7 @@ impl Conn<'_> {
                 if left == 0 {
                     return Poll::Ready(true);
                 }
-                if timer.as_mut().poll(cx).is_ready() {
+                if deadline.poll_expired(cx).is_ready() {
                     return Poll::Ready(false);
                 }
                 match std::task::ready!(inner.poll_fill(cx)) {

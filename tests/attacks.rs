@@ -1439,6 +1439,78 @@ async fn a_slow_upstream_is_504_upstream_timeout_after_upstream_timeout() {
     f.gate.stop().await;
 }
 
+/// Send `request` on `s` and read its answer; the connection stays open.
+async fn exchange_on(s: &mut TcpStream, request: &[u8]) -> Answer {
+    s.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(
+            n > 0,
+            "closed before an answer: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(a) = parse_response(&buf) {
+            return a;
+        }
+    }
+}
+
+// One timer serves a connection's requests, moved without re-arming (`keygate::deadline`): each
+// wait must still get its whole timeout, counted from its own start, neither the first one's
+// nor longer.
+
+#[tokio::test]
+async fn each_wait_for_a_head_on_a_kept_alive_connection_gets_the_whole_header_read_timeout() {
+    let f = fx("").await;
+    let mut s = TcpStream::connect(f.gate.addr).await.unwrap();
+    let get = req("GET /v1/analyses/1", Some(&f.full), "");
+    assert_eq!(exchange_on(&mut s, &get).await.status, 200);
+    // Each request 700 ms after the last answer: 2.1 s in all, past the first wait's deadline
+    // (header_read_timeout = 1s), and each within its own.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(exchange_on(&mut s, &get).await.status, 200);
+    }
+    let answered = Instant::now();
+    s.write_all(b"GET /v1/analy").await.unwrap();
+    time_until_closed(&mut s, Duration::from_secs(3))
+        .await
+        .expect("a stalled head is cut off");
+    let took = answered.elapsed();
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_millis(1800),
+        "header_read_timeout is 1 s from the last answer; closed after {took:?}"
+    );
+    f.gate.stop().await;
+}
+
+#[tokio::test]
+async fn each_request_on_a_kept_alive_connection_gets_the_whole_upstream_timeout() {
+    let f = fx("").await;
+    let mut s = TcpStream::connect(f.gate.addr).await.unwrap();
+    // Two answers of 1.5 s each, upstream_timeout = 2s: the first request's deadline passes
+    // while the second is upstream, which has its own.
+    for _ in 0..2 {
+        let a = exchange_on(&mut s, &req("GET /slow/1500", Some(&f.full), "")).await;
+        assert_eq!(a.status, 200, "{:?}", a.body);
+    }
+    let start = Instant::now();
+    let a = exchange_on(&mut s, &req("GET /slow/3000", Some(&f.full), "")).await;
+    let took = start.elapsed();
+    assert_error(&a, 504, "upstream_timeout");
+    assert!(
+        took >= Duration::from_millis(1800) && took < Duration::from_millis(2900),
+        "upstream_timeout is 2 s; answered after {took:?}"
+    );
+    // The connection goes on, with a deadline for its next request again.
+    let a = exchange_on(&mut s, &req("GET /slow/1500", Some(&f.full), "")).await;
+    assert_eq!(a.status, 200);
+    f.gate.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // X-Forwarded-For
 
