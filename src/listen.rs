@@ -487,6 +487,10 @@ impl<B: crate::server::PassedFields> crate::server::PassedFields for Tracked<B> 
     fn passed(&self) -> Option<&crate::upstream::wire::Fields> {
         self.body.passed()
     }
+
+    fn own_field(&self) -> Option<(&http::HeaderName, &http::HeaderValue)> {
+        self.body.own_field()
+    }
 }
 
 impl<B: hyper::body::Body> hyper::body::Body for Tracked<B> {

@@ -59,6 +59,13 @@ impl server::PassedFields for ProxyBody {
             Either::Right(_) => None,
         }
     }
+
+    fn own_field(&self) -> Option<(&HeaderName, &HeaderValue)> {
+        match self {
+            Either::Left(upstream) => upstream.own_field(),
+            Either::Right(_) => None,
+        }
+    }
 }
 
 /// Everything a proxy connection needs, shared by all of them.
@@ -422,7 +429,7 @@ async fn handle(
         resp = match merged {
             Ok(()) => Response::from_parts(parts, body),
             Err(_) => {
-                let id = parts.headers.get(&state.names.request_id).cloned();
+                let id = record.note.request_id.clone();
                 let id = id.unwrap_or_else(request_id::mint);
                 deny(&DenyReason::UpstreamUnavailable, &id, &state.names, false)
             }
@@ -438,11 +445,8 @@ async fn handle(
     if let Some(Denied(i)) = resp.extensions().get::<Denied>() {
         record.note.denied = Some(*i);
     }
-    let request_id = resp
-        .headers()
-        .get(&state.names.request_id)
-        .map_or("", request_id_str);
-    record.finish(resp.status().as_u16(), request_id);
+    // The answer carries the request id `answer` noted.
+    record.finish_noted(resp.status().as_u16());
     resp
 }
 
@@ -663,16 +667,18 @@ async fn answer(
                     (Ok(_), None) => {}
                 }
             });
-            Response::from_parts(parts, Either::Right(Full::new(Bytes::new())))
+            let mut resp = Response::from_parts(parts, Either::Right(Full::new(Bytes::new())));
+            resp.headers_mut()
+                .insert(names.request_id.clone(), request_id);
+            resp
         }
         // The upstream client has left out the answer's hop-by-hop fields already.
         _ => resp.map(|mut body| {
             body.keep_out_of_trailers(state.names.clone());
+            body.set_own_field(names.request_id.clone(), request_id);
             Either::Left(body)
         }),
     };
-    resp.headers_mut()
-        .insert(names.request_id.clone(), request_id);
     if let Some(status) = &limit {
         add_limit_headers(resp.headers_mut(), status);
     }

@@ -53,9 +53,14 @@ const LINGER: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 256 * 1024;
 
 /// Header fields an answer carries outside its map: an upstream's, as it sent them (see
-/// [`crate::upstream::PooledBody`]). The map's names win over them.
+/// [`crate::upstream::PooledBody`]), and one of keygate's that takes the place of the
+/// upstream's of that name (the request id). The map's names win over both.
 pub trait PassedFields {
     fn passed(&self) -> Option<&crate::upstream::wire::Fields> {
+        None
+    }
+
+    fn own_field(&self) -> Option<(&http::HeaderName, &http::HeaderValue)> {
         None
     }
 }
@@ -394,7 +399,10 @@ impl Conn<'_> {
             &mut self.out,
             status,
             &parts.headers,
-            body.passed(),
+            wire::Outside {
+                passed: body.passed(),
+                own: body.own_field(),
+            },
             framing,
             persistence,
             &wire::date(),

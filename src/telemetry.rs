@@ -219,6 +219,14 @@ impl<'s> Record<'s> {
         self.shard
             .answered(self.started, &self.note, status, request_id);
     }
+
+    /// [`Record::finish`] with the request id in the note.
+    pub fn finish_noted(mut self, status: u16) {
+        self.finished = true;
+        let id = self.note.request_id.as_ref();
+        let id = id.map_or("", crate::headers::request_id_str);
+        self.shard.answered(self.started, &self.note, status, id);
+    }
 }
 
 impl Drop for Record<'_> {

@@ -257,13 +257,14 @@ impl Upstream {
     fn wrap(&self, head: wire::Head, conn: Conn, whole: bool) -> Response<PooledBody> {
         let inner = ResponseBody::new(conn, &head, whole);
         // The answer's map starts empty: its fields travel with the body (see `PooledBody`).
-        let mut resp = Response::new(PooledBody {
+        let mut resp = Response::new(PooledBody(Box::new(Pooled {
             fields: head.fields,
+            own: None,
             identity: None,
             prefix: VecDeque::new(),
             inner,
             pool: self.me.clone(),
-        });
+        })));
         *resp.status_mut() = head.status;
         *resp.version_mut() = head.version;
         resp
@@ -307,13 +308,20 @@ impl Upstream {
     }
 }
 
-/// An upstream response body that returns its connection to the pool once fully read.
-pub struct PooledBody {
+/// An upstream response body that returns its connection to the pool once fully read. Boxed: the
+/// response that carries it is moved through several futures' states on every request.
+pub struct PooledBody(Box<Pooled>);
+
+struct Pooled {
     /// The answer's header fields as the upstream sent them. They are not in the response's
     /// map, which holds only what keygate adds (and wins over these): the HTTP/1.1 side writes
     /// them as they are, and [`PooledBody::merge_fields`] makes map entries of them where a map
     /// is needed.
     fields: wire::Fields,
+    /// keygate's field in place of the upstream's of that name (the request id): written after
+    /// the upstream's fields, or merged into the map with them. Carried here rather than in the
+    /// response's map, which would cost the map's two allocations on every answer.
+    own: Option<(http::HeaderName, http::HeaderValue)>,
     /// Identity and request-id names to keep out of the answer's trailers (only keygate sets
     /// them); see [`PooledBody::keep_out_of_trailers`].
     identity: Option<Arc<crate::config::HeaderNames>>,
@@ -332,15 +340,15 @@ impl Body for PooledBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ConnError>>> {
-        if let Some(frame) = self.prefix.pop_front() {
+        if let Some(frame) = self.0.prefix.pop_front() {
             return Poll::Ready(Some(Ok(self.clean(frame))));
         }
-        match self.inner.poll(cx) {
+        match self.0.inner.poll(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(Polled::Frame(frame))) => Poll::Ready(Some(Ok(self.clean(frame)))),
             Poll::Ready(Ok(Polled::End(conn))) => {
                 if let Some(conn) = conn {
-                    self.release(conn);
+                    self.0.release(conn);
                 }
                 Poll::Ready(None)
             }
@@ -349,16 +357,17 @@ impl Body for PooledBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_empty() && self.inner.is_end_stream()
+        self.0.prefix.is_empty() && self.0.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
         let ahead: u64 = self
+            .0
             .prefix
             .iter()
             .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
             .sum();
-        let rest = self.inner.size_hint();
+        let rest = self.0.inner.size_hint();
         let mut hint = SizeHint::new();
         hint.set_lower(rest.lower() + ahead);
         if let Some(upper) = rest.upper() {
@@ -379,11 +388,11 @@ pub enum ReadAhead {
 impl PooledBody {
     /// Keep every spelling of `names`' identity and request-id fields out of the trailers.
     pub fn keep_out_of_trailers(&mut self, names: Arc<crate::config::HeaderNames>) {
-        self.identity = Some(names);
+        self.0.identity = Some(names);
     }
 
     fn clean(&self, frame: Frame<Bytes>) -> Frame<Bytes> {
-        match (frame.into_trailers(), &self.identity) {
+        match (frame.into_trailers(), &self.0.identity) {
             (Ok(mut t), Some(names)) => {
                 crate::headers::strip_trailers(&mut t, Some(names));
                 Frame::trailers(t)
@@ -395,15 +404,35 @@ impl PooledBody {
 
     /// The upstream's header fields still to be written (see the field's doc).
     pub fn fields(&self) -> &wire::Fields {
-        &self.fields
+        &self.0.fields
     }
 
-    /// Move the upstream's header fields into `map`, where keygate's own values win.
+    /// Answer with `name: value` in place of the upstream's fields of that name.
+    pub fn set_own_field(&mut self, name: http::HeaderName, value: http::HeaderValue) {
+        let spelled = name.as_str().as_bytes();
+        self.0
+            .fields
+            .remove_where(|n| n.len() == spelled.len() && n.eq_ignore_ascii_case(spelled));
+        self.0.own = Some((name, value));
+    }
+
+    pub fn own_field(&self) -> Option<(&http::HeaderName, &http::HeaderValue)> {
+        self.0.own.as_ref().map(|(n, v)| (n, v))
+    }
+
+    /// Move the upstream's header fields, and keygate's own field, into `map`, where the
+    /// values keygate put there win.
     pub fn merge_fields(&mut self, map: &mut http::HeaderMap) -> Result<(), wire::WireError> {
-        let fields = std::mem::take(&mut self.fields);
+        let fields = std::mem::take(&mut self.0.fields);
         fields
             .merge_into(map)
-            .map_err(|_| wire::WireError::MalformedHead)
+            .map_err(|_| wire::WireError::MalformedHead)?;
+        if let Some((name, value)) = self.0.own.take() {
+            if let http::header::Entry::Vacant(e) = map.entry(name) {
+                e.insert(value);
+            }
+        }
+        Ok(())
     }
 
     /// Read the body into memory if it is at most `limit` bytes; otherwise give it back intact.
@@ -420,8 +449,8 @@ impl PooledBody {
                 }
                 _ => {
                     frames.push_back(frame);
-                    frames.append(&mut self.prefix);
-                    self.prefix = frames;
+                    frames.append(&mut self.0.prefix);
+                    self.0.prefix = frames;
                     return Ok(ReadAhead::TooLarge(self));
                 }
             }
@@ -431,9 +460,11 @@ impl PooledBody {
 
     /// After a 101 Switching Protocols: the upstream connection as a byte stream.
     pub fn into_tunnel(mut self) -> Option<Tunnel> {
-        self.inner.take_conn().and_then(|conn| conn.into_tunnel())
+        self.0.inner.take_conn().and_then(|conn| conn.into_tunnel())
     }
+}
 
+impl Pooled {
     fn release(&self, conn: Conn) {
         if let Some(pool) = self.pool.upgrade() {
             pool.checkin(conn);
@@ -441,7 +472,7 @@ impl PooledBody {
     }
 }
 
-impl Drop for PooledBody {
+impl Drop for Pooled {
     fn drop(&mut self) {
         // A body with nothing left (read to the end, or none at all, as for HEAD or 204) leaves
         // its connection reusable; one dropped half-way does not, and its connection closes.

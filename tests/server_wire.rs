@@ -171,7 +171,7 @@ async fn no_connection_left(f: &Fx, what: &str) {
 #[tokio::test]
 async fn the_upstreams_fields_pass_as_sent_and_keygates_own_win() {
     let up = answering(
-        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nX-Multi: a\r\nx-multi: b\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\nx-request-id: made-upstream\r\nConnection: keep-alive, x-hop\r\nx-hop: 1\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nX-Multi: a\r\nx-multi: b\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\nx-request-id: made-upstream\r\nX-Request-ID: made-upstream-too\r\nConnection: keep-alive, x-hop\r\nx-hop: 1\r\n\r\nok",
     )
     .await;
     let f = fx(up, "").await;
@@ -210,6 +210,9 @@ async fn the_upstreams_fields_pass_as_sent_and_keygates_own_win() {
         "{text}"
     );
     assert!(text.contains("X-Multi: a\r\nx-multi: b\r\n"), "{text}");
+    let lower = text.to_ascii_lowercase();
+    assert_eq!(lower.matches("\r\nx-request-id:").count(), 1, "{text}");
+    assert!(!lower.contains("made-upstream"), "{text}");
     f.gate.stop().await;
 }
 

@@ -226,14 +226,23 @@ pub enum Persistence {
     Upgrade,
 }
 
-/// Write the status line, `passed` (an upstream's fields as they came, except those `headers`
-/// names), `headers` (without framing or connection fields, which `framing` and
-/// `persistence` decide), a `Date` when the answer has none, and the blank line.
+/// The fields an answer carries outside its map (see [`super::PassedFields`]).
+#[derive(Clone, Copy, Default)]
+pub struct Outside<'a> {
+    /// The upstream's, as it sent them.
+    pub passed: Option<&'a crate::upstream::wire::Fields>,
+    /// keygate's, in place of the upstream's of that name.
+    pub own: Option<(&'a http::HeaderName, &'a http::HeaderValue)>,
+}
+
+/// Write the status line, the fields from `outside` (an upstream's as they came, then keygate's
+/// own; except those `headers` names), `headers` (without framing or connection fields, which
+/// `framing` and `persistence` decide), a `Date` when the answer has none, and the blank line.
 pub fn encode_response_head(
     out: &mut Vec<u8>,
     status: StatusCode,
     headers: &HeaderMap,
-    passed: Option<&crate::upstream::wire::Fields>,
+    outside: Outside<'_>,
     framing: ResponseFraming,
     persistence: Persistence,
     date: &[u8],
@@ -245,8 +254,8 @@ pub fn encode_response_head(
     out.extend_from_slice(b"\r\n");
     let keep_length = matches!(framing, ResponseFraming::NoBody { keep_length: true });
     let upgrade = persistence == Persistence::Upgrade;
-    let mut dated = headers.contains_key(header::DATE);
-    for (name, value) in passed.into_iter().flat_map(|p| p.iter()) {
+    let mut dated = !headers.is_empty() && headers.contains_key(header::DATE);
+    for (name, value) in outside.passed.into_iter().flat_map(|p| p.iter()) {
         let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
         let skip = (is("content-length") && !keep_length)
             || is("transfer-encoding")
@@ -258,6 +267,9 @@ pub fn encode_response_head(
         }
         dated |= is("date");
         field(out, name, value);
+    }
+    if let Some((name, value)) = outside.own.filter(|(name, _)| !headers.contains_key(*name)) {
+        field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     for (name, value) in headers {
         let skip = (*name == header::CONTENT_LENGTH && !keep_length)
@@ -272,8 +284,11 @@ pub fn encode_response_head(
     }
     match framing {
         ResponseFraming::Length(n) => {
-            use std::io::Write;
-            let _ = write!(out, "content-length: {n}\r\n");
+            field(
+                out,
+                b"content-length",
+                itoa::Buffer::new().format(n).as_bytes(),
+            );
         }
         ResponseFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         ResponseFraming::NoBody { .. } | ResponseFraming::UntilClose => {}

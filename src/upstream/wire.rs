@@ -101,8 +101,11 @@ pub fn encode_head(out: &mut Vec<u8>, head: &super::Outbound, framing: RequestFr
     match framing {
         RequestFraming::None => {}
         RequestFraming::Length(n) => {
-            use std::io::Write;
-            let _ = write!(out, "content-length: {n}\r\n");
+            field(
+                out,
+                b"content-length",
+                itoa::Buffer::new().format(n).as_bytes(),
+            );
         }
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
