@@ -646,3 +646,129 @@ async fn an_undecodable_check_request_is_a_denial() {
         );
     }
 }
+
+/// A connection's IO that counts its writes and, like a `TcpStream`, writes vectored.
+struct CountedWrites {
+    io: tokio::io::DuplexStream,
+    writes: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl tokio::io::AsyncRead for CountedWrites {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CountedWrites {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.poll_write_vectored(cx, &[std::io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        std::pin::Pin::new(&mut self.io).poll_write(cx, &all)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Checks that arrive together on a connection are answered together, in one write, as
+/// tonic's small answers were: an allow's `CheckResponse` is larger than what h2 copies into
+/// its write buffer from an IO that writes vectored, and each such answer once cost a write
+/// of its own.
+#[tokio::test]
+async fn checks_that_arrive_together_are_answered_in_one_write() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let f = fixture("", &[]);
+    let state = Arc::new(f.state);
+    let (client, server) = tokio::io::duplex(1 << 20);
+    let writes = Arc::new(AtomicUsize::new(0));
+    let io = CountedWrites {
+        io: server,
+        writes: writes.clone(),
+    };
+    let builder = grpc::http2_builder(&state.resources);
+    let service = grpc::Connection::new(
+        state.clone(),
+        tonic::service::Routes::default(),
+        crate::listen::Activity::new(),
+    );
+    tokio::spawn(async move { grpc::http2(&builder, io, service).await });
+    let (mut client, connection) = h2::client::handshake(client).await.unwrap();
+    tokio::spawn(connection);
+
+    let ask = request("/v1/analyses/1", &[("x-api-key", &f.ok)], None).encode_to_vec();
+    let mut message = vec![0];
+    message.extend_from_slice(&(ask.len() as u32).to_be_bytes());
+    message.extend_from_slice(&ask);
+    let message = Bytes::from(message);
+    let send = |client: &mut h2::client::SendRequest<Bytes>| {
+        let req = http::Request::post(format!("http://keygate{}", grpc::CHECK))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (answer, mut body) = client.send_request(req, false).unwrap();
+        body.send_data(message.clone(), true).unwrap();
+        answer
+    };
+    let allowed = |answer: h2::client::ResponseFuture| async move {
+        let mut body = answer.await.unwrap().into_body();
+        let mut message = Vec::new();
+        while let Some(data) = body.data().await {
+            message.extend_from_slice(&data.unwrap());
+        }
+        let trailers = body.trailers().await.unwrap().unwrap();
+        assert_eq!(trailers["grpc-status"], "0");
+        // Past h2's 256-byte threshold: the case this test is about.
+        assert!(message.len() > 256, "{} bytes", message.len());
+        let answer = decode(&message);
+        assert!(
+            matches!(answer.http_response, Some(HttpResponse::OkResponse(_))),
+            "{answer:?}"
+        );
+    };
+    // One Check first: the connection's settings are exchanged.
+    allowed(send(&mut client)).await;
+
+    let before = writes.load(Ordering::Relaxed);
+    let answers: Vec<_> = (0..10).map(|_| send(&mut client)).collect();
+    for answer in answers {
+        allowed(answer).await;
+    }
+    let n = writes.load(Ordering::Relaxed) - before;
+    assert!(
+        n <= 2,
+        "ten Checks sent together were answered in {n} writes"
+    );
+}
