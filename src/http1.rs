@@ -121,6 +121,37 @@ impl Fields {
         Ok(())
     }
 
+    /// Write the fields `keep` picks, in order, each as `name: value` and a line end. Lines the
+    /// sender wrote exactly so, one after the other, are copied from the head as one run:
+    /// the same bytes, fewer copies.
+    pub fn write_lines(&self, out: &mut Vec<u8>, mut keep: impl FnMut(&[u8]) -> bool) {
+        let head = &self.head[..];
+        let mut run = 0..0;
+        for f in self.at.iter().filter(|f| !f.is_removed()) {
+            let (name, value) = (f.name(), f.value());
+            if !keep(&head[name.clone()]) {
+                continue;
+            }
+            let line = name.start..value.end + 2;
+            let as_written = head.get(name.end..value.start) == Some(b": ")
+                && head.get(value.end..line.end) == Some(b"\r\n");
+            if as_written && run.end == line.start && !run.is_empty() {
+                run.end = line.end;
+                continue;
+            }
+            out.extend_from_slice(&head[run]);
+            run = 0..0;
+            if as_written {
+                run = line;
+            } else {
+                for part in [&head[name], b": ", &head[value], b"\r\n"] {
+                    out.extend_from_slice(part);
+                }
+            }
+        }
+        out.extend_from_slice(&head[run]);
+    }
+
     /// The same as a new map.
     pub fn to_map(&self) -> Result<HeaderMap, http::Error> {
         let mut map = HeaderMap::new();
@@ -369,6 +400,50 @@ mod tests {
             framing.note(&head.as_bytes()[f.name()], &head.as_bytes()[f.value()]);
         }
         framing.declared(version)
+    }
+
+    fn fields_of(head: &'static str) -> Fields {
+        let mut parsed = [httparse::EMPTY_HEADER; 16];
+        let (_, parsed) = match httparse::parse_headers(head.as_bytes(), &mut parsed) {
+            Ok(httparse::Status::Complete(c)) => c,
+            other => panic!("{head:?}: {other:?}"),
+        };
+        let base = head.as_ptr() as usize;
+        let at = parsed
+            .iter()
+            .map(|h| Field::at(h.name.as_bytes(), h.value, base))
+            .collect();
+        Fields::new(Bytes::from_static(head.as_bytes()), at)
+    }
+
+    #[test]
+    fn lines_are_written_as_each_field_alone_would_be() {
+        let heads = [
+            "Host: a\r\nX-One: 1\r\nx-two: 2\r\n\r\n",
+            "Host:a\r\nX-Spaced:   v  \r\nX-Tab:\tt\r\nX-Empty:\r\nX-Empty2: \r\nLast: z\r\n\r\n",
+            "A: 1\r\nContent-Length: 5\r\nB: 2\r\nSecret: s\r\nC: 3\r\nD: 4\r\n\r\n",
+            "A: 1\nB: 2\r\nC: 3\n\n",
+        ];
+        for head in heads {
+            for taken in [None, Some("secret"), Some("a"), Some("d"), Some("x-one")] {
+                let mut fields = fields_of(head);
+                if let Some(t) = taken {
+                    fields.remove_where(|n| n.eq_ignore_ascii_case(t.as_bytes()));
+                }
+                let keep = |n: &[u8]| !n.eq_ignore_ascii_case(b"content-length");
+                let mut want = Vec::new();
+                for (name, value) in fields.iter().filter(|(n, _)| keep(n)) {
+                    want.extend_from_slice(&[name, b": ", value, b"\r\n"].concat());
+                }
+                let mut got = b"before\r\n".to_vec();
+                fields.write_lines(&mut got, keep);
+                assert_eq!(
+                    String::from_utf8_lossy(&got[8..]),
+                    String::from_utf8_lossy(&want),
+                    "{head:?} less {taken:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -92,9 +92,13 @@ pub fn encode_head(out: &mut Vec<u8>, head: &super::Outbound, framing: RequestFr
     out.push(b' ');
     out.extend_from_slice(head.target.as_str().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in head.fields.iter() {
-        if http1::framing_field(name).is_none() {
-            field(out, name, value);
+    let unframed = |name: &[u8]| http1::framing_field(name).is_none();
+    match &head.fields {
+        crate::headers::RequestFields::Head(fields) => fields.write_lines(out, unframed),
+        crate::headers::RequestFields::Map(_) => {
+            for (name, value) in head.fields.iter().filter(|(n, _)| unframed(n)) {
+                field(out, name, value);
+            }
         }
     }
     out.extend_from_slice(&head.added.bytes);
