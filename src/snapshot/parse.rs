@@ -20,7 +20,6 @@ mod split;
 use std::collections::HashMap;
 use std::io::Read;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use http::HeaderValue;
 use serde::de::IgnoredAny;
@@ -193,9 +192,11 @@ enum PartnerEntry {
 }
 
 /// A document being read, entry by entry, in any order.
+/// Entries read between two yields of the building thread (see `Builder::entry`).
+const YIELD_EVERY: usize = 256;
+
 pub(super) struct Builder<'b> {
     pepper: Option<Arc<[u8]>>,
-    pace: Pace,
     /// Partner ids by position (the snapshot's partner positions): a reload starts from the
     /// positions of the snapshot in force, so that the records it shares still name the right
     /// partner.
@@ -211,7 +212,7 @@ pub(super) struct Builder<'b> {
 
 impl Entries for Builder<'_> {
     fn entry(&mut self, list: List, position: usize, text: &str) -> Result<(), DocumentError> {
-        self.pace.entry();
+        pace(position);
         match list {
             List::Partners => self.partner(position, text),
             List::Keys => self.key(position, text),
@@ -225,52 +226,20 @@ impl Entries for Builder<'_> {
         }
     }
 
-    fn expected_entry(&mut self, list: List, _position: usize) -> Result<(), DocumentError> {
-        self.pace.entry();
+    fn expected_entry(&mut self, list: List, position: usize) -> Result<(), DocumentError> {
+        pace(position);
         debug_assert_eq!(list, List::Keys, "only key entries are expected");
         self.keys.add_expected();
         Ok(())
     }
 }
 
-/// How long a reload holds its core before it lets any runnable thread go first.
-const SLICE: Duration = Duration::from_millis(1);
-
-/// Entries read between two looks at the clock: 2–50 µs of work, beside which a look (~25 ns)
-/// costs nothing.
-const LOOK_EVERY: u32 = 16;
-
-/// A reload shares the machine with the request threads: after [`SLICE`] of reading it lets
-/// any runnable thread go first, so a request waits that long at most instead of a scheduler
-/// slice of several milliseconds. By time, not by entries: each yield to a busy core costs the
-/// reload a whole slice of the other thread's (~1.5 ms here), so yielding every few hundred
-/// entries (~0.1 ms, with most entries taken unread) made a reload on a saturated core take
-/// ~15 times its CPU time, 6.5 s at a million keys.
-struct Pace {
-    since: Instant,
-    entries: u32,
-}
-
-impl Pace {
-    fn new() -> Self {
-        Pace {
-            since: Instant::now(),
-            entries: 0,
-        }
-    }
-
-    /// One more entry read.
-    fn entry(&mut self) {
-        self.entries = self.entries.wrapping_add(1);
-        if self.entries.is_multiple_of(LOOK_EVERY) && self.due(Instant::now()) {
-            std::thread::yield_now();
-            self.since = Instant::now();
-        }
-    }
-
-    /// Whether the core has been held long enough, at `now`.
-    fn due(&self, now: Instant) -> bool {
-        now.saturating_duration_since(self.since) >= SLICE
+/// A reload shares the machine with the request threads: every few hundred entries (a few
+/// hundred microseconds) it lets any runnable thread go first, so a request waits that long at
+/// most instead of a scheduler slice of several milliseconds.
+fn pace(position: usize) {
+    if position % YIELD_EVERY == YIELD_EVERY - 1 {
+        std::thread::yield_now();
     }
 }
 
@@ -287,7 +256,6 @@ impl<'b> Builder<'b> {
         let recall = base.is_some_and(|b| b.pepper.as_deref() == pepper.as_deref());
         Self {
             keys: KeysBuilder::new(pepper.is_some(), base, recall, keys_hint),
-            pace: Pace::new(),
             pepper,
             partner_ids,
             partners: Vec::new(),
@@ -632,37 +600,4 @@ const HEX: [u8; 256] = {
 pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
     let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A reload lets other threads go first once it has held the core for `SLICE`, however
-    /// many entries that took (with most entries taken unread, a few hundred take ~0.1 ms: a
-    /// yield every 256 of them made a reload on a saturated core take ~15 times its CPU time).
-    #[test]
-    fn a_reload_yields_after_a_slice_of_time_not_a_count_of_entries() {
-        let start = Instant::now();
-        let pace = Pace {
-            since: start,
-            entries: 0,
-        };
-        let tick = Duration::from_nanos(1);
-        for (held, due) in [
-            (Duration::ZERO, false),
-            (SLICE / 2, false),
-            (SLICE - tick, false),
-            (SLICE, true),
-            (SLICE * 20, true),
-        ] {
-            assert_eq!(pace.due(start + held), due, "after {held:?}");
-        }
-        // A clock read before `since` (another thread's `Instant`, say) is not a slice held.
-        let later = Pace {
-            since: start + SLICE,
-            entries: 0,
-        };
-        assert!(!later.due(start));
-    }
 }
