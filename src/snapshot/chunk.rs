@@ -91,19 +91,33 @@ impl Chunk {
     /// id headers and names are made to point into the chunk's own text. `sha256`, when the
     /// caller has it: the index of `records`, all SHA-256 digests, in this order.
     pub fn new<'t>(
-        mut records: Vec<KeyRecord>,
+        records: Vec<KeyRecord>,
         texts: impl Iterator<Item = (&'t str, Option<&'t str>)>,
         sha256: Option<HashIndex>,
     ) -> Arc<Chunk> {
         let mut text = String::new();
-        let mut ids = Vec::with_capacity(records.len());
-        for (record, (id, name)) in records.iter_mut().zip(texts) {
-            ids.push(push(&mut text, id));
-            record.name = name.map_or(Span::NONE, |n| push(&mut text, n));
-        }
+        let spans: Vec<(Span, Span)> = texts
+            .map(|(id, name)| {
+                let id = push(&mut text, id);
+                (id, name.map_or(Span::NONE, |n| push(&mut text, n)))
+            })
+            .collect();
+        Chunk::with_text(records, text, &spans, sha256)
+    }
+
+    /// As [`Chunk::new`], the records' ids and names being in `text` already, at `spans` (id,
+    /// name) in the records' order: `text` becomes the chunk's own, not a copy of it.
+    pub fn with_text(
+        mut records: Vec<KeyRecord>,
+        mut text: String,
+        spans: &[(Span, Span)],
+        sha256: Option<HashIndex>,
+    ) -> Arc<Chunk> {
+        debug_assert_eq!(records.len(), spans.len());
         text.shrink_to_fit();
         let text = Bytes::from(text.into_bytes());
-        for (record, id) in records.iter_mut().zip(ids) {
+        for (record, &(id, name)) in records.iter_mut().zip(spans) {
+            record.name = name;
             record.id_header = HeaderValue::from_maybe_shared(text.slice(id.range()))
                 .expect("validated ids are valid header values");
         }

@@ -1,8 +1,8 @@
 //! Key entries → compact [`KeyRecord`]s, and the digest index over them.
 //!
 //! Strings are borrowed from the document where they can be, what keys share (environments,
-//! scope sets) is stored once, ids and names go to one shared text, and duplicate digests and
-//! ids are found with the same compact [`HashIndex`] the snapshot looks keys up with.
+//! scope sets) is stored once, ids and names go to their chunk's text, and duplicate digests
+//! and ids are found with the same compact [`HashIndex`] the snapshot looks keys up with.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -119,8 +119,6 @@ pub(super) struct KeysBuilder<'b> {
     chunk_bits: u32,
     /// By chunk.
     buckets: Vec<Bucket>,
-    /// The ids and names of the new records, until they are copied to their chunks.
-    text: String,
     environments: Vec<Environment>,
     environment_index: HashMap<Box<str>, u32>,
     scope_sets: Vec<ScopeSet>,
@@ -138,8 +136,11 @@ struct Bucket {
     /// Keys new or changed since the base: when a chunk has no others (a first load), this
     /// becomes the chunk's own, not a copy.
     new: Vec<KeyRecord>,
-    /// The id and name of each of `new`, in the builder's text until copied to the chunk's.
+    /// The id and name of each of `new`, in `text`.
     new_text: Vec<(Span, Span)>,
+    /// The ids and names of `new`, until copied to the chunk's text: by bucket, so that each
+    /// is freed as soon as its chunk is made.
+    text: String,
 }
 
 /// A key entry that made an item of a bucket.
@@ -152,6 +153,13 @@ struct Read {
 }
 
 const NEW: u32 = 1 << 31;
+
+// A `Read` becomes its memo entry where it lies (`KeysBuilder::finish`): std collects a `Vec`
+// mapped into one of another type in its own allocation when the two have one size and
+// alignment.
+const _: () = assert!(
+    size_of::<Read>() == size_of::<Remembered>() && align_of::<Read>() == align_of::<Remembered>()
+);
 
 /// The keys in force, indexed.
 pub(super) struct Keys {
@@ -169,7 +177,7 @@ pub(super) struct Keys {
     pub recalled: usize,
 }
 
-const TEXT_FULL: &str = "the snapshot's key ids and names exceed 4 GiB";
+const TEXT_FULL: &str = "the key ids and names of one chunk exceed 4 GiB";
 
 /// Why a key entry was not added.
 pub(super) enum Failure {
@@ -219,7 +227,6 @@ impl<'b> KeysBuilder<'b> {
             buckets: (0..1usize << chunk_bits)
                 .map(|_| Bucket::default())
                 .collect(),
-            text: String::new(),
             environments: Vec::new(),
             environment_index: HashMap::new(),
             scope_sets: Vec::new(),
@@ -424,10 +431,12 @@ impl<'b> KeysBuilder<'b> {
                 }
             }
         }
-        let id = push_text(&mut self.text, &k.id).ok_or_else(|| fail(TEXT_FULL.into()))?;
+        let id = push_text(&mut bucket.text, &k.id).ok_or_else(|| fail(TEXT_FULL.into()))?;
         let name = match k.name.as_deref() {
             None => Span::NONE,
-            Some(name) => push_text(&mut self.text, name).ok_or_else(|| fail(TEXT_FULL.into()))?,
+            Some(name) => {
+                push_text(&mut bucket.text, name).ok_or_else(|| fail(TEXT_FULL.into()))?
+            }
         };
         self.read.push(Read {
             fingerprint,
@@ -485,16 +494,9 @@ impl<'b> KeysBuilder<'b> {
         quarantined: &mut Vec<Quarantined>,
     ) -> Keys {
         let base_chunks: &[Arc<Chunk>] = self.base.map_or(&[], |b| &b.chunks);
-        let text = &self.text;
         let buckets = self.buckets;
         let old_counts: Vec<u32> = buckets.iter().map(|b| b.old.len() as u32).collect();
-        // An item of a bucket: an old key's place in the base chunk, or a new one's in `new`.
-        let id_of = |b: usize, bucket: &Bucket, item: Item| -> &[u8] {
-            match item {
-                Item::Old(i) => base_chunks[b].records[bucket.old[i] as usize].id_bytes(),
-                Item::New(i) => text[bucket.new_text[i].0.range()].as_bytes(),
-            }
-        };
+        let id_of = |b: usize, bucket, item| id_in(base_chunks, b, bucket, item);
 
         // Why each item of each bucket is not a key in force; 0 = it is.
         const SAME_DIGEST: u8 = 1;
@@ -583,23 +585,30 @@ impl<'b> KeysBuilder<'b> {
         // the same id are new keys, or a new key and a base key. So the new keys are indexed by
         // id and the base's looked up in that index, which costs nothing when no key is new.
         let ids = RandomState::new();
-        let new_keys: Vec<(usize, usize)> = (buckets.iter().zip(&flags).enumerate())
+        // (bucket, item) of each new key: as `u32`s, since a reload that changes every key
+        // holds one for every key, at the same time as the rest of what it builds.
+        let new_keys: Vec<(u32, u32)> = (buckets.iter().zip(&flags).enumerate())
             .flat_map(|(b, (bucket, f))| {
                 (bucket.old.len()..f.len())
                     .filter(|&j| f[j] & ORPHAN == 0)
-                    .map(move |j| (b, j))
+                    .map(move |j| (b as u32, j as u32))
             })
             .collect();
-        let new_id = |n: u32| {
+        let new_key = |n: u32| {
             let (b, j) = new_keys[n as usize];
+            (b as usize, j as usize)
+        };
+        let new_id = |n: u32| {
+            let (b, j) = new_key(n);
             id_of(b, &buckets[b], Item::of(&buckets[b], j))
         };
         if !new_keys.is_empty() {
             let mut index = HashIndex::with_capacity(new_keys.len());
-            for (n, &(b, j)) in new_keys.iter().enumerate() {
-                let id = new_id(n as u32);
-                if let Err(first) = index.insert(ids.hash_one(id), n as u32, |m| new_id(m) == id) {
-                    let (first_b, first_j) = new_keys[first as usize];
+            for n in 0..new_keys.len() as u32 {
+                let (b, j) = new_key(n);
+                let id = new_id(n);
+                if let Err(first) = index.insert(ids.hash_one(id), n, |m| new_id(m) == id) {
+                    let (first_b, first_j) = new_key(first);
                     flags[b][j] |= SAME_ID;
                     flags[first_b][first_j] |= SAME_ID;
                 }
@@ -611,7 +620,7 @@ impl<'b> KeysBuilder<'b> {
                     }
                     let id = id_of(b, bucket, Item::Old(j));
                     if let Some(n) = index.find(ids.hash_one(id), |m| new_id(m) == id) {
-                        let (new_b, new_j) = new_keys[n as usize];
+                        let (new_b, new_j) = new_key(n);
                         flags[b][j] |= SAME_ID;
                         flags[new_b][new_j] |= SAME_ID;
                     }
@@ -639,7 +648,6 @@ impl<'b> KeysBuilder<'b> {
         // where each item of each bucket ends up in its chunk (`GONE`: quarantined), for the
         // memo.
         const GONE: u32 = u32::MAX;
-        let name_of = |name: Span| (name.len != Span::NONE.len).then(|| &text[name.range()]);
         let empty = Arc::new(Chunk::default());
         let mut chunks = Vec::with_capacity(buckets.len());
         let mut places: Vec<Vec<u32>> = Vec::with_capacity(buckets.len());
@@ -660,10 +668,10 @@ impl<'b> KeysBuilder<'b> {
                 (empty.clone(), vec![GONE; f.len()])
             } else if all_kept && bucket.old.is_empty() {
                 // New keys only (a first load): the bucket's records become the chunk's.
+                // Their ids and names too: the bucket's text is theirs, in their order.
                 let place = (0..bucket.new.len() as u32).collect();
-                let texts = bucket.new_text.iter();
-                let texts = texts.map(|&(id, name)| (&text[id.range()], name_of(name)));
-                (Chunk::new(bucket.new, texts, index), place)
+                let chunk = Chunk::with_text(bucket.new, bucket.text, &bucket.new_text, index);
+                (chunk, place)
             } else {
                 let mut records = Vec::with_capacity(f.len());
                 let mut texts = Vec::with_capacity(f.len());
@@ -683,7 +691,7 @@ impl<'b> KeysBuilder<'b> {
                 for (record, &(id, name)) in bucket.new.into_iter().zip(&bucket.new_text) {
                     if f.next() == Some(0) {
                         place.push(records.len() as u32);
-                        texts.push((&text[id.range()], name_of(name)));
+                        texts.push((&bucket.text[id.range()], name_in(&bucket.text, name)));
                         records.push(record);
                     } else {
                         place.push(GONE);
@@ -704,23 +712,24 @@ impl<'b> KeysBuilder<'b> {
             places.push(place);
         }
 
-        // The entries whose records are in force, in the document's order.
-        let mut remembered = Vec::with_capacity(key_count);
-        for read in &self.read {
-            let item = match read.item.checked_sub(NEW) {
-                Some(new) => old_counts[read.chunk as usize] + new,
-                None => read.item,
-            };
-            let place = places[read.chunk as usize][item as usize];
-            if place != GONE {
-                remembered.push(Remembered {
+        // The entries whose records are in force, in the document's order: made from the
+        // entries read, in their place (the two are the same size), so that a reload does not
+        // hold both lists at once.
+        let remembered: Vec<Remembered> = (self.read.into_iter())
+            .filter_map(|read| {
+                let item = match read.item.checked_sub(NEW) {
+                    Some(new) => old_counts[read.chunk as usize] + new,
+                    None => read.item,
+                };
+                let place = places[read.chunk as usize][item as usize];
+                (place != GONE).then_some(Remembered {
                     fingerprint: read.fingerprint,
                     len: read.len,
                     chunk: read.chunk,
                     position: place,
-                });
-            }
-        }
+                })
+            })
+            .collect();
         drop(places);
 
         let compact = |used: &[bool]| used.len() <= 2 * used.iter().filter(|&&u| u).count() + 64;
@@ -752,6 +761,15 @@ impl Item {
             None => Item::Old(j),
             Some(i) => Item::New(i),
         }
+    }
+}
+
+/// The id of an item of bucket `b`: an old key's in the base chunk, or a new one's in the
+/// bucket's text.
+fn id_in<'a>(base_chunks: &'a [Arc<Chunk>], b: usize, bucket: &'a Bucket, item: Item) -> &'a [u8] {
+    match item {
+        Item::Old(i) => base_chunks[b].records[bucket.old[i] as usize].id_bytes(),
+        Item::New(i) => bucket.text[bucket.new_text[i].0.range()].as_bytes(),
     }
 }
 
@@ -803,7 +821,12 @@ fn copy(r: &KeyRecord) -> KeyRecord {
     }
 }
 
-/// Append to the builder's text; `None` past what `u32` offsets reach.
+/// The name at `name` in a bucket's text, if the key has one.
+fn name_in(text: &str, name: Span) -> Option<&str> {
+    (name.len != Span::NONE.len).then(|| &text[name.range()])
+}
+
+/// Append to a bucket's text; `None` past what `u32` offsets reach.
 fn push_text(text: &mut String, s: &str) -> Option<Span> {
     let start = u32::try_from(text.len()).ok()?;
     let len = u32::try_from(s.len()).ok()?;
