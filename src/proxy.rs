@@ -302,7 +302,7 @@ struct H1 {
     state: Arc<ProxyState>,
     peer: Arc<Peer>,
     /// The `upstream_timeout` of the request in flight: one timer for all the connection's
-    /// requests (made at the first one that goes upstream).
+    /// requests (made at its first request, armed at the first that goes upstream).
     upstream_deadline: Option<Deadline>,
 }
 
