@@ -223,6 +223,10 @@ impl<'s> Record<'s> {
     /// [`Record::finish`] with the request id in the note.
     pub fn finish_noted(mut self, status: u16) {
         self.finished = true;
+        self.answered_noted(status);
+    }
+
+    fn answered_noted(&self, status: u16) {
         let id = self.note.request_id.as_ref();
         let id = id.map_or("", crate::headers::request_id_str);
         self.shard.answered(self.started, &self.note, status, id);
@@ -232,9 +236,7 @@ impl<'s> Record<'s> {
 impl Drop for Record<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            let id = self.note.request_id.as_ref().and_then(|v| v.to_str().ok());
-            self.shard
-                .answered(self.started, &self.note, 499, id.unwrap_or(""));
+            self.answered_noted(499);
         }
     }
 }
