@@ -135,11 +135,13 @@ impl Hub {
             }
             None => {}
         }
-        h.current = Some(doc);
+        let replaced = h.current.replace(doc);
         h.full = None;
         let generation = h.generation;
         drop(h);
         self.updated.send_replace((revision, generation));
+        // Freeing a large document's entries takes a while: the streams have the delta first.
+        drop(replaced);
     }
 
     /// What brings a caller holding `since` up to date: the deltas from `since` when the
