@@ -120,7 +120,6 @@ impl Document {
 /// entries for that id, in id order), and ids that are gone (in id order). Both maps are walked
 /// once, side by side, in id order.
 pub fn diff(old: &Entries, new: &Entries) -> (Vec<Box<RawValue>>, Vec<Box<str>>) {
-    use std::cmp::Ordering;
     let same = |a: &[Box<RawValue>], b: &[Box<RawValue>]| {
         a.len() == b.len() && a.iter().zip(b).all(|(a, b)| a.get() == b.get())
     };
@@ -132,7 +131,7 @@ pub fn diff(old: &Entries, new: &Entries) -> (Vec<Box<RawValue>>, Vec<Box<str>>)
         while let Some((gone, _)) = olds.next_if(|(o, _)| *o < id) {
             remove.push(gone.clone());
         }
-        let held = olds.next_if(|(o, _)| o.cmp(&id) == Ordering::Equal);
+        let held = olds.next_if(|(o, _)| *o == id);
         if !held.is_some_and(|(_, o)| same(o, entries)) {
             upsert.extend(entries.iter().cloned());
         }
