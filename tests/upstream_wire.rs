@@ -52,6 +52,18 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// Read from `s` into `buf` until `needle` is in it; `false` if the stream ended first.
+async fn fill_until(s: &mut TcpStream, buf: &mut Vec<u8>, needle: &[u8]) -> bool {
+    let mut chunk = [0u8; 4096];
+    while find(buf, needle).is_none() {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    true
+}
+
 /// The end of the request at the front of `buf` (head, and a Content-Length or chunked body).
 fn request_end(buf: &[u8], head_only: bool) -> Option<usize> {
     let head_end = find(buf, b"\r\n\r\n")? + 4;
@@ -470,11 +482,8 @@ async fn an_upstream_answering_while_it_reads_gets_the_rest_of_the_upload() {
         };
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
-        while find(&buf, b"\r\n\r\n").is_none() {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
+        if !fill_until(&mut s, &mut buf, b"\r\n\r\n").await {
+            return;
         }
         let head_end = find(&buf, b"\r\n\r\n").unwrap() + 4;
         buf.drain(..head_end);
@@ -491,11 +500,8 @@ async fn an_upstream_answering_while_it_reads_gets_the_rest_of_the_upload() {
                         // The upload's last chunk read before the answer ends and the socket
                         // closes: closed with bytes unread, it would send a reset, which can
                         // overtake the answer's last bytes on their way to keygate.
-                        while find(&buf, b"0\r\n\r\n").is_none() {
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
+                        if !fill_until(&mut s, &mut buf, b"0\r\n\r\n").await {
+                            return;
                         }
                         let _ = s.write_all(b"0\r\n\r\n").await;
                         return;
