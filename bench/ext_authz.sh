@@ -18,12 +18,15 @@
 #        cargo build --release --example ext_authz_floor && FLOOR=1 bash bench/ext_authz.sh
 #        (the same load against an empty tonic Authorization server: the gRPC stack's floor)
 #        CALLGRIND=1 bash bench/ext_authz.sh     (also with FLOOR=1, or KEYGATE=another/build)
+#        With examples/ext_authz_load built (cargo build --release --example ext_authz_load), a
+#        third run sends half the peak rate (PACED=0.4: 40%) evenly paced, not in h2load's bursts.
 # Needs: h2load (nghttp2-client), python3 with grpcio + xds-protos, taskset; valgrind for
 # CALLGRIND.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KEYGATE=${KEYGATE:-${CARGO_TARGET_DIR:-target}/release/keygate}
 FLOOR_BIN=${FLOOR_BIN:-${CARGO_TARGET_DIR:-target}/release/examples/ext_authz_floor}
+LOAD_BIN=${LOAD_BIN:-${CARGO_TARGET_DIR:-target}/release/examples/ext_authz_load}
 N1=${N1:-100}
 N2=${N2:-5100}
 N=${N:-200000}
@@ -175,3 +178,28 @@ run peak
 PEAK=$(cat "$TMP/peak.rps")
 HALF=$(python3 -c "print(max(1, int(float('$PEAK') / 2 / $CLIENTS)))")
 run "half-peak" --rps="$HALF"
+
+# The same load paced evenly (examples/ext_authz_load.rs): h2load's --rps sends each
+# connection's Checks on a libev timer that ticks in whole milliseconds, so they leave in bursts;
+# this client sends Check i at start + i/rate and measures it from that due time. PACED sets
+# the rate as a fraction of the peak (default 0.5).
+if [ -x "$LOAD_BIN" ]; then
+  before=$(cpu_ticks)
+  out=$(taskset -c "$LOAD_CPU" "$LOAD_BIN" --addr "127.0.0.1:$PORT" --body "$TMP/body.bin" \
+        --rate "$(python3 -c "print(float('$PEAK') * ${PACED:-0.5})")" --requests "$N" \
+        --warmup "$((N / 10))" --connections "$CLIENTS" --streams "$STREAMS") \
+    || { echo "paced run failed: $out"; exit 1; }
+  after=$(cpu_ticks)
+  python3 - "$out" "$((after - before))" "$HZ" "$((N + N / 10))" "${PACED:-0.5}" <<'PY'
+import sys
+f = sys.argv[1].split()  # rate <asked> <achieved> ok <n> failed <n> p50 <ms> p90 <ms> p99 <ms> ...
+achieved, p50, p99 = float(f[2]), float(f[8]), float(f[12])
+cpu_us = int(sys.argv[2]) / int(sys.argv[3]) * 1e6 / int(sys.argv[4])
+print(f"| {sys.argv[5]} × peak, paced | {achieved:,.0f} | {p50:.2f} ms | {p99:.2f} ms | {cpu_us:.2f} |")
+PY
+  echo
+  echo "paced client: $out"
+else
+  echo
+  echo "(no $LOAD_BIN: cargo build --release --example ext_authz_load for the paced run)"
+fi
