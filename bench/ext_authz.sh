@@ -8,7 +8,7 @@
 # h2load's per-request log.
 #
 # CALLGRIND=1 counts user-space instructions per Check instead, with valgrind --tool=callgrind:
-# the server answers N1 and then N2 Checks (10 connections x 10 streams) and instructions per
+# the server answers N1 and then N2 Checks (CLIENTS connections x STREAMS streams) and instructions per
 # Check = (total(N2) - total(N1)) / (N2 - N1), which cancels start-up and shutdown (as
 # bench/instructions.sh). Unlike CPU time it does not move with whatever else the machine does:
 # the figure to compare two builds with. Under valgrind sha2 cannot use SHA-NI: keygate's count
@@ -112,7 +112,7 @@ measure() {
   PID=$!
   ready || { echo "no allow answered; valgrind's log:" >&2; tail -20 "$TMP/vg-$n.log" >&2; exit 1; }
   local out ok
-  out=$(h2load -n "$n" -c 10 -m 10 -d "$TMP/body.bin" -H 'content-type: application/grpc' -H 'te: trailers' \
+  out=$(h2load -n "$n" -c "$CLIENTS" -m "$STREAMS" -d "$TMP/body.bin" -H 'content-type: application/grpc' -H 'te: trailers' \
         "http://127.0.0.1:$PORT/envoy.service.auth.v3.Authorization/Check")
   ok=$(echo "$out" | sed -n 's/^status codes: \([0-9]*\) 2xx.*/\1/p')
   [ "$ok" = "$n" ] || { echo "only $ok of $n Checks answered 200" >&2; echo "$out" >&2; exit 1; }
