@@ -49,6 +49,7 @@ use tokio::sync::watch;
 use crate::referrer::ReferrerSet;
 use crate::routes::RouteTable;
 use chunk::{chunk_of, Chunk};
+use index::digest_hash;
 
 pub use parse::{build, parse, parse_with_base, DocumentError};
 
@@ -165,11 +166,12 @@ pub struct KeyRecord {
 }
 
 impl KeyRecord {
-    /// A number for per-key state kept beside the snapshot (rate-limit buckets): the first 8
-    /// bytes of the digest, which are uniformly distributed, so maps keyed by it need no hashing
-    /// and no allocation. Stable across reloads while the key's digest is.
+    /// A number for per-key state kept beside the snapshot (rate-limit buckets, usage): the
+    /// digest's keyed hash, pseudorandom whatever digests the document chose (two keys whose
+    /// digests begin alike must not share a bucket), so maps keyed by it need no more hashing.
+    /// Stable for the life of the process while the key's digest is.
     pub fn state_key(&self) -> u64 {
-        u64::from_le_bytes(self.digest[..8].try_into().expect("8 bytes"))
+        digest_hash(&self.digest).index
     }
 
     pub fn id(&self) -> &str {
@@ -294,7 +296,8 @@ impl Snapshot {
 
     #[inline]
     fn probe(&self, kind: DigestKind, digest: &[u8; 32]) -> Option<&KeyRecord> {
-        self.chunks[chunk_of(digest, self.chunk_bits)].find(kind, digest)
+        let hash = digest_hash(digest);
+        self.chunks[chunk_of(hash, self.chunk_bits)].find(kind, digest, hash)
     }
 
     pub fn partner(&self, record: &KeyRecord) -> &Partner {
@@ -311,7 +314,7 @@ impl Snapshot {
 
     /// The key's `name`, if the document gave one. `record` is one of this snapshot's.
     pub fn key_name(&self, record: &KeyRecord) -> Option<&str> {
-        self.chunks[chunk_of(&record.digest, self.chunk_bits)].name(record)
+        self.chunks[chunk_of(digest_hash(&record.digest), self.chunk_bits)].name(record)
     }
 
     /// Keys in force (not quarantined).

@@ -1,6 +1,6 @@
 //! The keys of a snapshot, in chunks by digest, so that a reload shares what did not change.
 //!
-//! A key's chunk is fixed by its digest (two bytes the index's own hash does not use), so a key
+//! A key's chunk is fixed by its digest (half of its hash, the index using the other), so a key
 //! stays in the same chunk from one document to the next whatever the order of the entries, and
 //! a reload that changes a few keys rebuilds only their chunks: every other chunk of the new
 //! snapshot is the snapshot in force's own, behind an `Arc`. Each chunk holds its records, their
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::HeaderValue;
 
-use super::index::{digest_hash, HashIndex};
+use super::index::{digest_hash, DigestHash, HashIndex};
 use super::{DigestKind, KeyRecord, Span};
 
 /// Keys a chunk is made for (between half and all of this): a reload that changes one key
@@ -34,12 +34,13 @@ pub(super) fn chunk_bits(keys: usize) -> u32 {
         .min(MAX_CHUNK_BITS)
 }
 
-/// Which of `1 << bits` chunks holds a digest: bytes 8 and 9, which [`digest_hash`] (bytes 0 to
-/// 7) leaves to this, so a chunk's index is as evenly filled as a single one would be.
+/// Which of `1 << bits` chunks holds a digest: its hash's `chunk` half, independent of the
+/// `index` half the chunk's index uses, so a chunk's index is as evenly filled as a single one
+/// would be.
 #[inline]
-pub(super) fn chunk_of(digest: &[u8; 32], bits: u32) -> usize {
+pub(super) fn chunk_of(hash: DigestHash, bits: u32) -> usize {
     let mask = (1usize << bits) - 1;
-    u16::from_le_bytes([digest[8], digest[9]]) as usize & mask
+    hash.chunk as usize & mask
 }
 
 /// Some of a snapshot's keys, with their ids and names, indexed by digest.
@@ -60,20 +61,25 @@ pub(super) struct Chunk {
 impl Chunk {
     /// The record with this digest, stored as `kind`; the final comparison in constant time.
     #[inline]
-    pub fn find(&self, kind: DigestKind, digest: &[u8; 32]) -> Option<&KeyRecord> {
-        let i = self.position(kind, digest)?;
+    pub fn find(
+        &self,
+        kind: DigestKind,
+        digest: &[u8; 32],
+        hash: DigestHash,
+    ) -> Option<&KeyRecord> {
+        let i = self.position(kind, digest, hash)?;
         Some(&self.records[i as usize])
     }
 
-    /// Where in `records` the record with this digest, stored as `kind`, is.
+    /// Where in `records` the record with this digest (and its `hash`), stored as `kind`, is.
     #[inline]
-    pub fn position(&self, kind: DigestKind, digest: &[u8; 32]) -> Option<u32> {
+    pub fn position(&self, kind: DigestKind, digest: &[u8; 32], hash: DigestHash) -> Option<u32> {
         use subtle::ConstantTimeEq;
         let index = match kind {
             DigestKind::Sha256 => &self.by_sha256,
             DigestKind::HmacSha256 => &self.by_hmac,
         };
-        index.find(digest_hash(digest), |i| {
+        index.find(hash.index, |i| {
             self.records[i as usize].digest.ct_eq(digest).into()
         })
     }
@@ -156,7 +162,7 @@ fn index(records: &[KeyRecord]) -> (HashIndex, HashIndex) {
             DigestKind::Sha256 => &mut by_sha256,
             DigestKind::HmacSha256 => &mut by_hmac,
         };
-        let inserted = index.insert(digest_hash(&r.digest), i as u32, |j| {
+        let inserted = index.insert(digest_hash(&r.digest).index, i as u32, |j| {
             records[j as usize].digest == r.digest
         });
         debug_assert!(inserted.is_ok(), "duplicates are quarantined before");

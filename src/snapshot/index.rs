@@ -7,6 +7,11 @@
 //! addressing with linear probing, at most 3/4 full; the stored hash bits spare a look at the
 //! record for all but the slots that very likely match.
 
+use std::hash::Hasher;
+use std::sync::OnceLock;
+
+use siphasher::sip128::{Hasher128, SipHasher13};
+
 /// A slot: the high 32 bits of the entry's hash, and its position (`EMPTY` when free).
 #[derive(Debug, Clone, Copy)]
 struct Slot {
@@ -95,15 +100,43 @@ impl HashIndex {
             i = (i + 1) & mask;
         }
     }
+
+    /// The longest run of occupied slots: no probe is longer.
+    #[cfg(test)]
+    pub fn longest_run(&self) -> usize {
+        let (mut longest, mut run) = (0, 0);
+        for slot in self.slots.iter().chain(self.slots.iter()) {
+            run = if slot.position == EMPTY { 0 } else { run + 1 };
+            longest = longest.max(run);
+        }
+        longest
+    }
 }
 
-/// The hash of a digest: its first 8 bytes. Digests are uniformly distributed already, so no
-/// hashing is needed on the request path; an attacker can choose what to look up but cannot add
-/// entries, so this opens no collision attack.
-pub(super) fn digest_hash(digest: &[u8; 32]) -> u64 {
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&digest[..8]);
-    u64::from_le_bytes(first)
+/// A digest's hash, in two independent halves: `index`, what a chunk's [`HashIndex`] files it
+/// under, and `chunk`, the bits that choose its chunk.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct DigestHash {
+    pub index: u64,
+    pub chunk: u64,
+}
+
+/// The hash of a digest: SipHash-1-3 (128 bits) of all 32 bytes, under a key drawn once per
+/// process. Honest digests are uniformly distributed already, but the snapshot's author chooses
+/// them: taking their first bytes as the hash would let a document whose digests share those
+/// bytes (a fixture's `sha256:00…01`, `…02`, or a crafted one) file every key on one probe
+/// chain, and make each load quadratic and each unknown key's lookup a walk through all of
+/// them. Stable for the life of the process, so a reload puts a key where it was (~15 ns).
+pub(super) fn digest_hash(digest: &[u8; 32]) -> DigestHash {
+    static KEY: OnceLock<[u64; 2]> = OnceLock::new();
+    let [k0, k1] = *KEY.get_or_init(rand::random);
+    let mut hasher = SipHasher13::new_with_keys(k0, k1);
+    hasher.write(digest);
+    let hash = hasher.finish128();
+    DigestHash {
+        index: hash.h1,
+        chunk: hash.h2,
+    }
 }
 
 #[cfg(test)]

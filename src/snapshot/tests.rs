@@ -1113,7 +1113,57 @@ fn shared_chunks(old: &Snapshot, new: &Snapshot) -> (usize, usize) {
 
 fn chunk_holding(s: &Snapshot, secret: &str) -> usize {
     let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
-    chunk::chunk_of(&digest, s.chunk_bits)
+    chunk::chunk_of(index::digest_hash(&digest), s.chunk_bits)
+}
+
+#[test]
+fn digests_that_begin_alike_are_spread_like_any_others() {
+    // A fixture's digests, or a crafted document's: all alike but the last two bytes. Filed by
+    // their first bytes they would make one probe chain of 20,000 in one chunk, and share one
+    // rate-limit bucket.
+    let digest = |i: usize| {
+        let mut d = [0u8; 32];
+        d[30..].copy_from_slice(&(i as u16).to_be_bytes());
+        d
+    };
+    let keys = (0..MANY)
+        .map(|i| {
+            key(
+                &format!("key_{i}"),
+                &format!("sha256:{}", hex::encode(digest(i))),
+                json!({}),
+            )
+        })
+        .collect();
+    let s = parse(&doc(1, vec![acme()], keys), None).unwrap();
+    assert_eq!((s.key_count(), s.quarantined.len()), (MANY, 0));
+    for i in 0..MANY {
+        let r = s
+            .probe(DigestKind::Sha256, &digest(i))
+            .expect("every key is found");
+        assert_eq!(r.id(), format!("key_{i}"));
+    }
+    assert_eq!(
+        s.probe(DigestKind::Sha256, &digest(MANY)).map(|r| r.id()),
+        None
+    );
+    // Spread over the chunks (MANY keys make dozens of test-sized ones)...
+    let used = s.chunks.iter().filter(|c| !c.records.is_empty()).count();
+    assert!(s.chunks.len() >= 32, "{} chunks", s.chunks.len());
+    assert_eq!(used, s.chunks.len(), "every chunk holds some of the keys");
+    // ...with no probe longer than a uniformly filled index's (the chunks are ~1/3 empty).
+    let longest = s.chunks.iter().map(|c| c.by_sha256.longest_run()).max();
+    assert!(longest < Some(100), "a probe of {longest:?} slots");
+    // And every key has rate-limit and usage state of its own.
+    let mut state: Vec<u64> = s
+        .chunks
+        .iter()
+        .flat_map(|c| c.records.iter())
+        .map(|r| r.state_key())
+        .collect();
+    state.sort_unstable();
+    state.dedup();
+    assert_eq!(state.len(), MANY);
 }
 
 #[test]

@@ -411,13 +411,14 @@ impl<'b> KeysBuilder<'b> {
             status,
             kind,
         };
-        let chunk = chunk_of(&digest, self.chunk_bits);
+        let hash = digest_hash(&digest);
+        let chunk = chunk_of(hash, self.chunk_bits);
         let bucket = &mut self.buckets[chunk];
         let chunk_number = chunk as u32;
         // The same key as in the snapshot in force: keep a reference to it, not a copy.
         if let Some(base) = self.base {
             let chunk = &base.chunks[chunk];
-            if let Some(i) = chunk.position(kind, &digest) {
+            if let Some(i) = chunk.position(kind, &digest, hash) {
                 let old = &chunk.records[i as usize];
                 if same(&record, &k.id, k.name.as_deref(), old, chunk) {
                     self.read.push(Read {
@@ -565,7 +566,7 @@ impl<'b> KeysBuilder<'b> {
                         continue;
                     }
                     let d = digest(j);
-                    if let Err(first) = index.insert(digest_hash(d), j, |k| digest(k) == d) {
+                    if let Err(first) = index.insert(digest_hash(d).index, j, |k| digest(k) == d) {
                         f[j as usize] |= SAME_DIGEST;
                         f[first as usize] |= SAME_DIGEST;
                         clean = false;
