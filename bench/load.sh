@@ -477,7 +477,7 @@ sanity_check() {
 }
 
 run_wrk() {   # $1 = url, $2 = duration, $3 = output file
-    taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"$2" --latency \
+    taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"$2" --latency -s "$TMP/percentiles.lua" \
         -H "X-API-Key: $CLIENT_KEY" "$1$REQUEST_PATH" >"$3" 2>&1 \
         || { cat "$3" >&2; die "wrk failed against $1"; }
 }
@@ -485,6 +485,17 @@ run_wrk() {   # $1 = url, $2 = duration, $3 = output file
 declare -A R_RPS R_REQ R_P50 R_P99 R_NON2XX R_ERRS R_CPU_US R_USER_US R_BUSY R_PCORE R_LCORE
 WARNINGS=()
 WRK_DIR="$TMP/wrk"; mkdir -p "$WRK_DIR"
+# wrk prints 50/75/90/99% only; the shape of the distribution (the raw outputs in the report)
+# needs more: a line "percentiles 10:… 25:… … max:…" in microseconds.
+cat > "$TMP/percentiles.lua" <<'LUA'
+done = function(summary, latency, requests)
+  local out = "percentiles"
+  for _, p in ipairs({10, 25, 50, 75, 90, 95, 99, 99.9}) do
+    out = out .. string.format(" %g:%d", p, latency:percentile(p))
+  end
+  io.write(out .. string.format(" mean:%d stdev:%d max:%d\n", latency.mean, latency.stdev, latency.max))
+end
+LUA
 
 for c in "${contenders[@]}"; do
     log "=== $c"
