@@ -520,6 +520,10 @@ for c in "${contenders[@]}"; do
             while [ -e "$TMP/keys.json.$(( rev + 1 ))" ]; do
                 sleep "$RELOAD_EVERY"
                 rev=$(( rev + 1 ))
+                # The replaced revision stays linked until the run ends: unlinking it in the
+                # rename freed its ~40 MB of page cache there and then, ~10 ms of kernel time on
+                # the load's core (wrk's and the upstream's) at every reload.
+                ln "$TMP/keys.json" "$TMP/replaced.$rev"
                 mv "$TMP/keys.json.$rev" "$TMP/keys.json"
                 echo "$rev" >"$TMP/reloads"
             done
