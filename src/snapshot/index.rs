@@ -126,7 +126,7 @@ pub(super) struct DigestHash {
 /// them: taking their first bytes as the hash would let a document whose digests share those
 /// bytes (a fixture's `sha256:00…01`, `…02`, or a crafted one) file every key on one probe
 /// chain, and make each load quadratic and each unknown key's lookup a walk through all of
-/// them. Stable for the life of the process, so a reload puts a key where it was (~15 ns).
+/// them. Stable for the life of the process, so a reload puts a key where it was (~20 ns).
 pub(super) fn digest_hash(digest: &[u8; 32]) -> DigestHash {
     static KEY: OnceLock<[u64; 2]> = OnceLock::new();
     let [k0, k1] = *KEY.get_or_init(rand::random);
