@@ -29,7 +29,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::client_ip::client_ip;
@@ -38,7 +37,7 @@ use crate::credential::Credential;
 use crate::decision::{decide_attributed, now_ms, RequestFacts, Verdict};
 use crate::deny::DenyReason;
 use crate::headers::{is_identity_variant, map_fields, request_id_str, set_identity, Read};
-use crate::listen::{Activity, Watched};
+use crate::listen::{until_goodbye, Activity, Watched};
 use crate::path::{normalize, split_target};
 use crate::request_id;
 use crate::snapshot::SnapshotStore;
@@ -84,7 +83,9 @@ pub async fn serve(
         .max_local_error_reset_streams(r.http2_max_local_error_reset_streams)
         .keep_alive_interval(Some(r.http2_keep_alive_interval))
         .keep_alive_timeout(r.http2_keep_alive_timeout);
-    let graceful = GracefulShutdown::new();
+    // True once the listener has stopped: every connection says goodbye (HTTP/2's GOAWAY;
+    // HTTP/1.1 closes after the request in flight).
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     while let Some((stream, peer, open)) = crate::listen::next_connection(
         &listener,
@@ -102,24 +103,28 @@ pub async fn serve(
             state.resources.idle_timeout,
         );
         let state = state.clone();
+        let busy_on = activity.clone();
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
-            let busy = activity.busy();
+            let busy = busy_on.busy();
             async move {
                 let resp = answered(&state, peer, &req).await;
                 drop(busy);
                 Ok::<_, Infallible>(resp)
             }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let stopping = stopping.clone();
         tokio::spawn(async move {
-            let _ = conn.await;
+            let _ = until_goodbye(conn, |c| c.graceful_shutdown(), &activity, stopping).await;
             drop(open);
         });
     }
     drop(listener);
-    let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
+    stopping_tx.send_replace(true);
+    let _ = tokio::time::timeout(drain, crate::listen::drained(&state.connections)).await;
 }
 
 /// The original request's method and target, as the caller reports them.

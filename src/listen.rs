@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -197,7 +197,23 @@ pub struct Activity {
     /// In flight without a response head yet (bounded by the front's own timeouts).
     waiting: AtomicU64,
     frames: AtomicU64,
+    /// Whether the connection's server can say goodbye before it is closed as unused (HTTP/2's
+    /// GOAWAY), and whether it should now: see [`Activity::offer_goodbye`].
+    goodbye: AtomicU8,
 }
+
+/// [`Activity::goodbye`]: the connection is closed by failing its IO (HTTP/1.1, tonic's own
+/// servers).
+const GOODBYE_NONE: u8 = 0;
+/// Its server says goodbye first ([`until_goodbye`]).
+const GOODBYE_OFFERED: u8 = 1;
+/// Unused past its deadline: its server should say goodbye now.
+const GOODBYE_DUE: u8 = 2;
+
+/// How long a connection told goodbye for being unused may stay open unused before its IO fails
+/// (at most its idle period): time for the client's answer to HTTP/2's GOAWAY and PING and for
+/// the streams that crossed the GOAWAY to finish.
+const GOODBYE_GRACE: Duration = Duration::from_secs(5);
 
 impl Activity {
     pub fn new() -> Arc<Self> {
@@ -206,7 +222,26 @@ impl Activity {
             in_flight: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
             frames: AtomicU64::new(0),
+            goodbye: AtomicU8::new(GOODBYE_NONE),
         })
+    }
+
+    /// The connection's server can close it gracefully ([`until_goodbye`]): when the connection
+    /// has been unused past its deadline, it is asked to (HTTP/2: a GOAWAY, so a client that
+    /// sends a request at that moment is not cut off mid-call, as Envoy's ext_authz client
+    /// would be, turning the Check into a denial), and its IO fails only if it is still open
+    /// and unused a grace period later.
+    pub fn offer_goodbye(&self) {
+        let _ = self.goodbye.compare_exchange(
+            GOODBYE_NONE,
+            GOODBYE_OFFERED,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    fn goodbye_due(&self) -> bool {
+        self.goodbye.load(Ordering::Relaxed) == GOODBYE_DUE
     }
 
     /// A request begins; it is in flight until the returned guard drops (with its response
@@ -260,6 +295,9 @@ impl Drop for Busy {
 ///   HTTP/1.1 (it holds an upstream connection too), a silent WebSocket tunnel. Over HTTP/2 a
 ///   stream in flight counts as used while PINGs are answered, so quiet gRPC streams (health
 ///   Watch) are kept as long as their client answers.
+///
+/// A connection whose server can say goodbye ([`Activity::offer_goodbye`]) is asked to at that
+/// deadline instead, and its IO fails only if it is still open and unused a grace period later.
 pub struct Watched<S> {
     inner: S,
     activity: Arc<Activity>,
@@ -324,16 +362,29 @@ impl<S> Watched<S> {
             let in_flight = a.in_flight.load(Ordering::Relaxed) > 0;
             let waiting = a.waiting.load(Ordering::Relaxed) > 0;
             let used = now.0 != self.then.0 || waiting || (in_flight && now != self.then);
+            let mut period = self.idle;
             if !used {
-                return Poll::Ready(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connection closed: unused for too long",
-                ));
+                // Said once: a client that is still here unused a grace period later is cut.
+                let asked = a.goodbye.compare_exchange(
+                    GOODBYE_OFFERED,
+                    GOODBYE_DUE,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                if asked.is_err() {
+                    return Poll::Ready(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connection closed: unused for too long",
+                    ));
+                }
+                // The connection's task looks at the flag when this poll returns.
+                cx.waker().wake_by_ref();
+                period = self.idle.min(GOODBYE_GRACE);
             }
-            // Used since: look again in a whole idle period.
+            // Look again in a whole idle period (a grace period after a goodbye).
             self.then = now;
             let next = tokio::time::Instant::now()
-                .checked_add(self.idle)
+                .checked_add(period)
                 .unwrap_or_else(|| tokio::time::Instant::now() + FAR);
             self.timer.as_mut().reset(next);
         }
@@ -350,6 +401,58 @@ impl crate::server::Stream for Watched<TcpStream> {
 impl crate::server::Stream for tokio_rustls::server::TlsStream<Watched<TcpStream>> {
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
         Watched::poll_expired(self.get_mut().0, cx)
+    }
+}
+
+/// Serves a hyper connection until it ends, saying goodbye with `goodbye` (its
+/// `graceful_shutdown`: over HTTP/2 a GOAWAY, after which the streams in flight finish and the
+/// client opens no new one) once `stopping` turns true (the front is shutting down) or the
+/// connection has been unused past its deadline ([`Watched`], which this offers the goodbye
+/// to). A connection closed for being unused without a GOAWAY leaves a client that sent a
+/// request at that moment with a reset stream, and nothing to tell that the request was never
+/// seen.
+pub async fn until_goodbye<C, E>(
+    conn: C,
+    goodbye: impl FnOnce(Pin<&mut C>),
+    activity: &Activity,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    activity.offer_goodbye();
+    let mut conn = std::pin::pin!(conn);
+    let stopped = async move {
+        // A sender dropped without a stop is no reason to say goodbye.
+        if stopping.wait_for(|stop| *stop).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let mut stopped = std::pin::pin!(stopped);
+    let mut goodbye = Some(goodbye);
+    std::future::poll_fn(|cx| {
+        if goodbye.is_some() && stopped.as_mut().poll(cx).is_ready() {
+            if let Some(say) = goodbye.take() {
+                say(conn.as_mut());
+            }
+        }
+        let served = conn.as_mut().poll(cx);
+        // The connection's IO marks the goodbye due from inside the poll just made.
+        if served.is_pending() && goodbye.is_some() && activity.goodbye_due() {
+            if let Some(say) = goodbye.take() {
+                say(conn.as_mut());
+            }
+            return conn.as_mut().poll(cx);
+        }
+        served
+    })
+    .await
+}
+
+/// Resolves once every connection counted in `connections` has closed: a front's drain.
+pub async fn drained(connections: &Connections) {
+    while connections.open() > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

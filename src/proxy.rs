@@ -25,7 +25,6 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::client_ip::{client_ip, is_trusted};
@@ -38,7 +37,7 @@ use crate::headers::{
     folded_eq_any_case, request_id_str, set_identity_fields, strip_hop_and_identity, wants_upgrade,
     FieldEdit, FieldLookup, Read, RequestFields,
 };
-use crate::listen::{Activity, Tracked, Watched};
+use crate::listen::{until_goodbye, Activity, Tracked, Watched};
 use crate::path::normalize;
 use crate::request_id;
 use crate::server::{self, ClientBody};
@@ -184,9 +183,8 @@ pub async fn serve(
             fields: p.max_headers,
         },
     };
-    let graceful = GracefulShutdown::new();
     // True once the listener has stopped: HTTP/1.1 connections finish the request in flight
-    // and close.
+    // and close, HTTP/2 ones say goodbye (GOAWAY) and finish their streams.
     let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     while let Some((stream, peer, open)) =
@@ -204,7 +202,6 @@ pub async fn serve(
             state.resources.idle_timeout,
         );
         let client = Arc::new(Peer::new(peer, tls.is_some(), activity, open));
-        let watcher = graceful.watcher();
         let h2 = h2.clone();
         let stopped = stopped_rx.clone();
         let state = state.clone();
@@ -247,7 +244,6 @@ pub async fn serve(
                 }
             };
             if !http2 {
-                drop(watcher);
                 let handler = H1 {
                     state,
                     peer: client,
@@ -255,6 +251,7 @@ pub async fn serve(
                 };
                 return server::serve(io, read, handler, h1, stopped).await;
             }
+            let activity = client.activity.clone();
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
                 let client = client.clone();
@@ -272,7 +269,8 @@ pub async fn serve(
             });
             let io = crate::http1::Rewind::new(io, read.freeze());
             let conn = h2.serve_connection(TokioIo::new(io), service);
-            if let Err(e) = watcher.watch(conn).await {
+            let said = until_goodbye(conn, |c| c.graceful_shutdown(), &activity, stopped);
+            if let Err(e) = said.await {
                 tracing::debug!(error = %e, %peer, "proxy connection ended with an error");
             }
         });
@@ -282,13 +280,7 @@ pub async fn serve(
     // HTTP/2 connections get GOAWAY and finish their streams, HTTP/1.1 ones their request in
     // flight; upgraded tunnels hold their connection's place: all get what is left of the
     // drain.
-    let drained = tokio::time::timeout(drain, async {
-        graceful.shutdown().await;
-        while state.connections.open() > 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    let drained = tokio::time::timeout(drain, crate::listen::drained(&state.connections)).await;
     if drained.is_err() {
         tracing::warn!(
             open = state.connections.open(),

@@ -968,3 +968,86 @@ async fn grpc_connections_that_hold_a_place_unused_are_closed() {
     drop((watch, watch_channel, idle_channel));
     gate.stop().await;
 }
+
+/// Envoy keeps one HTTP/2 connection to its authorizer and sends every Check on it; if keygate
+/// closed it for being unused without a word, a Check sent at that moment would fail, and with
+/// `failure_mode_allow: false` the request it was for would be denied. So an unused connection
+/// is told goodbye first: a GOAWAY naming no stream yet, then a PING; a Check that crossed the
+/// GOAWAY is answered in full, and the final GOAWAY names it.
+#[tokio::test]
+async fn an_unused_grpc_connection_says_goodbye_and_answers_the_check_that_crossed_it() {
+    use prost::Message;
+    use std::time::{Duration, Instant};
+    use support::h2_frames::*;
+    let (gate, _snap, k, addr, _up) = start("\n[limits]\nidle_timeout = \"1s\"\n").await;
+    let message = check_request(
+        "GET",
+        "/v1/analyses/1",
+        &[("x-api-key", k.ok.as_str())],
+        "127.0.0.1",
+    )
+    .encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    let authority = addr.to_string();
+    let fields = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", authority.as_str()),
+        (":path", "/envoy.service.auth.v3.Authorization/Check"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ];
+    // Reads stream `id`'s answer: its CheckResponse, once its trailers have ended it.
+    async fn answer(h2: &mut RawH2, id: u32) -> CheckResponse {
+        let mut data = Vec::new();
+        loop {
+            let f = h2.next(Duration::from_secs(5)).await.expect("the answer");
+            assert!(!(f.kind == RST_STREAM && f.stream == id), "reset: {f:?}");
+            if f.stream != id {
+                continue;
+            }
+            if f.kind == DATA {
+                data.extend_from_slice(&f.payload);
+            }
+            if f.kind == HEADERS && f.flags & END_STREAM != 0 {
+                assert!(data.len() > 5, "no message before the trailers");
+                return CheckResponse::decode(&data[5..]).unwrap();
+            }
+        }
+    }
+    let mut h2 = RawH2::connect(addr).await;
+    h2.headers(1, &fields, false).await;
+    h2.send(DATA, END_STREAM, 1, &body).await;
+    let r = answer(&mut h2, 1).await;
+    assert_eq!(r.status.unwrap().code, 0, "an allow");
+    let used = Instant::now();
+
+    // The connection is looked at first when its first request was due (10 s after the
+    // accept), then every idle period: the GOAWAY comes 10 to 12 s from now.
+    let first = h2.first_goaway(Duration::from_secs(15)).await;
+    assert!(
+        used.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        used.elapsed()
+    );
+    assert_eq!(first.goaway(), (0x7fff_ffff, 0));
+
+    h2.headers(3, &fields, false).await;
+    h2.send(DATA, END_STREAM, 3, &body).await;
+    let r = answer(&mut h2, 3).await;
+    assert_eq!(
+        r.status.unwrap().code,
+        0,
+        "the Check that crossed the GOAWAY is allowed"
+    );
+
+    let last = h2.goodbye().await;
+    assert_eq!(
+        last,
+        Some((3, 0)),
+        "the final GOAWAY names the last Check answered"
+    );
+    gate.stop().await;
+}

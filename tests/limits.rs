@@ -235,22 +235,115 @@ async fn silent_and_half_open_connections_are_closed_and_give_their_place_back()
     gate.stop().await;
 }
 
-/// An HTTP/2 connection with nothing in flight for `limits.idle_timeout` is closed.
+/// An HTTP/2 connection with nothing in flight for `limits.idle_timeout` says goodbye before it
+/// closes: a GOAWAY (NO_ERROR) first, naming no stream yet (2^31-1) with a PING, so a request
+/// the client sent at that moment is still served (here: one sent after the GOAWAY arrived,
+/// before the PING's answer), then the final GOAWAY naming the last stream served, then the
+/// close. Closing with only a FIN would leave such a request reset, and the client unable to
+/// tell whether it was seen.
 #[tokio::test]
-async fn idle_http2_connections_are_closed() {
-    let (gate, key, _upstream, _snap) = h2_gate("[limits]\nidle_timeout = \"1s\"\n").await;
-    let tcp = TcpStream::connect(gate.addr).await.unwrap();
-    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
-    let driver = tokio::spawn(conn);
-    let (resp, _) = client.send_request(h2_get(&gate, &key), true).unwrap();
-    assert_eq!(resp.await.unwrap().status(), 200);
-    let started = Instant::now();
-    let ended = tokio::time::timeout(Duration::from_secs(5), driver).await;
+async fn idle_http2_connections_say_goodbye_and_serve_what_crossed_it() {
+    use support::h2_frames::*;
+    let (gate, key, upstream, _snap) = h2_gate("[limits]\nidle_timeout = \"1s\"\n").await;
+    let authority = gate.addr.to_string();
+    let request = [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", authority.as_str()),
+        (":path", "/v1/analyses/1"),
+        ("x-api-key", key.as_str()),
+    ];
+    let mut h2 = RawH2::connect(gate.addr).await;
+    h2.headers(1, &request, true).await;
+    let answered = |f: &Frame, stream| f.kind == HEADERS && f.stream == stream;
+    loop {
+        let f = h2.next(Duration::from_secs(5)).await.expect("an answer");
+        assert_ne!(f.kind, GOAWAY, "{f:?}");
+        if answered(&f, 1) {
+            break;
+        }
+    }
+    let used = Instant::now();
+
+    // Unused from now on: the first GOAWAY comes an idle period or two later.
+    let first = h2.first_goaway(Duration::from_secs(5)).await;
     assert!(
-        ended.is_ok(),
-        "an idle HTTP/2 connection was still open after 5 s"
+        used.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        used.elapsed()
     );
-    assert!(started.elapsed() >= Duration::from_millis(800));
+    assert_eq!(
+        first.goaway(),
+        (0x7fff_ffff, 0),
+        "the first GOAWAY refuses nothing yet"
+    );
+
+    // A request that crossed the GOAWAY is served in full.
+    h2.headers(3, &request, true).await;
+    loop {
+        let f = h2
+            .next(Duration::from_secs(5))
+            .await
+            .expect("stream 3's answer");
+        assert!(
+            !(f.kind == RST_STREAM && f.stream == 3),
+            "stream 3 was reset: {f:?}"
+        );
+        if answered(&f, 3) {
+            break;
+        }
+    }
+    assert_eq!(upstream.count(), 2, "the upstream saw both requests");
+
+    // The client answers the PING: the final GOAWAY names stream 3, then the connection closes.
+    let last = h2.goodbye().await;
+    assert_eq!(
+        last,
+        Some((3, 0)),
+        "the final GOAWAY names the last stream served"
+    );
+    gate.stop().await;
+}
+
+/// A client that never answers the goodbye (no PING ack, no close) still loses its connection
+/// once it has stayed unused for the grace period (here the idle period, which is shorter).
+#[tokio::test]
+async fn a_client_that_ignores_the_goodbye_is_closed_anyway() {
+    use support::h2_frames::*;
+    let (gate, key, _upstream, _snap) = h2_gate("[limits]\nidle_timeout = \"1s\"\n").await;
+    let authority = gate.addr.to_string();
+    let mut h2 = RawH2::connect(gate.addr).await;
+    h2.headers(
+        1,
+        &[
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":authority", authority.as_str()),
+            (":path", "/v1/analyses/1"),
+            ("x-api-key", key.as_str()),
+        ],
+        true,
+    )
+    .await;
+    let mut goaway = None;
+    let started = Instant::now();
+    while let Some(f) = h2.next(Duration::from_secs(6)).await {
+        if f.kind == GOAWAY && goaway.is_none() {
+            goaway = Some(started.elapsed());
+        }
+    }
+    let goaway = goaway.expect("a GOAWAY before the close");
+    let closed = started.elapsed();
+    assert!(
+        closed >= goaway + Duration::from_millis(800),
+        "{goaway:?} {closed:?}"
+    );
+    let open = "keygate_connections_open{front=\"proxy\"}";
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while gate.metric(open).await != Some(0.0) {
+        assert!(Instant::now() < deadline, "its place did not come back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     gate.stop().await;
 }
 

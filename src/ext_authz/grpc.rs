@@ -10,7 +10,8 @@
 //! `grpc-timeout` is honoured: past it the call ends with DEADLINE_EXCEEDED.
 //!
 //! Connections get the same rules as on every front: counted against `limits.max_connections`,
-//! closed when unused ([`Watched`]), drained on shutdown, TLS when configured.
+//! told goodbye (GOAWAY) and then closed when unused ([`Watched`], [`until_goodbye`]), drained
+//! on shutdown, TLS when configured.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -24,12 +25,11 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 
 use super::{check, guarded, ExtAuthzState, MAX_CHECK_BYTES};
-use crate::listen::{Activity, Tracked, Watched, FIRST_REQUEST};
+use crate::listen::{until_goodbye, Activity, Tracked, Watched, FIRST_REQUEST};
 
 /// The one path served here; everything else goes to tonic.
 pub const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
@@ -53,7 +53,9 @@ pub async fn serve(
 ) {
     let builder = Arc::new(http2_builder(&state.resources));
     let idle = state.resources.idle_timeout;
-    let graceful = GracefulShutdown::new();
+    // True once the listener has stopped: every connection says goodbye (GOAWAY) and finishes
+    // its Checks in flight.
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     while let Some((stream, peer, open)) = crate::listen::next_connection(
         &listener,
@@ -66,16 +68,20 @@ pub async fn serve(
         // The first request is due within FIRST_REQUEST of the accept, a handshake included.
         let activity = Activity::new();
         let stream = Watched::new(stream, activity.clone(), FIRST_REQUEST, idle);
-        let service = Connection::new(state.clone(), others.clone(), activity);
-        let (watcher, builder, tls) = (graceful.watcher(), builder.clone(), tls.clone());
+        let service = Connection::new(state.clone(), others.clone(), activity.clone());
+        let (stopping, builder, tls) = (stopping.clone(), builder.clone(), tls.clone());
         tokio::spawn(async move {
             match tls {
                 None => {
-                    let _ = watcher.watch(http2(&builder, stream, service)).await;
+                    let conn = http2(&builder, stream, service);
+                    let _ =
+                        until_goodbye(conn, |c| c.graceful_shutdown(), &activity, stopping).await;
                 }
                 Some(tls) => match tls.accept(stream, HANDSHAKE).await {
                     Ok(stream) => {
-                        let _ = watcher.watch(http2(&builder, stream, service)).await;
+                        let conn = http2(&builder, stream, service);
+                        let _ = until_goodbye(conn, |c| c.graceful_shutdown(), &activity, stopping)
+                            .await;
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, %peer, front = "ext_authz", "TLS handshake failed");
@@ -86,7 +92,8 @@ pub async fn serve(
         });
     }
     drop(listener);
-    let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
+    stopping_tx.send_replace(true);
+    let _ = tokio::time::timeout(drain, crate::listen::drained(&state.connections)).await;
 }
 
 pub(super) type Http2 = hyper::server::conn::http2::Builder<TokioExecutor>;
@@ -103,12 +110,12 @@ pub(super) fn http2_builder(r: &crate::config::Limits) -> Http2 {
     builder
 }
 
+/// One connection's HTTP/2, served on `I` (the TCP or TLS stream).
+pub(super) type Http2Connection<I> =
+    hyper::server::conn::http2::Connection<TokioIo<Unvectored<I>>, Connection, TokioExecutor>;
+
 /// One connection's HTTP/2 (after its TLS handshake, if any), served until it closes.
-pub(super) fn http2<I>(
-    builder: &Http2,
-    io: I,
-    service: Connection,
-) -> hyper::server::conn::http2::Connection<TokioIo<Unvectored<I>>, Connection, TokioExecutor>
+pub(super) fn http2<I>(builder: &Http2, io: I, service: Connection) -> Http2Connection<I>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

@@ -25,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 pub use keygate::app::App;
 
 pub mod control_plane;
+pub mod h2_frames;
 
 // ---------------------------------------------------------------------------------------------
 // Upstream
