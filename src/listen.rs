@@ -227,10 +227,10 @@ impl Activity {
     }
 
     /// The connection's server can close it gracefully ([`until_goodbye`]): when the connection
-    /// has been unused past its deadline, it is asked to (HTTP/2: a GOAWAY, so a client that
-    /// sends a request at that moment is not cut off mid-call, as Envoy's ext_authz client
-    /// would be, turning the Check into a denial), and its IO fails only if it is still open
-    /// and unused a grace period later.
+    /// has served requests, has none in flight and has been unused past its deadline, it is
+    /// asked to (HTTP/2: a GOAWAY, so a client that sends a request at that moment is not cut
+    /// off mid-call, as Envoy's ext_authz client would be, turning the Check into a denial), and
+    /// its IO fails only if it is still open and unused a grace period later.
     pub fn offer_goodbye(&self) {
         let _ = self.goodbye.compare_exchange(
             GOODBYE_NONE,
@@ -296,8 +296,9 @@ impl Drop for Busy {
 ///   stream in flight counts as used while PINGs are answered, so quiet gRPC streams (health
 ///   Watch) are kept as long as their client answers.
 ///
-/// A connection whose server can say goodbye ([`Activity::offer_goodbye`]) is asked to at that
-/// deadline instead, and its IO fails only if it is still open and unused a grace period later.
+/// A connection whose server can say goodbye ([`Activity::offer_goodbye`]) and that has served
+/// requests, none in flight, is asked to at that deadline instead, and its IO fails only if it
+/// is still open and unused a grace period later.
 pub struct Watched<S> {
     inner: S,
     activity: Arc<Activity>,
@@ -364,13 +365,21 @@ impl<S> Watched<S> {
             let used = now.0 != self.then.0 || waiting || (in_flight && now != self.then);
             let mut period = self.idle;
             if !used {
-                // Said once: a client that is still here unused a grace period later is cut.
-                let asked = a.goodbye.compare_exchange(
-                    GOODBYE_OFFERED,
-                    GOODBYE_DUE,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
+                // A goodbye helps only a connection that has served requests and has none in
+                // flight: a request may be on its way. One that never began a request (a silent
+                // client, half a preface, half a head) or whose client stopped reading is cut
+                // at once, as before; so is one told goodbye already and still here unused a
+                // grace period later.
+                let asked = if now.0 > 0 && !in_flight {
+                    a.goodbye.compare_exchange(
+                        GOODBYE_OFFERED,
+                        GOODBYE_DUE,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    )
+                } else {
+                    Err(GOODBYE_NONE)
+                };
                 if asked.is_err() {
                     return Poll::Ready(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,

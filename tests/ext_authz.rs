@@ -954,6 +954,8 @@ async fn grpc_connections_that_hold_a_place_unused_are_closed() {
     let closed = closed_within(&mut half, std::time::Duration::from_secs(15)).await;
     let closed = closed.expect("a half-sent preface still held its connection after 15 s");
     assert!(closed >= std::time::Duration::from_secs(8), "{closed:?}");
+    // Cut at its deadline: no goodbye's grace for a connection that never began a request.
+    assert!(closed < std::time::Duration::from_secs(12), "{closed:?}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while gate.metric(open).await != Some(1.0) {
         assert!(
@@ -1028,7 +1030,7 @@ async fn an_unused_grpc_connection_says_goodbye_and_answers_the_check_that_cross
     // accept), then every idle period: the GOAWAY comes 10 to 12 s from now.
     let first = h2.first_goaway(Duration::from_secs(15)).await;
     assert!(
-        used.elapsed() >= Duration::from_millis(800),
+        used.elapsed() >= Duration::from_secs(9),
         "{:?}",
         used.elapsed()
     );
