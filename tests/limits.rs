@@ -486,3 +486,60 @@ async fn shutdown_drains_upgraded_tunnels_too() {
         .expect("shutdown did not end once the tunnel closed")
         .unwrap();
 }
+
+/// Shutdown over HTTP/2: the connection gets its GOAWAY at once, the request in flight (a slow
+/// upstream) is still answered in full, the final GOAWAY names it, and keygate then stops.
+#[tokio::test]
+async fn shutdown_says_goodbye_to_http2_and_finishes_the_stream_in_flight() {
+    use support::h2_frames::*;
+    let (gate, key, upstream, _snap) = h2_gate("").await;
+    let authority = gate.addr.to_string();
+    let mut h2 = RawH2::connect(gate.addr).await;
+    h2.headers(
+        1,
+        &[
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":authority", authority.as_str()),
+            (":path", "/slow/1500"),
+            ("x-api-key", key.as_str()),
+        ],
+        true,
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(5), || upstream.count() == 1).await,
+        "the request never reached the upstream"
+    );
+    let stopping = Instant::now();
+    let stopped = tokio::spawn(gate.stop());
+    let first = h2.first_goaway(Duration::from_secs(5)).await;
+    assert!(
+        stopping.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        stopping.elapsed()
+    );
+    assert_eq!(first.goaway(), (0x7fff_ffff, 0));
+    loop {
+        let f = h2
+            .next(Duration::from_secs(5))
+            .await
+            .expect("stream 1's answer");
+        assert!(
+            !(f.kind == RST_STREAM && f.stream == 1),
+            "stream 1 was reset: {f:?}"
+        );
+        if f.kind == HEADERS && f.stream == 1 {
+            break;
+        }
+    }
+    assert!(
+        stopping.elapsed() >= Duration::from_millis(1000),
+        "answered before the upstream did"
+    );
+    assert_eq!(h2.goodbye().await, Some((1, 0)));
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("keygate stopped once its last stream was done")
+        .unwrap();
+}
