@@ -178,6 +178,26 @@ async fn the_allowance_is_exact_and_shared_by_every_front() {
         1,
         "only the allowed proxy request reached the upstream"
     );
+    // Counted and logged as what they were: denials with code rate_limited, on every front.
+    let counted = |front: &str, code: &str| {
+        format!("keygate_requests_total{{front=\"{front}\",code=\"{code}\"}}")
+    };
+    for (front, allowed, limited) in [
+        ("proxy", 1.0, 2.0),
+        ("authz_http", 1.0, 1.0),
+        ("ext_authz", 1.0, 1.0),
+    ] {
+        assert_eq!(
+            gate.metric(&counted(front, "allowed")).await,
+            Some(allowed),
+            "{front}"
+        );
+        assert_eq!(
+            gate.metric(&counted(front, "rate_limited")).await,
+            Some(limited),
+            "{front}"
+        );
+    }
     // Another key has its own allowance.
     assert_eq!(via_proxy(&gate, &other).await.0, 200);
     gate.stop().await;
