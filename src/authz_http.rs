@@ -15,7 +15,6 @@
 //!   the prefix, and the method of the check request itself.
 
 use crate::proxy::add_limit_headers;
-use crate::ratelimit::Outcome;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -31,10 +30,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
+use crate::admit::{admit, Admitted, Refused};
 use crate::client_ip::client_ip;
 use crate::config::{FrontSettings, HeaderNames, Limits, Policy};
 use crate::credential::Credential;
-use crate::decision::{decide_attributed, now_ms, RequestFacts, Verdict};
+use crate::decision::{now_ms, RequestFacts};
 use crate::deny::DenyReason;
 use crate::headers::{is_identity_variant, map_fields, request_id_str, set_identity, Read};
 use crate::listen::{until_goodbye, Activity, Watched};
@@ -230,38 +230,28 @@ async fn check(
     let snapshot = state.store.serving();
     let facts = RequestFacts::from_read(method, &normalized, host, client, &read);
     let credential = facts.credential;
-    let now = now_ms();
-    let (verdict, key) = decide_attributed(
-        snapshot.as_ref().and_then(|g| g.as_deref()),
+    let in_force = snapshot.as_ref().and_then(|g| g.as_deref());
+    let (limits, usage) = (&state.limits, &state.usage);
+    let Admitted { allow, limit } = match admit(
+        in_force,
         &state.policy,
         &facts,
-        now,
-    );
-    if let Some(k) = key {
-        note.key(&k.id_header, None);
-    }
-    let allow = match verdict {
-        Verdict::Allow(allow) => allow,
-        Verdict::Deny(reason) => {
-            state.usage.denied(key, &reason);
-            note.deny(&reason);
-            return deny(&reason, &request_id, names);
-        }
-    };
-    note.key(&allow.key.id_header, Some(&allow.partner.id_header));
-    let limit = match state.limits.check(&allow).await.map(Outcome::verdict) {
-        Some(Err((reason, status))) => {
-            state.usage.denied(Some(allow.key), &reason);
-            note.deny(&reason);
+        now_ms(),
+        limits,
+        usage,
+        note,
+    )
+    .await
+    {
+        Ok(admitted) => admitted,
+        Err(Refused { reason, limit }) => {
             let mut resp = deny(&reason, &request_id, names);
-            add_limit_headers(resp.headers_mut(), &status);
+            if let Some(status) = &limit {
+                add_limit_headers(resp.headers_mut(), status);
+            }
             return resp;
         }
-        Some(Ok(status)) => Some(status),
-        None => None,
     };
-    note.allow();
-    state.usage.allowed(allow.key, now);
 
     let mut resp = Response::new(Full::new(Bytes::new()));
     let h = resp.headers_mut();

@@ -26,14 +26,14 @@ use http::StatusCode;
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
+use crate::admit::{admit, Admitted, Refused};
 use crate::client_ip::client_ip;
 use crate::config::{FrontSettings, HeaderNames, Policy};
 use crate::credential::{extract, Credential};
-use crate::decision::{decide_attributed, now_ms, Allow, RequestFacts, Verdict};
+use crate::decision::{now_ms, Allow, RequestFacts};
 use crate::deny::DenyReason;
 use crate::headers::is_identity_variant;
 use crate::path::{normalize, split_target};
-use crate::ratelimit::Outcome;
 use crate::request_id;
 use crate::snapshot::SnapshotStore;
 use crate::telemetry::{Note, Record};
@@ -260,49 +260,35 @@ async fn decide_check(
         idempotency_key: headers.single(names.idempotency_key.as_str()),
     };
     let snapshot = state.store.serving();
-    let now = now_ms();
-    let (verdict, key) = decide_attributed(
-        snapshot.as_ref().and_then(|g| g.as_deref()),
+    let in_force = snapshot.as_ref().and_then(|g| g.as_deref());
+    let (limits, usage) = (&state.limits, &state.usage);
+    match admit(
+        in_force,
         &state.policy,
         &facts,
-        now,
-    );
-    if let Some(k) = key {
-        note.key(&k.id_header, None);
-    }
-    match verdict {
-        Verdict::Allow(allow) => {
-            note.key(&allow.key.id_header, Some(&allow.partner.id_header));
-            match state.limits.check(&allow).await.map(Outcome::verdict) {
-                Some(Err((reason, status))) => {
-                    note.deny(&reason);
-                    state.usage.denied(Some(allow.key), &reason);
-                    let limits = status.headers();
-                    let answer = denied(&reason, request_id, names, Some(&limits));
-                    (answer, reason.status().as_u16())
-                }
-                limit => {
-                    note.allow();
-                    state.usage.allowed(allow.key, now);
-                    let limits = match &limit {
-                        Some(Ok(status)) => Some(status.headers()),
-                        _ => None,
-                    };
-                    let allowed = Allowed {
-                        allow: &allow,
-                        credential,
-                        headers,
-                        request_id,
-                        names,
-                        limits: limits.as_ref(),
-                    };
-                    (allowed.encode(), 200)
-                }
-            }
+        now_ms(),
+        limits,
+        usage,
+        note,
+    )
+    .await
+    {
+        Ok(Admitted { allow, limit }) => {
+            let limits = limit.map(|status| status.headers());
+            let allowed = Allowed {
+                allow: &allow,
+                credential,
+                headers,
+                request_id,
+                names,
+                limits: limits.as_ref(),
+            };
+            (allowed.encode(), 200)
         }
-        Verdict::Deny(reason) => {
-            state.usage.denied(key, &reason);
-            deny(reason, note)
+        Err(Refused { reason, limit }) => {
+            let limits = limit.map(|status| status.headers());
+            let answer = denied(&reason, request_id, names, limits.as_ref());
+            (answer, reason.status().as_u16())
         }
     }
 }

@@ -16,7 +16,8 @@
 //! - [`credential`]: key format (prefix, body, CRC-32 checksum), prefix rules, extraction.
 //! - [`path`]: request path normalization (pure); [`routes`]: route patterns (pure).
 //! - [`referrer`]: `allowed_referrers` patterns (pure); [`client_ip`]: peer / trusted XFF.
-//! - [`decision`]: the one pure decision; [`deny`]: deny reason → status, code, JSON, headers.
+//! - [`decision`]: the one pure decision; [`deny`]: deny reason → status, code, JSON, headers;
+//!   [`admit`]: the decision, the rate limit and their accounting, as every front runs them.
 //! - [`snapshot`]: the snapshot model, index and store (with freshness); its sources
 //!   `snapshot::{file, http_source}` and the grpc one in [`sync`], chosen by `snapshot::source`;
 //!   `snapshot::cache` (last good on disk), `snapshot::document` (entries by id, for sync).
@@ -42,6 +43,7 @@
 //! - [`demo`]: `keygate demo`, the zero-setup tour.
 
 pub mod admin;
+pub mod admit;
 pub mod app;
 pub mod authz_http;
 pub mod client_ip;

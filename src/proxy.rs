@@ -9,7 +9,7 @@
 
 use crate::deadline::Deadline;
 use crate::idempotency::{self, Begin, Stored};
-use crate::ratelimit::{Outcome, RateLimits};
+use crate::ratelimit::RateLimits;
 use crate::upstream::ReadAhead;
 use std::convert::Infallible;
 use std::future::Future;
@@ -27,11 +27,12 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::admit::{admit, Admitted, Refused};
 use crate::client_ip::{client_ip, is_trusted};
 use crate::config::Limits;
 use crate::config::{HeaderNames, Policy, ProxySettings};
 use crate::credential::Credential;
-use crate::decision::{decide_attributed, now_ms, RequestFacts, Verdict};
+use crate::decision::{now_ms, RequestFacts};
 use crate::deny::DenyReason;
 use crate::headers::{
     folded_eq_any_case, request_id_str, set_identity_fields, strip_hop_and_identity, wants_upgrade,
@@ -487,37 +488,29 @@ async fn answer(
     );
     let credential = facts.credential;
     let now = now_ms();
-    let (verdict, key) = decide_attributed(
-        snapshot.as_ref().and_then(|g| g.as_deref()),
+    let in_force = snapshot.as_ref().and_then(|g| g.as_deref());
+    let limits = &state.limits;
+    let Admitted { allow, limit } = match admit(
+        in_force,
         &state.policy,
         &facts,
         now,
-    );
-    if let Some(k) = key {
-        note.key(&k.id_header, None);
-    }
-    let allow = match verdict {
-        Verdict::Deny(reason) => {
-            state.usage.denied(key, &reason);
-            note.deny(&reason);
+        limits,
+        &state.usage,
+        note,
+    )
+    .await
+    {
+        Ok(admitted) => admitted,
+        Err(Refused { reason, limit }) => {
             let close = matches!(reason, DenyReason::InvalidPath(_));
-            return deny(&reason, &request_id, names, close);
-        }
-        Verdict::Allow(allow) => allow,
-    };
-    note.key(&allow.key.id_header, Some(&allow.partner.id_header));
-    let limit = match state.limits.check(&allow).await.map(Outcome::verdict) {
-        Some(Err((reason, status))) => {
-            state.usage.denied(Some(allow.key), &reason);
-            let mut resp = deny(&reason, &request_id, names, false);
-            add_limit_headers(resp.headers_mut(), &status);
+            let mut resp = deny(&reason, &request_id, names, close);
+            if let Some(status) = &limit {
+                add_limit_headers(resp.headers_mut(), status);
+            }
             return resp;
         }
-        Some(Ok(status)) => Some(status),
-        None => None,
     };
-    note.allow();
-    state.usage.allowed(allow.key, now);
     let found = match credential {
         Credential::Present { found, .. } => found,
         _ => unreachable!("an allow always has a credential"),
