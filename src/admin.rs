@@ -34,6 +34,8 @@ pub struct AdminState {
     pub fronts: Vec<Front>,
     /// `limits.max_connections` and `idle_timeout` apply here too.
     pub resources: crate::config::Limits,
+    /// The TLS listeners, whose certificates' expiry is shown.
+    pub tls: Vec<Arc<crate::tls::TlsServer>>,
 }
 
 /// Time a probe or scraper has for a request head (and for the first one after connecting).
@@ -100,6 +102,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 &state.limits,
                 &state.telemetry,
                 &state.fronts,
+                &state.tls,
             ))));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -185,8 +185,11 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
 
     let mut proxy_addr = None;
     let mut threads = Vec::new();
+    // The TLS listeners, for /metrics.
+    let mut certificates = Vec::new();
     if let Some(p) = settings.proxy.clone() {
         let tls = tls_server("proxy", p.tls.as_ref(), ALPN_HTTP, &mut tasks, &rx)?;
+        certificates.extend(tls.clone());
         let upstream_tls = p
             .upstream_tls
             .as_ref()
@@ -315,6 +318,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
         let listener = bind("ext_authz.listen", front.listen).await?;
         ext_authz_addr = listener.local_addr().ok();
         let tls = tls_server("ext_authz", front.tls.as_ref(), ALPN_GRPC, &mut tasks, &rx)?;
+        certificates.extend(tls.clone());
         let state = Arc::new(ExtAuthzState {
             settings: front,
             policy: settings.policy.clone(),
@@ -333,6 +337,22 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
             tls,
             stopped(fronts_rx.clone()),
             drain,
+        ));
+    }
+    let mut sync_addr = None;
+    if let Some(sync) = settings.sync_server.clone() {
+        let listener = bind("sync_server.listen", sync.listen).await?;
+        sync_addr = listener.local_addr().ok();
+        let tls = tls_server("sync_server", sync.tls.as_ref(), ALPN_GRPC, &mut tasks, &rx)?;
+        certificates.extend(tls.clone());
+        let hub = crate::sync::server::Hub::new(store.clone(), sync);
+        fronts.spawn(crate::sync::server::serve(
+            listener,
+            hub,
+            tls,
+            crate::telemetry::Connections::new(settings.limits.max_connections),
+            settings.limits.idle_timeout,
+            stopped(fronts_rx.clone()),
         ));
     }
     let mut admin_addr = None;
@@ -356,23 +376,9 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
                 .filter_map(|(on, f)| on.then_some(f))
                 .collect(),
                 resources: settings.limits,
+                tls: certificates,
             },
             stopped(rx.clone()),
-        ));
-    }
-    let mut sync_addr = None;
-    if let Some(sync) = settings.sync_server.clone() {
-        let listener = bind("sync_server.listen", sync.listen).await?;
-        sync_addr = listener.local_addr().ok();
-        let tls = tls_server("sync_server", sync.tls.as_ref(), ALPN_GRPC, &mut tasks, &rx)?;
-        let hub = crate::sync::server::Hub::new(store.clone(), sync);
-        fronts.spawn(crate::sync::server::serve(
-            listener,
-            hub,
-            tls,
-            crate::telemetry::Connections::new(settings.limits.max_connections),
-            settings.limits.idle_timeout,
-            stopped(fronts_rx.clone()),
         ));
     }
     tasks.spawn(source.run(store.clone(), stopped(rx.clone())));

@@ -3,6 +3,7 @@
 //! ids only where a metric is per key.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
@@ -15,6 +16,7 @@ use prometheus_client::registry::Unit;
 
 use crate::snapshot::SnapshotStore;
 use crate::telemetry::{Front, HistogramTotals, Telemetry};
+use crate::tls::TlsServer;
 
 /// The content type of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -114,15 +116,40 @@ fn fronts(registry: &mut Registry, telemetry: &Telemetry, fronts: &[Front]) {
     );
 }
 
-/// Encode the current metrics. `fronts` are the fronts this keygate runs.
+/// When each TLS listener's certificate expires, read off the certificate in force at each
+/// scrape (a rotation shows at the next one).
+fn certificates(registry: &mut Registry, servers: &[Arc<TlsServer>]) {
+    if servers.is_empty() {
+        return;
+    }
+    let expiry = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+    for server in servers {
+        if let Some(at) = server.not_after() {
+            expiry
+                .get_or_create(&vec![("listener", server.name())])
+                .set(i64::try_from(at).unwrap_or(i64::MAX));
+        }
+    }
+    registry.register(
+        "tls_certificate_expiration_timestamp_seconds",
+        "When the certificate a TLS listener serves stops being valid (its notAfter), \
+         as seconds since the Unix epoch",
+        expiry,
+    );
+}
+
+/// Encode the current metrics. `fronts` are the fronts this keygate runs, `tls` its TLS
+/// listeners.
 pub fn render(
     store: &SnapshotStore,
     limits: &crate::ratelimit::RateLimits,
     telemetry: &Telemetry,
     running: &[Front],
+    tls: &[Arc<TlsServer>],
 ) -> String {
     let mut registry = Registry::with_prefix("keygate");
     fronts(&mut registry, telemetry, running);
+    certificates(&mut registry, tls);
     let current = store.current();
     let stats = &store.stats;
     if let Some(s) = current.as_ref() {

@@ -39,6 +39,14 @@ pub const ALPN_HTTP: &[&[u8]] = &[b"h2", b"http/1.1"];
 /// ALPN of a gRPC listener.
 pub const ALPN_GRPC: &[&[u8]] = &[b"h2"];
 
+/// A DER certificate's notAfter, in seconds since the Unix epoch.
+fn not_after(der: &[u8]) -> Option<u64> {
+    use x509_cert::der::Decode;
+    let cert = x509_cert::Certificate::from_der(der).ok()?;
+    let not_after = cert.tbs_certificate.validity.not_after;
+    Some(not_after.to_unix_duration().as_secs())
+}
+
 /// Which configured file a [`TlsError`] is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsFile {
@@ -293,6 +301,19 @@ impl TlsServer {
     /// The end-entity certificate new connections are served (DER).
     pub fn certificate(&self) -> CertificateDer<'static> {
         self.current.load().leaf.clone()
+    }
+
+    /// The listener this is for (`proxy`, `ext_authz`, `sync_server`).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// When the certificate new connections are served stops being valid (its notAfter), in
+    /// seconds since the Unix epoch: for `/metrics`, so that a rotation that stopped happening
+    /// is seen before clients refuse the certificate. `None` only for a certificate rustls
+    /// accepted whose validity does not parse as X.509.
+    pub fn not_after(&self) -> Option<u64> {
+        not_after(&self.certificate())
     }
 
     /// Whether clients must present a certificate.

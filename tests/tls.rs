@@ -361,7 +361,7 @@ async fn a_rotated_certificate_is_served_without_restart() {
     let snap = snapshot(&key);
     let tls = tempfile::tempdir().unwrap();
     let (cert, key_file) = (tls.path().join("tls.crt"), tls.path().join("tls.key"));
-    let first = pki.issue(&["127.0.0.1"], false);
+    let first = pki.issue_until(&["127.0.0.1"], (2031, 5, 17));
     first.write_to(&cert, &key_file);
     let gate = Gate::start(&config_toml_proxy(
         &snap.path(),
@@ -379,9 +379,12 @@ async fn a_rotated_certificate_is_served_without_restart() {
         served_certificate(gate.addr, &client).await.unwrap(),
         first.cert_der
     );
+    // /metrics says when the certificate in force expires (2031-05-17T00:00:00Z).
+    let expiry = "keygate_tls_certificate_expiration_timestamp_seconds{listener=\"proxy\"}";
+    assert_eq!(gate.metric(expiry).await, Some(1_936_742_400.0));
 
     // An open connection keeps working across the rotation; new ones get the new certificate.
-    let second = pki.issue(&["127.0.0.1"], false);
+    let second = pki.issue_until(&["127.0.0.1"], (2032, 1, 9));
     second.write_to(&cert, &key_file);
     wait_for_certificate(gate.addr, &client, &second.cert_der).await;
     let a = tls_send(
@@ -395,6 +398,8 @@ async fn a_rotated_certificate_is_served_without_restart() {
     .unwrap();
     assert_eq!(a.answer.status, 200);
     assert_eq!(a.server_cert, second.cert_der);
+    // …and the metric follows the rotation (2032-01-09T00:00:00Z).
+    assert_eq!(gate.metric(expiry).await, Some(1_957_219_200.0));
     gate.stop().await;
 }
 
@@ -775,6 +780,17 @@ mod ext_authz_tls {
                 .is_err(),
         };
         assert!(plain, "h2c was answered on the TLS port");
+
+        // /metrics names this listener's certificate expiry (rcgen's default notAfter,
+        // 4096-01-01), and no other listener's: the proxy here is plain HTTP.
+        let expiry = |l: &str| {
+            format!("keygate_tls_certificate_expiration_timestamp_seconds{{listener=\"{l}\"}}")
+        };
+        assert_eq!(
+            gate.metric(&expiry("ext_authz")).await,
+            Some(67_090_118_400.0)
+        );
+        assert_eq!(gate.metric(&expiry("proxy")).await, None);
         gate.stop().await;
     }
 }

@@ -1003,11 +1003,28 @@ impl Pki {
     /// A new certificate for `names` (IP addresses or DNS names) signed by this CA; a client
     /// certificate when `client`.
     pub fn issue(&self, names: &[&str], client: bool) -> Issued {
+        self.issue_with(names, client, None)
+    }
+
+    /// A server certificate for `names` valid until midnight UTC of `(year, month, day)`.
+    pub fn issue_until(&self, names: &[&str], (y, m, d): (i32, u8, u8)) -> Issued {
+        self.issue_with(names, false, Some(rcgen::date_time_ymd(y, m, d)))
+    }
+
+    fn issue_with(
+        &self,
+        names: &[&str],
+        client: bool,
+        not_after: Option<time::OffsetDateTime>,
+    ) -> Issued {
         let key = rcgen::KeyPair::generate().unwrap();
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let mut params = rcgen::CertificateParams::new(names).unwrap();
         if client {
             params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        }
+        if let Some(at) = not_after {
+            params.not_after = at;
         }
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         Issued {
