@@ -41,7 +41,10 @@ for path in sys.argv[1:]:
         if len(cells) < 5 or cells[0] not in ("nginx-gate", "keygate"):
             continue
         if cells[0] not in found:  # the results table, the report's first
-            found[cells[0]] = (ms(cells[3]), float(cells[4].split()[0]))
+            try:
+                found[cells[0]] = (ms(cells[3]), float(cells[4].split()[0]))
+            except (AttributeError, ValueError):
+                sys.exit(f"{path}: {cells[0]} was not measured ({line.strip()})")
         elif cells[0] not in busy:  # the CPU table: the proxy's share of core 0, core 0 busy
             busy[cells[0]] = float(cells[2].rstrip("%")) - float(cells[1].rstrip("%"))
     if len(found) != 2:

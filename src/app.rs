@@ -339,6 +339,13 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
             drain,
         ));
     }
+    // Bound here, where it always was (a busy port fails start-up before the hub runs);
+    // served after the hub, so that it knows every TLS listener.
+    let admin_listener = match settings.admin {
+        Some(addr) => Some(bind("admin.listen", addr).await?),
+        None => None,
+    };
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
     let mut sync_addr = None;
     if let Some(sync) = settings.sync_server.clone() {
         let listener = bind("sync_server.listen", sync.listen).await?;
@@ -355,10 +362,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
             stopped(fronts_rx.clone()),
         ));
     }
-    let mut admin_addr = None;
-    if let Some(addr) = settings.admin {
-        let listener = bind("admin.listen", addr).await?;
-        admin_addr = listener.local_addr().ok();
+    if let Some(listener) = admin_listener {
         tasks.spawn(crate::admin::serve(
             listener,
             crate::admin::AdminState {

@@ -310,8 +310,9 @@ impl TlsServer {
 
     /// When the certificate new connections are served stops being valid (its notAfter), in
     /// seconds since the Unix epoch: for `/metrics`, so that a rotation that stopped happening
-    /// is seen before clients refuse the certificate. `None` only for a certificate rustls
-    /// accepted whose validity does not parse as X.509.
+    /// is seen before clients refuse the certificate. The leaf's (the first in `tls_cert`), not
+    /// an intermediate's. `None` for a certificate rustls accepted that x509-cert's strict
+    /// DER parser does not (the metric is then absent).
     pub fn not_after(&self) -> Option<u64> {
         not_after(&self.certificate())
     }
