@@ -246,15 +246,8 @@ async fn idle_http2_connections_say_goodbye_and_serve_what_crossed_it() {
     use support::h2_frames::*;
     let (gate, key, upstream, _snap) = h2_gate("[limits]\nidle_timeout = \"1s\"\n").await;
     let authority = gate.addr.to_string();
-    let request = [
-        (":method", "GET"),
-        (":scheme", "http"),
-        (":authority", authority.as_str()),
-        (":path", "/v1/analyses/1"),
-        ("x-api-key", key.as_str()),
-    ];
     let mut h2 = RawH2::connect(gate.addr).await;
-    h2.headers(1, &request, true).await;
+    h2.get(1, &authority, "/v1/analyses/1", &key).await;
     let answered = |f: &Frame, stream| f.kind == HEADERS && f.stream == stream;
     loop {
         let f = h2.next(Duration::from_secs(5)).await.expect("an answer");
@@ -279,7 +272,7 @@ async fn idle_http2_connections_say_goodbye_and_serve_what_crossed_it() {
     );
 
     // A request that crossed the GOAWAY is served in full.
-    h2.headers(3, &request, true).await;
+    h2.get(3, &authority, "/v1/analyses/1", &key).await;
     loop {
         let f = h2
             .next(Duration::from_secs(5))
@@ -313,18 +306,7 @@ async fn a_client_that_ignores_the_goodbye_is_closed_anyway() {
     let (gate, key, _upstream, _snap) = h2_gate("[limits]\nidle_timeout = \"1s\"\n").await;
     let authority = gate.addr.to_string();
     let mut h2 = RawH2::connect(gate.addr).await;
-    h2.headers(
-        1,
-        &[
-            (":method", "GET"),
-            (":scheme", "http"),
-            (":authority", authority.as_str()),
-            (":path", "/v1/analyses/1"),
-            ("x-api-key", key.as_str()),
-        ],
-        true,
-    )
-    .await;
+    h2.get(1, &authority, "/v1/analyses/1", &key).await;
     let mut goaway = None;
     let started = Instant::now();
     while let Some(f) = h2.next(Duration::from_secs(6)).await {
@@ -495,18 +477,7 @@ async fn shutdown_says_goodbye_to_http2_and_finishes_the_stream_in_flight() {
     let (gate, key, upstream, _snap) = h2_gate("").await;
     let authority = gate.addr.to_string();
     let mut h2 = RawH2::connect(gate.addr).await;
-    h2.headers(
-        1,
-        &[
-            (":method", "GET"),
-            (":scheme", "http"),
-            (":authority", authority.as_str()),
-            (":path", "/slow/1500"),
-            ("x-api-key", key.as_str()),
-        ],
-        true,
-    )
-    .await;
+    h2.get(1, &authority, "/slow/1500", &key).await;
     assert!(
         eventually(Duration::from_secs(5), || upstream.count() == 1).await,
         "the request never reached the upstream"

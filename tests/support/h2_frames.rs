@@ -94,6 +94,18 @@ impl RawH2 {
         self.send(HEADERS, flags, stream, &block).await;
     }
 
+    /// A whole `GET` of `path` on `stream` with `key` as its `x-api-key`, over plain HTTP.
+    pub async fn get(&mut self, stream: u32, authority: &str, path: &str, key: &str) {
+        let fields = [
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":authority", authority),
+            (":path", path),
+            ("x-api-key", key),
+        ];
+        self.headers(stream, &fields, true).await;
+    }
+
     /// The next frame, or `None` once the server has closed the connection. Panics if nothing
     /// comes within `within`.
     pub async fn next(&mut self, within: Duration) -> Option<Frame> {
