@@ -230,15 +230,13 @@ async fn check(
     let snapshot = state.store.serving();
     let facts = RequestFacts::from_read(method, &normalized, host, client, &read);
     let credential = facts.credential;
-    let in_force = snapshot.as_ref().and_then(|g| g.as_deref());
-    let (limits, usage) = (&state.limits, &state.usage);
     let Admitted { allow, limit } = match admit(
-        in_force,
+        snapshot.as_ref().and_then(|g| g.as_deref()),
         &state.policy,
         &facts,
         now_ms(),
-        limits,
-        usage,
+        &state.limits,
+        &state.usage,
         note,
     )
     .await

@@ -260,15 +260,13 @@ async fn decide_check(
         idempotency_key: headers.single(names.idempotency_key.as_str()),
     };
     let snapshot = state.store.serving();
-    let in_force = snapshot.as_ref().and_then(|g| g.as_deref());
-    let (limits, usage) = (&state.limits, &state.usage);
     match admit(
-        in_force,
+        snapshot.as_ref().and_then(|g| g.as_deref()),
         &state.policy,
         &facts,
         now_ms(),
-        limits,
-        usage,
+        &state.limits,
+        &state.usage,
         note,
     )
     .await

@@ -370,17 +370,17 @@ impl<S> Watched<S> {
                 // client, half a preface, half a head) or whose client stopped reading is cut
                 // at once, as before; so is one told goodbye already and still here unused a
                 // grace period later.
-                let asked = if now.0 > 0 && !in_flight {
-                    a.goodbye.compare_exchange(
-                        GOODBYE_OFFERED,
-                        GOODBYE_DUE,
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    )
-                } else {
-                    Err(GOODBYE_NONE)
-                };
-                if asked.is_err() {
+                let asked = now.0 > 0
+                    && !in_flight
+                    && a.goodbye
+                        .compare_exchange(
+                            GOODBYE_OFFERED,
+                            GOODBYE_DUE,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        )
+                        .is_ok();
+                if !asked {
                     return Poll::Ready(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         "connection closed: unused for too long",
@@ -440,20 +440,22 @@ where
     let mut stopped = std::pin::pin!(stopped);
     let mut goodbye = Some(goodbye);
     std::future::poll_fn(|cx| {
-        if goodbye.is_some() && stopped.as_mut().poll(cx).is_ready() {
-            if let Some(say) = goodbye.take() {
-                say(conn.as_mut());
-            }
+        // `stopped` is polled only until the goodbye is said, so never after it completed.
+        if let Some(say) = goodbye.take_if(|_| stopped.as_mut().poll(cx).is_ready()) {
+            say(conn.as_mut());
         }
         let served = conn.as_mut().poll(cx);
-        // The connection's IO marks the goodbye due from inside the poll just made.
-        if served.is_pending() && goodbye.is_some() && activity.goodbye_due() {
-            if let Some(say) = goodbye.take() {
-                say(conn.as_mut());
-            }
-            return conn.as_mut().poll(cx);
+        if served.is_ready() {
+            return served;
         }
-        served
+        // The connection's IO marks the goodbye due from inside the poll just made.
+        match goodbye.take_if(|_| activity.goodbye_due()) {
+            Some(say) => {
+                say(conn.as_mut());
+                conn.as_mut().poll(cx)
+            }
+            None => served,
+        }
     })
     .await
 }

@@ -488,14 +488,12 @@ async fn answer(
     );
     let credential = facts.credential;
     let now = now_ms();
-    let in_force = snapshot.as_ref().and_then(|g| g.as_deref());
-    let limits = &state.limits;
     let Admitted { allow, limit } = match admit(
-        in_force,
+        snapshot.as_ref().and_then(|g| g.as_deref()),
         &state.policy,
         &facts,
         now,
-        limits,
+        &state.limits,
         &state.usage,
         note,
     )

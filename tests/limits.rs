@@ -248,14 +248,8 @@ async fn idle_http2_connections_say_goodbye_and_serve_what_crossed_it() {
     let authority = gate.addr.to_string();
     let mut h2 = RawH2::connect(gate.addr).await;
     h2.get(1, &authority, "/v1/analyses/1", &key).await;
-    let answered = |f: &Frame, stream| f.kind == HEADERS && f.stream == stream;
-    loop {
-        let f = h2.next(Duration::from_secs(5)).await.expect("an answer");
-        assert_ne!(f.kind, GOAWAY, "{f:?}");
-        if answered(&f, 1) {
-            break;
-        }
-    }
+    let before = h2.response_head(1).await;
+    assert!(before.iter().all(|f| f.kind != GOAWAY), "{before:?}");
     let used = Instant::now();
 
     // Unused from now on: the first GOAWAY comes an idle period or two later.
@@ -273,19 +267,7 @@ async fn idle_http2_connections_say_goodbye_and_serve_what_crossed_it() {
 
     // A request that crossed the GOAWAY is served in full.
     h2.get(3, &authority, "/v1/analyses/1", &key).await;
-    loop {
-        let f = h2
-            .next(Duration::from_secs(5))
-            .await
-            .expect("stream 3's answer");
-        assert!(
-            !(f.kind == RST_STREAM && f.stream == 3),
-            "stream 3 was reset: {f:?}"
-        );
-        if answered(&f, 3) {
-            break;
-        }
-    }
+    h2.response_head(3).await;
     assert_eq!(upstream.count(), 2, "the upstream saw both requests");
 
     // The client answers the PING: the final GOAWAY names stream 3, then the connection closes.
@@ -491,19 +473,7 @@ async fn shutdown_says_goodbye_to_http2_and_finishes_the_stream_in_flight() {
         stopping.elapsed()
     );
     assert_eq!(first.goaway(), (0x7fff_ffff, 0));
-    loop {
-        let f = h2
-            .next(Duration::from_secs(5))
-            .await
-            .expect("stream 1's answer");
-        assert!(
-            !(f.kind == RST_STREAM && f.stream == 1),
-            "stream 1 was reset: {f:?}"
-        );
-        if f.kind == HEADERS && f.stream == 1 {
-            break;
-        }
-    }
+    h2.response_head(1).await;
     assert!(
         stopping.elapsed() >= Duration::from_millis(1000),
         "answered before the upstream did"

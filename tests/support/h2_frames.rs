@@ -156,6 +156,26 @@ impl RawH2 {
         }
     }
 
+    /// Reads up to the HEADERS that begin `stream`'s answer (panics if the stream is reset
+    /// instead): the frames that came before it.
+    pub async fn response_head(&mut self, stream: u32) -> Vec<Frame> {
+        let mut before = Vec::new();
+        loop {
+            let f = self
+                .next(Duration::from_secs(5))
+                .await
+                .unwrap_or_else(|| panic!("closed before stream {stream}'s answer"));
+            assert!(
+                !(f.kind == RST_STREAM && f.stream == stream),
+                "stream {stream} was reset: {f:?}"
+            );
+            if f.kind == HEADERS && f.stream == stream {
+                return before;
+            }
+            before.push(f);
+        }
+    }
+
     /// Answers the PING that came with the server's goodbye, then reads to the close: the last
     /// GOAWAY's last stream id and error code.
     pub async fn goodbye(&mut self) -> Option<(u32, u32)> {
