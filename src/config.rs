@@ -164,6 +164,7 @@ pub struct RawProxy {
     pub max_header_bytes: Option<usize>,
     pub max_headers: Option<usize>,
     pub pool_idle_per_host: Option<usize>,
+    pub upstream_host: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub client_ca: Option<PathBuf>,
@@ -542,10 +543,22 @@ pub struct ProxySettings {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub pool_idle_per_host: usize,
+    /// The `Host` the upstream receives.
+    pub upstream_host: UpstreamHost,
     /// Terminate TLS on `listen`.
     pub tls: Option<ServerTlsSettings>,
     /// Set exactly when the upstream is `https://`.
     pub upstream_tls: Option<UpstreamTlsSettings>,
+}
+
+/// Which `Host` a forwarded request carries (`proxy.upstream_host`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamHost {
+    /// The host the client addressed (its `Host`, or an HTTP/2 request's `:authority`).
+    Client,
+    /// The authority of `proxy.upstream`, as a virtual-hosted upstream expects; the client's
+    /// host goes on in `X-Forwarded-Host`.
+    Upstream,
 }
 
 /// Where an asking front listens, and whose `X-Forwarded-For` it believes.
@@ -1746,6 +1759,17 @@ impl Validator<'_> {
             raw.tls_key.as_ref(),
             raw.client_ca.as_ref(),
         );
+        let upstream_host = match raw.upstream_host.as_deref().map(str::trim) {
+            None | Some("client") => UpstreamHost::Client,
+            Some("upstream") => UpstreamHost::Upstream,
+            Some(other) => {
+                self.problem(
+                    "proxy.upstream_host",
+                    format!("{other:?} must be \"client\" or \"upstream\""),
+                );
+                UpstreamHost::Client
+            }
+        };
         let upstream_tls = self.upstream_tls(raw, upstream.as_ref());
         let (scheme, authority) = upstream?;
         Some(ProxySettings {
@@ -1759,6 +1783,7 @@ impl Validator<'_> {
             max_header_bytes,
             max_headers,
             pool_idle_per_host: raw.pool_idle_per_host.unwrap_or(64),
+            upstream_host,
             tls,
             upstream_tls,
         })

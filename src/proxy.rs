@@ -29,8 +29,7 @@ use tokio::net::TcpListener;
 
 use crate::admit::{admit, Admitted, Refused};
 use crate::client_ip::{client_ip, is_trusted};
-use crate::config::Limits;
-use crate::config::{HeaderNames, Policy, ProxySettings};
+use crate::config::{HeaderNames, Limits, Policy, ProxySettings, UpstreamHost};
 use crate::credential::Credential;
 use crate::decision::{now_ms, RequestFacts};
 use crate::deny::DenyReason;
@@ -569,13 +568,17 @@ async fn answer(
         host.as_ref(),
         &state.settings.trusted_proxies,
     );
-    // HTTP/1.1 needs a Host: the client's, the authority of an absolute-form target, or
-    // (HTTP/1.0 without one) the upstream's.
-    if parts.uri.authority().is_some() || !h.contains(&header::HOST) {
-        let host = host.unwrap_or_else(|| {
-            HeaderValue::from_str(state.settings.upstream.as_str())
-                .expect("an authority is a header value")
-        });
+    // HTTP/1.1 needs a Host: the upstream's when configured so; else the client's, the
+    // authority of an absolute-form target, or (HTTP/1.0 without one) the upstream's.
+    let upstream_host = || {
+        HeaderValue::from_str(state.settings.upstream.as_str())
+            .expect("an authority is a header value")
+    };
+    if state.settings.upstream_host == UpstreamHost::Upstream {
+        h.remove(&header::HOST);
+        added.push(&header::HOST, &upstream_host());
+    } else if parts.uri.authority().is_some() || !h.contains(&header::HOST) {
+        let host = host.unwrap_or_else(upstream_host);
         h.remove(&header::HOST);
         added.push(&header::HOST, &host);
     }

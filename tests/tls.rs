@@ -211,6 +211,79 @@ async fn the_upstream_host_name_is_the_sni_and_connections_are_reused() {
     gate.stop().await;
 }
 
+/// A virtual-hosted https upstream routes by `Host`: with `upstream_host = "upstream"` it gets
+/// its own authority whatever the client addressed (HTTP/1.1 `Host`, an absolute-form target,
+/// HTTP/2's `:authority`, HTTP/1.0 with none), exactly once; the client's host goes on in
+/// `X-Forwarded-Host`. By default the client's `Host` is kept.
+#[tokio::test]
+async fn upstream_host_sends_the_upstreams_own_authority() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let upstream = Upstream::start_tls(pki.issue(&["localhost"], false).server_config(None)).await;
+    let key = mint("sk_live_");
+    let snap = snapshot(&key);
+    let toml = |host: &str| {
+        config_toml_proxy(
+            &snap.path(),
+            upstream.addr,
+            &format!("upstream_ca_file = {:?}\n{host}", show(&pki.ca)),
+            "",
+        )
+        .replace(
+            &format!("upstream = \"http://{}\"", upstream.addr),
+            &format!("upstream = \"https://localhost:{}\"", upstream.addr.port()),
+        )
+    };
+    let own = format!("localhost:{}", upstream.addr.port());
+    let seen_host = |seen: &support::Seen| {
+        let hosts: Vec<_> = seen.headers.get_all("host").iter().collect();
+        assert_eq!(hosts.len(), 1, "{:?}", seen.headers);
+        let forwarded = seen
+            .headers
+            .get("x-forwarded-host")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (hosts[0].to_str().unwrap().to_owned(), forwarded)
+    };
+
+    let gate = Gate::start(&toml("upstream_host = \"upstream\"\n")).await;
+    let client_host = gate.addr.to_string();
+    for c in [client(), h2_client()] {
+        let a = get(&c, &gate.url("/v1/analyses/1"), &[("x-api-key", &key)]).await;
+        assert_eq!(a.status, 200, "{a:?}");
+        assert_eq!(
+            seen_host(&upstream.last()),
+            (own.clone(), Some(client_host.clone()))
+        );
+    }
+    let spoofed = format!(
+        "GET http://evil.example/v1/analyses/1 HTTP/1.1\r\nHost: evil.example\r\nX-Api-Key: {key}\r\n\r\n"
+    );
+    assert_eq!(raw(gate.addr, spoofed.as_bytes()).await.status, 200);
+    assert_eq!(
+        seen_host(&upstream.last()),
+        (own.clone(), Some("evil.example".into()))
+    );
+    let no_host = format!("GET /v1/analyses/1 HTTP/1.0\r\nX-Api-Key: {key}\r\n\r\n");
+    assert_eq!(raw(gate.addr, no_host.as_bytes()).await.status, 200);
+    assert_eq!(seen_host(&upstream.last()), (own.clone(), None));
+    gate.stop().await;
+
+    let gate = Gate::start(&toml("")).await;
+    let a = get(
+        &client(),
+        &gate.url("/v1/analyses/1"),
+        &[("x-api-key", &key)],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let client_host = gate.addr.to_string();
+    assert_eq!(
+        seen_host(&upstream.last()),
+        (client_host.clone(), Some(client_host))
+    );
+    gate.stop().await;
+}
+
 #[tokio::test]
 async fn upstream_client_certificate_for_an_upstream_that_requires_one() {
     let dir = tempfile::tempdir().unwrap();

@@ -250,6 +250,11 @@ fn each_problem_names_its_dotted_key() {
             "proxy.upstream_server_name",
         ),
         (
+            "upstream_host that is neither client nor upstream",
+            edit("upstream = ", "upstream_host = \"api.internal\"\nupstream = "),
+            "proxy.upstream_host",
+        ),
+        (
             "proxy.tls_cert without its key",
             edit("upstream = ", "tls_cert = \"Cargo.toml\"\nupstream = "),
             "proxy.tls_key",
