@@ -50,10 +50,11 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: impl Futu
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     let graceful = GracefulShutdown::new();
-    let connections = Connections::new(state.resources.max_connections);
+    let connections = Connections::new(state.resources.max_connections, 0);
     tokio::pin!(shutdown);
     while let Some((stream, _, open)) =
-        crate::listen::next_connection(&listener, shutdown.as_mut(), "admin", &connections).await
+        crate::listen::next_connection(&listener, shutdown.as_mut(), "admin", &connections, &[])
+            .await
     {
         let activity = Activity::new();
         let stream = Watched::new(

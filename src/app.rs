@@ -172,7 +172,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
         .map(|i| Arc::new(crate::idempotency::Idempotency::new(i)));
 
     let telemetry = Arc::new(crate::telemetry::Telemetry::new(
-        settings.limits.max_connections,
+        &settings.limits,
         settings.log.decisions,
     ));
     let (stop, rx) = watch::channel(false);
@@ -357,7 +357,10 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
             listener,
             hub,
             tls,
-            crate::telemetry::Connections::new(settings.limits.max_connections),
+            crate::telemetry::Connections::new(
+                settings.limits.max_connections,
+                settings.limits.max_connections_per_ip,
+            ),
             settings.limits.idle_timeout,
             stopped(fronts_rx.clone()),
         ));

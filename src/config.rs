@@ -286,6 +286,7 @@ pub struct RawShutdown {
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     pub max_connections: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
     pub http2_max_concurrent_streams: Option<u32>,
     pub http2_max_pending_accept_reset_streams: Option<usize>,
     pub http2_max_local_error_reset_streams: Option<usize>,
@@ -631,6 +632,9 @@ pub struct ShutdownSettings {
 pub struct Limits {
     /// Open connections per front; one more is closed at once.
     pub max_connections: usize,
+    /// Open connections per front from one client address (an IPv6 /64), trusted proxies
+    /// aside; 0: no such limit.
+    pub max_connections_per_ip: usize,
     pub http2_max_concurrent_streams: u32,
     pub http2_max_pending_accept_reset_streams: usize,
     pub http2_max_local_error_reset_streams: usize,
@@ -644,6 +648,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 10_000,
+            max_connections_per_ip: 0,
             http2_max_concurrent_streams: 200,
             http2_max_pending_accept_reset_streams: 20,
             http2_max_local_error_reset_streams: 1024,
@@ -1177,6 +1182,13 @@ impl Validator<'_> {
             1,
             1_000_000,
         );
+        let per_ip = count(
+            "limits.max_connections_per_ip",
+            raw.max_connections_per_ip,
+            d.max_connections_per_ip,
+            0,
+            1_000_000,
+        );
         let streams = count(
             "limits.http2_max_concurrent_streams",
             raw.http2_max_concurrent_streams.map(|n| n as usize),
@@ -1200,6 +1212,7 @@ impl Validator<'_> {
         );
         Limits {
             max_connections,
+            max_connections_per_ip: per_ip,
             http2_max_concurrent_streams: streams,
             http2_max_pending_accept_reset_streams: pending_resets,
             http2_max_local_error_reset_streams: local_resets,

@@ -1,19 +1,20 @@
 //! The accept loop every HTTP front shares: the next connection, or `None` once shutdown begins.
 //! Accept errors (out of file descriptors and the like) are logged and retried after a short
-//! pause instead of spinning. A connection past the front's `limits.max_connections` is reset
-//! at once, so the client learns immediately instead of waiting in a queue; one that stays
+//! pause instead of spinning. A connection past the front's `limits.max_connections` (or its
+//! address's `limits.max_connections_per_ip`) is reset at once, so the client learns
+//! immediately instead of waiting in a queue; one that stays
 //! without a request in flight for too long is closed ([`Watched`]), so a silent client cannot
 //! hold a place.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::task::{Context, Poll};
-
+use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::wrappers::ReceiverStream;
@@ -26,14 +27,17 @@ pub async fn next_connection<F: Future<Output = ()>>(
     mut shutdown: Pin<&mut F>,
     front: &'static str,
     connections: &Arc<Connections>,
+    trusted: &[IpNet],
 ) -> Option<(TcpStream, SocketAddr, ConnectionGuard)> {
     loop {
         tokio::select! {
             _ = shutdown.as_mut() => return None,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let Some(guard) = connections.admit() else {
-                        tracing::debug!(front, %peer, "connection refused: limits.max_connections reached");
+                    let ip = crate::snapshot::canonical_ip(peer.ip());
+                    let exempt = crate::client_ip::is_trusted(ip, trusted);
+                    let Some(guard) = connections.admit(ip, exempt) else {
+                        tracing::debug!(front, %peer, "connection refused: limits.max_connections or max_connections_per_ip reached");
                         // An RST rather than a FIN: nothing was read, nothing will be answered.
                         let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
                         drop(stream);
@@ -176,7 +180,7 @@ pub fn counted_incoming(
         let closed = closed.closed();
         tokio::pin!(closed);
         while let Some((stream, _, open)) =
-            next_connection(&listener, closed.as_mut(), front, &connections).await
+            next_connection(&listener, closed.as_mut(), front, &connections, &[]).await
         {
             let stream = Watched::new(stream, Activity::new(), FIRST_REQUEST, idle).holding(open);
             if tx.send(Ok(stream)).await.is_err() {

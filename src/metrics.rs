@@ -75,9 +75,14 @@ fn fronts(registry: &mut Registry, telemetry: &Telemetry, fronts: &[Front]) {
         }
         open.get_or_create(&vec![("front", name)])
             .set(i64::try_from(t.open_connections).unwrap_or(i64::MAX));
-        refused
-            .get_or_create(&vec![("front", name)])
-            .inc_by(t.refused_connections);
+        for (reason, n) in [
+            ("max_connections", t.refused_connections),
+            ("max_connections_per_ip", t.refused_connections_per_ip),
+        ] {
+            refused
+                .get_or_create(&vec![("front", name), ("reason", reason)])
+                .inc_by(n);
+        }
         decision.push((name, t.decision));
         request.push((name, t.request));
     }
@@ -111,7 +116,8 @@ fn fronts(registry: &mut Registry, telemetry: &Telemetry, fronts: &[Front]) {
     registry.register("connections_open", "Connections open now, by front", open);
     registry.register(
         "connections_refused",
-        "Connections reset at once because limits.max_connections were open",
+        "Connections reset at once, by front and reason: limits.max_connections were open, \
+         or limits.max_connections_per_ip from the client's address",
         refused,
     );
 }

@@ -187,9 +187,14 @@ pub async fn serve(
     // and close, HTTP/2 ones say goodbye (GOAWAY) and finish their streams.
     let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
-    while let Some((stream, peer, open)) =
-        crate::listen::next_connection(&listener, shutdown.as_mut(), "proxy", &state.connections)
-            .await
+    while let Some((stream, peer, open)) = crate::listen::next_connection(
+        &listener,
+        shutdown.as_mut(),
+        "proxy",
+        &state.connections,
+        &state.settings.trusted_proxies,
+    )
+    .await
     {
         let tls = state.tls.clone();
         let activity = Activity::new();

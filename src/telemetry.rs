@@ -4,13 +4,15 @@
 //! into a [`Shard`] owned by one proxy thread (no cache line shared between threads in the
 //! thread-per-core layout); `/metrics` sums the shards when scraped.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dashmap::DashMap;
 use http::HeaderValue;
 
-use crate::config::DecisionLog;
+use crate::config::{DecisionLog, Limits};
 use crate::deny::{DenyReason, CODES};
 
 /// The fronts that decide requests.
@@ -241,53 +243,109 @@ impl Drop for Record<'_> {
     }
 }
 
-/// Open connections of one front, against `limits.max_connections`.
+/// Open connections of one front, against `limits.max_connections` and, per client address,
+/// `limits.max_connections_per_ip`.
 pub struct Connections {
     open: AtomicUsize,
     max: usize,
     refused: AtomicU64,
+    /// 0: no limit per address.
+    per_ip: usize,
+    /// Connections open per client address ([`ip_key`]); empty without a limit.
+    by_ip: DashMap<IpAddr, usize>,
+    refused_per_ip: AtomicU64,
 }
 
 /// Held while a connection is open.
-pub struct ConnectionGuard(Arc<Connections>);
+pub struct ConnectionGuard {
+    connections: Arc<Connections>,
+    /// The address it counts against, when there is a limit per address.
+    ip: Option<IpAddr>,
+}
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        let c = &self.connections;
+        if let Some(ip) = self.ip {
+            if let dashmap::Entry::Occupied(mut open) = c.by_ip.entry(ip) {
+                if *open.get() <= 1 {
+                    open.remove();
+                } else {
+                    *open.get_mut() -= 1;
+                }
+            }
+        }
+        c.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The address a connection counts against for `limits.max_connections_per_ip`: an IPv4
+/// address (also when it comes IPv4-mapped on an IPv6 socket), or an IPv6 address's /64, the
+/// block one host is usually given, so that a client cannot take a new place per address.
+pub fn ip_key(ip: IpAddr) -> IpAddr {
+    match crate::snapshot::canonical_ip(ip) {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !(u128::from(u64::MAX))).into()),
+        v4 => v4,
     }
 }
 
 impl Connections {
-    pub fn new(max: usize) -> Arc<Self> {
+    /// `per_ip` 0: no limit per client address.
+    pub fn new(max: usize, per_ip: usize) -> Arc<Self> {
         Arc::new(Connections {
             open: AtomicUsize::new(0),
             max,
             refused: AtomicU64::new(0),
+            per_ip,
+            by_ip: DashMap::new(),
+            refused_per_ip: AtomicU64::new(0),
         })
     }
 
-    /// Take a place for a new connection, or `None` (counted as refused) when all are taken.
-    pub fn admit(self: &Arc<Self>) -> Option<ConnectionGuard> {
+    /// Take a place for a new connection from `peer`, or `None` (counted as refused) when all
+    /// are taken, or all of its address's unless it is `exempt` (a trusted proxy, which speaks
+    /// for many clients).
+    pub fn admit(self: &Arc<Self>, peer: IpAddr, exempt: bool) -> Option<ConnectionGuard> {
         let taken = self
             .open
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 (n < self.max).then_some(n + 1)
             });
-        match taken {
-            Ok(_) => Some(ConnectionGuard(self.clone())),
-            Err(_) => {
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                None
-            }
+        if taken.is_err() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
         }
+        let mut guard = ConnectionGuard {
+            connections: self.clone(),
+            ip: None,
+        };
+        if self.per_ip > 0 && !exempt {
+            let ip = ip_key(peer);
+            let mut open = self.by_ip.entry(ip).or_insert(0);
+            if *open >= self.per_ip {
+                drop(open);
+                self.refused_per_ip.fetch_add(1, Ordering::Relaxed);
+                // Gives the front's place back; the address's count was not taken.
+                return None;
+            }
+            *open += 1;
+            guard.ip = Some(ip);
+        }
+        Some(guard)
     }
 
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
     }
 
+    /// Refused because `limits.max_connections` were open.
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Refused because `limits.max_connections_per_ip` were open from the client's address.
+    pub fn refused_per_ip(&self) -> u64 {
+        self.refused_per_ip.load(Ordering::Relaxed)
     }
 }
 
@@ -311,13 +369,14 @@ pub struct FrontTotals {
     pub request: HistogramTotals,
     pub open_connections: usize,
     pub refused_connections: u64,
+    pub refused_connections_per_ip: u64,
 }
 
 impl Telemetry {
-    pub fn new(max_connections: usize, log: DecisionLog) -> Self {
+    pub fn new(limits: &Limits, log: DecisionLog) -> Self {
         let front = || FrontStats {
             shards: Mutex::new(Vec::new()),
-            connections: Connections::new(max_connections),
+            connections: Connections::new(limits.max_connections, limits.max_connections_per_ip),
         };
         Telemetry {
             fronts: [front(), front(), front()],
@@ -376,6 +435,7 @@ impl Telemetry {
             request: totals(shards.iter().map(|s| &s.request)),
             open_connections: stats.connections.open(),
             refused_connections: stats.connections.refused(),
+            refused_connections_per_ip: stats.connections.refused_per_ip(),
         }
     }
 }
@@ -386,7 +446,7 @@ mod tests {
 
     #[test]
     fn histograms_count_each_bucket_and_end_with_inf() {
-        let t = Telemetry::new(10, DecisionLog::None);
+        let t = Telemetry::new(&limits(10), DecisionLog::None);
         let s = t.shard(Front::Proxy);
         let start = Instant::now();
         let mut note = Note::default();
@@ -440,7 +500,7 @@ mod tests {
             .with_ansi(false)
             .finish();
         tracing::subscriber::with_default(subscriber, || {
-            let t = Telemetry::new(10, mode);
+            let t = Telemetry::new(&limits(10), mode);
             let s = t.shard(Front::AuthzHttp);
             let mut allowed = Note::default();
             allowed.key(
@@ -473,16 +533,65 @@ mod tests {
         assert_eq!(logged(DecisionLog::None), "");
     }
 
+    fn limits(max_connections: usize) -> Limits {
+        Limits {
+            max_connections,
+            ..Limits::default()
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn connections_past_the_limit_are_refused_and_places_come_back() {
-        let t = Telemetry::new(2, DecisionLog::None);
+        let t = Telemetry::new(&limits(2), DecisionLog::None);
         let c = t.connections(Front::AuthzHttp);
-        let a = c.admit().unwrap();
-        let _b = c.admit().unwrap();
-        assert!(c.admit().is_none());
+        let a = c.admit(ip("127.0.0.1"), false).unwrap();
+        let _b = c.admit(ip("127.0.0.1"), false).unwrap();
+        assert!(c.admit(ip("127.0.0.2"), true).is_none());
         assert_eq!((c.open(), c.refused()), (2, 1));
         drop(a);
-        assert!(c.admit().is_some());
+        assert!(c.admit(ip("127.0.0.1"), false).is_some());
         assert_eq!(t.totals(Front::AuthzHttp).refused_connections, 1);
+        assert_eq!(t.totals(Front::AuthzHttp).refused_connections_per_ip, 0);
+    }
+
+    #[test]
+    fn connections_past_the_limit_per_address_are_refused_but_not_a_trusted_proxys() {
+        let c = Connections::new(100, 2);
+        let first = c.admit(ip("203.0.113.7"), false).unwrap();
+        let _second = c.admit(ip("::ffff:203.0.113.7"), false).unwrap();
+        // The same address, IPv4-mapped or not; then the same IPv6 /64, whatever its host part.
+        assert!(c.admit(ip("203.0.113.7"), false).is_none());
+        let _v6 = c.admit(ip("2001:db8:1:2::1"), false).unwrap();
+        let _v6b = c.admit(ip("2001:db8:1:2:ffff::9"), false).unwrap();
+        assert!(c.admit(ip("2001:db8:1:2::3"), false).is_none());
+        // Another address or /64 has its own places; a trusted proxy is not counted.
+        let _other = c.admit(ip("2001:db8:1:3::1"), false).unwrap();
+        let proxies: Vec<_> = (0..5)
+            .map(|_| c.admit(ip("203.0.113.7"), true).unwrap())
+            .collect();
+        assert_eq!((c.open(), c.refused(), c.refused_per_ip()), (10, 0, 2));
+        // A closed connection gives its address's place back; an address with none open is
+        // forgotten.
+        drop(first);
+        let again = c.admit(ip("203.0.113.7"), false).unwrap();
+        drop(proxies);
+        drop(again);
+        drop(_second);
+        assert!(!c.by_ip.contains_key(&ip("203.0.113.7")));
+        assert_eq!(c.by_ip.len(), 2);
+        assert_eq!(c.open(), 3);
+    }
+
+    #[test]
+    fn without_a_limit_per_address_nothing_is_counted_per_address() {
+        let c = Connections::new(100, 0);
+        let open: Vec<_> = (0..50)
+            .map(|_| c.admit(ip("198.51.100.1"), false).unwrap())
+            .collect();
+        assert_eq!((open.len(), c.by_ip.len()), (50, 0));
     }
 }

@@ -74,8 +74,10 @@ async fn connections_past_the_limit_are_reset_at_once_and_counted() {
     }
     assert!(started.elapsed() < Duration::from_secs(1));
     assert_eq!(
-        gate.metric("keygate_connections_refused_total{front=\"proxy\"}")
-            .await,
+        gate.metric(
+            "keygate_connections_refused_total{front=\"proxy\",reason=\"max_connections\"}"
+        )
+        .await,
         Some(1.0)
     );
     assert_eq!(
@@ -105,9 +107,117 @@ async fn connections_past_the_limit_are_reset_at_once_and_counted() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
-        gate.metric("keygate_connections_refused_total{front=\"proxy\"}")
-            .await
+        gate.metric(
+            "keygate_connections_refused_total{front=\"proxy\",reason=\"max_connections\"}"
+        )
+        .await
             >= Some(1.0)
+    );
+    gate.stop().await;
+}
+
+/// A connection from `source` (any 127.0.0.0/8 address is this host) that sends `request` and
+/// tells whether it was answered 200 (`false`: reset or closed unanswered, as past a limit).
+async fn answered_from(source: &str, gate: &Gate, request: &str) -> (bool, Option<TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let Ok(mut stream) = socket.connect(gate.addr).await else {
+        return (false, None);
+    };
+    let mut buf = vec![0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(2), async {
+        stream.write_all(request.as_bytes()).await?;
+        stream.read(&mut buf).await
+    })
+    .await
+    .expect("answered or reset, not left hanging");
+    match read {
+        Ok(n) if String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200") => {
+            (true, Some(stream))
+        }
+        _ => (false, None),
+    }
+}
+
+#[tokio::test]
+async fn connections_past_the_limit_per_address_are_reset_but_not_others_or_trusted_proxies() {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let key = mint("sk_live_");
+    snap.write(&Doc::new(1).partner("partner_acme", None, "active").key(
+        "key_a",
+        &key,
+        json!({"scopes": ["analyses:read"]}),
+    ));
+    let toml = config_toml_proxy(
+        &snap.path(),
+        upstream.addr,
+        "trusted_proxies = [\"127.0.0.3\"]",
+        "[limits]\nmax_connections_per_ip = 2\n",
+    )
+    .replace(
+        "header_read_timeout = \"1s\"",
+        "header_read_timeout = \"10s\"",
+    );
+    let gate = Gate::start(&toml).await;
+    let request = format!("GET /v1/analyses/1 HTTP/1.1\r\nHost: api\r\nX-API-Key: {key}\r\n\r\n");
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (ok, stream) = answered_from("127.0.0.1", &gate, &request).await;
+        assert!(ok, "the address's first two connections are served");
+        held.extend(stream);
+    }
+    let started = Instant::now();
+    assert!(
+        !answered_from("127.0.0.1", &gate, &request).await.0,
+        "a third from the address is reset"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "at once, not queued"
+    );
+    // Another address has places of its own; a trusted proxy speaks for many clients.
+    let (ok, other) = answered_from("127.0.0.2", &gate, &request).await;
+    assert!(ok);
+    held.extend(other);
+    for _ in 0..3 {
+        let (ok, stream) = answered_from("127.0.0.3", &gate, &request).await;
+        assert!(ok, "a trusted proxy is not limited per address");
+        held.extend(stream);
+    }
+    let refused = |reason: &str| {
+        format!("keygate_connections_refused_total{{front=\"proxy\",reason=\"{reason}\"}}")
+    };
+    assert_eq!(
+        gate.metric(&refused("max_connections_per_ip")).await,
+        Some(1.0)
+    );
+    assert_eq!(gate.metric(&refused("max_connections")).await, Some(0.0));
+    assert_eq!(
+        gate.metric("keygate_connections_open{front=\"proxy\"}")
+            .await,
+        Some(6.0)
+    );
+
+    // A place comes back to the address when one of its connections closes.
+    drop(held.remove(0));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (ok, stream) = answered_from("127.0.0.1", &gate, &request).await;
+        if ok {
+            held.extend(stream);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no place came back to the address"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        upstream.count(),
+        7,
+        "only the connections let in reached the upstream"
     );
     gate.stop().await;
 }
