@@ -171,10 +171,13 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
         .idempotency
         .map(|i| Arc::new(crate::idempotency::Idempotency::new(i)));
 
-    let telemetry = Arc::new(crate::telemetry::Telemetry::new(
-        &settings.limits,
-        settings.log.decisions,
-    ));
+    let telemetry =
+        crate::telemetry::Telemetry::new(settings.limits.max_connections, settings.log.decisions);
+    let per_ip = settings
+        .proxy
+        .as_ref()
+        .map_or(0, |p| p.max_connections_per_ip);
+    let telemetry = Arc::new(telemetry.limit_per_ip(crate::telemetry::Front::Proxy, per_ip));
     let (stop, rx) = watch::channel(false);
     let (stop_fronts, fronts_rx) = watch::channel(false);
     let (closing, closing_rx) = watch::channel(false);
@@ -357,10 +360,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
             listener,
             hub,
             tls,
-            crate::telemetry::Connections::new(
-                settings.limits.max_connections,
-                settings.limits.max_connections_per_ip,
-            ),
+            crate::telemetry::Connections::new(settings.limits.max_connections, 0),
             settings.limits.idle_timeout,
             stopped(fronts_rx.clone()),
         ));

@@ -92,7 +92,7 @@ pub async fn serve(
         shutdown.as_mut(),
         "authz_http",
         &state.connections,
-        &state.settings.trusted_proxies,
+        &[],
     )
     .await
     {

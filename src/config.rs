@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderName;
+use http::{HeaderName, HeaderValue};
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -164,6 +164,7 @@ pub struct RawProxy {
     pub max_header_bytes: Option<usize>,
     pub max_headers: Option<usize>,
     pub pool_idle_per_host: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
     pub upstream_host: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -286,7 +287,6 @@ pub struct RawShutdown {
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     pub max_connections: Option<usize>,
-    pub max_connections_per_ip: Option<usize>,
     pub http2_max_concurrent_streams: Option<u32>,
     pub http2_max_pending_accept_reset_streams: Option<usize>,
     pub http2_max_local_error_reset_streams: Option<usize>,
@@ -544,6 +544,8 @@ pub struct ProxySettings {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub pool_idle_per_host: usize,
+    /// Connections open at once from one client address, `trusted_proxies` aside; 0: no limit.
+    pub max_connections_per_ip: usize,
     /// The `Host` the upstream receives.
     pub upstream_host: UpstreamHost,
     /// Terminate TLS on `listen`.
@@ -553,13 +555,34 @@ pub struct ProxySettings {
 }
 
 /// Which `Host` a forwarded request carries (`proxy.upstream_host`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamHost {
     /// The host the client addressed (its `Host`, or an HTTP/2 request's `:authority`).
     Client,
-    /// The authority of `proxy.upstream`, as a virtual-hosted upstream expects; the client's
-    /// host goes on in `X-Forwarded-Host`.
-    Upstream,
+    /// The upstream's own name, as a virtual-hosted upstream expects ([`upstream_host`]); the
+    /// client's host goes on in `X-Forwarded-Host`.
+    Upstream(HeaderValue),
+}
+
+/// The `Host` that names the upstream itself: the authority of `proxy.upstream`, or with
+/// `proxy.upstream_server_name` (an upstream reached by address whose certificate names a
+/// service) that name, with the upstream's port when it is not the scheme's default.
+pub fn upstream_host(
+    scheme: &http::uri::Scheme,
+    authority: &http::uri::Authority,
+    server_name: Option<&str>,
+) -> HeaderValue {
+    let text = match (server_name, authority.port_u16()) {
+        (None, _) => authority.as_str().to_owned(),
+        (Some(name), Some(port)) if !(port == 443 && *scheme == http::uri::Scheme::HTTPS) => {
+            format!("{name}:{port}")
+        }
+        (Some(name), _) => name.to_owned(),
+    };
+    // A server name that is no header value is refused as a problem of its own.
+    HeaderValue::from_str(&text)
+        .or_else(|_| HeaderValue::from_str(authority.as_str()))
+        .expect("an authority is a header value")
 }
 
 /// Where an asking front listens, and whose `X-Forwarded-For` it believes.
@@ -632,9 +655,6 @@ pub struct ShutdownSettings {
 pub struct Limits {
     /// Open connections per front; one more is closed at once.
     pub max_connections: usize,
-    /// Open connections per front from one client address (an IPv6 /64), trusted proxies
-    /// aside; 0: no such limit.
-    pub max_connections_per_ip: usize,
     pub http2_max_concurrent_streams: u32,
     pub http2_max_pending_accept_reset_streams: usize,
     pub http2_max_local_error_reset_streams: usize,
@@ -648,7 +668,6 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 10_000,
-            max_connections_per_ip: 0,
             http2_max_concurrent_streams: 200,
             http2_max_pending_accept_reset_streams: 20,
             http2_max_local_error_reset_streams: 1024,
@@ -1182,13 +1201,6 @@ impl Validator<'_> {
             1,
             1_000_000,
         );
-        let per_ip = count(
-            "limits.max_connections_per_ip",
-            raw.max_connections_per_ip,
-            d.max_connections_per_ip,
-            0,
-            1_000_000,
-        );
         let streams = count(
             "limits.http2_max_concurrent_streams",
             raw.http2_max_concurrent_streams.map(|n| n as usize),
@@ -1212,7 +1224,6 @@ impl Validator<'_> {
         );
         Limits {
             max_connections,
-            max_connections_per_ip: per_ip,
             http2_max_concurrent_streams: streams,
             http2_max_pending_accept_reset_streams: pending_resets,
             http2_max_local_error_reset_streams: local_resets,
@@ -1772,19 +1783,35 @@ impl Validator<'_> {
             raw.tls_key.as_ref(),
             raw.client_ca.as_ref(),
         );
-        let upstream_host = match raw.upstream_host.as_deref().map(str::trim) {
-            None | Some("client") => UpstreamHost::Client,
-            Some("upstream") => UpstreamHost::Upstream,
+        let max_connections_per_ip = raw.max_connections_per_ip.unwrap_or(0);
+        if max_connections_per_ip > 1_000_000 {
+            self.problem(
+                "proxy.max_connections_per_ip",
+                format!("{max_connections_per_ip} must be between 0 and 1000000"),
+            );
+        }
+        let own_host = match raw.upstream_host.as_deref().map(str::trim) {
+            None | Some("client") => false,
+            Some("upstream") => true,
             Some(other) => {
                 self.problem(
                     "proxy.upstream_host",
                     format!("{other:?} must be \"client\" or \"upstream\""),
                 );
-                UpstreamHost::Client
+                false
             }
         };
         let upstream_tls = self.upstream_tls(raw, upstream.as_ref());
         let (scheme, authority) = upstream?;
+        let upstream_host = if own_host {
+            UpstreamHost::Upstream(upstream_host(
+                &scheme,
+                &authority,
+                raw.upstream_server_name.as_deref().map(str::trim),
+            ))
+        } else {
+            UpstreamHost::Client
+        };
         Some(ProxySettings {
             listen: listen?,
             upstream: authority,
@@ -1796,6 +1823,7 @@ impl Validator<'_> {
             max_header_bytes,
             max_headers,
             pool_idle_per_host: raw.pool_idle_per_host.unwrap_or(64),
+            max_connections_per_ip,
             upstream_host,
             tls,
             upstream_tls,

@@ -1,7 +1,7 @@
 //! The accept loop every HTTP front shares: the next connection, or `None` once shutdown begins.
 //! Accept errors (out of file descriptors and the like) are logged and retried after a short
-//! pause instead of spinning. A connection past the front's `limits.max_connections` (or its
-//! address's `limits.max_connections_per_ip`) is reset at once, so the client learns
+//! pause instead of spinning. A connection past the front's `limits.max_connections` (or, on
+//! the proxy, its address's `proxy.max_connections_per_ip`) is reset at once, so the client learns
 //! immediately instead of waiting in a queue; one that stays
 //! without a request in flight for too long is closed ([`Watched`]), so a silent client cannot
 //! hold a place.
@@ -22,6 +22,9 @@ use tonic::transport::server::Connected;
 
 use crate::telemetry::{ConnectionGuard, Connections};
 
+/// The next connection on `listener` that [`Connections::admit`] lets in (one past a limit is
+/// reset and the next awaited), or `None` once `shutdown` resolves. `trusted`: peers not
+/// limited per address (the proxy's trusted proxies).
 pub async fn next_connection<F: Future<Output = ()>>(
     listener: &TcpListener,
     mut shutdown: Pin<&mut F>,
@@ -35,9 +38,8 @@ pub async fn next_connection<F: Future<Output = ()>>(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let ip = crate::snapshot::canonical_ip(peer.ip());
-                    let exempt = crate::client_ip::is_trusted(ip, trusted);
-                    let Some(guard) = connections.admit(ip, exempt) else {
-                        tracing::debug!(front, %peer, "connection refused: limits.max_connections or max_connections_per_ip reached");
+                    let Some(guard) = connections.admit(ip, trusted) else {
+                        tracing::debug!(front, %peer, "connection refused: limits.max_connections (or proxy.max_connections_per_ip) reached");
                         // An RST rather than a FIN: nothing was read, nothing will be answered.
                         let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
                         drop(stream);

@@ -75,13 +75,13 @@ fn fronts(registry: &mut Registry, telemetry: &Telemetry, fronts: &[Front]) {
         }
         open.get_or_create(&vec![("front", name)])
             .set(i64::try_from(t.open_connections).unwrap_or(i64::MAX));
-        for (reason, n) in [
-            ("max_connections", t.refused_connections),
-            ("max_connections_per_ip", t.refused_connections_per_ip),
-        ] {
+        refused
+            .get_or_create(&vec![("front", name), ("reason", "max_connections")])
+            .inc_by(t.refused_connections);
+        if front == Front::Proxy {
             refused
-                .get_or_create(&vec![("front", name), ("reason", reason)])
-                .inc_by(n);
+                .get_or_create(&vec![("front", name), ("reason", "max_connections_per_ip")])
+                .inc_by(t.refused_connections_per_ip);
         }
         decision.push((name, t.decision));
         request.push((name, t.request));
@@ -117,7 +117,7 @@ fn fronts(registry: &mut Registry, telemetry: &Telemetry, fronts: &[Front]) {
     registry.register(
         "connections_refused",
         "Connections reset at once, by front and reason: limits.max_connections were open, \
-         or limits.max_connections_per_ip from the client's address",
+         or proxy.max_connections_per_ip from the client's address",
         refused,
     );
 }

@@ -575,15 +575,14 @@ async fn answer(
     );
     // HTTP/1.1 needs a Host: the upstream's when configured so; else the client's, the
     // authority of an absolute-form target, or (HTTP/1.0 without one) the upstream's.
-    let upstream_host = || {
-        HeaderValue::from_str(state.settings.upstream.as_str())
-            .expect("an authority is a header value")
-    };
-    if state.settings.upstream_host == UpstreamHost::Upstream {
+    if let UpstreamHost::Upstream(own) = &state.settings.upstream_host {
         h.remove(&header::HOST);
-        added.push(&header::HOST, &upstream_host());
+        added.push(&header::HOST, own);
     } else if parts.uri.authority().is_some() || !h.contains(&header::HOST) {
-        let host = host.unwrap_or_else(upstream_host);
+        let host = host.unwrap_or_else(|| {
+            HeaderValue::from_str(state.settings.upstream.as_str())
+                .expect("an authority is a header value")
+        });
         h.remove(&header::HOST);
         added.push(&header::HOST, &host);
     }

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use http::HeaderValue;
+use ipnet::IpNet;
 
-use crate::config::{DecisionLog, Limits};
+use crate::config::DecisionLog;
 use crate::deny::{DenyReason, CODES};
 
 /// The fronts that decide requests.
@@ -243,15 +244,15 @@ impl Drop for Record<'_> {
     }
 }
 
-/// Open connections of one front, against `limits.max_connections` and, per client address,
-/// `limits.max_connections_per_ip`.
+/// Open connections of one front, against `limits.max_connections` and, on the proxy, per
+/// client address (`proxy.max_connections_per_ip`).
 pub struct Connections {
     open: AtomicUsize,
     max: usize,
     refused: AtomicU64,
     /// 0: no limit per address.
     per_ip: usize,
-    /// Connections open per client address ([`ip_key`]); empty without a limit.
+    /// Connections open per client address; empty without a limit.
     by_ip: DashMap<IpAddr, usize>,
     refused_per_ip: AtomicU64,
 }
@@ -279,16 +280,6 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// The address a connection counts against for `limits.max_connections_per_ip`: an IPv4
-/// address (also when it comes IPv4-mapped on an IPv6 socket), or an IPv6 address's /64, the
-/// block one host is usually given, so that a client cannot take a new place per address.
-pub fn ip_key(ip: IpAddr) -> IpAddr {
-    match crate::snapshot::canonical_ip(ip) {
-        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !(u128::from(u64::MAX))).into()),
-        v4 => v4,
-    }
-}
-
 impl Connections {
     /// `per_ip` 0: no limit per client address.
     pub fn new(max: usize, per_ip: usize) -> Arc<Self> {
@@ -302,10 +293,11 @@ impl Connections {
         })
     }
 
-    /// Take a place for a new connection from `peer`, or `None` (counted as refused) when all
-    /// are taken, or all of its address's unless it is `exempt` (a trusted proxy, which speaks
-    /// for many clients).
-    pub fn admit(self: &Arc<Self>, peer: IpAddr, exempt: bool) -> Option<ConnectionGuard> {
+    /// Take a place for a new connection from `peer` (its canonical form:
+    /// [`crate::snapshot::canonical_ip`]), or `None` (counted as refused) when all are taken,
+    /// or all of the address's, unless it is one of the `trusted` proxies, which speak for many
+    /// clients.
+    pub fn admit(self: &Arc<Self>, peer: IpAddr, trusted: &[IpNet]) -> Option<ConnectionGuard> {
         let taken = self
             .open
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
@@ -319,9 +311,8 @@ impl Connections {
             connections: self.clone(),
             ip: None,
         };
-        if self.per_ip > 0 && !exempt {
-            let ip = ip_key(peer);
-            let mut open = self.by_ip.entry(ip).or_insert(0);
+        if self.per_ip > 0 && !crate::client_ip::is_trusted(peer, trusted) {
+            let mut open = self.by_ip.entry(peer).or_insert(0);
             if *open >= self.per_ip {
                 drop(open);
                 self.refused_per_ip.fetch_add(1, Ordering::Relaxed);
@@ -329,7 +320,7 @@ impl Connections {
                 return None;
             }
             *open += 1;
-            guard.ip = Some(ip);
+            guard.ip = Some(peer);
         }
         Some(guard)
     }
@@ -343,7 +334,7 @@ impl Connections {
         self.refused.load(Ordering::Relaxed)
     }
 
-    /// Refused because `limits.max_connections_per_ip` were open from the client's address.
+    /// Refused because `proxy.max_connections_per_ip` were open from the client's address.
     pub fn refused_per_ip(&self) -> u64 {
         self.refused_per_ip.load(Ordering::Relaxed)
     }
@@ -373,15 +364,23 @@ pub struct FrontTotals {
 }
 
 impl Telemetry {
-    pub fn new(limits: &Limits, log: DecisionLog) -> Self {
+    pub fn new(max_connections: usize, log: DecisionLog) -> Self {
         let front = || FrontStats {
             shards: Mutex::new(Vec::new()),
-            connections: Connections::new(limits.max_connections, limits.max_connections_per_ip),
+            connections: Connections::new(max_connections, 0),
         };
         Telemetry {
             fronts: [front(), front(), front()],
             log,
         }
+    }
+
+    /// The same, with at most `per_ip` connections open at once from one client address on
+    /// `front` (0: no limit). Before any connection is counted.
+    pub fn limit_per_ip(mut self, front: Front, per_ip: usize) -> Self {
+        let stats = &mut self.fronts[front as usize];
+        stats.connections = Connections::new(stats.connections.max, per_ip);
+        self
     }
 
     fn stats(&self, front: Front) -> &FrontStats {
@@ -446,7 +445,7 @@ mod tests {
 
     #[test]
     fn histograms_count_each_bucket_and_end_with_inf() {
-        let t = Telemetry::new(&limits(10), DecisionLog::None);
+        let t = Telemetry::new(10, DecisionLog::None);
         let s = t.shard(Front::Proxy);
         let start = Instant::now();
         let mut note = Note::default();
@@ -500,7 +499,7 @@ mod tests {
             .with_ansi(false)
             .finish();
         tracing::subscriber::with_default(subscriber, || {
-            let t = Telemetry::new(&limits(10), mode);
+            let t = Telemetry::new(10, mode);
             let s = t.shard(Front::AuthzHttp);
             let mut allowed = Note::default();
             allowed.key(
@@ -533,64 +532,68 @@ mod tests {
         assert_eq!(logged(DecisionLog::None), "");
     }
 
-    fn limits(max_connections: usize) -> Limits {
-        Limits {
-            max_connections,
-            ..Limits::default()
-        }
-    }
-
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
     #[test]
     fn connections_past_the_limit_are_refused_and_places_come_back() {
-        let t = Telemetry::new(&limits(2), DecisionLog::None);
+        let t = Telemetry::new(2, DecisionLog::None);
         let c = t.connections(Front::AuthzHttp);
-        let a = c.admit(ip("127.0.0.1"), false).unwrap();
-        let _b = c.admit(ip("127.0.0.1"), false).unwrap();
-        assert!(c.admit(ip("127.0.0.2"), true).is_none());
+        let a = c.admit(ip("127.0.0.1"), &[]).unwrap();
+        let _b = c.admit(ip("127.0.0.1"), &[]).unwrap();
+        assert!(c.admit(ip("127.0.0.2"), &[]).is_none());
         assert_eq!((c.open(), c.refused()), (2, 1));
         drop(a);
-        assert!(c.admit(ip("127.0.0.1"), false).is_some());
+        assert!(c.admit(ip("127.0.0.1"), &[]).is_some());
         assert_eq!(t.totals(Front::AuthzHttp).refused_connections, 1);
         assert_eq!(t.totals(Front::AuthzHttp).refused_connections_per_ip, 0);
     }
 
     #[test]
     fn connections_past_the_limit_per_address_are_refused_but_not_a_trusted_proxys() {
-        let c = Connections::new(100, 2);
-        let first = c.admit(ip("203.0.113.7"), false).unwrap();
-        let _second = c.admit(ip("::ffff:203.0.113.7"), false).unwrap();
-        // The same address, IPv4-mapped or not; then the same IPv6 /64, whatever its host part.
-        assert!(c.admit(ip("203.0.113.7"), false).is_none());
-        let _v6 = c.admit(ip("2001:db8:1:2::1"), false).unwrap();
-        let _v6b = c.admit(ip("2001:db8:1:2:ffff::9"), false).unwrap();
-        assert!(c.admit(ip("2001:db8:1:2::3"), false).is_none());
-        // Another address or /64 has its own places; a trusted proxy is not counted.
-        let _other = c.admit(ip("2001:db8:1:3::1"), false).unwrap();
+        let t = Telemetry::new(100, DecisionLog::None).limit_per_ip(Front::Proxy, 2);
+        assert_eq!(
+            t.connections(Front::AuthzHttp).per_ip,
+            0,
+            "only the front named"
+        );
+        let c = t.connections(Front::Proxy);
+        let trusted = ["203.0.113.0/28".parse().unwrap()];
+        let first = c.admit(ip("198.51.100.7"), &trusted).unwrap();
+        let second = c.admit(ip("198.51.100.7"), &trusted).unwrap();
+        assert!(c.admit(ip("198.51.100.7"), &trusted).is_none());
+        // Each address has places of its own (IPv6 ones too: one address each, as nginx's and
+        // HAProxy's limits count them); a trusted proxy is not counted.
+        let _v6 = c.admit(ip("2001:db8::1"), &trusted).unwrap();
+        let _v6b = c.admit(ip("2001:db8::2"), &trusted).unwrap();
         let proxies: Vec<_> = (0..5)
-            .map(|_| c.admit(ip("203.0.113.7"), true).unwrap())
+            .map(|_| c.admit(ip("203.0.113.7"), &trusted).unwrap())
             .collect();
-        assert_eq!((c.open(), c.refused(), c.refused_per_ip()), (10, 0, 2));
+        assert_eq!((c.open(), c.refused(), c.refused_per_ip()), (9, 0, 1));
         // A closed connection gives its address's place back; an address with none open is
         // forgotten.
         drop(first);
-        let again = c.admit(ip("203.0.113.7"), false).unwrap();
-        drop(proxies);
-        drop(again);
-        drop(_second);
-        assert!(!c.by_ip.contains_key(&ip("203.0.113.7")));
-        assert_eq!(c.by_ip.len(), 2);
-        assert_eq!(c.open(), 3);
+        let again = c.admit(ip("198.51.100.7"), &trusted).unwrap();
+        assert!(c.admit(ip("198.51.100.7"), &trusted).is_none());
+        drop((proxies, again, second));
+        assert!(!c.by_ip.contains_key(&ip("198.51.100.7")));
+        assert_eq!((c.by_ip.len(), c.open()), (2, 2));
+        let totals = t.totals(Front::Proxy);
+        assert_eq!(
+            (
+                totals.refused_connections,
+                totals.refused_connections_per_ip
+            ),
+            (0, 2)
+        );
     }
 
     #[test]
     fn without_a_limit_per_address_nothing_is_counted_per_address() {
         let c = Connections::new(100, 0);
         let open: Vec<_> = (0..50)
-            .map(|_| c.admit(ip("198.51.100.1"), false).unwrap())
+            .map(|_| c.admit(ip("198.51.100.1"), &[]).unwrap())
             .collect();
         assert_eq!((open.len(), c.by_ip.len()), (50, 0));
     }

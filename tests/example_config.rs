@@ -30,6 +30,8 @@ fn example_config_loads_and_states_the_defaults() {
     assert_eq!(d.max_header_bytes, p.max_header_bytes);
     assert_eq!(d.max_headers, p.max_headers);
     assert_eq!(d.pool_idle_per_host, p.pool_idle_per_host);
+    assert_eq!(d.max_connections_per_ip, p.max_connections_per_ip);
+    assert_eq!(d.upstream_host, p.upstream_host);
     assert_eq!(d.tls, p.tls, "no TLS unless configured");
     assert_eq!(d.upstream_tls, p.upstream_tls);
     assert_eq!(

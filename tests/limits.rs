@@ -152,8 +152,8 @@ async fn connections_past_the_limit_per_address_are_reset_but_not_others_or_trus
     let toml = config_toml_proxy(
         &snap.path(),
         upstream.addr,
-        "trusted_proxies = [\"127.0.0.3\"]",
-        "[limits]\nmax_connections_per_ip = 2\n",
+        "trusted_proxies = [\"127.0.0.3\"]\nmax_connections_per_ip = 2",
+        "",
     )
     .replace(
         "header_read_timeout = \"1s\"",

@@ -213,8 +213,9 @@ async fn the_upstream_host_name_is_the_sni_and_connections_are_reused() {
 
 /// A virtual-hosted https upstream routes by `Host`: with `upstream_host = "upstream"` it gets
 /// its own authority whatever the client addressed (HTTP/1.1 `Host`, an absolute-form target,
-/// HTTP/2's `:authority`, HTTP/1.0 with none), exactly once; the client's host goes on in
-/// `X-Forwarded-Host`. By default the client's `Host` is kept.
+/// HTTP/2's `:authority`, HTTP/1.0 with none), exactly once, and the name its certificate
+/// carries when it is reached by address; the client's host goes on in `X-Forwarded-Host`. By
+/// default the client's `Host` is kept.
 #[tokio::test]
 async fn upstream_host_sends_the_upstreams_own_authority() {
     let dir = tempfile::tempdir().unwrap();
@@ -266,6 +267,20 @@ async fn upstream_host_sends_the_upstreams_own_authority() {
     let no_host = format!("GET /v1/analyses/1 HTTP/1.0\r\nX-Api-Key: {key}\r\n\r\n");
     assert_eq!(raw(gate.addr, no_host.as_bytes()).await.status, 200);
     assert_eq!(seen_host(&upstream.last()), (own.clone(), None));
+    gate.stop().await;
+
+    // Reached by address, named by `upstream_server_name`: that name, with the port.
+    let by_address = toml("upstream_host = \"upstream\"\nupstream_server_name = \"localhost\"\n")
+        .replace("https://localhost:", "https://127.0.0.1:");
+    let gate = Gate::start(&by_address).await;
+    let a = get(
+        &client(),
+        &gate.url("/v1/analyses/1"),
+        &[("x-api-key", &key)],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(seen_host(&upstream.last()).0, own);
     gate.stop().await;
 
     let gate = Gate::start(&toml("")).await;

@@ -255,6 +255,11 @@ fn each_problem_names_its_dotted_key() {
             "proxy.upstream_host",
         ),
         (
+            "max_connections_per_ip over a million",
+            edit("upstream = ", "max_connections_per_ip = 1000001\nupstream = "),
+            "proxy.max_connections_per_ip",
+        ),
+        (
             "proxy.tls_cert without its key",
             edit("upstream = ", "tls_cert = \"Cargo.toml\"\nupstream = "),
             "proxy.tls_key",
@@ -969,4 +974,46 @@ fn tls_files_are_parsed_and_matched_at_validation() {
     );
     let p = from_toml(&named).unwrap().proxy.unwrap();
     assert_eq!(p.upstream_tls.unwrap().server_name, "api.example.com");
+}
+
+#[test]
+fn upstream_host_names_the_upstream_as_it_expects_to_be_named() {
+    let host = |upstream: &str, server_name: Option<&str>| {
+        let uri: http::Uri = upstream.parse().unwrap();
+        let (scheme, authority) = (uri.scheme().unwrap(), uri.authority().unwrap());
+        super::upstream_host(scheme, authority, server_name)
+    };
+    assert_eq!(host("https://localhost:8443", None), "localhost:8443");
+    assert_eq!(host("http://app", None), "app");
+    assert_eq!(host("http://app:80", None), "app:80");
+    // Reached by address, named by its certificate: the name, with a port that is not 443.
+    assert_eq!(
+        host("https://10.0.0.5:8443", Some("api.internal")),
+        "api.internal:8443"
+    );
+    assert_eq!(
+        host("https://10.0.0.5:443", Some("api.internal")),
+        "api.internal"
+    );
+    assert_eq!(
+        host("https://10.0.0.5", Some("api.internal")),
+        "api.internal"
+    );
+
+    let with = |value: &str| {
+        from_toml(&format!("{WITH_PROXY}upstream_host = {value:?}\n"))
+            .unwrap()
+            .proxy
+            .unwrap()
+            .upstream_host
+    };
+    assert_eq!(
+        with(" upstream "),
+        UpstreamHost::Upstream("127.0.0.1:3000".parse().unwrap())
+    );
+    assert_eq!(with("client"), UpstreamHost::Client);
+    assert_eq!(
+        from_toml(WITH_PROXY).unwrap().proxy.unwrap().upstream_host,
+        UpstreamHost::Client
+    );
 }

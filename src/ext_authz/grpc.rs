@@ -62,7 +62,7 @@ pub async fn serve(
         shutdown.as_mut(),
         "ext_authz",
         &state.connections,
-        &state.settings.trusted_proxies,
+        &[],
     )
     .await
     {

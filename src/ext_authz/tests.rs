@@ -94,11 +94,7 @@ fn fixture(extra: &str, trusted: &[&str]) -> Fixture {
     store
         .publish(crate::snapshot::parse(doc.to_string().as_bytes(), None).unwrap())
         .unwrap();
-    let limits = crate::config::Limits {
-        max_connections: 10,
-        ..Default::default()
-    };
-    let telemetry = crate::telemetry::Telemetry::new(&limits, crate::config::DecisionLog::None);
+    let telemetry = crate::telemetry::Telemetry::new(10, crate::config::DecisionLog::None);
     let state = ExtAuthzState {
         settings: FrontSettings {
             listen: "127.0.0.1:0".parse().unwrap(),
