@@ -360,8 +360,8 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
             listener,
             hub,
             tls,
-            crate::telemetry::Connections::new(settings.limits.max_connections, 0),
-            settings.limits.idle_timeout,
+            settings.limits,
+            drain,
             stopped(fronts_rx.clone()),
         ));
     }

@@ -6,6 +6,7 @@
 //! without a request in flight for too long is closed ([`Watched`]), so a silent client cannot
 //! hold a place.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -14,12 +15,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::Connected;
 
+use crate::config::Limits;
 use crate::telemetry::{ConnectionGuard, Connections};
 
 /// The next connection on `listener` that [`Connections::admit`] lets in (one past a limit is
@@ -61,138 +63,6 @@ pub async fn next_connection<F: Future<Output = ()>>(
 /// request.
 pub const FIRST_REQUEST: Duration = Duration::from_secs(10);
 
-/// What a tonic request carries about its connection: the inner stream's info and the
-/// connection's [`Activity`], for [`TrackRequests`].
-#[derive(Clone)]
-pub struct WatchedInfo<I> {
-    pub inner: I,
-    activity: Arc<Activity>,
-}
-
-impl<S: Connected> Connected for Watched<S> {
-    type ConnectInfo = WatchedInfo<S::ConnectInfo>;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        WatchedInfo {
-            inner: self.inner.connect_info(),
-            activity: self.activity.clone(),
-        }
-    }
-}
-
-type TcpInfo = tonic::transport::server::TcpConnectInfo;
-
-/// The connection's activity, from a tonic request's extensions (plain or TLS).
-fn activity_of(ext: &http::Extensions) -> Option<&Arc<Activity>> {
-    ext.get::<WatchedInfo<TcpInfo>>()
-        .map(|w| &w.activity)
-        .or_else(|| {
-            ext.get::<tonic::transport::server::TlsConnectInfo<WatchedInfo<TcpInfo>>>()
-                .map(|t| &t.get_ref().activity)
-        })
-}
-
-/// The client's address, from a tonic request's extensions (plain or TLS).
-pub fn remote_addr(ext: &http::Extensions) -> Option<SocketAddr> {
-    ext.get::<WatchedInfo<TcpInfo>>()
-        .and_then(|w| w.inner.remote_addr())
-        .or_else(|| {
-            ext.get::<tonic::transport::server::TlsConnectInfo<WatchedInfo<TcpInfo>>>()
-                .and_then(|t| t.get_ref().inner.remote_addr())
-        })
-}
-
-/// A tower layer for tonic servers: each request is in flight on its connection (until its
-/// response body, a stream included, ends), so gRPC connections get the same first-request and
-/// idle rules as the HTTP fronts.
-#[derive(Clone, Copy, Default)]
-pub struct TrackRequestsLayer;
-
-impl<S> tower_layer::Layer<S> for TrackRequestsLayer {
-    type Service = TrackRequests<S>;
-
-    fn layer(&self, inner: S) -> TrackRequests<S> {
-        TrackRequests(inner)
-    }
-}
-
-#[derive(Clone)]
-pub struct TrackRequests<S>(S);
-
-impl<S, B, R> tower_service::Service<http::Request<B>> for TrackRequests<S>
-where
-    S: tower_service::Service<http::Request<B>, Response = http::Response<R>>,
-{
-    type Response = http::Response<Tracked<R>>;
-    type Error = S::Error;
-    type Future = TrackedCall<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let busy = activity_of(req.extensions()).map(Activity::busy);
-        TrackedCall {
-            inner: self.0.call(req),
-            busy,
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A tracked call's future: hands its [`Busy`] to the response body.
-    pub struct TrackedCall<F> {
-        #[pin]
-        inner: F,
-        busy: Option<Busy>,
-    }
-}
-
-impl<F, R, E> Future for TrackedCall<F>
-where
-    F: Future<Output = Result<http::Response<R>, E>>,
-{
-    type Output = Result<http::Response<Tracked<R>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let resp = std::task::ready!(this.inner.poll(cx))?;
-        let mut busy = this.busy.take();
-        if let Some(b) = busy.as_mut() {
-            b.answered();
-        }
-        Poll::Ready(Ok(resp.map(|body| Tracked { body, busy })))
-    }
-}
-
-/// Connections accepted on `listener` for a tonic server (with [`TrackRequestsLayer`]), each
-/// counted against `connections` (past the limit they are reset, as on the other fronts) and
-/// closed when no request begins within [`FIRST_REQUEST`] of the accept or none is in flight
-/// for `idle`. Ends, closing the listener, when the stream is dropped.
-pub fn counted_incoming(
-    listener: TcpListener,
-    connections: Arc<Connections>,
-    idle: Duration,
-    front: &'static str,
-) -> ReceiverStream<std::io::Result<Watched<TcpStream>>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        let closed = tx.clone();
-        let closed = closed.closed();
-        tokio::pin!(closed);
-        while let Some((stream, _, open)) =
-            next_connection(&listener, closed.as_mut(), front, &connections, &[]).await
-        {
-            let stream = Watched::new(stream, Activity::new(), FIRST_REQUEST, idle).holding(open);
-            if tx.send(Ok(stream)).await.is_err() {
-                return;
-            }
-        }
-    });
-    ReceiverStream::new(rx)
-}
-
 /// What one connection is doing, shared by its IO ([`Watched`]) and its service: how many
 /// requests have begun and are in flight, and how many response frames have been sent.
 /// Relaxed atomic adds per request and per response frame; no clock read, lock or wake-up on
@@ -208,8 +78,7 @@ pub struct Activity {
     goodbye: AtomicU8,
 }
 
-/// [`Activity::goodbye`]: the connection is closed by failing its IO (HTTP/1.1, tonic's own
-/// servers).
+/// [`Activity::goodbye`]: the connection is closed by failing its IO (HTTP/1.1).
 const GOODBYE_NONE: u8 = 0;
 /// Its server says goodbye first ([`until_goodbye`]).
 const GOODBYE_OFFERED: u8 = 1;
@@ -320,9 +189,6 @@ pub struct Watched<S> {
     then: (u64, u64, u64),
     /// Bytes read from and written to the client.
     moved: u64,
-    /// For tonic's connections, which keygate does not hold otherwise: the connection's place
-    /// among `limits.max_connections`, given back when the connection is dropped.
-    _open: Option<ConnectionGuard>,
 }
 
 impl<S> Watched<S> {
@@ -337,19 +203,11 @@ impl<S> Watched<S> {
             waker: std::task::Waker::from(wakers),
             then: (0, 0, 0),
             moved: 0,
-            _open: None,
         }
     }
 
     pub fn get_ref(&self) -> &S {
         &self.inner
-    }
-
-    /// The same, holding the connection's place until it is dropped (tonic's connections,
-    /// whose requests [`TrackRequests`] marks on the connection's [`Activity`]).
-    pub fn holding(mut self, open: ConnectionGuard) -> Self {
-        self._open = Some(open);
-        self
     }
 
     /// `Ready(Err)` once the connection has been unused past its deadline.
@@ -464,6 +322,217 @@ where
         }
     })
     .await
+}
+
+/// hyper's HTTP/2 server with the `[limits]` of every HTTP/2 front.
+pub type Http2 = hyper::server::conn::http2::Builder<TokioExecutor>;
+
+pub fn http2_builder(r: &Limits) -> Http2 {
+    let mut builder = Http2::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(r.http2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(r.http2_max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(r.http2_max_local_error_reset_streams)
+        .keep_alive_interval(r.http2_keep_alive_interval)
+        .keep_alive_timeout(r.http2_keep_alive_timeout);
+    builder
+}
+
+/// One connection's HTTP/2 on `io` (after its TLS handshake, if any), served until it closes.
+pub fn http2<I, S, B>(
+    builder: &Http2,
+    io: I,
+    service: S,
+) -> hyper::server::conn::http2::Connection<TokioIo<Unvectored<I>>, S, TokioExecutor>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    builder.serve_connection(TokioIo::new(Unvectored(io)), service)
+}
+
+/// A gRPC front on hyper's HTTP/2 (ext_authz, sync_server): what [`Http2Front::serve`] needs.
+pub struct Http2Front {
+    pub name: &'static str,
+    pub connections: Arc<Connections>,
+    pub tls: Option<Arc<crate::tls::TlsServer>>,
+    pub limits: Limits,
+    /// How long the connections in flight get to finish once `shutdown` resolves.
+    pub drain: Duration,
+}
+
+/// A client has this long to complete its TLS handshake.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+
+impl Http2Front {
+    /// Serve connections from `listener` until `shutdown` resolves, each with the service
+    /// `service(activity, peer)` makes for it: counted against `limits.max_connections`, TLS
+    /// when configured, first request due within [`FIRST_REQUEST`] of the accept (a handshake
+    /// included), told goodbye (GOAWAY) and then closed when unused ([`Watched`],
+    /// [`until_goodbye`]). Then every connection says goodbye and finishes its streams in flight
+    /// within `drain`.
+    pub async fn serve<S, B>(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+        service: impl Fn(Arc<Activity>, SocketAddr) -> S,
+    ) where
+        S: hyper::service::HttpService<Incoming, ResBody = B> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let builder = Arc::new(http2_builder(&self.limits));
+        let idle = self.limits.idle_timeout;
+        let front = self.name;
+        // True once the listener has stopped: every connection says goodbye (GOAWAY) and
+        // finishes its streams in flight.
+        let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+        let mut shutdown = std::pin::pin!(shutdown);
+        while let Some((stream, peer, open)) =
+            next_connection(&listener, shutdown.as_mut(), front, &self.connections, &[]).await
+        {
+            let activity = Activity::new();
+            let stream = Watched::new(stream, activity.clone(), FIRST_REQUEST, idle);
+            let service = service(activity.clone(), peer);
+            let (stopping, builder, tls) = (stopping.clone(), builder.clone(), self.tls.clone());
+            tokio::spawn(async move {
+                match tls {
+                    None => {
+                        let conn = http2(&builder, stream, service);
+                        let _ = until_goodbye(conn, |c| c.graceful_shutdown(), &activity, stopping)
+                            .await;
+                    }
+                    Some(tls) => match tls.accept(stream, HANDSHAKE).await {
+                        Ok(stream) => {
+                            let conn = http2(&builder, stream, service);
+                            let _ =
+                                until_goodbye(conn, |c| c.graceful_shutdown(), &activity, stopping)
+                                    .await;
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, %peer, front, "TLS handshake failed");
+                        }
+                    },
+                }
+                drop(open);
+            });
+        }
+        drop(listener);
+        stopping_tx.send_replace(true);
+        let _ = tokio::time::timeout(self.drain, drained(&self.connections)).await;
+    }
+}
+
+/// The client's address, in the extensions of a request served by an [`Http2Front`].
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// tonic's routes as one connection's service on an [`Http2Front`]: each call is in flight on
+/// the connection's [`Activity`] until its answer (a stream included) has been sent, and carries
+/// the client's address ([`ClientAddr`]).
+#[derive(Clone)]
+pub struct Routed {
+    routes: tonic::service::Routes,
+    activity: Arc<Activity>,
+    peer: SocketAddr,
+}
+
+impl Routed {
+    pub fn new(routes: tonic::service::Routes, activity: Arc<Activity>, peer: SocketAddr) -> Self {
+        Routed {
+            routes,
+            activity,
+            peer,
+        }
+    }
+
+    /// A call begins on the connection (see [`Activity::busy`]).
+    pub fn busy(&self) -> Busy {
+        self.activity.busy()
+    }
+
+    /// Answer `req` with the routes, in flight as `busy`, the answer's body made into `R`.
+    pub fn answer<R>(
+        &self,
+        mut req: http::Request<Incoming>,
+        busy: Busy,
+        body: impl FnOnce(tonic::body::Body) -> R + Send + 'static,
+    ) -> impl Future<Output = Result<http::Response<Tracked<R>>, Infallible>> + Send + 'static {
+        req.extensions_mut().insert(ClientAddr(self.peer));
+        let mut routes = self.routes.clone();
+        async move {
+            type Tonic = tonic::service::Routes;
+            std::future::poll_fn(|cx| {
+                <Tonic as tower_service::Service<http::Request<Incoming>>>::poll_ready(
+                    &mut routes,
+                    cx,
+                )
+            })
+            .await?;
+            let answer = tower_service::Service::call(&mut routes, req).await?;
+            Ok(answer.map(|b| Tracked::new(body(b), busy)))
+        }
+    }
+}
+
+impl hyper::service::Service<http::Request<Incoming>> for Routed {
+    type Response = http::Response<Tracked<tonic::body::Body>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: http::Request<Incoming>) -> Self::Future {
+        Box::pin(self.answer(req, self.busy(), |body| body))
+    }
+}
+
+/// A connection's IO, shown to h2 as one without vectored writes, so that an answer is copied
+/// into h2's write buffer and the answers of all the streams ready together go out in one
+/// write.
+///
+/// h2 copies a DATA frame into its buffer only if its payload is under a threshold: 256 bytes
+/// when the IO can write vectored, 1 KiB when it cannot. A larger payload is held aside, and h2
+/// flushes before it buffers the next frame: with vectored IO, a `CheckResponse` (an allow is
+/// about 500 bytes) cost one `writev` per Check, where tonic's small answers were batched ten
+/// to a write. Below 1 KiB, a copy costs far less than a system call.
+pub struct Unvectored<S>(S);
+
+impl<S: AsyncRead + Unpin> AsyncRead for Unvectored<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+/// Without `poll_write_vectored` (the default writes the first buffer) and
+/// `is_write_vectored` (false by default).
+impl<S: AsyncWrite + Unpin> AsyncWrite for Unvectored<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 /// Resolves once every connection counted in `connections` has closed: a front's drain.

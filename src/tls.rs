@@ -24,12 +24,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use sha2::{Digest, Sha256};
-use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 
 use crate::config::{ServerTlsSettings, TlsIdentity};
-use crate::listen::Watched;
-use crate::telemetry::Connections;
 
 /// How often [`TlsServer::watch`] reads the files.
 pub const RELOAD_EVERY: Duration = Duration::from_secs(1);
@@ -377,49 +374,6 @@ impl TlsServer {
             let _ = tokio::task::spawn_blocking(move || me.reload_if_changed()).await;
         }
     }
-}
-
-/// TLS connections accepted on `listener` (each counted against `connections`), for a tonic
-/// server: handshakes run concurrently (a
-/// slow client holds up no one), failed ones are dropped (and logged at debug). Ends, closing
-/// the listener, when the stream is dropped.
-pub fn incoming(
-    listener: TcpListener,
-    tls: Arc<TlsServer>,
-    connections: Arc<Connections>,
-    idle: Duration,
-    front: &'static str,
-) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsStream<Watched<TcpStream>>>> {
-    use tokio_stream::StreamExt;
-    /// A client has this long to complete its handshake.
-    const HANDSHAKE: Duration = Duration::from_secs(10);
-    // The plain accept loop (connection places, deadlines), with a handshake on top: the TLS
-    // stream wraps the watched connection, whose first request is due within FIRST_REQUEST of
-    // the accept, handshake included.
-    let mut plain = crate::listen::counted_incoming(listener, connections, idle, front);
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let stream = tokio::select! {
-                () = tx.closed() => return,
-                next = plain.next() => match next {
-                    Some(Ok(stream)) => stream,
-                    _ => return,
-                },
-            };
-            let (tx, tls) = (tx.clone(), tls.clone());
-            tokio::spawn(async move {
-                let peer = stream.get_ref().peer_addr().ok();
-                match tls.accept(stream, HANDSHAKE).await {
-                    Ok(stream) => {
-                        let _ = tx.send(Ok(stream)).await;
-                    }
-                    Err(e) => tracing::debug!(error = %e, ?peer, front, "TLS handshake failed"),
-                }
-            });
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// The client side of every https client (upstreams, the http snapshot source, usage reports):

@@ -362,3 +362,36 @@ async fn over_tls_with_client_certificates() {
     plain.stop().await;
     hub.stop().await;
 }
+
+/// An unused connection to the hub is told goodbye (GOAWAY) before it is closed, as on
+/// keygate's other HTTP/2 fronts, so that a Watch a sidecar sends at that moment is refused
+/// in a way it can tell, not cut off unseen.
+#[tokio::test]
+async fn an_unused_hub_connection_is_told_goodbye() {
+    use support::h2_frames::*;
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    snap.write(&doc(
+        1,
+        (&mint("sk_live_"), "active"),
+        (&mint("sk_live_"), "active"),
+    ));
+    let limits = "\n[limits]\nidle_timeout = \"1s\"\n";
+    let hub = Gate::start(&hub_config(&snap, upstream.addr, "127.0.0.1:0", limits)).await;
+    let addr = hub_addr(&hub);
+    let mut h2 = RawH2::connect(addr).await;
+    h2.get(1, &addr.to_string(), "/grpc.health.v1.Health/Check", "")
+        .await;
+    h2.response_head(1).await;
+    let used = Instant::now();
+    // Looked at first when its first request was due (10 s after the accept), then every idle
+    // period.
+    let first = h2.first_goaway(Duration::from_secs(15)).await;
+    assert!(
+        used.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        used.elapsed()
+    );
+    assert_eq!(first.goaway(), (0x7fff_ffff, 0));
+    hub.stop().await;
+}

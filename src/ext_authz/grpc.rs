@@ -9,8 +9,8 @@
 //! [`MAX_CHECK_BYTES`], a body that ends inside a message or holds more than one. A
 //! `grpc-timeout` is honoured: past it the call ends with DEADLINE_EXCEEDED.
 //!
-//! Connections get the same rules as on every front: counted against `limits.max_connections`,
-//! told goodbye (GOAWAY) and then closed when unused ([`Watched`], [`until_goodbye`]), drained
+//! Connections get the same rules as on every front ([`crate::listen::Http2Front`]): counted
+//! against `limits.max_connections`, told goodbye (GOAWAY) and then closed when unused, drained
 //! on shutdown, TLS when configured.
 
 use std::convert::Infallible;
@@ -24,18 +24,13 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 
 use super::{check, guarded, ExtAuthzState, MAX_CHECK_BYTES};
-use crate::listen::{until_goodbye, Activity, Tracked, Watched, FIRST_REQUEST};
+use crate::listen::{Routed, Tracked};
 
 /// The one path served here; everything else goes to tonic.
 pub const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
-
-/// A client has this long to complete its TLS handshake.
-const HANDSHAKE: Duration = Duration::from_secs(10);
 
 /// gRPC status codes used here.
 const DEADLINE_EXCEEDED: u8 = 4;
@@ -51,117 +46,18 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) {
-    let builder = Arc::new(http2_builder(&state.resources));
-    let idle = state.resources.idle_timeout;
-    // True once the listener has stopped: every connection says goodbye (GOAWAY) and finishes
-    // its Checks in flight.
-    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-    tokio::pin!(shutdown);
-    while let Some((stream, peer, open)) = crate::listen::next_connection(
-        &listener,
-        shutdown.as_mut(),
-        "ext_authz",
-        &state.connections,
-        &[],
-    )
-    .await
-    {
-        // The first request is due within FIRST_REQUEST of the accept, a handshake included.
-        let activity = Activity::new();
-        let stream = Watched::new(stream, activity.clone(), FIRST_REQUEST, idle);
-        let service = Connection::new(state.clone(), others.clone(), activity.clone());
-        let (stopping, builder, tls) = (stopping.clone(), builder.clone(), tls.clone());
-        tokio::spawn(async move {
-            match tls {
-                None => {
-                    let conn = http2(&builder, stream, service);
-                    let _ =
-                        until_goodbye(conn, |c| c.graceful_shutdown(), &activity, stopping).await;
-                }
-                Some(tls) => match tls.accept(stream, HANDSHAKE).await {
-                    Ok(stream) => {
-                        let conn = http2(&builder, stream, service);
-                        let _ = until_goodbye(conn, |c| c.graceful_shutdown(), &activity, stopping)
-                            .await;
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, %peer, front = "ext_authz", "TLS handshake failed");
-                    }
-                },
-            }
-            drop(open);
-        });
-    }
-    drop(listener);
-    stopping_tx.send_replace(true);
-    let _ = tokio::time::timeout(drain, crate::listen::drained(&state.connections)).await;
-}
-
-pub(super) type Http2 = hyper::server::conn::http2::Builder<TokioExecutor>;
-
-pub(super) fn http2_builder(r: &crate::config::Limits) -> Http2 {
-    let mut builder = Http2::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(r.http2_max_concurrent_streams)
-        .max_pending_accept_reset_streams(r.http2_max_pending_accept_reset_streams)
-        .max_local_error_reset_streams(r.http2_max_local_error_reset_streams)
-        .keep_alive_interval(r.http2_keep_alive_interval)
-        .keep_alive_timeout(r.http2_keep_alive_timeout);
-    builder
-}
-
-/// One connection's HTTP/2, served on `I` (the TCP or TLS stream).
-pub(super) type Http2Connection<I> =
-    hyper::server::conn::http2::Connection<TokioIo<Unvectored<I>>, Connection, TokioExecutor>;
-
-/// One connection's HTTP/2 (after its TLS handshake, if any), served until it closes.
-pub(super) fn http2<I>(builder: &Http2, io: I, service: Connection) -> Http2Connection<I>
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    builder.serve_connection(TokioIo::new(Unvectored(io)), service)
-}
-
-/// A connection's IO, shown to h2 as one without vectored writes, so that an answer is copied
-/// into h2's write buffer and the answers of all the streams ready together go out in one
-/// write.
-///
-/// h2 copies a DATA frame into its buffer only if its payload is under a threshold: 256 bytes
-/// when the IO can write vectored, 1 KiB when it cannot. A larger payload is held aside, and h2
-/// flushes before it buffers the next frame: with vectored IO, a `CheckResponse` (an allow is
-/// about 500 bytes) cost one `writev` per Check, where tonic's small answers were batched ten
-/// to a write. Below 1 KiB, a copy costs far less than a system call.
-pub(super) struct Unvectored<S>(S);
-
-impl<S: AsyncRead + Unpin> AsyncRead for Unvectored<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-/// Without `poll_write_vectored` (the default writes the first buffer) and
-/// `is_write_vectored` (false by default).
-impl<S: AsyncWrite + Unpin> AsyncWrite for Unvectored<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
+    let front = crate::listen::Http2Front {
+        name: "ext_authz",
+        connections: state.connections.clone(),
+        tls,
+        limits: state.resources,
+        drain,
+    };
+    front
+        .serve(listener, shutdown, |activity, peer| {
+            Connection::new(state.clone(), Routed::new(others.clone(), activity, peer))
+        })
+        .await;
 }
 
 /// One connection's service: each request is in flight on the connection's [`Activity`] until
@@ -169,21 +65,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Unvectored<S> {
 #[derive(Clone)]
 pub(super) struct Connection {
     state: Arc<ExtAuthzState>,
-    others: tonic::service::Routes,
-    activity: Arc<Activity>,
+    /// Health and unknown methods.
+    others: Routed,
 }
 
 impl Connection {
-    pub(super) fn new(
-        state: Arc<ExtAuthzState>,
-        others: tonic::service::Routes,
-        activity: Arc<Activity>,
-    ) -> Self {
-        Connection {
-            state,
-            others,
-            activity,
-        }
+    pub(super) fn new(state: Arc<ExtAuthzState>, others: Routed) -> Self {
+        Connection { state, others }
     }
 }
 
@@ -195,7 +83,7 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
     type Future = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let busy = self.activity.busy();
+        let busy = self.others.busy();
         if req.uri().path() == CHECK {
             let state = self.state.clone();
             Box::pin(async move {
@@ -203,19 +91,7 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
                 Ok(answer.map(|body| Tracked::new(body, busy)))
             })
         } else {
-            let mut others = self.others.clone();
-            Box::pin(async move {
-                type Tonic = tonic::service::Routes;
-                std::future::poll_fn(|cx| {
-                    <Tonic as tower_service::Service<Request<Incoming>>>::poll_ready(
-                        &mut others,
-                        cx,
-                    )
-                })
-                .await?;
-                let answer = tower_service::Service::call(&mut others, req).await?;
-                Ok(answer.map(|body| Tracked::new(Reply::Tonic { body }, busy)))
-            })
+            Box::pin(self.others.answer(req, busy, |body| Reply::Tonic { body }))
         }
     }
 }

@@ -717,13 +717,14 @@ async fn checks_that_arrive_together_are_answered_in_one_write() {
         io: server,
         writes: writes.clone(),
     };
-    let builder = grpc::http2_builder(&state.resources);
-    let service = grpc::Connection::new(
-        state.clone(),
+    let builder = crate::listen::http2_builder(&state.resources);
+    let others = crate::listen::Routed::new(
         tonic::service::Routes::default(),
         crate::listen::Activity::new(),
+        "127.0.0.1:1".parse().unwrap(),
     );
-    tokio::spawn(async move { grpc::http2(&builder, io, service).await });
+    let service = grpc::Connection::new(state.clone(), others);
+    tokio::spawn(async move { crate::listen::http2(&builder, io, service).await });
     let (mut client, connection) = h2::client::handshake(client).await.unwrap();
     tokio::spawn(connection);
 

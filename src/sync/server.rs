@@ -236,7 +236,10 @@ impl Sync for Service {
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.0.authorized(&req)?;
-        let peer = crate::listen::remote_addr(req.extensions());
+        let peer = req
+            .extensions()
+            .get::<crate::listen::ClientAddr>()
+            .map(|a| a.0);
         let WatchRequest {
             since_revision,
             client,
@@ -314,47 +317,43 @@ async fn send_heartbeat(
     tx.send(Ok(hub.message(event))).await.map_err(|_| ())
 }
 
-/// Serve Watch on `listener` until `shutdown` resolves; over TLS (`sync_server.tls_cert`,
-/// reloaded when the files change, and `client_ca` for mTLS) when `tls` is given.
+/// Serve Watch on `listener` until `shutdown` resolves, on the same HTTP/2 serving as ext_authz
+/// ([`crate::listen::Http2Front`]: `[limits]`, GOAWAY before an unused connection is closed);
+/// over TLS (`sync_server.tls_cert`, reloaded when the files change, and `client_ca` for mTLS)
+/// when `tls` is given. On shutdown the Watch streams end, then connections are told goodbye
+/// and get `drain` to close.
 pub async fn serve(
     listener: TcpListener,
     hub: Arc<Hub>,
     tls: Option<Arc<crate::tls::TlsServer>>,
-    connections: Arc<crate::telemetry::Connections>,
-    idle: Duration,
+    limits: crate::config::Limits,
+    drain: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let follower = tokio::spawn(hub.clone().follow(std::future::pending::<()>()));
     let closing = hub.clone();
+    // Watch streams end first (each client reconnects, to another hub if there is one), then
+    // every connection is told goodbye.
     let shutdown = async move {
         shutdown.await;
         closing.closing.send_replace(true);
     };
-    let router = tonic::transport::Server::builder()
-        .layer(crate::listen::TrackRequestsLayer)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(
-            SyncServer::new(Service(hub))
-                .max_encoding_message_size(super::MAX_MESSAGE_BYTES)
-                .max_decoding_message_size(64 * 1024),
-        );
-    let result = match tls {
-        Some(tls) => {
-            let incoming = crate::tls::incoming(listener, tls, connections, idle, "sync_server");
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await
-        }
-        None => {
-            let incoming =
-                crate::listen::counted_incoming(listener, connections, idle, "sync_server");
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await
-        }
+    let routes = tonic::service::Routes::new(
+        SyncServer::new(Service(hub))
+            .max_encoding_message_size(super::MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(64 * 1024),
+    );
+    let front = crate::listen::Http2Front {
+        name: "sync_server",
+        connections: crate::telemetry::Connections::new(limits.max_connections, 0),
+        tls,
+        limits,
+        drain,
     };
+    front
+        .serve(listener, shutdown, |activity, peer| {
+            crate::listen::Routed::new(routes.clone(), activity, peer)
+        })
+        .await;
     follower.abort();
-    if let Err(e) = result {
-        tracing::error!(error = %e, "sync server stopped");
-    }
 }
