@@ -206,10 +206,6 @@ impl<S> Watched<S> {
         }
     }
 
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
     /// `Ready(Err)` once the connection has been unused past its deadline.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
         self.wakers.register(cx.waker());

@@ -236,6 +236,9 @@ impl Sync for Service {
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.0.authorized(&req)?;
+        if *self.0.closing.borrow() {
+            return Err(Status::unavailable("the hub is shutting down"));
+        }
         let peer = req
             .extensions()
             .get::<crate::listen::ClientAddr>()
@@ -255,6 +258,11 @@ impl Sync for Service {
 async fn stream(hub: Arc<Hub>, since: u64, tx: mpsc::Sender<Result<WatchResponse, Status>>) {
     let mut updated = hub.updated.subscribe();
     let mut closing = hub.closing.subscribe();
+    // A stream begun after the hub started closing (on a connection accepted just before)
+    // ends at once: `changed` would never see that.
+    if *closing.borrow() {
+        return;
+    }
     let beat = hub.settings.heartbeat_interval;
     // A client resuming at a revision is taken to hold the hub's current generation of it.
     let mut held: Held = (since, updated.borrow().1);
@@ -332,8 +340,8 @@ pub async fn serve(
 ) {
     let follower = tokio::spawn(hub.clone().follow(std::future::pending::<()>()));
     let closing = hub.clone();
-    // Watch streams end first (each client reconnects, to another hub if there is one), then
-    // every connection is told goodbye.
+    // Watch streams are told to end (each client reconnects, to another hub if there is one)
+    // as every connection is told goodbye; streams still in flight finish within `drain`.
     let shutdown = async move {
         shutdown.await;
         closing.closing.send_replace(true);
@@ -342,7 +350,8 @@ pub async fn serve(
         SyncServer::new(Service(hub))
             .max_encoding_message_size(super::MAX_MESSAGE_BYTES)
             .max_decoding_message_size(64 * 1024),
-    );
+    )
+    .prepare();
     let front = crate::listen::Http2Front {
         name: "sync_server",
         connections: crate::telemetry::Connections::new(limits.max_connections, 0),
