@@ -12,26 +12,12 @@ use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn connections_past_the_limit_are_reset_at_once_and_counted() {
-    let upstream = Upstream::start().await;
-    let snap = SnapshotDir::new();
-    let key = mint("sk_live_");
-    snap.write(&Doc::new(1).partner("partner_acme", None, "active").key(
-        "key_a",
-        &key,
-        json!({"scopes": ["analyses:read"]}),
-    ));
     // header_read_timeout is long enough that idle connections stay open during the test.
-    let toml = config_toml_proxy(
-        &snap.path(),
-        upstream.addr,
-        "",
+    let (gate, key, upstream, _snap) = reader_gate(
+        "header_read_timeout = \"10s\"",
         "[limits]\nmax_connections = 2\n",
     )
-    .replace(
-        "header_read_timeout = \"1s\"",
-        "header_read_timeout = \"10s\"",
-    );
-    let gate = Gate::start(&toml).await;
+    .await;
 
     // Two idle connections take both places (the proxy has accepted them once it answers on
     // one: send a request on the first and keep it open).
@@ -141,25 +127,8 @@ async fn answered_from(source: &str, gate: &Gate, request: &str) -> (bool, Optio
 
 #[tokio::test]
 async fn connections_past_the_limit_per_address_are_reset_but_not_others_or_trusted_proxies() {
-    let upstream = Upstream::start().await;
-    let snap = SnapshotDir::new();
-    let key = mint("sk_live_");
-    snap.write(&Doc::new(1).partner("partner_acme", None, "active").key(
-        "key_a",
-        &key,
-        json!({"scopes": ["analyses:read"]}),
-    ));
-    let toml = config_toml_proxy(
-        &snap.path(),
-        upstream.addr,
-        "trusted_proxies = [\"127.0.0.3\"]\nmax_connections_per_ip = 2",
-        "",
-    )
-    .replace(
-        "header_read_timeout = \"1s\"",
-        "header_read_timeout = \"10s\"",
-    );
-    let gate = Gate::start(&toml).await;
+    let proxy = "trusted_proxies = [\"127.0.0.3\"]\nmax_connections_per_ip = 2\nheader_read_timeout = \"10s\"";
+    let (gate, key, upstream, _snap) = reader_gate(proxy, "").await;
     let request = format!("GET /v1/analyses/1 HTTP/1.1\r\nHost: api\r\nX-API-Key: {key}\r\n\r\n");
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -222,7 +191,9 @@ async fn connections_past_the_limit_per_address_are_reset_but_not_others_or_trus
     gate.stop().await;
 }
 
-async fn h2_gate(limits: &str) -> (Gate, String, Upstream, SnapshotDir) {
+/// The proxy with one reader key, `proxy` added to `[proxy]` (a `header_read_timeout` there
+/// replaces the test configuration's 1 s) and `extra` after it.
+async fn reader_gate(proxy: &str, extra: &str) -> (Gate, String, Upstream, SnapshotDir) {
     let upstream = Upstream::start().await;
     let snap = SnapshotDir::new();
     let key = mint("sk_live_");
@@ -231,8 +202,15 @@ async fn h2_gate(limits: &str) -> (Gate, String, Upstream, SnapshotDir) {
         &key,
         json!({"scopes": ["analyses:read"]}),
     ));
-    let toml = config_toml_proxy(&snap.path(), upstream.addr, "", limits);
+    let mut toml = config_toml_proxy(&snap.path(), upstream.addr, proxy, extra);
+    if proxy.contains("header_read_timeout") {
+        toml = toml.replacen("header_read_timeout = \"1s\"\n", "", 1);
+    }
     (Gate::start(&toml).await, key, upstream, snap)
+}
+
+async fn h2_gate(limits: &str) -> (Gate, String, Upstream, SnapshotDir) {
+    reader_gate("", limits).await
 }
 
 fn h2_get(gate: &Gate, key: &str) -> http::Request<()> {

@@ -85,6 +85,14 @@ fn https(toml: String) -> String {
     toml.replace("upstream = \"http://", "upstream = \"https://")
 }
 
+/// Make the configured upstream `https://localhost:<its port>`, the name its certificate has.
+fn https_localhost(toml: String, upstream: SocketAddr) -> String {
+    toml.replace(
+        &format!("upstream = \"http://{upstream}\""),
+        &format!("upstream = \"https://localhost:{}\"", upstream.port()),
+    )
+}
+
 #[tokio::test]
 async fn https_client_to_keygate_to_an_https_upstream() {
     logs();
@@ -191,11 +199,8 @@ async fn the_upstream_host_name_is_the_sni_and_connections_are_reused() {
         upstream.addr,
         &format!("upstream_ca_file = {:?}\n", show(&pki.ca)),
         "[runtime]\nflavor = \"current_thread\"\n",
-    )
-    .replace(
-        &format!("upstream = \"http://{}\"", upstream.addr),
-        &format!("upstream = \"https://localhost:{}\"", upstream.addr.port()),
     );
+    let toml = https_localhost(toml, upstream.addr);
     let gate = Gate::start(&toml).await;
     let c = client();
     for _ in 0..3 {
@@ -224,15 +229,10 @@ async fn upstream_host_sends_the_upstreams_own_authority() {
     let key = mint("sk_live_");
     let snap = snapshot(&key);
     let toml = |host: &str| {
-        config_toml_proxy(
-            &snap.path(),
+        let more = format!("upstream_ca_file = {:?}\n{host}", show(&pki.ca));
+        https_localhost(
+            config_toml_proxy(&snap.path(), upstream.addr, &more, ""),
             upstream.addr,
-            &format!("upstream_ca_file = {:?}\n{host}", show(&pki.ca)),
-            "",
-        )
-        .replace(
-            &format!("upstream = \"http://{}\"", upstream.addr),
-            &format!("upstream = \"https://localhost:{}\"", upstream.addr.port()),
         )
     };
     let own = format!("localhost:{}", upstream.addr.port());
