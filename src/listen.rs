@@ -1,10 +1,10 @@
 //! The accept loop every HTTP front shares: the next connection, or `None` once shutdown begins.
 //! Accept errors (out of file descriptors and the like) are logged and retried after a short
 //! pause instead of spinning. A connection past the front's `limits.max_connections` (or, on
-//! the proxy, its address's `proxy.max_connections_per_ip`) is reset at once, so the client learns
-//! immediately instead of waiting in a queue; one that stays
-//! without a request in flight for too long is closed ([`Watched`]), so a silent client cannot
-//! hold a place.
+//! the proxy, its address's `proxy.max_connections_per_ip`) is reset at once, so the client
+//! learns immediately instead of waiting in a queue; one that stays without a request in flight
+//! for too long is closed ([`Watched`]), so a silent client cannot hold a place. The gRPC fronts
+//! (ext_authz, sync_server) share the rest of their serving too ([`Http2Front`], [`Routed`]).
 
 use std::convert::Infallible;
 use std::future::Future;
