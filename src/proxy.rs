@@ -24,7 +24,7 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::admit::{admit, Admitted, Refused};
@@ -168,14 +168,8 @@ pub async fn serve(
     // HTTP/1.1 is keygate's own server; HTTP/2 (h2c with prior knowledge, or ALPN `h2` over
     // TLS) is hyper's.
     let (p, r) = (&state.settings, &state.resources);
-    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    h2.timer(TokioTimer::new())
-        .max_header_list_size(p.max_header_bytes as u32)
-        .max_concurrent_streams(r.http2_max_concurrent_streams)
-        .max_pending_accept_reset_streams(r.http2_max_pending_accept_reset_streams)
-        .max_local_error_reset_streams(r.http2_max_local_error_reset_streams)
-        .keep_alive_interval(Some(r.http2_keep_alive_interval))
-        .keep_alive_timeout(r.http2_keep_alive_timeout);
+    let mut h2 = crate::listen::http2_builder(r);
+    h2.max_header_list_size(p.max_header_bytes as u32);
     let h1 = server::Settings {
         header_read_timeout: p.header_read_timeout,
         limits: server::wire::HeadLimits {
