@@ -156,6 +156,25 @@ impl RawH2 {
         }
     }
 
+    /// The goodbye of a connection left unused since `used`: its first GOAWAY, within `within`
+    /// and not before `at_least` has passed, naming no stream yet (those that cross it are
+    /// still served).
+    pub async fn idle_goodbye(
+        &mut self,
+        used: std::time::Instant,
+        at_least: Duration,
+        within: Duration,
+    ) -> Frame {
+        let first = self.first_goaway(within).await;
+        assert!(used.elapsed() >= at_least, "{:?}", used.elapsed());
+        assert_eq!(
+            first.goaway(),
+            (0x7fff_ffff, 0),
+            "the first GOAWAY refuses nothing yet"
+        );
+        first
+    }
+
     /// Reads up to the HEADERS that begin `stream`'s answer (panics if the stream is reset
     /// instead): the frames that came before it.
     pub async fn response_head(&mut self, stream: u32) -> Vec<Frame> {
