@@ -36,6 +36,8 @@ pub struct AdminState {
     pub resources: crate::config::Limits,
     /// The TLS listeners, whose certificates' expiry is shown.
     pub tls: Vec<Arc<crate::tls::TlsServer>>,
+    /// The hub, when this keygate serves `keygate.sync.v1` (`[sync_server]`).
+    pub hub: Option<Arc<crate::sync::server::Hub>>,
 }
 
 /// Time a probe or scraper has for a request head (and for the first one after connecting).
@@ -104,6 +106,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 &state.telemetry,
                 &state.fronts,
                 &state.tls,
+                state.hub.as_deref(),
             ))));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -350,12 +350,15 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
     };
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
     let mut sync_addr = None;
+    let mut sync_hub = None;
     if let Some(sync) = settings.sync_server.clone() {
         let listener = bind("sync_server.listen", sync.listen).await?;
         sync_addr = listener.local_addr().ok();
         let tls = tls_server("sync_server", sync.tls.as_ref(), ALPN_GRPC, &mut tasks, &rx)?;
         certificates.extend(tls.clone());
-        let hub = crate::sync::server::Hub::new(store.clone(), sync);
+        let hub =
+            crate::sync::server::Hub::new(store.clone(), sync, settings.limits.max_connections);
+        sync_hub = Some(hub.clone());
         fronts.spawn(crate::sync::server::serve(
             listener,
             hub,
@@ -384,6 +387,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
                 .collect(),
                 resources: settings.limits,
                 tls: certificates,
+                hub: sync_hub,
             },
             stopped(rx.clone()),
         ));

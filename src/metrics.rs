@@ -15,6 +15,7 @@ use prometheus_client::registry::Registry;
 use prometheus_client::registry::Unit;
 
 use crate::snapshot::SnapshotStore;
+use crate::sync::server::Hub;
 use crate::telemetry::{Front, HistogramTotals, Telemetry};
 use crate::tls::TlsServer;
 
@@ -52,8 +53,9 @@ impl EncodeMetric for ByFront {
     }
 }
 
-/// What the fronts counted: answers by front and code, latency, upstream errors, connections.
-fn fronts(registry: &mut Registry, telemetry: &Telemetry, fronts: &[Front]) {
+/// What the fronts counted: answers by front and code, latency, upstream errors, connections
+/// (the hub's too, when there is one).
+fn fronts(registry: &mut Registry, telemetry: &Telemetry, fronts: &[Front], hub: Option<&Hub>) {
     let answers = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
     let upstream = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
     let open = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
@@ -85,6 +87,17 @@ fn fronts(registry: &mut Registry, telemetry: &Telemetry, fronts: &[Front]) {
         }
         decision.push((name, t.decision));
         request.push((name, t.request));
+    }
+    if let Some(hub) = hub {
+        let c = &hub.connections;
+        open.get_or_create(&vec![("front", "sync_server")])
+            .set(i64::try_from(c.open()).unwrap_or(i64::MAX));
+        refused
+            .get_or_create(&vec![
+                ("front", "sync_server"),
+                ("reason", "max_connections"),
+            ])
+            .inc_by(c.refused());
     }
     registry.register(
         "requests",
@@ -122,6 +135,32 @@ fn fronts(registry: &mut Registry, telemetry: &Telemetry, fronts: &[Front]) {
     );
 }
 
+/// The hub's side of `keygate.sync.v1`: who follows it and what it sent them.
+fn hub(registry: &mut Registry, hub: &Hub) {
+    gauge(
+        registry,
+        "sync_watchers",
+        "Watch streams open now on sync_server: the sidecars following this hub",
+        hub.stats.watching() as f64,
+    );
+    let sent = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+    for (event, n) in hub.stats.sent() {
+        sent.get_or_create(&vec![("event", event)]).inc_by(n);
+    }
+    registry.register(
+        "sync_sent",
+        "Events sent on Watch streams, by kind: full (a whole snapshot), delta, heartbeat",
+        sent,
+    );
+    let refused = Counter::<u64>::default();
+    refused.inc_by(hub.stats.unauthenticated());
+    registry.register(
+        "sync_unauthenticated",
+        "Watch calls refused for a missing or wrong bearer token (sync_server.token_env)",
+        refused,
+    );
+}
+
 /// When each TLS listener's certificate expires, read off the certificate in force at each
 /// scrape (a rotation shows at the next one).
 fn certificates(registry: &mut Registry, servers: &[Arc<TlsServer>]) {
@@ -145,16 +184,20 @@ fn certificates(registry: &mut Registry, servers: &[Arc<TlsServer>]) {
 }
 
 /// Encode the current metrics. `fronts` are the fronts this keygate runs, `tls` its TLS
-/// listeners.
+/// listeners, `hub` its sync server if it runs one.
 pub fn render(
     store: &SnapshotStore,
     limits: &crate::ratelimit::RateLimits,
     telemetry: &Telemetry,
     running: &[Front],
     tls: &[Arc<TlsServer>],
+    hub: Option<&Hub>,
 ) -> String {
     let mut registry = Registry::with_prefix("keygate");
-    fronts(&mut registry, telemetry, running);
+    fronts(&mut registry, telemetry, running, hub);
+    if let Some(h) = hub {
+        self::hub(&mut registry, h);
+    }
     certificates(&mut registry, tls);
     let current = store.current();
     let stats = &store.stats;

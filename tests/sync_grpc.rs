@@ -363,6 +363,110 @@ async fn over_tls_with_client_certificates() {
     hub.stop().await;
 }
 
+/// Wait until `/metrics` of `g` shows `name` at `want`.
+async fn metric_reaches(g: &Gate, name: &str, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let now = g.metric(name).await;
+        if now == Some(want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} is {now:?}, not {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The hub's /metrics say who follows it, what it sent them, whom it refused: the sidecars'
+/// Watch streams, full snapshots and deltas, wrong tokens, connections past
+/// `limits.max_connections`.
+#[tokio::test]
+async fn the_hub_counts_its_watchers_what_it_sent_and_whom_it_refused() {
+    let upstream = Upstream::start().await;
+    let (a, b) = (mint("sk_live_"), mint("sk_live_"));
+    let snap = SnapshotDir::new();
+    snap.write(&doc(1, (&a, "active"), (&b, "active")));
+    let hub = Gate::start_with_env(
+        &hub_config(
+            &snap,
+            upstream.addr,
+            "127.0.0.1:0",
+            "token_env = \"HUB_TOKEN\"\n[limits]\nmax_connections = 2\n",
+        ),
+        &[("HUB_TOKEN", "hub-s3cret")],
+    )
+    .await;
+    let addr = hub_addr(&hub);
+    let open = "keygate_connections_open{front=\"sync_server\"}";
+    metric_reaches(&hub, "keygate_sync_watchers", 0.0).await;
+    metric_reaches(&hub, open, 0.0).await;
+
+    let wrong = Gate::start_with_env(
+        &sidecar_config(addr, upstream.addr, "token_env = \"T\""),
+        &[("T", "guess")],
+    )
+    .await;
+    assert_eq!(wrong.revision(), None);
+    wrong.stop().await;
+    let refused = hub.metric("keygate_sync_unauthenticated_total").await;
+    assert!(
+        refused >= Some(1.0),
+        "a wrong token is counted: {refused:?}"
+    );
+    metric_reaches(&hub, open, 0.0).await;
+
+    let right = sidecar_config(addr, upstream.addr, "token_env = \"T\"");
+    let s1 = Gate::start_with_env(&right, &[("T", "hub-s3cret")]).await;
+    let s2 = Gate::start_with_env(&right, &[("T", "hub-s3cret")]).await;
+    metric_reaches(&hub, "keygate_sync_watchers", 2.0).await;
+    metric_reaches(&hub, open, 2.0).await;
+    metric_reaches(&hub, "keygate_sync_sent_total{event=\"full\"}", 2.0).await;
+    assert_eq!(
+        hub.metric("keygate_sync_unauthenticated_total").await,
+        refused,
+        "the right token is not counted"
+    );
+
+    // Both places are taken: a third connection is reset and counted.
+    let third = tokio::time::timeout(Duration::from_secs(2), async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(addr).await?;
+        let _ = c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+        c.read(&mut [0u8; 64]).await
+    })
+    .await
+    .expect("the connection past the limit was reset, not left hanging");
+    assert!(matches!(third, Ok(0) | Err(_)), "answered: {third:?}");
+    metric_reaches(
+        &hub,
+        "keygate_connections_refused_total{front=\"sync_server\",reason=\"max_connections\"}",
+        1.0,
+    )
+    .await;
+
+    // A revocation goes out as one delta to each.
+    snap.write(&doc(2, (&a, "revoked"), (&b, "active")));
+    refused_everywhere(&[&s1, &s2], &a, Duration::from_secs(1)).await;
+    metric_reaches(&hub, "keygate_sync_sent_total{event=\"delta\"}", 2.0).await;
+    assert_eq!(
+        hub.metric("keygate_sync_sent_total{event=\"full\"}").await,
+        Some(2.0)
+    );
+    // Then a heartbeat every 200 ms of quiet on each.
+    let beats = "keygate_sync_sent_total{event=\"heartbeat\"}";
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while hub.metric(beats).await < Some(2.0) {
+        assert!(Instant::now() < deadline, "no heartbeats counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    s1.stop().await;
+    metric_reaches(&hub, "keygate_sync_watchers", 1.0).await;
+    metric_reaches(&hub, open, 1.0).await;
+    s2.stop().await;
+    metric_reaches(&hub, "keygate_sync_watchers", 0.0).await;
+    hub.stop().await;
+}
+
 /// An unused connection to the hub is told goodbye (GOAWAY) before it is closed, as on
 /// keygate's other HTTP/2 fronts, so that a Watch a sidecar sends at that moment is refused
 /// in a way it can tell, not cut off unseen.

@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use super::proto::{watch_response, Delta, Full, Heartbeat, WatchRequest, WatchRe
 use crate::config::SyncServerSettings;
 use crate::snapshot::document::{diff, Document};
 use crate::snapshot::SnapshotStore;
+use crate::telemetry::Connections;
 
 /// How much history the hub keeps for callers that resume.
 const MAX_DELTAS: usize = 1024;
@@ -55,16 +57,82 @@ pub struct Hub {
     /// Turns true when the server shuts down: every stream ends.
     closing: watch::Sender<bool>,
     settings: SyncServerSettings,
+    /// The hub's listener's connections, against `limits.max_connections`.
+    pub connections: Arc<Connections>,
+    pub stats: HubStats,
+}
+
+/// What the hub counts, for `/metrics`.
+#[derive(Default)]
+pub struct HubStats {
+    /// Watch streams open now: the sidecars following this hub.
+    watching: AtomicUsize,
+    full: AtomicU64,
+    deltas: AtomicU64,
+    heartbeats: AtomicU64,
+    /// Watch calls refused without (or with a wrong) `token`.
+    unauthenticated: AtomicU64,
+}
+
+impl HubStats {
+    pub fn watching(&self) -> usize {
+        self.watching.load(Ordering::Relaxed)
+    }
+
+    /// Events sent on Watch streams: `(kind, count)`.
+    pub fn sent(&self) -> [(&'static str, u64); 3] {
+        [
+            ("full", self.full.load(Ordering::Relaxed)),
+            ("delta", self.deltas.load(Ordering::Relaxed)),
+            ("heartbeat", self.heartbeats.load(Ordering::Relaxed)),
+        ]
+    }
+
+    pub fn unauthenticated(&self) -> u64 {
+        self.unauthenticated.load(Ordering::Relaxed)
+    }
+
+    fn sent_one(&self, event: &watch_response::Event) {
+        let n = match event {
+            watch_response::Event::Full(_) => &self.full,
+            watch_response::Event::Delta(_) => &self.deltas,
+            watch_response::Event::Heartbeat(_) => &self.heartbeats,
+        };
+        n.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Held by a Watch stream while it is open.
+struct Watching(Arc<Hub>);
+
+impl Watching {
+    fn new(hub: &Arc<Hub>) -> Self {
+        hub.stats.watching.fetch_add(1, Ordering::Relaxed);
+        Self(hub.clone())
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.0.stats.watching.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Hub {
-    pub fn new(store: Arc<SnapshotStore>, settings: SyncServerSettings) -> Arc<Self> {
+    /// A hub serving `store`, taking at most `max_connections` connections at once.
+    pub fn new(
+        store: Arc<SnapshotStore>,
+        settings: SyncServerSettings,
+        max_connections: usize,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             history: Mutex::default(),
             updated: watch::Sender::new((0, 0)),
             closing: watch::Sender::new(false),
             settings,
+            connections: Connections::new(max_connections, 0),
+            stats: HubStats::default(),
         })
     }
 
@@ -204,6 +272,7 @@ impl Hub {
         if bool::from(presented.as_bytes().ct_eq(token.expose().as_bytes())) {
             Ok(())
         } else {
+            self.stats.unauthenticated.fetch_add(1, Ordering::Relaxed);
             Err(Status::unauthenticated("a valid bearer token is required"))
         }
     }
@@ -263,6 +332,7 @@ async fn stream(hub: Arc<Hub>, since: u64, tx: mpsc::Sender<Result<WatchResponse
     if *closing.borrow() {
         return;
     }
+    let _watching = Watching::new(&hub);
     let beat = hub.settings.heartbeat_interval;
     // A client resuming at a revision is taken to hold the hub's current generation of it.
     let mut held: Held = (since, updated.borrow().1);
@@ -285,6 +355,7 @@ async fn stream(hub: Arc<Hub>, since: u64, tx: mpsc::Sender<Result<WatchResponse
                 watch_response::Event::Delta(d) => (d.revision, target.1),
                 watch_response::Event::Heartbeat(_) => held,
             };
+            hub.stats.sent_one(&event);
             if tx.send(Ok(hub.message(event))).await.is_err() {
                 return;
             }
@@ -322,6 +393,7 @@ async fn send_heartbeat(
         revision: if held == current { held } else { 0 },
         interval_ms: beat.as_millis().try_into().unwrap_or(u32::MAX),
     });
+    hub.stats.sent_one(&event);
     tx.send(Ok(hub.message(event))).await.map_err(|_| ())
 }
 
@@ -338,6 +410,7 @@ pub async fn serve(
     drain: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    let connections = hub.connections.clone();
     let follower = tokio::spawn(hub.clone().follow(std::future::pending::<()>()));
     let closing = hub.clone();
     // Watch streams are told to end (each client reconnects, to another hub if there is one)
@@ -354,7 +427,7 @@ pub async fn serve(
     .prepare();
     let front = crate::listen::Http2Front {
         name: "sync_server",
-        connections: crate::telemetry::Connections::new(limits.max_connections, 0),
+        connections,
         tls,
         limits,
         drain,
