@@ -128,11 +128,25 @@ pub async fn serve(
     let _ = tokio::time::timeout(drain, crate::listen::drained(&state.connections)).await;
 }
 
-/// The original request's method and target, as the caller reports them.
+/// The headers by which nginx (`X-Original-*`) and Traefik (`X-Forwarded-Uri`, `-Method`)
+/// report the original request.
+const ORIGINAL: [&str; 4] = [
+    "x-original-uri",
+    "x-original-method",
+    "x-forwarded-uri",
+    "x-forwarded-method",
+];
+
+/// The original request's method and target, as the caller reports them: nginx and Traefik
+/// ask on `/authz` with the original in headers; Envoy's `http_service` asks with the original
+/// method on `/authz` + the original path, which for the root is `/authz/`. A `/authz/` ask
+/// naming an original request in headers is nginx's or Traefik's (a `proxy_pass` with a
+/// trailing slash), never taken as a check of `/`.
 fn original(req: &Request<Incoming>) -> Result<Option<(&str, &str)>, &'static str> {
     let path = req.uri().path();
-    if path == PREFIX || path == "/authz/" {
-        let h = req.headers();
+    let h = req.headers();
+    let reported = || ORIGINAL.iter().any(|name| h.contains_key(*name));
+    if path == PREFIX || (path == "/authz/" && reported()) {
         let target = agreeing(h, "x-original-uri", "x-forwarded-uri")?.ok_or(
             "no original URI: nginx must set X-Original-URI, Traefik sends X-Forwarded-Uri",
         )?;

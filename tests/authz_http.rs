@@ -297,6 +297,36 @@ async fn envoy_http_service_style() {
     )
     .await;
     assert_error(&a, 400, "invalid_path");
+    // The root: Envoy asks on the prefix and "/", with or without a query.
+    for root in ["/authz/", "/authz/?page=2"] {
+        let a = ask(addr, "GET", root, &[("x-api-key", reader)]).await;
+        assert_eq!(a.status, 200, "{root}: {:?}", a.body);
+        assert_eq!(a.header("x-key-id"), Some("key_reader"));
+        let a = ask(addr, "GET", root, &[]).await;
+        assert_error(&a, 401, "authentication_required");
+    }
+    // nginx or Traefik asking on "/authz/" (a proxy_pass with a trailing slash) still have
+    // their headers read, and a missing half is refused, not taken as a check of "/".
+    let a = ask(
+        addr,
+        "GET",
+        "/authz/",
+        &[
+            ("x-original-uri", "/v1/analyses"),
+            ("x-original-method", "POST"),
+            ("x-api-key", reader),
+        ],
+    )
+    .await;
+    assert_error(&a, 403, "scope_required");
+    let a = ask(
+        addr,
+        "GET",
+        "/authz/",
+        &[("x-forwarded-method", "GET"), ("x-api-key", reader)],
+    )
+    .await;
+    assert_error(&a, 400, "invalid_request");
     // Anything else is not a check.
     let a = ask(addr, "GET", "/v1/analyses/1", &[("x-api-key", reader)]).await;
     assert_eq!(a.status, 404);
