@@ -355,7 +355,9 @@ fn smuggling_shape(req: &Request<ClientBody>, fields: &RequestFields) -> Option<
     }
     // Such a body would go upstream chunked, and a server that reads no body on GET or HEAD
     // would take its bytes for another request, one keygate never checked.
-    if matches!(*req.method(), http::Method::GET | http::Method::HEAD)
+    // Any case: keygate's routes take `get` for `GET`, and so do many servers.
+    let method = req.method().as_str();
+    if (method.eq_ignore_ascii_case("GET") || method.eq_ignore_ascii_case("HEAD"))
         && !http_body::Body::is_end_stream(req.body())
         && http_body::Body::size_hint(req.body()).exact().is_none()
     {
@@ -884,10 +886,11 @@ pub fn add_limit_headers(h: &mut http::HeaderMap, status: &crate::ratelimit::Sta
 /// The upstream request target in origin form (RFC 9112 §3.2.1): the normalized path and the
 /// query as received. The pool connects to the configured upstream, so no authority goes in the
 /// request line. When normalization changed nothing (the common case) the received bytes are
-/// reused without a copy.
+/// reused without a copy. (An empty path, as in `:path: ?x=1` or `http://host?x=1`, is "/" to
+/// `PathAndQuery::path`, but its bytes are not: those are rebuilt.)
 fn upstream_target(received: &Uri, path: &str) -> Option<PathAndQuery> {
     match received.path_and_query() {
-        Some(pq) if pq.path() == path => Some(pq.clone()),
+        Some(pq) if pq.as_str().starts_with('/') && pq.path() == path => Some(pq.clone()),
         _ => {
             let text = match received.query() {
                 Some(q) => format!("{path}?{q}"),

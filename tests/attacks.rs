@@ -767,6 +767,61 @@ async fn raw_fragment_cannot_split_decision_from_forwarded_path() {
     f.gate.stop().await;
 }
 
+/// Over HTTP/2 the `#` never reaches keygate (the HTTP library cuts `:path` there); what is
+/// left is what is both decided on and forwarded.
+#[tokio::test]
+async fn h2_fragment_cannot_split_decision_from_forwarded_path() {
+    use support::h2_frames::RawH2;
+    let f = fx("").await;
+    let mut h2 = RawH2::connect(f.gate.addr).await;
+    for (stream, (path, key, forwarded)) in [
+        ("/v1/public/x#/../../private", &f.public, "/v1/public/x"),
+        ("/v1/analyses/1#/../../admin", &f.full, "/v1/analyses/1"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        f.upstream.clear();
+        let stream = 1 + 2 * stream as u32;
+        h2.get(stream, "api.example", path, key).await;
+        h2.response_head(stream).await;
+        settle().await;
+        match f.upstream.count() {
+            0 => {}
+            1 => assert_eq!(f.upstream.last().target, forwarded, "{path}"),
+            n => panic!("{path}: {n} requests upstream"),
+        }
+    }
+    drop(h2);
+    f.gate.stop().await;
+}
+
+/// An empty path (`:path: ?x=1` over HTTP/2, `http://host?x=1` in absolute form) is decided as
+/// "/" and goes upstream as "/?x=1": never as a request line without a path.
+#[tokio::test]
+async fn an_empty_path_goes_upstream_as_the_root() {
+    use support::h2_frames::RawH2;
+    let f = fx("").await;
+    let a = raw(
+        f.gate.addr,
+        &req("GET http://api.example?x=2", Some(&f.full), ""),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(f.upstream.last().target, "/?x=2");
+    f.upstream.clear();
+    let mut h2 = RawH2::connect(f.gate.addr).await;
+    h2.get(1, "api.example", "?x=1", &f.full).await;
+    h2.response_head(1).await;
+    settle().await;
+    match f.upstream.count() {
+        0 => {}
+        _ => assert_eq!(f.upstream.last().target, "/?x=1"),
+    }
+    drop(h2);
+    f.gate.stop().await;
+}
+
 #[tokio::test]
 async fn raw_fragment_is_invalid_path() {
     let f = fx("").await;
@@ -1761,6 +1816,29 @@ async fn h2_identity_spoofs_are_replaced_like_h1() {
     assert_error(&a, 401, "authentication_required");
     settle().await;
     assert_eq!(f.upstream.count(), 0);
+    f.gate.stop().await;
+}
+
+/// HTTP/2 may send Cookie as one field per pair; the HTTP/1.1 upstream gets one line, joined
+/// with "; " (RFC 9113 §8.2.3), so a server that keeps one Cookie line keeps the session.
+#[tokio::test]
+async fn h2_cookie_crumbs_reach_the_upstream_as_one_line() {
+    let f = fx("").await;
+    let c = h2_client();
+    let a = send(
+        &c,
+        "GET",
+        &f.gate.url("/v1/analyses/1"),
+        &[
+            ("x-api-key", &f.full),
+            ("cookie", "a=1"),
+            ("cookie", "b=2; c=3"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(all(&f.upstream.last(), "cookie"), ["a=1; b=2; c=3"]);
     f.gate.stop().await;
 }
 

@@ -95,9 +95,26 @@ pub fn encode_head(out: &mut Vec<u8>, head: &super::Outbound, framing: RequestFr
     let unframed = |name: &[u8]| http1::framing_field(name).is_none();
     match &head.fields {
         crate::headers::RequestFields::Head(fields) => fields.write_lines(out, unframed),
-        crate::headers::RequestFields::Map(_) => {
-            for (name, value) in head.fields.iter().filter(|(n, _)| unframed(n)) {
+        crate::headers::RequestFields::Map(map) => {
+            // HTTP/2 may split Cookie into one field per pair; HTTP/1.1 gets them as one line
+            // joined with "; " (RFC 9113 §8.2.3): a server keeping one Cookie line keeps all.
+            let cookie = |n: &[u8]| n.eq_ignore_ascii_case(b"cookie");
+            for (name, value) in head
+                .fields
+                .iter()
+                .filter(|(n, _)| unframed(n) && !cookie(n))
+            {
                 field(out, name, value);
+            }
+            let mut crumbs = map.get_all(http::header::COOKIE).iter();
+            if let Some(first) = crumbs.next() {
+                out.extend_from_slice(b"cookie: ");
+                out.extend_from_slice(first.as_bytes());
+                for crumb in crumbs {
+                    out.extend_from_slice(b"; ");
+                    out.extend_from_slice(crumb.as_bytes());
+                }
+                out.extend_from_slice(b"\r\n");
             }
         }
     }
