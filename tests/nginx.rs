@@ -131,6 +131,49 @@ async fn nginx_auth_request_with_the_shipped_config() {
         a.header("x-request-id").unwrap()
     );
 
+    // The credential goes only where the key was: an API's own Basic credentials next to an
+    // X-API-Key pass, a second X-API-Key next to a Bearer key too.
+    upstream.clear();
+    let a = get(
+        &c,
+        &url("/v1/analyses/1"),
+        &[
+            ("x-api-key", &reader),
+            ("authorization", "Basic dXNlcjpwdw=="),
+        ],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", String::from_utf8_lossy(&a.body));
+    let seen = upstream.last();
+    assert!(
+        seen.headers.get("x-api-key").is_none(),
+        "{:?}",
+        seen.headers
+    );
+    assert_eq!(seen.headers["authorization"], "Basic dXNlcjpwdw==");
+    upstream.clear();
+    let a = get(
+        &c,
+        &url("/v1/analyses/1"),
+        &[
+            ("authorization", &format!("Bearer {reader}")),
+            ("x-api-key", &reader),
+        ],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", String::from_utf8_lossy(&a.body));
+    let seen = upstream.last();
+    assert!(
+        seen.headers.get("authorization").is_none(),
+        "{:?}",
+        seen.headers
+    );
+    assert!(
+        seen.headers.get("x-api-key").is_none(),
+        "{:?}",
+        seen.headers
+    );
+
     // A partner without an org: a client's x-org-id does not pass.
     upstream.clear();
     let a = get(
