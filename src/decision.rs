@@ -223,10 +223,13 @@ fn check_record<'s>(
         None => {}
     }
 
-    // 11. Safe retries.
+    // 11. Safe retries. A repeated Idempotency-Key names no one request: the proxy sees the
+    // repeat, Envoy joins repeats with commas, so a comma counts as a repeat on every front.
     if policy.idempotency_required
         && is_mutating(facts.method)
-        && facts.idempotency_key.is_none_or(|k| k.is_empty())
+        && facts
+            .idempotency_key
+            .is_none_or(|k| k.is_empty() || k.contains(&b','))
     {
         return Err(DenyReason::IdempotencyKeyRequired);
     }

@@ -401,6 +401,12 @@ async fn idempotency_key_required_is_invalid_argument() {
     assert!(!s.set.contains_key("www-authenticate"));
     let s = seen(&ask(addr, post(&[("idempotency-key", "k-1")])).await);
     assert_eq!(s.grpc, 0);
+    // Two, as Envoy passes them (joined with a comma): as missing, as on the proxy.
+    let s = seen(&ask(addr, post(&[("idempotency-key", "k-1,k-2")])).await);
+    assert_eq!(
+        (s.grpc, s.http, s.code.as_str()),
+        (3, 400, "idempotency_key_required")
+    );
     gate.stop().await;
 }
 

@@ -874,6 +874,14 @@ fn each_check_of_the_contract() {
             ..BASE
         },
         Case {
+            name: "POST with two Idempotency-Keys as Envoy joins them",
+            method: "POST",
+            path: "/v1/analyses",
+            idempotency_key: Some("idem-1,idem-2"),
+            want: Deny("idempotency_key_required"),
+            ..BASE
+        },
+        Case {
             name: "POST with Idempotency-Key",
             method: "POST",
             path: "/v1/analyses",
