@@ -325,6 +325,9 @@ impl server::Handler for H1 {
             server::wire::HeadError::Fragment => {
                 DenyReason::InvalidPath(crate::path::PathError::Fragment)
             }
+            server::wire::HeadError::ControlInTarget => {
+                DenyReason::InvalidPath(crate::path::PathError::ControlCharacter)
+            }
             server::wire::HeadError::Malformed(why) => DenyReason::BadRequest(why),
         };
         let mut record = Record::new(&self.state.shard);

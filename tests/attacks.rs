@@ -823,9 +823,17 @@ async fn an_empty_path_goes_upstream_as_the_root() {
 }
 
 #[tokio::test]
-async fn raw_fragment_is_invalid_path() {
+async fn raw_fragment_and_control_bytes_are_invalid_path() {
     let f = fx("").await;
     check_target(&f, "GET", "/v1/analyses/1#frag", &f.full, &BAD).await;
+    // Raw control bytes in the target too, as their encoded forms are (the contract's table).
+    for target in [
+        "/v1/analyses/1\u{0}",
+        "/v1/\u{1b}analyses/1",
+        "/v1/analyses/1\u{7f}",
+    ] {
+        check_target(&f, "GET", target, &f.full, &BAD).await;
+    }
     f.gate.stop().await;
 }
 

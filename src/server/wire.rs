@@ -36,6 +36,10 @@ pub enum HeadError {
     /// disagree on whether it ends the path (the contract's `invalid_path`).
     #[error("the request target contains '#'")]
     Fragment,
+    /// A raw control byte in the request target (also `invalid_path`): told apart from other
+    /// malformed request lines, which httparse refuses alike.
+    #[error("the request target contains a control character")]
+    ControlInTarget,
     /// Anything else: 400.
     #[error("{0}")]
     Malformed(&'static str),
@@ -96,6 +100,7 @@ pub fn parse_request(
                 "an HTTP version other than 1.0 or 1.1",
             ))
         }
+        Err(_) if control_in_target(buf) => return Err(HeadError::ControlInTarget),
         Err(_) => return Err(HeadError::Malformed("the request head is malformed")),
     };
     if len > limits.bytes {
@@ -355,6 +360,22 @@ pub fn date() -> Bytes {
         }
         c.1.clone()
     })
+}
+
+/// Whether the request line that httparse refused has a control byte (or DEL) in its target:
+/// after the method and its space, before the ` HTTP/` that ends the line (or the line's end).
+fn control_in_target(buf: &[u8]) -> bool {
+    let line = buf.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let Some(space) = line.iter().position(|&b| b == b' ') else {
+        return false;
+    };
+    let rest = &line[space + 1..];
+    let end = rest
+        .windows(6)
+        .rposition(|w| w == b" HTTP/")
+        .unwrap_or(rest.len());
+    rest[..end].iter().any(|&b| b < 0x20 || b == 0x7F)
 }
 
 #[cfg(test)]

@@ -152,6 +152,32 @@ fn a_raw_fragment_is_refused_not_cut_off() {
 }
 
 #[test]
+fn a_raw_control_byte_in_the_target_is_told_apart() {
+    for target in [
+        "/a\u{0}b",
+        "/a\u{1}",
+        "/a\tb",
+        "/a\u{7f}",
+        "/\u{1b}[2J",
+        "/a?q=\u{0}",
+    ] {
+        assert_eq!(
+            refused(&format!("GET {target} HTTP/1.1\r\nHost: h\r\n\r\n")),
+            HeadError::ControlInTarget,
+            "{target:?}"
+        );
+    }
+    // Elsewhere in the head: malformed, not a path.
+    for head in [
+        "G\u{0}T / HTTP/1.1\r\nHost: h\r\n\r\n",
+        "GET /a b HTTP/1.1\r\nHost: h\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: h\u{0}\r\n\r\n",
+    ] {
+        assert!(matches!(refused(head), HeadError::Malformed(_)), "{head:?}");
+    }
+}
+
+#[test]
 fn connection_and_expect_are_read_from_every_field() {
     let cases: &[(&str, bool, bool)] = &[
         ("GET / HTTP/1.1\r\nHost: h\r\n\r\n", true, false),
