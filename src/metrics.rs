@@ -264,7 +264,7 @@ pub fn render(
     counter(
         &mut registry,
         "snapshot_fetch_errors",
-        "Attempts to reach the source that brought no document (unreachable, error status, timeout, broken stream)",
+        "Attempts to reach the source that brought no document (a file that cannot be read, unreachable, error status, timeout, broken stream)",
         &stats.fetch_errors,
     );
     counter(

@@ -244,10 +244,16 @@ async fn broken_documents_keep_the_last_good_snapshot() {
         "not json at all".to_owned(),
         String::new(),
     ];
-    for doc in &broken {
+    let rejected = "keygate_snapshot_reloads_total{result=\"rejected\"}";
+    assert_eq!(gate.metric(rejected).await, Some(0.0));
+    for (n, doc) in broken.iter().enumerate() {
         snap.write_text(doc);
-        // Give the watcher time to see and reject it (there is no success to wait for).
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Each is seen, refused and counted.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while gate.metric(rejected).await != Some(n as f64 + 1.0) {
+            assert!(Instant::now() < deadline, "broken document {n} not counted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert_eq!(
             gate.revision(),
             Some(5),
@@ -382,6 +388,39 @@ async fn kubernetes_secret_symlink_swap() {
         start.elapsed()
     );
     assert_error(&status_of(&gate, &a).await, 401, "key_revoked");
+    gate.stop().await;
+}
+
+/// A broken document at start: nothing in force (every request 503), and counted; an
+/// unreadable file is a fetch error instead.
+#[tokio::test]
+async fn a_broken_document_at_start_is_counted() {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    snap.write_text("{\"schema\": \"keygate.snapshot/v1\", \"revision\":");
+    let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, "")).await;
+    assert_eq!(gate.revision(), None);
+    assert_error(
+        &status_of(&gate, &mint("sk_live_")).await,
+        503,
+        "snapshot_unavailable",
+    );
+    assert_eq!(
+        gate.metric("keygate_snapshot_reloads_total{result=\"rejected\"}")
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        gate.metric("keygate_snapshot_fetch_errors_total").await,
+        Some(0.0)
+    );
+    gate.stop().await;
+    std::fs::remove_file(snap.path()).unwrap();
+    let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, "")).await;
+    assert_eq!(
+        gate.metric("keygate_snapshot_fetch_errors_total").await,
+        Some(1.0)
+    );
     gate.stop().await;
 }
 

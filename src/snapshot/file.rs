@@ -210,8 +210,9 @@ impl FileSource {
     pub fn load_now(&mut self, store: &SnapshotStore) -> Result<u64, LoadError> {
         self.last = fingerprint(&self.settings.path);
         let loaded = load_into(store, &self.settings);
-        if loaded.is_ok() {
-            store.confirm();
+        match &loaded {
+            Ok(_) => store.confirm(),
+            Err(e) => count_failure(store, e),
         }
         loaded
     }
@@ -262,12 +263,21 @@ async fn watch(
         // Parsing a large document is CPU work: keep it off the request threads' queues.
         let loaded = tokio::task::spawn_blocking(move || load_into(&store2, &settings)).await;
         in_force = matches!(loaded, Ok(Ok(_)));
-        if in_force {
-            store.confirm();
-        } else {
-            SourceStats::count(&store.stats.reloads_rejected);
+        match &loaded {
+            Ok(Ok(_)) => store.confirm(),
+            Ok(Err(e)) => count_failure(&store, e),
+            Err(_) => SourceStats::count(&store.stats.reloads_rejected),
         }
     }
+}
+
+/// Count a load that brought no snapshot: a file that could not be read as a fetch error, a
+/// document keygate refused as a rejected reload.
+fn count_failure(store: &SnapshotStore, e: &LoadError) {
+    SourceStats::count(match e {
+        LoadError::Read { .. } => &store.stats.fetch_errors,
+        LoadError::Document { .. } | LoadError::Publish { .. } => &store.stats.reloads_rejected,
+    });
 }
 
 /// inotify on the directory; `None` (polling only) when it cannot be set up.
