@@ -54,6 +54,7 @@ fn main() {
         referer: None,
         origin: None,
         idempotency_key: None,
+        method_override: None,
     };
     let now = 1_790_000_000_000;
     let allowed = (0..n)

@@ -30,6 +30,9 @@ pub struct RequestFacts<'a> {
     pub referer: Option<&'a [u8]>,
     pub origin: Option<&'a [u8]>,
     pub idempotency_key: Option<&'a [u8]>,
+    /// The method a method-override field (`X-HTTP-Method-Override`, …) asks for, if any was
+    /// sent (a repeat yields an empty value).
+    pub method_override: Option<&'a [u8]>,
 }
 
 impl<'a> RequestFacts<'a> {
@@ -54,6 +57,7 @@ impl<'a> RequestFacts<'a> {
             referer: read.referer.single(),
             origin: read.origin.single(),
             idempotency_key: read.idempotency_key.single(),
+            method_override: read.method_override.single(),
         }
     }
 }
@@ -134,8 +138,17 @@ fn find<'s, 'f>(
     policy: &Policy,
     facts: &RequestFacts<'f>,
 ) -> Result<(&'s Snapshot, &'s KeyRecord, &'f NormalizedPath), DenyReason> {
-    // 0. The path must be unambiguous.
+    // 0. The path must be unambiguous, and so must the method: the upstream may run the
+    // request as the method a method-override field names, which is not the one decided on.
     let path = facts.path.map_err(DenyReason::InvalidPath)?;
+    if let Some(asked) = facts.method_override {
+        if !trim_ows(asked).eq_ignore_ascii_case(facts.method.as_bytes()) {
+            return Err(DenyReason::BadRequest(
+                "a method-override header (X-HTTP-Method-Override, X-HTTP-Method, \
+                 X-Method-Override) names another method: send the request with that method",
+            ));
+        }
+    }
 
     // 1. A usable credential.
     let key = match facts.credential {
@@ -244,3 +257,13 @@ fn check_record<'s>(
 
 #[cfg(test)]
 mod tests;
+
+/// `value` without the spaces and tabs around it.
+fn trim_ows(value: &[u8]) -> &[u8] {
+    let start = value.iter().position(|&b| b != b' ' && b != b'\t');
+    let end = value.iter().rposition(|&b| b != b' ' && b != b'\t');
+    match (start, end) {
+        (Some(s), Some(e)) => &value[s..=e],
+        _ => &[],
+    }
+}

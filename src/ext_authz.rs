@@ -165,6 +165,19 @@ impl<'a> Headers<'a, '_> {
             .map(|(_, v)| *v)
     }
 
+    /// The value of the method-override fields ([`crate::headers::METHOD_OVERRIDES`], any
+    /// spelling): empty when more than one came (Envoy joins repeats with commas, which no
+    /// method has).
+    fn method_override(&self) -> Option<&'a [u8]> {
+        let mut all = self
+            .0
+            .iter()
+            .filter(|(k, _)| crate::headers::is_method_override(k))
+            .map(|(_, v)| *v);
+        let first = all.next()?;
+        Some(if all.next().is_some() { b"" } else { first })
+    }
+
     /// The one value of `name`; a repeated header yields an empty value (matches nothing).
     fn single(&self, name: &str) -> Option<&'a [u8]> {
         let mut all = self.all(name);
@@ -258,6 +271,7 @@ async fn decide_check(
         referer: headers.single("referer"),
         origin: headers.single("origin"),
         idempotency_key: headers.single(names.idempotency_key.as_str()),
+        method_override: headers.method_override(),
     };
     let snapshot = state.store.serving();
     match admit(

@@ -224,6 +224,25 @@ pub struct Read<'a> {
     pub referer: Two<'a>,
     pub origin: Two<'a>,
     pub idempotency_key: Two<'a>,
+    /// Any of [`METHOD_OVERRIDES`], in any spelling.
+    pub method_override: Two<'a>,
+}
+
+/// Fields by which many servers (ASP.NET Core, Symfony, Express's method-override, Google's
+/// APIs) run a request as another method than the one it was sent with.
+pub const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Whether `name` is one of [`METHOD_OVERRIDES`], in any case and with `_` for `-` (CGI-style
+/// servers read `x_http_method_override` as the same field). Most names differ in length.
+pub fn is_method_override(name: &[u8]) -> bool {
+    matches!(name.len(), 13 | 17 | 22)
+        && METHOD_OVERRIDES
+            .iter()
+            .any(|m| folded_eq_any_case(m.as_bytes(), name))
 }
 
 impl<'a> Read<'a> {
@@ -253,6 +272,9 @@ impl<'a> Read<'a> {
                 if name.len() == wanted.len() && name.eq_ignore_ascii_case(wanted) {
                     two.note(value);
                 }
+            }
+            if is_method_override(name) {
+                read.method_override.note(value);
             }
         }
         read
@@ -465,6 +487,12 @@ mod tests {
                 ("x-api-ke", "sk_live_a"),
                 ("origin2", "x"),
             ],
+            &[("X-HTTP-Method-Override", "DELETE")],
+            &[("x_http_method", "PUT"), ("x-method-override", "PUT")],
+            &[
+                ("x-http-method-overrid", "PUT"),
+                ("x-method-overrides", "PUT"),
+            ],
         ];
         let path = crate::path::normalize("/a", crate::path::PathOptions::default());
         for fields in table {
@@ -508,6 +536,19 @@ mod tests {
                 referer: single(&header::REFERER),
                 origin: single(&header::ORIGIN),
                 idempotency_key: single(&names.idempotency_key),
+                method_override: {
+                    let mut all = map
+                        .iter()
+                        .filter(|(n, _)| is_method_override(n.as_str().as_bytes()))
+                        .map(|(_, v)| v.as_bytes());
+                    all.next().map(|first| {
+                        if all.next().is_some() {
+                            &b""[..]
+                        } else {
+                            first
+                        }
+                    })
+                },
             };
             let ids: Vec<&[u8]> = FieldLookup::values(&map, &names.request_id).collect();
             for read in [

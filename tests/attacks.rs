@@ -955,6 +955,56 @@ async fn scopes_cannot_be_dodged_by_path_spelling() {
 /// hyper keeps a lowercase method as the extension method `post` (methods are case-sensitive in
 /// RFC 9110), but common upstream stacks upper-case it (Django's and Werkzeug's `request.method`
 /// are `REQUEST_METHOD.upper()`), so `post` is POST to them and must need POST's scopes.
+/// Many servers run a request as the method an `X-HTTP-Method-Override` (or `X-HTTP-Method`,
+/// `X-Method-Override`; CGI-style ones also with `_`) names: one naming another method than
+/// the request's is refused, before anything reaches the upstream, over HTTP/1.1 and HTTP/2.
+#[tokio::test]
+async fn a_method_override_cannot_dodge_scopes_or_routes() {
+    let f = fx("").await;
+    let h2 = h2_client();
+    for name in [
+        "X-HTTP-Method-Override",
+        "x-http-method",
+        "X-Method-Override",
+        "x_http_method_override",
+    ] {
+        for c in [&client(), &h2] {
+            let a = send(
+                c,
+                "GET",
+                &f.gate.url("/v1/analyses/1"),
+                &[("x-api-key", &f.read), (name, "DELETE")],
+                "",
+            )
+            .await;
+            assert_error(&a, 400, "invalid_request");
+        }
+        let a = send(
+            &client(),
+            "POST",
+            &f.gate.url("/v1/public/x"),
+            &[("x-api-key", &f.public), (name, "GET")],
+            "{}",
+        )
+        .await;
+        assert_error(&a, 400, "invalid_request");
+    }
+    settle().await;
+    assert_eq!(f.upstream.count(), 0, "{:?}", f.upstream.seen());
+    // Naming the request's own method changes nothing: allowed, and passed on.
+    let a = send(
+        &client(),
+        "GET",
+        &f.gate.url("/v1/analyses/1"),
+        &[("x-api-key", &f.read), ("x-http-method-override", "get")],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(all(&f.upstream.last(), "x-http-method-override"), ["get"]);
+    f.gate.stop().await;
+}
+
 #[tokio::test]
 async fn lowercase_method_does_not_dodge_scopes_or_routes() {
     let f = fx("").await;

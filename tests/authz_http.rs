@@ -327,6 +327,15 @@ async fn envoy_http_service_style() {
     )
     .await;
     assert_error(&a, 400, "invalid_request");
+    // A method override naming another method is refused here too.
+    let a = ask(
+        addr,
+        "GET",
+        "/authz/v1/analyses/1",
+        &[("x-api-key", reader), ("x-http-method-override", "DELETE")],
+    )
+    .await;
+    assert_error(&a, 400, "invalid_request");
     // Anything else is not a check.
     let a = ask(addr, "GET", "/v1/analyses/1", &[("x-api-key", reader)]).await;
     assert_eq!(a.status, 404);

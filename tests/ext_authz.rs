@@ -694,6 +694,30 @@ async fn proxy_and_ext_authz_agree() {
             ],
         ),
         ("GET", "/v1/a;b", vec![("x-api-key", k.ok.clone())]),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![
+                ("x-api-key", k.ro.clone()),
+                ("x-http-method-override", "DELETE".into()),
+            ],
+        ),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![
+                ("x-api-key", k.ro.clone()),
+                ("x_http_method", "DELETE".into()),
+            ],
+        ),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![
+                ("x-api-key", k.ok.clone()),
+                ("x-method-override", "GET".into()),
+            ],
+        ),
     ];
     for (method, path, headers) in &table {
         let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();

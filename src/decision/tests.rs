@@ -352,6 +352,7 @@ struct Case {
     referer: Option<&'static str>,
     origin: Option<&'static str>,
     idempotency_key: Option<&'static str>,
+    method_override: Option<&'static str>,
     /// Milliseconds relative to [`now_ms`]'s `EXPIRY`; `None` = the default clock.
     at_expiry_plus: Option<i64>,
     /// Decide without a snapshot in force.
@@ -368,6 +369,7 @@ const BASE: Case = Case {
     referer: None,
     origin: None,
     idempotency_key: None,
+    method_override: None,
     at_expiry_plus: None,
     no_snapshot: false,
     want: Want::Allow {
@@ -440,6 +442,7 @@ fn verdict(fixture: &Fixture, policy: &Policy, case: &Case) -> Got {
         referer: case.referer.map(str::as_bytes),
         origin: case.origin.map(str::as_bytes),
         idempotency_key: case.idempotency_key.map(str::as_bytes),
+        method_override: case.method_override.map(str::as_bytes),
     };
     let now = case.at_expiry_plus.map_or_else(now_ms, |d| expiry_ms() + d);
     let snapshot = (!case.no_snapshot).then_some(&fixture.snapshot);
@@ -873,6 +876,32 @@ fn each_check_of_the_contract() {
             want: Deny("idempotency_key_required"),
             ..BASE
         },
+        // 0. A method override naming another method is refused before anything else.
+        Case {
+            name: "GET overridden to DELETE",
+            cred: Cred::Key("reader"),
+            method_override: Some("DELETE"),
+            want: Deny("invalid_request"),
+            ..BASE
+        },
+        Case {
+            name: "an override before the credential",
+            cred: Cred::Missing,
+            method_override: Some("PUT"),
+            want: Deny("invalid_request"),
+            ..BASE
+        },
+        Case {
+            name: "repeated overrides",
+            method_override: Some(""),
+            want: Deny("invalid_request"),
+            ..BASE
+        },
+        Case {
+            name: "an override naming the request's own method",
+            method_override: Some(" get "),
+            ..BASE
+        },
         Case {
             name: "POST with two Idempotency-Keys as Envoy joins them",
             method: "POST",
@@ -1195,6 +1224,7 @@ fn allow_carries_the_record() {
         referer: None,
         origin: None,
         idempotency_key: None,
+        method_override: None,
     };
     let Verdict::Allow(allow) = decide(Some(&f.snapshot), &p, &facts, now_ms()) else {
         panic!("expected an allow");

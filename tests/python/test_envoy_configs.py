@@ -105,7 +105,8 @@ class EnvoyConfigs(unittest.TestCase):
 
         asked = svc.authorization_request.allowed_headers.patterns
         for h in ["x-api-key", "referer", "origin", "idempotency-key", "x-request-id",
-                  "x-forwarded-for"] + IDENTITY:
+                  "x-forwarded-for", "x-http-method-override", "x-http-method",
+                  "x-method-override"] + IDENTITY:
             self.assertTrue(matches(asked, h), f"keygate must see {h}")
         for h in ORIGINAL:
             self.assertFalse(matches(asked, h), f"{h} would let a client choose what is checked")
