@@ -2,7 +2,7 @@
 //! decision table as a `CheckResponse` (never a gRPC error), the allow shape Envoy applies
 //! (identity headers with `append = false` and `OVERWRITE_IF_EXISTS_OR_ADD`, headers to remove,
 //! response headers, dynamic metadata), health following the snapshot, and a differential test
-//! against the proxy front of the same keygate.
+//! against the proxy and forward-auth fronts of the same keygate.
 
 mod support;
 
@@ -551,6 +551,29 @@ fn behind_envoy(request: &[(&str, &str)], ok: &Seen) -> HashMap<String, String> 
     h
 }
 
+/// The request headers the upstream gets behind Envoy's `http_service` (deploy/envoy/
+/// envoy-http.yaml): those of the request, then the 200's identity headers and request id set
+/// (`allowed_upstream_headers`, overwriting), then `x-envoy-auth-headers-to-remove` removed.
+fn behind_envoy_http(request: &[(&str, &str)], ok: &Answer) -> HashMap<String, String> {
+    let mut h: HashMap<String, String> = request
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+        .collect();
+    for name in COMPARED[..5].iter().chain(&["x-request-id"]) {
+        if let Some(v) = ok.header(name) {
+            h.insert(name.to_string(), v.to_owned());
+        }
+    }
+    for name in ok
+        .header("x-envoy-auth-headers-to-remove")
+        .unwrap_or("")
+        .split(',')
+    {
+        h.remove(name.trim());
+    }
+    h
+}
+
 /// Headers whose presence and value upstream must be the same through either front.
 const COMPARED: [&str; 7] = [
     "x-partner-id",
@@ -562,11 +585,13 @@ const COMPARED: [&str; 7] = [
     "authorization",
 ];
 
-/// One table through the proxy and through ext_authz of the same keygate: same verdict, code
-/// and, for an allow, the same identity and credential headers upstream (spoofs included).
+/// One table through the proxy, ext_authz and forward-auth (as Envoy's `http_service` asks)
+/// of the same keygate: same verdict, code and, for an allow, the same identity and credential
+/// headers upstream (spoofs included).
 #[tokio::test]
-async fn proxy_and_ext_authz_agree() {
-    let (gate, _snap, k, addr, upstream) = start("").await;
+async fn proxy_ext_authz_and_forward_auth_agree() {
+    let (gate, _snap, k, addr, upstream) = start("[authz_http]\nlisten = \"127.0.0.1:0\"\n").await;
+    let authz = gate.app().authz_http_addr.expect("authz_http configured");
     let bearer = |key: &str| format!("Bearer {key}");
     let spoofs = |key: &str| -> Headers {
         vec![
@@ -724,34 +749,56 @@ async fn proxy_and_ext_authz_agree() {
         upstream.clear();
         let via_proxy = send(&client(), method, &gate.url(path), &h, "").await;
         let via_ext = seen(&ask(addr, check_request(method, path, &h, "127.0.0.1")).await);
+        let via_http = send(
+            &client(),
+            method,
+            &format!("http://{authz}/authz{path}"),
+            &h,
+            "",
+        )
+        .await;
         let row = format!("{method} {path} {headers:?}");
         assert_eq!(via_proxy.status, via_ext.http, "{row}");
+        assert_eq!(via_http.status, via_ext.http, "forward-auth: {row}");
         if via_ext.http == 200 {
             let up = upstream.last();
             let envoy = behind_envoy(&h, &via_ext);
+            let envoy_http = behind_envoy_http(&h, &via_http);
             for name in COMPARED {
                 assert_eq!(
                     up.headers.get(name).map(|v| v.to_str().unwrap()),
                     envoy.get(name).map(String::as_str),
                     "{name} for {row}"
                 );
+                assert_eq!(
+                    up.headers.get(name).map(|v| v.to_str().unwrap()),
+                    envoy_http.get(name).map(String::as_str),
+                    "forward-auth: {name} for {row}"
+                );
             }
             let sent_id = h.iter().find(|(k, _)| *k == "x-request-id");
             if let Some((_, id)) = sent_id {
                 assert_eq!(up.headers["x-request-id"], *id, "{row}");
                 assert_eq!(envoy["x-request-id"], *id, "{row}");
+                assert_eq!(envoy_http["x-request-id"], *id, "forward-auth: {row}");
             }
             assert_eq!(up.headers.get_all("x-request-id").iter().count(), 1);
         } else {
             assert_eq!(upstream.count(), 0, "{row}");
             if method != &"HEAD" {
                 assert_eq!(via_proxy.code(), via_ext.code, "{row}");
+                assert_eq!(via_http.code(), via_ext.code, "forward-auth: {row}");
             }
             for name in ["www-authenticate", "retry-after"] {
                 assert_eq!(
                     via_proxy.header(name),
                     via_ext.set.get(name).map(String::as_str),
                     "{name} for {row}"
+                );
+                assert_eq!(
+                    via_http.header(name),
+                    via_ext.set.get(name).map(String::as_str),
+                    "forward-auth: {name} for {row}"
                 );
             }
         }
