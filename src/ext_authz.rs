@@ -172,7 +172,7 @@ impl<'a> Headers<'a, '_> {
         let mut all = self
             .0
             .iter()
-            .filter(|(k, _)| crate::headers::is_method_override(k))
+            .filter(|(k, v)| crate::headers::is_method_override(k) && !v.trim_ascii().is_empty())
             .map(|(_, v)| *v);
         let first = all.next()?;
         Some(if all.next().is_some() { b"" } else { first })

@@ -273,7 +273,8 @@ impl<'a> Read<'a> {
                     two.note(value);
                 }
             }
-            if is_method_override(name) {
+            // An empty one asks for nothing (servers ignore it too).
+            if is_method_override(name) && value.iter().any(|&b| b != b' ' && b != b'\t') {
                 read.method_override.note(value);
             }
         }
@@ -489,6 +490,7 @@ mod tests {
             ],
             &[("X-HTTP-Method-Override", "DELETE")],
             &[("x_http_method", "PUT"), ("x-method-override", "PUT")],
+            &[("x-http-method-override", ""), ("x-http-method", "PUT")],
             &[
                 ("x-http-method-overrid", "PUT"),
                 ("x-method-overrides", "PUT"),
@@ -539,7 +541,10 @@ mod tests {
                 method_override: {
                     let mut all = map
                         .iter()
-                        .filter(|(n, _)| is_method_override(n.as_str().as_bytes()))
+                        .filter(|(n, v)| {
+                            is_method_override(n.as_str().as_bytes())
+                                && !v.as_bytes().trim_ascii().is_empty()
+                        })
                         .map(|(_, v)| v.as_bytes());
                     all.next().map(|first| {
                         if all.next().is_some() {

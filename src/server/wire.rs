@@ -365,7 +365,15 @@ pub fn date() -> Bytes {
 /// Whether the request line that httparse refused has a control byte (or DEL) in its target:
 /// after the method and its space, before the ` HTTP/` that ends the line (or the line's end).
 fn control_in_target(buf: &[u8]) -> bool {
-    let line = buf.split(|&b| b == b'\n').next().unwrap_or_default();
+    // httparse skips empty lines before a request line (a stray CRLF after a body).
+    let start = buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(buf.len());
+    let line = buf[start..]
+        .split(|&b| b == b'\n')
+        .next()
+        .unwrap_or_default();
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let Some(space) = line.iter().position(|&b| b == b' ') else {
         return false;

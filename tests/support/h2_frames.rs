@@ -195,6 +195,26 @@ impl RawH2 {
         }
     }
 
+    /// Whether `stream` was answered 200: reads to its HEADERS (false if the stream is reset
+    /// instead). The server encodes `:status 200` as HPACK's static entry 8 (one byte, 0x88);
+    /// any other status is another byte.
+    pub async fn answered_200(&mut self, stream: u32) -> bool {
+        loop {
+            let f = self
+                .next(Duration::from_secs(5))
+                .await
+                .unwrap_or_else(|| panic!("closed before stream {stream}'s answer"));
+            if f.stream != stream {
+                continue;
+            }
+            match f.kind {
+                RST_STREAM => return false,
+                HEADERS => return f.payload.first() == Some(&0x88),
+                _ => {}
+            }
+        }
+    }
+
     /// Answers the PING that came with the server's goodbye, then reads to the close: the last
     /// GOAWAY's last stream id and error code.
     pub async fn goodbye(&mut self) -> Option<(u32, u32)> {

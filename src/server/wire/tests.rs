@@ -167,6 +167,11 @@ fn a_raw_control_byte_in_the_target_is_told_apart() {
             "{target:?}"
         );
     }
+    // After the empty lines httparse skips (a stray CRLF after the previous body).
+    assert_eq!(
+        refused("\r\n\r\nGET /a\u{1} HTTP/1.1\r\nHost: h\r\n\r\n"),
+        HeadError::ControlInTarget
+    );
     // Elsewhere in the head: malformed, not a path.
     for head in [
         "G\u{0}T / HTTP/1.1\r\nHost: h\r\n\r\n",
