@@ -200,8 +200,9 @@ async fn a_sidecar_restarted_from_its_cache_asks_only_for_what_changed() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn the_hub_refuses_a_sidecar_without_its_token() {
+/// A hub over a file with two active keys (`a`, `b`), whose Watch needs the token
+/// "hub-s3cret"; `more` goes into its `[sync_server]` table (and may open others after it).
+async fn hub_with_token(more: &str) -> (Upstream, (String, String), SnapshotDir, Gate) {
     let upstream = Upstream::start().await;
     let (a, b) = (mint("sk_live_"), mint("sk_live_"));
     let snap = SnapshotDir::new();
@@ -211,11 +212,17 @@ async fn the_hub_refuses_a_sidecar_without_its_token() {
             &snap,
             upstream.addr,
             "127.0.0.1:0",
-            "token_env = \"HUB_TOKEN\"",
+            &format!("token_env = \"HUB_TOKEN\"\n{more}"),
         ),
         &[("HUB_TOKEN", "hub-s3cret")],
     )
     .await;
+    (upstream, (a, b), snap, hub)
+}
+
+#[tokio::test]
+async fn the_hub_refuses_a_sidecar_without_its_token() {
+    let (upstream, (a, _), _snap, hub) = hub_with_token("").await;
     let addr = hub_addr(&hub);
 
     let none = Gate::start(&sidecar_config(addr, upstream.addr, "")).await;
@@ -381,20 +388,7 @@ async fn metric_reaches(g: &Gate, name: &str, want: f64) {
 /// `limits.max_connections`.
 #[tokio::test]
 async fn the_hub_counts_its_watchers_what_it_sent_and_whom_it_refused() {
-    let upstream = Upstream::start().await;
-    let (a, b) = (mint("sk_live_"), mint("sk_live_"));
-    let snap = SnapshotDir::new();
-    snap.write(&doc(1, (&a, "active"), (&b, "active")));
-    let hub = Gate::start_with_env(
-        &hub_config(
-            &snap,
-            upstream.addr,
-            "127.0.0.1:0",
-            "token_env = \"HUB_TOKEN\"\n[limits]\nmax_connections = 2\n",
-        ),
-        &[("HUB_TOKEN", "hub-s3cret")],
-    )
-    .await;
+    let (upstream, (a, b), snap, hub) = hub_with_token("[limits]\nmax_connections = 2\n").await;
     let addr = hub_addr(&hub);
     let open = "keygate_connections_open{front=\"sync_server\"}";
     metric_reaches(&hub, "keygate_sync_watchers", 0.0).await;
