@@ -142,7 +142,10 @@ fn find<'s, 'f>(
     // request as the method a method-override field names, which is not the one decided on.
     let path = facts.path.map_err(DenyReason::InvalidPath)?;
     if let Some(asked) = facts.method_override {
-        if !trim_ows(asked).eq_ignore_ascii_case(facts.method.as_bytes()) {
+        if !asked
+            .trim_ascii()
+            .eq_ignore_ascii_case(facts.method.as_bytes())
+        {
             return Err(DenyReason::BadRequest(
                 "a method-override header (X-HTTP-Method-Override, X-HTTP-Method, \
                  X-Method-Override) names another method: send the request with that method",
@@ -257,13 +260,3 @@ fn check_record<'s>(
 
 #[cfg(test)]
 mod tests;
-
-/// `value` without the spaces and tabs around it.
-fn trim_ows(value: &[u8]) -> &[u8] {
-    let start = value.iter().position(|&b| b != b' ' && b != b'\t');
-    let end = value.iter().rposition(|&b| b != b' ' && b != b'\t');
-    match (start, end) {
-        (Some(s), Some(e)) => &value[s..=e],
-        _ => &[],
-    }
-}

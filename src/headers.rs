@@ -274,7 +274,7 @@ impl<'a> Read<'a> {
                 }
             }
             // An empty one asks for nothing (servers ignore it too).
-            if is_method_override(name) && value.iter().any(|&b| b != b' ' && b != b'\t') {
+            if is_method_override(name) && !value.trim_ascii().is_empty() {
                 read.method_override.note(value);
             }
         }
