@@ -220,6 +220,15 @@ async fn hub_with_token(more: &str) -> (Upstream, (String, String), SnapshotDir,
     (upstream, (a, b), snap, hub)
 }
 
+/// A sidecar of `hub` presenting `token` (`snapshot.token_env`).
+async fn sidecar_with_token(hub: SocketAddr, upstream: SocketAddr, token: &str) -> Gate {
+    Gate::start_with_env(
+        &sidecar_config(hub, upstream, "token_env = \"T\""),
+        &[("T", token)],
+    )
+    .await
+}
+
 #[tokio::test]
 async fn the_hub_refuses_a_sidecar_without_its_token() {
     let (upstream, (a, _), _snap, hub) = hub_with_token("").await;
@@ -231,19 +240,11 @@ async fn the_hub_refuses_a_sidecar_without_its_token() {
     assert_error(&a_none, 503, "snapshot_unavailable");
     none.stop().await;
 
-    let wrong = Gate::start_with_env(
-        &sidecar_config(addr, upstream.addr, "token_env = \"T\""),
-        &[("T", "guess")],
-    )
-    .await;
+    let wrong = sidecar_with_token(addr, upstream.addr, "guess").await;
     assert_eq!(wrong.revision(), None);
     wrong.stop().await;
 
-    let right = Gate::start_with_env(
-        &sidecar_config(addr, upstream.addr, "token_env = \"T\""),
-        &[("T", "hub-s3cret")],
-    )
-    .await;
+    let right = sidecar_with_token(addr, upstream.addr, "hub-s3cret").await;
     assert_eq!(right.revision(), Some(1));
     assert_eq!(status(&right, &a).await, 200);
     right.stop().await;
@@ -394,11 +395,7 @@ async fn the_hub_counts_its_watchers_what_it_sent_and_whom_it_refused() {
     metric_reaches(&hub, "keygate_sync_watchers", 0.0).await;
     metric_reaches(&hub, open, 0.0).await;
 
-    let wrong = Gate::start_with_env(
-        &sidecar_config(addr, upstream.addr, "token_env = \"T\""),
-        &[("T", "guess")],
-    )
-    .await;
+    let wrong = sidecar_with_token(addr, upstream.addr, "guess").await;
     assert_eq!(wrong.revision(), None);
     wrong.stop().await;
     let refused = hub.metric("keygate_sync_unauthenticated_total").await;
@@ -408,9 +405,8 @@ async fn the_hub_counts_its_watchers_what_it_sent_and_whom_it_refused() {
     );
     metric_reaches(&hub, open, 0.0).await;
 
-    let right = sidecar_config(addr, upstream.addr, "token_env = \"T\"");
-    let s1 = Gate::start_with_env(&right, &[("T", "hub-s3cret")]).await;
-    let s2 = Gate::start_with_env(&right, &[("T", "hub-s3cret")]).await;
+    let s1 = sidecar_with_token(addr, upstream.addr, "hub-s3cret").await;
+    let s2 = sidecar_with_token(addr, upstream.addr, "hub-s3cret").await;
     metric_reaches(&hub, "keygate_sync_watchers", 2.0).await;
     metric_reaches(&hub, open, 2.0).await;
     metric_reaches(&hub, "keygate_sync_sent_total{event=\"full\"}", 2.0).await;
