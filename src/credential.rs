@@ -159,13 +159,16 @@ pub struct Found {
 /// `Debug` is written by hand and never shows the key.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Credential<'a> {
-    /// Nothing usable: no header, an empty value, only a non-Bearer
-    /// `Authorization` scheme, or a malformed key.
+    /// No key offered: no header, an empty value, `Bearer` without a token, or only other
+    /// `Authorization` schemes (`Basic …`, also several of them).
     Missing,
-    /// More than one candidate: two different keys, more than one
-    /// `Authorization` or API-key value (separate headers, or comma-joined
-    /// into one), or a well-formed key next to a malformed one.
-    Ambiguous,
+    /// A key was offered, but not exactly one usable key: a malformed value, two different
+    /// keys, more than one `Authorization` or API-key value (separate headers, or comma-joined
+    /// into one), or a well-formed key next to a malformed one. Answered like [`Missing`], but
+    /// the client is told its token was not accepted (RFC 6750 `error="invalid_token"`).
+    ///
+    /// [`Missing`]: Credential::Missing
+    Unusable,
     /// Exactly one key, and the headers it was found in.
     Present {
         /// The key as presented (visible ASCII, no comma, 1..=512 bytes).
@@ -179,7 +182,7 @@ impl fmt::Debug for Credential<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Missing => f.write_str("Missing"),
-            Self::Ambiguous => f.write_str("Ambiguous"),
+            Self::Unusable => f.write_str("Unusable"),
             Self::Present { key, found } => f
                 .debug_struct("Present")
                 .field("key", &format_args!("<redacted, {} bytes>", key.len()))
@@ -196,8 +199,9 @@ enum Source<'a> {
     Unused,
     /// Offered but not a valid key (bad byte, too long, inner whitespace).
     Malformed,
-    /// More than one value, or a comma inside the value.
-    Ambiguous,
+    /// More than one value, or a comma inside the value; `offered` when one of them is a
+    /// Bearer token (Authorization) or not empty (API key).
+    Ambiguous { offered: bool },
     /// One well-formed key.
     Key(&'a str),
 }
@@ -215,50 +219,46 @@ enum Source<'a> {
 /// - `Authorization` counts only with the scheme `Bearer` (any case) followed
 ///   by spaces/tabs and the key; another scheme (`Basic …`) or `Bearer` with
 ///   no token is not a credential and is not reported as found;
-/// - more than one value of either header, or a comma in either (this also
-///   rejects comma-separated auth-params such as `Digest a=1, b=2`), is
-///   [`Credential::Ambiguous`];
-/// - both headers with the same key give one key found in both; different
-///   keys, or a key in one and a malformed value in the other, are
-///   [`Credential::Ambiguous`]; a malformed value alone is
-///   [`Credential::Missing`].
+/// - exactly one key, from one header or the same in both, is
+///   [`Credential::Present`];
+/// - otherwise, if a key was offered at all (a Bearer token or a non-empty
+///   API-key value, well-formed or not, in any value or comma-separated part),
+///   [`Credential::Unusable`]: more than one value of either header, a comma in
+///   either, two different keys, a malformed value;
+/// - otherwise [`Credential::Missing`] (this covers `Basic x, Basic y` and
+///   comma-separated auth-params such as `Digest a=1, b=2`).
 pub fn extract<'a>(authorization: &[&'a [u8]], api_key: &[&'a [u8]]) -> Credential<'a> {
     let from_authorization = authorization_source(authorization);
     let from_api_key = api_key_source(api_key);
+    let found = |authorization, api_key| Found {
+        authorization,
+        api_key,
+    };
     match (from_authorization, from_api_key) {
-        (Source::Ambiguous, _) | (_, Source::Ambiguous) => Credential::Ambiguous,
-        (Source::Key(a), Source::Key(b)) => {
-            if a == b {
-                Credential::Present {
-                    key: a,
-                    found: Found {
-                        authorization: true,
-                        api_key: true,
-                    },
-                }
-            } else {
-                Credential::Ambiguous
-            }
-        }
-        (Source::Key(_), Source::Malformed) | (Source::Malformed, Source::Key(_)) => {
-            Credential::Ambiguous
-        }
+        (Source::Key(a), Source::Key(b)) if a == b => Credential::Present {
+            key: a,
+            found: found(true, true),
+        },
         (Source::Key(key), Source::Unused) => Credential::Present {
             key,
-            found: Found {
-                authorization: true,
-                api_key: false,
-            },
+            found: found(true, false),
         },
         (Source::Unused, Source::Key(key)) => Credential::Present {
             key,
-            found: Found {
-                authorization: false,
-                api_key: true,
-            },
+            found: found(false, true),
         },
-        (Source::Unused | Source::Malformed, Source::Unused | Source::Malformed) => {
-            Credential::Missing
+        (a, b) if a.offered() || b.offered() => Credential::Unusable,
+        _ => Credential::Missing,
+    }
+}
+
+impl Source<'_> {
+    /// Whether this source carried anything meant as a key.
+    fn offered(self) -> bool {
+        match self {
+            Source::Unused => false,
+            Source::Malformed | Source::Key(_) => true,
+            Source::Ambiguous { offered } => offered,
         }
     }
 }
@@ -307,34 +307,45 @@ fn first_two<'a>(headers: &'a impl FieldLookup, name: &HeaderName) -> ([&'a [u8]
 fn authorization_source<'a>(values: &[&'a [u8]]) -> Source<'a> {
     let value = match values {
         [] => return Source::Unused,
-        [value] => trim_ows(value),
-        _ => return Source::Ambiguous,
+        [value] if !value.contains(&b',') => trim_ows(value),
+        _ => {
+            let offered = parts(values).any(|part| bearer_token(part).is_some());
+            return Source::Ambiguous { offered };
+        }
     };
-    if value.contains(&b',') {
-        return Source::Ambiguous;
+    match bearer_token(value) {
+        None => Source::Unused,
+        Some(token) => as_key(token).map_or(Source::Malformed, Source::Key),
     }
+}
+
+/// The token of `Bearer <token>` (any case, spaces and tabs around it ignored), if `value` has
+/// that scheme and a token.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let value = trim_ows(value);
     let scheme_len = value.iter().position(|&b| is_ows(b)).unwrap_or(value.len());
     let (scheme, rest) = value.split_at(scheme_len);
-    if !scheme.eq_ignore_ascii_case(b"bearer") {
-        return Source::Unused;
-    }
     let token = trim_ows(rest);
-    if token.is_empty() {
-        return Source::Unused;
-    }
-    as_key(token).map_or(Source::Malformed, Source::Key)
+    (scheme.eq_ignore_ascii_case(b"bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Every comma-separated part of every value: separate headers and Envoy's comma-joined form
+/// give the same parts.
+fn parts<'a>(values: &'a [&'a [u8]]) -> impl Iterator<Item = &'a [u8]> {
+    values.iter().flat_map(|value| value.split(|&b| b == b','))
 }
 
 fn api_key_source<'a>(values: &[&'a [u8]]) -> Source<'a> {
     let value = match values {
         [] => return Source::Unused,
-        [value] => trim_ows(value),
-        _ => return Source::Ambiguous,
+        [value] if !value.contains(&b',') => trim_ows(value),
+        _ => {
+            let offered = parts(values).any(|part| !trim_ows(part).is_empty());
+            return Source::Ambiguous { offered };
+        }
     };
     if value.is_empty() {
         Source::Unused
-    } else if value.contains(&b',') {
-        Source::Ambiguous
     } else {
         as_key(value).map_or(Source::Malformed, Source::Key)
     }
@@ -632,7 +643,7 @@ mod tests {
                 present("sk_live_x!~\"#$%&'()*+-./:;<=>?@[\\]^_`{|}", AUTH),
             ),
             (&[&bearer_ok], present(&long_ok, AUTH)),
-            (&[&bearer_bad], Credential::Missing),
+            (&[&bearer_bad], Credential::Unusable),
             (&[""], Credential::Missing),
             (&["   "], Credential::Missing),
             (&["Bearer"], Credential::Missing),
@@ -643,23 +654,26 @@ mod tests {
             (&["abc"], Credential::Missing),
             (&["Bearerabc"], Credential::Missing),
             (&["Bearer: abc"], Credential::Missing),
-            (&["Bearer a b"], Credential::Missing),
-            (&["Bearer a\tb"], Credential::Missing),
-            (&["Bearer ké"], Credential::Missing),
-            (&["Bearer a\u{7f}"], Credential::Missing),
-            (&["Bearer a\rb"], Credential::Missing),
-            (&["Bearer a,b"], Credential::Ambiguous),
-            (&["Bearer a,"], Credential::Ambiguous),
-            (&["Bearer a, Bearer b"], Credential::Ambiguous),
-            (&["Bearer a, Bearer a"], Credential::Ambiguous),
-            (&["Basic x, Bearer a"], Credential::Ambiguous),
-            (&["Digest a=1, b=2"], Credential::Ambiguous),
-            (&[",Bearer a"], Credential::Ambiguous),
-            (&["Bearer a", "Bearer a"], Credential::Ambiguous),
-            (&["Bearer a", "Bearer b"], Credential::Ambiguous),
-            (&["Bearer a", "Basic x"], Credential::Ambiguous),
-            (&["Basic x", "Basic y"], Credential::Ambiguous),
-            (&["", "Bearer a"], Credential::Ambiguous),
+            (&["Bearer a b"], Credential::Unusable),
+            (&["Bearer a\tb"], Credential::Unusable),
+            (&["Bearer ké"], Credential::Unusable),
+            (&["Bearer a\u{7f}"], Credential::Unusable),
+            (&["Bearer a\rb"], Credential::Unusable),
+            (&["Bearer a,b"], Credential::Unusable),
+            (&["Bearer a,"], Credential::Unusable),
+            (&["Bearer a, Bearer b"], Credential::Unusable),
+            (&["Bearer a, Bearer a"], Credential::Unusable),
+            (&["Basic x, Bearer a"], Credential::Unusable),
+            (&["Digest a=1, b=2"], Credential::Missing),
+            (&[",Bearer a"], Credential::Unusable),
+            (&["Bearer a", "Bearer a"], Credential::Unusable),
+            (&["Bearer a", "Bearer b"], Credential::Unusable),
+            (&["Bearer a", "Basic x"], Credential::Unusable),
+            (&["Basic x", "Basic y"], Credential::Missing),
+            (&["Basic x", ""], Credential::Missing),
+            (&["Bearer", "Bearer \t"], Credential::Missing),
+            (&["Bearer ,x"], Credential::Missing),
+            (&["", "Bearer a"], Credential::Unusable),
         ];
         for (authorization, want) in cases {
             assert_eq!(
@@ -679,21 +693,23 @@ mod tests {
             (&[" \tabc\t "], present("abc", API)),
             (&["Bearer"], present("Bearer", API)),
             (&[&long_ok], present(&long_ok, API)),
-            (&[&long_bad], Credential::Missing),
+            (&[&long_bad], Credential::Unusable),
             (&[""], Credential::Missing),
             (&[" \t"], Credential::Missing),
-            (&["Bearer abc"], Credential::Missing),
-            (&["a b"], Credential::Missing),
-            (&["aé"], Credential::Missing),
-            (&["a\0b"], Credential::Missing),
-            (&["a,b"], Credential::Ambiguous),
-            (&["abc,"], Credential::Ambiguous),
-            (&[",abc"], Credential::Ambiguous),
-            (&["abc, abc"], Credential::Ambiguous),
-            (&["a b,c"], Credential::Ambiguous),
-            (&["abc", "abc"], Credential::Ambiguous),
-            (&["abc", "def"], Credential::Ambiguous),
-            (&["abc", ""], Credential::Ambiguous),
+            (&[" , "], Credential::Missing),
+            (&["", ""], Credential::Missing),
+            (&["Bearer abc"], Credential::Unusable),
+            (&["a b"], Credential::Unusable),
+            (&["aé"], Credential::Unusable),
+            (&["a\0b"], Credential::Unusable),
+            (&["a,b"], Credential::Unusable),
+            (&["abc,"], Credential::Unusable),
+            (&[",abc"], Credential::Unusable),
+            (&["abc, abc"], Credential::Unusable),
+            (&["a b,c"], Credential::Unusable),
+            (&["abc", "abc"], Credential::Unusable),
+            (&["abc", "def"], Credential::Unusable),
+            (&["abc", ""], Credential::Unusable),
         ];
         for (api_key, want) in cases {
             assert_eq!(run(&[], api_key), *want, "X-API-Key {api_key:?}");
@@ -706,8 +722,8 @@ mod tests {
         let cases: &[Case] = &[
             (&["Bearer abc"], &["abc"], present("abc", BOTH)),
             (&["bearer  abc "], &[" abc"], present("abc", BOTH)),
-            (&["Bearer abc"], &["ABC"], Credential::Ambiguous),
-            (&["Bearer abc"], &["def"], Credential::Ambiguous),
+            (&["Bearer abc"], &["ABC"], Credential::Unusable),
+            (&["Bearer abc"], &["def"], Credential::Unusable),
             // A non-Bearer Authorization is left alone; the API key is used.
             (&["Basic dXNlcjpwYXNz"], &["abc"], present("abc", API)),
             // A second source that was not offered does not block the first.
@@ -715,22 +731,22 @@ mod tests {
             (&["Bearer"], &["abc"], present("abc", API)),
             (&[""], &["abc"], present("abc", API)),
             // A second source that was offered but malformed does.
-            (&["Bearer abc"], &["a b"], Credential::Ambiguous),
-            (&["Bearer a b"], &["abc"], Credential::Ambiguous),
-            (&["Bearer abc"], &["abcé"], Credential::Ambiguous),
-            (&["Bearer a b"], &["c d"], Credential::Missing),
-            (&["Basic x"], &["c d"], Credential::Missing),
+            (&["Bearer abc"], &["a b"], Credential::Unusable),
+            (&["Bearer a b"], &["abc"], Credential::Unusable),
+            (&["Bearer abc"], &["abcé"], Credential::Unusable),
+            (&["Bearer a b"], &["c d"], Credential::Unusable),
+            (&["Basic x"], &["c d"], Credential::Unusable),
             (&["Basic x"], &[""], Credential::Missing),
             // Any ambiguity wins.
-            (&["Bearer abc"], &["abc,abc"], Credential::Ambiguous),
+            (&["Bearer abc"], &["abc,abc"], Credential::Unusable),
             (
                 &["Bearer abc", "Bearer abc"],
                 &["abc"],
-                Credential::Ambiguous,
+                Credential::Unusable,
             ),
-            (&["Bearer abc"], &["abc", "abc"], Credential::Ambiguous),
-            (&["Digest a=1, b=2"], &["abc"], Credential::Ambiguous),
-            (&["Bearer a,b"], &["c d"], Credential::Ambiguous),
+            (&["Bearer abc"], &["abc", "abc"], Credential::Unusable),
+            (&["Digest a=1, b=2"], &["abc"], Credential::Unusable),
+            (&["Bearer a,b"], &["c d"], Credential::Unusable),
         ];
         for (authorization, api_key, want) in cases {
             assert_eq!(
@@ -767,7 +783,7 @@ mod tests {
                     ("authorization", b"Bearer abc"),
                     ("authorization", b"Bearer abc"),
                 ],
-                Credential::Ambiguous,
+                Credential::Unusable,
             ),
             (
                 &[
@@ -775,12 +791,12 @@ mod tests {
                     ("x-api-key", b"a"),
                     ("x-api-key", b"a"),
                 ],
-                Credential::Ambiguous,
+                Credential::Unusable,
             ),
-            (&[("x-api-key", b"ab\xff")], Credential::Missing),
+            (&[("x-api-key", b"ab\xff")], Credential::Unusable),
             (
                 &[("authorization", b"Bearer \xc3\xa9")],
-                Credential::Missing,
+                Credential::Unusable,
             ),
             (
                 &[("authorization", b"Basic x"), ("x-api-key", b"abc")],
@@ -818,7 +834,7 @@ mod tests {
         assert!(!shown.contains("secret"), "{shown}");
         assert!(shown.contains("14 bytes"), "{shown}");
         assert_eq!(format!("{:?}", Credential::Missing), "Missing");
-        assert_eq!(format!("{:?}", Credential::Ambiguous), "Ambiguous");
+        assert_eq!(format!("{:?}", Credential::Unusable), "Unusable");
     }
 
     /// Values that look like header values: arbitrary bytes, or near-misses

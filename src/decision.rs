@@ -156,8 +156,15 @@ fn find<'s, 'f>(
     // 1. A usable credential.
     let key = match facts.credential {
         Credential::Present { key, .. } => key,
-        Credential::Missing | Credential::Ambiguous => {
-            return Err(DenyReason::AuthenticationRequired)
+        Credential::Missing => {
+            return Err(DenyReason::AuthenticationRequired {
+                key_presented: false,
+            })
+        }
+        Credential::Unusable => {
+            return Err(DenyReason::AuthenticationRequired {
+                key_presented: true,
+            })
         }
     };
 

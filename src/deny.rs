@@ -17,7 +17,11 @@ pub enum DenyReason {
     BadRequest(&'static str),
     /// A request head over `proxy.max_header_bytes` or `proxy.max_headers`.
     HeadTooLarge,
-    AuthenticationRequired,
+    /// No usable credential; `key_presented` when a key was offered but could not be used
+    /// (malformed, or more than one), which the client is told with `error="invalid_token"`.
+    AuthenticationRequired {
+        key_presented: bool,
+    },
     EnvironmentMismatch,
     InvalidApiKey,
     KeyRevoked,
@@ -95,7 +99,7 @@ impl DenyReason {
             IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             IdempotencyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            AuthenticationRequired | InvalidApiKey | KeyRevoked | KeyExpired => {
+            AuthenticationRequired { .. } | InvalidApiKey | KeyRevoked | KeyExpired => {
                 StatusCode::UNAUTHORIZED
             }
             InsufficientCredits => StatusCode::PAYMENT_REQUIRED,
@@ -113,7 +117,7 @@ impl DenyReason {
         match self {
             InvalidPath(_) => "invalid_path",
             BadRequest(_) | HeadTooLarge => "invalid_request",
-            AuthenticationRequired => "authentication_required",
+            AuthenticationRequired { .. } => "authentication_required",
             EnvironmentMismatch => "key_environment_mismatch",
             InvalidApiKey => "invalid_api_key",
             KeyRevoked => "key_revoked",
@@ -147,7 +151,7 @@ impl DenyReason {
             | IdempotencyKeyInUse
             | IdempotencyKeyReused
             | RequestTooLarge => "invalid_request_error",
-            AuthenticationRequired | InvalidApiKey | KeyRevoked | KeyExpired => {
+            AuthenticationRequired { .. } | InvalidApiKey | KeyRevoked | KeyExpired => {
                 "authentication_error"
             }
             InsufficientCredits => "payment_error",
@@ -167,7 +171,8 @@ impl DenyReason {
             InvalidPath(e) => format!("The request path is not acceptable: {e}."),
             BadRequest(why) => format!("The request is malformed: {why}."),
             HeadTooLarge => "The request's header section is larger than keygate accepts.".into(),
-            AuthenticationRequired => "An API key is required: send it as 'Authorization: Bearer <key>' or in the API key header, once.".into(),
+            AuthenticationRequired { key_presented: false } => "An API key is required: send it as 'Authorization: Bearer <key>' or in the API key header, once.".into(),
+            AuthenticationRequired { key_presented: true } => "The request carries no usable API key: send exactly one well-formed key, as 'Authorization: Bearer <key>' or in the API key header.".into(),
             EnvironmentMismatch => "The API key belongs to another environment.".into(),
             InvalidApiKey => "The API key is not valid.".into(),
             KeyRevoked => "The API key has been revoked.".into(),
@@ -214,13 +219,20 @@ impl DenyReason {
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match self {
-            DenyReason::AuthenticationRequired => {
+            DenyReason::AuthenticationRequired {
+                key_presented: false,
+            } => {
                 h.insert(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer realm=\"keygate\""),
                 );
             }
-            DenyReason::InvalidApiKey | DenyReason::KeyRevoked | DenyReason::KeyExpired => {
+            DenyReason::AuthenticationRequired {
+                key_presented: true,
+            }
+            | DenyReason::InvalidApiKey
+            | DenyReason::KeyRevoked
+            | DenyReason::KeyExpired => {
                 h.insert(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer realm=\"keygate\", error=\"invalid_token\""),
@@ -267,7 +279,17 @@ mod tests {
                 "invalid_request_error",
             ),
             (
-                DenyReason::AuthenticationRequired,
+                DenyReason::AuthenticationRequired {
+                    key_presented: false,
+                },
+                401,
+                "authentication_required",
+                "authentication_error",
+            ),
+            (
+                DenyReason::AuthenticationRequired {
+                    key_presented: true,
+                },
                 401,
                 "authentication_required",
                 "authentication_error",
@@ -403,15 +425,36 @@ mod tests {
 
     #[test]
     fn invalid_token_only_when_a_key_was_presented() {
-        let missing = DenyReason::AuthenticationRequired.headers();
+        let missing = DenyReason::AuthenticationRequired {
+            key_presented: false,
+        };
         assert_eq!(
-            missing[header::WWW_AUTHENTICATE],
+            missing.headers()[header::WWW_AUTHENTICATE],
             "Bearer realm=\"keygate\""
         );
-        let bad = DenyReason::InvalidApiKey.headers();
-        assert_eq!(
-            bad[header::WWW_AUTHENTICATE],
-            "Bearer realm=\"keygate\", error=\"invalid_token\""
+        let presented = [
+            DenyReason::AuthenticationRequired {
+                key_presented: true,
+            },
+            DenyReason::InvalidApiKey,
+            DenyReason::KeyRevoked,
+            DenyReason::KeyExpired,
+        ];
+        for reason in presented {
+            assert_eq!(
+                reason.headers()[header::WWW_AUTHENTICATE],
+                "Bearer realm=\"keygate\", error=\"invalid_token\"",
+                "{reason:?}"
+            );
+        }
+        // Both are the same code; only the message and the header tell them apart.
+        assert_eq!(missing.code(), "authentication_required");
+        assert_ne!(
+            missing.message(),
+            DenyReason::AuthenticationRequired {
+                key_presented: true
+            }
+            .message()
         );
     }
 }

@@ -42,10 +42,16 @@ fn check_request(method: &str, path: &str, headers: &[(&str, &str)], peer: &str)
                     method: method.to_owned(),
                     path: path.to_owned(),
                     host: "api.example.com".to_owned(),
-                    headers: headers
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
+                    // Envoy's header map: one entry per name, repeats joined with a comma.
+                    headers: headers.iter().fold(HashMap::new(), |mut map, (k, v)| {
+                        map.entry(k.to_string())
+                            .and_modify(|joined: &mut String| {
+                                joined.push(',');
+                                joined.push_str(v);
+                            })
+                            .or_insert_with(|| v.to_string());
+                        map
+                    }),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -372,6 +378,13 @@ async fn every_code_as_a_check_response() {
                 *http == 401,
                 "{code}"
             );
+            // Two keys were offered: the client learns its token was not accepted.
+            if headers.iter().any(|(_, v)| v.contains(", Bearer")) {
+                assert_eq!(
+                    s.set["www-authenticate"],
+                    "Bearer realm=\"keygate\", error=\"invalid_token\""
+                );
+            }
             for (_, v) in headers {
                 assert!(
                     v.len() < 20 || !s.body.to_string().contains(v.trim_start_matches("Bearer "))
@@ -637,6 +650,29 @@ async fn proxy_ext_authz_and_forward_auth_agree() {
                 ("x-api-key", k.ok.clone()),
                 ("authorization", "Basic dXNlcjpwYXNz".into()),
             ],
+        ),
+        // No key offered, one offered but unusable: both authentication_required, told apart
+        // by `error="invalid_token"` alike on every front (Envoy joins the repeats).
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![
+                ("authorization", "Basic dXNlcjpwYXNz".into()),
+                ("authorization", "Basic b3RoZXI6cGFzcw==".into()),
+            ],
+        ),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![
+                ("authorization", bearer(&k.ok)),
+                ("authorization", bearer(&k.solo)),
+            ],
+        ),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![("authorization", format!("{} x", bearer(&k.ok)))],
         ),
         ("POST", "/v1/analyses", vec![("x-api-key", k.ok.clone())]),
         (

@@ -325,8 +325,10 @@ fn fixture() -> Fixture {
 enum Cred {
     /// The secret with this label, as a bearer token.
     Key(&'static str),
+    /// No key offered.
     Missing,
-    Ambiguous,
+    /// A key offered but not usable (two keys, a malformed one).
+    Unusable,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -431,7 +433,7 @@ fn verdict(fixture: &Fixture, policy: &Policy, case: &Case) -> Got {
             },
         },
         Cred::Missing => Credential::Missing,
-        Cred::Ambiguous => Credential::Ambiguous,
+        Cred::Unusable => Credential::Unusable,
     };
     let facts = RequestFacts {
         method: case.method,
@@ -467,6 +469,11 @@ fn verdict(fixture: &Fixture, policy: &Policy, case: &Case) -> Got {
                 reason.message()
             );
             Got::Scope(scope.to_string())
+        }
+        Verdict::Deny(DenyReason::AuthenticationRequired { key_presented }) => {
+            // The client is told `error="invalid_token"` exactly when it offered a key.
+            assert_eq!(key_presented, matches!(case.cred, Cred::Unusable));
+            Got::Deny("authentication_required")
         }
         Verdict::Deny(reason) => Got::Deny(reason.code()),
     }
@@ -513,8 +520,8 @@ fn each_check_of_the_contract() {
             ..BASE
         },
         Case {
-            name: "ambiguous credential",
-            cred: Cred::Ambiguous,
+            name: "unusable credential (two keys, a malformed key)",
+            cred: Cred::Unusable,
             want: Deny("authentication_required"),
             ..BASE
         },
@@ -955,7 +962,7 @@ fn first_failing_check_wins() {
         },
         Case {
             name: "1 before snapshot_unavailable",
-            cred: Cred::Ambiguous,
+            cred: Cred::Unusable,
             no_snapshot: true,
             want: Deny("authentication_required"),
             ..BASE

@@ -237,10 +237,23 @@ fn every_reason_is_a_check_response_with_its_grpc_code() {
         ),
         (DenyReason::BadRequest("why"), 3, 400, None),
         (
-            DenyReason::AuthenticationRequired,
+            DenyReason::AuthenticationRequired {
+                key_presented: false,
+            },
             16,
             401,
             Some(("www-authenticate", "Bearer realm=\"keygate\"")),
+        ),
+        (
+            DenyReason::AuthenticationRequired {
+                key_presented: true,
+            },
+            16,
+            401,
+            Some((
+                "www-authenticate",
+                "Bearer realm=\"keygate\", error=\"invalid_token\"",
+            )),
         ),
         (DenyReason::EnvironmentMismatch, 7, 403, None),
         (
