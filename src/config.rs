@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use crate::credential::{CredentialHeaders, PrefixRule, PrefixRules};
 use crate::path::PathOptions;
-use crate::routes::{RoutePattern, RouteTable};
+use crate::routes::{Case, RoutePattern, RouteTable};
 
 /// One problem with the configuration: the dotted key and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,6 +232,7 @@ pub struct RawPaths {
 #[serde(deny_unknown_fields)]
 pub struct RawRoutes {
     pub unmatched: Option<String>,
+    pub case_sensitive: Option<bool>,
     #[serde(default)]
     pub rule: Vec<RawRouteRule>,
 }
@@ -359,6 +360,9 @@ pub struct Policy {
     /// Route pattern → scopes the route needs (all of them).
     pub routes: RouteTable<Arc<[Arc<str>]>>,
     pub unmatched: Unmatched,
+    /// How route literals (the table's and keys' `allowed_routes`) compare with a request's
+    /// path: `routes.case_sensitive`.
+    pub route_case: Case,
     pub path: PathOptions,
     pub idempotency_required: bool,
 }
@@ -1019,10 +1023,27 @@ pub fn validate_with_env(
             Err(e) => v.problem(format!("{key}.route"), e.to_string()),
         }
     }
+    let route_case = if raw.routes.case_sensitive.unwrap_or(true) {
+        Case::Sensitive
+    } else {
+        Case::Insensitive
+    };
+    if route_case == Case::Insensitive {
+        // One branch per literal whatever its spelling, so that the most specific rule wins
+        // as it would for a lower-case request; `GET /a` and `GET /A` are then one route,
+        // listed twice, as `GET /a` and `GET /a/` are everywhere.
+        for (pattern, _) in &mut rules {
+            *pattern = pattern.folded();
+        }
+    }
     let routes = match RouteTable::new(rules) {
         Ok(t) => t,
         Err(e) => {
-            v.problem("routes.rule", e.to_string());
+            let note = match route_case {
+                Case::Sensitive => "",
+                Case::Insensitive => " when letter case is ignored (routes.case_sensitive = false)",
+            };
+            v.problem("routes.rule", format!("{e}{note}"));
             RouteTable::new(Vec::new()).expect("an empty route table is valid")
         }
     };
@@ -1111,6 +1132,7 @@ pub fn validate_with_env(
             prefixes: PrefixRules::new(prefixes),
             routes,
             unmatched,
+            route_case,
             path: PathOptions {
                 allow_semicolon: raw.paths.allow_semicolon.unwrap_or(false),
             },

@@ -231,12 +231,15 @@ fn check_record<'s>(
     // 9–10. What it asks for.
     let route_path = path.for_matching();
     if let Some(allowed) = record.allowed_routes() {
-        if !allowed.matches(facts.method, route_path) {
+        if !allowed.matches_with(facts.method, route_path, policy.route_case) {
             return Err(DenyReason::RouteNotAllowed);
         }
     }
     let scopes = snapshot.scopes(record);
-    match policy.routes.lookup(facts.method, route_path) {
+    match policy
+        .routes
+        .lookup_with(facts.method, route_path, policy.route_case)
+    {
         Some(needed) => {
             if let Some(missing) = needed.iter().find(|s| !scopes.contains(s)) {
                 return Err(DenyReason::ScopeRequired(missing.clone()));

@@ -18,6 +18,11 @@
 //! Request methods are matched ignoring ASCII case: RFC 9110 makes `post`
 //! another method than `POST`, but Django and Werkzeug upper-case the
 //! method before routing, so `post` must need what `POST` needs.
+//! Literal segments are compared exactly unless the lookup is asked for
+//! [`Case::Insensitive`] (`routes.case_sensitive = false`), for upstreams that
+//! route ignoring case (Express and ASP.NET Core by default, IIS): there
+//! `/V1/Analyses` is `/v1/analyses` and must need what it needs. ASCII letters
+//! only, as those upstreams fold them; other bytes compare exactly.
 //!
 //! It is pure: no I/O, no clock, no logging, and [`RouteTable::lookup`]
 //! never allocates.
@@ -26,6 +31,25 @@ use std::collections::HashMap;
 use std::fmt;
 
 use crate::path::{normalize, PathError, PathOptions};
+
+/// How a request's path segments compare with a pattern's literal segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Case {
+    /// Byte for byte (`routes.case_sensitive = true`, the default).
+    #[default]
+    Sensitive,
+    /// ASCII letters in either case are the same letter.
+    Insensitive,
+}
+
+impl Case {
+    fn same(self, literal: &str, segment: &str) -> bool {
+        match self {
+            Case::Sensitive => literal == segment,
+            Case::Insensitive => literal.eq_ignore_ascii_case(segment),
+        }
+    }
+}
 
 /// The method part of a pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +185,24 @@ impl RoutePattern {
         self.method == other.method && self.segments == other.segments
     }
 
+    /// This pattern with its literal segments in ASCII lower case (the text is kept): two
+    /// patterns that are one route under [`Case::Insensitive`] fold to the same route.
+    pub fn folded(&self) -> Self {
+        let segments = self
+            .segments
+            .iter()
+            .map(|seg| match seg {
+                Segment::Literal(l) => Segment::Literal(l.to_ascii_lowercase().into()),
+                other => other.clone(),
+            })
+            .collect();
+        Self {
+            method: self.method.clone(),
+            segments,
+            text: self.text.clone(),
+        }
+    }
+
     /// The method token, or `None` for `*` (any method).
     pub fn method(&self) -> Option<&str> {
         match &self.method {
@@ -173,6 +215,11 @@ impl RoutePattern {
     /// see [`crate::path::NormalizedPath::for_matching`]). Ignores
     /// specificity; use a [`RouteTable`] to pick among several patterns.
     pub fn matches(&self, method: &str, path: &str) -> bool {
+        self.matches_with(method, path, Case::Sensitive)
+    }
+
+    /// [`Self::matches`], comparing literal segments as `case` says.
+    pub fn matches_with(&self, method: &str, path: &str, case: Case) -> bool {
         let method_ok = match &self.method {
             Method::Any => true,
             Method::Exact(m) => {
@@ -185,7 +232,7 @@ impl RoutePattern {
             match (seg, rest.and_then(split_first)) {
                 (Segment::Rest, _) => return method_ok,
                 (Segment::One, Some((_, r))) => rest = r,
-                (Segment::Literal(l), Some((s, r))) if **l == *without_params(s) => rest = r,
+                (Segment::Literal(l), Some((s, r))) if case.same(l, without_params(s)) => rest = r,
                 _ => return false,
             }
         }
@@ -380,13 +427,26 @@ impl<T> RouteTable<T> {
     /// Methods are matched ignoring ASCII case (see the module docs). Never
     /// allocates.
     pub fn lookup(&self, method: &str, path: &str) -> Option<&T> {
-        self.walk(0, method, path_segments(path))
+        self.lookup_with(method, path, Case::Sensitive)
+    }
+
+    /// [`Self::lookup`], comparing literal segments as `case` says. Under
+    /// [`Case::Insensitive`] a segment spelled as a literal is found by hashing
+    /// as usual; only one spelled otherwise scans that node's literals.
+    ///
+    /// For the most specific match ignoring case, build the table from
+    /// [`RoutePattern::folded`] patterns (the config's route table is): two
+    /// spellings of one literal are otherwise two branches, searched one after
+    /// the other, and only whether anything matches is exact (all a key's
+    /// `allowed_routes` need).
+    pub fn lookup_with(&self, method: &str, path: &str, case: Case) -> Option<&T> {
+        self.walk(0, method, path_segments(path), case)
     }
 
     /// Depth-first in priority order: literal child, `*` child, then `**`
     /// here; backtracks when a branch has no terminal for `method`. The
     /// recursion depth is bounded by the longest pattern, not the path.
-    fn walk(&self, node: usize, method: &str, rest: Option<&str>) -> Option<&T> {
+    fn walk(&self, node: usize, method: &str, rest: Option<&str>, case: Case) -> Option<&T> {
         let n = &self.nodes[node];
         match rest.and_then(split_first) {
             None => {
@@ -395,13 +455,27 @@ impl<T> RouteTable<T> {
                 }
             }
             Some((first, more)) => {
-                if let Some(&child) = n.literal.get(without_params(first)) {
-                    if let Some(v) = self.walk(child, method, more) {
+                let first = without_params(first);
+                if let Some(&child) = n.literal.get(first) {
+                    if let Some(v) = self.walk(child, method, more, case) {
                         return Some(v);
                     }
                 }
+                if case == Case::Insensitive {
+                    // The other spellings of `first` among the literals (tried above as
+                    // written); more than one only in a key's own `allowed_routes`.
+                    let others = n
+                        .literal
+                        .iter()
+                        .filter(|(l, _)| &***l != first && case.same(l, first));
+                    for (_, &child) in others {
+                        if let Some(v) = self.walk(child, method, more, case) {
+                            return Some(v);
+                        }
+                    }
+                }
                 if let Some(child) = n.one {
-                    if let Some(v) = self.walk(child, method, more) {
+                    if let Some(v) = self.walk(child, method, more, case) {
                         return Some(v);
                     }
                 }
@@ -413,6 +487,11 @@ impl<T> RouteTable<T> {
     /// Whether any pattern matches `method` and `path` (matching form).
     pub fn matches(&self, method: &str, path: &str) -> bool {
         self.lookup(method, path).is_some()
+    }
+
+    /// [`Self::matches`], comparing literal segments as `case` says.
+    pub fn matches_with(&self, method: &str, path: &str, case: Case) -> bool {
+        self.lookup_with(method, path, case).is_some()
     }
 
     /// Number of patterns in the table.

@@ -811,6 +811,68 @@ async fn unmatched_routes_can_be_denied() {
     gate.stop().await;
 }
 
+/// `routes.case_sensitive = false`: an upstream that routes ignoring case (Express, ASP.NET
+/// Core) runs `POST /V1/ANALYSES` as `POST /v1/analyses`, so it must need the same scope; the
+/// path goes upstream as sent.
+#[tokio::test]
+async fn routes_ignoring_case_cover_every_spelling() {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let (f, doc) = fixture();
+    snap.write(&doc);
+    let gate = Gate::start(&config_toml(
+        &snap.path(),
+        upstream.addr,
+        "[routes]\ncase_sensitive = false\n",
+    ))
+    .await;
+    let as_key = |k: &str| [("x-api-key", k.to_owned())];
+    for path in ["/V1/ANALYSES", "/v1/Analyses", "//V1/./analyses/"] {
+        let auth = as_key(&f.ok);
+        let a = send(
+            &client(),
+            "POST",
+            &gate.url(path),
+            &[(auth[0].0, &auth[0].1)],
+            "{}",
+        )
+        .await;
+        assert_error(&a, 403, "scope_required");
+        let message = a.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains("analyses:write"), "{path}: {message}");
+    }
+    assert_eq!(upstream.count(), 0, "no spelling reached the upstream");
+    let auth = as_key(&f.writer);
+    let a = send(
+        &client(),
+        "POST",
+        &gate.url("/V1/ANALYSES"),
+        &[(auth[0].0, &auth[0].1)],
+        "{}",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(upstream.last().target, "/V1/ANALYSES", "the path as sent");
+    // A key's allowed_routes cover every spelling too (GET /v1/analyses/** for key_ro).
+    let auth = as_key(&f.routes);
+    let a = get(
+        &client(),
+        &gate.url("/v1/ANALYSES/7"),
+        &[(auth[0].0, &auth[0].1)],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(upstream.last().target, "/v1/ANALYSES/7");
+    let a = get(
+        &client(),
+        &gate.url("/V1/other"),
+        &[(auth[0].0, &auth[0].1)],
+    )
+    .await;
+    assert_error(&a, 403, "route_not_allowed");
+    gate.stop().await;
+}
+
 #[tokio::test]
 async fn idempotency_key_when_required() {
     let upstream = Upstream::start().await;

@@ -43,6 +43,7 @@ fn minimal_config_is_valid_with_defaults() {
     assert!(s.policy.prefixes.is_empty());
     assert!(s.policy.routes.is_empty());
     assert_eq!(s.policy.unmatched, Unmatched::Allow);
+    assert_eq!(s.policy.route_case, Case::Sensitive);
     assert!(!s.policy.idempotency_required);
     assert!(!s.policy.path.allow_semicolon);
     assert_eq!(s.snapshot.path, PathBuf::from("keys.json"));
@@ -57,6 +58,34 @@ fn minimal_config_is_valid_with_defaults() {
     assert_eq!(s.log.level, "info");
     assert!(!s.log.json);
     assert_eq!(s.runtime.flavor, RuntimeFlavor::ThreadPerCore);
+}
+
+#[test]
+fn routes_may_ignore_letter_case() {
+    let rules = "[[routes.rule]]\nroute = \"POST /v1/Analyses\"\nscopes = [\"w\"]\n\
+                 [[routes.rule]]\nroute = \"* /v1/**\"\nscopes = [\"r\"]\n";
+    let s = from_toml(&format!(
+        "{WITH_PROXY}[routes]\ncase_sensitive = false\n{rules}"
+    ))
+    .unwrap();
+    assert_eq!(s.policy.route_case, Case::Insensitive);
+    for path in ["/v1/analyses", "/V1/ANALYSES", "/v1/Analyses"] {
+        let scopes = s
+            .policy
+            .routes
+            .lookup_with("POST", path, s.policy.route_case)
+            .unwrap();
+        assert_eq!(&*scopes[0], "w", "{path}");
+    }
+    // Two spellings are two routes when case matters.
+    let twice = format!("{rules}[[routes.rule]]\nroute = \"POST /v1/analyses\"\n");
+    let s = from_toml(&format!(
+        "{WITH_PROXY}[routes]\ncase_sensitive = true\n{twice}"
+    ))
+    .unwrap();
+    assert_eq!(s.policy.routes.len(), 3);
+    let scopes = s.policy.routes.lookup("POST", "/v1/ANALYSES").unwrap();
+    assert_eq!(&*scopes[0], "r");
 }
 
 #[test]
@@ -352,6 +381,13 @@ fn each_problem_names_its_dotted_key() {
             "duplicate route",
             add("[[routes.rule]]\nroute = \"POST /v1/analyses\"\n\
                  [[routes.rule]]\nroute = \"POST /v1/analyses/\"\n"),
+            "routes.rule",
+        ),
+        (
+            "two spellings of one route, case ignored",
+            add("[routes]\ncase_sensitive = false\n\
+                 [[routes.rule]]\nroute = \"POST /v1/analyses\"\n\
+                 [[routes.rule]]\nroute = \"POST /V1/Analyses\"\n"),
             "routes.rule",
         ),
         (

@@ -1165,6 +1165,74 @@ fn unmatched_deny_and_no_idempotency_requirement() {
     run(&f, &p, &cases);
 }
 
+/// `routes.case_sensitive = false`, for upstreams that route ignoring case (Express, ASP.NET
+/// Core): a scoped route and a key's `allowed_routes` cover every spelling of their literals.
+/// With the default, the same spellings are other routes: unmatched, or outside the key's list.
+#[test]
+fn route_letter_case() {
+    use Want::*;
+    let f = fixture();
+    let text = |case_sensitive: bool| {
+        main_policy().replace(
+            "[idempotency]\nrequired = true\n",
+            &format!("[routes]\ncase_sensitive = {case_sensitive}\n"),
+        )
+    };
+    let writing = Case {
+        name: "POST /V1/ANALYSES with a read-only key",
+        cred: Cred::Key("reader"),
+        method: "POST",
+        path: "/V1/ANALYSES",
+        ..BASE
+    };
+    let listed = Case {
+        name: "a key's allowed_routes, spelled otherwise",
+        cred: Cred::Key("routes"),
+        path: "/V1/Analyses/an_1",
+        ..BASE
+    };
+    let insensitive = policy(&text(false));
+    assert_eq!(insensitive.route_case, crate::routes::Case::Insensitive);
+    let cases = [
+        Case {
+            want: Scope("analyses:write"),
+            ..writing
+        },
+        Case {
+            want: Allow {
+                key: "key_routes",
+                partner: "partner_acme",
+            },
+            ..listed
+        },
+        Case {
+            name: "the most specific rule still wins: DELETE /v1/analyses/* needs admin",
+            cred: Cred::Key("ok"),
+            method: "DELETE",
+            path: "/v1/ANALYSES/an_1",
+            want: Scope("analyses:admin"),
+            ..BASE
+        },
+    ];
+    run(&f, &insensitive, &cases);
+    let sensitive = policy(&text(true));
+    let cases = [
+        Case {
+            name: "POST /V1/ANALYSES is unmatched when case matters",
+            want: Allow {
+                key: "key_reader",
+                partner: "partner_acme",
+            },
+            ..writing
+        },
+        Case {
+            want: Deny("route_not_allowed"),
+            ..listed
+        },
+    ];
+    run(&f, &sensitive, &cases);
+}
+
 #[test]
 fn without_prefix_rules_no_shape_checks() {
     use Want::*;

@@ -251,6 +251,121 @@ fn lookup_table() {
     }
 }
 
+/// (patterns, method, path, winner when letter case is ignored, winner when it is not).
+type CaseRow = (
+    &'static [&'static str],
+    &'static str,
+    Option<&'static str>,
+    Option<&'static str>,
+);
+
+const CASE_LOOKUPS: &[CaseRow] = &[
+    // The scoped route an Express or ASP.NET Core upstream would run.
+    (
+        CHAIN,
+        "/V1/Analyses/Export",
+        Some("GET /v1/analyses/export"),
+        Some("* /**"),
+    ),
+    (
+        CHAIN,
+        "/v1/ANALYSES/1",
+        Some("GET /v1/analyses/*"),
+        Some("GET /v1/**"),
+    ),
+    (CHAIN, "/V1", Some("GET /v1/**"), Some("* /**")),
+    // Spelled as written: found by hashing, either way.
+    (
+        CHAIN,
+        "/v1/analyses/export",
+        Some("GET /v1/analyses/export"),
+        Some("GET /v1/analyses/export"),
+    ),
+    // A pattern's capitals fold too.
+    (&["GET /Admin/**"], "/admin/x", Some("GET /Admin/**"), None),
+    (&["GET /Admin/**"], "/ADMIN", Some("GET /Admin/**"), None),
+    // A literal still beats `*` when it matches only folded.
+    (
+        &["GET /a/*", "GET /a/b"],
+        "/a/B",
+        Some("GET /a/b"),
+        Some("GET /a/*"),
+    ),
+    // Backtracking past a spelling that matches only the first segment.
+    (
+        &["GET /a/b/c", "GET /A/*/d"],
+        "/a/b/d",
+        Some("GET /A/*/d"),
+        None,
+    ),
+    // `;parameters` are still left out; other bytes are compared exactly.
+    (&["GET /a/b"], "/A;x/B", Some("GET /a/b"), None),
+    (
+        &["GET /caf%c3%a9"],
+        "/CAF%C3%A9",
+        Some("GET /caf%c3%a9"),
+        None,
+    ),
+    (&["GET /a"], "/b", None, None),
+];
+
+#[test]
+fn lookup_ignoring_case() {
+    for &(patterns, path, insensitive, sensitive) in CASE_LOOKUPS {
+        let t = table(patterns);
+        // As the config builds it when case is ignored: one branch per folded literal.
+        let folded =
+            RouteTable::new(patterns.iter().map(|s| (p(s).folded(), s.to_string()))).unwrap();
+        let got = folded
+            .lookup_with("GET", path, Case::Insensitive)
+            .map(String::as_str);
+        assert_eq!(got, insensitive, "{path} in {patterns:?}");
+        let got = t.lookup_with("GET", path, Case::Insensitive).is_some();
+        assert_eq!(
+            got,
+            insensitive.is_some(),
+            "{path} in {patterns:?}, unfolded"
+        );
+        let got = t
+            .lookup_with("GET", path, Case::Sensitive)
+            .map(String::as_str);
+        assert_eq!(got, sensitive, "{path} in {patterns:?}");
+        assert_eq!(t.lookup("GET", path).map(String::as_str), sensitive);
+        for s in patterns {
+            for case in [Case::Sensitive, Case::Insensitive] {
+                assert_eq!(
+                    table(&[s]).matches_with("GET", path, case),
+                    p(s).matches_with("GET", path, case),
+                    "{s} {path} {case:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_key_may_hold_two_spellings_and_either_matches() {
+    let t = table(&["GET /a/b", "GET /A/c"]);
+    for path in ["/a/b", "/A/B", "/a/c", "/A/C"] {
+        assert!(t.matches_with("GET", path, Case::Insensitive), "{path}");
+    }
+    assert!(!t.matches("GET", "/A/b"));
+}
+
+#[test]
+fn folded_patterns_are_duplicates_by_case() {
+    let folded =
+        |a: &str, b: &str| RouteTable::new([(p(a).folded(), ()), (p(b).folded(), ())]).err();
+    assert_eq!(
+        folded("GET /a/B", "GET /A/b/"),
+        Some(RouteError::Duplicate {
+            route: "GET /A/b/".into()
+        })
+    );
+    assert_eq!(folded("GET /a", "POST /A"), None);
+    assert_eq!(p("GET /A/*").folded().as_str(), "GET /A/*");
+}
+
 #[test]
 fn len_and_is_empty() {
     let empty: RouteTable<()> = RouteTable::new([]).unwrap();
@@ -262,7 +377,12 @@ fn len_and_is_empty() {
 }
 
 /// Independent reference: scan every pattern, keep the most specific.
-fn naive<'a>(patterns: &'a [RoutePattern], method: &str, path: &str) -> Option<&'a RoutePattern> {
+fn naive<'a>(
+    patterns: &'a [RoutePattern],
+    method: &str,
+    path: &str,
+    case: Case,
+) -> Option<&'a RoutePattern> {
     fn rank(seg: Option<&Segment>) -> u8 {
         match seg {
             Some(Segment::Literal(_)) => 3,
@@ -283,15 +403,21 @@ fn naive<'a>(patterns: &'a [RoutePattern], method: &str, path: &str) -> Option<&
     let matches = |p: &RoutePattern| {
         let shape_ok = match p.segments.split_last() {
             Some((Segment::Rest, init)) => {
-                segs.len() >= init.len() && fits(init, &segs[..init.len()])
+                segs.len() >= init.len() && fits(init, &segs[..init.len()], case)
             }
-            _ => p.segments.len() == segs.len() && fits(&p.segments, &segs),
+            _ => p.segments.len() == segs.len() && fits(&p.segments, &segs, case),
         };
         shape_ok && method_rank(p, method) > 0
     };
-    fn fits(pattern: &[Segment], segs: &[&str]) -> bool {
+    fn fits(pattern: &[Segment], segs: &[&str], case: Case) -> bool {
         pattern.iter().zip(segs).all(|(p, s)| match p {
-            Segment::Literal(l) => **l == *s.split(';').next().unwrap_or(s),
+            Segment::Literal(l) => {
+                let s = s.split(';').next().unwrap_or(s);
+                match case {
+                    Case::Sensitive => **l == *s,
+                    Case::Insensitive => l.to_lowercase() == s.to_lowercase(),
+                }
+            }
             Segment::One => true,
             Segment::Rest => unreachable!(),
         })
@@ -308,7 +434,7 @@ fn naive<'a>(patterns: &'a [RoutePattern], method: &str, path: &str) -> Option<&
 
 fn pattern_strategy() -> impl Strategy<Value = String> {
     let method = prop::sample::select(vec!["GET", "HEAD", "POST", "*"]);
-    let seg = prop::sample::select(vec!["a", "b", "c", "*"]);
+    let seg = prop::sample::select(vec!["a", "b", "c", "B", "*"]);
     let segs = prop::collection::vec(seg, 0..4);
     (method, segs, any::<bool>()).prop_map(|(m, segs, rest)| {
         let mut path: String = segs.iter().map(|s| format!("/{s}")).collect();
@@ -324,7 +450,7 @@ fn pattern_strategy() -> impl Strategy<Value = String> {
 
 fn request_strategy() -> impl Strategy<Value = (&'static str, String)> {
     let method = prop::sample::select(vec!["GET", "HEAD", "POST", "PUT", "get", "head", "Post"]);
-    let seg = prop::sample::select(vec!["a", "b", "c", "d", "a;x", "b;"]);
+    let seg = prop::sample::select(vec!["a", "b", "c", "d", "a;x", "b;", "A", "B;x"]);
     let path = prop::collection::vec(seg, 0..5).prop_map(|segs| {
         let p: String = segs.iter().map(|s| format!("/{s}")).collect();
         if p.is_empty() {
@@ -355,9 +481,46 @@ proptest! {
         let table = RouteTable::new(patterns.iter().cloned().enumerate().map(|(i, p)| (p, i))).unwrap();
         prop_assert_eq!(table.len(), patterns.len());
         for (method, path) in &requests {
-            let expected = naive(&patterns, method, path).map(RoutePattern::as_str);
+            let expected = naive(&patterns, method, path, Case::Sensitive).map(RoutePattern::as_str);
             let got = table.lookup(method, path).map(|&i| patterns[i].as_str());
             prop_assert_eq!(got, expected, "{} {} in {:?}", method, path, raw);
+        }
+    }
+
+    /// Ignoring case, with the patterns a config accepts then (none the same route folded):
+    /// the one most specific match. With two spellings of one route (a key's own list), at
+    /// least whether anything matches.
+    #[test]
+    fn lookup_ignoring_case_agrees_with_naive(
+        raw in prop::collection::vec(pattern_strategy(), 0..12),
+        requests in prop::collection::vec(request_strategy(), 1..16),
+    ) {
+        let all: Vec<RoutePattern> = raw.iter().map(|s| p(s)).collect();
+        let mut distinct: Vec<RoutePattern> = Vec::new();
+        for pat in &all {
+            if !distinct.iter().any(|q| q.folded().same_route(&pat.folded())) {
+                distinct.push(pat.clone());
+            }
+        }
+        let table = RouteTable::new(distinct.iter().enumerate().map(|(i, p)| (p.folded(), i))).unwrap();
+        let mut exact: Vec<RoutePattern> = Vec::new();
+        for pat in &all {
+            if !exact.iter().any(|q| q.same_route(pat)) {
+                exact.push(pat.clone());
+            }
+        }
+        let any = RouteTable::new(exact.iter().cloned().map(|p| (p, ()))).unwrap();
+        for (method, path) in &requests {
+            let expected = naive(&distinct, method, path, Case::Insensitive).map(RoutePattern::as_str);
+            let got = table
+                .lookup_with(method, path, Case::Insensitive)
+                .map(|&i| distinct[i].as_str());
+            prop_assert_eq!(got, expected, "{} {} in {:?}", method, path, raw);
+            prop_assert_eq!(
+                any.matches_with(method, path, Case::Insensitive),
+                naive(&exact, method, path, Case::Insensitive).is_some(),
+                "{} {} in {:?}", method, path, raw
+            );
         }
     }
 }
