@@ -92,13 +92,32 @@ impl HubStats {
         self.unauthenticated.load(Ordering::Relaxed)
     }
 
-    fn sent_one(&self, event: &watch_response::Event) {
-        let n = match event {
-            watch_response::Event::Full(_) => &self.full,
-            watch_response::Event::Delta(_) => &self.deltas,
-            watch_response::Event::Heartbeat(_) => &self.heartbeats,
+    /// Count an event once its stream took it (not one whose client had gone).
+    fn sent_one(&self, kind: Kind) {
+        let n = match kind {
+            Kind::Full => &self.full,
+            Kind::Delta => &self.deltas,
+            Kind::Heartbeat => &self.heartbeats,
         };
         n.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// An event's kind, kept to count it after the event itself is sent.
+#[derive(Clone, Copy)]
+enum Kind {
+    Full,
+    Delta,
+    Heartbeat,
+}
+
+impl Kind {
+    fn of(event: &watch_response::Event) -> Self {
+        match event {
+            watch_response::Event::Full(_) => Kind::Full,
+            watch_response::Event::Delta(_) => Kind::Delta,
+            watch_response::Event::Heartbeat(_) => Kind::Heartbeat,
+        }
     }
 }
 
@@ -355,10 +374,11 @@ async fn stream(hub: Arc<Hub>, since: u64, tx: mpsc::Sender<Result<WatchResponse
                 watch_response::Event::Delta(d) => (d.revision, target.1),
                 watch_response::Event::Heartbeat(_) => held,
             };
-            hub.stats.sent_one(&event);
+            let kind = Kind::of(&event);
             if tx.send(Ok(hub.message(event))).await.is_err() {
                 return;
             }
+            hub.stats.sent_one(kind);
         }
         if first && !sent_any {
             // Already up to date (or nothing to send yet): say so at once.
@@ -393,8 +413,9 @@ async fn send_heartbeat(
         revision: if held == current { held } else { 0 },
         interval_ms: beat.as_millis().try_into().unwrap_or(u32::MAX),
     });
-    hub.stats.sent_one(&event);
-    tx.send(Ok(hub.message(event))).await.map_err(|_| ())
+    tx.send(Ok(hub.message(event))).await.map_err(|_| ())?;
+    hub.stats.sent_one(Kind::Heartbeat);
+    Ok(())
 }
 
 /// Serve Watch on `listener` until `shutdown` resolves, on the same HTTP/2 serving as ext_authz
