@@ -1366,6 +1366,70 @@ async fn serve_is_not_ready_until_a_snapshot_appears() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// A snapshot file keygate cannot read yet (a permission fixed after start-up, as an operator or
+/// an init container would) is loaded once it can be, though the fix changes neither the file's
+/// contents nor its modification time. keygate runs as an unprivileged user here: root reads
+/// whatever the mode says.
+#[tokio::test]
+async fn serve_loads_a_snapshot_once_it_becomes_readable() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let snapshot = dir.path().join("keys.json");
+    let created = create(&snapshot, "analyses:read", &[]);
+    let mode = |m| std::fs::set_permissions(&snapshot, std::fs::Permissions::from_mode(m)).unwrap();
+    mode(0o000);
+    let (config, proxy, admin) = serve_config(dir.path(), &snapshot, upstream.addr);
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+    let mut command = if root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN]);
+        c
+    } else {
+        Command::new(BIN)
+    };
+    let mut running = Running(
+        command
+            .args(["serve", "--config", &config])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("setpriv (util-linux) runs keygate as nobody"),
+    );
+    readyz_status(&mut running, admin, 503).await;
+    // Several polls (100 ms) and inotify's attribute events go by with the file unreadable.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = get(&client(), &format!("http://127.0.0.1:{admin}/readyz"), &[]).await;
+    assert_eq!(r.status, 503, "not ready while the file cannot be read");
+    let metrics = get(&client(), &format!("http://127.0.0.1:{admin}/metrics"), &[]).await;
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("keygate_snapshot_fetch_errors_total") && !l.ends_with(" 0")),
+        "the unreadable file is counted: {metrics}"
+    );
+    let before = std::fs::metadata(&snapshot).unwrap();
+    mode(0o644);
+    let after = std::fs::metadata(&snapshot).unwrap();
+    assert_eq!((before.ino(), before.len()), (after.ino(), after.len()));
+    assert_eq!(before.modified().unwrap(), after.modified().unwrap());
+    readyz_status(&mut running, admin, 200).await;
+    let key = created["secret"].as_str().unwrap();
+    let a = get(
+        &client(),
+        &format!("http://127.0.0.1:{proxy}/v1/x"),
+        &[("x-api-key", key)],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let status = running.terminate(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0));
+}
+
 #[tokio::test]
 async fn serve_finishes_an_in_flight_request_on_sigterm() {
     let upstream = Upstream::start().await;

@@ -212,7 +212,10 @@ impl FileSource {
         let loaded = load_into(store, &self.settings);
         match &loaded {
             Ok(_) => store.confirm(),
-            Err(e) => count_failure(store, e),
+            Err(e) => {
+                count_failure(store, e);
+                self.last = remembered(self.last, e);
+            }
         }
         loaded
     }
@@ -265,9 +268,22 @@ async fn watch(
         in_force = matches!(loaded, Ok(Ok(_)));
         match &loaded {
             Ok(Ok(_)) => store.confirm(),
-            Ok(Err(e)) => count_failure(&store, e),
+            Ok(Err(e)) => {
+                count_failure(&store, e);
+                last = remembered(now, e);
+            }
             Err(_) => SourceStats::count(&store.stats.reloads_rejected),
         }
+    }
+}
+
+/// The version of the file to take as read after a failed load: none when it could not be read
+/// (too many open files, a permission fixed later: the file need not change to become readable,
+/// so every tick tries again), else the version keygate refused (read again once it changes).
+fn remembered(now: Option<Fingerprint>, e: &LoadError) -> Option<Fingerprint> {
+    match e {
+        LoadError::Read { .. } => None,
+        LoadError::Document { .. } | LoadError::Publish { .. } => now,
     }
 }
 
