@@ -24,7 +24,6 @@ use std::sync::Arc;
 use http::HeaderValue;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
-use serde_json::error::Category;
 use serde_json::value::RawValue;
 
 use super::{DigestKind, Partner, PartnerStatus, Quarantined, Snapshot};
@@ -444,13 +443,11 @@ fn not_json(
     text: &str,
     e: serde_json::Error,
 ) -> Result<serde_json::Error, DocumentError> {
-    let syntax = match e.classify() {
-        // A value of the wrong shape: but the rest of the entry must be JSON too.
-        Category::Data => match serde_json::from_str::<IgnoredAny>(text) {
-            Ok(_) => return Ok(e),
-            Err(syntax) => syntax,
-        },
-        Category::Io | Category::Syntax | Category::Eof => e,
+    // A value of the wrong shape, or a lone surrogate escape in a string (JSON, but no Rust
+    // string): the entry's error, if the entry is JSON.
+    let syntax = match serde_json::from_str::<IgnoredAny>(text) {
+        Ok(_) => return Ok(e),
+        Err(syntax) => syntax,
     };
     Err(DocumentError::Json(format!(
         "{}[{position}]: {}",

@@ -471,6 +471,68 @@ fn entry_errors_quarantine_only_that_entry() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// JSON allows a `\u` escape of a lone surrogate, which no Rust string can hold (a JavaScript
+/// control plane writes one for a name cut in the middle of an emoji). The entry is unreadable,
+/// not the document: a revocation in the same document must still apply. The same holds for
+/// entries that arrive one by one (the sync client's `build`).
+#[test]
+fn a_lone_surrogate_escape_quarantines_only_its_entry() {
+    let (good, bad, other) = (mint("sk_live_"), mint("sk_live_"), mint("sk_live_"));
+    let text = String::from_utf8(doc(
+        4,
+        vec![
+            acme(),
+            json!({"id": "partner_x", "org_id": "LONE", "status": "active"}),
+        ],
+        vec![
+            key("key_good", &sha256(&good), json!({})),
+            key("key_bad", &sha256(&bad), json!({"name": "LONE"})),
+            key(
+                "key_other",
+                &sha256(&other),
+                json!({"partner_id": "partner_x"}),
+            ),
+        ],
+    ))
+    .unwrap()
+    .replace("LONE", "\\ud800");
+    assert!(text.contains(r#""name":"\ud800""#), "{text}");
+
+    let check = |s: &Snapshot, how: &str| {
+        assert_eq!(s.find(&good).map(|k| k.id()), Some("key_good"), "{how}");
+        assert!(
+            s.find(&bad).is_none(),
+            "{how}: the unreadable key is usable"
+        );
+        assert!(
+            s.find(&other).is_none(),
+            "{how}: a key of the unreadable partner is usable"
+        );
+        let got = entries(s);
+        let named: Vec<&str> = got.iter().map(|(e, _)| e.as_str()).collect();
+        for want in ["partner partner_x", "key key_bad", "key key_other"] {
+            assert!(
+                named.contains(&want),
+                "{how}: {want} not quarantined: {got:?}"
+            );
+        }
+    };
+    let s = parse(text.as_bytes(), None).expect("the document stands");
+    assert_eq!(s.revision, 4);
+    check(&s, "parse");
+
+    #[derive(serde::Deserialize)]
+    struct Lists<'a> {
+        #[serde(borrow)]
+        partners: Vec<&'a serde_json::value::RawValue>,
+        #[serde(borrow)]
+        keys: Vec<&'a serde_json::value::RawValue>,
+    }
+    let lists: Lists<'_> = serde_json::from_str(&text).expect("JSON, lone surrogate and all");
+    let s = parse::build(4, None, &lists.partners, &lists.keys, None);
+    check(&s, "build");
+}
+
 fn bad_key_found(s: &Snapshot, bad: &str) -> bool {
     s.find(bad).is_some()
 }
