@@ -151,6 +151,38 @@ async fn file_to_hub_to_two_sidecars_and_a_hub_restart_resumes_with_deltas() {
     }
 }
 
+/// A hub whose control plane is down at start serves its cached snapshot, and so must its
+/// followers: the cache's document is the hub's document, as any source's is. (It was put in
+/// force without one, so a new sidecar waited with nothing, and the control plane answering
+/// again at the same revision changed nothing.)
+#[tokio::test]
+async fn a_hub_started_from_its_cache_serves_its_sidecars() {
+    let upstream = Upstream::start().await;
+    let (a, b) = (mint("sk_live_"), mint("sk_live_"));
+    let cache = SnapshotDir::new();
+    cache.write(&doc(5, (&a, "active"), (&b, "revoked")));
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let hub = Gate::start(&config_toml_source(
+        &format!(
+            "source = \"http\"\nurl = \"http://{down}/keys.json\"\nconnect_timeout = \"200ms\"\ncache_path = {:?}\n",
+            cache.path().display().to_string()
+        ),
+        upstream.addr,
+        &format!("{HUB}listen = \"127.0.0.1:0\"\n"),
+    ))
+    .await;
+    assert_eq!(hub.revision(), Some(5), "the hub serves its cache");
+    let s = Gate::start(&sidecar_config(hub_addr(&hub), upstream.addr, "")).await;
+    s.wait_revision(5).await;
+    assert_eq!(status(&s, &a).await, 200);
+    assert_eq!(status(&s, &b).await, 401);
+    hub.stop().await;
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn a_sidecar_restarted_from_its_cache_asks_only_for_what_changed() {
     let upstream = Upstream::start().await;

@@ -164,9 +164,11 @@ impl HttpSource {
         self.etag = None;
         let store2 = store.clone();
         let settings = self.settings.clone();
-        let applied = tokio::task::spawn_blocking(move || apply(&store2, &settings, &bytes))
-            .await
-            .map_err(|e| PollError::Body(format!("the parser stopped: {e}")))??;
+        let cache = self.cache_touch.writer();
+        let applied =
+            tokio::task::spawn_blocking(move || apply(&store2, &settings, &cache, &bytes))
+                .await
+                .map_err(|e| PollError::Body(format!("the parser stopped: {e}")))??;
         self.etag = etag;
         Ok(applied)
     }
@@ -298,6 +300,7 @@ struct Envelope {
 fn apply(
     store: &SnapshotStore,
     settings: &SnapshotSettings,
+    cache: &super::cache::Writer,
     bytes: &[u8],
 ) -> Result<Polled, PollError> {
     let in_force = store.current().as_ref().map(|s| s.revision);
@@ -321,7 +324,7 @@ fn apply(
                 tracing::warn!(entry = %q.entry, reason = %q.reason, "snapshot entry quarantined");
             }
             if let Some(path) = &settings.cache_path {
-                super::cache::write(path, bytes);
+                cache.write(path, bytes);
             }
             Ok(Polled::Applied(revision))
         }

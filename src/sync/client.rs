@@ -169,9 +169,10 @@ impl SyncClient {
     ) -> Result<(), StreamError> {
         let store2 = store.clone();
         let settings = self.settings.clone();
+        let cache = self.cache_touch.writer();
         let doc = tokio::task::spawn_blocking(move || {
             let doc = Document::from_json(&bytes).map_err(|e| e.to_string())?;
-            publish(&store2, &settings, doc, &bytes)
+            publish(&store2, &settings, &cache, doc, &bytes)
         })
         .await
         .map_err(|e| StreamError::Document(e.to_string()))?
@@ -199,6 +200,7 @@ impl SyncClient {
         let mut doc = self.doc.take().expect("held != 0 means a document");
         let store2 = store.clone();
         let settings = self.settings.clone();
+        let cache = self.cache_touch.writer();
         let result = tokio::task::spawn_blocking(move || {
             let next = Arc::make_mut(&mut doc);
             let entries = |list: Vec<bytes::Bytes>| -> Result<Vec<Box<RawValue>>, String> {
@@ -235,6 +237,7 @@ impl SyncClient {
             publish(
                 &store2,
                 &settings,
+                &cache,
                 doc,
                 bytes.as_deref().unwrap_or_default(),
             )
@@ -339,6 +342,7 @@ fn client_tls(
 fn publish(
     store: &SnapshotStore,
     settings: &SnapshotSettings,
+    cache: &crate::snapshot::cache::Writer,
     doc: Document,
     bytes: &[u8],
 ) -> Result<Arc<Document>, String> {
@@ -354,7 +358,7 @@ fn publish(
         tracing::warn!(entry = %q.entry, reason = %q.reason, "snapshot entry quarantined");
     }
     if let (Some(path), false) = (&settings.cache_path, bytes.is_empty()) {
-        crate::snapshot::cache::write(path, bytes);
+        cache.write(path, bytes);
     }
     Ok(doc)
 }
