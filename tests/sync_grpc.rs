@@ -345,6 +345,15 @@ async fn a_change_without_a_new_revision_still_reaches_the_sidecars() {
     snap.write(&doc(4, (&a, "revoked"), (&b, "active")));
     refused_everywhere(&[&hub, &s], &a, Duration::from_secs(2)).await;
     assert_eq!(status(&s, &b).await, 200);
+
+    // Edited again while the sidecar is away (the hub restarting): the sidecar resumes at
+    // revision 4, but holds other content than the hub's revision 4, and must get the hub's.
+    let addr = hub_addr(&hub);
+    hub.stop().await;
+    snap.write(&doc(4, (&a, "revoked"), (&b, "revoked")));
+    let hub = Gate::start(&hub_config(&snap, upstream.addr, &addr.to_string(), "")).await;
+    refused_everywhere(&[&hub, &s], &b, Duration::from_secs(5)).await;
+    assert_eq!(s.revision(), Some(4));
     s.stop().await;
     hub.stop().await;
 }

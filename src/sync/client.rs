@@ -86,9 +86,18 @@ impl SyncClient {
             .await
             .map_err(|e| StreamError::Connect(error_chain(&e)))?;
         let mut stub = Stub::new(channel).max_decoding_message_size(super::MAX_MESSAGE_BYTES);
+        // What this client holds, so that the hub resumes only on the same content (a
+        // document changed without a new revision while this client was away is sent whole).
+        let since_digest = match self.doc.clone() {
+            Some(doc) => tokio::task::spawn_blocking(move || doc.digest().to_vec())
+                .await
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
         let mut req = tonic::Request::new(WatchRequest {
             since_revision: self.held(),
             client: hostname(),
+            since_digest,
         });
         if let Some(token) = &self.settings.token {
             let value = format!("Bearer {}", token.expose()).parse().map_err(|_| {

@@ -34,7 +34,9 @@ const MAX_HISTORY_ENTRIES: usize = 200_000;
 #[derive(Default)]
 struct History {
     /// Chained: each delta's `from_revision` is the previous one's `revision`.
-    deltas: VecDeque<Arc<Delta>>,
+    deltas: VecDeque<Step>,
+    /// [`Document::digest`] of `current`.
+    digest: [u8; 32],
     entries: usize,
     /// The document the last delta leads to.
     current: Option<Arc<Document>>,
@@ -47,6 +49,12 @@ struct History {
 
 /// What the hub holds: revision and generation.
 type Held = (u64, u64);
+
+/// One delta of the history, and the digest of the document it applies to.
+struct Step {
+    delta: Arc<Delta>,
+    from_digest: [u8; 32],
+}
 
 /// The hub's shared state.
 pub struct Hub {
@@ -174,6 +182,7 @@ impl Hub {
 
     /// Make `doc` the hub's current document, with the delta that leads to it.
     fn record(&self, doc: Arc<Document>) {
+        let digest = doc.digest();
         let mut h = self.history.lock().expect("lock poisoned");
         let revision = doc.revision;
         match &h.current {
@@ -212,17 +221,22 @@ impl Hub {
                     remove_keys: remove_keys.into_iter().map(String::from).collect(),
                 };
                 h.entries += size(&delta);
-                h.deltas.push_back(Arc::new(delta));
+                let from_digest = h.digest;
+                h.deltas.push_back(Step {
+                    delta: Arc::new(delta),
+                    from_digest,
+                });
                 while h.deltas.len() > MAX_DELTAS || h.entries > MAX_HISTORY_ENTRIES {
                     let Some(old) = h.deltas.pop_front() else {
                         break;
                     };
-                    h.entries -= size(&old);
+                    h.entries -= size(&old.delta);
                 }
             }
             None => {}
         }
         let replaced = h.current.replace(doc);
+        h.digest = digest;
         h.full = None;
         let generation = h.generation;
         drop(h);
@@ -233,23 +247,42 @@ impl Hub {
 
     /// What brings a caller holding `since` up to date: the deltas from `since` when the
     /// history has them, else the full document. Empty when already up to date (or when the
-    /// hub has nothing yet).
-    fn catch_up(&self, (since, generation): Held) -> Vec<watch_response::Event> {
+    /// hub has nothing yet). `claimed`: a resuming caller's digest of what it holds at `since`,
+    /// which must be the hub's own there (else the caller gets the full document); without
+    /// one, the caller holds what this stream sent it, of generation `generation`.
+    fn catch_up(
+        &self,
+        (since, generation): Held,
+        claimed: Option<&[u8]>,
+    ) -> Vec<watch_response::Event> {
         let mut h = self.history.lock().expect("lock poisoned");
         let Some(cur) = &h.current else {
             return Vec::new();
         };
-        let same_generation = generation == h.generation;
+        let same_generation = match claimed {
+            None => generation == h.generation,
+            Some(digest) => {
+                let ours = if since == cur.revision {
+                    Some(&h.digest)
+                } else {
+                    h.deltas
+                        .iter()
+                        .find(|d| d.delta.from_revision == since)
+                        .map(|d| &d.from_digest)
+                };
+                ours.is_some_and(|ours| ours.as_slice() == digest)
+            }
+        };
         if since == cur.revision && same_generation {
             return Vec::new();
         }
         if since != 0 && same_generation {
-            if let Some(start) = h.deltas.iter().position(|d| d.from_revision == since) {
+            if let Some(start) = h.deltas.iter().position(|d| d.delta.from_revision == since) {
                 return h
                     .deltas
                     .iter()
                     .skip(start)
-                    .map(|d| watch_response::Event::Delta(Delta::clone(d)))
+                    .map(|d| watch_response::Event::Delta(Delta::clone(&d.delta)))
                     .collect();
             }
         }
@@ -334,16 +367,24 @@ impl Sync for Service {
         let WatchRequest {
             since_revision,
             client,
+            since_digest,
         } = req.into_inner();
-        tracing::info!(?peer, client = %client, since_revision, "sync: a client is watching");
+        // The caller's own name, shown escaped and cut short: it must not forge log lines.
+        let client: String = client.chars().take(128).collect();
+        tracing::info!(?peer, client = ?client, since_revision, "sync: a client is watching");
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(stream(self.0.clone(), since_revision, tx));
+        tokio::spawn(stream(self.0.clone(), since_revision, since_digest, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
 /// Feed one Watch stream until the caller goes away.
-async fn stream(hub: Arc<Hub>, since: u64, tx: mpsc::Sender<Result<WatchResponse, Status>>) {
+async fn stream(
+    hub: Arc<Hub>,
+    since: u64,
+    since_digest: Vec<u8>,
+    tx: mpsc::Sender<Result<WatchResponse, Status>>,
+) {
     let mut updated = hub.updated.subscribe();
     let mut closing = hub.closing.subscribe();
     // A stream begun after the hub started closing (on a connection accepted just before)
@@ -353,17 +394,26 @@ async fn stream(hub: Arc<Hub>, since: u64, tx: mpsc::Sender<Result<WatchResponse
     }
     let _watching = Watching::new(&hub);
     let beat = hub.settings.heartbeat_interval;
-    // A client resuming at a revision is taken to hold the hub's current generation of it.
+    // A client resuming at a revision holds the hub's current generation of it only if its
+    // digest says so: checked by the first catch-up the hub can make (it may hold nothing yet).
     let mut held: Held = (since, updated.borrow().1);
+    let mut claimed = (since != 0).then_some(since_digest);
     let mut first = true;
     loop {
         let target = *updated.borrow_and_update();
-        let events = if target.0 != 0 && held != target {
+        let events = if target.0 != 0 && (held != target || claimed.is_some()) {
             let hub2 = hub.clone();
+            let claim = claimed.take();
+            let resuming = claim.is_some();
             // Serializing a full document is CPU work.
-            tokio::task::spawn_blocking(move || hub2.catch_up(held))
+            let events = tokio::task::spawn_blocking(move || hub2.catch_up(held, claim.as_deref()))
                 .await
-                .unwrap_or_default()
+                .unwrap_or_default();
+            if resuming && events.is_empty() {
+                // The caller's digest is the hub's document: it holds this generation.
+                held = target;
+            }
+            events
         } else {
             Vec::new()
         };
