@@ -282,26 +282,85 @@ impl Default for CredentialHeaders {
     }
 }
 
+/// Whether the values of the credential headers after the first two offered a key (see
+/// [`extract_first_two`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Beyond {
+    /// A later Authorization value holds a Bearer token ([`offers_bearer`]).
+    pub authorization: bool,
+    /// A later API-key value is not empty ([`offers_api_key`]).
+    pub api_key: bool,
+}
+
+/// [`extract`] from the first two values of each header, and whether the values after them
+/// offered a key: with three values or more no key is usable, but whether one was offered
+/// (`error="invalid_token"`) must not depend on where it came, nor on the front (ext_authz
+/// gets every value, joined).
+pub fn extract_first_two<'a>(
+    authorization: &[&'a [u8]],
+    api_key: &[&'a [u8]],
+    beyond: Beyond,
+) -> Credential<'a> {
+    match extract(authorization, api_key) {
+        Credential::Missing if beyond.authorization || beyond.api_key => Credential::Unusable,
+        found => found,
+    }
+}
+
+/// Whether an Authorization value (or one of its comma-separated parts) holds a Bearer token.
+pub fn offers_bearer(value: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|part| bearer_token(part).is_some())
+}
+
+/// Whether an API-key value (or one of its comma-separated parts) is not empty.
+pub fn offers_api_key(value: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|part| !trim_ows(part).is_empty())
+}
+
 /// [`extract`] over a request's fields (hyper's map, or a head as received), where repeated
-/// headers are separate values. Does not allocate: at most two values per header matter.
+/// headers are separate values. Does not allocate: two values per header are read, and the
+/// rest only looked at for an offered key.
 pub fn extract_from_headers<'a>(
     headers: &'a impl FieldLookup,
     names: &CredentialHeaders,
 ) -> Credential<'a> {
-    let (authorization, authorization_len) = first_two(headers, &names.authorization);
-    let (api_key, api_key_len) = first_two(headers, &names.api_key);
-    extract(&authorization[..authorization_len], &api_key[..api_key_len])
+    let (authorization, authorization_len, more_bearer) =
+        first_two(headers, &names.authorization, offers_bearer);
+    let (api_key, api_key_len, more_api_key) = first_two(headers, &names.api_key, offers_api_key);
+    extract_first_two(
+        &authorization[..authorization_len],
+        &api_key[..api_key_len],
+        Beyond {
+            authorization: more_bearer,
+            api_key: more_api_key,
+        },
+    )
 }
 
-/// Up to the first two values of `name`, and how many there are of those.
-fn first_two<'a>(headers: &'a impl FieldLookup, name: &HeaderName) -> ([&'a [u8]; 2], usize) {
+/// Up to the first two values of `name`, how many there are of those, and whether any later
+/// value `offers` a key.
+fn first_two<'a>(
+    headers: &'a impl FieldLookup,
+    name: &HeaderName,
+    offers: fn(&[u8]) -> bool,
+) -> ([&'a [u8]; 2], usize, bool) {
     let mut values: [&[u8]; 2] = [&[], &[]];
     let mut len = 0;
-    for (slot, value) in values.iter_mut().zip(headers.values(name)) {
-        *slot = value;
-        len += 1;
+    let mut later = false;
+    for value in headers.values(name) {
+        match values.get_mut(len) {
+            Some(slot) => {
+                *slot = value;
+                len += 1;
+            }
+            None => later = later || offers(value),
+        }
     }
-    (values, len)
+    (values, len, later)
 }
 
 fn authorization_source<'a>(values: &[&'a [u8]]) -> Source<'a> {
@@ -309,7 +368,7 @@ fn authorization_source<'a>(values: &[&'a [u8]]) -> Source<'a> {
         [] => return Source::Unused,
         [value] if !value.contains(&b',') => trim_ows(value),
         _ => {
-            let offered = parts(values).any(|part| bearer_token(part).is_some());
+            let offered = values.iter().any(|value| offers_bearer(value));
             return Source::Ambiguous { offered };
         }
     };
@@ -329,18 +388,12 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     (scheme.eq_ignore_ascii_case(b"bearer") && !token.is_empty()).then_some(token)
 }
 
-/// Every comma-separated part of every value: separate headers and Envoy's comma-joined form
-/// give the same parts.
-fn parts<'a>(values: &'a [&'a [u8]]) -> impl Iterator<Item = &'a [u8]> {
-    values.iter().flat_map(|value| value.split(|&b| b == b','))
-}
-
 fn api_key_source<'a>(values: &[&'a [u8]]) -> Source<'a> {
     let value = match values {
         [] => return Source::Unused,
         [value] if !value.contains(&b',') => trim_ows(value),
         _ => {
-            let offered = parts(values).any(|part| !trim_ows(part).is_empty());
+            let offered = values.iter().any(|value| offers_api_key(value));
             return Source::Ambiguous { offered };
         }
     };
@@ -803,6 +856,35 @@ mod tests {
                 present("abc", API),
             ),
             (&[("x-other-key", b"abc")], Credential::Missing),
+            // Only two values are kept; a key offered in a later one still counts as offered.
+            (
+                &[
+                    ("authorization", b"Basic x"),
+                    ("authorization", b"Basic y"),
+                    ("authorization", b"Bearer abc"),
+                ],
+                Credential::Unusable,
+            ),
+            (
+                &[
+                    ("authorization", b"Basic x"),
+                    ("authorization", b"Basic y"),
+                    ("authorization", b"Basic z"),
+                ],
+                Credential::Missing,
+            ),
+            (
+                &[
+                    ("x-api-key", b""),
+                    ("x-api-key", b" "),
+                    ("x-api-key", b"abc"),
+                ],
+                Credential::Unusable,
+            ),
+            (
+                &[("x-api-key", b""), ("x-api-key", b""), ("x-api-key", b",")],
+                Credential::Missing,
+            ),
         ];
         for (pairs, want) in cases {
             let headers = map(pairs);

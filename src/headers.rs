@@ -226,6 +226,8 @@ pub struct Read<'a> {
     pub idempotency_key: Two<'a>,
     /// Any of [`METHOD_OVERRIDES`], in any spelling.
     pub method_override: Two<'a>,
+    /// Whether credential values after the first two offered a key.
+    pub credential_beyond: crate::credential::Beyond,
 }
 
 /// Fields by which many servers (ASP.NET Core, Symfony, Express's method-override, Google's
@@ -268,11 +270,18 @@ impl<'a> Read<'a> {
                 &mut read.origin,
                 &mut read.idempotency_key,
             ];
-            for (wanted, two) in wanted.iter().zip(slots) {
+            let mut beyond = [false; 6];
+            for ((wanted, two), later) in wanted.iter().zip(slots).zip(&mut beyond) {
                 if name.len() == wanted.len() && name.eq_ignore_ascii_case(wanted) {
+                    *later = two.as_slice().len() == 2;
                     two.note(value);
                 }
             }
+            // A third credential value is not kept, but whether it offered a key counts.
+            let [_, bearer, api_key, ..] = beyond;
+            read.credential_beyond.authorization |=
+                bearer && crate::credential::offers_bearer(value);
+            read.credential_beyond.api_key |= api_key && crate::credential::offers_api_key(value);
             // An empty one asks for nothing (servers ignore it too).
             if is_method_override(name) && !value.trim_ascii().is_empty() {
                 read.method_override.note(value);
@@ -284,7 +293,11 @@ impl<'a> Read<'a> {
     /// The credential the request presents (as [`crate::credential::extract_from_headers`] finds
     /// it by lookups).
     pub fn credential(&self) -> crate::credential::Credential<'a> {
-        crate::credential::extract(self.authorization.as_slice(), self.api_key.as_slice())
+        crate::credential::extract_first_two(
+            self.authorization.as_slice(),
+            self.api_key.as_slice(),
+            self.credential_beyond,
+        )
     }
 }
 
@@ -468,6 +481,17 @@ mod tests {
                 ("X-Api-Key", "sk_live_a"),
             ],
             &[("authorization", "Bearer a"), ("AUTHORIZATION", "Bearer b")],
+            &[
+                ("authorization", "Basic a"),
+                ("Authorization", "Basic b"),
+                ("authorization", "Bearer c"),
+            ],
+            &[
+                ("authorization", "Basic a"),
+                ("Authorization", "Basic b"),
+                ("authorization", "Basic c"),
+            ],
+            &[("x-api-key", ""), ("x-api-key", ""), ("X-Api-Key", "k")],
             &[
                 ("Referer", "https://a.example/"),
                 ("Origin", "https://a.example"),

@@ -674,6 +674,25 @@ async fn proxy_ext_authz_and_forward_auth_agree() {
             "/v1/analyses/1",
             vec![("authorization", format!("{} x", bearer(&k.ok)))],
         ),
+        // A key offered in a third value: the proxy keeps two values, Envoy joins all three.
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![
+                ("authorization", "Basic dXNlcjpwYXNz".into()),
+                ("authorization", "Basic b3RoZXI6cGFzcw==".into()),
+                ("authorization", bearer(&k.ok)),
+            ],
+        ),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![
+                ("x-api-key", "".into()),
+                ("x-api-key", "".into()),
+                ("x-api-key", k.ok.clone()),
+            ],
+        ),
         ("POST", "/v1/analyses", vec![("x-api-key", k.ok.clone())]),
         (
             "POST",
