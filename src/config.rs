@@ -1028,15 +1028,13 @@ pub fn validate_with_env(
     } else {
         Case::Insensitive
     };
-    if route_case == Case::Insensitive {
-        // One branch per literal whatever its spelling, so that the most specific rule wins
-        // as it would for a lower-case request; `GET /a` and `GET /A` are then one route,
-        // listed twice, as `GET /a` and `GET /a/` are everywhere.
-        for (pattern, _) in &mut rules {
-            *pattern = pattern.folded();
-        }
-    }
-    let routes = match RouteTable::new(rules) {
+    // Ignoring case, `GET /a` and `GET /A` are one route, listed twice, as `GET /a` and
+    // `GET /a/` are everywhere.
+    let routes = match route_case {
+        Case::Sensitive => RouteTable::new(rules),
+        Case::Insensitive => RouteTable::folded(rules),
+    };
+    let routes = match routes {
         Ok(t) => t,
         Err(e) => {
             let note = match route_case {

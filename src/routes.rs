@@ -22,7 +22,9 @@
 //! [`Case::Insensitive`] (`routes.case_sensitive = false`), for upstreams that
 //! route ignoring case (Express and ASP.NET Core by default, IIS): there
 //! `/V1/Analyses` is `/v1/analyses` and must need what it needs. ASCII letters
-//! only, as those upstreams fold them; other bytes compare exactly.
+//! only (Express folds no others; ASP.NET Core and IIS do, which the README
+//! tells users of non-ASCII literals to cover with `unmatched = "deny"`);
+//! other bytes compare exactly.
 //!
 //! It is pure: no I/O, no clock, no logging, and [`RouteTable::lookup`]
 //! never allocates.
@@ -269,6 +271,23 @@ fn split_at_byte(s: &str, byte: u8) -> Option<(&str, &str)> {
     Some((&s[..i], &s[i + 1..]))
 }
 
+/// `f` of `s` in ASCII lower case; without allocating for a segment of usual length.
+fn with_lowercase<R>(s: &str, f: impl FnOnce(&str) -> R) -> R {
+    if !s.bytes().any(|b| b.is_ascii_uppercase()) {
+        return f(s);
+    }
+    let mut buf = [0u8; 128];
+    match buf.get_mut(..s.len()) {
+        Some(lower) => {
+            lower.copy_from_slice(s.as_bytes());
+            lower.make_ascii_lowercase();
+            // Lowering ASCII letters keeps UTF-8 valid.
+            f(std::str::from_utf8(lower).expect("ASCII lowering keeps UTF-8"))
+        }
+        None => f(&s.to_ascii_lowercase()),
+    }
+}
+
 fn path_segments(path: &str) -> Option<&str> {
     let rest = path.strip_prefix('/').unwrap_or(path);
     (!rest.is_empty()).then_some(rest)
@@ -370,6 +389,9 @@ pub struct RouteTable<T> {
     /// Arena of trie nodes; index 0 is the root.
     nodes: Vec<Node<T>>,
     len: usize,
+    /// Built by [`RouteTable::folded`]: every literal is in lower case, so a lookup ignoring
+    /// case lowers the request's segment and hashes once.
+    folded: bool,
 }
 
 impl<T> RouteTable<T> {
@@ -379,10 +401,21 @@ impl<T> RouteTable<T> {
         let mut table = Self {
             nodes: vec![Node::default()],
             len: 0,
+            folded: false,
         };
         for (pattern, value) in routes {
             table.insert(pattern, value)?;
         }
+        Ok(table)
+    }
+
+    /// A table of [`RoutePattern::folded`] patterns, for lookups with [`Case::Insensitive`]:
+    /// one branch per literal whatever its spelling, so the most specific route wins as it
+    /// would for a lower-case request, and two patterns that differ only in case are
+    /// [`RouteError::Duplicate`].
+    pub fn folded(routes: impl IntoIterator<Item = (RoutePattern, T)>) -> Result<Self, RouteError> {
+        let mut table = Self::new(routes.into_iter().map(|(p, v)| (p.folded(), v)))?;
+        table.folded = true;
         Ok(table)
     }
 
@@ -456,12 +489,17 @@ impl<T> RouteTable<T> {
             }
             Some((first, more)) => {
                 let first = without_params(first);
-                if let Some(&child) = n.literal.get(first) {
+                let literal = if case == Case::Insensitive && self.folded {
+                    with_lowercase(first, |lower| n.literal.get(lower).copied())
+                } else {
+                    n.literal.get(first).copied()
+                };
+                if let Some(child) = literal {
                     if let Some(v) = self.walk(child, method, more, case) {
                         return Some(v);
                     }
                 }
-                if case == Case::Insensitive {
+                if case == Case::Insensitive && !self.folded {
                     // The other spellings of `first` among the literals (tried above as
                     // written); more than one only in a key's own `allowed_routes`.
                     let others = n
