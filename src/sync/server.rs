@@ -187,11 +187,8 @@ impl Hub {
         let revision = doc.revision;
         match &h.current {
             Some(cur) if cur.revision == revision => {
-                let (a, b) = (
-                    diff(&cur.partners, &doc.partners),
-                    diff(&cur.keys, &doc.keys),
-                );
-                if a.0.is_empty() && a.1.is_empty() && b.0.is_empty() && b.1.is_empty() {
+                // The digest, not the entries alone: clients resume on it, `generated_at` too.
+                if digest == h.digest {
                     return;
                 }
                 tracing::warn!(
@@ -250,15 +247,19 @@ impl Hub {
     /// hub has nothing yet). `claimed`: a resuming caller's digest of what it holds at `since`,
     /// which must be the hub's own there (else the caller gets the full document); without
     /// one, the caller holds what this stream sent it, of generation `generation`.
+    ///
+    /// Also returns what the caller holds once it has the events: the hub's revision and
+    /// generation as checked under the lock (`None` when the hub holds nothing yet).
     fn catch_up(
         &self,
         (since, generation): Held,
         claimed: Option<&[u8]>,
-    ) -> Vec<watch_response::Event> {
+    ) -> (Vec<watch_response::Event>, Option<Held>) {
         let mut h = self.history.lock().expect("lock poisoned");
         let Some(cur) = &h.current else {
-            return Vec::new();
+            return (Vec::new(), None);
         };
+        let reached = Some((cur.revision, h.generation));
         let same_generation = match claimed {
             None => generation == h.generation,
             Some(digest) => {
@@ -274,16 +275,17 @@ impl Hub {
             }
         };
         if since == cur.revision && same_generation {
-            return Vec::new();
+            return (Vec::new(), reached);
         }
         if since != 0 && same_generation {
             if let Some(start) = h.deltas.iter().position(|d| d.delta.from_revision == since) {
-                return h
+                let deltas = h
                     .deltas
                     .iter()
                     .skip(start)
                     .map(|d| watch_response::Event::Delta(Delta::clone(&d.delta)))
                     .collect();
+                return (deltas, reached);
             }
         }
         let revision = cur.revision;
@@ -295,7 +297,10 @@ impl Hub {
                 bytes
             }
         };
-        vec![watch_response::Event::Full(Full { revision, document })]
+        (
+            vec![watch_response::Event::Full(Full { revision, document })],
+            reached,
+        )
     }
 
     fn message(&self, event: watch_response::Event) -> WatchResponse {
@@ -401,38 +406,35 @@ async fn stream(
     let mut first = true;
     loop {
         let target = *updated.borrow_and_update();
-        let events = if target.0 != 0 && (held != target || claimed.is_some()) {
+        let (events, reached) = if target.0 != 0 && (held != target || claimed.is_some()) {
             let hub2 = hub.clone();
-            let claim = claimed.take();
-            let resuming = claim.is_some();
+            let claim = claimed.clone();
             // Serializing a full document is CPU work.
-            let events = tokio::task::spawn_blocking(move || hub2.catch_up(held, claim.as_deref()))
+            tokio::task::spawn_blocking(move || hub2.catch_up(held, claim.as_deref()))
                 .await
-                .unwrap_or_default();
-            if resuming && events.is_empty() {
-                // The caller's digest is the hub's document: it holds this generation.
-                held = target;
-            }
-            events
+                .unwrap_or_default()
         } else {
-            Vec::new()
+            (Vec::new(), None)
         };
         let sent_any = !events.is_empty();
         for event in events {
-            held = match &event {
-                watch_response::Event::Full(f) => (f.revision, target.1),
-                watch_response::Event::Delta(d) => (d.revision, target.1),
-                watch_response::Event::Heartbeat(_) => held,
-            };
             let kind = Kind::of(&event);
             if tx.send(Ok(hub.message(event))).await.is_err() {
                 return;
             }
             hub.stats.sent_one(kind);
         }
+        if let Some(reached) = reached {
+            // What the hub checked under its lock, which may be newer than `target`.
+            held = reached;
+            claimed = None;
+        }
         if first && !sent_any {
             // Already up to date (or nothing to send yet): say so at once.
-            if send_heartbeat(&hub, &tx, held.0, beat).await.is_err() {
+            if send_heartbeat(&hub, &tx, held, claimed.is_some(), beat)
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -440,7 +442,7 @@ async fn stream(
         tokio::select! {
             changed = updated.changed() => if changed.is_err() { return },
             () = tokio::time::sleep(beat) => {
-                if send_heartbeat(&hub, &tx, held.0, beat).await.is_err() {
+                if send_heartbeat(&hub, &tx, held, claimed.is_some(), beat).await.is_err() {
                     return;
                 }
             }
@@ -453,14 +455,16 @@ async fn stream(
 async fn send_heartbeat(
     hub: &Hub,
     tx: &mpsc::Sender<Result<WatchResponse, Status>>,
-    held: u64,
+    held: Held,
+    unchecked: bool,
     beat: Duration,
 ) -> Result<(), ()> {
-    // A heartbeat vouches for a revision only when it is the one the hub holds (a hub that has
-    // loaded nothing yet must not confirm what a resuming client brought from its cache).
-    let current = hub.updated.borrow().0;
+    // A heartbeat vouches for a revision only when the caller holds what the hub holds, this
+    // generation of it included, and that was checked (a hub that has loaded nothing yet, or
+    // has not yet compared a resuming caller's digest, must not confirm what it brought).
+    let vouch = !unchecked && held == *hub.updated.borrow();
     let event = watch_response::Event::Heartbeat(Heartbeat {
-        revision: if held == current { held } else { 0 },
+        revision: if vouch { held.0 } else { 0 },
         interval_ms: beat.as_millis().try_into().unwrap_or(u32::MAX),
     });
     tx.send(Ok(hub.message(event))).await.map_err(|_| ())?;
@@ -509,4 +513,83 @@ pub async fn serve(
         })
         .await;
     follower.abort();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> Arc<Hub> {
+        let settings = SyncServerSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls: None,
+            token: None,
+            heartbeat_interval: Duration::from_secs(1),
+        };
+        Hub::new(Arc::new(SnapshotStore::new()), settings, 16)
+    }
+
+    fn doc(revision: u64, generated_at: &str, status: &str) -> Arc<Document> {
+        let text = format!(
+            r#"{{"schema":"keygate.snapshot/v1","revision":{revision},"generated_at":"{generated_at}","partners":[{{"id":"p","status":"active"}}],"keys":[{{"id":"k","status":"{status}"}}]}}"#
+        );
+        Arc::new(Document::from_json(text.as_bytes()).unwrap())
+    }
+
+    fn kinds(events: &[watch_response::Event]) -> Vec<&'static str> {
+        events
+            .iter()
+            .map(|e| match e {
+                watch_response::Event::Full(_) => "full",
+                watch_response::Event::Delta(_) => "delta",
+                watch_response::Event::Heartbeat(_) => "heartbeat",
+            })
+            .collect()
+    }
+
+    /// A resuming caller is brought up to date on its digest, not its revision alone, and is
+    /// told what it then holds as the hub checked it.
+    #[test]
+    fn a_resuming_caller_is_judged_by_its_digest() {
+        let hub = hub();
+        let (v4, v5, v5_edited) = (
+            doc(4, "a", "active"),
+            doc(5, "a", "revoked"),
+            doc(5, "b", "revoked"),
+        );
+        hub.record(v4.clone());
+        hub.record(v5.clone());
+        let gen = hub.history.lock().unwrap().generation;
+        let check = |since: u64, digest: &[u8]| {
+            let (events, reached) = hub.catch_up((since, 0), Some(digest));
+            (kinds(&events), reached)
+        };
+        assert_eq!(check(5, &v5.digest()), (vec![], Some((5, gen))));
+        assert_eq!(check(4, &v4.digest()), (vec!["delta"], Some((5, gen))));
+        // The same revisions with other content: whole.
+        assert_eq!(check(5, &v4.digest()), (vec!["full"], Some((5, gen))));
+        assert_eq!(check(4, &v5.digest()), (vec!["full"], Some((5, gen))));
+        assert_eq!(check(5, b""), (vec!["full"], Some((5, gen))));
+        // Only generated_at edited at the same revision: a new generation, a new digest.
+        hub.record(v5_edited.clone());
+        let (events, reached) = hub.catch_up((5, 0), Some(&v5.digest()));
+        assert_eq!(kinds(&events), ["full"]);
+        assert_eq!(reached, Some((5, gen + 1)));
+        assert_eq!(
+            kinds(&hub.catch_up((5, 0), Some(&v5_edited.digest())).0),
+            Vec::<&str>::new()
+        );
+        // A caller of this stream (no claim) holding the previous generation: whole.
+        assert_eq!(kinds(&hub.catch_up((5, gen), None).0), ["full"]);
+        assert_eq!(
+            kinds(&hub.catch_up((5, gen + 1), None).0),
+            Vec::<&str>::new()
+        );
+    }
+
+    #[test]
+    fn a_hub_holding_nothing_answers_nothing() {
+        let hub = hub();
+        assert_eq!(hub.catch_up((3, 0), Some(b"x")), (Vec::new(), None));
+    }
 }
