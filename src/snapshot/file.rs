@@ -240,18 +240,26 @@ async fn watch(
     // Whether the file as it is now (`last`) is the document in force. The file confirms the
     // snapshot only then: a deleted file, or one keygate refused, does not.
     let mut in_force = store.current().is_some();
+    // After read errors: when the polls may try again, and the wait after that. A file event
+    // (the chmod that fixes it) tries at once; polls back off to one try in 30 s, so a file
+    // that stays unreadable is not an error logged every second.
+    let mut unreadable: Option<(tokio::time::Instant, Duration)> = None;
     loop {
-        tokio::select! {
+        let polled = tokio::select! {
             _ = &mut shutdown => return,
             Some(()) = rx.recv() => {
                 // Let a burst of events (write, chmod, rename) settle before reading.
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 while rx.try_recv().is_ok() {}
+                false
             }
-            _ = poll.tick() => {}
-        }
+            _ = poll.tick() => true,
+        };
         let now = fingerprint(&settings.path);
         if now.is_none() {
+            continue;
+        }
+        if polled && unreadable.is_some_and(|(next, _)| tokio::time::Instant::now() < next) {
             continue;
         }
         if now == last {
@@ -262,9 +270,9 @@ async fn watch(
         }
         last = now;
         let store2 = store.clone();
-        let settings = settings.clone();
+        let settings2 = settings.clone();
         // Parsing a large document is CPU work: keep it off the request threads' queues.
-        let loaded = tokio::task::spawn_blocking(move || load_into(&store2, &settings)).await;
+        let loaded = tokio::task::spawn_blocking(move || load_into(&store2, &settings2)).await;
         in_force = matches!(loaded, Ok(Ok(_)));
         match &loaded {
             Ok(Ok(_)) => store.confirm(),
@@ -274,6 +282,15 @@ async fn watch(
             }
             Err(_) => SourceStats::count(&store.stats.reloads_rejected),
         }
+        unreadable = match &loaded {
+            Ok(Err(LoadError::Read { .. })) => {
+                let wait = unreadable.map_or(settings.poll_interval, |(_, w)| {
+                    (w * 2).min(Duration::from_secs(30))
+                });
+                Some((tokio::time::Instant::now() + wait, wait))
+            }
+            _ => None,
+        };
     }
 }
 
