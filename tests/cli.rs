@@ -1332,6 +1332,13 @@ async fn readyz_status(running: &mut Running, admin: u16, want: u16) -> u16 {
     }
 }
 
+/// `GET /v1/x` through the proxy on `proxy` with the secret `keys create` printed.
+async fn get_with_key(proxy: u16, created: &serde_json::Value) -> Answer {
+    let key = created["secret"].as_str().unwrap();
+    let url = format!("http://127.0.0.1:{proxy}/v1/x");
+    get(&client(), &url, &[("x-api-key", key)]).await
+}
+
 #[tokio::test]
 async fn serve_is_not_ready_until_a_snapshot_appears() {
     let upstream = Upstream::start().await;
@@ -1350,13 +1357,7 @@ async fn serve_is_not_ready_until_a_snapshot_appears() {
     // The operator creates a key with the CLI: the running gate picks it up.
     let created = create(&snap.path(), "analyses:read", &[]);
     readyz_status(&mut running, admin, 200).await;
-    let key = created["secret"].as_str().unwrap();
-    let a = get(
-        &client(),
-        &format!("http://127.0.0.1:{proxy}/v1/x"),
-        &[("x-api-key", key)],
-    )
-    .await;
+    let a = get_with_key(proxy, &created).await;
     assert_eq!(a.status, 200, "{:?}", a.body);
     assert_eq!(
         upstream.last().headers["x-key-id"],
@@ -1418,13 +1419,7 @@ async fn serve_loads_a_snapshot_once_it_becomes_readable() {
     assert_eq!((before.ino(), before.len()), (after.ino(), after.len()));
     assert_eq!(before.modified().unwrap(), after.modified().unwrap());
     readyz_status(&mut running, admin, 200).await;
-    let key = created["secret"].as_str().unwrap();
-    let a = get(
-        &client(),
-        &format!("http://127.0.0.1:{proxy}/v1/x"),
-        &[("x-api-key", key)],
-    )
-    .await;
+    let a = get_with_key(proxy, &created).await;
     assert_eq!(a.status, 200, "{:?}", a.body);
     let status = running.terminate(Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(0));

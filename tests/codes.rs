@@ -813,7 +813,7 @@ async fn unmatched_routes_can_be_denied() {
 
 /// `routes.case_sensitive = false`: an upstream that routes ignoring case (Express, ASP.NET
 /// Core) runs `POST /V1/ANALYSES` as `POST /v1/analyses`, so it must need the same scope; the
-/// path goes upstream as sent.
+/// normalized path goes upstream with its letter case kept.
 #[tokio::test]
 async fn routes_ignoring_case_cover_every_spelling() {
     let upstream = Upstream::start().await;
