@@ -180,6 +180,9 @@ pub struct Watched<S> {
     idle: Duration,
     /// Always armed: at the first-request deadline, then every `idle`.
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// Whether the timer waits with `waker` (it keeps it when re-armed and gives it up when it
+    /// fires): polling it again before it fires would register the same waker again.
+    armed: bool,
     /// Wakes every task that asked, not only the last: keygate's HTTP/1.1 side reads a request
     /// body in one task while another writes the answer, and either may be the one left
     /// waiting when the deadline passes.
@@ -199,6 +202,7 @@ impl<S> Watched<S> {
             activity,
             idle,
             timer: Box::pin(tokio::time::sleep(first_request)),
+            armed: false,
             wakers: wakers.clone(),
             waker: std::task::Waker::from(wakers),
             then: (0, 0, 0),
@@ -209,6 +213,9 @@ impl<S> Watched<S> {
     /// `Ready(Err)` once the connection has been unused past its deadline.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
         self.wakers.register(cx.waker());
+        if self.armed && !self.timer.is_elapsed() {
+            return Poll::Pending;
+        }
         let mut fanned = Context::from_waker(&self.waker);
         while self.timer.as_mut().poll(&mut fanned).is_ready() {
             let now = (
@@ -257,6 +264,7 @@ impl<S> Watched<S> {
                 .unwrap_or_else(|| tokio::time::Instant::now() + FAR);
             self.timer.as_mut().reset(next);
         }
+        self.armed = true;
         Poll::Pending
     }
 }
@@ -585,12 +593,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if let Poll::Ready(e) = self.poll_expired(cx) {
-            return Poll::Ready(Err(e));
-        }
+        // The deadline matters only to a read that must wait, as for writes (`wrote`).
         let before = buf.filled().len();
         let read = Pin::new(&mut self.inner).poll_read(cx, buf);
         self.moved += (buf.filled().len() - before) as u64;
+        if read.is_pending() {
+            if let Poll::Ready(e) = self.poll_expired(cx) {
+                return Poll::Ready(Err(e));
+            }
+        }
         read
     }
 }

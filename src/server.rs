@@ -105,6 +105,31 @@ pub async fn serve<H: Handler>(
     drop(shared.lock().io.take());
 }
 
+/// The front's stop signal as a connection's task waits for it between requests. Once it waits
+/// with that task's waker it is polled again only when the signal has changed: each poll of a
+/// watch receiver's wait takes its waiter list's atomics, for a signal that comes once.
+struct StopSignal<'a, F> {
+    wait: Pin<&'a mut F>,
+    /// A receiver of the same signal, to ask whether it changed.
+    changed: tokio::sync::watch::Receiver<bool>,
+    /// The waker `wait` last registered.
+    waker: Option<std::task::Waker>,
+}
+
+impl<F: Future<Output = ()>> StopSignal<'_, F> {
+    fn poll(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let same = self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if same && !self.changed.has_changed().unwrap_or(true) {
+            return Poll::Pending;
+        }
+        let polled = self.wait.as_mut().poll(cx);
+        if polled.is_pending() && !same {
+            self.waker = Some(cx.waker().clone());
+        }
+        polled
+    }
+}
+
 async fn serve_on<H: Handler>(
     shared: &Arc<Shared>,
     mut handler: H,
@@ -120,14 +145,18 @@ async fn serve_on<H: Handler>(
     let stop = async move {
         let _ = stopped.wait_for(|s| *s).await;
     };
-    let mut stop = std::pin::pin!(stop);
+    let mut stop = StopSignal {
+        wait: std::pin::pin!(stop),
+        changed: shutting_down.clone(),
+        waker: None,
+    };
     let mut stopping = false;
     let wait = settings.header_read_timeout;
     let mut deadline = Deadline::new(Instant::now() + wait);
     loop {
         deadline.set(Instant::now() + wait);
         let next = conn
-            .next_head(&mut deadline, stop.as_mut(), &mut stopping)
+            .next_head(&mut deadline, &mut stop, &mut stopping)
             .await;
         let head = match next {
             Next::Head(head) => head,
@@ -270,7 +299,7 @@ impl Conn<'_> {
     async fn next_head(
         &mut self,
         deadline: &mut Deadline,
-        mut stop: Pin<&mut impl Future<Output = ()>>,
+        stop: &mut StopSignal<'_, impl Future<Output = ()>>,
         stopping: &mut bool,
     ) -> Next {
         let limits = self.settings.limits;
@@ -284,20 +313,25 @@ impl Conn<'_> {
                         Err(e) => return Poll::Ready(Next::Refuse(e)),
                     }
                 }
-                if !*stopping && stop.as_mut().poll(cx).is_ready() {
-                    *stopping = true;
-                }
                 // Shutting down: a request already begun is still taken, none is waited for.
                 if *stopping && inner.buf.is_empty() {
                     return Poll::Ready(Next::Close);
                 }
+                match inner.poll_fill(cx) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Next::Close),
+                    Poll::Ready(Ok(_)) => continue,
+                    Poll::Pending => {}
+                }
+                // Nothing to read yet: the stop signal and the deadline are what may come
+                // first (looked at only now, so that a request that is there costs neither).
+                if !*stopping && stop.poll(cx).is_ready() {
+                    *stopping = true;
+                    continue;
+                }
                 if deadline.poll_expired(cx).is_ready() {
                     return Poll::Ready(Next::Close);
                 }
-                match std::task::ready!(inner.poll_fill(cx)) {
-                    Ok(0) | Err(_) => return Poll::Ready(Next::Close),
-                    Ok(_) => {}
-                }
+                return Poll::Pending;
             }
         })
         .await
