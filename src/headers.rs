@@ -262,26 +262,29 @@ impl<'a> Read<'a> {
         for (name, value) in fields {
             // Lengths first: most names differ in length. Every name is checked, so that two
             // settings naming the same field both see it.
-            let slots = [
-                &mut read.request_id,
-                &mut read.authorization,
-                &mut read.api_key,
-                &mut read.referer,
-                &mut read.origin,
-                &mut read.idempotency_key,
-            ];
-            let mut beyond = [false; 6];
-            for ((wanted, two), later) in wanted.iter().zip(slots).zip(&mut beyond) {
-                if name.len() == wanted.len() && name.eq_ignore_ascii_case(wanted) {
-                    *later = two.as_slice().len() == 2;
-                    two.note(value);
+            for (i, wanted) in wanted.iter().enumerate() {
+                if name.len() != wanted.len() || !name.eq_ignore_ascii_case(wanted) {
+                    continue;
                 }
+                let two = match i {
+                    0 => &mut read.request_id,
+                    1 => &mut read.authorization,
+                    2 => &mut read.api_key,
+                    3 => &mut read.referer,
+                    4 => &mut read.origin,
+                    _ => &mut read.idempotency_key,
+                };
+                // A third credential value is not kept, but whether it offered a key counts.
+                if two.as_slice().len() == 2 {
+                    let beyond = &mut read.credential_beyond;
+                    match i {
+                        1 => beyond.authorization |= crate::credential::offers_bearer(value),
+                        2 => beyond.api_key |= crate::credential::offers_api_key(value),
+                        _ => {}
+                    }
+                }
+                two.note(value);
             }
-            // A third credential value is not kept, but whether it offered a key counts.
-            let [_, bearer, api_key, ..] = beyond;
-            read.credential_beyond.authorization |=
-                bearer && crate::credential::offers_bearer(value);
-            read.credential_beyond.api_key |= api_key && crate::credential::offers_api_key(value);
             // An empty one asks for nothing (servers ignore it too).
             if is_method_override(name) && !value.trim_ascii().is_empty() {
                 read.method_override.note(value);
