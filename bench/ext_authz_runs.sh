@@ -8,7 +8,7 @@
 # client itself sent late (its p99 lateness over 0.2 ms: the machine stalled both) is marked,
 # since its p99 is the machine's.
 #
-#   cargo build --release --bin keygate --example ext_authz_load && RUNS=5 bash bench/ext_authz_runs.sh
+#   cargo build --release --bin keygate && cargo build --release --example ext_authz_load && RUNS=5 bash bench/ext_authz_runs.sh
 #
 # Other variables pass through to bench/ext_authz.sh (PACED, FLOOR, CLIENTS, STREAMS, ...).
 set -euo pipefail
