@@ -563,3 +563,60 @@ async fn shutdown_says_goodbye_to_http2_and_finishes_the_stream_in_flight() {
         .expect("keygate stopped once its last stream was done")
         .unwrap();
 }
+
+/// One request's answer on a kept-alive HTTP/1.1 connection.
+async fn get_kept_alive(s: &mut TcpStream, key: &str) {
+    let req = format!("GET /v1/analyses/1 HTTP/1.1\r\nHost: api\r\nX-API-Key: {key}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        !answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+}
+
+/// A kept-alive HTTP/1.1 connection waits `proxy.header_read_timeout` (1 s here) for its next
+/// request, counted from its last answer, not from its first: after requests 0.4 s apart (the
+/// deadline's timer, armed for the first, fires early and is armed again for the last) it is
+/// closed a whole timeout after the last answer, and not much later.
+#[tokio::test]
+async fn a_kept_alive_connection_is_closed_a_header_read_timeout_after_its_last_answer() {
+    let (gate, key, _upstream, _snap) = h2_gate("").await;
+    let mut s = TcpStream::connect(gate.addr).await.unwrap();
+    for _ in 0..4 {
+        get_kept_alive(&mut s, &key).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    get_kept_alive(&mut s, &key).await;
+    let closed = closed_within(&mut s, Duration::from_secs(5)).await;
+    let closed = closed.expect("an idle kept-alive connection was still open after 5 s");
+    assert!(
+        closed >= Duration::from_millis(900) && closed < Duration::from_millis(2500),
+        "closed {closed:?} after the last answer"
+    );
+    gate.stop().await;
+}
+
+/// At shutdown a kept-alive HTTP/1.1 connection waiting for its next request is closed at once,
+/// not left to its header-read timeout or the drain's.
+#[tokio::test]
+async fn shutdown_closes_a_kept_alive_connection_between_requests_at_once() {
+    let (gate, key, _upstream, _snap) = reader_gate("header_read_timeout = \"30s\"\n", "").await;
+    let mut s = TcpStream::connect(gate.addr).await.unwrap();
+    get_kept_alive(&mut s, &key).await;
+    get_kept_alive(&mut s, &key).await;
+    let stopping = tokio::spawn(gate.stop());
+    let closed = closed_within(&mut s, Duration::from_secs(5)).await;
+    let closed = closed.expect("a kept-alive connection was still open 5 s into the shutdown");
+    assert!(
+        closed < Duration::from_secs(2),
+        "closed {closed:?} into the shutdown"
+    );
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("the shutdown waited on an idle connection")
+        .unwrap();
+}
