@@ -58,17 +58,24 @@ impl Deadline {
         if waiting(self, cx) && !self.timer.is_elapsed() {
             return Poll::Pending;
         }
-        while self.timer.as_mut().poll(cx).is_ready() {
+        loop {
+            // With the task's coop budget spent, the timer answers Pending before it registers
+            // the waker (or is even made): then nothing waits, and the next poll must look.
+            let budget = tokio::task::coop::has_budget_remaining();
+            if self.timer.as_mut().poll(cx).is_pending() {
+                if !budget {
+                    self.waiting = None;
+                } else if !waiting(self, cx) {
+                    self.waiting = Some(cx.waker().clone());
+                }
+                return Poll::Pending;
+            }
             if self.timer.deadline() >= self.due {
                 self.waiting = None;
                 return Poll::Ready(());
             }
             self.timer.as_mut().reset(self.due);
         }
-        if !waiting(self, cx) {
-            self.waiting = Some(cx.waker().clone());
-        }
-        Poll::Pending
     }
 
     /// `work`'s output, unless the deadline passes first. `work` is pinned by the caller, where
@@ -87,7 +94,7 @@ impl Deadline {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::pin::pin;
     use std::time::Duration;
@@ -209,5 +216,42 @@ mod tests {
         tokio::time::advance(SECOND).await;
         assert_eq!(woken(&count), 2);
         assert!(deadline.poll_expired(&mut cx).is_ready());
+    }
+
+    /// Spend the running task's coop budget, as a task does that has just done a lot of IO.
+    pub(crate) fn spend_coop_budget() {
+        let mut cx = Context::from_waker(Waker::noop());
+        while tokio::task::coop::has_budget_remaining() {
+            let _ = pin!(tokio::task::coop::consume_budget()).poll(&mut cx);
+        }
+    }
+
+    /// A deadline first polled when the task's budget is spent (its timer answers Pending
+    /// without registering anything) still expires and wakes its task once polled again.
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_first_polled_out_of_budget_still_expires() {
+        let start = Instant::now();
+        let mut deadline = Deadline::new(start + SECOND);
+        let count = std::sync::Arc::new(Count::default());
+        let waker = Waker::from(count.clone());
+        poll_fn(|_| {
+            spend_coop_budget();
+            assert!(deadline
+                .poll_expired(&mut Context::from_waker(&waker))
+                .is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        // Spending the budget woke the task, which is polled again with a new one.
+        tokio::task::yield_now().await;
+        assert!(deadline
+            .poll_expired(&mut Context::from_waker(&waker))
+            .is_pending());
+        let before = woken(&count);
+        tokio::time::advance(2 * SECOND).await;
+        assert_eq!(woken(&count), before + 1, "the timer did not wake the task");
+        assert!(deadline
+            .poll_expired(&mut Context::from_waker(&waker))
+            .is_ready());
     }
 }

@@ -217,7 +217,14 @@ impl<S> Watched<S> {
             return Poll::Pending;
         }
         let mut fanned = Context::from_waker(&self.waker);
-        while self.timer.as_mut().poll(&mut fanned).is_ready() {
+        loop {
+            // With the task's coop budget spent, the timer answers Pending before it registers
+            // the waker (or is even made): then it is not armed, and the next poll must look.
+            let budget = tokio::task::coop::has_budget_remaining();
+            if self.timer.as_mut().poll(&mut fanned).is_pending() {
+                self.armed = budget;
+                return Poll::Pending;
+            }
             let now = (
                 self.activity.begun.load(Ordering::Relaxed),
                 self.activity.frames.load(Ordering::Relaxed),
@@ -264,8 +271,13 @@ impl<S> Watched<S> {
                 .unwrap_or_else(|| tokio::time::Instant::now() + FAR);
             self.timer.as_mut().reset(next);
         }
-        self.armed = true;
-        Poll::Pending
+    }
+
+    /// Whether the timer may have fired, or waits with no waker: the deadline must be looked
+    /// at before reading on, not only when a read has to wait (a client whose bytes never let
+    /// a read wait, but whose reads are cut short by tokio's budget, would never be looked at).
+    fn may_have_expired(&self) -> bool {
+        !self.armed || self.timer.is_elapsed()
     }
 }
 
@@ -593,11 +605,18 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        // The deadline matters only to a read that must wait, as for writes (`wrote`).
+        // The deadline matters to a read that must wait (as for writes, `wrote`), and to any read
+        // once the timer has fired.
+        let looked = self.may_have_expired();
+        if looked {
+            if let Poll::Ready(e) = self.poll_expired(cx) {
+                return Poll::Ready(Err(e));
+            }
+        }
         let before = buf.filled().len();
         let read = Pin::new(&mut self.inner).poll_read(cx, buf);
         self.moved += (buf.filled().len() - before) as u64;
-        if read.is_pending() {
+        if read.is_pending() && !looked {
             if let Poll::Ready(e) = self.poll_expired(cx) {
                 return Poll::Ready(Err(e));
             }
@@ -719,5 +738,37 @@ impl<B: hyper::body::Body> hyper::body::Body for Tracked<B> {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection's deadline first looked at when the task's budget is spent (the timer
+    /// answers Pending without registering anything) still expires.
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_first_looked_at_out_of_budget_still_expires() {
+        let second = Duration::from_secs(1);
+        let mut watched = Watched::new((), Activity::new(), second, second);
+        std::future::poll_fn(|cx| {
+            crate::deadline::tests::spend_coop_budget();
+            assert!(watched.poll_expired(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        assert!(watched.may_have_expired(), "the timer waits with no waker");
+        // Spending the budget woke the task, which is polled again with a new one.
+        tokio::task::yield_now().await;
+        let pending = std::future::poll_fn(|cx| Poll::Ready(watched.poll_expired(cx).is_pending()));
+        assert!(pending.await);
+        assert!(!watched.may_have_expired());
+        tokio::time::advance(2 * second).await;
+        assert!(watched.may_have_expired(), "the timer did not fire");
+        let expired = std::future::poll_fn(|cx| Poll::Ready(watched.poll_expired(cx).is_ready()));
+        assert!(
+            expired.await,
+            "unused two seconds past a one-second deadline"
+        );
     }
 }

@@ -122,9 +122,16 @@ impl<F: Future<Output = ()>> StopSignal<'_, F> {
         if same && !self.changed.has_changed().unwrap_or(true) {
             return Poll::Pending;
         }
+        // With the task's coop budget spent, the wait answers Pending before it registers the
+        // waker: then nothing waits, and the next poll must look.
+        let budget = tokio::task::coop::has_budget_remaining();
         let polled = self.wait.as_mut().poll(cx);
-        if polled.is_pending() && !same {
-            self.waker = Some(cx.waker().clone());
+        if polled.is_pending() {
+            if !budget {
+                self.waker = None;
+            } else if !same {
+                self.waker = Some(cx.waker().clone());
+            }
         }
         polled
     }
@@ -759,5 +766,53 @@ impl Body for ClientBody {
             ClientBody::H1(b) => b.size_hint(),
             ClientBody::H2(b) => b.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::{Context, Waker};
+
+    #[derive(Default)]
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The stop signal first waited for when the task's budget is spent (the wait answers
+    /// Pending without registering anything) still wakes its task when it comes.
+    #[tokio::test]
+    async fn a_stop_signal_first_waited_for_out_of_budget_still_wakes_its_task() {
+        let (tx, mut rx) = tokio::sync::watch::channel(false);
+        let changed = rx.clone();
+        let wait = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let mut stop = StopSignal {
+            wait: std::pin::pin!(wait),
+            changed,
+            waker: None,
+        };
+        let count = Arc::new(Count::default());
+        let waker = Waker::from(count.clone());
+        poll_fn(|_| {
+            crate::deadline::tests::spend_coop_budget();
+            assert!(stop.poll(&mut Context::from_waker(&waker)).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        // Spending the budget woke the task, which is polled again with a new one; then the
+        // signal comes.
+        tokio::task::yield_now().await;
+        assert!(stop.poll(&mut Context::from_waker(&waker)).is_pending());
+        let before = count.0.load(std::sync::atomic::Ordering::SeqCst);
+        tx.send_replace(true);
+        let after = count.0.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(after, before + 1, "the stop signal did not wake its task");
+        assert!(stop.poll(&mut Context::from_waker(&waker)).is_ready());
     }
 }

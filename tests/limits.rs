@@ -620,3 +620,74 @@ async fn shutdown_closes_a_kept_alive_connection_between_requests_at_once() {
         .expect("the shutdown waited on an idle connection")
         .unwrap();
 }
+
+/// Reads what `s` sends until it closes or `within` passes: the bytes, and when it closed.
+async fn drain_until_closed(s: &mut TcpStream, within: Duration) -> (Vec<u8>, Option<Duration>) {
+    let started = Instant::now();
+    let (mut all, mut buf) = (Vec::new(), vec![0u8; 65536]);
+    loop {
+        match tokio::time::timeout_at((started + within).into(), s.read(&mut buf)).await {
+            Err(_) => return (all, None),
+            Ok(Ok(0)) | Ok(Err(_)) => return (all, Some(started.elapsed())),
+            Ok(Ok(n)) => all.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A burst of pipelined requests, then silence: every request is answered and the connection
+/// is closed a header-read timeout (1 s here) later, whatever the burst's length. Bursts just
+/// long enough to spend tokio's per-task budget (127 or 254 answers, then the next read cut
+/// short by it) once left the deadline and the stop signal looked at with no timer or waiter
+/// registered: the connection stayed open until the idle timeout, and held up shutdown for the
+/// whole drain.
+#[tokio::test]
+async fn a_pipelined_burst_then_silence_is_closed_a_header_read_timeout_later() {
+    let (gate, _key, _upstream, _snap) = h2_gate("").await;
+    let request = "GET /v1/analyses/1 HTTP/1.1\r\nHost: api\r\n\r\n";
+    let bursts = [1, 126, 127, 128, 253, 254, 255];
+    let runs = bursts.map(|k| {
+        let addr = gate.addr;
+        tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(request.repeat(k).as_bytes()).await.unwrap();
+            let (all, closed) = drain_until_closed(&mut s, Duration::from_secs(6)).await;
+            let answers = String::from_utf8_lossy(&all)
+                .matches("HTTP/1.1 401")
+                .count();
+            (k, answers, closed)
+        })
+    });
+    for run in runs {
+        let (k, answers, closed) = run.await.unwrap();
+        assert_eq!(answers, k, "a burst of {k}: {answers} answers");
+        let closed = closed.unwrap_or_else(|| panic!("a burst of {k}: still open after 6 s"));
+        assert!(
+            closed < Duration::from_secs(3),
+            "a burst of {k}: closed after {closed:?}"
+        );
+    }
+    // The same burst, then a shutdown while the connection waits: closed at once.
+    let mut s = TcpStream::connect(gate.addr).await.unwrap();
+    s.write_all(request.repeat(127).as_bytes()).await.unwrap();
+    let (mut all, mut buf) = (Vec::new(), vec![0u8; 65536]);
+    while String::from_utf8_lossy(&all)
+        .matches("HTTP/1.1 401")
+        .count()
+        < 127
+    {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the burst's last answer");
+        all.extend_from_slice(&buf[..n]);
+    }
+    let stopping = tokio::spawn(gate.stop());
+    let (_, closed) = drain_until_closed(&mut s, Duration::from_secs(5)).await;
+    let closed = closed.expect("still open 5 s into the shutdown");
+    assert!(
+        closed < Duration::from_millis(900),
+        "closed {closed:?} into the shutdown"
+    );
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("the shutdown waited on the connection")
+        .unwrap();
+}
