@@ -78,6 +78,19 @@ impl Deadline {
         }
     }
 
+    /// [`Deadline::poll_expired`] after work polled in the same turn, which had the task's coop
+    /// budget (`had_budget`) and may have spent it. Polled without budget the timer only answers
+    /// Pending, and work that spends the budget at every poll (a fast, endless transfer) would
+    /// keep the deadline from ever passing: then the timer is polled with the budget lifted, as
+    /// `tokio::time::timeout` does.
+    pub fn poll_expired_after(&mut self, cx: &mut Context<'_>, had_budget: bool) -> Poll<()> {
+        if had_budget && !tokio::task::coop::has_budget_remaining() {
+            let unbudgeted = tokio::task::coop::unconstrained(poll_fn(|cx| self.poll_expired(cx)));
+            return std::pin::pin!(unbudgeted).poll(cx);
+        }
+        self.poll_expired(cx)
+    }
+
     /// `work`'s output, unless the deadline passes first. `work` is pinned by the caller, where
     /// it was made: a large future is not moved again to be bounded.
     pub fn bound<'a, F: Future + ?Sized>(
@@ -85,10 +98,12 @@ impl Deadline {
         mut work: Pin<&'a mut F>,
     ) -> impl Future<Output = Result<F::Output, Expired>> + 'a {
         poll_fn(move |cx| {
+            let had_budget = tokio::task::coop::has_budget_remaining();
             if let Poll::Ready(out) = work.as_mut().poll(cx) {
                 return Poll::Ready(Ok(out));
             }
-            self.poll_expired(cx).map(|()| Err(Expired))
+            self.poll_expired_after(cx, had_budget)
+                .map(|()| Err(Expired))
         })
     }
 }
@@ -253,5 +268,19 @@ pub(crate) mod tests {
         assert!(deadline
             .poll_expired(&mut Context::from_waker(&waker))
             .is_ready());
+    }
+
+    /// Work that spends the task's whole budget at every poll (as a fast, endless transfer
+    /// does) still ends at the deadline.
+    #[tokio::test]
+    async fn bounded_work_that_spends_the_budget_at_every_poll_still_ends_at_the_deadline() {
+        let mut deadline = Deadline::new(Instant::now() + Duration::from_millis(100));
+        let work = pin!(poll_fn(|cx| {
+            spend_coop_budget();
+            cx.waker().wake_by_ref();
+            Poll::<()>::Pending
+        }));
+        let out = tokio::time::timeout(Duration::from_secs(5), deadline.bound(work)).await;
+        assert_eq!(out, Ok(Err(Expired)), "the deadline never passed");
     }
 }

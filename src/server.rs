@@ -311,6 +311,7 @@ impl Conn<'_> {
     ) -> Next {
         let limits = self.settings.limits;
         poll_fn(|cx| {
+            let had_budget = tokio::task::coop::has_budget_remaining();
             let mut inner = self.shared.lock();
             loop {
                 if !inner.buf.is_empty() {
@@ -335,7 +336,7 @@ impl Conn<'_> {
                     *stopping = true;
                     continue;
                 }
-                if deadline.poll_expired(cx).is_ready() {
+                if deadline.poll_expired_after(cx, had_budget).is_ready() {
                     return Poll::Ready(Next::Close);
                 }
                 return Poll::Pending;
@@ -616,6 +617,7 @@ impl Conn<'_> {
         }
         deadline.set(Instant::now() + self.settings.header_read_timeout);
         poll_fn(|cx| {
+            let had_budget = tokio::task::coop::has_budget_remaining();
             let mut inner = self.shared.lock();
             loop {
                 let left = match inner.body {
@@ -636,7 +638,7 @@ impl Conn<'_> {
                 if left == 0 {
                     return Poll::Ready(true);
                 }
-                if deadline.poll_expired(cx).is_ready() {
+                if deadline.poll_expired_after(cx, had_budget).is_ready() {
                     return Poll::Ready(false);
                 }
                 match std::task::ready!(inner.poll_fill(cx)) {
