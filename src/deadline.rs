@@ -23,7 +23,36 @@ pub struct Deadline {
     due: Instant,
     /// The waker the armed timer holds, since the last poll that left it waiting. The timer
     /// keeps it when re-armed and gives it up when it fires.
-    waiting: Option<Waker>,
+    waiting: Registered,
+}
+
+/// The waker a timer (or any future that keeps its waker until woken) was last left waiting
+/// with, so that it need not be polled again with the same one. Noted only when tokio's coop
+/// budget let the poll register it: with the budget spent, tokio's timers and channels answer
+/// Pending before registering anything, and the next poll must look again.
+#[derive(Default)]
+pub struct Registered(Option<Waker>);
+
+impl Registered {
+    /// Whether `cx`'s waker is the one waiting.
+    pub fn holds(&self, cx: &Context<'_>) -> bool {
+        self.0.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
+    }
+
+    /// After a poll with `cx` that answered Pending; `budget`: whether the task had coop budget
+    /// before it (`tokio::task::coop::has_budget_remaining`).
+    pub fn note(&mut self, cx: &Context<'_>, budget: bool) {
+        if !budget {
+            self.0 = None;
+        } else if !self.holds(cx) {
+            self.0 = Some(cx.waker().clone());
+        }
+    }
+
+    /// Nothing is known to wait any more.
+    pub fn forget(&mut self) {
+        self.0 = None;
+    }
 }
 
 /// The deadline passed before the work it bounded was done.
@@ -35,7 +64,7 @@ impl Deadline {
         Deadline {
             timer: Box::pin(tokio::time::sleep_until(due)),
             due,
-            waiting: None,
+            waiting: Registered::default(),
         }
     }
 
@@ -44,7 +73,7 @@ impl Deadline {
         self.due = due;
         if due < self.timer.deadline() {
             // A timer that fired is armed again without a waker: the next poll registers one.
-            self.waiting = None;
+            self.waiting.forget();
             self.timer.as_mut().reset(due);
         }
     }
@@ -52,26 +81,17 @@ impl Deadline {
     /// Ready once `due` has passed. Registers `cx` to be woken then (or a little earlier,
     /// whereupon this is polled again and re-arms the timer).
     pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let waiting = |d: &Self, cx: &Context<'_>| {
-            d.waiting.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
-        };
-        if waiting(self, cx) && !self.timer.is_elapsed() {
+        if self.waiting.holds(cx) && !self.timer.is_elapsed() {
             return Poll::Pending;
         }
         loop {
-            // With the task's coop budget spent, the timer answers Pending before it registers
-            // the waker (or is even made): then nothing waits, and the next poll must look.
             let budget = tokio::task::coop::has_budget_remaining();
             if self.timer.as_mut().poll(cx).is_pending() {
-                if !budget {
-                    self.waiting = None;
-                } else if !waiting(self, cx) {
-                    self.waiting = Some(cx.waker().clone());
-                }
+                self.waiting.note(cx, budget);
                 return Poll::Pending;
             }
             if self.timer.deadline() >= self.due {
-                self.waiting = None;
+                self.waiting.forget();
                 return Poll::Ready(());
             }
             self.timer.as_mut().reset(self.due);
@@ -157,7 +177,7 @@ pub(crate) mod tests {
 
     /// A waker that counts its wakes.
     #[derive(Default)]
-    struct Count(std::sync::atomic::AtomicUsize);
+    pub(crate) struct Count(std::sync::atomic::AtomicUsize);
 
     impl std::task::Wake for Count {
         fn wake(self: std::sync::Arc<Self>) {
@@ -168,7 +188,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn woken(count: &std::sync::Arc<Count>) -> usize {
+    pub(crate) fn woken(count: &std::sync::Arc<Count>) -> usize {
         count.0.load(std::sync::atomic::Ordering::SeqCst)
     }
 

@@ -112,26 +112,19 @@ struct StopSignal<'a, F> {
     wait: Pin<&'a mut F>,
     /// A receiver of the same signal, to ask whether it changed.
     changed: tokio::sync::watch::Receiver<bool>,
-    /// The waker `wait` last registered.
-    waker: Option<std::task::Waker>,
+    /// The waker `wait` was last left waiting with.
+    waiting: crate::deadline::Registered,
 }
 
 impl<F: Future<Output = ()>> StopSignal<'_, F> {
     fn poll(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
-        let same = self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
-        if same && !self.changed.has_changed().unwrap_or(true) {
+        if self.waiting.holds(cx) && !self.changed.has_changed().unwrap_or(true) {
             return Poll::Pending;
         }
-        // With the task's coop budget spent, the wait answers Pending before it registers the
-        // waker: then nothing waits, and the next poll must look.
         let budget = tokio::task::coop::has_budget_remaining();
         let polled = self.wait.as_mut().poll(cx);
         if polled.is_pending() {
-            if !budget {
-                self.waker = None;
-            } else if !same {
-                self.waker = Some(cx.waker().clone());
-            }
+            self.waiting.note(cx, budget);
         }
         polled
     }
@@ -155,7 +148,7 @@ async fn serve_on<H: Handler>(
     let mut stop = StopSignal {
         wait: std::pin::pin!(stop),
         changed: shutting_down.clone(),
-        waker: None,
+        waiting: Default::default(),
     };
     let mut stopping = false;
     let wait = settings.header_read_timeout;
@@ -774,16 +767,8 @@ impl Body for ClientBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::deadline::tests::{woken, Count};
     use std::task::{Context, Waker};
-
-    #[derive(Default)]
-    struct Count(std::sync::atomic::AtomicUsize);
-
-    impl std::task::Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-    }
 
     /// The stop signal first waited for when the task's budget is spent (the wait answers
     /// Pending without registering anything) still wakes its task when it comes.
@@ -797,7 +782,7 @@ mod tests {
         let mut stop = StopSignal {
             wait: std::pin::pin!(wait),
             changed,
-            waker: None,
+            waiting: Default::default(),
         };
         let count = Arc::new(Count::default());
         let waker = Waker::from(count.clone());
@@ -811,10 +796,13 @@ mod tests {
         // signal comes.
         tokio::task::yield_now().await;
         assert!(stop.poll(&mut Context::from_waker(&waker)).is_pending());
-        let before = count.0.load(std::sync::atomic::Ordering::SeqCst);
+        let before = woken(&count);
         tx.send_replace(true);
-        let after = count.0.load(std::sync::atomic::Ordering::SeqCst);
-        assert_eq!(after, before + 1, "the stop signal did not wake its task");
+        assert_eq!(
+            woken(&count),
+            before + 1,
+            "the stop signal did not wake its task"
+        );
         assert!(stop.poll(&mut Context::from_waker(&waker)).is_ready());
     }
 }

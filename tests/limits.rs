@@ -281,15 +281,33 @@ async fn http2_rapid_reset_flood_closes_the_connection() {
 /// Reads until the peer closes (or resets) the connection; `None` if it is still open after
 /// `within`.
 async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Duration> {
+    drain_until_closed(stream, within).await.1
+}
+
+/// Reads what `s` sends until it closes or `within` passes: the bytes, and when it closed.
+async fn drain_until_closed(s: &mut TcpStream, within: Duration) -> (Vec<u8>, Option<Duration>) {
     let started = Instant::now();
-    let mut buf = [0u8; 1024];
+    let (mut all, mut buf) = (Vec::new(), vec![0u8; 65536]);
     loop {
-        match tokio::time::timeout_at((started + within).into(), stream.read(&mut buf)).await {
-            Err(_) => return None,
-            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
-            Ok(Ok(_)) => continue,
+        match tokio::time::timeout_at((started + within).into(), s.read(&mut buf)).await {
+            Err(_) => return (all, None),
+            Ok(Ok(0)) | Ok(Err(_)) => return (all, Some(started.elapsed())),
+            Ok(Ok(n)) => all.extend_from_slice(&buf[..n]),
         }
     }
+}
+
+/// Shuts `gate` down and asserts that `s`, a connection waiting for its next request, is
+/// closed within `at_once` and that the shutdown does not wait on it.
+async fn stop_closes_at_once(gate: Gate, s: &mut TcpStream, at_once: Duration) {
+    let stopping = tokio::spawn(gate.stop());
+    let closed = closed_within(s, Duration::from_secs(5)).await;
+    let closed = closed.expect("a connection between requests still open 5 s into the shutdown");
+    assert!(closed < at_once, "closed {closed:?} into the shutdown");
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("the shutdown waited on a connection between requests")
+        .unwrap();
 }
 
 /// A client that connects and sends nothing, or only part of an HTTP/2 preface, is closed once
@@ -608,30 +626,7 @@ async fn shutdown_closes_a_kept_alive_connection_between_requests_at_once() {
     let mut s = TcpStream::connect(gate.addr).await.unwrap();
     get_kept_alive(&mut s, &key).await;
     get_kept_alive(&mut s, &key).await;
-    let stopping = tokio::spawn(gate.stop());
-    let closed = closed_within(&mut s, Duration::from_secs(5)).await;
-    let closed = closed.expect("a kept-alive connection was still open 5 s into the shutdown");
-    assert!(
-        closed < Duration::from_secs(2),
-        "closed {closed:?} into the shutdown"
-    );
-    tokio::time::timeout(Duration::from_secs(5), stopping)
-        .await
-        .expect("the shutdown waited on an idle connection")
-        .unwrap();
-}
-
-/// Reads what `s` sends until it closes or `within` passes: the bytes, and when it closed.
-async fn drain_until_closed(s: &mut TcpStream, within: Duration) -> (Vec<u8>, Option<Duration>) {
-    let started = Instant::now();
-    let (mut all, mut buf) = (Vec::new(), vec![0u8; 65536]);
-    loop {
-        match tokio::time::timeout_at((started + within).into(), s.read(&mut buf)).await {
-            Err(_) => return (all, None),
-            Ok(Ok(0)) | Ok(Err(_)) => return (all, Some(started.elapsed())),
-            Ok(Ok(n)) => all.extend_from_slice(&buf[..n]),
-        }
-    }
+    stop_closes_at_once(gate, &mut s, Duration::from_secs(2)).await;
 }
 
 /// A burst of pipelined requests, then silence: every request is answered and the connection
@@ -679,15 +674,5 @@ async fn a_pipelined_burst_then_silence_is_closed_a_header_read_timeout_later() 
         assert!(n > 0, "closed before the burst's last answer");
         all.extend_from_slice(&buf[..n]);
     }
-    let stopping = tokio::spawn(gate.stop());
-    let (_, closed) = drain_until_closed(&mut s, Duration::from_secs(5)).await;
-    let closed = closed.expect("still open 5 s into the shutdown");
-    assert!(
-        closed < Duration::from_millis(900),
-        "closed {closed:?} into the shutdown"
-    );
-    tokio::time::timeout(Duration::from_secs(5), stopping)
-        .await
-        .expect("the shutdown waited on the connection")
-        .unwrap();
+    stop_closes_at_once(gate, &mut s, Duration::from_millis(900)).await;
 }
