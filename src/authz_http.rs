@@ -26,7 +26,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
@@ -68,7 +68,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(crate::clock::Executor);
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -118,10 +118,10 @@ pub async fn serve(
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let stopping = stopping.clone();
-        tokio::spawn(async move {
+        tokio::spawn(crate::clock::PerPoll::new(async move {
             let _ = until_goodbye(conn, |c| c.graceful_shutdown(), &activity, stopping).await;
             drop(open);
-        });
+        }));
     }
     drop(listener);
     stopping_tx.send_replace(true);

@@ -62,12 +62,10 @@ impl<'a> RequestFacts<'a> {
     }
 }
 
-/// The wall clock in Unix milliseconds: what fronts pass as `now`.
+/// The wall clock in Unix milliseconds: what fronts pass as `now` (the coarse clock of
+/// [`crate::clock`]: at most a scheduler tick behind).
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    crate::clock::wall_ms()
 }
 
 /// The answer. An allow borrows from the snapshot the decision was made on.

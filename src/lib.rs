@@ -34,7 +34,8 @@
 //! - [`ext_authz`]: the gRPC `envoy.service.auth.v3.Authorization` front, with health.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` ([`metrics`]), `/usage` ([`usage`]);
 //!   [`listen`]: the accept loop every front shares, with `limits.max_connections`;
-//!   [`deadline`]: a connection's timer that moves with each request without re-arming.
+//!   [`deadline`]: a connection's timer that moves with each request without re-arming;
+//!   [`clock`]: the monotonic clock read once per poll of a connection, the coarse wall clock.
 //! - [`telemetry`]: answers by front and code, latency histograms, connection counts (per-thread
 //!   shards read by [`metrics`]), and the one log event per decision.
 //! - [`ratelimit`]: per-key GCRA limits (check 12); [`idempotency`]: the proxy's idempotent
@@ -47,6 +48,7 @@ pub mod admit;
 pub mod app;
 pub mod authz_http;
 pub mod client_ip;
+pub mod clock;
 pub mod config;
 pub mod credential;
 pub mod deadline;

@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -341,10 +341,10 @@ where
 }
 
 /// hyper's HTTP/2 server with the `[limits]` of every HTTP/2 front.
-pub type Http2 = hyper::server::conn::http2::Builder<TokioExecutor>;
+pub type Http2 = hyper::server::conn::http2::Builder<crate::clock::Executor>;
 
 pub fn http2_builder(r: &Limits) -> Http2 {
-    let mut builder = Http2::new(TokioExecutor::new());
+    let mut builder = Http2::new(crate::clock::Executor);
     builder
         .timer(TokioTimer::new())
         .max_concurrent_streams(r.http2_max_concurrent_streams)
@@ -360,7 +360,7 @@ pub fn http2<I, S, B>(
     builder: &Http2,
     io: I,
     service: S,
-) -> hyper::server::conn::http2::Connection<TokioIo<Unvectored<I>>, S, TokioExecutor>
+) -> hyper::server::conn::http2::Connection<TokioIo<Unvectored<I>>, S, crate::clock::Executor>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::HttpService<Incoming, ResBody = B>,
@@ -420,7 +420,7 @@ impl Http2Front {
             let stream = Watched::new(stream, activity.clone(), FIRST_REQUEST, idle);
             let service = service(activity.clone(), peer);
             let (stopping, builder, tls) = (stopping.clone(), builder.clone(), self.tls.clone());
-            tokio::spawn(async move {
+            tokio::spawn(crate::clock::PerPoll::new(async move {
                 match tls {
                     None => {
                         let conn = http2(&builder, stream, service);
@@ -440,7 +440,7 @@ impl Http2Front {
                     },
                 }
                 drop(open);
-            });
+            }));
         }
         drop(listener);
         stopping_tx.send_replace(true);

@@ -205,7 +205,8 @@ pub async fn serve(
         let stopped = stopped_rx.clone();
         let state = state.clone();
         let handshake = state.settings.header_read_timeout;
-        tokio::spawn(async move {
+        // The connection's task reads the clock at most once per poll (`clock`).
+        tokio::spawn(crate::clock::PerPoll::new(async move {
             let (io, read, http2): (server::Transport, _, _) = match tls {
                 None => {
                     // h2c with prior knowledge starts with HTTP/2's preface; anything else is
@@ -260,7 +261,7 @@ pub async fn serve(
                     let (mut parts, body) = req.into_parts();
                     let fields = RequestFields::Map(std::mem::take(&mut parts.headers));
                     let req = Request::from_parts(parts, ClientBody::H2(body));
-                    let due = tokio::time::Instant::now() + state.settings.upstream_timeout;
+                    let due = crate::clock::now() + state.settings.upstream_timeout;
                     let mut deadline = Deadline::new(due);
                     let resp = handle(&state, &client, req, fields, &mut deadline).await;
                     Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, busy)))
@@ -272,7 +273,7 @@ pub async fn serve(
             if let Err(e) = said.await {
                 tracing::debug!(error = %e, %peer, "proxy connection ended with an error");
             }
-        });
+        }));
     }
     drop(listener);
     stopped_tx.send_replace(true);
@@ -313,7 +314,7 @@ impl server::Handler for H1 {
             let timeout = self.state.settings.upstream_timeout;
             let deadline = self
                 .upstream_deadline
-                .get_or_insert_with(|| Deadline::new(tokio::time::Instant::now() + timeout));
+                .get_or_insert_with(|| Deadline::new(crate::clock::now() + timeout));
             let resp = handle(&self.state, &self.peer, req, fields, deadline).await;
             resp.map(|body| Tracked::new(body, busy))
         }
@@ -599,7 +600,7 @@ async fn answer(
 
     let sent = match replay.filter(|_| !upgrade) {
         None => {
-            upstream_deadline.set(tokio::time::Instant::now() + timeout);
+            upstream_deadline.set(crate::clock::now() + timeout);
             let send = std::pin::pin!(state.upstream.send(&outbound, body));
             upstream_deadline.bound(send).await
         }

@@ -34,7 +34,6 @@ use bytes::{Bytes, BytesMut};
 use http::{header, Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use tokio::io::AsyncWrite;
-use tokio::time::Instant;
 
 use crate::deadline::Deadline;
 pub use body::{BodyError, OnUpgrade, RequestBody, Stream, Transport, Upgraded};
@@ -152,9 +151,9 @@ async fn serve_on<H: Handler>(
     };
     let mut stopping = false;
     let wait = settings.header_read_timeout;
-    let mut deadline = Deadline::new(Instant::now() + wait);
+    let mut deadline = Deadline::new(crate::clock::now() + wait);
     loop {
-        deadline.set(Instant::now() + wait);
+        deadline.set(crate::clock::now() + wait);
         let next = conn
             .next_head(&mut deadline, &mut stop, &mut stopping)
             .await;
@@ -608,7 +607,7 @@ impl Conn<'_> {
                 return true;
             }
         }
-        deadline.set(Instant::now() + self.settings.header_read_timeout);
+        deadline.set(crate::clock::now() + self.settings.header_read_timeout);
         poll_fn(|cx| {
             let had_budget = tokio::task::coop::has_budget_remaining();
             let mut inner = self.shared.lock();

@@ -142,11 +142,13 @@ pub struct Note {
 impl Note {
     pub fn deny(&mut self, reason: &DenyReason) {
         self.denied = Some(reason.code_index());
-        self.decided.get_or_insert_with(Instant::now);
+        self.decided
+            .get_or_insert_with(|| crate::clock::now().into_std());
     }
 
     pub fn allow(&mut self) {
-        self.decided.get_or_insert_with(Instant::now);
+        self.decided
+            .get_or_insert_with(|| crate::clock::now().into_std());
     }
 
     /// The key (and its partner) the request was decided for.
@@ -163,7 +165,7 @@ impl Note {
 impl Shard {
     /// Count one answered request and log it as `log.decisions` says.
     pub fn answered(&self, started: Instant, note: &Note, status: u16, request_id: &str) {
-        let now = Instant::now();
+        let now = crate::clock::now().into_std();
         self.answers[note.denied.map_or(ALLOWED, |i| i + 1)].fetch_add(1, Ordering::Relaxed);
         let decided = note.decided.unwrap_or(now);
         self.decision
@@ -211,7 +213,7 @@ impl<'s> Record<'s> {
     pub fn new(shard: &'s Shard) -> Self {
         Record {
             shard,
-            started: Instant::now(),
+            started: crate::clock::now().into_std(),
             note: Note::default(),
             finished: false,
         }

@@ -282,7 +282,7 @@ impl<F> Deadline<F> {
     fn new(work: F, timeout: Duration) -> Self {
         Deadline {
             work,
-            start: tokio::time::Instant::now(),
+            start: crate::clock::now(),
             timeout,
             timer: None,
         }

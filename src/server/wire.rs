@@ -344,18 +344,19 @@ pub fn may_be_h2(bytes: &[u8]) -> bool {
     bytes[..n] == H2_PREFACE[..n]
 }
 
-/// The `Date` field's value for the current second, formatted once per second per thread.
+/// The `Date` field's value for the current second (of the coarse wall clock), formatted once
+/// per second per thread.
 pub fn date() -> Bytes {
     use std::cell::RefCell;
-    use std::time::{SystemTime, UNIX_EPOCH};
+    use std::time::{Duration, UNIX_EPOCH};
     thread_local! {
         static CACHED: RefCell<(u64, Bytes)> = const { RefCell::new((u64::MAX, Bytes::new())) };
     }
-    let now = SystemTime::now();
-    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let second = crate::clock::wall_second();
     CACHED.with(|c| {
         let mut c = c.borrow_mut();
         if c.0 != second {
+            let now = UNIX_EPOCH + Duration::from_secs(second);
             *c = (second, Bytes::from(httpdate::fmt_http_date(now)));
         }
         c.1.clone()
