@@ -36,25 +36,27 @@ pub async fn admit<'s>(
     note: &mut Note,
 ) -> Result<Admitted<'s>, Refused> {
     let (verdict, key) = decide_attributed(snapshot, policy, facts, now_ms);
-    if let Some(k) = key {
-        note.key(&k.id_header, None);
-    }
     let allow = match verdict {
         Verdict::Allow(allow) => allow,
         Verdict::Deny(reason) => {
             usage.denied(key, &reason);
             note.deny(&reason);
+            if let Some(k) = key {
+                note.key(&k.id_header, None);
+            }
             return Err(Refused {
                 reason,
                 limit: None,
             });
         }
     };
+    // Noted before the rate limit's wait, for a client that leaves during it (499).
     note.key(&allow.key.id_header, Some(&allow.partner.id_header));
     let limit = match limits.check(&allow).await.map(Outcome::verdict) {
         Some(Err((reason, status))) => {
             usage.denied(Some(allow.key), &reason);
             note.deny(&reason);
+            note.key(&allow.key.id_header, Some(&allow.partner.id_header));
             return Err(Refused {
                 reason,
                 limit: Some(status),

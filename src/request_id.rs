@@ -32,7 +32,9 @@ pub fn is_well_formed(v: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/'))
 }
 
-/// A new id: 128 random bits as 32 lowercase hex digits.
+/// A new id: 128 random bits as 32 lowercase hex digits, in one reference-counted allocation
+/// (an id is kept for the log and sent on, so it is cloned: a `Bytes` made from a copied slice
+/// would allocate again, and move its bytes, at its first clone).
 pub fn mint() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let n: u128 = rand::rng().random();
@@ -41,7 +43,8 @@ pub fn mint() -> HeaderValue {
         pair[0] = HEX[usize::from(byte >> 4)];
         pair[1] = HEX[usize::from(byte & 0xf)];
     }
-    HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+        .expect("hex is a valid header value")
 }
 
 #[cfg(test)]

@@ -137,6 +137,35 @@ pub struct Note {
     pub denied: Option<usize>,
     pub key_id: Option<HeaderValue>,
     pub partner_id: Option<HeaderValue>,
+    /// Whose key and partner ids [`Note::key`] keeps.
+    pub ids: KeepIds,
+}
+
+/// Which requests' key and partner ids a [`Note`] keeps: only the decision log reads them, and
+/// each kept id costs a request two reference counts (a locked instruction each).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KeepIds {
+    /// Every request's (all decisions are logged).
+    #[default]
+    All,
+    /// A denied request's (noted after [`Note::deny`]).
+    Denied,
+    /// None: no decision is logged.
+    None,
+}
+
+impl KeepIds {
+    /// What the shard's `log.decisions` and the log's level say will be logged.
+    fn for_log(log: DecisionLog) -> Self {
+        if !tracing::enabled!(target: "keygate::decision", tracing::Level::INFO) {
+            return KeepIds::None;
+        }
+        match log {
+            DecisionLog::All => KeepIds::All,
+            DecisionLog::Denied => KeepIds::Denied,
+            DecisionLog::None => KeepIds::None,
+        }
+    }
 }
 
 impl Note {
@@ -151,10 +180,18 @@ impl Note {
             .get_or_insert_with(|| crate::clock::now().into_std());
     }
 
-    /// The key (and its partner) the request was decided for.
+    /// The key (and its partner) the request was decided for, kept if its decision may be
+    /// logged ([`KeepIds`]): a denial is noted first.
     pub fn key(&mut self, key_id: &HeaderValue, partner_id: Option<&HeaderValue>) {
-        self.key_id = Some(key_id.clone());
-        self.partner_id = partner_id.cloned();
+        let keep = match self.ids {
+            KeepIds::All => true,
+            KeepIds::Denied => self.denied.is_some(),
+            KeepIds::None => false,
+        };
+        if keep {
+            self.key_id = Some(key_id.clone());
+            self.partner_id = partner_id.cloned();
+        }
     }
 
     pub fn code(&self) -> &'static str {
@@ -214,7 +251,10 @@ impl<'s> Record<'s> {
         Record {
             shard,
             started: crate::clock::now().into_std(),
-            note: Note::default(),
+            note: Note {
+                ids: KeepIds::for_log(shard.log),
+                ..Note::default()
+            },
             finished: false,
         }
     }
@@ -532,6 +572,52 @@ mod tests {
             "{denied}"
         );
         assert_eq!(logged(DecisionLog::None), "");
+    }
+
+    /// Key and partner ids are cloned into a request's note only when its decision may be
+    /// logged: by `log.decisions` and by the log's level.
+    #[test]
+    fn notes_keep_ids_only_for_decisions_that_may_be_logged() {
+        let key = HeaderValue::from_static("key_a");
+        let partner = HeaderValue::from_static("partner_a");
+        let kept = |level: tracing::Level, mode: DecisionLog| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(level)
+                .with_writer(std::io::sink)
+                .finish();
+            tracing::subscriber::with_default(subscriber, || {
+                let t = Telemetry::new(10, mode);
+                let shard = t.shard(Front::Proxy);
+                let mut allowed = Record::new(&shard);
+                allowed.note.key(&key, Some(&partner));
+                allowed.note.allow();
+                let mut denied = Record::new(&shard);
+                denied
+                    .note
+                    .deny(&DenyReason::ScopeRequired("a:read".into()));
+                denied.note.key(&key, Some(&partner));
+                let ids = |r: &Record| (r.note.key_id.is_some(), r.note.partner_id.is_some());
+                let kept = (ids(&allowed), ids(&denied));
+                allowed.finish(200, "a");
+                denied.finish(403, "d");
+                kept
+            })
+        };
+        let info = tracing::Level::INFO;
+        assert_eq!(kept(info, DecisionLog::All), ((true, true), (true, true)));
+        assert_eq!(
+            kept(info, DecisionLog::Denied),
+            ((false, false), (true, true))
+        );
+        assert_eq!(
+            kept(info, DecisionLog::None),
+            ((false, false), (false, false))
+        );
+        let warn = tracing::Level::WARN;
+        assert_eq!(
+            kept(warn, DecisionLog::All),
+            ((false, false), (false, false))
+        );
     }
 
     fn ip(s: &str) -> IpAddr {
