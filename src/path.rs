@@ -15,6 +15,8 @@
 //! It is pure: no I/O, no clock, no logging, no global state. Error values
 //! never carry (or echo) the offending path.
 
+use http::uri::PathAndQuery;
+
 /// Options that change what [`normalize`] accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PathOptions {
@@ -66,57 +68,83 @@ pub enum PathError {
 }
 
 /// A normalized request path (always ASCII, always starts with `/`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct NormalizedPath {
     /// The forwarded form.
-    path: String,
+    path: Form,
     /// Length of the matching form: `path` without its trailing `/`, if any
     /// (the root `/` keeps its slash).
     match_len: usize,
+}
+
+/// Where the forwarded form's text is.
+#[derive(Debug, Clone)]
+enum Form {
+    /// Written by the normalizer (or copied from a borrowed path).
+    Owned(String),
+    /// The path part of the request's own target, which was canonical already: shared with
+    /// it (a reference count) rather than copied (an allocation per request).
+    Received(PathAndQuery),
 }
 
 impl NormalizedPath {
     /// The forwarded form: starts with `/`, and ends with `/` if the input's
     /// last segment was empty, `.` or `..` (like RFC 3986 `remove_dot_segments`).
     pub fn as_str(&self) -> &str {
-        &self.path
+        match &self.path {
+            Form::Owned(path) => path,
+            Form::Received(target) => target.path(),
+        }
     }
 
     /// The form routes are matched against: [`as_str`](Self::as_str) without
     /// the trailing `/`, except for the root `/`. It has no empty segments.
     pub fn for_matching(&self) -> &str {
-        &self.path[..self.match_len]
+        &self.as_str()[..self.match_len]
     }
 
     /// Whether the forwarded form ends with a `/` (never true for the root).
     pub fn has_trailing_slash(&self) -> bool {
-        self.match_len < self.path.len()
+        self.match_len < self.as_str().len()
     }
 
     /// Consumes `self`, returning the forwarded form.
     pub fn into_string(self) -> String {
-        self.path
+        match self.path {
+            Form::Owned(path) => path,
+            Form::Received(target) => target.path().to_owned(),
+        }
     }
 
-    fn from_canonical(path: String) -> Self {
-        let match_len = if path.len() > 1 && path.ends_with('/') {
-            path.len() - 1
+    fn from_canonical(path: Form) -> Self {
+        let mut n = Self { path, match_len: 0 };
+        let len = n.as_str().len();
+        n.match_len = if len > 1 && n.as_str().ends_with('/') {
+            len - 1
         } else {
-            path.len()
+            len
         };
-        Self { path, match_len }
+        n
     }
 }
 
+impl PartialEq for NormalizedPath {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for NormalizedPath {}
+
 impl std::fmt::Display for NormalizedPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.path)
+        f.write_str(self.as_str())
     }
 }
 
 impl AsRef<str> for NormalizedPath {
     fn as_ref(&self) -> &str {
-        &self.path
+        self.as_str()
     }
 }
 
@@ -136,9 +164,24 @@ pub fn normalize(path: &str, opts: PathOptions) -> Result<NormalizedPath, PathEr
         return Err(PathError::NotAbsolute);
     }
     if is_already_canonical(path) {
-        return Ok(NormalizedPath::from_canonical(path.to_owned()));
+        return Ok(NormalizedPath::from_canonical(Form::Owned(path.to_owned())));
     }
     normalize_slow(path, opts)
+}
+
+/// [`normalize`] of `target`'s path (its query set aside): the same answer, but a path that
+/// is canonical already is shared with `target`, not copied.
+pub fn normalize_target(
+    target: &PathAndQuery,
+    opts: PathOptions,
+) -> Result<NormalizedPath, PathError> {
+    let path = target.path();
+    if path.starts_with('/') && is_already_canonical(path) {
+        return Ok(NormalizedPath::from_canonical(Form::Received(
+            target.clone(),
+        )));
+    }
+    normalize(path, opts)
 }
 
 /// Whether `b` is an RFC 3986 `pchar` that can stand for itself (unreserved,
@@ -284,7 +327,7 @@ fn normalize_slow(path: &str, opts: PathOptions) -> Result<NormalizedPath, PathE
     if out.is_empty() || trailing_slash {
         out.push('/');
     }
-    Ok(NormalizedPath::from_canonical(out))
+    Ok(NormalizedPath::from_canonical(Form::Owned(out)))
 }
 
 #[cfg(test)]

@@ -38,7 +38,7 @@ use crate::headers::{
     FieldEdit, FieldLookup, Read, RequestFields,
 };
 use crate::listen::{until_goodbye, Activity, Tracked, Watched};
-use crate::path::normalize;
+use crate::path::{normalize, normalize_target};
 use crate::request_id;
 use crate::server::{self, ClientBody};
 use crate::snapshot::SnapshotStore;
@@ -472,7 +472,10 @@ async fn answer(
         return deny(&DenyReason::BadRequest(why), &request_id, names, true);
     }
 
-    let normalized = normalize(req.uri().path(), state.policy.path);
+    let normalized = match req.uri().path_and_query() {
+        Some(target) => normalize_target(target, state.policy.path),
+        None => normalize(req.uri().path(), state.policy.path),
+    };
     // Only a trusted proxy's X-Forwarded-For is read (and only then looked up).
     let trusted = &state.settings.trusted_proxies;
     let client = if trusted.is_empty() {

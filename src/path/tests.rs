@@ -185,6 +185,35 @@ fn split_target_table() {
     }
 }
 
+/// The proxy normalizes its request target's path through `normalize_target`: every path of
+/// the tables, with and without a query, gets `normalize`'s answer, forms and all.
+#[test]
+fn a_target_normalizes_as_its_path() {
+    let accepted = ACCEPTED.iter().map(|&(input, _, _)| input);
+    let rejected = REJECTED.iter().map(|&(input, _)| input);
+    let semicolons = WITH_SEMICOLONS.iter().map(|&(input, _)| input);
+    for path in accepted.chain(rejected).chain(semicolons) {
+        for target in [path.to_owned(), format!("{path}?q=1&r=%2F..")] {
+            // Not every table path is a target http accepts (a raw space, a `#`): those never
+            // reach the proxy as one.
+            let Ok(parsed) = http::uri::PathAndQuery::try_from(target.as_str()) else {
+                continue;
+            };
+            for opts in [DEFAULT, SEMI] {
+                let got = normalize_target(&parsed, opts);
+                let want = normalize(parsed.path(), opts);
+                assert_eq!(got, want, "{target:?}");
+                if let (Ok(got), Ok(want)) = (got, want) {
+                    assert_eq!(got.for_matching(), want.for_matching(), "{target:?}");
+                    assert_eq!(got.has_trailing_slash(), want.has_trailing_slash());
+                    assert_eq!(got.to_string(), want.to_string());
+                    assert_eq!(got.into_string(), want.into_string());
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn display_and_into_string() {
     let n = normalize("/a//b/", DEFAULT).unwrap();
@@ -303,6 +332,14 @@ proptest! {
             check_output(n.as_str(), opts);
             check_output(n.for_matching(), opts);
             prop_assert!(n.for_matching() == "/" || !n.for_matching().ends_with('/'));
+        }
+    }
+
+    #[test]
+    fn a_target_normalizes_as_its_path_too(input in path_like(), query in "[a-z=&%/.]{0,8}", semi in any::<bool>()) {
+        let opts = PathOptions { allow_semicolon: semi };
+        if let Ok(target) = http::uri::PathAndQuery::try_from(format!("{input}?{query}")) {
+            prop_assert_eq!(normalize_target(&target, opts), normalize(target.path(), opts));
         }
     }
 
