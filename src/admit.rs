@@ -56,7 +56,6 @@ pub async fn admit<'s>(
         Some(Err((reason, status))) => {
             usage.denied(Some(allow.key), &reason);
             note.deny(&reason);
-            note.key(&allow.key.id_header, Some(&allow.partner.id_header));
             return Err(Refused {
                 reason,
                 limit: Some(status),

@@ -8,12 +8,15 @@
 //!
 //! - [`now`] is the monotonic time read once, at its first use, within a poll of a task wrapped
 //!   in [`PerPoll`] (a connection's task), and read afresh outside one. Within a poll the time
-//!   stands still: a timeout set from it is at most the poll's own duration early, a latency
-//!   measured by it at most that short. A poll is bounded by tokio's cooperative budget.
+//!   stands still (until a [`fresh`] reading moves it on): a timeout set from it is at most the
+//!   poll's own duration early, never late. A poll is bounded by tokio's cooperative budget.
+//! - [`fresh`] reads the clock in any case (and is the poll's reading from then on): for what a
+//!   stale reading would misstate, a request's answer time in its latency.
 //! - [`wall_ms`] and [`wall_second`] read the kernel's coarse wall clock (on Linux
-//!   `CLOCK_REALTIME_COARSE`, ~4 ns: a memory read), which lags the precise one by at most one
-//!   scheduler tick (1–10 ms): a key is refused at most that late after its `expires_at`, and
-//!   the `Date` field names the same second or the one before.
+//!   `CLOCK_REALTIME_COARSE`, ~4 ns: a memory read), which the kernel moves on at each
+//!   scheduler tick (1–10 ms), so it is normally that much behind the precise one, more only
+//!   while the machine's timekeeping itself stalls (a starved virtual machine): a key is refused
+//!   that late after its `expires_at`, and the `Date` field names that second.
 //!
 //! Nothing here holds state across polls: a value is never older than the poll it was read in.
 
@@ -51,6 +54,17 @@ pub fn now() -> Instant {
         }
         Reading::Outside => Instant::now(),
     })
+}
+
+/// The monotonic time read now, which the rest of the poll (in a [`PerPoll`]) then shares.
+pub fn fresh() -> Instant {
+    let now = Instant::now();
+    READING.with(|reading| {
+        if !matches!(reading.get(), Reading::Outside) {
+            reading.set(Reading::Read(now));
+        }
+    });
+    now
 }
 
 pin_project_lite::pin_project! {
@@ -144,6 +158,10 @@ mod tests {
             // The clock moves within the poll (as in a slow poll); the reading does not.
             std::thread::sleep(tick);
             assert_eq!(now(), first, "a second reading in the same poll");
+            // Until a fresh reading, which the rest of the poll shares.
+            let fresh = fresh();
+            assert!(fresh - first >= tick);
+            assert_eq!(now(), fresh);
             firsts.push(first);
             if firsts.len() < 2 {
                 cx.waker().wake_by_ref();
@@ -156,8 +174,11 @@ mod tests {
             firsts[1] - firsts[0] >= tick,
             "the next poll reads the clock again"
         );
-        // Back outside: a fresh reading.
+        // Back outside: a fresh reading, and `fresh` leaves nothing behind.
         assert!(now() - firsts[1] >= tick);
+        let outside = fresh();
+        std::thread::sleep(tick);
+        assert!(now() - outside >= tick);
     }
 
     #[test]

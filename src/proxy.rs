@@ -472,9 +472,13 @@ async fn answer(
         return deny(&DenyReason::BadRequest(why), &request_id, names, true);
     }
 
-    let normalized = match req.uri().path_and_query() {
-        Some(target) => normalize_target(target, state.policy.path),
-        None => normalize(req.uri().path(), state.policy.path),
+    // The URI's path, shared with the target when it is canonical already. (Only where the
+    // two agree: an HTTP/2 CONNECT without `:authority` has an empty target whose path reads
+    // "/" but no path at all, which is refused.)
+    let uri = req.uri();
+    let normalized = match uri.path_and_query() {
+        Some(target) if target.path() == uri.path() => normalize_target(target, state.policy.path),
+        _ => normalize(uri.path(), state.policy.path),
     };
     // Only a trusted proxy's X-Forwarded-For is read (and only then looked up).
     let trusted = &state.settings.trusted_proxies;

@@ -127,7 +127,6 @@ pub struct Shard {
 }
 
 /// A request's facts as it is answered, filled in by the front.
-#[derive(Default)]
 pub struct Note {
     /// The request id, once known (for a request whose client leaves before the answer).
     pub request_id: Option<HeaderValue>,
@@ -137,35 +136,29 @@ pub struct Note {
     pub denied: Option<usize>,
     pub key_id: Option<HeaderValue>,
     pub partner_id: Option<HeaderValue>,
-    /// Whose key and partner ids [`Note::key`] keeps.
-    pub ids: KeepIds,
+    /// Whether [`Note::key`] keeps the ids: only the decision log reads them, and each kept id
+    /// costs a request two reference counts (a locked instruction each). With
+    /// `log.decisions = "denied"` an allowed request's ids are kept too: the proxy may still
+    /// deny it after the decision (the upstream's 502 or 504, an idempotent replay's 409).
+    pub keep_ids: bool,
 }
 
-/// Which requests' key and partner ids a [`Note`] keeps: only the decision log reads them, and
-/// each kept id costs a request two reference counts (a locked instruction each).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum KeepIds {
-    /// Every request's (all decisions are logged).
-    #[default]
-    All,
-    /// A denied request's (noted after [`Note::deny`]).
-    Denied,
-    /// None: no decision is logged.
-    None,
-}
-
-impl KeepIds {
-    /// What the shard's `log.decisions` and the log's level say will be logged.
-    fn for_log(log: DecisionLog) -> Self {
-        if !tracing::enabled!(target: "keygate::decision", tracing::Level::INFO) {
-            return KeepIds::None;
-        }
-        match log {
-            DecisionLog::All => KeepIds::All,
-            DecisionLog::Denied => KeepIds::Denied,
-            DecisionLog::None => KeepIds::None,
+impl Default for Note {
+    fn default() -> Self {
+        Note {
+            request_id: None,
+            decided: None,
+            denied: None,
+            key_id: None,
+            partner_id: None,
+            keep_ids: true,
         }
     }
+}
+
+/// Whether a shard's decisions can be logged, by its `log.decisions` and the log's level.
+fn logs_decisions(log: DecisionLog) -> bool {
+    log != DecisionLog::None && tracing::enabled!(target: "keygate::decision", tracing::Level::INFO)
 }
 
 impl Note {
@@ -180,15 +173,10 @@ impl Note {
             .get_or_insert_with(|| crate::clock::now().into_std());
     }
 
-    /// The key (and its partner) the request was decided for, kept if its decision may be
-    /// logged ([`KeepIds`]): a denial is noted first.
+    /// The key (and its partner) the request was decided for, kept if its decision can be
+    /// logged.
     pub fn key(&mut self, key_id: &HeaderValue, partner_id: Option<&HeaderValue>) {
-        let keep = match self.ids {
-            KeepIds::All => true,
-            KeepIds::Denied => self.denied.is_some(),
-            KeepIds::None => false,
-        };
-        if keep {
+        if self.keep_ids {
             self.key_id = Some(key_id.clone());
             self.partner_id = partner_id.cloned();
         }
@@ -202,7 +190,9 @@ impl Note {
 impl Shard {
     /// Count one answered request and log it as `log.decisions` says.
     pub fn answered(&self, started: Instant, note: &Note, status: u16, request_id: &str) {
-        let now = crate::clock::now().into_std();
+        // Read afresh: the answer may come late in the poll its request arrived in (a decision
+        // made without waiting), and the latency must show what the poll took.
+        let now = crate::clock::fresh().into_std();
         self.answers[note.denied.map_or(ALLOWED, |i| i + 1)].fetch_add(1, Ordering::Relaxed);
         let decided = note.decided.unwrap_or(now);
         self.decision
@@ -252,7 +242,7 @@ impl<'s> Record<'s> {
             shard,
             started: crate::clock::now().into_std(),
             note: Note {
-                ids: KeepIds::for_log(shard.log),
+                keep_ids: logs_decisions(shard.log),
                 ..Note::default()
             },
             finished: false,
@@ -574,10 +564,11 @@ mod tests {
         assert_eq!(logged(DecisionLog::None), "");
     }
 
-    /// Key and partner ids are cloned into a request's note only when its decision may be
-    /// logged: by `log.decisions` and by the log's level.
+    /// Key and partner ids are cloned into a request's note only when decisions can be logged:
+    /// by `log.decisions` and by the log's level. With `"denied"`, an allowed request's are
+    /// kept too (the proxy may deny it after the decision).
     #[test]
-    fn notes_keep_ids_only_for_decisions_that_may_be_logged() {
+    fn notes_keep_ids_only_when_decisions_can_be_logged() {
         let key = HeaderValue::from_static("key_a");
         let partner = HeaderValue::from_static("partner_a");
         let kept = |level: tracing::Level, mode: DecisionLog| {
@@ -588,36 +579,21 @@ mod tests {
             tracing::subscriber::with_default(subscriber, || {
                 let t = Telemetry::new(10, mode);
                 let shard = t.shard(Front::Proxy);
-                let mut allowed = Record::new(&shard);
-                allowed.note.key(&key, Some(&partner));
-                allowed.note.allow();
-                let mut denied = Record::new(&shard);
-                denied
-                    .note
-                    .deny(&DenyReason::ScopeRequired("a:read".into()));
-                denied.note.key(&key, Some(&partner));
-                let ids = |r: &Record| (r.note.key_id.is_some(), r.note.partner_id.is_some());
-                let kept = (ids(&allowed), ids(&denied));
-                allowed.finish(200, "a");
-                denied.finish(403, "d");
+                let mut record = Record::new(&shard);
+                record.note.key(&key, Some(&partner));
+                let kept = (
+                    record.note.key_id.is_some(),
+                    record.note.partner_id.is_some(),
+                );
+                record.finish(200, "r");
                 kept
             })
         };
         let info = tracing::Level::INFO;
-        assert_eq!(kept(info, DecisionLog::All), ((true, true), (true, true)));
-        assert_eq!(
-            kept(info, DecisionLog::Denied),
-            ((false, false), (true, true))
-        );
-        assert_eq!(
-            kept(info, DecisionLog::None),
-            ((false, false), (false, false))
-        );
-        let warn = tracing::Level::WARN;
-        assert_eq!(
-            kept(warn, DecisionLog::All),
-            ((false, false), (false, false))
-        );
+        assert_eq!(kept(info, DecisionLog::All), (true, true));
+        assert_eq!(kept(info, DecisionLog::Denied), (true, true));
+        assert_eq!(kept(info, DecisionLog::None), (false, false));
+        assert_eq!(kept(tracing::Level::WARN, DecisionLog::All), (false, false));
     }
 
     fn ip(s: &str) -> IpAddr {

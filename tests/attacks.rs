@@ -819,6 +819,29 @@ async fn an_empty_path_goes_upstream_as_the_root() {
     f.gate.stop().await;
 }
 
+/// An HTTP/2 CONNECT with no `:authority` (h2 accepts one with no pseudo-header but its method)
+/// has no path at all, even under a route that lets any method through: it is refused as an
+/// invalid path, never decided or forwarded as `CONNECT /`.
+#[tokio::test]
+async fn an_h2_connect_without_authority_has_no_path_to_forward() {
+    use support::h2_frames::RawH2;
+    let f = fx("[[routes.rule]]\nroute = \"* /**\"\nscopes = []\n").await;
+    let mut h2 = RawH2::connect(f.gate.addr).await;
+    h2.get(1, "api.example", "/anything", &f.full).await;
+    assert!(h2.answered_200(1).await, "the route lets a GET through");
+    f.upstream.clear();
+    h2.headers(3, &[(":method", "CONNECT"), ("x-api-key", &f.full)], true)
+        .await;
+    assert!(
+        !h2.answered_200(3).await,
+        "a CONNECT without a path answered 200"
+    );
+    settle().await;
+    assert_eq!(f.upstream.count(), 0, "{:?}", f.upstream.seen());
+    drop(h2);
+    f.gate.stop().await;
+}
+
 #[tokio::test]
 async fn raw_fragment_and_control_bytes_are_invalid_path() {
     let f = fx("").await;

@@ -1557,3 +1557,82 @@ fn demo_on_a_busy_port_fails_naming_the_address() {
     assert!(err.contains(&addr), "the address is named: {err}");
     drop(busy);
 }
+
+/// With `log.decisions = "denied"`, a request the decision allowed but the proxy then denied
+/// (here the upstream refuses: 502) is logged with the key and partner it was decided for.
+#[tokio::test]
+async fn denied_decisions_are_logged_with_their_key_also_when_denied_after_the_decision() {
+    let snap = SnapshotDir::new();
+    let key = mint("sk_live_");
+    snap.write(
+        &Doc::new(1)
+            .partner("partner_acme", None, "active")
+            .key("key_a", &key, json!({})),
+    );
+    // Nothing listens on the upstream's port.
+    let (proxy, admin, upstream) = (free_port(), free_port(), free_port());
+    let config = snap.dir.path().join("keygate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "environment = \"live\"\n[snapshot]\npath = {:?}\n[proxy]\nlisten = \"127.0.0.1:{proxy}\"\nupstream = \"http://127.0.0.1:{upstream}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[log]\nlevel = \"info\"\nformat = \"json\"\ndecisions = \"denied\"\n",
+            snap.path().display().to_string(),
+        ),
+    )
+    .unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--config", s(&config)])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut running = Running(child);
+    let start = Instant::now();
+    loop {
+        if let Some(st) = running.0.try_wait().unwrap() {
+            panic!("serve exited before ready: {st:?}");
+        }
+        let ready = format!("http://127.0.0.1:{admin}/readyz");
+        if tokio::net::TcpStream::connect(("127.0.0.1", admin))
+            .await
+            .is_ok()
+            && get(&client(), &ready, &[]).await.status == 200
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = format!("http://127.0.0.1:{proxy}/v1/x");
+    let refused = get(&client(), &url, &[("x-api-key", &key)]).await;
+    assert_error(&refused, 502, "upstream_unavailable");
+    let keyless = get(&client(), &url, &[]).await;
+    assert_error(&keyless, 401, "authentication_required");
+    let status = running.terminate(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+
+    let mut err = String::new();
+    std::io::Read::read_to_string(running.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let events: Vec<serde_json::Value> = err
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["target"] == "keygate::decision")
+        .map(|e| e["fields"].clone())
+        .collect();
+    let by_code = |code: &str| {
+        events
+            .iter()
+            .find(|e| e["code"] == code)
+            .unwrap_or_else(|| panic!("no {code} event in {events:?}"))
+    };
+    let e = by_code("upstream_unavailable");
+    assert_eq!(
+        (&e["key_id"], &e["partner_id"]),
+        (&json!("key_a"), &json!("partner_acme"))
+    );
+    assert_eq!(e["status"], 502);
+    assert_eq!(by_code("authentication_required")["key_id"], "-");
+    assert_eq!(events.len(), 2, "{events:?}");
+}
