@@ -21,7 +21,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use http::StatusCode;
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
@@ -344,8 +344,11 @@ fn text(v: &http::HeaderValue) -> &str {
 }
 
 /// A buffer for a gRPC message of `len` bytes: the prefix (not compressed, the length) written.
-fn message_buffer(len: usize) -> BytesMut {
-    let mut buf = BytesMut::with_capacity(5 + len);
+/// A `Vec` rather than a `BytesMut`: a byte is pushed where `BytesMut` would check for room and
+/// copy a slice of one, and a `Vec` filled to exactly its capacity becomes `Bytes` without
+/// allocating.
+fn message_buffer(len: usize) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(5 + len);
     buf.put_u8(0);
     buf.put_u32(u32::try_from(len).expect("a CheckResponse is far below 4 GiB"));
     buf
@@ -450,7 +453,7 @@ impl Allowed<'_, '_> {
         w.delimited(4, metadata);
         self.write_metadata(w);
         debug_assert_eq!(buf.len(), 5 + len);
-        buf.freeze()
+        Bytes::from(buf)
     }
 
     /// `headers_to_remove`: credential headers (unless forwarded), and spoofed identity headers
@@ -624,7 +627,7 @@ fn denied(
     }
     w.string(3, &body);
     debug_assert_eq!(buf.len(), 5 + len);
-    buf.freeze()
+    Bytes::from(buf)
 }
 
 #[cfg(test)]
