@@ -1589,22 +1589,7 @@ async fn denied_decisions_are_logged_with_their_key_also_when_denied_after_the_d
         .spawn()
         .unwrap();
     let mut running = Running(child);
-    let start = Instant::now();
-    loop {
-        if let Some(st) = running.0.try_wait().unwrap() {
-            panic!("serve exited before ready: {st:?}");
-        }
-        let ready = format!("http://127.0.0.1:{admin}/readyz");
-        if tokio::net::TcpStream::connect(("127.0.0.1", admin))
-            .await
-            .is_ok()
-            && get(&client(), &ready, &[]).await.status == 200
-        {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "never ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    readyz_status(&mut running, admin, 200).await;
     let url = format!("http://127.0.0.1:{proxy}/v1/x");
     let refused = get(&client(), &url, &[("x-api-key", &key)]).await;
     assert_error(&refused, 502, "upstream_unavailable");
