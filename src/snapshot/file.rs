@@ -2,7 +2,10 @@
 //!
 //! Changes are seen through inotify on the file's *directory* (so an atomic rename over the file
 //! and a Kubernetes Secret's `..data` symlink swap both fire), with a stat-based poll as fallback
-//! and safety net. A reload is attempted only when the file's identity (inode, size, mtime) has
+//! and safety net. On Linux the inotify descriptor is read by the runtime itself, not by a
+//! watcher thread: a keygate serving with one worker is then a single-threaded process, whose
+//! socket calls the kernel and libc make without the reference counts and cancellation switches
+//! a second thread costs every call (BENCHMARKS.md §2). Elsewhere the `notify` crate watches. A reload is attempted only when the file's identity (inode, size, mtime) has
 //! changed; a document that does not parse — a half-written file, say — is rejected and the
 //! snapshot in force stays, and the next change is tried again.
 //!
@@ -16,7 +19,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use super::parse::{parse_reader, ReadError};
@@ -233,7 +235,7 @@ async fn watch(
     shutdown: impl Future<Output = ()>,
 ) {
     let (tx, mut rx) = mpsc::channel::<()>(1);
-    let _watcher = start_inotify(&settings.path, tx);
+    let _watcher = watch_directory(&settings.path, tx);
     let mut poll = tokio::time::interval(settings.poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -313,23 +315,111 @@ fn count_failure(store: &SnapshotStore, e: &LoadError) {
     });
 }
 
-/// inotify on the directory; `None` (polling only) when it cannot be set up.
-fn start_inotify(path: &Path, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
-    let dir: PathBuf = match path.parent() {
+/// The directory holding `path`, and the name `path` has in it.
+fn directory_and_name(path: &Path) -> (PathBuf, Option<std::ffi::OsString>) {
+    let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
     };
-    let name = path.file_name().map(|n| n.to_owned());
+    (dir, path.file_name().map(|n| n.to_owned()))
+}
+
+/// Whether a change to the directory entry `entry` can change what the snapshot's path
+/// resolves to: the file itself (written, or renamed over), or a `..`-named entry (a Kubernetes
+/// Secret's `..data` symlink swap). Other files in a busy directory must not wake the reloader.
+fn is_relevant(entry: &std::ffi::OsStr, name: Option<&std::ffi::OsStr>) -> bool {
+    Some(entry) == name || entry.as_encoded_bytes().starts_with(b"..")
+}
+
+/// Watches the directory while it lives (the watch ends when it is dropped).
+#[cfg(target_os = "linux")]
+struct DirectoryWatch(tokio::task::JoinHandle<()>);
+
+#[cfg(target_os = "linux")]
+impl Drop for DirectoryWatch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// inotify on the directory, read by a task on the runtime; `None` (polling only) when it
+/// cannot be set up.
+#[cfg(target_os = "linux")]
+fn watch_directory(path: &Path, tx: mpsc::Sender<()>) -> Option<DirectoryWatch> {
+    use inotify::{EventMask, Inotify, WatchMask};
+
+    let (dir, name) = directory_and_name(path);
+    let inotify = match Inotify::init() {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!(error = %e, "inotify unavailable; polling the snapshot file");
+            return None;
+        }
+    };
+    // What can replace, rewrite or remove an entry, and the directory's own end.
+    let mask = WatchMask::CLOSE_WRITE
+        | WatchMask::MODIFY
+        | WatchMask::ATTRIB
+        | WatchMask::CREATE
+        | WatchMask::DELETE
+        | WatchMask::MOVED_FROM
+        | WatchMask::MOVED_TO
+        | WatchMask::DELETE_SELF
+        | WatchMask::MOVE_SELF;
+    if let Err(e) = inotify.watches().add(&dir, mask) {
+        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the snapshot directory; polling");
+        return None;
+    }
+    // Read as the runtime finds the descriptor readable (inotify's stream, on tokio's reactor).
+    let mut events = match inotify.into_event_stream([0u8; 4096]) {
+        Ok(events) => events,
+        Err(e) => {
+            tracing::warn!(error = %e, "inotify not pollable; polling the snapshot file");
+            return None;
+        }
+    };
+    let task = tokio::spawn(async move {
+        use futures_util::StreamExt;
+        while let Some(event) = events.next().await {
+            let relevant = match event {
+                Ok(event) => {
+                    // A lost event queue, or the directory itself gone or moved: look again.
+                    let lost = EventMask::Q_OVERFLOW
+                        | EventMask::IGNORED
+                        | EventMask::DELETE_SELF
+                        | EventMask::MOVE_SELF;
+                    event.mask.intersects(lost)
+                        || event
+                            .name
+                            .is_some_and(|entry| is_relevant(&entry, name.as_deref()))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading inotify failed; polling the snapshot file");
+                    return;
+                }
+            };
+            // A full channel already means "look again": dropping the extra signal is fine.
+            if relevant && tx.try_send(()).is_err() && tx.is_closed() {
+                return;
+            }
+        }
+    });
+    Some(DirectoryWatch(task))
+}
+
+/// inotify (or the platform's watch) on the directory through `notify`, on a thread of its own;
+/// `None` (polling only) when it cannot be set up.
+#[cfg(not(target_os = "linux"))]
+fn watch_directory(path: &Path, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher};
+
+    let (dir, name) = directory_and_name(path);
     let handler = move |event: notify::Result<notify::Event>| {
-        // Only events that can change what the path resolves to: the file itself (written, or
-        // renamed over), or a `..`-named entry (a Kubernetes Secret's `..data` symlink swap).
-        // Other files in a busy directory must not wake the reloader.
         let relevant = event.is_ok_and(|e| {
             e.paths.is_empty()
                 || e.paths.iter().any(|p| {
-                    p.file_name().is_some_and(|n| {
-                        Some(n) == name.as_deref() || n.as_encoded_bytes().starts_with(b"..")
-                    })
+                    p.file_name()
+                        .is_some_and(|entry| is_relevant(entry, name.as_deref()))
                 })
         });
         if relevant {
@@ -340,7 +430,7 @@ fn start_inotify(path: &Path, tx: mpsc::Sender<()>) -> Option<notify::Recommende
     let mut watcher = match notify::recommended_watcher(handler) {
         Ok(w) => w,
         Err(e) => {
-            tracing::warn!(error = %e, "inotify unavailable; polling the snapshot file");
+            tracing::warn!(error = %e, "file watching unavailable; polling the snapshot file");
             return None;
         }
     };
@@ -355,6 +445,63 @@ fn start_inotify(path: &Path, tx: mpsc::Sender<()>) -> Option<notify::Recommende
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// The directory watch alone (no polling behind it): what changes the snapshot's path
+    /// signals, within a deadline; what happens to other files in the directory does not.
+    #[tokio::test]
+    async fn the_directory_watch_signals_changes_to_the_path_and_ignores_other_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        std::fs::write(&path, b"{}").unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        let watch = watch_directory(&path, tx).expect("inotify works here");
+        let within = Duration::from_secs(2);
+        let signalled = async |rx: &mut mpsc::Receiver<()>, what: &str| {
+            let got = tokio::time::timeout(within, rx.recv()).await;
+            assert!(
+                matches!(got, Ok(Some(()))),
+                "{what}: no signal within {within:?}"
+            );
+            // Let the rest of the burst arrive, then start from nothing.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            while rx.try_recv().is_ok() {}
+        };
+        let quiet = async |rx: &mut mpsc::Receiver<()>, what: &str| {
+            let got = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await;
+            assert!(got.is_err(), "{what}: signalled {got:?}");
+        };
+
+        // Another file written, created and removed: nothing.
+        std::fs::write(dir.path().join("other.log"), b"x").unwrap();
+        std::fs::remove_file(dir.path().join("other.log")).unwrap();
+        quiet(&mut rx, "another file").await;
+
+        // Written in place; replaced by a rename (how `keys` writes); removed; created again.
+        std::fs::write(&path, b"{\"revision\":2}").unwrap();
+        signalled(&mut rx, "written in place").await;
+        let next = dir.path().join(".keys.json.tmp");
+        std::fs::write(&next, b"{\"revision\":3}").unwrap();
+        quiet(&mut rx, "the new version written beside it").await;
+        std::fs::rename(&next, &path).unwrap();
+        signalled(&mut rx, "renamed over").await;
+        std::fs::remove_file(&path).unwrap();
+        signalled(&mut rx, "removed").await;
+        std::fs::write(&path, b"{}").unwrap();
+        signalled(&mut rx, "created").await;
+
+        // A Kubernetes Secret's update: a new `..data` symlink renamed over the old one.
+        let data = dir.path().join("..2026_12_04");
+        std::fs::create_dir(&data).unwrap();
+        std::os::unix::fs::symlink(&data, dir.path().join("..data_tmp")).unwrap();
+        signalled(&mut rx, "a `..` link made").await;
+        std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+        signalled(&mut rx, "the `..data` swap").await;
+
+        // The watch ends with its owner: the channel closes.
+        drop(watch);
+        let closed = tokio::time::timeout(within, rx.recv()).await;
+        assert!(matches!(closed, Ok(None)), "still watching: {closed:?}");
+    }
 
     #[test]
     fn a_file_written_in_place_while_read_is_refused() {
