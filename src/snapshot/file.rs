@@ -382,12 +382,17 @@ fn watch_directory(path: &Path, tx: mpsc::Sender<()>) -> Option<DirectoryWatch> 
         use futures_util::StreamExt;
         while let Some(event) = events.next().await {
             let relevant = match event {
+                // The watch is gone (the directory removed or unmounted): what a look finds is
+                // the last a watch says; polling goes on without one.
+                Ok(event) if event.mask.contains(EventMask::IGNORED) => {
+                    tracing::warn!(dir = %dir.display(), "the snapshot directory is no longer watched; polling");
+                    let _ = tx.try_send(());
+                    return;
+                }
                 Ok(event) => {
-                    // A lost event queue, or the directory itself gone or moved: look again.
-                    let lost = EventMask::Q_OVERFLOW
-                        | EventMask::IGNORED
-                        | EventMask::DELETE_SELF
-                        | EventMask::MOVE_SELF;
+                    // A lost event queue, or the directory itself moved or going: look again.
+                    let lost =
+                        EventMask::Q_OVERFLOW | EventMask::DELETE_SELF | EventMask::MOVE_SELF;
                     event.mask.intersects(lost)
                         || event
                             .name
@@ -448,6 +453,8 @@ mod tests {
 
     /// The directory watch alone (no polling behind it): what changes the snapshot's path
     /// signals, within a deadline; what happens to other files in the directory does not.
+    /// (Linux's watch; elsewhere the platform's, through notify, has its own timing.)
+    #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn the_directory_watch_signals_changes_to_the_path_and_ignores_other_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -501,6 +508,28 @@ mod tests {
         drop(watch);
         let closed = tokio::time::timeout(within, rx.recv()).await;
         assert!(matches!(closed, Ok(None)), "still watching: {closed:?}");
+    }
+
+    /// A watched directory removed: one last signal (the file is gone), then the watch ends and
+    /// polling carries on alone.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_removed_directory_ends_the_watch_after_a_last_signal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        std::fs::write(&path, b"{}").unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let _watch = watch_directory(&path, tx).expect("inotify works here");
+        std::fs::remove_dir_all(dir.path()).unwrap();
+        let within = Duration::from_secs(2);
+        let first = tokio::time::timeout(within, rx.recv()).await;
+        assert!(matches!(first, Ok(Some(()))), "no signal: {first:?}");
+        let ended =
+            tokio::time::timeout(within, async { while rx.recv().await.is_some() {} }).await;
+        assert!(
+            ended.is_ok(),
+            "the watch of a removed directory never ended"
+        );
     }
 
     #[test]
