@@ -63,7 +63,7 @@ impl<'a> RequestFacts<'a> {
 }
 
 /// The wall clock in Unix milliseconds: what fronts pass as `now` (the coarse clock of
-/// [`crate::clock`]: at most a scheduler tick behind).
+/// [`crate::clock`]: a scheduler tick behind).
 pub fn now_ms() -> i64 {
     crate::clock::wall_ms()
 }

@@ -169,17 +169,17 @@ pub fn normalize(path: &str, opts: PathOptions) -> Result<NormalizedPath, PathEr
     normalize_slow(path, opts)
 }
 
-/// [`normalize`] of `target`'s path (its query set aside): the same answer, but a path that
-/// is canonical already is shared with `target`, not copied.
-pub fn normalize_target(
-    target: &PathAndQuery,
-    opts: PathOptions,
-) -> Result<NormalizedPath, PathError> {
-    let path = target.path();
-    if path.starts_with('/') && is_already_canonical(path) {
-        return Ok(NormalizedPath::from_canonical(Form::Received(
-            target.clone(),
-        )));
+/// [`normalize`] of `uri`'s path: the same answer, but a path that is canonical already is
+/// shared with the URI's target, not copied. (Only where the target's path is the URI's: an
+/// HTTP/2 CONNECT without `:authority` has an empty target whose path reads "/" but no path.)
+pub fn normalize_uri(uri: &http::Uri, opts: PathOptions) -> Result<NormalizedPath, PathError> {
+    let path = uri.path();
+    if let Some(target) = uri.path_and_query() {
+        if target.path() == path && path.starts_with('/') && is_already_canonical(path) {
+            return Ok(NormalizedPath::from_canonical(Form::Received(
+                target.clone(),
+            )));
+        }
     }
     normalize(path, opts)
 }

@@ -38,7 +38,7 @@ use crate::headers::{
     FieldEdit, FieldLookup, Read, RequestFields,
 };
 use crate::listen::{until_goodbye, Activity, Tracked, Watched};
-use crate::path::{normalize, normalize_target};
+use crate::path::normalize_uri;
 use crate::request_id;
 use crate::server::{self, ClientBody};
 use crate::snapshot::SnapshotStore;
@@ -472,14 +472,7 @@ async fn answer(
         return deny(&DenyReason::BadRequest(why), &request_id, names, true);
     }
 
-    // The URI's path, shared with the target when it is canonical already. (Only where the
-    // two agree: an HTTP/2 CONNECT without `:authority` has an empty target whose path reads
-    // "/" but no path at all, which is refused.)
-    let uri = req.uri();
-    let normalized = match uri.path_and_query() {
-        Some(target) if target.path() == uri.path() => normalize_target(target, state.policy.path),
-        _ => normalize(uri.path(), state.policy.path),
-    };
+    let normalized = normalize_uri(req.uri(), state.policy.path);
     // Only a trusted proxy's X-Forwarded-For is read (and only then looked up).
     let trusted = &state.settings.trusted_proxies;
     let client = if trusted.is_empty() {

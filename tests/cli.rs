@@ -989,13 +989,7 @@ fn serve_refuses_a_broken_config_at_once_naming_the_key() {
 #[tokio::test]
 async fn serve_becomes_ready_and_exits_zero_on_sigterm() {
     let upstream = Upstream::start().await;
-    let snap = SnapshotDir::new();
-    let key = mint("sk_live_");
-    snap.write(
-        &Doc::new(1)
-            .partner("partner_acme", None, "active")
-            .key("key_a", &key, json!({})),
-    );
+    let (snap, key) = one_key_snapshot();
     let (proxy, admin) = (free_port(), free_port());
     let receiver = UsageReceiver::start().await;
     let config = snap.dir.path().join("keygate.toml");
@@ -1295,15 +1289,33 @@ fn serve_config(dir: &Path, snapshot: &Path, upstream: std::net::SocketAddr) -> 
 }
 
 fn spawn_serve(config: &str) -> Running {
+    spawn_serve_with(config, Stdio::null())
+}
+
+/// [`spawn_serve`] with the log going to `stderr` (`Stdio::piped()` to read it after exit).
+fn spawn_serve_with(config: &str, stderr: Stdio) -> Running {
     Running(
         Command::new(BIN)
             .args(["serve", "--config", config])
+            .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap(),
     )
+}
+
+/// A snapshot of one active key, `key_a` of `partner_acme`, and its secret.
+fn one_key_snapshot() -> (SnapshotDir, String) {
+    let snap = SnapshotDir::new();
+    let key = mint("sk_live_");
+    snap.write(
+        &Doc::new(1)
+            .partner("partner_acme", None, "active")
+            .key("key_a", &key, json!({})),
+    );
+    (snap, key)
 }
 
 /// Poll `/readyz` until it answers (any status) and return that status; panics after 10 s.
@@ -1428,13 +1440,7 @@ async fn serve_loads_a_snapshot_once_it_becomes_readable() {
 #[tokio::test]
 async fn serve_finishes_an_in_flight_request_on_sigterm() {
     let upstream = Upstream::start().await;
-    let snap = SnapshotDir::new();
-    let key = mint("sk_live_");
-    snap.write(
-        &Doc::new(1)
-            .partner("partner_acme", None, "active")
-            .key("key_a", &key, json!({})),
-    );
+    let (snap, key) = one_key_snapshot();
     let (config, proxy, admin) = serve_config(snap.dir.path(), &snap.path(), upstream.addr);
     let mut running = spawn_serve(&config);
     readyz_status(&mut running, admin, 200).await;
@@ -1456,13 +1462,7 @@ async fn serve_finishes_an_in_flight_request_on_sigterm() {
 #[tokio::test]
 async fn serve_drains_in_the_order_a_load_balancer_needs() {
     let upstream = Upstream::start().await;
-    let snap = SnapshotDir::new();
-    let key = mint("sk_live_");
-    snap.write(
-        &Doc::new(1)
-            .partner("partner_acme", None, "active")
-            .key("key_a", &key, json!({})),
-    );
+    let (snap, key) = one_key_snapshot();
     let (config, proxy, admin) = serve_config(snap.dir.path(), &snap.path(), upstream.addr);
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.push_str("[shutdown]\ndelay = \"1500ms\"\ndrain_timeout = \"10s\"\n");
@@ -1562,33 +1562,14 @@ fn demo_on_a_busy_port_fails_naming_the_address() {
 /// (here the upstream refuses: 502) is logged with the key and partner it was decided for.
 #[tokio::test]
 async fn denied_decisions_are_logged_with_their_key_also_when_denied_after_the_decision() {
-    let snap = SnapshotDir::new();
-    let key = mint("sk_live_");
-    snap.write(
-        &Doc::new(1)
-            .partner("partner_acme", None, "active")
-            .key("key_a", &key, json!({})),
-    );
+    let (snap, key) = one_key_snapshot();
     // Nothing listens on the upstream's port.
-    let (proxy, admin, upstream) = (free_port(), free_port(), free_port());
-    let config = snap.dir.path().join("keygate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "environment = \"live\"\n[snapshot]\npath = {:?}\n[proxy]\nlisten = \"127.0.0.1:{proxy}\"\nupstream = \"http://127.0.0.1:{upstream}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[log]\nlevel = \"info\"\nformat = \"json\"\ndecisions = \"denied\"\n",
-            snap.path().display().to_string(),
-        ),
-    )
-    .unwrap();
-    let child = Command::new(BIN)
-        .args(["serve", "--config", s(&config)])
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut running = Running(child);
+    let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (config, proxy, admin) = serve_config(snap.dir.path(), &snap.path(), upstream);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("[log]\nlevel = \"info\"\nformat = \"json\"\ndecisions = \"denied\"\n");
+    std::fs::write(&config, text).unwrap();
+    let mut running = spawn_serve_with(&config, Stdio::piped());
     readyz_status(&mut running, admin, 200).await;
     let url = format!("http://127.0.0.1:{proxy}/v1/x");
     let refused = get(&client(), &url, &[("x-api-key", &key)]).await;

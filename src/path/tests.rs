@@ -185,22 +185,25 @@ fn split_target_table() {
     }
 }
 
-/// The proxy normalizes its request target's path through `normalize_target`: every path of
-/// the tables, with and without a query, gets `normalize`'s answer, forms and all.
+/// The proxy normalizes its request URI's path through `normalize_uri`: every path of the
+/// tables, with and without a query, in origin and absolute form, gets `normalize`'s answer
+/// for the URI's path, forms and all.
 #[test]
-fn a_target_normalizes_as_its_path() {
+fn a_uri_normalizes_as_its_path() {
     let accepted = ACCEPTED.iter().map(|&(input, _, _)| input);
     let rejected = REJECTED.iter().map(|&(input, _)| input);
     let semicolons = WITH_SEMICOLONS.iter().map(|&(input, _)| input);
     for path in accepted.chain(rejected).chain(semicolons) {
-        for target in [path.to_owned(), format!("{path}?q=1&r=%2F..")] {
+        let query = format!("{path}?q=1&r=%2F..");
+        let absolute = format!("http://api.example{path}");
+        for target in [path.to_owned(), query, absolute] {
             // Not every table path is a target http accepts (a raw space, a `#`): those never
             // reach the proxy as one.
-            let Ok(parsed) = http::uri::PathAndQuery::try_from(target.as_str()) else {
+            let Ok(parsed) = http::Uri::try_from(target.as_str()) else {
                 continue;
             };
             for opts in [DEFAULT, SEMI] {
-                let got = normalize_target(&parsed, opts);
+                let got = normalize_uri(&parsed, opts);
                 let want = normalize(parsed.path(), opts);
                 assert_eq!(got, want, "{target:?}");
                 if let (Ok(got), Ok(want)) = (got, want) {
@@ -212,6 +215,19 @@ fn a_target_normalizes_as_its_path() {
             }
         }
     }
+}
+
+/// An HTTP/2 CONNECT without `:authority` reaches the proxy as a URI of no parts: its empty
+/// target's path reads "/", but the URI has no path, and none is made up for it.
+#[test]
+fn a_uri_without_a_path_is_not_given_one() {
+    let empty = http::Uri::from_parts(http::uri::Parts::default()).unwrap();
+    assert_eq!(empty.path(), "");
+    assert_eq!(empty.path_and_query().map(|t| t.path()), Some("/"));
+    assert_eq!(normalize_uri(&empty, DEFAULT), Err(PathError::NotAbsolute));
+    // Absolute form without a path: the URI's path is "/", as HTTP/1.1 reads it.
+    let bare = http::Uri::from_static("http://api.example?x=1");
+    assert_eq!(normalize_uri(&bare, DEFAULT).unwrap().as_str(), "/");
 }
 
 #[test]
@@ -336,10 +352,10 @@ proptest! {
     }
 
     #[test]
-    fn a_target_normalizes_as_its_path_too(input in path_like(), query in "[a-z=&%/.]{0,8}", semi in any::<bool>()) {
+    fn a_uri_normalizes_as_its_path_too(input in path_like(), query in "[a-z=&%/.]{0,8}", semi in any::<bool>()) {
         let opts = PathOptions { allow_semicolon: semi };
-        if let Ok(target) = http::uri::PathAndQuery::try_from(format!("{input}?{query}")) {
-            prop_assert_eq!(normalize_target(&target, opts), normalize(target.path(), opts));
+        if let Ok(uri) = http::Uri::try_from(format!("{input}?{query}")) {
+            prop_assert_eq!(normalize_uri(&uri, opts), normalize(uri.path(), opts));
         }
     }
 

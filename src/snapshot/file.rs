@@ -5,8 +5,8 @@
 //! and safety net. On Linux the inotify descriptor is read by the runtime itself, not by a
 //! watcher thread: a keygate serving with one worker is then a single-threaded process, whose
 //! socket calls the kernel and libc make without the reference counts and cancellation switches
-//! a second thread costs every call (BENCHMARKS.md §2). Elsewhere the `notify` crate watches. A reload is attempted only when the file's identity (inode, size, mtime) has
-//! changed; a document that does not parse — a half-written file, say — is rejected and the
+//! a second thread costs every call (BENCHMARKS.md §2). Elsewhere the `notify` crate watches.
+//! A reload is attempted only when the file's identity (inode, size, mtime) has changed; a document that does not parse — a half-written file, say — is rejected and the
 //! snapshot in force stays, and the next change is tried again.
 //!
 //! The file is parsed as it is read ([`parse_reader`]): a reload holds the snapshot in force,
@@ -451,17 +451,29 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    /// A snapshot file in a directory of its own, and the directory's watch with its signals.
+    #[cfg(target_os = "linux")]
+    fn watched() -> (
+        tempfile::TempDir,
+        PathBuf,
+        mpsc::Receiver<()>,
+        DirectoryWatch,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        std::fs::write(&path, b"{}").unwrap();
+        let (tx, rx) = mpsc::channel(1);
+        let watch = watch_directory(&path, tx).expect("inotify works here");
+        (dir, path, rx, watch)
+    }
+
     /// The directory watch alone (no polling behind it): what changes the snapshot's path
     /// signals, within a deadline; what happens to other files in the directory does not.
     /// (Linux's watch; elsewhere the platform's, through notify, has its own timing.)
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn the_directory_watch_signals_changes_to_the_path_and_ignores_other_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.json");
-        std::fs::write(&path, b"{}").unwrap();
-        let (tx, mut rx) = mpsc::channel(1);
-        let watch = watch_directory(&path, tx).expect("inotify works here");
+        let (dir, path, mut rx, watch) = watched();
         let within = Duration::from_secs(2);
         let signalled = async |rx: &mut mpsc::Receiver<()>, what: &str| {
             let got = tokio::time::timeout(within, rx.recv()).await;
@@ -515,11 +527,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn a_removed_directory_ends_the_watch_after_a_last_signal() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.json");
-        std::fs::write(&path, b"{}").unwrap();
-        let (tx, mut rx) = mpsc::channel(8);
-        let _watch = watch_directory(&path, tx).expect("inotify works here");
+        let (dir, _path, mut rx, _watch) = watched();
         std::fs::remove_dir_all(dir.path()).unwrap();
         let within = Duration::from_secs(2);
         let first = tokio::time::timeout(within, rx.recv()).await;
