@@ -116,38 +116,41 @@ pub async fn serve(
 
 /// Run `check`; should it panic, answer a denial rather than let the stream die, which Envoy
 /// would count as an authorization error (an allow under `failure_mode_allow`).
-async fn guarded(names: &HeaderNames, check: impl Future<Output = Bytes>) -> Bytes {
-    CatchUnwind(std::pin::pin!(check))
-        .await
-        .unwrap_or_else(|()| {
-            tracing::error!("ext_authz: a Check panicked; denied with snapshot_unavailable");
-            let id = request_id::mint();
-            denied(
-                &DenyReason::SnapshotUnavailable,
-                id.to_str().unwrap_or(""),
-                names,
-                None,
-            )
-        })
+fn guarded<F: Future<Output = Bytes>>(names: &HeaderNames, check: F) -> Guarded<'_, F> {
+    Guarded { check, names }
 }
 
-/// A future that turns a panic while polling `F` into `Err(())`.
-struct CatchUnwind<F>(F);
+pin_project_lite::pin_project! {
+    /// [`guarded`]'s future: `check` itself, not a copy of it in a future of its own (a Check's
+    /// future is a few KiB; each layer of `async fn` around it would hold it again).
+    struct Guarded<'n, F> {
+        #[pin]
+        check: F,
+        names: &'n HeaderNames,
+    }
+}
 
-impl<F: Future + Unpin> Future for CatchUnwind<F> {
-    type Output = Result<F::Output, ()>;
+impl<F: Future<Output = Bytes>> Future for Guarded<'_, F> {
+    type Output = Bytes;
 
     fn poll(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let inner = &mut self.0;
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            std::pin::Pin::new(inner).poll(cx)
-        })) {
-            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
-            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
-            Err(_) => std::task::Poll::Ready(Err(())),
+    ) -> std::task::Poll<Bytes> {
+        let this = self.project();
+        let check = this.check;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check.poll(cx))) {
+            Ok(answer) => answer,
+            Err(_) => {
+                tracing::error!("ext_authz: a Check panicked; denied with snapshot_unavailable");
+                let id = request_id::mint();
+                std::task::Poll::Ready(denied(
+                    &DenyReason::SnapshotUnavailable,
+                    id.to_str().unwrap_or(""),
+                    this.names,
+                    None,
+                ))
+            }
         }
     }
 }
@@ -191,22 +194,23 @@ impl<'a> Headers<'a, '_> {
 /// `CheckResponse`, always one.
 pub async fn check(state: &ExtAuthzState, message: &[u8]) -> Bytes {
     let mut record = Record::new(&state.shard);
-    let minted;
-    let (answer, status, request_id) = match wire::read(message) {
-        Ok(facts) => return decided(state, &facts, record).await,
+    let facts = match wire::read(message) {
+        Ok(facts) => facts,
         Err(wire::Malformed) => {
-            minted = request_id::mint();
+            let minted = request_id::mint();
             let id = minted.to_str().unwrap_or("");
             let reason = DenyReason::BadRequest("the CheckRequest could not be decoded");
             record.note.deny(&reason);
-            (denied(&reason, id, &state.names, None), reason.status(), id)
+            let answer = denied(&reason, id, &state.names, None);
+            record.finish(reason.status().as_u16(), id);
+            return answer;
         }
     };
-    record.finish(status.as_u16(), request_id);
-    answer
+    // The record by reference: an `async fn`'s argument is held twice in its future.
+    decided(state, &facts, &mut record).await
 }
 
-async fn decided(state: &ExtAuthzState, facts: &CheckFacts<'_>, mut record: Record<'_>) -> Bytes {
+async fn decided(state: &ExtAuthzState, facts: &CheckFacts<'_>, record: &mut Record<'_>) -> Bytes {
     let minted;
     let headers = Headers(&facts.headers);
     let names = &*state.names;
@@ -381,7 +385,23 @@ impl Set<'_> {
     }
 
     fn write<B: BufMut>(self, tag: u32, w: &mut Writer<'_, B>) {
-        w.delimited(tag, self.len());
+        let Set(name, value) = self;
+        let len = self.len();
+        if len < 0x80 && tag < 16 && !name.is_empty() {
+            // Every key and length is one byte (the usual header): the framing in a few writes.
+            let key = (tag << 3 | 2) as u8;
+            let header = self.header_len() as u8;
+            w.raw(&[key, len as u8, 0x0a, header, 0x0a, name.len() as u8]);
+            w.raw(name.as_bytes());
+            if !value.is_empty() {
+                w.raw(&[0x12, value.len() as u8]);
+                w.raw(value.as_bytes());
+            }
+            // append = 2: an empty `BoolValue`; append_action = 3: OVERWRITE_IF_EXISTS_OR_ADD.
+            w.raw(&[0x12, 0x00, 0x18, Self::OVERWRITE_IF_EXISTS_OR_ADD as u8]);
+            return;
+        }
+        w.delimited(tag, len);
         w.delimited(1, self.header_len());
         w.string(1, self.0);
         w.string(2, self.1);

@@ -406,7 +406,11 @@ impl Http2Front {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let builder = Arc::new(http2_builder(&self.limits));
+        let mut builder = http2_builder(&self.limits);
+        // gRPC does not read a `Date`; without it no answer reads the clock for one or spends
+        // HPACK's work on it.
+        builder.auto_date_header(false);
+        let builder = Arc::new(builder);
         let idle = self.limits.idle_timeout;
         let front = self.name;
         // True once the listener has stopped: every connection says goodbye (GOAWAY) and

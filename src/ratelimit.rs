@@ -198,7 +198,9 @@ impl RateLimits {
             .settings
             .quota(allow.key.rate_limit_per_minute(), &allow.environment.name)?;
         if let Some(redis) = &self.redis {
-            if let Some(outcome) = redis.check(allow.key.id(), quota).await {
+            // Boxed: the Redis exchange's future is ~700 bytes, which every request's future
+            // would otherwise carry (and copy) with the local backend too.
+            if let Some(outcome) = Box::pin(redis.check(allow.key.id(), quota)).await {
                 return Some(outcome);
             }
         }

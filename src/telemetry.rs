@@ -249,8 +249,11 @@ impl<'s> Record<'s> {
         }
     }
 
-    pub fn finish(mut self, status: u16, request_id: &str) {
-        self.finished = true;
+    /// Counts and logs the answer (once: a second call does nothing, nor does the drop).
+    pub fn finish(&mut self, status: u16, request_id: &str) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
         self.shard
             .answered(self.started, &self.note, status, request_id);
     }

@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::net::TcpListener;
@@ -31,6 +31,14 @@ use crate::listen::{Routed, Tracked};
 
 /// The one path served here; everything else goes to tonic.
 pub const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
+
+/// gRPC's header names, made once (a name spelled as a `&str` is parsed and checked at each
+/// use).
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+const GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
+const GRPC_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("grpc-accept-encoding");
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// gRPC status codes used here.
 const DEADLINE_EXCEEDED: u8 = 4;
@@ -85,9 +93,17 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let busy = self.others.busy();
         if req.uri().path() == CHECK {
+            // The head is looked at here, so that the boxed future holds only the body.
+            let (body, timeout) = match opened(req) {
+                Ok(opened) => opened,
+                Err(refused) => {
+                    let answer = refused.answer().map(|body| Tracked::new(body, busy));
+                    return Box::pin(std::future::ready(Ok(answer)));
+                }
+            };
             let state = self.state.clone();
             Box::pin(async move {
-                let answer = checked(&state, req).await;
+                let answer = checked(&state, body, timeout).await;
                 Ok(answer.map(|body| Tracked::new(body, busy)))
             })
         } else {
@@ -100,32 +116,70 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
 #[derive(Debug, PartialEq, Eq)]
 struct Failure(u8, &'static str);
 
-/// Answer one call of Check.
-async fn checked(state: &ExtAuthzState, req: Request<Incoming>) -> Response<Reply> {
-    let (parts, mut body) = req.into_parts();
-    if parts.method != Method::POST {
-        let mut answer = failure(Failure(UNIMPLEMENTED, "gRPC calls are POST requests"));
-        *answer.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-        return answer;
-    }
-    if !is_grpc(parts.headers.get(http::header::CONTENT_TYPE)) {
-        let mut answer = failure(Failure(INTERNAL, "invalid gRPC request content-type"));
-        *answer.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
-        return answer;
-    }
-    if let Some(encoding) = parts.headers.get("grpc-encoding") {
-        if encoding != "identity" {
-            let mut answer = failure(Failure(
-                UNIMPLEMENTED,
-                "compressed messages are not accepted (grpc-accept-encoding: identity)",
-            ));
+/// Why a call of Check is refused before its body is read.
+#[derive(Debug, Clone, Copy)]
+enum Refused {
+    NotPost,
+    NotGrpc,
+    Compressed,
+}
+
+impl Refused {
+    fn answer(self) -> Response<Reply> {
+        let (why, status) = match self {
+            Refused::NotPost => (
+                Failure(UNIMPLEMENTED, "gRPC calls are POST requests"),
+                StatusCode::METHOD_NOT_ALLOWED,
+            ),
+            Refused::NotGrpc => (
+                Failure(INTERNAL, "invalid gRPC request content-type"),
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ),
+            Refused::Compressed => (
+                Failure(
+                    UNIMPLEMENTED,
+                    "compressed messages are not accepted (grpc-accept-encoding: identity)",
+                ),
+                StatusCode::OK,
+            ),
+        };
+        let mut answer = failure(why);
+        *answer.status_mut() = status;
+        if let Refused::Compressed = self {
             answer
                 .headers_mut()
-                .insert("grpc-accept-encoding", HeaderValue::from_static("identity"));
-            return answer;
+                .insert(GRPC_ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         }
+        answer
     }
-    let timeout = parts.headers.get("grpc-timeout").and_then(grpc_timeout);
+}
+
+/// A call of Check's head: its body and `grpc-timeout`, or why it is refused.
+fn opened(req: Request<Incoming>) -> Result<(Incoming, Option<Duration>), Refused> {
+    let (parts, body) = req.into_parts();
+    if parts.method != Method::POST {
+        return Err(Refused::NotPost);
+    }
+    if !is_grpc(parts.headers.get(http::header::CONTENT_TYPE)) {
+        return Err(Refused::NotGrpc);
+    }
+    if parts
+        .headers
+        .get(GRPC_ENCODING)
+        .is_some_and(|encoding| encoding != "identity")
+    {
+        return Err(Refused::Compressed);
+    }
+    let timeout = parts.headers.get(GRPC_TIMEOUT).and_then(grpc_timeout);
+    Ok((body, timeout))
+}
+
+/// Answer one call of Check whose head was [`opened`].
+async fn checked(
+    state: &ExtAuthzState,
+    mut body: Incoming,
+    timeout: Option<Duration>,
+) -> Response<Reply> {
     let work = async {
         let message = read_message(&mut body).await?;
         Ok::<_, Failure>(guarded(&state.names, check(state, &message[5..])).await)
@@ -260,9 +314,9 @@ fn failure(Failure(code, message): Failure) -> Response<Reply> {
     let mut answer = Response::new(Reply::Empty);
     let h = answer.headers_mut();
     h.insert(http::header::CONTENT_TYPE, grpc_content_type());
-    h.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    h.insert(GRPC_STATUS, HeaderValue::from(u16::from(code)));
     // The messages here are plain ASCII without `%`: nothing to percent-encode.
-    h.insert("grpc-message", HeaderValue::from_static(message));
+    h.insert(GRPC_MESSAGE, HeaderValue::from_static(message));
     answer
 }
 
@@ -338,7 +392,7 @@ impl Body for Reply {
                 }
                 if std::mem::take(trailers) {
                     let mut t = HeaderMap::with_capacity(1);
-                    t.insert("grpc-status", HeaderValue::from_static("0"));
+                    t.insert(GRPC_STATUS, HeaderValue::from_static("0"));
                     return Poll::Ready(Some(Ok(Frame::trailers(t))));
                 }
                 Poll::Ready(None)

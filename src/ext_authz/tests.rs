@@ -492,6 +492,34 @@ fn set(key: &str, value: &str) -> HeaderValueOption {
     }
 }
 
+/// A header mutation written by [`Set::write`] is the `HeaderValueOption` prost writes, on the
+/// one-byte-lengths path and the general one (long values, an empty value, a field number over
+/// 15), at the boundary between them too.
+#[test]
+fn a_header_mutation_is_what_prost_encodes() {
+    let long = "s".repeat(300);
+    let at_boundary = "v".repeat(127 - 10 - "x-scopes".len()); // Set::len() = 127
+    let past_boundary = format!("{at_boundary}w");
+    let cases = [
+        ("x-partner-id", "partner_acme"),
+        ("x-scopes", ""),
+        ("x-scopes", at_boundary.as_str()),
+        ("x-scopes", past_boundary.as_str()),
+        ("x-scopes", long.as_str()),
+    ];
+    assert_eq!(Set("x-scopes", &at_boundary).len(), 127);
+    for tag in [2, 6, 16] {
+        for (name, value) in cases {
+            let mut buf = Vec::new();
+            Set(name, value).write(tag, &mut Writer(&mut buf));
+            let mut want = Vec::new();
+            prost::encoding::message::encode(tag, &set(name, value), &mut want);
+            assert_eq!(buf, want, "tag {tag}, {name}: {} bytes", value.len());
+            assert_eq!(buf.len(), Set(name, value).field_len(tag));
+        }
+    }
+}
+
 /// The allow as prost would build it, field for field: identity headers, headers to remove
 /// (credentials, then spoofed identity headers keygate does not overwrite, any case), the
 /// request id on the response, and the metadata `Struct` (org null for a partner without one).

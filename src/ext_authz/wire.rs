@@ -277,6 +277,7 @@ pub struct Writer<'b, B: BufMut>(pub &'b mut B);
 
 impl<B: BufMut> Writer<'_, B> {
     /// A varint; most here (keys of small field numbers, short lengths) are one byte.
+    #[inline]
     fn put_varint(&mut self, v: u64) {
         if v < 0x80 {
             self.0.put_u8(v as u8);
@@ -305,6 +306,11 @@ impl<B: BufMut> Writer<'_, B> {
     /// A length-delimited field that is always written (a oneof member, a repeated element).
     pub fn bytes(&mut self, tag: u32, b: &[u8]) {
         self.delimited(tag, b.len());
+        self.0.put_slice(b);
+    }
+
+    /// Bytes already encoded.
+    pub fn raw(&mut self, b: &[u8]) {
         self.0.put_slice(b);
     }
 
