@@ -11,6 +11,10 @@
 #   cargo build --release --bin keygate && cargo build --release --example ext_authz_load && RUNS=5 bash bench/ext_authz_runs.sh
 #
 # Other variables pass through to bench/ext_authz.sh (PACED, FLOOR, CLIENTS, STREAMS, ...).
+#
+# PROXY=1 also runs the proxy after each run (`CONTENDERS=keygate bash bench/load.sh`, the same
+# KEYGATE) and sets the CPU per Check at peak beside the proxy's CPU per request of the same
+# minutes: the goal "a Check costs at most half a proxied request", counted run by run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${RUNS:-5}"
@@ -24,6 +28,16 @@ outs=()
 for i in $(seq 1 "$RUNS"); do
     out=$(bash bench/ext_authz.sh 2>&1) || { echo "$out" >&2; exit 1; }
     echo "$out" | grep -q '^paced client: ' || { echo "run $i: no paced run (build examples/ext_authz_load)" >&2; echo "$out" >&2; exit 1; }
+    if [[ -n "${PROXY:-}" ]]; then
+        proxy=$(CONTENDERS=keygate bash bench/load.sh 2>&1) || { echo "$proxy" >&2; exit 1; }
+        report=$(echo "$proxy" | sed -n 's/.*report written to \(.*\)$/\1/p' | tail -1)
+        [[ -f "$report" ]] || { echo "run $i: no proxy report" >&2; echo "$proxy" >&2; exit 1; }
+        # | keygate | req/s | p50 | p99 | CPU µs/req (core N% busy) | ...
+        cpu=$(sed -n 's/^| keygate | [^|]*| [^|]*| [^|]*| \([0-9.]*\) .*/\1/p' "$report" | head -1)
+        [[ -n "$cpu" ]] || { echo "run $i: no keygate row in $report" >&2; exit 1; }
+        out="$out
+proxy cpu: $cpu"
+    fi
     outs+=("$out")
     echo "run $i/$RUNS done" >&2
 done
@@ -34,6 +48,7 @@ import statistics, sys
 paced_at = float(sys.argv[1])
 
 rows = []
+ratios = []
 for out in sys.argv[2:]:
     peak = next(l for l in out.splitlines() if l.startswith("| peak |"))
     cells = [c.strip() for c in peak.strip().strip("|").split("|")]
@@ -42,6 +57,9 @@ for out in sys.argv[2:]:
     # paced client: rate <asked> <achieved> ok <n> failed <n> p50 <ms> p90 <ms> p99 <ms> p99.9 <ms> max <ms> late-p99 <ms>
     f = dict(zip(paced[5::2], paced[6::2]))
     rows.append((rate, cpu, float(f["p99"]), float(f["late-p99"])))
+    proxy = [l for l in out.splitlines() if l.startswith("proxy cpu: ")]
+    if proxy:
+        ratios.append((cpu, float(proxy[0].split()[-1])))
 
 print(f"| run | peak Checks/s | CPU µs/Check at peak | paced p99 at {paced_at:g} × peak | client's own lateness p99 |")
 print("|---|---:|---:|---:|---:|")
@@ -55,4 +73,14 @@ print()
 print(f"paced p99 at {paced_at:g} × peak under 1 ms in {under} of {n} runs (median {statistics.median(r[2] for r in rows):.2f} ms); "
       f"CPU per Check at peak median {statistics.median(r[1] for r in rows):.2f} µs."
       + (f" {late} run(s) with the client itself late: rerun on a quiet machine." if late else ""))
+if ratios:
+    print()
+    print("| run | CPU µs/Check at peak | proxy CPU µs/request | Check / proxied request |")
+    print("|---|---:|---:|---:|")
+    for i, (check, proxy) in enumerate(ratios, 1):
+        print(f"| {i} | {check:.2f} | {proxy:.2f} | {check / proxy:.2f}× |")
+    r = [c / p for c, p in ratios]
+    print()
+    print(f"a Check at most half a proxied request in {sum(x <= 0.5 for x in r)} of {len(r)} runs "
+          f"(median {statistics.median(r):.2f}×).")
 PY

@@ -8,7 +8,7 @@
 //! what `failure_mode_allow` turns into an allow. Only a call that is not a well-framed gRPC
 //! call at all (see [`grpc`]) gets one, since no `CheckResponse` can answer it.
 //!
-//! Check is served below tonic ([`grpc`]: hyper's HTTP/2 and the gRPC framing by hand), and the
+//! Check is served below tonic ([`grpc`]: h2's HTTP/2 and the gRPC framing by hand), and the
 //! messages are read and written without prost's owned types ([`wire`]): with tonic, the gRPC
 //! stack alone cost more than the whole budget of a Check. Health (and any other path) goes to
 //! tonic's routes.
@@ -143,16 +143,22 @@ impl<F: Future<Output = Bytes>> Future for Guarded<'_, F> {
             Ok(answer) => answer,
             Err(_) => {
                 tracing::error!("ext_authz: a Check panicked; denied with snapshot_unavailable");
-                let id = request_id::mint();
-                std::task::Poll::Ready(denied(
-                    &DenyReason::SnapshotUnavailable,
-                    id.to_str().unwrap_or(""),
-                    this.names,
-                    None,
-                ))
+                std::task::Poll::Ready(fault_denial(this.names))
             }
         }
     }
+}
+
+/// The answer to a Check that could not be decided (a fault): a denial, `snapshot_unavailable`
+/// (fail closed: never a gRPC error, which `failure_mode_allow` would turn into an allow).
+fn fault_denial(names: &HeaderNames) -> Bytes {
+    let id = request_id::mint();
+    denied(
+        &DenyReason::SnapshotUnavailable,
+        id.to_str().unwrap_or(""),
+        names,
+        None,
+    )
 }
 
 /// The request's headers as Envoy sends them: the `headers` map (lower-case names, repeated

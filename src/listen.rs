@@ -147,7 +147,8 @@ impl Busy {
         }
     }
 
-    fn frame_sent(&self) {
+    /// A frame of the answer went out (use of the connection while the request is in flight).
+    pub fn frame_sent(&self) {
         self.activity.frames.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -386,18 +387,63 @@ pub struct Http2Front {
 /// A client has this long to complete its TLS handshake.
 const HANDSHAKE: Duration = Duration::from_secs(10);
 
+/// What serves one connection of an [`Http2Front`], once accepted (and its TLS handshake done):
+/// until it closes, saying goodbye (GOAWAY) once `stopping` turns true or the connection has
+/// been unused too long ([`until_goodbye`]).
+pub trait Http2Serve: Send + Sync + 'static {
+    fn serve<I>(
+        &self,
+        io: I,
+        activity: Arc<Activity>,
+        peer: SocketAddr,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+}
+
+/// [`Http2Serve`] with hyper's HTTP/2 server and the service `make(activity, peer)` makes for
+/// each connection.
+pub struct HyperHttp2<F> {
+    builder: Http2,
+    make: F,
+}
+
+impl<F, S, B> Http2Serve for HyperHttp2<F>
+where
+    F: Fn(Arc<Activity>, SocketAddr) -> S + Send + Sync + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = B> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn serve<I>(
+        &self,
+        io: I,
+        activity: Arc<Activity>,
+        peer: SocketAddr,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let conn = http2(&self.builder, io, (self.make)(activity.clone(), peer));
+        async move {
+            let _ = until_goodbye(conn, |c| c.graceful_shutdown(), &activity, stopping).await;
+        }
+    }
+}
+
 impl Http2Front {
-    /// Serve connections from `listener` until `shutdown` resolves, each with the service
-    /// `service(activity, peer)` makes for it: counted against `limits.max_connections`, TLS
-    /// when configured, first request due within [`FIRST_REQUEST`] of the accept (a handshake
-    /// included), told goodbye (GOAWAY) and then closed when unused ([`Watched`],
-    /// [`until_goodbye`]). Then every connection says goodbye and finishes its streams in flight
-    /// within `drain`.
+    /// Serve connections from `listener` until `shutdown` resolves, each with hyper's HTTP/2
+    /// server and the service `service(activity, peer)` makes for it (see [`Self::serve_with`]).
     pub async fn serve<S, B>(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
-        service: impl Fn(Arc<Activity>, SocketAddr) -> S,
+        service: impl Fn(Arc<Activity>, SocketAddr) -> S + Send + Sync + 'static,
     ) where
         S: hyper::service::HttpService<Incoming, ResBody = B> + Send + 'static,
         S::Future: Send + 'static,
@@ -410,7 +456,25 @@ impl Http2Front {
         // gRPC does not read a `Date`; without it no answer reads the clock for one or spends
         // HPACK's work on it.
         builder.auto_date_header(false);
-        let builder = Arc::new(builder);
+        let serving = HyperHttp2 {
+            builder,
+            make: service,
+        };
+        self.serve_with(listener, shutdown, serving).await;
+    }
+
+    /// Serve connections from `listener` until `shutdown` resolves, each served by `serving`:
+    /// counted against `limits.max_connections`, TLS when configured, first request due within
+    /// [`FIRST_REQUEST`] of the accept (a handshake included), told goodbye (GOAWAY) and then
+    /// closed when unused ([`Watched`], [`until_goodbye`]). Then every connection says goodbye
+    /// and finishes its streams in flight within `drain`.
+    pub async fn serve_with(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+        serving: impl Http2Serve,
+    ) {
+        let serving = Arc::new(serving);
         let idle = self.limits.idle_timeout;
         let front = self.name;
         // True once the listener has stopped: every connection says goodbye (GOAWAY) and
@@ -422,22 +486,12 @@ impl Http2Front {
         {
             let activity = Activity::new();
             let stream = Watched::new(stream, activity.clone(), FIRST_REQUEST, idle);
-            let service = service(activity.clone(), peer);
-            let (stopping, builder, tls) = (stopping.clone(), builder.clone(), self.tls.clone());
+            let (stopping, serving, tls) = (stopping.clone(), serving.clone(), self.tls.clone());
             tokio::spawn(crate::clock::PerPoll::new(async move {
                 match tls {
-                    None => {
-                        let conn = http2(&builder, stream, service);
-                        let _ = until_goodbye(conn, |c| c.graceful_shutdown(), &activity, stopping)
-                            .await;
-                    }
+                    None => serving.serve(stream, activity, peer, stopping).await,
                     Some(tls) => match tls.accept(stream, HANDSHAKE).await {
-                        Ok(stream) => {
-                            let conn = http2(&builder, stream, service);
-                            let _ =
-                                until_goodbye(conn, |c| c.graceful_shutdown(), &activity, stopping)
-                                    .await;
-                        }
+                        Ok(stream) => serving.serve(stream, activity, peer, stopping).await,
                         Err(e) => {
                             tracing::debug!(error = %e, %peer, front, "TLS handshake failed");
                         }
@@ -481,21 +535,22 @@ impl Routed {
     }
 
     /// Answer `req` with the routes, in flight as `busy`, the answer's body made into `R`.
-    pub fn answer<R>(
+    pub fn answer<Q, R>(
         &self,
-        mut req: http::Request<Incoming>,
+        mut req: http::Request<Q>,
         busy: Busy,
         body: impl FnOnce(tonic::body::Body) -> R + Send + 'static,
-    ) -> impl Future<Output = Result<http::Response<Tracked<R>>, Infallible>> + Send + 'static {
+    ) -> impl Future<Output = Result<http::Response<Tracked<R>>, Infallible>> + Send + 'static
+    where
+        Q: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+        Q::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         req.extensions_mut().insert(ClientAddr(self.peer));
         let mut routes = self.routes.clone();
         async move {
             type Tonic = tonic::service::Routes;
             std::future::poll_fn(|cx| {
-                <Tonic as tower_service::Service<http::Request<Incoming>>>::poll_ready(
-                    &mut routes,
-                    cx,
-                )
+                <Tonic as tower_service::Service<http::Request<Q>>>::poll_ready(&mut routes, cx)
             })
             .await?;
             let answer = tower_service::Service::call(&mut routes, req).await?;
@@ -524,6 +579,12 @@ impl hyper::service::Service<http::Request<Incoming>> for Routed {
 /// about 500 bytes) cost one `writev` per Check, where tonic's small answers were batched ten
 /// to a write. Below 1 KiB, a copy costs far less than a system call.
 pub struct Unvectored<S>(S);
+
+impl<S> Unvectored<S> {
+    pub fn new(io: S) -> Self {
+        Unvectored(io)
+    }
+}
 
 impl<S: AsyncRead + Unpin> AsyncRead for Unvectored<S> {
     fn poll_read(

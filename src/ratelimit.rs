@@ -192,6 +192,11 @@ impl RateLimits {
         }
     }
 
+    /// Whether a check may wait (on Redis); with the local backend alone it never does.
+    pub fn waits(&self) -> bool {
+        self.redis.is_some()
+    }
+
     /// Check 12 for an allowed request: `None` when the key has no limit.
     pub async fn check(&self, allow: &crate::decision::Allow<'_>) -> Option<Outcome> {
         let quota = self

@@ -459,3 +459,136 @@ async fn health_and_unknown_methods_are_tonics() {
     drop(watch);
     gate.stop().await;
 }
+
+/// Start a Check: its head and `first` (a piece of the message), the stream left open.
+async fn begin_check(
+    send: &h2::client::SendRequest<Bytes>,
+    first: &[u8],
+    end: bool,
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let req = http::Request::post(format!("http://keygate{CHECK}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut ready = send.clone().ready().await.unwrap();
+    let (response, mut stream) = ready.send_request(req, false).unwrap();
+    stream
+        .send_data(Bytes::copy_from_slice(first), end)
+        .unwrap();
+    (response, stream)
+}
+
+/// The answer to a Check begun with [`begin_check`]: its `CheckResponse` once `grpc-status: 0`.
+async fn check_answer(response: h2::client::ResponseFuture) -> CheckResponse {
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("answered within 5 s")
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut message = Vec::new();
+    while let Some(data) = body.data().await {
+        message.extend_from_slice(&data.unwrap());
+    }
+    let trailers = body.trailers().await.unwrap().unwrap();
+    assert_eq!(trailers["grpc-status"], "0");
+    CheckResponse::decode(&message[5..]).unwrap()
+}
+
+/// A Check whose message is still arriving when keygate has read all there was is answered once
+/// the rest comes (in a task of its own, not in the connection's turn); one whose client gives up
+/// on it (RST_STREAM) half-way is dropped, and the connection serves on.
+#[tokio::test]
+async fn a_check_arriving_in_pieces_over_time_and_one_reset_half_way() {
+    let (gate, _snap, key, addr, _up) = start().await;
+    let send = connect(addr).await;
+    let whole = framed(0, &check_request(&key));
+    let (head, rest) = whole.split_at(9);
+
+    let (response, mut stream) = begin_check(&send, head, false).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    stream
+        .send_data(Bytes::copy_from_slice(rest), true)
+        .unwrap();
+    let r = check_answer(response).await;
+    assert!(
+        matches!(r.http_response, Some(HttpResponse::OkResponse(_))),
+        "{r:?}"
+    );
+
+    let (response, mut stream) = begin_check(&send, head, false).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    stream.send_reset(h2::Reason::CANCEL);
+    assert!(response.await.is_err());
+
+    let (response, _stream) = begin_check(&send, &whole, true).await;
+    let r = check_answer(response).await;
+    assert!(
+        matches!(r.http_response, Some(HttpResponse::OkResponse(_))),
+        "{r:?}"
+    );
+    gate.stop().await;
+}
+
+/// With rate limits on Redis, a Check waits for Redis in a task of its own; when Envoy gives up on
+/// it (RST_STREAM, its timeout passed), the Check is dropped at once, not held until
+/// `redis.timeout`: h2 stops counting a reset stream against `max_concurrent_streams`, so a task
+/// left running for it would let a client pile up waiting Checks without limit. The request is
+/// counted (as a client that left: status 499 in the decision log) the moment it is dropped.
+#[tokio::test]
+async fn a_check_waiting_on_redis_is_dropped_when_its_client_resets_it() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let key = mint("sk_live_");
+    snap.write(&Doc::new(1).partner("partner_acme", None, "active").key(
+        "key_ok",
+        &key,
+        json!({"rate_limit_per_minute": 1_000_000}),
+    ));
+    let extra = format!(
+        "[ext_authz]\nlisten = \"127.0.0.1:0\"\n[rate_limit]\nbackend = \"redis\"\n[redis]\nurl = \"{}\"\ntimeout = \"30s\"\n",
+        redis.url()
+    );
+    let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, &extra)).await;
+    let addr = gate.app.as_ref().unwrap().ext_authz_addr.unwrap();
+    let send = connect(addr).await;
+    let whole = framed(0, &check_request(&key));
+
+    // Redis connects in the background: Check until it has decided one.
+    let answered = || {
+        let stats = &gate.app().limits.redis.as_ref().unwrap().stats;
+        stats.answered.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let start = std::time::Instant::now();
+    while answered() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "Redis never decided"
+        );
+        let (response, _stream) = begin_check(&send, &whole, true).await;
+        check_answer(response).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let counted = "keygate_requests_total{front=\"ext_authz\",code=\"allowed\"}";
+    let before = gate.metric(counted).await.unwrap();
+    redis.pause();
+    let (response, mut stream) = begin_check(&send, &whole, true).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(gate.metric(counted).await, Some(before), "waits on Redis");
+    stream.send_reset(h2::Reason::CANCEL);
+    drop(response);
+    let reset = std::time::Instant::now();
+    while gate.metric(counted).await != Some(before + 1.0) {
+        assert!(
+            // Redis's own response timeout (2 s, whatever redis.timeout says) is far off.
+            reset.elapsed() < Duration::from_secs(1),
+            "the reset Check is still waiting on Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    redis.resume();
+    gate.stop().await;
+}

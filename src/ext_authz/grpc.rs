@@ -1,5 +1,10 @@
-//! The ext_authz listener: hyper's HTTP/2 server, with `Authorization/Check` answered here and
-//! every other path (`grpc.health.v1.Health`, unknown methods) handed to tonic's routes.
+//! The ext_authz listener: HTTP/2 served with the `h2` crate itself, `Authorization/Check`
+//! answered here and every other path (`grpc.health.v1.Health`, unknown methods) handed to
+//! tonic's routes. A Check whose request has arrived whole is answered in the connection's own
+//! task, where it was accepted ([`Connection`]); the streams accepted together are answered
+//! together and their answers written in one go. hyper's server did the same work with a task,
+//! a boxed future and its own request and response types per stream: a fifth of a Check's
+//! instructions.
 //!
 //! A Check is a unary gRPC call, framed by hand: one message (a 0 byte, a 4-byte big-endian
 //! length, the `CheckRequest`) in the request body, and the answer's message followed by
@@ -13,21 +18,22 @@
 //! against `limits.max_connections`, told goodbye (GOAWAY) and then closed when unused, drained
 //! on shutdown, TLS when configured.
 
-use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
-use super::{check, guarded, ExtAuthzState, MAX_CHECK_BYTES};
-use crate::listen::{Routed, Tracked};
+use super::{check, fault_denial, guarded, ExtAuthzState, MAX_CHECK_BYTES};
+use crate::listen::{until_goodbye, Activity, Busy, Http2Serve, Routed, Tracked, Unvectored};
 
 /// The one path served here; everything else goes to tonic.
 pub const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
@@ -62,53 +68,474 @@ pub async fn serve(
         drain,
     };
     front
-        .serve(listener, shutdown, |activity, peer| {
-            Connection::new(state.clone(), Routed::new(others.clone(), activity, peer))
-        })
+        .serve_with(listener, shutdown, Serving { state, others })
         .await;
 }
 
-/// One connection's service: each request is in flight on the connection's [`Activity`] until
-/// its answer has been sent (a health Watch stream included).
-#[derive(Clone)]
-pub(super) struct Connection {
+/// Serves each connection with [`Connection`].
+struct Serving {
     state: Arc<ExtAuthzState>,
-    /// Health and unknown methods.
-    others: Routed,
+    others: tonic::service::Routes,
 }
 
-impl Connection {
-    pub(super) fn new(state: Arc<ExtAuthzState>, others: Routed) -> Self {
-        Connection { state, others }
+impl Http2Serve for Serving {
+    fn serve<I>(
+        &self,
+        io: I,
+        activity: Arc<Activity>,
+        peer: SocketAddr,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let others = Routed::new(self.others.clone(), activity.clone(), peer);
+        let conn = Connection::new(io, self.state.clone(), others);
+        async move {
+            let _ = until_goodbye(conn, Connection::graceful_shutdown, &activity, stopping).await;
+        }
     }
 }
 
-type Answer = Response<Tracked<Reply>>;
+/// hyper's defaults for its HTTP/2 server, which served this front before (and serves the
+/// others): 1 MiB windows, 16 KiB of header list, 400 KiB of send buffer per stream.
+const WINDOW: u32 = 1024 * 1024;
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+const MAX_SEND_BUFFER: usize = 400 * 1024;
 
-impl hyper::service::Service<Request<Incoming>> for Connection {
-    type Response = Answer;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Answer, Infallible>> + Send>>;
+pin_project_lite::pin_project! {
+    /// One connection's HTTP/2, served with h2 itself rather than hyper's server: a Check whose
+    /// request has arrived whole is answered right where it is accepted, in the connection's own
+    /// task, without a task, a boxed future and hyper's conversions of its own. Checks accepted
+    /// together are answered together, then written in one go. Every other stream (health, an
+    /// unknown method, a Check still arriving or waiting on Redis) runs in a task of its own,
+    /// as hyper would run it.
+    pub(super) struct Connection<I> {
+        state: Arc<ExtAuthzState>,
+        others: Routed,
+        phase: Phase<I>,
+        // Streams accepted since the connection last had nothing to read: answered together.
+        accepted: Vec<(Request<h2::RecvStream>, h2::server::SendResponse<Bytes>)>,
+        // Say goodbye once the handshake is done.
+        goodbye: bool,
+        // Streams accepted so far: a connection that accepts none for a keep-alive interval is
+        // idle, and gets a PING.
+        streams: u64,
+        keep_alive: Option<KeepAlive>,
+    }
+}
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let busy = self.others.busy();
-        if req.uri().path() == CHECK {
-            // The head is looked at here, so that the boxed future holds only the body.
-            let (body, timeout) = match opened(req) {
-                Ok(opened) => opened,
-                Err(refused) => {
-                    let answer = refused.answer().map(|body| Tracked::new(body, busy));
-                    return Box::pin(std::future::ready(Ok(answer)));
-                }
-            };
-            let state = self.state.clone();
-            Box::pin(async move {
-                let answer = checked(&state, body, timeout).await;
-                Ok(answer.map(|body| Tracked::new(body, busy)))
-            })
-        } else {
-            Box::pin(self.others.answer(req, busy, |body| Reply::Tonic { body }))
+// One per connection, in its task: the serving phase unboxed, since it is polled on every turn.
+#[allow(clippy::large_enum_variant)]
+enum Phase<I> {
+    Handshaking(Pin<Box<h2::server::Handshake<Unvectored<I>, Bytes>>>),
+    Serving(h2::server::Connection<Unvectored<I>, Bytes>),
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
+    pub(super) fn new(io: I, state: Arc<ExtAuthzState>, others: Routed) -> Self {
+        let r = &state.resources;
+        let handshake = h2::server::Builder::new()
+            .initial_window_size(WINDOW)
+            .initial_connection_window_size(WINDOW)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .max_concurrent_streams(r.http2_max_concurrent_streams)
+            .max_pending_accept_reset_streams(r.http2_max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(Some(r.http2_max_local_error_reset_streams))
+            .handshake(Unvectored::new(io));
+        let keep_alive = KeepAlive::new(r.http2_keep_alive_interval, r.http2_keep_alive_timeout);
+        Connection {
+            state,
+            others,
+            phase: Phase::Handshaking(Box::pin(handshake)),
+            accepted: Vec::new(),
+            goodbye: false,
+            streams: 0,
+            keep_alive,
         }
+    }
+
+    /// A GOAWAY: the streams in flight finish, the client opens no new one.
+    pub(super) fn graceful_shutdown(self: Pin<&mut Self>) {
+        let this = self.project();
+        match this.phase {
+            Phase::Handshaking(_) => *this.goodbye = true,
+            Phase::Serving(conn) => conn.graceful_shutdown(),
+        }
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> Future for Connection<I> {
+    type Output = Result<(), h2::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let conn = loop {
+            match this.phase {
+                Phase::Handshaking(handshake) => {
+                    let mut conn = ready!(handshake.as_mut().poll(cx))?;
+                    if std::mem::take(this.goodbye) {
+                        conn.graceful_shutdown();
+                    }
+                    if let Some(k) = this.keep_alive.as_mut() {
+                        k.pings = conn.ping_pong();
+                    }
+                    *this.phase = Phase::Serving(conn);
+                }
+                Phase::Serving(conn) => break conn,
+            }
+        };
+        if let Some(k) = this.keep_alive.as_mut() {
+            if let Poll::Ready(e) = k.poll(cx, *this.streams) {
+                // As hyper does: the connection is dropped, not told goodbye (its peer is gone).
+                tracing::debug!(error = %e, "ext_authz: keep-alive PING unanswered; closing");
+                return Poll::Ready(Err(e));
+            }
+        }
+        loop {
+            match conn.poll_accept(cx) {
+                Poll::Ready(Some(Ok(stream))) => {
+                    *this.streams += 1;
+                    this.accepted.push(stream);
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending if this.accepted.is_empty() => return Poll::Pending,
+                // Everything that came is read: answer it, then poll again, which writes the
+                // answers (and accepts whatever came meanwhile).
+                Poll::Pending => {
+                    for (req, respond) in this.accepted.drain(..) {
+                        // A panic ends this stream (reset), not the connection and its others.
+                        let answered =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                stream(this.state, this.others, req, respond, cx)
+                            }));
+                        if answered.is_err() {
+                            tracing::error!("ext_authz: a stream panicked; reset");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Keep-alive PINGs, as hyper sends them: one once the connection has been idle (no stream
+/// accepted) for `interval`; no answer within `timeout` closes the connection.
+struct KeepAlive {
+    pings: Option<h2::PingPong>,
+    interval: Duration,
+    timeout: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// Streams accepted when the timer was last armed.
+    streams: u64,
+    waiting: bool,
+}
+
+impl KeepAlive {
+    fn new(interval: Duration, timeout: Duration) -> Option<Self> {
+        (!interval.is_zero()).then(|| KeepAlive {
+            pings: None,
+            interval,
+            timeout,
+            timer: Box::pin(tokio::time::sleep(interval)),
+            streams: 0,
+            waiting: false,
+        })
+    }
+
+    /// Ready with an error once the connection should close; `streams` is the connection's
+    /// count of accepted streams.
+    fn poll(&mut self, cx: &mut Context<'_>, streams: u64) -> Poll<h2::Error> {
+        let Some(pings) = self.pings.as_mut() else {
+            return Poll::Pending;
+        };
+        if self.waiting {
+            match pings.poll_pong(cx) {
+                Poll::Ready(Ok(_)) => {
+                    self.waiting = false;
+                    self.streams = streams;
+                    let next = tokio::time::Instant::now() + self.interval;
+                    self.timer.as_mut().reset(next);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(e),
+                Poll::Pending => {}
+            }
+        }
+        while self.timer.as_mut().poll(cx).is_ready() {
+            if self.waiting {
+                return Poll::Ready(h2::Error::from(h2::Reason::NO_ERROR));
+            }
+            let now = tokio::time::Instant::now();
+            if streams != self.streams {
+                // In use since the timer was armed: not idle.
+                self.streams = streams;
+                self.timer.as_mut().reset(now + self.interval);
+                continue;
+            }
+            if let Err(e) = pings.send_ping(h2::Ping::opaque()) {
+                return Poll::Ready(e);
+            }
+            self.waiting = true;
+            self.timer.as_mut().reset(now + self.timeout);
+            if let Poll::Ready(Ok(_)) = pings.poll_pong(cx) {
+                self.waiting = false;
+                self.timer.as_mut().reset(now + self.interval);
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// One accepted stream: a Check answered here when it can be, anything else in a task.
+fn stream(
+    state: &Arc<ExtAuthzState>,
+    others: &Routed,
+    req: Request<h2::RecvStream>,
+    respond: h2::server::SendResponse<Bytes>,
+    cx: &mut Context<'_>,
+) {
+    let busy = others.busy();
+    if req.uri().path() != CHECK {
+        let answer = others.answer(req.map(Received::new), busy, |body| Reply::Tonic { body });
+        tokio::spawn(crate::clock::PerPoll::new(async move {
+            let mut respond = respond;
+            if let Some(Ok(answer)) = until_reset(&mut respond, answer).await {
+                send(answer, respond).await;
+            }
+        }));
+        return;
+    }
+    let (body, timeout) = match opened(req) {
+        Ok(opened) => opened,
+        Err(refused) => {
+            reply(refused.answer(), respond, busy);
+            return;
+        }
+    };
+    // A Check waits on nothing but Redis: without it, one whose request is here is answered now.
+    let mut message = Message::default();
+    let mut body = body;
+    let here = !state.limits.waits()
+        && loop {
+            match body.poll_data(cx) {
+                Poll::Ready(Some(Ok(data))) => {
+                    let _ = body.flow_control().release_capacity(data.len());
+                    if let Err(why) = message.push(data) {
+                        reply(failure(why), respond, busy);
+                        return;
+                    }
+                }
+                Poll::Ready(Some(Err(_))) => {
+                    reply(failure(UNREADABLE), respond, busy);
+                    return;
+                }
+                Poll::Ready(None) => break true,
+                Poll::Pending => break false,
+            }
+        };
+    if here {
+        let answer = match message.whole() {
+            Ok(message) => {
+                let check = std::pin::pin!(guarded(&state.names, check(state, &message[5..])));
+                match check.poll(cx) {
+                    Poll::Ready(message) => answered(message),
+                    // Not without a remote rate limiter (`waits`): a fault, denied all the same.
+                    Poll::Pending => {
+                        tracing::error!("ext_authz: a Check waited without Redis; denied");
+                        answered(fault_denial(&state.names))
+                    }
+                }
+            }
+            Err(why) => failure(why),
+        };
+        reply(answer, respond, busy);
+        return;
+    }
+    let state = state.clone();
+    tokio::spawn(crate::clock::PerPoll::new(async move {
+        let mut respond = respond;
+        let answer = checked(&state, message, Received::new(body), timeout);
+        if let Some(answer) = until_reset(&mut respond, answer).await {
+            send(answer.map(|body| Tracked::new(body, busy)), respond).await;
+        }
+    }));
+}
+
+/// `work`'s output, or `None` once the client has reset the stream: the work is dropped then,
+/// as hyper drops it (a Check is counted as 499, its Redis exchange abandoned), and the stream
+/// stops holding a task that h2 no longer counts against `max_concurrent_streams`.
+async fn until_reset<F: Future>(
+    respond: &mut h2::server::SendResponse<Bytes>,
+    work: F,
+) -> Option<F::Output> {
+    let mut work = std::pin::pin!(work);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = work.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if respond.poll_reset(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Send an answer made at once (a Check's, a refusal): its head, message and trailers queued on
+/// the stream, written with the other answers of the connection's turn.
+fn reply(answer: Response<Reply>, mut respond: h2::server::SendResponse<Bytes>, mut busy: Busy) {
+    busy.answered();
+    let (parts, body) = answer.into_parts();
+    let head = Response::from_parts(parts, ());
+    match body {
+        Reply::Message { message, .. } => {
+            let Ok(mut send) = respond.send_response(head, false) else {
+                return;
+            };
+            if let Some(message) = message {
+                if send.send_data(message, false).is_err() {
+                    return;
+                }
+                busy.frame_sent();
+            }
+            let _ = send.send_trailers(grpc_status_ok());
+        }
+        Reply::Empty | Reply::Tonic { .. } => {
+            let _ = respond.send_response(head, true);
+        }
+    }
+    busy.frame_sent();
+}
+
+/// Send an answer whose body may take its time (tonic's, a health Watch), as hyper sends one:
+/// frames as they come, within the stream's flow-control window; a stream the client reset is
+/// given up.
+async fn send<B>(answer: Response<B>, mut respond: h2::server::SendResponse<Bytes>)
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    let (parts, body) = answer.into_parts();
+    let end = body.is_end_stream();
+    let Ok(mut send) = respond.send_response(Response::from_parts(parts, ()), end) else {
+        return;
+    };
+    if end {
+        return;
+    }
+    let mut body = std::pin::pin!(body);
+    loop {
+        // The next frame, unless the client resets the stream meanwhile.
+        let next = std::future::poll_fn(|cx| {
+            if send.poll_reset(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            body.as_mut().poll_frame(cx).map(Some)
+        })
+        .await;
+        let Some(frame) = next else {
+            return;
+        };
+        match frame {
+            None => {
+                let _ = send.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "ext_authz: an answer's body failed; stream reset");
+                send.send_reset(h2::Reason::INTERNAL_ERROR);
+                return;
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    let end = body.is_end_stream();
+                    if !data.is_empty() && !room(&mut send).await {
+                        return;
+                    }
+                    if send.send_data(data, end).is_err() || end {
+                        return;
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        let _ = send.send_trailers(trailers);
+                    }
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// Waits for room in the stream's flow-control window for data in hand (false: the stream was
+/// reset or closed). A byte is claimed, only once there is data to send (as hyper does: a claim
+/// held by a stream with nothing to send, a quiet health Watch, could keep the connection's
+/// window from the others); h2 raises the claim to the data's length when it is sent.
+async fn room(send: &mut h2::SendStream<Bytes>) -> bool {
+    send.reserve_capacity(1);
+    std::future::poll_fn(|cx| {
+        if send.poll_reset(cx).is_ready() {
+            return Poll::Ready(false);
+        }
+        while send.capacity() == 0 {
+            match ready!(send.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
+                _ => return Poll::Ready(false),
+            }
+        }
+        Poll::Ready(true)
+    })
+    .await
+}
+
+pin_project_lite::pin_project! {
+    /// A request's body as h2 receives it, as an [`http_body::Body`]: each DATA frame's bytes
+    /// handed back to the flow-control window once taken.
+    pub(super) struct Received {
+        stream: h2::RecvStream,
+        data_done: bool,
+    }
+}
+
+impl Received {
+    fn new(stream: h2::RecvStream) -> Self {
+        Received {
+            stream,
+            data_done: false,
+        }
+    }
+}
+
+impl Body for Received {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = self.project();
+        if !*this.data_done {
+            match ready!(this.stream.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.stream.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => *this.data_done = true,
+            }
+        }
+        match ready!(this.stream.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.stream.is_end_stream()
     }
 }
 
@@ -155,7 +582,7 @@ impl Refused {
 }
 
 /// A call of Check's head: its body and `grpc-timeout`, or why it is refused.
-fn opened(req: Request<Incoming>) -> Result<(Incoming, Option<Duration>), Refused> {
+fn opened<B>(req: Request<B>) -> Result<(B, Option<Duration>), Refused> {
     let (parts, body) = req.into_parts();
     if parts.method != Method::POST {
         return Err(Refused::NotPost);
@@ -174,14 +601,16 @@ fn opened(req: Request<Incoming>) -> Result<(Incoming, Option<Duration>), Refuse
     Ok((body, timeout))
 }
 
-/// Answer one call of Check whose head was [`opened`].
+/// Answer one call of Check whose head was [`opened`] and of whose body `message` holds what
+/// came so far.
 async fn checked(
     state: &ExtAuthzState,
-    mut body: Incoming,
+    message: Message,
+    mut body: Received,
     timeout: Option<Duration>,
 ) -> Response<Reply> {
     let work = async {
-        let message = read_message(&mut body).await?;
+        let message = message.read_rest(&mut body).await?;
         Ok::<_, Failure>(guarded(&state.names, check(state, &message[5..])).await)
     };
     let answer = match timeout {
@@ -191,18 +620,28 @@ async fn checked(
             .unwrap_or(Err(Failure(DEADLINE_EXCEEDED, "Deadline Exceeded"))),
     };
     match answer {
-        Ok(message) => {
-            let mut answer = Response::new(Reply::Message {
-                message: Some(message),
-                trailers: true,
-            });
-            answer
-                .headers_mut()
-                .insert(http::header::CONTENT_TYPE, grpc_content_type());
-            answer
-        }
+        Ok(message) => answered(message),
         Err(failure) => self::failure(failure),
     }
+}
+
+/// The answer carrying a `CheckResponse` (an allow or a denial alike).
+fn answered(message: Bytes) -> Response<Reply> {
+    let mut answer = Response::new(Reply::Message {
+        message: Some(message),
+        trailers: true,
+    });
+    answer
+        .headers_mut()
+        .insert(http::header::CONTENT_TYPE, grpc_content_type());
+    answer
+}
+
+/// `grpc-status: 0`, the trailers of a call answered.
+fn grpc_status_ok() -> HeaderMap {
+    let mut t = HeaderMap::with_capacity(1);
+    t.insert(GRPC_STATUS, HeaderValue::from_static("0"));
+    t
 }
 
 fn grpc_content_type() -> HeaderValue {
@@ -242,44 +681,63 @@ fn grpc_timeout(v: &HeaderValue) -> Option<Duration> {
     })
 }
 
-/// The one message of a unary call's body, with its 5-byte prefix. Usually the whole body is
-/// one DATA frame, taken as it is; a message split across frames is gathered.
-async fn read_message(body: &mut Incoming) -> Result<Bytes, Failure> {
-    const MORE: Failure = Failure(INTERNAL, "more than one message in a unary call");
-    // The only frame so far, or (once the message spans frames) all of them gathered.
-    let mut first: Option<Bytes> = None;
-    let mut gathered = BytesMut::new();
-    // The message's length with its prefix, once the prefix is in.
-    let mut whole: Option<usize> = None;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|_| Failure(INTERNAL, "the request body could not be read"))?;
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers
-        };
+/// A body that could not be read.
+const UNREADABLE: Failure = Failure(INTERNAL, "the request body could not be read");
+
+/// The one message of a unary call's body, with its 5-byte prefix, as its DATA frames come.
+/// Usually the whole body is one frame, taken as it is; a message split across frames is
+/// gathered.
+#[derive(Default)]
+struct Message {
+    /// The only frame so far, or (once the message spans frames) none: all are in `gathered`.
+    first: Option<Bytes>,
+    gathered: BytesMut,
+    /// The message's length with its prefix, once the prefix is in.
+    whole: Option<usize>,
+}
+
+impl Message {
+    fn push(&mut self, data: Bytes) -> Result<(), Failure> {
         if data.is_empty() {
-            continue;
+            return Ok(());
         }
-        if first.is_none() && gathered.is_empty() {
-            first = Some(data);
+        if self.first.is_none() && self.gathered.is_empty() {
+            self.first = Some(data);
         } else {
-            if let Some(f) = first.take() {
-                gathered.extend_from_slice(&f);
+            if let Some(f) = self.first.take() {
+                self.gathered.extend_from_slice(&f);
             }
-            gathered.extend_from_slice(&data);
+            self.gathered.extend_from_slice(&data);
         }
-        let received: &[u8] = first.as_deref().unwrap_or(&gathered);
-        if whole.is_none() {
-            whole = prefix(received)?;
+        let received: &[u8] = self.first.as_deref().unwrap_or(&self.gathered);
+        if self.whole.is_none() {
+            self.whole = prefix(received)?;
         }
-        if whole.is_some_and(|n| received.len() > n) {
-            return Err(MORE);
+        if self.whole.is_some_and(|n| received.len() > n) {
+            return Err(Failure(INTERNAL, "more than one message in a unary call"));
+        }
+        Ok(())
+    }
+
+    /// The message, once the body has ended.
+    fn whole(self) -> Result<Bytes, Failure> {
+        let received = self.first.unwrap_or_else(|| self.gathered.freeze());
+        match self.whole {
+            Some(n) if received.len() == n => Ok(received),
+            _ if received.is_empty() => Err(Failure(INTERNAL, "missing request message")),
+            _ => Err(Failure(INTERNAL, "the request body ends inside a message")),
         }
     }
-    let received = first.unwrap_or_else(|| gathered.freeze());
-    match whole {
-        Some(n) if received.len() == n => Ok(received),
-        _ if received.is_empty() => Err(Failure(INTERNAL, "missing request message")),
-        _ => Err(Failure(INTERNAL, "the request body ends inside a message")),
+
+    /// The rest of `body`, then the message.
+    async fn read_rest(mut self, body: &mut Received) -> Result<Bytes, Failure> {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| UNREADABLE)?;
+            if let Ok(data) = frame.into_data() {
+                self.push(data)?;
+            } // else trailers
+        }
+        self.whole()
     }
 }
 
@@ -391,9 +849,7 @@ impl Body for Reply {
                     return Poll::Ready(Some(Ok(Frame::data(message))));
                 }
                 if std::mem::take(trailers) {
-                    let mut t = HeaderMap::with_capacity(1);
-                    t.insert(GRPC_STATUS, HeaderValue::from_static("0"));
-                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                    return Poll::Ready(Some(Ok(Frame::trailers(grpc_status_ok()))));
                 }
                 Poll::Ready(None)
             }

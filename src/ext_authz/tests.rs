@@ -743,6 +743,44 @@ impl tokio::io::AsyncWrite for CountedWrites {
     }
 }
 
+/// A client that stops answering keep-alive PINGs (gone behind a silent network) is dropped:
+/// a PING once the connection has been idle for `http2_keep_alive_interval`, no answer within
+/// `http2_keep_alive_timeout`, closed. One that answers them is kept.
+#[tokio::test]
+async fn a_connection_that_does_not_answer_keep_alive_pings_is_closed() {
+    let serve = |io| {
+        let mut state = fixture("", &[]).state;
+        state.resources.http2_keep_alive_interval = Duration::from_millis(100);
+        state.resources.http2_keep_alive_timeout = Duration::from_millis(100);
+        let others = crate::listen::Routed::new(
+            tonic::service::Routes::default(),
+            crate::listen::Activity::new(),
+            "127.0.0.1:1".parse().unwrap(),
+        );
+        tokio::spawn(grpc::Connection::new(io, Arc::new(state), others))
+    };
+
+    let (client, server) = tokio::io::duplex(1 << 16);
+    let served = serve(server);
+    // The client's connection is never polled after the handshake: no PING is answered.
+    let (_send, _connection) = h2::client::handshake(client).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), served)
+        .await
+        .expect("closed within 5 s")
+        .unwrap();
+    assert!(ended.is_err(), "{ended:?}");
+
+    let (client, server) = tokio::io::duplex(1 << 16);
+    let served = serve(server);
+    let (_send, connection) = h2::client::handshake(client).await.unwrap();
+    tokio::spawn(connection);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !served.is_finished(),
+        "closed though its PINGs were answered"
+    );
+}
+
 /// Checks that arrive together on a connection are answered together, in one write, as
 /// tonic's small answers were: an allow's `CheckResponse` is larger than what h2 copies into
 /// its write buffer from an IO that writes vectored, and each such answer once cost a write
@@ -758,14 +796,12 @@ async fn checks_that_arrive_together_are_answered_in_one_write() {
         io: server,
         writes: writes.clone(),
     };
-    let builder = crate::listen::http2_builder(&state.resources);
     let others = crate::listen::Routed::new(
         tonic::service::Routes::default(),
         crate::listen::Activity::new(),
         "127.0.0.1:1".parse().unwrap(),
     );
-    let service = grpc::Connection::new(state.clone(), others);
-    tokio::spawn(async move { crate::listen::http2(&builder, io, service).await });
+    tokio::spawn(grpc::Connection::new(io, state.clone(), others));
     let (mut client, connection) = h2::client::handshake(client).await.unwrap();
     tokio::spawn(connection);
 

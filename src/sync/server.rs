@@ -508,7 +508,7 @@ pub async fn serve(
         drain,
     };
     front
-        .serve(listener, shutdown, |activity, peer| {
+        .serve(listener, shutdown, move |activity, peer| {
             crate::listen::Routed::new(routes.clone(), activity, peer)
         })
         .await;

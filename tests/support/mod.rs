@@ -889,6 +889,27 @@ impl RedisServer {
     }
 }
 
+impl RedisServer {
+    /// Freeze the server (SIGSTOP): connections stay open, commands go unanswered.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaw a paused server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("redis-server running").id();
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid} failed");
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
