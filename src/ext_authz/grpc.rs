@@ -186,13 +186,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Future for Connection<I> {
                 Phase::Serving(conn) => break conn,
             }
         };
-        if let Some(k) = this.keep_alive.as_mut() {
-            if let Poll::Ready(e) = k.poll(cx, *this.streams) {
-                // As hyper does: the connection is dropped, not told goodbye (its peer is gone).
-                tracing::debug!(error = %e, "ext_authz: keep-alive PING unanswered; closing");
-                return Poll::Ready(Err(e));
-            }
-        }
         loop {
             match conn.poll_accept(cx) {
                 Poll::Ready(Some(Ok(stream))) => {
@@ -201,7 +194,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Future for Connection<I> {
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
-                Poll::Pending if this.accepted.is_empty() => return Poll::Pending,
+                Poll::Pending if this.accepted.is_empty() => break,
                 // Everything that came is read: answer it, then poll again, which writes the
                 // answers (and accepts whatever came meanwhile).
                 Poll::Pending => {
@@ -218,6 +211,15 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Future for Connection<I> {
                 }
             }
         }
+        // After the reads above: a PONG that came with them is seen before the deadline is.
+        if let Some(k) = this.keep_alive.as_mut() {
+            if let Poll::Ready(e) = k.poll(cx, *this.streams) {
+                // As hyper does: the connection is dropped, not told goodbye (its peer is gone).
+                tracing::debug!(error = %e, "ext_authz: keep-alive PING unanswered; closing");
+                return Poll::Ready(Err(e));
+            }
+        }
+        Poll::Pending
     }
 }
 

@@ -751,7 +751,7 @@ async fn a_connection_that_does_not_answer_keep_alive_pings_is_closed() {
     let serve = |io| {
         let mut state = fixture("", &[]).state;
         state.resources.http2_keep_alive_interval = Duration::from_millis(100);
-        state.resources.http2_keep_alive_timeout = Duration::from_millis(100);
+        state.resources.http2_keep_alive_timeout = Duration::from_millis(300);
         let others = crate::listen::Routed::new(
             tonic::service::Routes::default(),
             crate::listen::Activity::new(),
@@ -774,7 +774,8 @@ async fn a_connection_that_does_not_answer_keep_alive_pings_is_closed() {
     let served = serve(server);
     let (_send, connection) = h2::client::handshake(client).await.unwrap();
     tokio::spawn(connection);
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // A dozen PINGs or so, each answered.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
         !served.is_finished(),
         "closed though its PINGs were answered"
