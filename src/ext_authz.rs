@@ -498,12 +498,8 @@ impl Allowed<'_, '_> {
             }
         }
         for (name, _) in self.headers.0 {
-            // Identity variants are ASCII, of the length of an identity header's name.
-            if !names
-                .identity()
-                .iter()
-                .any(|n| n.as_str().len() == name.len())
-            {
+            // Identity variants are ASCII, spelled like an identity header's name in any case.
+            if !is_identity_variant(name, names) {
                 continue;
             }
             let Ok(name) = std::str::from_utf8(name) else {
@@ -514,10 +510,7 @@ impl Allowed<'_, '_> {
             } else {
                 name.into()
             };
-            if is_identity_variant(lower.as_bytes(), names)
-                && !set.iter().any(|s| s.0 == lower)
-                && !remove.contains(&lower)
-            {
+            if !set.iter().any(|s| s.0 == lower) && !remove.contains(&lower) {
                 remove.push(lower);
             }
         }
