@@ -56,20 +56,24 @@ for out in sys.argv[2:]:
     paced = next(l for l in out.splitlines() if l.startswith("paced client: ")).split()
     # paced client: rate <asked> <achieved> ok <n> failed <n> p50 <ms> p90 <ms> p99 <ms> p99.9 <ms> max <ms> late-p99 <ms>
     f = dict(zip(paced[5::2], paced[6::2]))
-    rows.append((rate, cpu, float(f["p99"]), float(f["late-p99"])))
+    half = next(l for l in out.splitlines() if l.startswith("| half-peak |"))
+    half_p99 = float([c.strip() for c in half.strip().strip("|").split("|")][3].split()[0])
+    rows.append((rate, cpu, float(f["p99"]), float(f["late-p99"]), half_p99))
     proxy = [l for l in out.splitlines() if l.startswith("proxy cpu: ")]
     if proxy:
         ratios.append((cpu, float(proxy[0].split()[-1])))
 
-print(f"| run | peak Checks/s | CPU µs/Check at peak | paced p99 at {paced_at:g} × peak | client's own lateness p99 |")
-print("|---|---:|---:|---:|---:|")
-for i, (rate, cpu, p99, late) in enumerate(rows, 1):
-    mark = " (client late: the machine stalled)" if late > 0.2 else ""
-    print(f"| {i}{mark} | {rate:,.0f} | {cpu:.2f} | {p99:.2f} ms | {late:.2f} ms |")
+print(f"| run | peak Checks/s | CPU µs/Check at peak | h2load p99 at half of the peak | paced p99 at {paced_at:g} × peak | client's own lateness p99 |")
+print("|---|---:|---:|---:|---:|---:|")
+for i, (rate, cpu, p99, late, half_p99) in enumerate(rows, 1):
+    mark = " (client late)" if late > 0.2 else ""
+    print(f"| {i}{mark} | {rate:,.0f} | {cpu:.2f} | {half_p99:.2f} ms | {p99:.2f} ms | {late:.2f} ms |")
 n = len(rows)
 under = sum(r[2] < 1.0 for r in rows)
 late = sum(r[3] > 0.2 for r in rows)
 print()
+print(f"h2load's p99 at half of the peak under 1 ms in {sum(r[4] < 1.0 for r in rows)} of {n} runs "
+      f"(median {statistics.median(r[4] for r in rows):.2f} ms).")
 print(f"paced p99 at {paced_at:g} × peak under 1 ms in {under} of {n} runs (median {statistics.median(r[2] for r in rows):.2f} ms); "
       f"CPU per Check at peak median {statistics.median(r[1] for r in rows):.2f} µs."
       + (f" {late} run(s) with the client itself late: rerun on a quiet machine." if late else ""))
