@@ -374,7 +374,8 @@ where
     builder.serve_connection(TokioIo::new(Unvectored(io)), service)
 }
 
-/// A gRPC front on hyper's HTTP/2 (ext_authz, sync_server): what [`Http2Front::serve`] needs.
+/// A gRPC front (ext_authz on h2 itself, sync_server on hyper's HTTP/2): what
+/// [`Http2Front::serve_with`] needs.
 pub struct Http2Front {
     pub name: &'static str,
     pub connections: Arc<Connections>,

@@ -870,7 +870,7 @@ impl Body for Reply {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            // Not exact for a message: hyper would add a content-length, which gRPC does not use.
+            // Not exact for a message: gRPC reads no content-length, so none is worked out.
             Reply::Message { .. } => SizeHint::default(),
             Reply::Empty => SizeHint::with_exact(0),
             Reply::Tonic { body } => body.size_hint(),
