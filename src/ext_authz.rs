@@ -409,8 +409,8 @@ impl Set<'_> {
         }
         w.delimited(tag, len);
         w.delimited(1, self.header_len());
-        w.string(1, self.0);
-        w.string(2, self.1);
+        w.string(1, name);
+        w.string(2, value);
         w.delimited(2, 0);
         w.varint(3, Self::OVERWRITE_IF_EXISTS_OR_ADD);
     }

@@ -1306,18 +1306,6 @@ fn spawn_serve_with(config: &str, stderr: Stdio) -> Running {
     )
 }
 
-/// A snapshot of one active key, `key_a` of `partner_acme`, and its secret.
-fn one_key_snapshot() -> (SnapshotDir, String) {
-    let snap = SnapshotDir::new();
-    let key = mint("sk_live_");
-    snap.write(
-        &Doc::new(1)
-            .partner("partner_acme", None, "active")
-            .key("key_a", &key, json!({})),
-    );
-    (snap, key)
-}
-
 /// Poll `/readyz` until it answers (any status) and return that status; panics after 10 s.
 async fn readyz_status(running: &mut Running, admin: u16, want: u16) -> u16 {
     let start = Instant::now();

@@ -105,6 +105,21 @@ async fn call(
     frames: &[&[u8]],
     end: bool,
 ) -> Answer {
+    let (response, stream) = open(send, method, path, headers, frames, end).await;
+    let answer = read_answer(response).await;
+    drop(stream);
+    answer
+}
+
+/// Begin a call: its head and `frames` sent, the stream left open unless `end`.
+async fn open(
+    send: &h2::client::SendRequest<Bytes>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    frames: &[&[u8]],
+    end: bool,
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
     let mut req = http::Request::builder()
         .method(method)
         .uri(format!("http://keygate{path}"))
@@ -122,6 +137,11 @@ async fn call(
             .send_data(Bytes::copy_from_slice(f), last && end)
             .unwrap();
     }
+    (response, stream)
+}
+
+/// The whole answer to a call.
+async fn read_answer(response: h2::client::ResponseFuture) -> Answer {
     let response = tokio::time::timeout(Duration::from_secs(20), response)
         .await
         .expect("an answer")
@@ -136,7 +156,6 @@ async fn call(
     let trailers = body.trailers().await.unwrap();
     let status = |h: &http::HeaderMap| h.get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
     let grpc = status(&parts.headers).or_else(|| trailers.as_ref().and_then(status));
-    drop(stream);
     Answer {
         http: parts.status.as_u16(),
         grpc,
@@ -460,40 +479,20 @@ async fn health_and_unknown_methods_are_tonics() {
     gate.stop().await;
 }
 
-/// Start a Check: its head and `first` (a piece of the message), the stream left open.
+/// Begin a Check with `first` (a piece of its message, or all of it with `end`).
 async fn begin_check(
     send: &h2::client::SendRequest<Bytes>,
     first: &[u8],
     end: bool,
 ) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
-    let req = http::Request::post(format!("http://keygate{CHECK}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let mut ready = send.clone().ready().await.unwrap();
-    let (response, mut stream) = ready.send_request(req, false).unwrap();
-    stream
-        .send_data(Bytes::copy_from_slice(first), end)
-        .unwrap();
-    (response, stream)
+    open(send, "POST", CHECK, &[GRPC], &[first], end).await
 }
 
-/// The answer to a Check begun with [`begin_check`]: its `CheckResponse` once `grpc-status: 0`.
+/// The `CheckResponse` of a Check answered with `grpc-status: 0`.
 async fn check_answer(response: h2::client::ResponseFuture) -> CheckResponse {
-    let response = tokio::time::timeout(Duration::from_secs(5), response)
-        .await
-        .expect("answered within 5 s")
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
-    let mut message = Vec::new();
-    while let Some(data) = body.data().await {
-        message.extend_from_slice(&data.unwrap());
-    }
-    let trailers = body.trailers().await.unwrap().unwrap();
-    assert_eq!(trailers["grpc-status"], "0");
-    CheckResponse::decode(&message[5..]).unwrap()
+    let a = read_answer(response).await;
+    assert_eq!((a.http, a.grpc.as_deref()), (200, Some("0")));
+    a.check_response()
 }
 
 /// A Check whose message is still arriving when keygate has read all there was is answered once

@@ -254,13 +254,7 @@ async fn records_expire_and_large_bodies_are_refused() {
 #[tokio::test]
 async fn a_slow_upstream_gets_504_but_runs_once_and_its_answer_is_replayed() {
     let upstream = Upstream::start().await;
-    let snap = SnapshotDir::new();
-    let key = mint("sk_live_");
-    snap.write(
-        &Doc::new(1)
-            .partner("partner_acme", None, "active")
-            .key("key_a", &key, json!({})),
-    );
+    let (snap, key) = one_key_snapshot();
     // upstream_timeout is 2 s in the test configuration.
     let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, "")).await;
     let first = post(&gate, "/slow/2600", &key, Some("pay-1"), "{}").await;

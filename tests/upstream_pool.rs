@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -79,13 +78,7 @@ async fn counting_upstream_requests(
 }
 
 async fn gate_for(upstream: SocketAddr) -> (Gate, SnapshotDir, String) {
-    let snap = SnapshotDir::new();
-    let key = mint("sk_live_");
-    snap.write(
-        &Doc::new(1)
-            .partner("partner_acme", None, "active")
-            .key("key_a", &key, json!({})),
-    );
+    let (snap, key) = one_key_snapshot();
     // One proxy thread, so every request shares one pool.
     let runtime = "[runtime]\nflavor = \"current_thread\"\n";
     let gate = Gate::start(&config_toml(&snap.path(), upstream, runtime)).await;

@@ -309,7 +309,7 @@ fn stream(
         }));
         return;
     }
-    let (body, timeout) = match opened(req) {
+    let (mut body, timeout) = match opened(req) {
         Ok(opened) => opened,
         Err(refused) => {
             reply(refused.answer(), respond, busy);
@@ -318,7 +318,6 @@ fn stream(
     };
     // A Check waits on nothing but Redis: without it, one whose request is here is answered now.
     let mut message = Message::default();
-    let mut body = body;
     let here = !state.limits.waits()
         && loop {
             match body.poll_data(cx) {
@@ -404,6 +403,7 @@ fn reply(answer: Response<Reply>, mut respond: h2::server::SendResponse<Bytes>, 
             }
             let _ = send.send_trailers(grpc_status_ok());
         }
+        // Tonic's answers go through `send`; a trailers-only answer is its head alone.
         Reply::Empty | Reply::Tonic { .. } => {
             let _ = respond.send_response(head, true);
         }
@@ -492,13 +492,11 @@ async fn room(send: &mut h2::SendStream<Bytes>) -> bool {
     .await
 }
 
-pin_project_lite::pin_project! {
-    /// A request's body as h2 receives it, as an [`http_body::Body`]: each DATA frame's bytes
-    /// handed back to the flow-control window once taken.
-    pub(super) struct Received {
-        stream: h2::RecvStream,
-        data_done: bool,
-    }
+/// A request's body as h2 receives it, as an [`http_body::Body`]: each DATA frame's bytes handed
+/// back to the flow-control window once taken.
+pub(super) struct Received {
+    stream: h2::RecvStream,
+    data_done: bool,
 }
 
 impl Received {
@@ -518,15 +516,15 @@ impl Body for Received {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let this = self.project();
-        if !*this.data_done {
+        let this = self.get_mut();
+        if !this.data_done {
             match ready!(this.stream.poll_data(cx)) {
                 Some(Ok(data)) => {
                     let _ = this.stream.flow_control().release_capacity(data.len());
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
-                None => *this.data_done = true,
+                None => this.data_done = true,
             }
         }
         match ready!(this.stream.poll_trailers(cx)) {

@@ -817,6 +817,18 @@ impl UsageReceiver {
 // ---------------------------------------------------------------------------------------------
 // Redis
 
+/// A snapshot of one active key, `key_a` of `partner_acme` (no org, no limits), and its secret.
+pub fn one_key_snapshot() -> (SnapshotDir, String) {
+    let snap = SnapshotDir::new();
+    let key = mint("sk_live_");
+    snap.write(&Doc::new(1).partner("partner_acme", None, "active").key(
+        "key_a",
+        &key,
+        serde_json::json!({}),
+    ));
+    (snap, key)
+}
+
 /// A real `redis-server` (Debian's package; `scripts/test` installs it) on a free loopback port,
 /// nothing persisted. Killed when dropped; [`RedisServer::stop`] and [`RedisServer::restart`]
 /// make outages.
