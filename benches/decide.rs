@@ -40,6 +40,7 @@ fn bench(c: &mut Criterion) {
         origin: None,
         idempotency_key: None,
         method_override: None,
+        url_override: None,
     };
     let good: &'static str = Box::leak(secrets[KEYS / 2].clone().into_boxed_str());
     let unknown: &'static str = Box::leak(mint("sk_live_").into_boxed_str());

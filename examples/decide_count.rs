@@ -55,6 +55,7 @@ fn main() {
         origin: None,
         idempotency_key: None,
         method_override: None,
+        url_override: None,
     };
     let now = 1_790_000_000_000;
     let allowed = (0..n)

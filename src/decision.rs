@@ -33,6 +33,9 @@ pub struct RequestFacts<'a> {
     /// The method a method-override field (`X-HTTP-Method-Override`, …) asks for, if any was
     /// sent (a repeat yields an empty value).
     pub method_override: Option<&'a [u8]>,
+    /// The URL a URL-override field (`X-Original-URL`, `X-Rewrite-URL`) names, if any was sent
+    /// (a repeat yields an empty value).
+    pub url_override: Option<&'a [u8]>,
 }
 
 impl<'a> RequestFacts<'a> {
@@ -58,6 +61,7 @@ impl<'a> RequestFacts<'a> {
             origin: read.origin.single(),
             idempotency_key: read.idempotency_key.single(),
             method_override: read.method_override.single(),
+            url_override: read.url_override.single(),
         }
     }
 }
@@ -147,6 +151,22 @@ fn find<'s, 'f>(
             return Err(DenyReason::BadRequest(
                 "a method-override header (X-HTTP-Method-Override, X-HTTP-Method, \
                  X-Method-Override) names another method: send the request with that method",
+            ));
+        }
+    }
+
+    // Nor may the path be another than the one decided on: some servers route by the URL a
+    // URL-override field names. Naming the request's own path (its query aside) is harmless.
+    if let Some(url) = facts.url_override {
+        let same = std::str::from_utf8(url.trim_ascii()).is_ok_and(|url| {
+            let (named, _query) = crate::path::split_target(url);
+            crate::path::normalize(named, policy.path)
+                .is_ok_and(|named| named.for_matching() == path.for_matching())
+        });
+        if !same {
+            return Err(DenyReason::BadRequest(
+                "a URL-override header (X-Original-URL, X-Rewrite-URL) names another path than \
+                 the request's: send the request to that path",
             ));
         }
     }

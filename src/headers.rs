@@ -226,6 +226,8 @@ pub struct Read<'a> {
     pub idempotency_key: Two<'a>,
     /// Any of [`METHOD_OVERRIDES`], in any spelling.
     pub method_override: Two<'a>,
+    /// Any of [`URL_OVERRIDES`], in any spelling.
+    pub url_override: Two<'a>,
     /// Whether credential values after the first two offered a key.
     pub credential_beyond: crate::credential::Beyond,
 }
@@ -245,6 +247,19 @@ pub fn is_method_override(name: &[u8]) -> bool {
         && METHOD_OVERRIDES
             .iter()
             .any(|m| folded_eq_any_case(m.as_bytes(), name))
+}
+
+/// Fields by which some servers (IIS's URL Rewrite, and PHP frameworks that read what it sets:
+/// older Symfony and Zend releases among them) route a request to another URL than the one it
+/// was sent to.
+pub const URL_OVERRIDES: [&str; 2] = ["x-original-url", "x-rewrite-url"];
+
+/// Whether `name` is one of [`URL_OVERRIDES`], in any case and with `_` for `-`.
+pub fn is_url_override(name: &[u8]) -> bool {
+    matches!(name.len(), 13 | 14)
+        && URL_OVERRIDES
+            .iter()
+            .any(|u| folded_eq_any_case(u.as_bytes(), name))
 }
 
 impl<'a> Read<'a> {
@@ -288,6 +303,9 @@ impl<'a> Read<'a> {
             // An empty one asks for nothing (servers ignore it too).
             if is_method_override(name) && !value.trim_ascii().is_empty() {
                 read.method_override.note(value);
+            }
+            if is_url_override(name) && !value.trim_ascii().is_empty() {
+                read.url_override.note(value);
             }
         }
         read
@@ -522,6 +540,11 @@ mod tests {
                 ("x-http-method-overrid", "PUT"),
                 ("x-method-overrides", "PUT"),
             ],
+            &[("X-Original-URL", "/admin"), ("x-api-key", "sk_live_a")],
+            &[("x_rewrite_url", "/admin?x=1")],
+            &[("x-original-url", "/a"), ("X-REWRITE-URL", "/a")],
+            &[("x-original-url", " "), ("x-rewrite-url", "/b")],
+            &[("x-original-uri", "/admin"), ("x-rewrite-urls", "/admin")],
         ];
         let path = crate::path::normalize("/a", crate::path::PathOptions::default());
         for fields in table {
@@ -556,6 +579,22 @@ mod tests {
                     first
                 })
             };
+            // The one non-empty value of the fields `is` picks (in any spelling); empty when
+            // more than one came.
+            let one_of = |is: fn(&[u8]) -> bool| {
+                let mut all = map
+                    .iter()
+                    .filter(|(n, v)| {
+                        is(n.as_str().as_bytes()) && !v.as_bytes().trim_ascii().is_empty()
+                    })
+                    .map(|(_, v)| v.as_bytes());
+                let first = all.next()?;
+                Some(if all.next().is_some() {
+                    &b""[..]
+                } else {
+                    first
+                })
+            };
             let one_by_one = crate::decision::RequestFacts {
                 method: "GET",
                 path: path.as_ref().map_err(|e| *e),
@@ -565,22 +604,8 @@ mod tests {
                 referer: single(&header::REFERER),
                 origin: single(&header::ORIGIN),
                 idempotency_key: single(&names.idempotency_key),
-                method_override: {
-                    let mut all = map
-                        .iter()
-                        .filter(|(n, v)| {
-                            is_method_override(n.as_str().as_bytes())
-                                && !v.as_bytes().trim_ascii().is_empty()
-                        })
-                        .map(|(_, v)| v.as_bytes());
-                    all.next().map(|first| {
-                        if all.next().is_some() {
-                            &b""[..]
-                        } else {
-                            first
-                        }
-                    })
-                },
+                method_override: one_of(is_method_override),
+                url_override: one_of(is_url_override),
             };
             let ids: Vec<&[u8]> = FieldLookup::values(&map, &names.request_id).collect();
             for read in [

@@ -1032,6 +1032,89 @@ async fn a_method_override_cannot_dodge_scopes_or_routes() {
     f.gate.stop().await;
 }
 
+/// IIS's URL Rewrite, and PHP frameworks reading what it sets, route a request by the URL an
+/// `X-Original-URL` or `X-Rewrite-URL` names: one naming another path than the request's would
+/// reach a resource keygate never decided on. Refused before anything reaches the upstream,
+/// over HTTP/1.1 and HTTP/2, in every spelling.
+#[tokio::test]
+async fn a_url_override_cannot_dodge_routes() {
+    let f = fx("").await;
+    let h2 = h2_client();
+    for name in [
+        "X-Original-URL",
+        "x-rewrite-url",
+        "x_original_url",
+        "X-REWRITE-URL",
+    ] {
+        for c in [&client(), &h2] {
+            // key_public may only GET /v1/public/**.
+            let a = send(
+                c,
+                "GET",
+                &f.gate.url("/v1/public/x"),
+                &[("x-api-key", &f.public), (name, "/v1/analyses/1")],
+                "",
+            )
+            .await;
+            assert_error(&a, 400, "invalid_request");
+            assert!(
+                a.json()["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("URL-override"),
+                "{:?}",
+                a.body
+            );
+            let a = send(
+                c,
+                "GET",
+                &f.gate.url("/v1/public/x"),
+                &[
+                    ("x-api-key", &f.public),
+                    (name, "/v1/public/x/../../analyses/1"),
+                ],
+                "",
+            )
+            .await;
+            assert_error(&a, 400, "invalid_request");
+        }
+    }
+    // Two of them, even naming the request's path: which one a server reads is its own choice.
+    let a = send(
+        &client(),
+        "GET",
+        &f.gate.url("/v1/public/x"),
+        &[
+            ("x-api-key", &f.public),
+            ("x-original-url", "/v1/public/x"),
+            ("x-rewrite-url", "/v1/public/x"),
+        ],
+        "",
+    )
+    .await;
+    assert_error(&a, 400, "invalid_request");
+    settle().await;
+    assert_eq!(f.upstream.count(), 0, "{:?}", f.upstream.seen());
+    // Naming the request's own path, whatever its query or spelling, changes nothing: allowed,
+    // and passed on.
+    let a = send(
+        &client(),
+        "GET",
+        &f.gate.url("/v1/public/x?page=1"),
+        &[
+            ("x-api-key", &f.public),
+            ("x-original-url", "/v1//public/%78?page=2"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let seen = f.upstream.last();
+    assert_eq!(seen.target, "/v1/public/x?page=1");
+    assert_eq!(all(&seen, "x-original-url"), ["/v1//public/%78?page=2"]);
+    f.gate.stop().await;
+}
+
 /// hyper keeps a lowercase method as the extension method `post` (methods are case-sensitive in
 /// RFC 9110), but common upstream stacks upper-case it (Django's and Werkzeug's `request.method`
 /// are `REQUEST_METHOD.upper()`), so `post` is POST to them and must need POST's scopes.

@@ -336,6 +336,15 @@ async fn envoy_http_service_style() {
     )
     .await;
     assert_error(&a, 400, "invalid_request");
+    // And so is a URL override naming another path than the one checked.
+    let a = ask(
+        addr,
+        "GET",
+        "/authz/v1/analyses/1",
+        &[("x-api-key", reader), ("x-original-url", "/v1/admin")],
+    )
+    .await;
+    assert_error(&a, 400, "invalid_request");
     // Anything else is not a check.
     let a = ask(addr, "GET", "/v1/analyses/1", &[("x-api-key", reader)]).await;
     assert_eq!(a.status, 404);

@@ -798,6 +798,30 @@ async fn proxy_ext_authz_and_forward_auth_agree() {
                 ("x-method-override", "GET".into()),
             ],
         ),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![
+                ("x-api-key", k.ok.clone()),
+                ("x-original-url", "/v1/admin".into()),
+            ],
+        ),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![
+                ("x-api-key", k.ok.clone()),
+                ("x_rewrite_url", "/v1/analyses/1/..".into()),
+            ],
+        ),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![
+                ("x-api-key", k.ok.clone()),
+                ("X-Original-URL", "/v1/analyses//1?x=1".into()),
+            ],
+        ),
     ];
     for (method, path, headers) in &table {
         let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();

@@ -355,6 +355,7 @@ struct Case {
     origin: Option<&'static str>,
     idempotency_key: Option<&'static str>,
     method_override: Option<&'static str>,
+    url_override: Option<&'static str>,
     /// Milliseconds relative to [`now_ms`]'s `EXPIRY`; `None` = the default clock.
     at_expiry_plus: Option<i64>,
     /// Decide without a snapshot in force.
@@ -372,6 +373,7 @@ const BASE: Case = Case {
     origin: None,
     idempotency_key: None,
     method_override: None,
+    url_override: None,
     at_expiry_plus: None,
     no_snapshot: false,
     want: Want::Allow {
@@ -445,6 +447,7 @@ fn verdict(fixture: &Fixture, policy: &Policy, case: &Case) -> Got {
         origin: case.origin.map(str::as_bytes),
         idempotency_key: case.idempotency_key.map(str::as_bytes),
         method_override: case.method_override.map(str::as_bytes),
+        url_override: case.url_override.map(str::as_bytes),
     };
     let now = case.at_expiry_plus.map_or_else(now_ms, |d| expiry_ms() + d);
     let snapshot = (!case.no_snapshot).then_some(&fixture.snapshot);
@@ -909,6 +912,49 @@ fn each_check_of_the_contract() {
             method_override: Some(" get "),
             ..BASE
         },
+        // 0. So is a URL override naming another path: the upstream may route by it.
+        Case {
+            name: "X-Original-URL naming another path",
+            url_override: Some("/v1/admin"),
+            want: Deny("invalid_request"),
+            ..BASE
+        },
+        Case {
+            name: "a URL override before the credential",
+            cred: Cred::Missing,
+            url_override: Some("/v1/admin"),
+            want: Deny("invalid_request"),
+            ..BASE
+        },
+        Case {
+            name: "a URL override that normalizes elsewhere",
+            url_override: Some("/v1/analyses/an_1/../../admin"),
+            want: Deny("invalid_request"),
+            ..BASE
+        },
+        Case {
+            name: "a URL override that is no path",
+            url_override: Some("https://api.example.com/v1/analyses/an_1"),
+            want: Deny("invalid_request"),
+            ..BASE
+        },
+        Case {
+            name: "a URL override with a path the request could not have",
+            url_override: Some("/v1/analyses/an_1%2F..%2F..%2Fadmin"),
+            want: Deny("invalid_request"),
+            ..BASE
+        },
+        Case {
+            name: "repeated URL overrides",
+            url_override: Some(""),
+            want: Deny("invalid_request"),
+            ..BASE
+        },
+        Case {
+            name: "a URL override naming the request's own path, another query",
+            url_override: Some(" /v1//analyses/%61n_1/?page=2 "),
+            ..BASE
+        },
         Case {
             name: "POST with two Idempotency-Keys as Envoy joins them",
             method: "POST",
@@ -1300,6 +1346,7 @@ fn allow_carries_the_record() {
         origin: None,
         idempotency_key: None,
         method_override: None,
+        url_override: None,
     };
     let Verdict::Allow(allow) = decide(Some(&f.snapshot), &p, &facts, now_ms()) else {
         panic!("expected an allow");

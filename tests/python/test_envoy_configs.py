@@ -106,7 +106,7 @@ class EnvoyConfigs(unittest.TestCase):
         asked = svc.authorization_request.allowed_headers.patterns
         for h in ["x-api-key", "referer", "origin", "idempotency-key", "x-request-id",
                   "x-forwarded-for", "x-http-method-override", "x-http-method",
-                  "x-method-override"] + IDENTITY:
+                  "x-method-override", "x-original-url", "x-rewrite-url"] + IDENTITY:
             self.assertTrue(matches(asked, h), f"keygate must see {h}")
         for h in ORIGINAL:
             self.assertFalse(matches(asked, h), f"{h} would let a client choose what is checked")
