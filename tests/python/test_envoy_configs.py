@@ -103,7 +103,10 @@ class EnvoyConfigs(unittest.TestCase):
         [ep] = keygate.load_assignment.endpoints[0].lb_endpoints
         self.assertEqual(ep.endpoint.address.socket_address.port_value, 9192)
 
-        asked = svc.authorization_request.allowed_headers.patterns
+        # The filter's own allowed_headers; the one in authorization_request is deprecated.
+        self.assertFalse(svc.authorization_request.HasField("allowed_headers"))
+        asked = authz.allowed_headers.patterns
+        self.assertTrue(asked)
         for h in ["x-api-key", "referer", "origin", "idempotency-key", "x-request-id",
                   "x-forwarded-for", "x-http-method-override", "x-http-method",
                   "x-method-override", "x-original-url", "x-rewrite-url"] + IDENTITY:
