@@ -339,8 +339,29 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
     }
 }
 
-/// Remove, in one pass over the names, what must not travel on: hop-by-hop headers, those
-/// listed in `Connection`, and (`identity = Some`) every spelling of an identity header.
+/// A field named like one that frames a message or is hop-by-hop, but with `_` for `-`
+/// (`Transfer_Encoding`, `Content_Length`, `Keep_Alive`): CGI-style servers read it as that
+/// field, which would give them a second framing beside the one keygate sends. `name` in any
+/// case; the names with a `-` are told apart by their length first.
+pub fn is_underscored_framing(name: &[u8]) -> bool {
+    const DASHED: [&str; 6] = [
+        "keep-alive",
+        "content-length",
+        "proxy-connection",
+        "transfer-encoding",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ];
+    matches!(name.len(), 10 | 14 | 16..=19)
+        && name.contains(&b'_')
+        && DASHED
+            .iter()
+            .any(|d| folded_eq_any_case(d.as_bytes(), name))
+}
+
+/// Remove, in one pass over the names, what must not travel on: hop-by-hop headers (also when
+/// spelled with `_`, and `Content_Length`), those listed in `Connection`, and
+/// (`identity = Some`) every spelling of an identity header.
 /// `keep_upgrade` keeps `Upgrade` for a request being upgraded.
 pub fn strip_hop_and_identity(
     h: &mut impl FieldEdit,
@@ -352,6 +373,7 @@ pub fn strip_hop_and_identity(
         let keep = keep_upgrade && name.eq_ignore_ascii_case(b"upgrade");
         (!keep
             && (is_hop_by_hop(name)
+                || is_underscored_framing(name)
                 || listed
                     .iter()
                     .any(|t| t.as_str().as_bytes().eq_ignore_ascii_case(name))))

@@ -1356,6 +1356,69 @@ async fn odd_transfer_encodings_never_smuggle() {
     f.gate.stop().await;
 }
 
+/// CGI-style servers read `Transfer_Encoding` as `Transfer-Encoding`: passed on beside the
+/// framing keygate sends, it would give them a second one (a body read two ways, a request
+/// smuggled in it). Framing and hop-by-hop fields spelled with `_` never reach the upstream,
+/// over HTTP/1.1 or HTTP/2.
+#[tokio::test]
+async fn framing_fields_spelled_with_underscores_never_reach_the_upstream() {
+    let f = fx("").await;
+    let inner = smuggled(None);
+    let body = format!("0\r\n\r\n{inner}");
+    let spellings = [
+        format!(
+            "Transfer_Encoding: chunked\r\nContent-Length: {}\r\n",
+            body.len()
+        ),
+        format!("content_length: 0\r\nContent-Length: {}\r\n", body.len()),
+        format!(
+            "Keep_Alive: timeout=1\r\nPROXY_CONNECTION: close\r\nContent-Length: {}\r\n",
+            body.len()
+        ),
+    ];
+    let underscored = |s: &Seen| {
+        s.headers
+            .keys()
+            .filter(|n| n.as_str().contains('_'))
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+    };
+    for fields in &spellings {
+        f.upstream.clear();
+        let mut r = req("POST /v1/analyses/1", Some(&f.full), fields);
+        r.extend_from_slice(body.as_bytes());
+        let answers = raw_many(f.gate.addr, &r, 2).await;
+        assert_eq!(answers.len(), 1, "{fields:?}");
+        assert_eq!(answers[0].status, 200, "{fields:?}");
+        assert_not_smuggled(&f, 1).await;
+        let seen = f.upstream.last();
+        assert_eq!(seen.body, body.as_bytes(), "{fields:?}");
+        assert!(
+            underscored(&seen).is_empty(),
+            "{fields:?}: {:?}",
+            seen.headers
+        );
+    }
+    f.upstream.clear();
+    let a = send(
+        &h2_client(),
+        "POST",
+        &f.gate.url("/v1/analyses/1"),
+        &[
+            ("authorization", &format!("Bearer {}", f.full)),
+            ("transfer_encoding", "chunked"),
+            ("content_length", "0"),
+        ],
+        "hello",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let seen = f.upstream.last();
+    assert_eq!(&seen.body[..], b"hello");
+    assert!(underscored(&seen).is_empty(), "{:?}", seen.headers);
+    f.gate.stop().await;
+}
+
 #[tokio::test]
 async fn two_host_headers_are_refused() {
     let f = fx("").await;
