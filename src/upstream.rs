@@ -37,7 +37,7 @@ use crate::config::UpstreamTlsSettings;
 use crate::headers::RequestFields;
 use crate::tls::TlsError;
 use conn::{Conn, Failed, Outgoing, Polled, ResponseBody, Transport};
-pub use conn::{ConnError, Tunnel};
+pub use conn::{ConnError, Progress, Tunnel};
 pub use wire::Added;
 
 fn is_idempotent(method: &Method) -> bool {
@@ -200,10 +200,14 @@ impl Upstream {
     }
 
     /// Send a request and return the response head; the body streams from the connection.
+    ///
+    /// A body that streams up notes its pieces in `progress` (one is made if none is given), by
+    /// which the caller can tell how long ago it last moved.
     pub async fn send(
         &self,
         head: &Outbound,
         body: ClientBody,
+        progress: Option<Arc<Progress>>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         // A request without a body and with a method that is safe to repeat (RFC 9110 §9.2.2)
         // can be sent again when a reused connection turns out to be closed: an upstream that
@@ -211,7 +215,7 @@ impl Upstream {
         let (body, replayable) = if body.is_end_stream() {
             (Outgoing::Bytes(Bytes::new()), is_idempotent(&head.method))
         } else {
-            (Outgoing::Stream(body), false)
+            (Outgoing::Stream(body, progress.unwrap_or_default()), false)
         };
         self.send_up(head, body, replayable).await
     }

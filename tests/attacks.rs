@@ -1800,6 +1800,131 @@ async fn each_request_on_a_kept_alive_connection_gets_the_whole_upstream_timeout
     f.gate.stop().await;
 }
 
+/// Send `head`, then each of `pieces` `gap` after the last, then read the answer (or what came
+/// before the connection closed); with how long after the last piece it came.
+async fn drip(
+    addr: SocketAddr,
+    head: &[u8],
+    pieces: &[&[u8]],
+    gap: Duration,
+) -> (Answer, Duration) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(head).await.unwrap();
+    for piece in pieces {
+        tokio::time::sleep(gap).await;
+        s.write_all(piece).await.unwrap();
+    }
+    let last = Instant::now();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap_or(0);
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(a) = parse_response(&buf) {
+            return (a, last.elapsed());
+        }
+        assert!(
+            n > 0,
+            "closed before an answer: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+    }
+}
+
+/// upstream_timeout (2 s here) is the upstream's time to start answering: an upload that takes
+/// longer, but keeps moving, goes through whole, streamed (with a length or chunked) or read
+/// first for an idempotent replay.
+#[tokio::test]
+async fn an_upload_slower_than_upstream_timeout_goes_through_while_it_moves() {
+    let f = fx("[idempotency]\n").await;
+    let pieces: Vec<Vec<u8>> = (0..8).map(|i| format!("piece{i}.").into_bytes()).collect();
+    let whole: Vec<u8> = pieces.concat();
+    let chunks: Vec<Vec<u8>> = pieces
+        .iter()
+        .map(|p| {
+            [
+                format!("{:x}\r\n", p.len()).into_bytes(),
+                p.clone(),
+                b"\r\n".to_vec(),
+            ]
+            .concat()
+        })
+        .chain([b"0\r\n\r\n".to_vec()])
+        .collect();
+    let length = format!("Content-Length: {}\r\n", whole.len());
+    for (fields, sent) in [
+        (length.clone(), &pieces),
+        ("Transfer-Encoding: chunked\r\n".to_string(), &chunks),
+        (format!("{length}Idempotency-Key: slow-1\r\n"), &pieces),
+    ] {
+        f.upstream.clear();
+        let head = req("POST /v1/analyses", Some(&f.full), &fields);
+        let sent: Vec<&[u8]> = sent.iter().map(Vec::as_slice).collect();
+        // 8 (or 9) pieces 400 ms apart: over 3 s.
+        let (a, _) = drip(f.gate.addr, &head, &sent, Duration::from_millis(400)).await;
+        assert_eq!(a.status, 200, "{fields:?}: {:?}", a.body);
+        assert_eq!(f.upstream.last().body, whole, "{fields:?}");
+    }
+    f.gate.stop().await;
+}
+
+/// Once the body is all up, the upstream has upstream_timeout to answer, counted from then.
+#[tokio::test]
+async fn upstream_timeout_counts_from_the_last_piece_of_an_upload() {
+    let f = fx("").await;
+    let head = req("POST /slow/4000", Some(&f.full), "Content-Length: 6\r\n");
+    let (a, after) = drip(
+        f.gate.addr,
+        &head,
+        &[b"abc", b"def"],
+        Duration::from_millis(1200),
+    )
+    .await;
+    assert_error(&a, 504, "upstream_timeout");
+    assert!(
+        after >= Duration::from_millis(1800) && after < Duration::from_millis(2900),
+        "upstream_timeout is 2 s from the body's end; answered {after:?} after it"
+    );
+    f.gate.stop().await;
+}
+
+/// A client that stops sending its body gets 400 once upstream_timeout passes without a piece,
+/// streamed or read first: its fault, not the upstream's.
+#[tokio::test]
+async fn a_body_that_stops_coming_is_400_after_upstream_timeout() {
+    let f = fx("[idempotency]\n").await;
+    for fields in [
+        "Content-Length: 100\r\n",
+        "Transfer-Encoding: chunked\r\n",
+        "Content-Length: 100\r\nIdempotency-Key: stalled-1\r\n",
+    ] {
+        let head = req("POST /v1/analyses", Some(&f.full), fields);
+        let piece: &[u8] = if fields.contains("chunked") {
+            b"5\r\nhello\r\n"
+        } else {
+            b"hello"
+        };
+        let (a, after) = drip(f.gate.addr, &head, &[piece], Duration::from_millis(100)).await;
+        assert_error(&a, 400, "invalid_request");
+        assert!(
+            a.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("did not arrive in time"),
+            "{fields:?}: {:?}",
+            a.body
+        );
+        assert!(
+            after >= Duration::from_millis(1800) && after < Duration::from_millis(2900),
+            "{fields:?}: upstream_timeout is 2 s from the last piece; answered {after:?} after it"
+        );
+    }
+    f.gate.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // X-Forwarded-For
 

@@ -6,6 +6,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use crate::server::ClientBody;
@@ -15,6 +17,7 @@ use http::Method;
 use crate::headers::FieldLookup;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::time::Instant;
 
 use super::wire::{self, Chunked, Decoded, Framing, Head, RequestFraming, WireError};
 use crate::http1::Rewind;
@@ -115,10 +118,63 @@ pub enum ConnError {
     ClientBody(crate::server::ClientBodyError),
 }
 
-/// A request body on its way up: in memory (resendable), or streaming from the client.
+/// A request body on its way up: in memory (resendable), or streaming from the client (and
+/// how far it got, for the caller's timeout).
 pub enum Outgoing {
     Bytes(Bytes),
-    Stream(ClientBody),
+    Stream(ClientBody, Arc<Progress>),
+}
+
+/// How far a request body streaming up has got, so that `upstream_timeout` counts from its last
+/// piece, not from the head: an upload takes as long as its client takes to send it, as long as
+/// it keeps moving. Shared between the upload's task and the request waiting for the answer.
+#[derive(Debug)]
+pub struct Progress {
+    origin: Instant,
+    /// When a piece last went up whole (or the body began), in milliseconds since `origin`.
+    moved_ms: AtomicU64,
+    /// Whether the upload waits on the client for its next piece, not on the upstream.
+    waiting_on_client: AtomicBool,
+}
+
+impl Progress {
+    pub fn new() -> Self {
+        Progress {
+            origin: crate::clock::now(),
+            moved_ms: AtomicU64::new(0),
+            waiting_on_client: AtomicBool::new(false),
+        }
+    }
+
+    /// `timeout` after the body last moved.
+    pub fn due(&self, timeout: std::time::Duration) -> Instant {
+        let moved = std::time::Duration::from_millis(self.moved_ms.load(Ordering::Relaxed));
+        self.origin + moved + timeout
+    }
+
+    /// Whether the upload was waiting on the client (not on the upstream) when last looked at.
+    pub fn waiting_on_client(&self) -> bool {
+        self.waiting_on_client.load(Ordering::Relaxed)
+    }
+
+    fn moved(&self) {
+        let ms = crate::clock::fresh()
+            .saturating_duration_since(self.origin)
+            .as_millis();
+        self.moved_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.waiting_on_client.store(false, Ordering::Relaxed);
+    }
+
+    fn waiting(&self, on_client: bool) {
+        self.waiting_on_client.store(on_client, Ordering::Relaxed);
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// An exchange that got no answer. `body` is given back when the request can be sent again
@@ -191,7 +247,7 @@ impl Conn {
                     RequestFraming::None
                 }
             }
-            Outgoing::Stream(s) => match s.size_hint().exact() {
+            Outgoing::Stream(s, _) => match s.size_hint().exact() {
                 Some(n) => RequestFraming::Length(n),
                 None => RequestFraming::Chunked,
             },
@@ -240,9 +296,13 @@ impl Conn {
                 }
             }
             Outgoing::Bytes(b) => self.stream_exchange(method, upgrade, Upload::Full(b)).await,
-            Outgoing::Stream(s) => {
+            Outgoing::Stream(s, progress) => {
                 let chunked = framing == RequestFraming::Chunked;
-                let upload = Upload::Streamed { body: s, chunked };
+                let upload = Upload::Streamed {
+                    body: s,
+                    chunked,
+                    progress,
+                };
                 self.stream_exchange(method, upgrade, upload).await
             }
         }
@@ -386,21 +446,35 @@ enum Upload {
     /// A large body already in memory.
     Full(Bytes),
     /// The client's body, forwarded as it arrives, with its length or chunked.
-    Streamed { body: ClientBody, chunked: bool },
+    Streamed {
+        body: ClientBody,
+        chunked: bool,
+        progress: Arc<Progress>,
+    },
 }
 
 impl Upload {
     async fn send<W: AsyncWrite + Unpin>(self, w: &mut W) -> Result<(), ConnError> {
         use http_body_util::BodyExt;
-        let (mut body, chunked) = match self {
+        let streamed = match self {
             Upload::Full(b) => {
                 w.write_all(&b).await?;
                 return Ok(w.flush().await?);
             }
-            Upload::Streamed { body, chunked } => (body, chunked),
+            Upload::Streamed {
+                body,
+                chunked,
+                progress,
+            } => (body, chunked, progress),
         };
+        let (mut body, chunked, progress) = streamed;
         let mut framed = Vec::new();
-        while let Some(frame) = body.frame().await {
+        loop {
+            progress.waiting(true);
+            let Some(frame) = body.frame().await else {
+                break;
+            };
+            progress.waiting(false);
             let frame = frame.map_err(ConnError::ClientBody)?;
             // Trailers of a request are not forwarded.
             let Ok(data) = frame.into_data() else {
@@ -419,10 +493,15 @@ impl Upload {
             // Out now, not when the next piece comes: the client may pause (and TLS holds
             // records back until flushed).
             w.flush().await?;
+            progress.moved();
         }
+        progress.waiting(false);
         if chunked {
             w.write_all(wire::LAST_CHUNK).await?;
         }
+        w.flush().await?;
+        // All of it is up: the upstream's time to answer starts now.
+        progress.moved();
         Ok(())
     }
 }
