@@ -747,6 +747,7 @@ async fn answer_replayable(
                 (pending, admitted),
                 max,
                 timeout,
+                state.names.clone(),
             )
             .await
             {
@@ -825,6 +826,7 @@ async fn exchange_once(
     (pending, admitted): (idempotency::Pending, tokio::sync::OwnedSemaphorePermit),
     max: usize,
     timeout: std::time::Duration,
+    names: Arc<HeaderNames>,
 ) -> Result<Response<ProxyBody>, DenyReason> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
@@ -835,7 +837,7 @@ async fn exchange_once(
             Err(_) => Err(DenyReason::UpstreamTimeout),
             // Never answered: the key is freed (dropping `pending`) so a retry runs.
             Ok(Err(e)) => Err(upstream_error(&e)),
-            Ok(Ok(resp)) => remember(pending, resp, max, BACKGROUND_EXCHANGE).await,
+            Ok(Ok(resp)) => remember(pending, resp, max, BACKGROUND_EXCHANGE, names).await,
         };
         let _ = tx.send(outcome);
     });
@@ -854,9 +856,12 @@ async fn remember(
     resp: Response<PooledBody>,
     max: usize,
     timeout: std::time::Duration,
+    names: Arc<HeaderNames>,
 ) -> Result<Response<ProxyBody>, DenyReason> {
-    // The stored answer needs its fields in the map.
+    // The stored answer needs its fields in the map. One that streams on has its trailers
+    // cleaned as any answer's.
     let (mut parts, mut body) = resp.into_parts();
+    body.keep_out_of_trailers(names);
     body.merge_fields(&mut parts.headers)
         .map_err(|_| DenyReason::UpstreamUnavailable)?;
     let resp = Response::from_parts(parts, body);

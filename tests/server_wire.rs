@@ -301,16 +301,32 @@ async fn trailers_reach_only_a_client_that_asks_for_them() {
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-trail\r\n\r\n5\r\nhello\r\n0\r\nx-trail: 1\r\ncontent-length: 987654\r\nx-key-id: made-up\r\nX_Request_Id: made-up\r\nconnection: close\r\n\r\n",
     )
     .await;
-    let f = fx(up, "").await;
-    for (te, want) in [("", false), ("TE: trailers\r\n", true)] {
+    // Also an answer to an idempotent request that streams on (no length: not kept for retries).
+    let f = fx(up, "[idempotency]\n").await;
+    let requests = [
+        ("GET /v1/analyses/1", "", ""),
+        ("GET /v1/analyses/1", "TE: trailers\r\n", ""),
+        (
+            "POST /v1/analyses",
+            "Idempotency-Key: trail-1\r\nContent-Length: 1\r\n",
+            "x",
+        ),
+        (
+            "POST /v1/analyses",
+            "TE: trailers\r\nIdempotency-Key: trail-2\r\nContent-Length: 1\r\n",
+            "x",
+        ),
+    ];
+    for (line, fields, body) in requests {
+        let want = fields.starts_with("TE");
         let mut s = TcpStream::connect(f.gate.addr).await.unwrap();
-        s.write_all(&f.req("GET /v1/analyses/1", &format!("{te}Connection: close\r\n")))
-            .await
-            .unwrap();
+        let mut request = f.req(line, &format!("{fields}Connection: close\r\n"));
+        request.extend_from_slice(body.as_bytes());
+        s.write_all(&request).await.unwrap();
         let text = String::from_utf8(read_all(&mut s, Duration::from_secs(5)).await).unwrap();
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
         assert!(text.contains("\r\n5\r\nhello\r\n0\r\n"), "{text}");
-        assert_eq!(text.contains("x-trail: 1\r\n"), want, "{te:?}: {text}");
+        assert_eq!(text.contains("x-trail: 1\r\n"), want, "{fields:?}: {text}");
         assert!(!text.contains("987654"), "a length in the trailers: {text}");
         assert!(
             !text.contains("made-up"),
