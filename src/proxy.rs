@@ -482,6 +482,11 @@ async fn answer(
         client_ip(peer.ip, fields.values(&XFF), trusted)
     };
     let host = host_of(&req, &fields);
+    // RFC 9110 §4.2.4: user information in the authority is an error, not a host to pass on.
+    if host.as_ref().is_some_and(|h| h.as_bytes().contains(&b'@')) {
+        let why = "the request's host carries user information (user@host)";
+        return deny(&DenyReason::BadRequest(why), &request_id, names, true);
+    }
     let snapshot = state.store.serving();
     let facts = RequestFacts::from_read(
         req.method().as_str(),

@@ -1419,6 +1419,30 @@ async fn framing_fields_spelled_with_underscores_never_reach_the_upstream() {
     f.gate.stop().await;
 }
 
+/// User information in the authority (`http://user:pw@host/`, `Host: user@host`) is an error
+/// (RFC 9110 §4.2.4), never a `Host` or `X-Forwarded-Host` for the upstream.
+#[tokio::test]
+async fn user_information_in_the_authority_is_refused() {
+    let f = fx("").await;
+    let bearer = format!("Authorization: Bearer {}\r\n", f.full);
+    for request in [
+        format!("GET http://user:pw@api.example/v1/analyses/1 HTTP/1.1\r\nHost: api.example\r\n{bearer}\r\n"),
+        format!("GET /v1/analyses/1 HTTP/1.1\r\nHost: user@api.example\r\n{bearer}\r\n"),
+    ] {
+        let a = raw(f.gate.addr, request.as_bytes()).await;
+        assert_error(&a, 400, "invalid_request");
+    }
+    let url = f
+        .gate
+        .url("/v1/analyses/1")
+        .replace("http://", "http://user:pw@");
+    let a = send(&h2_client(), "GET", &url, &[("x-api-key", &f.full)], "").await;
+    assert_error(&a, 400, "invalid_request");
+    settle().await;
+    assert_eq!(f.upstream.count(), 0, "{:?}", f.upstream.seen());
+    f.gate.stop().await;
+}
+
 #[tokio::test]
 async fn two_host_headers_are_refused() {
     let f = fx("").await;
