@@ -1443,6 +1443,18 @@ async fn user_information_in_the_authority_is_refused() {
     f.gate.stop().await;
 }
 
+/// HTTP/2's `:path` must be a path: one of a query alone (`?q=1`) is refused, not read as "/".
+#[tokio::test]
+async fn an_http2_path_of_a_query_alone_is_invalid_path() {
+    let f = fx("").await;
+    let url = format!("http://{}?q=1", f.gate.addr);
+    let a = send(&h2_client(), "GET", &url, &[("x-api-key", &f.full)], "").await;
+    assert_error(&a, 400, "invalid_path");
+    settle().await;
+    assert_eq!(f.upstream.count(), 0, "{:?}", f.upstream.seen());
+    f.gate.stop().await;
+}
+
 #[tokio::test]
 async fn two_host_headers_are_refused() {
     let f = fx("").await;
@@ -1660,6 +1672,28 @@ async fn oversized_header_sections_are_refused_before_any_decision() {
     let a = raw(f.gate.addr, &req("GET /v1/analyses/1", Some(&f.full), &few)).await;
     assert_eq!(a.status, 200, "10 headers under the limit");
     assert_eq!(f.upstream.count(), 1);
+    // The same over HTTP/2, whose head hyper reads.
+    let key = f.full.clone();
+    let fields = |n: usize| -> Vec<(String, String)> {
+        (0..n)
+            .map(|i| (format!("x-h{i}"), i.to_string()))
+            .chain([("x-api-key".to_string(), key.clone())])
+            .collect()
+    };
+    for (n, want) in [(30, 431), (10, 200)] {
+        let fields = fields(n);
+        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+        let a = send(
+            &h2_client(),
+            "GET",
+            &f.gate.url("/v1/analyses/1"),
+            &fields,
+            "",
+        )
+        .await;
+        assert_eq!(a.status, want, "{n} headers over HTTP/2, max_headers = 20");
+    }
+    assert_eq!(f.upstream.count(), 2);
     f.gate.stop().await;
 }
 
