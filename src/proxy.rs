@@ -469,19 +469,10 @@ async fn answer(
     note.request_id = Some(request_id.clone());
 
     // keygate's HTTP/1.1 server counts a head's fields as it reads them; hyper's HTTP/2 one
-    // bounds only their size. Nor does it refuse a `:path` of a query alone (`?q=1`), which
-    // reads as the path "/" but is no path (RFC 9113 §8.3.1).
+    // bounds only their size.
     if let RequestFields::Map(map) = &fields {
         if map.len() > state.settings.max_headers {
             return deny(&DenyReason::HeadTooLarge, &request_id, names, false);
-        }
-        if req
-            .uri()
-            .path_and_query()
-            .is_some_and(|t| t.as_str().starts_with('?'))
-        {
-            let reason = DenyReason::InvalidPath(crate::path::PathError::NotAbsolute);
-            return deny(&reason, &request_id, names, false);
         }
     }
     if let Some(why) = smuggling_shape(&req, &fields) {

@@ -1443,18 +1443,6 @@ async fn user_information_in_the_authority_is_refused() {
     f.gate.stop().await;
 }
 
-/// HTTP/2's `:path` must be a path: one of a query alone (`?q=1`) is refused, not read as "/".
-#[tokio::test]
-async fn an_http2_path_of_a_query_alone_is_invalid_path() {
-    let f = fx("").await;
-    let url = format!("http://{}?q=1", f.gate.addr);
-    let a = send(&h2_client(), "GET", &url, &[("x-api-key", &f.full)], "").await;
-    assert_error(&a, 400, "invalid_path");
-    settle().await;
-    assert_eq!(f.upstream.count(), 0, "{:?}", f.upstream.seen());
-    f.gate.stop().await;
-}
-
 #[tokio::test]
 async fn two_host_headers_are_refused() {
     let f = fx("").await;
