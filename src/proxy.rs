@@ -340,6 +340,25 @@ impl server::Handler for H1 {
         busy.answered();
         resp.map(|body| Tracked::new(body, busy))
     }
+
+    fn broken(&self, own: Option<HeaderValue>) -> Response<Tracked<ProxyBody>> {
+        // The upstream's answer broke off before a byte of it reached the client: a 502 can
+        // still say so, with the request's id.
+        let request_id = own.unwrap_or_else(request_id::mint);
+        tracing::warn!(
+            request_id = request_id_str(&request_id),
+            "the upstream's answer broke off before any of it was sent"
+        );
+        let resp = deny(
+            &DenyReason::UpstreamUnavailable,
+            &request_id,
+            &self.state.names,
+            true,
+        );
+        let mut busy = self.peer.activity.busy();
+        busy.answered();
+        resp.map(|body| Tracked::new(body, busy))
+    }
 }
 
 /// Shapes keygate refuses to interpret, because a server behind it might read them differently.

@@ -78,6 +78,11 @@ pub trait Handler: Send + Sync + 'static {
 
     /// The answer to a request whose head could not be taken (the connection closes after it).
     fn refuse(&self, error: HeadError) -> Response<Self::Body>;
+
+    /// The answer to give instead of one whose body broke off (or was not as long as it said)
+    /// before any of it went out; the connection closes after it. `own`: the value of the broken
+    /// answer's own field ([`PassedFields::own_field`]), if it had one.
+    fn broken(&self, own: Option<http::HeaderValue>) -> Response<Self::Body>;
 }
 
 /// A connection's settings, from `[proxy]`.
@@ -203,14 +208,16 @@ async fn serve_on<H: Handler>(
 
         // Pinned where it is made: the handler's future (several KiB of state) is not moved
         // again on its way to being polled.
-        let mut call = std::pin::pin!(handler.call(request, head.fields));
-        let resp = if head.expect_continue {
-            match conn.answer_expecting_continue(call.as_mut()).await {
-                Some(resp) => resp,
-                None => return,
+        let resp = {
+            let mut call = std::pin::pin!(handler.call(request, head.fields));
+            if head.expect_continue {
+                match conn.answer_expecting_continue(call.as_mut()).await {
+                    Some(resp) => resp,
+                    None => return,
+                }
+            } else {
+                call.await
             }
-        } else {
-            call.await
         };
         let said = Said {
             close: !keep_alive || *shutting_down.borrow(),
@@ -218,6 +225,14 @@ async fn serve_on<H: Handler>(
         };
         let written = conn.respond(resp, said).await;
         let keep = match written {
+            Ok(Written::Broken(own)) => {
+                let said = Said {
+                    close: true,
+                    ..said
+                };
+                let _ = conn.respond(handler.broken(own), said).await;
+                return conn.close(true).await;
+            }
             Ok(Written::KeepAlive) => true,
             Ok(Written::Close) => false,
             Ok(Written::Switched) => {
@@ -256,6 +271,9 @@ enum Written {
     Close,
     /// A 101 went out: the connection is the client's tunnel now.
     Switched,
+    /// Nothing went out: the answer's body broke off before any of it was written. Carries
+    /// the answer's own field's value.
+    Broken(Option<http::HeaderValue>),
 }
 
 /// The connection cannot go on (the client went away, the answer broke off).
@@ -462,11 +480,21 @@ impl Conn<'_> {
             ResponseFraming::Chunked | ResponseFraming::UntilClose => u64::MAX,
         };
         let mut trailers = None;
+        // Whether any of the answer went out: until then a broken one can still be replaced.
+        let mut wrote = false;
+        let broken = |wrote: bool, body: &B| {
+            if wrote {
+                Err(Abort)
+            } else {
+                Ok(Written::Broken(body.own_field().map(|(_, v)| v.clone())))
+            }
+        };
         loop {
             let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
                 Poll::Ready(frame) => frame,
                 Poll::Pending => {
                     // Nothing more yet: what is gathered goes out now.
+                    wrote = true;
                     self.write_out().await?;
                     self.wait_frame(&mut body).await?
                 }
@@ -475,7 +503,7 @@ impl Conn<'_> {
                 None => break,
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "the answer's body failed; closing the connection");
-                    return Err(Abort);
+                    return broken(wrote, &body);
                 }
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
@@ -485,13 +513,14 @@ impl Conn<'_> {
                         let n = data.len() as u64;
                         if !chunked && n > left {
                             tracing::debug!("the answer's body is longer than it said");
-                            return Err(Abort);
+                            return broken(wrote, &body);
                         }
                         left -= n;
                         if chunked {
                             wire::encode_chunk_size(&mut self.out, data.len());
                         }
                         if data.len() >= WRITE_AT {
+                            wrote = true;
                             self.write_out().await?;
                             self.write_all(&data).await.map_err(|_| Abort)?;
                         } else {
@@ -501,6 +530,7 @@ impl Conn<'_> {
                             self.out.extend_from_slice(b"\r\n");
                         }
                         if self.out.len() >= WRITE_AT {
+                            wrote = true;
                             self.write_out().await?;
                         }
                     }
@@ -514,11 +544,10 @@ impl Conn<'_> {
                 },
             }
         }
-        drop(body);
         match framing {
             ResponseFraming::Length(_) if left != 0 => {
                 tracing::debug!("the answer's body is shorter than it said");
-                return Err(Abort);
+                return broken(wrote, &body);
             }
             ResponseFraming::Chunked => {
                 // What a trailer may not say was left out where the answer was read.
@@ -526,6 +555,7 @@ impl Conn<'_> {
             }
             _ => {}
         }
+        drop(body);
         self.write_out().await?;
         Ok(if close {
             Written::Close

@@ -338,6 +338,59 @@ async fn trailers_reach_only_a_client_that_asks_for_them() {
     f.gate.stop().await;
 }
 
+/// An upstream answer that breaks off (a malformed chunk) before any of it reached the client
+/// is a 502 with the request's id, not a connection closed without a word; once some of it
+/// went out, the connection is cut.
+#[tokio::test]
+async fn an_answer_broken_before_any_of_it_went_out_is_502() {
+    // (A body that stops short of its length is seen to end only at the next read, and what
+    // came before it has gone out by then.)
+    for answer in [
+        &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXX"[..],
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nokay\r\n0\r\n\r\n",
+    ] {
+        let up = upstream(move |mut s| async move {
+            if read_head(&mut s).await.is_some() {
+                let _ = s.write_all(answer).await;
+            }
+        })
+        .await;
+        let f = fx(up, "").await;
+        let mut s = TcpStream::connect(f.gate.addr).await.unwrap();
+        s.write_all(&f.req("GET /v1/analyses/1", "X-Request-Id: broken-1\r\n"))
+            .await
+            .unwrap();
+        let text = String::from_utf8(read_all(&mut s, Duration::from_secs(5)).await).unwrap();
+        let a = parse_response(text.as_bytes()).unwrap_or_else(|| panic!("{text}"));
+        assert_error(&a, 502, "upstream_unavailable");
+        assert_eq!(a.header("x-request-id"), Some("broken-1"), "{text}");
+        assert_eq!(a.json()["error"]["request_id"], "broken-1", "{text}");
+        assert!(!text.contains("okXX") && !text.contains("okay"), "{text}");
+        f.gate.stop().await;
+    }
+    // 200 KB of 300 said: most of it went out before the end showed, and the client's
+    // connection is cut after it (nothing can be said after a head that went out).
+    let up = upstream(|mut s| async move {
+        if read_head(&mut s).await.is_some() {
+            let _ = s
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\nConnection: close\r\n\r\n",
+                )
+                .await;
+            let _ = s.write_all(&vec![b'x'; 200_000]).await;
+        }
+    })
+    .await;
+    let f = fx(up, "").await;
+    let mut s = TcpStream::connect(f.gate.addr).await.unwrap();
+    s.write_all(&f.req("GET /v1/analyses/1", "")).await.unwrap();
+    let got = read_all(&mut s, Duration::from_secs(5)).await;
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{:?}", &got[..40]);
+    assert!(got.len() < 300_000, "{}", got.len());
+    assert!(find(&got, b"upstream_unavailable").is_none());
+    f.gate.stop().await;
+}
+
 /// Answers without a body keep a `Content-Length` only where it means something and only if
 /// it is one number, so that an HTTP/2 client (which checks) gets them too.
 #[tokio::test]

@@ -370,13 +370,21 @@ async fn a_truncated_answer_never_looks_complete_and_its_connection_is_dropped()
     let mut got = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
     assert!(read.is_ok(), "the client was left hanging");
-    // Either nothing or the head and the 5 bytes that came: never a complete 10-byte body.
+    // A 502 when the end showed before anything went out, else the head and the 5 bytes that
+    // came: never a complete 10-byte body.
     let text = String::from_utf8_lossy(&got);
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    assert!(
-        body.len() < 10,
-        "a truncated answer looked complete: {text}"
-    );
+    if text.starts_with("HTTP/1.1 502") {
+        assert!(
+            text.contains("upstream_unavailable") && !text.contains("half!"),
+            "{text}"
+        );
+    } else {
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        assert!(
+            body.len() < 10,
+            "a truncated answer looked complete: {text}"
+        );
+    }
     let a = f.get().await;
     assert_eq!((a.status, &a.body[..]), (200, &b"clean"[..]));
     f.gate.stop().await;
