@@ -342,21 +342,19 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
 /// A field named like one that frames a message or is hop-by-hop, but with `_` for `-`
 /// (`Transfer_Encoding`, `Content_Length`, `Keep_Alive`): CGI-style servers read it as that
 /// field, which would give them a second framing beside the one keygate sends. `name` in any
-/// case; the names with a `-` are told apart by their length first.
+/// case. This runs for every field of every request: the length picks the one name it could
+/// be, and the byte where that name has its `-` settles almost every field.
 pub fn is_underscored_framing(name: &[u8]) -> bool {
-    const DASHED: [&str; 6] = [
-        "keep-alive",
-        "content-length",
-        "proxy-connection",
-        "transfer-encoding",
-        "proxy-authenticate",
-        "proxy-authorization",
-    ];
-    matches!(name.len(), 10 | 14 | 16..=19)
-        && name.contains(&b'_')
-        && DASHED
-            .iter()
-            .any(|d| folded_eq_any_case(d.as_bytes(), name))
+    let (dashed, at) = match name.len() {
+        10 => ("keep-alive", 4),
+        14 => ("content-length", 7),
+        16 => ("proxy-connection", 5),
+        17 => ("transfer-encoding", 8),
+        18 => ("proxy-authenticate", 5),
+        19 => ("proxy-authorization", 5),
+        _ => return false,
+    };
+    name[at] == b'_' && folded_eq_any_case(dashed.as_bytes(), name)
 }
 
 /// Remove, in one pass over the names, what must not travel on: hop-by-hop headers (also when
@@ -495,6 +493,33 @@ pub fn request_id_str(v: &HeaderValue) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn underscored_framing_names() {
+        for name in [
+            "Transfer_Encoding",
+            "content_length",
+            "KEEP_ALIVE",
+            "proxy_connection",
+            "Proxy_Authenticate",
+            "proxy_authorization",
+        ] {
+            assert!(is_underscored_framing(name.as_bytes()), "{name}");
+        }
+        for name in [
+            "Transfer-Encoding",
+            "content-length",
+            "keep-alive",
+            "user-agent",
+            "x_forwarded",
+            "content_lengthy",
+            "content-_ength",
+            "transfer_encodin",
+            "",
+        ] {
+            assert!(!is_underscored_framing(name.as_bytes()), "{name}");
+        }
+    }
 
     fn names() -> HeaderNames {
         HeaderNames {
