@@ -134,6 +134,26 @@ fn check<'s>(
     check_record(snapshot, record, policy, facts, path, now_ms).map_err(|r| (r, Some(record)))
 }
 
+/// The path and query a URL-override field names: the field itself, or what follows the
+/// authority of an absolute `http(s)://` URL (ingress-nginx's `auth-url` sends
+/// `$scheme://$http_host$request_uri`; servers take its path), `/` if nothing does.
+fn override_target(url: &str) -> &str {
+    for scheme in ["http://", "https://"] {
+        let Some(rest) = url
+            .get(..scheme.len())
+            .filter(|s| s.eq_ignore_ascii_case(scheme))
+            .map(|_| &url[scheme.len()..])
+        else {
+            continue;
+        };
+        return match rest.find(['/', '?']) {
+            Some(at) if rest.as_bytes()[at] == b'/' => &rest[at..],
+            _ => "/",
+        };
+    }
+    url
+}
+
 /// Checks 0–3: the request's shape and the key's, up to finding its record.
 fn find<'s, 'f>(
     snapshot: Option<&'s Snapshot>,
@@ -156,10 +176,11 @@ fn find<'s, 'f>(
     }
 
     // Nor may the path be another than the one decided on: some servers route by the URL a
-    // URL-override field names. Naming the request's own path (its query aside) is harmless.
+    // URL-override field names. Naming the request's own path (its query aside) is harmless;
+    // an empty one is not (servers that test for the field's presence route it to `/`).
     if let Some(url) = facts.url_override {
         let same = std::str::from_utf8(url.trim_ascii()).is_ok_and(|url| {
-            let (named, _query) = crate::path::split_target(url);
+            let (named, _query) = crate::path::split_target(override_target(url));
             crate::path::normalize(named, policy.path)
                 .is_ok_and(|named| named.for_matching() == path.for_matching())
         });

@@ -174,17 +174,34 @@ impl<'a> Headers<'a, '_> {
             .map(|(_, v)| *v)
     }
 
-    /// The non-empty value of the fields `is` picks (the method-override or the URL-override
-    /// fields, any spelling): empty when more than one came. (Envoy joins a field's repeats
-    /// with commas: no method has one, and such a URL is not the request's.)
-    fn override_field(&self, is: fn(&[u8]) -> bool) -> Option<&'a [u8]> {
+    /// The non-empty value of the method-override fields ([`crate::headers::METHOD_OVERRIDES`],
+    /// any spelling): empty when more than one came (Envoy joins repeats with commas, which no
+    /// method has).
+    fn method_override(&self) -> Option<&'a [u8]> {
         let mut all = self
             .0
             .iter()
-            .filter(|(k, v)| is(k) && !v.trim_ascii().is_empty())
+            .filter(|(k, v)| crate::headers::is_method_override(k) && !v.trim_ascii().is_empty())
             .map(|(_, v)| *v);
         let first = all.next()?;
         Some(if all.next().is_some() { b"" } else { first })
+    }
+
+    /// The value of the URL-override fields ([`crate::headers::URL_OVERRIDES`], any spelling,
+    /// an empty one included): empty when more than one came, or when it holds a comma, which
+    /// is how Envoy passes a repeated field (two joined could spell the request's own path).
+    fn url_override(&self) -> Option<&'a [u8]> {
+        let mut all = self
+            .0
+            .iter()
+            .filter(|(k, _)| crate::headers::is_url_override(k))
+            .map(|(_, v)| *v);
+        let first = all.next()?;
+        Some(if all.next().is_some() || first.contains(&b',') {
+            b""
+        } else {
+            first
+        })
     }
 
     /// The one value of `name`; a repeated header yields an empty value (matches nothing).
@@ -281,8 +298,8 @@ async fn decide_check(
         referer: headers.single("referer"),
         origin: headers.single("origin"),
         idempotency_key: headers.single(names.idempotency_key.as_str()),
-        method_override: headers.override_field(crate::headers::is_method_override),
-        url_override: headers.override_field(crate::headers::is_url_override),
+        method_override: headers.method_override(),
+        url_override: headers.url_override(),
     };
     let snapshot = state.store.serving();
     match admit(

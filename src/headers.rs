@@ -304,7 +304,8 @@ impl<'a> Read<'a> {
             if is_method_override(name) && !value.trim_ascii().is_empty() {
                 read.method_override.note(value);
             }
-            if is_url_override(name) && !value.trim_ascii().is_empty() {
+            // An empty one too: servers that test for the field's presence route it to `/`.
+            if is_url_override(name) {
                 read.url_override.note(value);
             }
         }
@@ -652,7 +653,19 @@ mod tests {
                 origin: single(&header::ORIGIN),
                 idempotency_key: single(&names.idempotency_key),
                 method_override: one_of(is_method_override),
-                url_override: one_of(is_url_override),
+                url_override: {
+                    let mut all = map
+                        .iter()
+                        .filter(|(n, _)| is_url_override(n.as_str().as_bytes()))
+                        .map(|(_, v)| v.as_bytes());
+                    all.next().map(|first| {
+                        if all.next().is_some() {
+                            &b""[..]
+                        } else {
+                            first
+                        }
+                    })
+                },
             };
             let ids: Vec<&[u8]> = FieldLookup::values(&map, &names.request_id).collect();
             for read in [

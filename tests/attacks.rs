@@ -1079,6 +1079,16 @@ async fn a_url_override_cannot_dodge_routes() {
             assert_error(&a, 400, "invalid_request");
         }
     }
+    // An empty one: servers that test for the field's presence route the request to `/`.
+    let a = send(
+        &client(),
+        "GET",
+        &f.gate.url("/v1/public/x"),
+        &[("x-api-key", &f.public), ("x-original-url", "")],
+        "",
+    )
+    .await;
+    assert_error(&a, 400, "invalid_request");
     // Two of them, even naming the request's path: which one a server reads is its own choice.
     let a = send(
         &client(),

@@ -822,6 +822,19 @@ async fn proxy_ext_authz_and_forward_auth_agree() {
                 ("X-Original-URL", "/v1/analyses//1?x=1".into()),
             ],
         ),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![
+                ("x-api-key", k.ok.clone()),
+                ("x-original-url", "https://api.example/v1/analyses/1".into()),
+            ],
+        ),
+        (
+            "GET",
+            "/v1/analyses/1",
+            vec![("x-api-key", k.ok.clone()), ("x-rewrite-url", "".into())],
+        ),
     ];
     for (method, path, headers) in &table {
         let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();

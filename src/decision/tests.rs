@@ -933,9 +933,32 @@ fn each_check_of_the_contract() {
             ..BASE
         },
         Case {
-            name: "a URL override that is no path",
-            url_override: Some("https://api.example.com/v1/analyses/an_1"),
+            name: "a URL override that is an absolute URL of another path",
+            url_override: Some("https://api.example.com/v1/admin?x=1"),
             want: Deny("invalid_request"),
+            ..BASE
+        },
+        Case {
+            name: "a URL override that is an absolute URL without a path",
+            url_override: Some("HTTP://api.example.com?x=1"),
+            want: Deny("invalid_request"),
+            ..BASE
+        },
+        Case {
+            name: "a URL override of another scheme",
+            url_override: Some("ftp://api.example.com/v1/analyses/an_1"),
+            want: Deny("invalid_request"),
+            ..BASE
+        },
+        Case {
+            name: "an empty URL override (servers route it to /)",
+            url_override: Some(" "),
+            want: Deny("invalid_request"),
+            ..BASE
+        },
+        Case {
+            name: "a URL override that is the request's own absolute URL (ingress-nginx auth-url)",
+            url_override: Some("https://api.example.com/v1/analyses/an_1?page=2"),
             ..BASE
         },
         Case {
