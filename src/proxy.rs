@@ -640,13 +640,13 @@ async fn answer(
             loop {
                 match upstream_deadline.bound(send.as_mut()).await {
                     Ok(sent) => break Ok(sent),
-                    Err(expired) => match progress.as_deref() {
-                        Some(p) if p.due(timeout) > crate::clock::fresh() => {
-                            upstream_deadline.set(p.due(timeout));
+                    Err(expired) => match progress.as_deref().map(|p| p.due(timeout)) {
+                        Some((due, _)) if due > crate::clock::fresh() => {
+                            upstream_deadline.set(due);
                         }
                         // The client stopped sending its body: its fault, and the connection
                         // cannot carry another request.
-                        Some(p) if p.waiting_on_client() => {
+                        Some((_, true)) => {
                             let why = "the request body did not arrive in time";
                             return deny(&DenyReason::BadRequest(why), &request_id, names, true);
                         }
@@ -747,16 +747,25 @@ async fn answer_replayable(
             false,
         );
     };
-    let read = read_request_body(
-        body,
-        outbound.fields.values(&header::CONTENT_LENGTH).next(),
-        store.limits.max_request_bytes,
+    // Read whole within upstream_timeout, not per piece: the body holds one of the store's
+    // admissions and up to max_request_bytes of memory while it comes, and a trickle must not
+    // keep them (a body of that size arrives well within it at any usable rate).
+    let read = tokio::time::timeout(
         timeout,
+        read_request_body(
+            body,
+            outbound.fields.values(&header::CONTENT_LENGTH).next(),
+            store.limits.max_request_bytes,
+        ),
     )
     .await;
     let bytes = match read {
-        Ok(b) => b,
-        Err(reason) => return deny(&reason, &request_id, names, true),
+        Ok(Ok(b)) => b,
+        Ok(Err(reason)) => return deny(&reason, &request_id, names, true),
+        Err(_) => {
+            let reason = DenyReason::BadRequest("the request body did not arrive in time");
+            return deny(&reason, &request_id, names, true);
+        }
     };
     let fingerprint =
         idempotency::fingerprint(outbound.method.as_str(), outbound.target.as_str(), &bytes);
@@ -804,42 +813,21 @@ async fn answer_replayable(
     }
 }
 
-/// Read a request body whole, refusing one over `max` bytes (by its Content-Length at once), or
-/// one whose next piece does not come within `timeout` of the last (or of the head): an upload
-/// takes as long as it needs, as long as it moves.
+/// Read a request body whole, refusing one over `max` bytes (by its Content-Length at once).
 async fn read_request_body(
     body: ClientBody,
     declared: Option<&[u8]>,
     max: usize,
-    timeout: std::time::Duration,
 ) -> Result<Bytes, DenyReason> {
     use http_body_util::BodyExt;
     let declared = declared.and_then(crate::http1::parse_length);
     if declared.is_some_and(|n| n > max as u64) {
         return Err(DenyReason::RequestTooLarge);
     }
-    let mut body = http_body_util::Limited::new(body, max);
-    let mut whole = bytes::BytesMut::new();
-    loop {
-        match tokio::time::timeout(timeout, body.frame()).await {
-            Err(_) => {
-                return Err(DenyReason::BadRequest(
-                    "the request body did not arrive in time",
-                ))
-            }
-            Ok(None) => return Ok(whole.freeze()),
-            Ok(Some(Ok(frame))) => {
-                if let Ok(data) = frame.into_data() {
-                    whole.extend_from_slice(&data);
-                }
-            }
-            Ok(Some(Err(e))) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err(DenyReason::RequestTooLarge)
-            }
-            Ok(Some(Err(_))) => {
-                return Err(DenyReason::BadRequest("the request body could not be read"))
-            }
-        }
+    match http_body_util::Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(DenyReason::RequestTooLarge),
+        Err(_) => Err(DenyReason::BadRequest("the request body could not be read")),
     }
 }
 

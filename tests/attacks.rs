@@ -1891,11 +1891,11 @@ async fn drip(
 }
 
 /// upstream_timeout (2 s here) is the upstream's time to start answering: an upload that takes
-/// longer, but keeps moving, goes through whole, streamed (with a length or chunked) or read
-/// first for an idempotent replay.
+/// longer, but keeps moving, goes through whole, streamed with a length or chunked. (One read
+/// before it goes up, for an idempotent replay, must come whole within it: below.)
 #[tokio::test]
 async fn an_upload_slower_than_upstream_timeout_goes_through_while_it_moves() {
-    let f = fx("[idempotency]\n").await;
+    let f = fx("").await;
     let pieces: Vec<Vec<u8>> = (0..8).map(|i| format!("piece{i}.").into_bytes()).collect();
     let whole: Vec<u8> = pieces.concat();
     let chunks: Vec<Vec<u8>> = pieces
@@ -1914,7 +1914,6 @@ async fn an_upload_slower_than_upstream_timeout_goes_through_while_it_moves() {
     for (fields, sent) in [
         (length.clone(), &pieces),
         ("Transfer-Encoding: chunked\r\n".to_string(), &chunks),
-        (format!("{length}Idempotency-Key: slow-1\r\n"), &pieces),
     ] {
         f.upstream.clear();
         let head = req("POST /v1/analyses", Some(&f.full), &fields);
@@ -1941,14 +1940,16 @@ async fn upstream_timeout_counts_from_the_last_piece_of_an_upload() {
     .await;
     assert_error(&a, 504, "upstream_timeout");
     assert!(
-        after >= Duration::from_millis(1800) && after < Duration::from_millis(2900),
-        "upstream_timeout is 2 s from the body's end; answered {after:?} after it"
+        after >= Duration::from_millis(1800) && after < Duration::from_millis(3800),
+        "upstream_timeout is 2 s from the body's end (the upstream answers after 4 s); \
+         answered {after:?} after it"
     );
     f.gate.stop().await;
 }
 
-/// A client that stops sending its body gets 400 once upstream_timeout passes without a piece,
-/// streamed or read first: its fault, not the upstream's.
+/// A client that stops sending its body gets 400 once upstream_timeout passes without a piece
+/// (streamed), or without the whole body (read first, for an idempotent replay): its fault,
+/// not the upstream's.
 #[tokio::test]
 async fn a_body_that_stops_coming_is_400_after_upstream_timeout() {
     let f = fx("[idempotency]\n").await;
@@ -1974,7 +1975,7 @@ async fn a_body_that_stops_coming_is_400_after_upstream_timeout() {
             a.body
         );
         assert!(
-            after >= Duration::from_millis(1800) && after < Duration::from_millis(2900),
+            after >= Duration::from_millis(1800) && after < Duration::from_millis(5000),
             "{fields:?}: upstream_timeout is 2 s from the last piece; answered {after:?} after it"
         );
     }

@@ -6,7 +6,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -131,43 +131,42 @@ pub enum Outgoing {
 #[derive(Debug)]
 pub struct Progress {
     origin: Instant,
-    /// When a piece last went up whole (or the body began), in milliseconds since `origin`.
-    moved_ms: AtomicU64,
-    /// Whether the upload waits on the client for its next piece, not on the upstream.
-    waiting_on_client: AtomicBool,
+    /// When a piece last went up whole (or the body began), in milliseconds since `origin`,
+    /// shifted left by one; the low bit says whether the upload waits on the client for its
+    /// next piece (not on the upstream). One word, so that both are read as one.
+    state: AtomicU64,
 }
 
 impl Progress {
     pub fn new() -> Self {
         Progress {
             origin: crate::clock::now(),
-            moved_ms: AtomicU64::new(0),
-            waiting_on_client: AtomicBool::new(false),
+            state: AtomicU64::new(0),
         }
     }
 
-    /// `timeout` after the body last moved.
-    pub fn due(&self, timeout: std::time::Duration) -> Instant {
-        let moved = std::time::Duration::from_millis(self.moved_ms.load(Ordering::Relaxed));
-        self.origin + moved + timeout
-    }
-
-    /// Whether the upload was waiting on the client (not on the upstream) when last looked at.
-    pub fn waiting_on_client(&self) -> bool {
-        self.waiting_on_client.load(Ordering::Relaxed)
+    /// `timeout` after the body last moved, and whether the upload was then waiting on the
+    /// client.
+    pub fn due(&self, timeout: std::time::Duration) -> (Instant, bool) {
+        let state = self.state.load(Ordering::Relaxed);
+        let moved = std::time::Duration::from_millis(state >> 1);
+        (self.origin + moved + timeout, state & 1 == 1)
     }
 
     fn moved(&self) {
         let ms = crate::clock::fresh()
             .saturating_duration_since(self.origin)
             .as_millis();
-        self.moved_ms
-            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
-        self.waiting_on_client.store(false, Ordering::Relaxed);
+        let ms = u64::try_from(ms).unwrap_or(u64::MAX >> 1).min(u64::MAX >> 1);
+        self.state.store(ms << 1, Ordering::Relaxed);
     }
 
     fn waiting(&self, on_client: bool) {
-        self.waiting_on_client.store(on_client, Ordering::Relaxed);
+        if on_client {
+            self.state.fetch_or(1, Ordering::Relaxed);
+        } else {
+            self.state.fetch_and(!1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -333,8 +332,8 @@ impl Conn {
         let mut upload = AbortOnDrop(tokio::spawn(async move {
             writer.write_all(&head).await?;
             writer.flush().await?;
+            // Flushed by `send` at its end.
             body.send(&mut writer).await?;
-            writer.flush().await?;
             Ok(writer)
         }));
         let (head, sent) = {
