@@ -75,6 +75,11 @@ fn fronts(registry: &mut Registry, telemetry: &Telemetry, fronts: &[Front], hub:
             };
             upstream.get_or_create(&vec![("kind", kind)]).inc_by(*n);
         }
+        if t.broken_answers > 0 {
+            upstream
+                .get_or_create(&vec![("kind", "unavailable")])
+                .inc_by(t.broken_answers);
+        }
         open.get_or_create(&vec![("front", name)])
             .set(i64::try_from(t.open_connections).unwrap_or(i64::MAX));
         refused

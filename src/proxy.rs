@@ -345,6 +345,7 @@ impl server::Handler for H1 {
         // The upstream's answer broke off before a byte of it reached the client: a 502 can
         // still say so, with the request's id.
         let request_id = own.unwrap_or_else(request_id::mint);
+        self.state.shard.broken_answer();
         tracing::warn!(
             request_id = request_id_str(&request_id),
             "the upstream's answer broke off before any of it was sent"
@@ -488,10 +489,15 @@ async fn answer(
     note.request_id = Some(request_id.clone());
 
     // keygate's HTTP/1.1 server counts a head's fields as it reads them; hyper's HTTP/2 one
-    // bounds only their size.
+    // bounds only their size. (HTTP/2 clients may send each cookie as a field of its own: they
+    // count as the one `Cookie` they make.)
     if let RequestFields::Map(map) = &fields {
-        if map.len() > state.settings.max_headers {
-            return deny(&DenyReason::HeadTooLarge, &request_id, names, false);
+        let max = state.settings.max_headers;
+        if map.len() > max {
+            let crumbs = map.get_all(header::COOKIE).iter().count();
+            if map.len() - crumbs.saturating_sub(1) > max {
+                return deny(&DenyReason::HeadTooLarge, &request_id, names, false);
+            }
         }
     }
     if let Some(why) = smuggling_shape(&req, &fields) {
@@ -781,7 +787,7 @@ async fn answer_replayable(
         Begin::Reused => deny(&DenyReason::IdempotencyKeyReused, &request_id, names, false),
         Begin::Proceed(pending) => {
             let max = store.limits.max_response_bytes;
-            let mut resp = match exchange_once(
+            let resp = match exchange_once(
                 state.upstream.clone(),
                 (outbound, bytes),
                 (pending, admitted),
@@ -803,8 +809,19 @@ async fn answer_replayable(
                     return deny(&reason, &request_id, names, false);
                 }
             };
-            resp.headers_mut()
-                .insert(names.request_id.clone(), request_id);
+            // An answer that streams on carries the request id as its own field, as answer()'s
+            // do: should its body break before any of it goes out, the 502 still has it.
+            let (mut parts, mut body) = resp.into_parts();
+            match &mut body {
+                Either::Left(streamed) => {
+                    parts.headers.remove(&names.request_id);
+                    streamed.set_own_field(names.request_id.clone(), request_id);
+                }
+                Either::Right(_) => {
+                    parts.headers.insert(names.request_id.clone(), request_id);
+                }
+            }
+            let mut resp = Response::from_parts(parts, body);
             if let Some(status) = &limit {
                 add_limit_headers(resp.headers_mut(), status);
             }

@@ -124,6 +124,16 @@ pub struct Shard {
     request: Histogram,
     log: DecisionLog,
     front: Front,
+    /// Upstream answers replaced by a 502 because their body broke off before any of it went
+    /// out (the request was counted by the upstream's status already).
+    broken: AtomicU64,
+}
+
+impl Shard {
+    /// Count an upstream answer replaced by a 502 (see `broken`).
+    pub fn broken_answer(&self) {
+        self.broken.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// A request's facts as it is answered, filled in by the front.
@@ -396,6 +406,8 @@ pub struct FrontTotals {
     pub open_connections: usize,
     pub refused_connections: u64,
     pub refused_connections_per_ip: u64,
+    /// Upstream answers that broke off before any of it went out, answered 502 instead.
+    pub broken_answers: u64,
 }
 
 impl Telemetry {
@@ -430,6 +442,7 @@ impl Telemetry {
             request: Histogram::default(),
             log: self.log,
             front,
+            broken: AtomicU64::new(0),
         });
         self.stats(front)
             .shards
@@ -470,6 +483,10 @@ impl Telemetry {
             open_connections: stats.connections.open(),
             refused_connections: stats.connections.refused(),
             refused_connections_per_ip: stats.connections.refused_per_ip(),
+            broken_answers: shards
+                .iter()
+                .map(|s| s.broken.load(Ordering::Relaxed))
+                .sum(),
         }
     }
 }

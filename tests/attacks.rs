@@ -1691,7 +1691,14 @@ async fn oversized_header_sections_are_refused_before_any_decision() {
         .await;
         assert_eq!(a.status, want, "{n} headers over HTTP/2, max_headers = 20");
     }
-    assert_eq!(f.upstream.count(), 2);
+    // 10 fields and 30 cookies, each a field of its own as HTTP/2 allows: 11 fields.
+    let mut crumbs = fields(10);
+    crumbs.extend((0..30).map(|i| ("cookie".to_string(), format!("c{i}=v"))));
+    let crumbs: Vec<(&str, &str)> = crumbs.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+    let url = f.gate.url("/v1/analyses/1");
+    let a = send(&h2_client(), "GET", &url, &crumbs, "").await;
+    assert_eq!(a.status, 200, "cookie crumbs count as one field");
+    assert_eq!(f.upstream.count(), 3);
     f.gate.stop().await;
 }
 

@@ -355,17 +355,28 @@ async fn an_answer_broken_before_any_of_it_went_out_is_502() {
             }
         })
         .await;
-        let f = fx(up, "").await;
-        let mut s = TcpStream::connect(f.gate.addr).await.unwrap();
-        s.write_all(&f.req("GET /v1/analyses/1", "X-Request-Id: broken-1\r\n"))
-            .await
-            .unwrap();
-        let text = String::from_utf8(read_all(&mut s, Duration::from_secs(5)).await).unwrap();
-        let a = parse_response(text.as_bytes()).unwrap_or_else(|| panic!("{text}"));
-        assert_error(&a, 502, "upstream_unavailable");
-        assert_eq!(a.header("x-request-id"), Some("broken-1"), "{text}");
-        assert_eq!(a.json()["error"]["request_id"], "broken-1", "{text}");
-        assert!(!text.contains("okXX") && !text.contains("okay"), "{text}");
+        // Also an idempotent request's answer, which streams on (it has no length).
+        let f = fx(up, "[idempotency]\n").await;
+        for (line, fields) in [
+            ("GET /v1/analyses/1", ""),
+            (
+                "POST /v1/analyses",
+                "Idempotency-Key: broken-k\r\nContent-Length: 0\r\n",
+            ),
+        ] {
+            let mut s = TcpStream::connect(f.gate.addr).await.unwrap();
+            let fields = format!("{fields}X-Request-Id: broken-1\r\n");
+            s.write_all(&f.req(line, &fields)).await.unwrap();
+            let text = String::from_utf8(read_all(&mut s, Duration::from_secs(5)).await).unwrap();
+            let a = parse_response(text.as_bytes()).unwrap_or_else(|| panic!("{text}"));
+            assert_error(&a, 502, "upstream_unavailable");
+            assert_eq!(a.header("x-request-id"), Some("broken-1"), "{text}");
+            assert_eq!(a.json()["error"]["request_id"], "broken-1", "{text}");
+            assert!(!text.contains("okXX") && !text.contains("okay"), "{text}");
+        }
+        // Counted as the upstream errors they are.
+        let errors = r#"keygate_upstream_errors_total{kind="unavailable"}"#;
+        assert_eq!(f.gate.metric(errors).await, Some(2.0));
         f.gate.stop().await;
     }
     // 200 KB of 300 said: most of it went out before the end showed, and the client's

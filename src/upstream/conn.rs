@@ -157,7 +157,9 @@ impl Progress {
         let ms = crate::clock::fresh()
             .saturating_duration_since(self.origin)
             .as_millis();
-        let ms = u64::try_from(ms).unwrap_or(u64::MAX >> 1).min(u64::MAX >> 1);
+        let ms = u64::try_from(ms)
+            .unwrap_or(u64::MAX >> 1)
+            .min(u64::MAX >> 1);
         self.state.store(ms << 1, Ordering::Relaxed);
     }
 
