@@ -165,9 +165,14 @@ async fn serve_on<H: Handler>(
         let head = match next {
             Next::Head(head) => head,
             Next::Close => return conn.close(false).await,
-            Next::Refuse(error) => {
+            Next::Refuse(error, head) => {
                 let resp = handler.refuse(error);
-                let _ = conn.respond(resp, Said::refusal()).await;
+                // A HEAD's refusal has no body either.
+                let said = Said {
+                    head,
+                    ..Said::refusal()
+                };
+                let _ = conn.respond(resp, said).await;
                 return conn.close(true).await;
             }
         };
@@ -260,7 +265,8 @@ async fn serve_on<H: Handler>(
 #[allow(clippy::large_enum_variant)]
 enum Next {
     Head(wire::RequestHead),
-    Refuse(HeadError),
+    /// A head that cannot be taken; whether it began as a HEAD request.
+    Refuse(HeadError, bool),
     /// The client closed, went silent past the timeout, or keygate is shutting down.
     Close,
 }
@@ -325,10 +331,12 @@ impl Conn<'_> {
             let mut inner = self.shared.lock();
             loop {
                 if !inner.buf.is_empty() {
+                    // Looked at first: a refused head may be split off the buffer already.
+                    let head = inner.buf.starts_with(b"HEAD ");
                     match wire::parse_request(&mut inner.buf, limits) {
                         Ok(Some(head)) => return Poll::Ready(Next::Head(head)),
                         Ok(None) => {}
-                        Err(e) => return Poll::Ready(Next::Refuse(e)),
+                        Err(e) => return Poll::Ready(Next::Refuse(e, head)),
                     }
                 }
                 // Shutting down: a request already begun is still taken, none is waited for.

@@ -493,6 +493,33 @@ async fn refusals_keep_the_contract() {
         text.ends_with("\r\n\r\n"),
         "a body after a HEAD answer: {text}"
     );
+    // So does a HEAD whose head is refused before a request is made of it.
+    for (request, status) in [
+        (&b"HEAD /a#b HTTP/1.1\r\nHost: a\r\n\r\n"[..], "400"),
+        (b"HEAD /a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "400"),
+    ] {
+        let mut s = TcpStream::connect(f.gate.addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let text = String::from_utf8(read_all(&mut s, Duration::from_secs(5)).await).unwrap();
+        assert!(text.starts_with(&format!("HTTP/1.1 {status}")), "{text}");
+        assert!(text.contains("content-length: "), "{text}");
+        assert!(
+            text.ends_with("\r\n\r\n"),
+            "a body after a HEAD answer: {text}"
+        );
+    }
+    let mut s = TcpStream::connect(f.gate.addr).await.unwrap();
+    let big = format!(
+        "HEAD /a HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    s.write_all(big.as_bytes()).await.unwrap();
+    let text = String::from_utf8(read_all(&mut s, Duration::from_secs(5)).await).unwrap();
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+    assert!(
+        text.ends_with("\r\n\r\n"),
+        "a body after a HEAD answer: {text}"
+    );
     f.gate.stop().await;
 }
 
