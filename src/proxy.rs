@@ -606,7 +606,7 @@ async fn answer(
     set_forwarded(
         h,
         &mut added,
-        peer,
+        (peer, client),
         host.as_ref(),
         &state.settings.trusted_proxies,
     );
@@ -992,10 +992,15 @@ fn host_of(req: &Request<ClientBody>, fields: &RequestFields) -> Option<HeaderVa
 /// `X-Forwarded-For/-Proto/-Host`: extended when the peer is a trusted proxy, replaced otherwise
 /// (an untrusted client's claims about the chain are not passed on). What keygate sets goes
 /// into `added`, and the map keeps none of those names.
+///
+/// From a trusted proxy, a chain keygate cannot pass on as it came (a value that is not visible
+/// ASCII; or none left, when the proxy listed `X-Forwarded-For` in `Connection`) goes on as the
+/// client the decision was made for (`client`, from that chain) and the peer: the upstream is
+/// never told of another client than the one keygate decided on.
 fn set_forwarded(
     h: &mut RequestFields,
     added: &mut Added,
-    peer: &Peer,
+    (peer, client): (&Peer, Option<IpAddr>),
     host: Option<&HeaderValue>,
     trusted: &[ipnet::IpNet],
 ) {
@@ -1021,18 +1026,27 @@ fn set_forwarded(
         }
         return;
     }
-    // Values a header value can be made of again (visible ASCII), as the chain's start.
-    let prior: Vec<&str> = h
+    // The chain so far, if every value can be made a header value again (visible ASCII).
+    let prior: Option<Vec<&str>> = h
         .values(&XFF)
-        .filter(|v| v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)))
-        .filter_map(|v| std::str::from_utf8(v).ok())
+        .map(|v| {
+            v.iter()
+                .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+                .then(|| std::str::from_utf8(v).ok())
+                .flatten()
+        })
         .collect();
-    let chain = if prior.is_empty() {
-        peer.header.clone()
-    } else {
-        HeaderValue::from_str(&format!("{}, {}", prior.join(", "), peer.ip))
-            .unwrap_or_else(|_| peer.header.clone())
+    let chain = match prior {
+        Some(prior) if !prior.is_empty() => {
+            HeaderValue::from_str(&format!("{}, {}", prior.join(", "), peer.ip)).ok()
+        }
+        _ => None,
     };
+    let chain = chain.unwrap_or_else(|| match client.filter(|c| *c != peer.ip) {
+        Some(client) => HeaderValue::from_str(&format!("{client}, {}", peer.ip))
+            .unwrap_or_else(|_| peer.header.clone()),
+        None => peer.header.clone(),
+    });
     h.remove(&XFF);
     added.push(&XFF, &chain);
     if !h.contains(&XFP) {

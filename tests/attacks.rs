@@ -2011,6 +2011,22 @@ async fn a_trusted_proxys_chain_is_believed_from_the_right() {
         all(&f.upstream.last(), "x-forwarded-for"),
         ["203.0.113.5, 127.0.0.1"]
     );
+    // A chain keygate cannot pass on as it came (listed in Connection, so not to be passed on;
+    // a value with bytes that are not visible ASCII) goes on as the client decided on and the
+    // peer: never only the peer, which the upstream might take for the client.
+    for xff in [
+        "Connection: X-Forwarded-For\r\nX-Forwarded-For: 203.0.113.5\r\n",
+        "X-Forwarded-For: 1.1.1.1\u{a0}, 203.0.113.5\r\n",
+    ] {
+        f.upstream.clear();
+        let a = raw(f.gate.addr, &req("GET /v1/analyses/1", Some(&f.cidr), xff)).await;
+        assert_eq!(a.status, 200, "{xff:?}: {:?}", a.body);
+        assert_eq!(
+            all(&f.upstream.last(), "x-forwarded-for"),
+            ["203.0.113.5, 127.0.0.1"],
+            "{xff:?}"
+        );
+    }
     // The client is the rightmost untrusted hop: a forged allowed address further left is not.
     f.upstream.clear();
     for xff in [
