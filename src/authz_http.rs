@@ -137,16 +137,22 @@ const ORIGINAL: [&str; 4] = [
     "x-forwarded-method",
 ];
 
+/// Whether an ask reports its original request in fields (nginx's and Traefik's form), not in
+/// its own method and path after `/authz` (Envoy's).
+fn reported_original(req: &Request<Incoming>) -> bool {
+    let path = req.uri().path();
+    let h = req.headers();
+    path == PREFIX || (path == "/authz/" && ORIGINAL.iter().any(|name| h.contains_key(*name)))
+}
+
 /// The original request's method and target, as the caller reports them: nginx and Traefik
 /// ask on `/authz` with the original in headers; Envoy's `http_service` asks with the original
 /// method on `/authz` + the original path, which for the root is `/authz/`. A `/authz/` ask
 /// naming an original request in headers is nginx's or Traefik's (a `proxy_pass` with a
 /// trailing slash), never taken as a check of `/`.
 fn original(req: &Request<Incoming>) -> Result<Option<(&str, &str)>, &'static str> {
-    let path = req.uri().path();
     let h = req.headers();
-    let reported = || ORIGINAL.iter().any(|name| h.contains_key(*name));
-    if path == PREFIX || (path == "/authz/" && reported()) {
+    if reported_original(req) {
         let target = agreeing(h, "x-original-uri", "x-forwarded-uri")?.ok_or(
             "no original URI: nginx must set X-Original-URI, Traefik sends X-Forwarded-Uri",
         )?;
@@ -243,7 +249,14 @@ async fn check(
         &state.settings.trusted_proxies,
     );
     let snapshot = state.store.serving();
-    let facts = RequestFacts::from_read(method, &normalized, host, client, &read);
+    let mut facts = RequestFacts::from_read(method, &normalized, host, client, &read);
+    // Envoy's HTTP service (the `/authz/<path>` form) sends a repeated field as one, its values
+    // joined with commas, as the gRPC front gets them: two URL overrides joined could spell the
+    // request's own path, so one with a comma counts as a repeat there. (nginx and Traefik send
+    // repeats apart, and their URLs may hold commas.)
+    if !reported_original(req) && facts.url_override.is_some_and(|u| u.contains(&b',')) {
+        facts.url_override = Some(b"");
+    }
     let credential = facts.credential;
     let Admitted { allow, limit } = match admit(
         snapshot.as_ref().and_then(|g| g.as_deref()),

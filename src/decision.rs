@@ -136,8 +136,14 @@ fn check<'s>(
 
 /// The path and query a URL-override field names: the field itself, or what follows the
 /// authority of an absolute `http(s)://` URL (ingress-nginx's `auth-url` sends
-/// `$scheme://$http_host$request_uri`; servers take its path), `/` if nothing does.
-fn override_target(url: &str) -> &str {
+/// `$scheme://$http_host$request_uri`; servers take its path), `/` if nothing does. `None` for
+/// what parsers read differently: an authority ended by `?`, `#` or `\` (RFC 3986 and PHP's
+/// `parse_url` end it at `#`, WHATWG's URL also at `\`), or a network-path reference
+/// (`//host/path`, whose path `parse_url` reads as `/path`).
+fn override_target(url: &str) -> Option<&str> {
+    if url.starts_with("//") {
+        return None;
+    }
     for scheme in ["http://", "https://"] {
         let Some(rest) = url
             .get(..scheme.len())
@@ -146,12 +152,13 @@ fn override_target(url: &str) -> &str {
         else {
             continue;
         };
-        return match rest.find(['/', '?']) {
-            Some(at) if rest.as_bytes()[at] == b'/' => &rest[at..],
-            _ => "/",
+        return match rest.find(['/', '?', '#', '\\']) {
+            None => Some("/"),
+            Some(at) if rest.as_bytes()[at] == b'/' => Some(&rest[at..]),
+            Some(_) => None,
         };
     }
-    url
+    Some(url)
 }
 
 /// Checks 0–3: the request's shape and the key's, up to finding its record.
@@ -179,11 +186,14 @@ fn find<'s, 'f>(
     // URL-override field names. Naming the request's own path (its query aside) is harmless;
     // an empty one is not (servers that test for the field's presence route it to `/`).
     if let Some(url) = facts.url_override {
-        let same = std::str::from_utf8(url.trim_ascii()).is_ok_and(|url| {
-            let (named, _query) = crate::path::split_target(override_target(url));
-            crate::path::normalize(named, policy.path)
-                .is_ok_and(|named| named.for_matching() == path.for_matching())
-        });
+        let same = std::str::from_utf8(url.trim_ascii())
+            .ok()
+            .and_then(override_target)
+            .is_some_and(|url| {
+                let (named, _query) = crate::path::split_target(url);
+                crate::path::normalize(named, policy.path)
+                    .is_ok_and(|named| named.for_matching() == path.for_matching())
+            });
         if !same {
             return Err(DenyReason::BadRequest(
                 "a URL-override header (X-Original-URL, X-Rewrite-URL) names another path than \

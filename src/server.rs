@@ -332,7 +332,9 @@ impl Conn<'_> {
             loop {
                 if !inner.buf.is_empty() {
                     // Looked at first: a refused head may be split off the buffer already.
-                    let head = inner.buf.starts_with(b"HEAD ");
+                    // (Empty lines before a request line are skipped, as httparse does.)
+                    let start = inner.buf.iter().position(|&b| b != b'\r' && b != b'\n');
+                    let head = start.is_some_and(|at| inner.buf[at..].starts_with(b"HEAD "));
                     match wire::parse_request(&mut inner.buf, limits) {
                         Ok(Some(head)) => return Poll::Ready(Next::Head(head)),
                         Ok(None) => {}

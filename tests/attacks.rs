@@ -1839,21 +1839,26 @@ async fn each_request_on_a_kept_alive_connection_gets_the_whole_upstream_timeout
     f.gate.stop().await;
 }
 
-/// Send `head`, then each of `pieces` `gap` after the last, then read the answer (or what came
-/// before the connection closed); with how long after the last piece it came.
+/// Send `head`, then each of `pieces` `gap` after the last (until a write fails: keygate may
+/// answer and close first), then read the answer (or what came before the connection closed);
+/// with how long after the last piece sent, and after the head, it came.
 async fn drip(
     addr: SocketAddr,
     head: &[u8],
     pieces: &[&[u8]],
     gap: Duration,
-) -> (Answer, Duration) {
+) -> (Answer, Duration, Duration) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(head).await.unwrap();
+    let sent_head = Instant::now();
+    let mut last = sent_head;
     for piece in pieces {
         tokio::time::sleep(gap).await;
-        s.write_all(piece).await.unwrap();
+        if s.write_all(piece).await.is_err() {
+            break;
+        }
+        last = Instant::now();
     }
-    let last = Instant::now();
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -1863,7 +1868,7 @@ async fn drip(
             .unwrap_or(0);
         buf.extend_from_slice(&chunk[..n]);
         if let Some(a) = parse_response(&buf) {
-            return (a, last.elapsed());
+            return (a, last.elapsed(), sent_head.elapsed());
         }
         assert!(
             n > 0,
@@ -1902,7 +1907,7 @@ async fn an_upload_slower_than_upstream_timeout_goes_through_while_it_moves() {
         let head = req("POST /v1/analyses", Some(&f.full), &fields);
         let sent: Vec<&[u8]> = sent.iter().map(Vec::as_slice).collect();
         // 8 (or 9) pieces 400 ms apart: over 3 s.
-        let (a, _) = drip(f.gate.addr, &head, &sent, Duration::from_millis(400)).await;
+        let (a, _, _) = drip(f.gate.addr, &head, &sent, Duration::from_millis(400)).await;
         assert_eq!(a.status, 200, "{fields:?}: {:?}", a.body);
         assert_eq!(f.upstream.last().body, whole, "{fields:?}");
     }
@@ -1914,7 +1919,7 @@ async fn an_upload_slower_than_upstream_timeout_goes_through_while_it_moves() {
 async fn upstream_timeout_counts_from_the_last_piece_of_an_upload() {
     let f = fx("").await;
     let head = req("POST /slow/4000", Some(&f.full), "Content-Length: 6\r\n");
-    let (a, after) = drip(
+    let (a, after, _) = drip(
         f.gate.addr,
         &head,
         &[b"abc", b"def"],
@@ -1931,23 +1936,18 @@ async fn upstream_timeout_counts_from_the_last_piece_of_an_upload() {
 }
 
 /// A client that stops sending its body gets 400 once upstream_timeout passes without a piece
-/// (streamed), or without the whole body (read first, for an idempotent replay): its fault,
-/// not the upstream's.
+/// (streamed): its fault, not the upstream's.
 #[tokio::test]
 async fn a_body_that_stops_coming_is_400_after_upstream_timeout() {
-    let f = fx("[idempotency]\n").await;
-    for fields in [
-        "Content-Length: 100\r\n",
-        "Transfer-Encoding: chunked\r\n",
-        "Content-Length: 100\r\nIdempotency-Key: stalled-1\r\n",
-    ] {
+    let f = fx("").await;
+    for fields in ["Content-Length: 100\r\n", "Transfer-Encoding: chunked\r\n"] {
         let head = req("POST /v1/analyses", Some(&f.full), fields);
         let piece: &[u8] = if fields.contains("chunked") {
             b"5\r\nhello\r\n"
         } else {
             b"hello"
         };
-        let (a, after) = drip(f.gate.addr, &head, &[piece], Duration::from_millis(100)).await;
+        let (a, after, _) = drip(f.gate.addr, &head, &[piece], Duration::from_millis(100)).await;
         assert_error(&a, 400, "invalid_request");
         assert!(
             a.json()["error"]["message"]
@@ -1962,6 +1962,37 @@ async fn a_body_that_stops_coming_is_400_after_upstream_timeout() {
             "{fields:?}: upstream_timeout is 2 s from the last piece; answered {after:?} after it"
         );
     }
+    f.gate.stop().await;
+}
+
+/// A body read before it goes up (an Idempotency-Key's: it holds an admission and memory while
+/// it comes) must arrive whole within upstream_timeout of the head, moving or not.
+#[tokio::test]
+async fn a_read_first_body_must_arrive_whole_within_upstream_timeout() {
+    let f = fx("[idempotency]\n").await;
+    let head = req(
+        "POST /v1/analyses",
+        Some(&f.full),
+        "Content-Length: 40\r\nIdempotency-Key: trickle-1\r\n",
+    );
+    // 8 pieces of 5 bytes, 400 ms apart: moving, but 3.2 s in all.
+    let pieces = [&b"piece"[..]; 8];
+    let (a, _, after_head) = drip(f.gate.addr, &head, &pieces, Duration::from_millis(400)).await;
+    assert_error(&a, 400, "invalid_request");
+    assert!(
+        a.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("did not arrive in time"),
+        "{:?}",
+        a.body
+    );
+    assert!(
+        after_head >= Duration::from_millis(1800) && after_head < Duration::from_millis(5000),
+        "upstream_timeout is 2 s from the head; answered {after_head:?} after it"
+    );
+    settle().await;
+    assert_eq!(f.upstream.count(), 0);
     f.gate.stop().await;
 }
 

@@ -347,6 +347,32 @@ async fn envoy_http_service_style() {
         .await;
         assert_error(&a, 400, "invalid_request");
     }
+    // Envoy's HTTP service joins a repeated field's values with commas: an override with a
+    // comma counts as a repeat in its form (`/authz/<path>`), not in nginx's.
+    let a = ask(
+        addr,
+        "GET",
+        "/authz/v1/analyses/1,/v1/admin",
+        &[
+            ("x-api-key", reader),
+            ("x-original-url", "/v1/analyses/1,/v1/admin"),
+        ],
+    )
+    .await;
+    assert_error(&a, 400, "invalid_request");
+    let a = ask(
+        addr,
+        "GET",
+        "/authz",
+        &[
+            ("x-api-key", reader),
+            ("x-original-method", "GET"),
+            ("x-original-uri", "/v1/analyses/1?ids=1,2"),
+            ("x-original-url", "/v1/analyses/1?ids=1,2"),
+        ],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
     // ingress-nginx's auth-url sends the request's own URL, absolute: that is the path checked.
     let a = ask(
         addr,

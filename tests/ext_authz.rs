@@ -835,6 +835,17 @@ async fn proxy_ext_authz_and_forward_auth_agree() {
             "/v1/analyses/1",
             vec![("x-api-key", k.ok.clone()), ("x-rewrite-url", "".into())],
         ),
+        // Two overrides that Envoy joins into the request's own path (the proxy and the
+        // forward-auth front see two fields): a repeat on every front.
+        (
+            "GET",
+            "/v1/analyses/1,/v1/admin",
+            vec![
+                ("x-api-key", k.ok.clone()),
+                ("x-original-url", "/v1/analyses/1".into()),
+                ("x-original-url", "/v1/admin".into()),
+            ],
+        ),
     ];
     for (method, path, headers) in &table {
         let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();

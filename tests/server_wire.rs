@@ -497,6 +497,8 @@ async fn refusals_keep_the_contract() {
     for (request, status) in [
         (&b"HEAD /a#b HTTP/1.1\r\nHost: a\r\n\r\n"[..], "400"),
         (b"HEAD /a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "400"),
+        // Empty lines before the request line are skipped (a stray CRLF after a body).
+        (b"\r\n\r\nHEAD /a#b HTTP/1.1\r\nHost: a\r\n\r\n", "400"),
     ] {
         let mut s = TcpStream::connect(f.gate.addr).await.unwrap();
         s.write_all(request).await.unwrap();

@@ -945,6 +945,24 @@ fn each_check_of_the_contract() {
             ..BASE
         },
         Case {
+            name: "an absolute URL override whose authority a fragment ends",
+            url_override: Some("http://api.example.com#/v1/analyses/an_1"),
+            want: Deny("invalid_request"),
+            ..BASE
+        },
+        Case {
+            name: "an absolute URL override whose authority a backslash ends",
+            url_override: Some("http://api.example.com\\v1\\analyses\\an_1"),
+            want: Deny("invalid_request"),
+            ..BASE
+        },
+        Case {
+            name: "a network-path URL override",
+            url_override: Some("//evil.example/v1/analyses/an_1"),
+            want: Deny("invalid_request"),
+            ..BASE
+        },
+        Case {
             name: "a URL override of another scheme",
             url_override: Some("ftp://api.example.com/v1/analyses/an_1"),
             want: Deny("invalid_request"),

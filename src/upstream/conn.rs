@@ -475,7 +475,8 @@ impl Upload {
             let Some(frame) = body.frame().await else {
                 break;
             };
-            progress.waiting(false);
+            // A piece came: the client moved (and the upstream's turn to take it begins).
+            progress.moved();
             let frame = frame.map_err(ConnError::ClientBody)?;
             // Trailers of a request are not forwarded.
             let Ok(data) = frame.into_data() else {
