@@ -142,7 +142,14 @@ const ORIGINAL: [&str; 4] = [
 fn reported_original(req: &Request<Incoming>) -> bool {
     let path = req.uri().path();
     let h = req.headers();
-    path == PREFIX || (path == "/authz/" && ORIGINAL.iter().any(|name| h.contains_key(*name)))
+    // `/authz//`, `/authz/.` and the like are `/authz/` too: an ask there that names an original
+    // request is never a check of `/`.
+    let at_root = path.strip_prefix(PREFIX).is_some_and(|rest| {
+        rest.starts_with('/')
+            && crate::path::normalize(rest, crate::path::PathOptions::default())
+                .is_ok_and(|p| p.as_str() == "/")
+    });
+    path == PREFIX || (at_root && ORIGINAL.iter().any(|name| h.contains_key(*name)))
 }
 
 /// The original request's method and target, as the caller reports them: nginx and Traefik
@@ -159,6 +166,11 @@ fn original(req: &Request<Incoming>) -> Result<Option<(&str, &str)>, &'static st
         let method = agreeing(h, "x-original-method", "x-forwarded-method")?.ok_or(
             "no original method: nginx must set X-Original-Method, Traefik sends X-Forwarded-Method",
         )?;
+        // A method is a token (RFC 9110 §9.1): an empty or malformed one names no request, and
+        // would match no method's rule.
+        if method.is_empty() || http::Method::from_bytes(method.as_bytes()).is_err() {
+            return Err("the original method is not an HTTP method");
+        }
         return Ok(Some((method, target)));
     }
     match req.uri().path_and_query().map(|pq| pq.as_str()) {

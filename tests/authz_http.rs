@@ -261,6 +261,38 @@ async fn a_client_cannot_steer_the_check_to_another_request() {
         .await;
         assert_error(&a, 400, "invalid_request");
     }
+    // An original method that is no method (empty, or not a token) names no request: it would
+    // match no method's rule, and an unmatched request may be let through.
+    for method in ["", "PO ST", "G(E)T"] {
+        let a = ask(
+            addr,
+            "GET",
+            "/authz",
+            &[
+                ("x-forwarded-uri", "/v1/analyses"),
+                ("x-forwarded-method", method),
+                ("x-api-key", &k.reader),
+            ],
+        )
+        .await;
+        assert_error(&a, 400, "invalid_request");
+    }
+    // An ask on `/authz/` in any spelling (`/authz//`, `/authz/.`) that names an original
+    // request is nginx's or Traefik's, never a check of `/` with the ask's own method.
+    for ask_path in ["/authz/", "/authz//", "/authz/.", "/authz/%2e"] {
+        let a = ask(
+            addr,
+            "POST",
+            ask_path,
+            &[
+                ("x-original-uri", "/v1/analyses"),
+                ("x-original-method", "POST"),
+                ("x-api-key", &k.reader),
+            ],
+        )
+        .await;
+        assert_error(&a, 403, "scope_required");
+    }
     gate.stop().await;
 }
 
