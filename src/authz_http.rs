@@ -36,7 +36,7 @@ use crate::config::{FrontSettings, HeaderNames, Limits, Policy};
 use crate::credential::Credential;
 use crate::decision::{now_ms, RequestFacts};
 use crate::deny::DenyReason;
-use crate::headers::{is_identity_variant, map_fields, request_id_str, set_identity, Read};
+use crate::headers::{is_spoofed, map_fields, request_id_str, set_identity, Read};
 use crate::listen::{until_goodbye, Activity, Watched};
 use crate::path::{normalize, split_target};
 use crate::request_id;
@@ -298,9 +298,9 @@ async fn check(
     }
     set_identity(h, names, &allow);
     h.insert(names.request_id.clone(), request_id);
-    // What Envoy must remove from the original request: the credential where it was found, and
-    // any spoofed identity header keygate is not overwriting (`x-org-id` of a partner without
-    // an org, `_` spellings).
+    // What Envoy must remove from the original request: the credential where it was found, any
+    // spoofed identity header keygate is not overwriting (`x-org-id` of a partner without an
+    // org, `_` spellings), and a credential header spelled with `_`.
     let mut remove: Vec<&str> = Vec::new();
     if let Credential::Present { found, .. } = credential {
         if !names.forward_credentials {
@@ -313,7 +313,7 @@ async fn check(
         }
     }
     for name in headers.keys() {
-        if is_identity_variant(name.as_str().as_bytes(), names) && !h.contains_key(name) {
+        if is_spoofed(name.as_str().as_bytes(), names) && !h.contains_key(name) {
             remove.push(name.as_str());
         }
     }

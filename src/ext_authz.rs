@@ -32,7 +32,7 @@ use crate::config::{FrontSettings, HeaderNames, Policy};
 use crate::credential::{extract, Credential};
 use crate::decision::{now_ms, Allow, RequestFacts};
 use crate::deny::DenyReason;
-use crate::headers::is_identity_variant;
+use crate::headers::is_spoofed;
 use crate::path::{normalize, split_target};
 use crate::request_id;
 use crate::snapshot::SnapshotStore;
@@ -500,8 +500,9 @@ impl Allowed<'_, '_> {
         Bytes::from(buf)
     }
 
-    /// `headers_to_remove`: credential headers (unless forwarded), and spoofed identity headers
-    /// keygate does not overwrite (`x-org-id` of a partner without an org, `_` spellings).
+    /// `headers_to_remove`: credential headers (unless forwarded), spoofed identity headers
+    /// keygate does not overwrite (`x-org-id` of a partner without an org, `_` spellings), and
+    /// credential headers spelled with `_` ([`is_spoofed`]).
     fn removed(&self, set: &[Set<'_>]) -> Vec<std::borrow::Cow<'_, str>> {
         let names = self.names;
         let mut remove = Vec::new();
@@ -516,8 +517,8 @@ impl Allowed<'_, '_> {
             }
         }
         for (name, _) in self.headers.0 {
-            // Identity variants are ASCII, spelled like an identity header's name in any case.
-            if !is_identity_variant(name, names) {
+            // These are ASCII, spelled like an identity or credential header's name in any case.
+            if !is_spoofed(name, names) {
                 continue;
             }
             let Ok(name) = std::str::from_utf8(name) else {

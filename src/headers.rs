@@ -376,7 +376,7 @@ pub fn strip_hop_and_identity(
                 || listed
                     .iter()
                     .any(|t| t.as_str().as_bytes().eq_ignore_ascii_case(name))))
-            || identity.is_some_and(|names| is_identity_variant(name, names))
+            || identity.is_some_and(|names| is_spoofed(name, names))
     });
 }
 
@@ -436,6 +436,25 @@ pub fn wants_upgrade(headers: &impl FieldLookup) -> bool {
             .values(&header::CONNECTION)
             .flat_map(|v| v.split(|&b| b == b','))
             .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+}
+
+/// What a request must not pass on, from anyone: an identity header in any spelling (only
+/// keygate speaks for identity), or a credential header spelled with `_` for `-` (`X_API_Key`),
+/// which keygate never reads as a credential but a CGI-style server reads as the credential
+/// header, beside the key keygate checked.
+pub fn is_spoofed(name: &[u8], names: &HeaderNames) -> bool {
+    is_identity_variant(name, names) || is_underscored_credential(name, names)
+}
+
+/// [`is_spoofed`]'s second half: `name` spells a credential header with `_` for `-`.
+fn is_underscored_credential(name: &[u8], names: &HeaderNames) -> bool {
+    let credentials = &names.credentials;
+    [&credentials.authorization, &credentials.api_key]
+        .into_iter()
+        .any(|n| {
+            let n = n.as_str().as_bytes();
+            n.len() == name.len() && name.contains(&b'_') && folded_eq_any_case(n, name)
+        })
 }
 
 /// Is `name` (any case) one of the identity headers, in any variant (`_` for `-`)?

@@ -1342,6 +1342,49 @@ async fn odd_transfer_encodings_never_smuggle() {
     f.gate.stop().await;
 }
 
+/// A credential header spelled with `_` (`X_API_Key`) is no credential to keygate, but a
+/// CGI-style server reads it as `X-API-Key`: it never reaches the upstream beside the key
+/// keygate checked, over HTTP/1.1 or HTTP/2.
+#[tokio::test]
+async fn a_credential_header_spelled_with_underscores_never_reaches_the_upstream() {
+    let f = fx("").await;
+    let r = req(
+        "GET /v1/analyses/1",
+        Some(&f.read),
+        &format!("X_API_Key: {}\r\nx_api_key: {}\r\n", f.full, f.none),
+    );
+    let a = raw(f.gate.addr, &r).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let seen = f.upstream.last();
+    assert!(
+        seen.headers.get("x_api_key").is_none(),
+        "{:?}",
+        seen.headers
+    );
+    assert_eq!(seen.headers["x-key-id"], "key_read");
+    let a = send(
+        &h2_client(),
+        "GET",
+        &f.gate.url("/v1/analyses/1"),
+        &[("x-api-key", &f.read), ("x_api_key", &f.full)],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let seen = f.upstream.last();
+    assert!(
+        seen.headers.get("x_api_key").is_none(),
+        "{:?}",
+        seen.headers
+    );
+    assert!(
+        seen.headers.get("x-api-key").is_none(),
+        "{:?}",
+        seen.headers
+    );
+    f.gate.stop().await;
+}
+
 /// CGI-style servers read `Transfer_Encoding` as `Transfer-Encoding`: passed on beside the
 /// framing keygate sends, it would give them a second one (a body read two ways, a request
 /// smuggled in it). Framing and hop-by-hop fields spelled with `_` never reach the upstream,

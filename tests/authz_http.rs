@@ -96,6 +96,24 @@ async fn nginx_auth_request_style() {
         a.header("x-envoy-auth-headers-to-remove"),
         Some("x-api-key")
     );
+    // A credential header spelled with `_` is named for removal too.
+    let a = ask(
+        addr,
+        "GET",
+        "/authz",
+        &[
+            ("x-original-uri", "/v1/analyses"),
+            ("x-original-method", "POST"),
+            ("x-api-key", key),
+            ("x_api_key", &k.reader),
+        ],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(
+        a.header("x-envoy-auth-headers-to-remove"),
+        Some("x-api-key,x_api_key")
+    );
 
     // The method that is checked is the original one: POST needs analyses:write.
     let reader = format!("Bearer {}", k.reader);

@@ -130,6 +130,7 @@ async fn traefik_forward_auth_with_the_shipped_config() {
             ("authorization", &format!("Bearer {reader}")),
             ("x-partner-id", "partner_evil"),
             ("x_key_id", "key_evil"),
+            ("x_api_key", "sk_live_another"),
         ],
     )
     .await;
@@ -142,6 +143,11 @@ async fn traefik_forward_auth_with_the_shipped_config() {
     assert_eq!(seen.headers["x-key-id"], "key_reader");
     assert_eq!(seen.headers["x-scopes"], "analyses:read");
     assert!(seen.headers.get("x_key_id").is_none(), "{:?}", seen.headers);
+    assert!(
+        seen.headers.get("x_api_key").is_none(),
+        "{:?}",
+        seen.headers
+    );
     assert!(seen.headers.get("authorization").is_none());
 
     // No org: the client's x-org-id does not survive.
