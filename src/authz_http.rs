@@ -36,7 +36,9 @@ use crate::config::{FrontSettings, HeaderNames, Limits, Policy};
 use crate::credential::Credential;
 use crate::decision::{now_ms, RequestFacts};
 use crate::deny::DenyReason;
-use crate::headers::{is_spoofed, map_fields, request_id_str, set_identity, Read};
+use crate::headers::{
+    is_spoofed, joined_url_override, map_fields, request_id_str, set_identity, Read,
+};
 use crate::listen::{until_goodbye, Activity, Watched};
 use crate::path::{normalize, split_target};
 use crate::request_id;
@@ -143,23 +145,27 @@ fn reported_original(req: &Request<Incoming>) -> bool {
     let path = req.uri().path();
     let h = req.headers();
     // `/authz//`, `/authz/.` and the like are `/authz/` too: an ask there that names an original
-    // request is never a check of `/`.
-    let at_root = path.strip_prefix(PREFIX).is_some_and(|rest| {
-        rest.starts_with('/')
-            && crate::path::normalize(rest, crate::path::PathOptions::default())
-                .is_ok_and(|p| p.as_str() == "/")
-    });
-    path == PREFIX || (at_root && ORIGINAL.iter().any(|name| h.contains_key(*name)))
+    // request is never a check of `/`. (Envoy's asks name none: their path is not normalized
+    // here for nothing.)
+    let at_root = || {
+        path.strip_prefix(PREFIX).is_some_and(|rest| {
+            rest.starts_with('/')
+                && crate::path::normalize(rest, crate::path::PathOptions::default())
+                    .is_ok_and(|p| p.as_str() == "/")
+        })
+    };
+    path == PREFIX || (ORIGINAL.iter().any(|name| h.contains_key(*name)) && at_root())
 }
 
 /// The original request's method and target, as the caller reports them: nginx and Traefik
 /// ask on `/authz` with the original in headers; Envoy's `http_service` asks with the original
 /// method on `/authz` + the original path, which for the root is `/authz/`. A `/authz/` ask
 /// naming an original request in headers is nginx's or Traefik's (a `proxy_pass` with a
-/// trailing slash), never taken as a check of `/`.
-fn original(req: &Request<Incoming>) -> Result<Option<(&str, &str)>, &'static str> {
+/// trailing slash), never taken as a check of `/`. `reported`: [`reported_original`]'s answer
+/// for `req`.
+fn original(req: &Request<Incoming>, reported: bool) -> Result<Option<(&str, &str)>, &'static str> {
     let h = req.headers();
-    if reported_original(req) {
+    if reported {
         let target = agreeing(h, "x-original-uri", "x-forwarded-uri")?.ok_or(
             "no original URI: nginx must set X-Original-URI, Traefik sends X-Forwarded-Uri",
         )?;
@@ -234,7 +240,8 @@ async fn check(
     )
     .unwrap_or_else(request_id::mint);
     note.request_id = Some(request_id.clone());
-    let (method, target) = match original(req) {
+    let reported = reported_original(req);
+    let (method, target) = match original(req, reported) {
         Ok(Some(o)) => o,
         Ok(None) => {
             note.deny(&DenyReason::BadRequest("not an ask"));
@@ -263,11 +270,9 @@ async fn check(
     let snapshot = state.store.serving();
     let mut facts = RequestFacts::from_read(method, &normalized, host, client, &read);
     // Envoy's HTTP service (the `/authz/<path>` form) sends a repeated field as one, its values
-    // joined with commas, as the gRPC front gets them: two URL overrides joined could spell the
-    // request's own path, so one with a comma counts as a repeat there. (nginx and Traefik send
-    // repeats apart, and their URLs may hold commas.)
-    if !reported_original(req) && facts.url_override.is_some_and(|u| u.contains(&b',')) {
-        facts.url_override = Some(b"");
+    // joined with commas. (nginx and Traefik send repeats apart, and their URLs may hold commas.)
+    if !reported {
+        facts.url_override = facts.url_override.map(joined_url_override);
     }
     let credential = facts.credential;
     let Admitted { allow, limit } = match admit(

@@ -174,34 +174,29 @@ impl<'a> Headers<'a, '_> {
             .map(|(_, v)| *v)
     }
 
-    /// The non-empty value of the method-override fields ([`crate::headers::METHOD_OVERRIDES`],
-    /// any spelling): empty when more than one came (Envoy joins repeats with commas, which no
-    /// method has).
-    fn method_override(&self) -> Option<&'a [u8]> {
+    /// The value of the fields `is` picks, in any spelling (an empty one only with `empty`):
+    /// empty when more than one came.
+    fn one_of(&self, is: fn(&[u8]) -> bool, empty: bool) -> Option<&'a [u8]> {
         let mut all = self
             .0
             .iter()
-            .filter(|(k, v)| crate::headers::is_method_override(k) && !v.trim_ascii().is_empty())
+            .filter(|(k, v)| is(k) && (empty || !v.trim_ascii().is_empty()))
             .map(|(_, v)| *v);
         let first = all.next()?;
         Some(if all.next().is_some() { b"" } else { first })
     }
 
-    /// The value of the URL-override fields ([`crate::headers::URL_OVERRIDES`], any spelling,
-    /// an empty one included): empty when more than one came, or when it holds a comma, which
-    /// is how Envoy passes a repeated field (two joined could spell the request's own path).
+    /// The non-empty value of the method-override fields ([`crate::headers::METHOD_OVERRIDES`]):
+    /// a repeat (Envoy joins repeats with commas, which no method has) is empty.
+    fn method_override(&self) -> Option<&'a [u8]> {
+        self.one_of(crate::headers::is_method_override, false)
+    }
+
+    /// The value of the URL-override fields ([`crate::headers::URL_OVERRIDES`], an empty one
+    /// included), as Envoy joins repeats ([`crate::headers::joined_url_override`]).
     fn url_override(&self) -> Option<&'a [u8]> {
-        let mut all = self
-            .0
-            .iter()
-            .filter(|(k, _)| crate::headers::is_url_override(k))
-            .map(|(_, v)| *v);
-        let first = all.next()?;
-        Some(if all.next().is_some() || first.contains(&b',') {
-            b""
-        } else {
-            first
-        })
+        self.one_of(crate::headers::is_url_override, true)
+            .map(crate::headers::joined_url_override)
     }
 
     /// The one value of `name`; a repeated header yields an empty value (matches nothing).

@@ -262,6 +262,18 @@ pub fn is_url_override(name: &[u8]) -> bool {
             .any(|u| folded_eq_any_case(u.as_bytes(), name))
 }
 
+/// A URL override as a front reads it whose caller joins a repeated field's values with commas
+/// (Envoy: ext_authz over gRPC, and its HTTP service's `/authz/<path>` asks): a value with a
+/// comma may be two, which joined could spell the request's own path, so it counts as a repeat
+/// (an empty value, which names no path).
+pub fn joined_url_override(value: &[u8]) -> &[u8] {
+    if value.contains(&b',') {
+        b""
+    } else {
+        value
+    }
+}
+
 impl<'a> Read<'a> {
     pub fn of(fields: impl Iterator<Item = (&'a [u8], &'a [u8])>, names: &HeaderNames) -> Self {
         let mut read = Read::default();

@@ -1372,16 +1372,13 @@ async fn a_credential_header_spelled_with_underscores_never_reaches_the_upstream
     .await;
     assert_eq!(a.status, 200, "{:?}", a.body);
     let seen = f.upstream.last();
-    assert!(
-        seen.headers.get("x_api_key").is_none(),
-        "{:?}",
-        seen.headers
-    );
-    assert!(
-        seen.headers.get("x-api-key").is_none(),
-        "{:?}",
-        seen.headers
-    );
+    for name in ["x_api_key", "x-api-key"] {
+        assert!(
+            seen.headers.get(name).is_none(),
+            "{name}: {:?}",
+            seen.headers
+        );
+    }
     f.gate.stop().await;
 }
 
