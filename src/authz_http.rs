@@ -244,8 +244,8 @@ async fn check(
     let (method, target) = match original(req, reported) {
         Ok(Some(o)) => o,
         Ok(None) => {
-            note.deny(&DenyReason::BadRequest("not an ask"));
-            return not_found(&request_id, names);
+            note.deny(&DenyReason::NotFound);
+            return deny(&DenyReason::NotFound, &request_id, names);
         }
         Err(why) => {
             let reason = DenyReason::BadRequest(why);
@@ -346,22 +346,6 @@ fn deny(
         status
     };
     *resp.headers_mut() = reason.headers();
-    resp.headers_mut()
-        .insert(names.request_id.clone(), request_id.clone());
-    resp
-}
-
-fn not_found(request_id: &HeaderValue, names: &HeaderNames) -> Response<Full<Bytes>> {
-    let body = format!(
-        r#"{{"error":{{"type":"invalid_request_error","code":"not_found","message":"Ask on {PREFIX} (nginx, Traefik) or {PREFIX}/<original path> (Envoy).","request_id":"{}"}}}}"#,
-        request_id_str(request_id)
-    );
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = StatusCode::NOT_FOUND;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
     resp.headers_mut()
         .insert(names.request_id.clone(), request_id.clone());
     resp

@@ -17,6 +17,8 @@ pub enum DenyReason {
     BadRequest(&'static str),
     /// A request head over `proxy.max_header_bytes` or `proxy.max_headers`.
     HeadTooLarge,
+    /// A forward-auth request on a path that is no ask (`/authz` or `/authz/<path>`).
+    NotFound,
     /// No usable credential; `key_presented` when a key was offered but could not be used
     /// (malformed, or more than one), which the client is told with `error="invalid_token"`.
     AuthenticationRequired {
@@ -53,9 +55,10 @@ pub enum DenyReason {
 }
 
 /// Every `code` a denial can carry, in the contract's order (usage counts index into it).
-pub const CODES: [&str; 24] = [
+pub const CODES: [&str; 25] = [
     "invalid_path",
     "invalid_request",
+    "not_found",
     "authentication_required",
     "key_environment_mismatch",
     "invalid_api_key",
@@ -95,6 +98,7 @@ impl DenyReason {
         match self {
             InvalidPath(_) | BadRequest(_) | IdempotencyKeyRequired => StatusCode::BAD_REQUEST,
             HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            NotFound => StatusCode::NOT_FOUND,
             IdempotencyKeyInUse => StatusCode::CONFLICT,
             IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -117,6 +121,7 @@ impl DenyReason {
         match self {
             InvalidPath(_) => "invalid_path",
             BadRequest(_) | HeadTooLarge => "invalid_request",
+            NotFound => "not_found",
             AuthenticationRequired { .. } => "authentication_required",
             EnvironmentMismatch => "key_environment_mismatch",
             InvalidApiKey => "invalid_api_key",
@@ -147,6 +152,7 @@ impl DenyReason {
             InvalidPath(_)
             | BadRequest(_)
             | HeadTooLarge
+            | NotFound
             | IdempotencyKeyRequired
             | IdempotencyKeyInUse
             | IdempotencyKeyReused
@@ -171,6 +177,7 @@ impl DenyReason {
             InvalidPath(e) => format!("The request path is not acceptable: {e}."),
             BadRequest(why) => format!("The request is malformed: {why}."),
             HeadTooLarge => "The request's header section is larger than keygate accepts.".into(),
+            NotFound => "Nothing is here: ask on /authz (nginx, Traefik) or /authz/<original path> (Envoy).".into(),
             AuthenticationRequired { key_presented: false } => "An API key is required: send it as 'Authorization: Bearer <key>' or in the API key header, once.".into(),
             AuthenticationRequired { key_presented: true } => "The request carries no usable API key: send exactly one well-formed key, as 'Authorization: Bearer <key>' or in the API key header.".into(),
             EnvironmentMismatch => "The API key belongs to another environment.".into(),

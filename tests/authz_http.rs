@@ -422,9 +422,16 @@ async fn envoy_http_service_style() {
     .await;
     assert_eq!(a.status, 200, "{:?}", a.body);
     // Anything else is not a check.
+    let counted =
+        |code: &str| format!("keygate_requests_total{{front=\"authz_http\",code=\"{code}\"}}");
+    let malformed = gate.metric(&counted("invalid_request")).await;
     let a = ask(addr, "GET", "/v1/analyses/1", &[("x-api-key", reader)]).await;
     assert_eq!(a.status, 404);
     assert_eq!(a.json()["error"]["code"], "not_found");
+    assert_eq!(a.json()["error"]["type"], "invalid_request_error");
+    // Counted under the code its body says, not as a malformed ask.
+    assert_eq!(gate.metric(&counted("not_found")).await, Some(1.0));
+    assert_eq!(gate.metric(&counted("invalid_request")).await, malformed);
     gate.stop().await;
 }
 
