@@ -254,7 +254,8 @@ async fn check(
         }
     };
     let (path, _query) = split_target(target);
-    let normalized = normalize(path, state.policy.path);
+    // Envoy, nginx or Traefik forwards the path as it was sent, not as decided on.
+    let normalized = normalize(path, state.policy.path.as_sent());
     let host = headers
         .get("x-forwarded-host")
         .or_else(|| headers.get(header::HOST))
@@ -307,6 +308,11 @@ async fn check(
     // spoofed identity header keygate is not overwriting (`x-org-id` of a partner without an
     // org, `_` spellings), and a credential header spelled with `_`.
     let mut remove: Vec<&str> = Vec::new();
+    // A partner without an org: the client's `x-org-id` goes, also when Envoy did not show it
+    // here (its HTTP service sends only the `allowed_headers`).
+    if allow.partner.org_id.is_none() {
+        remove.push(names.org_id.as_str());
+    }
     if let Credential::Present { found, .. } = credential {
         if !names.forward_credentials {
             if found.authorization {
@@ -318,7 +324,10 @@ async fn check(
         }
     }
     for name in headers.keys() {
-        if is_spoofed(name.as_str().as_bytes(), names) && !h.contains_key(name) {
+        if is_spoofed(name.as_str().as_bytes(), names)
+            && !h.contains_key(name)
+            && !remove.contains(&name.as_str())
+        {
             remove.push(name.as_str());
         }
     }

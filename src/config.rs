@@ -1133,6 +1133,7 @@ pub fn validate_with_env(
             route_case,
             path: PathOptions {
                 allow_semicolon: raw.paths.allow_semicolon.unwrap_or(false),
+                as_sent: false,
             },
             idempotency_required: raw.idempotency.required.unwrap_or(false),
         }),

@@ -269,8 +269,17 @@ async fn decide_check(
             note,
         );
     }
+    // A method is a token (RFC 9110 §9.1): an empty or malformed one names no request, and
+    // would match no method's rule. (Envoy sends the request's own; a caller of its own may not.)
+    if http::Method::from_bytes(req.method.as_bytes()).is_err() {
+        return deny(
+            DenyReason::BadRequest("the request's method is not an HTTP method"),
+            note,
+        );
+    }
     let (path, _query) = split_target(req.path);
-    let normalized = normalize(path, state.policy.path);
+    // Envoy, nginx or Traefik forwards the path as it was sent, not as decided on.
+    let normalized = normalize(path, state.policy.path.as_sent());
     let peer = req.peer.and_then(|a| a.parse::<IpAddr>().ok());
     let client = peer.and_then(|p| {
         client_ip(
@@ -501,6 +510,12 @@ impl Allowed<'_, '_> {
     fn removed(&self, set: &[Set<'_>]) -> Vec<std::borrow::Cow<'_, str>> {
         let names = self.names;
         let mut remove = Vec::new();
+        // A partner without an org: a client's `x-org-id` must not reach the upstream beside
+        // keygate's identity, also when Envoy did not show it to keygate (`allowed_headers`,
+        // Istio's `includeRequestHeadersInCheck`). Removing an absent header does nothing.
+        if self.allow.partner.org_id.is_none() {
+            remove.push(names.org_id.as_str().into());
+        }
         if let Credential::Present { found, .. } = self.credential {
             if !names.forward_credentials {
                 if found.authorization {

@@ -25,6 +25,24 @@ pub struct PathOptions {
     /// segments, so `/admin;x` may reach `/admin`. Even when on, a segment
     /// whose part before the first `;` is empty, `.` or `..` is rejected.
     pub allow_semicolon: bool,
+    /// The path reaches the upstream as the client sent it, not in the form keygate decides
+    /// on: the check fronts (ext_authz, forward-auth) decide, and another proxy forwards. A
+    /// path the normalizer would have to resolve (an empty segment before the last, a `.` or
+    /// `..` segment, raw or percent-encoded) is then refused: the upstream may resolve it
+    /// otherwise (`/a//../b` is `/a/b` to RFC 3986 and WHATWG, `/b` after merging slashes;
+    /// a router matching segments literally resolves nothing), and serve another resource
+    /// than the one decided on.
+    pub as_sent: bool,
+}
+
+impl PathOptions {
+    /// These options for a path that reaches the upstream as sent ([`PathOptions::as_sent`]).
+    pub fn as_sent(self) -> Self {
+        PathOptions {
+            as_sent: true,
+            ..self
+        }
+    }
 }
 
 /// Why a request path was rejected. Messages never echo the path.
@@ -65,6 +83,12 @@ pub enum PathError {
     /// which upstreams that strip parameters read as `..`, `.` or empty.
     #[error("a request path segment is empty, '.' or '..' before its ';' parameters")]
     AmbiguousParameter,
+    /// With [`PathOptions::as_sent`]: an empty segment (`//`), `.` or `..`, which the
+    /// upstream would receive unresolved.
+    #[error(
+        "the request path has an empty, '.' or '..' segment, which would reach the API unresolved"
+    )]
+    Unresolved,
 }
 
 /// A normalized request path (always ASCII, always starts with `/`).
@@ -298,7 +322,8 @@ fn normalize_slow(path: &str, opts: PathOptions) -> Result<NormalizedPath, PathE
     // `out` holds "/seg1/seg2..." with no trailing slash; empty means root.
     let mut out = String::with_capacity(path.len());
     let mut trailing_slash = false;
-    for raw in path[1..].split('/') {
+    let mut segments = path[1..].split('/').peekable();
+    while let Some(raw) = segments.next() {
         let start = out.len();
         out.push('/');
         push_canonical_segment(&mut out, raw.as_bytes(), opts)?;
@@ -314,6 +339,10 @@ fn normalize_slow(path: &str, opts: PathOptions) -> Result<NormalizedPath, PathE
             }
         }
         trailing_slash = matches!(seg, "" | "." | "..");
+        // (A final empty segment is a trailing slash, kept as sent.)
+        if opts.as_sent && trailing_slash && (!seg.is_empty() || segments.peek().is_some()) {
+            return Err(PathError::Unresolved);
+        }
         match seg {
             "" | "." => out.truncate(start),
             ".." => {

@@ -159,10 +159,13 @@ async fn nginx_auth_request_style() {
     .await;
     assert_error(&a, 401, "key_revoked");
 
-    // The original path is normalized like the proxy's.
+    // The original path is normalized like the proxy's, but nginx forwards it as sent: one
+    // with segments to resolve is refused (the upstream may resolve them otherwise).
     for (uri, status, code) in [
         ("/v1/analyses%2F1", 400, "invalid_path"),
-        ("/v1/x/../analyses/1", 200, ""),
+        ("/v1/%61nalyses/1", 200, ""),
+        ("/v1/x/../analyses/1", 400, "invalid_path"),
+        ("/v1//analyses/1", 400, "invalid_path"),
         ("/%2e%2e/v1/analyses/1", 400, "invalid_path"),
     ] {
         let a = ask(
@@ -330,7 +333,16 @@ async fn envoy_http_service_style() {
     let reader = k.reader.as_str();
     let a = ask(addr, "POST", "/authz/v1/analyses", &[("x-api-key", reader)]).await;
     assert_error(&a, 403, "scope_required");
-    // The query never affects the decision; the path is normalized.
+    // The query never affects the decision; the path is normalized, and refused where Envoy
+    // would forward segments unresolved.
+    let a = ask(
+        addr,
+        "GET",
+        "/authz/v1/%61nalyses/7?path=/v1/analyses",
+        &[("x-api-key", reader)],
+    )
+    .await;
+    assert_eq!(a.status, 200);
     let a = ask(
         addr,
         "GET",
@@ -338,7 +350,7 @@ async fn envoy_http_service_style() {
         &[("x-api-key", reader)],
     )
     .await;
-    assert_eq!(a.status, 200);
+    assert_error(&a, 400, "invalid_path");
     let a = ask(
         addr,
         "GET",

@@ -214,5 +214,18 @@ async fn nginx_auth_request_with_the_shipped_config() {
     .await;
     assert_error(&a, 401, "invalid_api_key");
     assert_eq!(upstream.count(), 0, "a denied request reached the upstream");
+    // nginx passes the client's path on as sent (`proxy_pass` without a URI, `$request_uri`):
+    // one with segments to resolve is refused, since the API might resolve them otherwise
+    // than keygate (`/v1/admin//../x` is `/v1/admin/x` to RFC 3986).
+    for p in [
+        "/v1/admin/../analyses/1",
+        "/v1//analyses/1",
+        "/v1/admin/%2e%2e/analyses/1",
+        "/v1/admin//../analyses/1",
+    ] {
+        let a = get(&c, &url(p), &[("x-api-key", &reader)]).await;
+        assert_error(&a, 400, "invalid_path");
+    }
+    assert_eq!(upstream.count(), 0, "a refused path reached the upstream");
     gate.stop().await;
 }

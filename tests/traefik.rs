@@ -203,5 +203,19 @@ async fn traefik_forward_auth_with_the_shipped_config() {
     .await;
     assert_error(&a, 403, "scope_required");
     assert_eq!(upstream.count(), 0, "a denied request reached the upstream");
+
+    // Traefik cleans the path (merged slashes, `.`/`..` resolved, also encoded) before it
+    // asks and before it forwards: what keygate decides on is what the upstream gets.
+    for p in [
+        "/v1/admin/../analyses/1",
+        "/v1//analyses/1",
+        "/v1/admin/%2e%2e/analyses/1",
+        "/v1/admin//../analyses/1",
+    ] {
+        upstream.clear();
+        let a = get(&c, &url(p), &[("x-api-key", &reader)]).await;
+        assert_eq!(a.status, 200, "{p}: {:?}", String::from_utf8_lossy(&a.body));
+        assert_eq!(upstream.last().target, "/v1/analyses/1", "{p}");
+    }
     gate.stop().await;
 }

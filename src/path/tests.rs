@@ -3,9 +3,11 @@ use proptest::prelude::*;
 
 const DEFAULT: PathOptions = PathOptions {
     allow_semicolon: false,
+    as_sent: false,
 };
 const SEMI: PathOptions = PathOptions {
     allow_semicolon: true,
+    as_sent: false,
 };
 
 /// (input, expected forwarded form, expected matching form) with default options.
@@ -158,6 +160,53 @@ fn semicolon_table() {
             "{input:?}"
         );
     }
+}
+
+/// A path that reaches the upstream as sent (the check fronts): accepted only where nothing
+/// had to be resolved, and then in the same form as for the proxy.
+#[test]
+fn as_sent_table() {
+    let as_sent = DEFAULT.as_sent();
+    for input in [
+        "/",
+        "/v1/analyses/1",
+        "/v1/analyses/",
+        "/a.b/c..d/.../.x/..y",
+        "/a/%7Eb",
+        "/a/%2Eb",
+    ] {
+        let n = normalize(input, as_sent).unwrap_or_else(|e| panic!("{input:?}: {e}"));
+        assert_eq!(Ok(n), normalize(input, DEFAULT), "{input:?}");
+    }
+    for input in [
+        "//",
+        "//admin",
+        "/v1/admin//../analyses/x",
+        "/a///b",
+        "/a//",
+        "/.",
+        "/./a",
+        "/a/./b",
+        "/a/.",
+        "/a/..",
+        "/a/../b",
+        "/v1/admin/%2e%2e/analyses/1",
+        "/v1/admin/%2E./analyses/1",
+        "/v1/admin/.%2e/",
+        "/a/%2E/b",
+    ] {
+        assert_eq!(
+            normalize(input, as_sent),
+            Err(PathError::Unresolved),
+            "{input:?}"
+        );
+    }
+    // What is refused anyway keeps its own reason.
+    assert_eq!(
+        normalize("/a/%2F/..", as_sent),
+        Err(PathError::EncodedSeparator)
+    );
+    assert_eq!(normalize("/..", as_sent), Err(PathError::Unresolved));
 }
 
 #[test]
@@ -329,9 +378,31 @@ fn check_output(s: &str, opts: PathOptions) {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
+    /// As sent: accepted exactly when the normalizer resolves nothing (no `.` or `..` segment,
+    /// raw or encoded; no empty segment but a last one), and then as for the proxy.
+    #[test]
+    fn as_sent_resolves_nothing(input in path_like(), semi in any::<bool>()) {
+        let opts = PathOptions { allow_semicolon: semi, as_sent: false };
+        let resolving = input.strip_prefix('/').is_some_and(|rest| {
+            let segments: Vec<String> = rest
+                .split('/')
+                .map(|s| s.replace("%2e", ".").replace("%2E", "."))
+                .collect();
+            segments.iter().enumerate().any(|(i, s)| {
+                s == "." || s == ".." || (s.is_empty() && i + 1 < segments.len())
+            })
+        });
+        match (normalize(&input, opts), normalize(&input, opts.as_sent())) {
+            (Ok(n), Ok(sent)) => prop_assert!(!resolving && n == sent, "{:?}", input),
+            (Ok(_), Err(e)) => prop_assert!(resolving && e == PathError::Unresolved, "{:?}: {}", input, e),
+            (Err(e), Ok(_)) => prop_assert!(false, "{:?}: accepted as sent only ({})", input, e),
+            (Err(_), Err(_)) => {}
+        }
+    }
+
     #[test]
     fn idempotent(input in path_like(), semi in any::<bool>()) {
-        let opts = PathOptions { allow_semicolon: semi };
+        let opts = PathOptions { allow_semicolon: semi, as_sent: false };
         if let Ok(n) = normalize(&input, opts) {
             let again = normalize(n.as_str(), opts);
             prop_assert_eq!(again.as_ref(), Ok(&n));
@@ -343,7 +414,7 @@ proptest! {
 
     #[test]
     fn output_is_clean(input in path_like(), semi in any::<bool>()) {
-        let opts = PathOptions { allow_semicolon: semi };
+        let opts = PathOptions { allow_semicolon: semi, as_sent: false };
         if let Ok(n) = normalize(&input, opts) {
             check_output(n.as_str(), opts);
             check_output(n.for_matching(), opts);
@@ -353,7 +424,7 @@ proptest! {
 
     #[test]
     fn a_uri_normalizes_as_its_path_too(input in path_like(), query in "[a-z=&%/.]{0,8}", semi in any::<bool>()) {
-        let opts = PathOptions { allow_semicolon: semi };
+        let opts = PathOptions { allow_semicolon: semi, as_sent: false };
         if let Ok(uri) = http::Uri::try_from(format!("{input}?{query}")) {
             prop_assert_eq!(normalize_uri(&uri, opts), normalize(uri.path(), opts));
         }
@@ -361,7 +432,7 @@ proptest! {
 
     #[test]
     fn never_panics(input in any::<String>(), semi in any::<bool>()) {
-        let opts = PathOptions { allow_semicolon: semi };
+        let opts = PathOptions { allow_semicolon: semi, as_sent: false };
         let _ = normalize(&input, opts);
         let _ = normalize(&format!("/{input}"), opts);
         let _ = split_target(&input);

@@ -82,6 +82,19 @@ class EnvoyConfigs(unittest.TestCase):
                 clusters = {c.name: c for c in b.static_resources.clusters}
                 self.assertIn("keygate", clusters)
 
+    def test_both_forward_the_path_they_check(self):
+        # keygate decides on the resolved path; Envoy must forward that one, not the client's.
+        hcm_fields = hcm_pb2.HttpConnectionManager.DESCRIPTOR.fields_by_name
+        reject = hcm_fields["path_with_escaped_slashes_action"].enum_type.values_by_name[
+            "REJECT_REQUEST"
+        ].number
+        for name in ["envoy-grpc.yaml", "envoy-http.yaml"]:
+            with self.subTest(name):
+                hcm, _ = http_filters(bootstrap(name))
+                self.assertTrue(hcm.normalize_path.value)
+                self.assertTrue(hcm.merge_slashes)
+                self.assertEqual(hcm.path_with_escaped_slashes_action, reject)
+
     def test_grpc_asks_keygates_ext_authz_port(self):
         b = bootstrap("envoy-grpc.yaml")
         _, filters = http_filters(b)
