@@ -333,6 +333,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
             shard: telemetry.shard(Front::ExtAuthz),
             connections: telemetry.connections(Front::ExtAuthz),
             resources: settings.limits,
+            buffers: Arc::new(crate::ext_authz::Buffers::new(settings.ext_authz_limits)),
         });
         fronts.spawn(crate::ext_authz::serve(
             listener,

@@ -198,6 +198,9 @@ pub struct RawExtAuthz {
     pub listen: Option<String>,
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    pub read_timeout: Option<String>,
+    pub max_request_bytes: Option<usize>,
+    pub max_buffered_bytes: Option<usize>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub client_ca: Option<PathBuf>,
@@ -336,6 +339,8 @@ pub struct Settings {
     pub admin: Option<SocketAddr>,
     /// gRPC `envoy.service.auth.v3.Authorization` front.
     pub ext_authz: Option<FrontSettings>,
+    /// What that front holds of CheckRequests (the defaults when it is off).
+    pub ext_authz_limits: CheckLimits,
     /// HTTP forward-auth (`/authz`) front.
     pub authz_http: Option<FrontSettings>,
     pub headers: Arc<HeaderNames>,
@@ -599,6 +604,29 @@ pub struct FrontSettings {
     /// authz_http: time a caller has to send a request head (also the first one after it
     /// connects, and the keep-alive idle limit).
     pub header_read_timeout: Duration,
+}
+
+/// How much of CheckRequests the ext_authz front holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckLimits {
+    /// Time a Check's CheckRequest has to arrive whole once its stream is open; then it is
+    /// denied (400 `invalid_request`).
+    pub read_timeout: Duration,
+    /// The largest CheckRequest decoded; a larger one is denied (413 `request_too_large`).
+    pub max_request_bytes: usize,
+    /// Bytes held at once for CheckRequests still arriving in pieces; a Check that would go
+    /// over is denied the same way.
+    pub max_buffered_bytes: usize,
+}
+
+impl Default for CheckLimits {
+    fn default() -> Self {
+        CheckLimits {
+            read_timeout: Duration::from_secs(10),
+            max_request_bytes: 64 << 20,
+            max_buffered_bytes: 128 << 20,
+        }
+    }
 }
 
 /// Header names keygate reads and writes, all configurable.
@@ -985,6 +1013,7 @@ pub fn validate_with_env(
     let proxy = v.proxy(&raw.proxy);
     let admin = v.listen("admin.listen", raw.admin.listen.as_deref());
     let ext_authz = v.ext_authz(&raw.ext_authz);
+    let ext_authz_limits = v.check_limits(&raw.ext_authz);
     let authz_http = v.front("authz_http", &raw.authz_http);
     let headers = v.headers(&raw.credentials, &raw.identity_headers, &raw.idempotency);
     let rate_limit = v.rate_limit(&raw.rate_limit, &raw.redis);
@@ -1142,6 +1171,7 @@ pub fn validate_with_env(
         proxy,
         admin,
         ext_authz,
+        ext_authz_limits,
         authz_http,
         headers: Arc::new(headers),
         rate_limit: Arc::new(rate_limit),
@@ -1984,6 +2014,53 @@ impl Validator<'_> {
             tls,
             ..self.front("ext_authz", &front)?
         })
+    }
+
+    fn check_limits(&mut self, raw: &RawExtAuthz) -> CheckLimits {
+        let d = CheckLimits::default();
+        // A CheckRequest's length is a 32-bit field of its gRPC frame.
+        let max = u32::MAX as usize;
+        let mut size = |key: &str, value: Option<usize>, default: usize, max: usize| match value {
+            Some(n) if (1..=max).contains(&n) => n,
+            Some(n) => {
+                self.problem(key, format!("{n} must be between 1 and {max}"));
+                default
+            }
+            None => default,
+        };
+        let limits = CheckLimits {
+            read_timeout: Duration::ZERO,
+            max_request_bytes: size(
+                "ext_authz.max_request_bytes",
+                raw.max_request_bytes,
+                d.max_request_bytes,
+                max,
+            ),
+            max_buffered_bytes: size(
+                "ext_authz.max_buffered_bytes",
+                raw.max_buffered_bytes,
+                d.max_buffered_bytes,
+                usize::MAX,
+            ),
+        };
+        let limits = CheckLimits {
+            read_timeout: self.duration(
+                "ext_authz.read_timeout",
+                raw.read_timeout.as_deref(),
+                d.read_timeout,
+            ),
+            ..limits
+        };
+        if limits.max_buffered_bytes < limits.max_request_bytes {
+            self.problem(
+                "ext_authz.max_buffered_bytes",
+                format!(
+                    "{} is less than ext_authz.max_request_bytes ({}): the largest CheckRequest could never be held",
+                    limits.max_buffered_bytes, limits.max_request_bytes
+                ),
+            );
+        }
+        limits
     }
 
     fn upstream(&mut self, text: &str) -> Option<(http::uri::Scheme, http::uri::Authority)> {

@@ -43,6 +43,9 @@ pub enum DenyReason {
     IdempotencyKeyReused,
     /// A request body too large to fingerprint for idempotent replay.
     RequestTooLarge,
+    /// A CheckRequest larger than `ext_authz.max_request_bytes`, or one arriving in pieces
+    /// while others hold `ext_authz.max_buffered_bytes`.
+    CheckTooLarge,
     /// The shared idempotency store (Redis) did not answer: the request is not run unguarded.
     IdempotencyUnavailable,
     /// Seconds until a retry can succeed.
@@ -101,7 +104,7 @@ impl DenyReason {
             NotFound => StatusCode::NOT_FOUND,
             IdempotencyKeyInUse => StatusCode::CONFLICT,
             IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            RequestTooLarge | CheckTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             IdempotencyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             AuthenticationRequired { .. } | InvalidApiKey | KeyRevoked | KeyExpired => {
                 StatusCode::UNAUTHORIZED
@@ -137,7 +140,7 @@ impl DenyReason {
             IdempotencyKeyRequired => "idempotency_key_required",
             IdempotencyKeyInUse => "idempotency_key_in_use",
             IdempotencyKeyReused => "idempotency_key_reused",
-            RequestTooLarge => "request_too_large",
+            RequestTooLarge | CheckTooLarge => "request_too_large",
             IdempotencyUnavailable => "idempotency_unavailable",
             RateLimited { .. } => "rate_limited",
             SnapshotUnavailable => "snapshot_unavailable",
@@ -156,7 +159,8 @@ impl DenyReason {
             | IdempotencyKeyRequired
             | IdempotencyKeyInUse
             | IdempotencyKeyReused
-            | RequestTooLarge => "invalid_request_error",
+            | RequestTooLarge
+            | CheckTooLarge => "invalid_request_error",
             AuthenticationRequired { .. } | InvalidApiKey | KeyRevoked | KeyExpired => {
                 "authentication_error"
             }
@@ -195,6 +199,7 @@ impl DenyReason {
             IdempotencyKeyInUse => "A request with this Idempotency-Key is still in progress; retry once it has completed.".into(),
             IdempotencyKeyReused => "This Idempotency-Key was already used for a different request.".into(),
             RequestTooLarge => "The request body is too large for an idempotent request.".into(),
+            CheckTooLarge => "The request is too large for keygate to check (its headers, and any body sent along for the check).".into(),
             IdempotencyUnavailable => "Idempotency keys cannot be checked right now; retry later.".into(),
             RateLimited { .. } => "Too many requests for this API key; retry later.".into(),
             SnapshotUnavailable => "API keys cannot be checked right now; retry later.".into(),

@@ -42,11 +42,6 @@ use wire::{delimited_len, string_len, varint_len, CheckFacts, Writer};
 /// The service name health checks ask about (besides the whole server, `""`).
 pub const SERVICE: &str = "envoy.service.auth.v3.Authorization";
 
-/// The largest `CheckRequest` decoded. Envoy can send large ones (`with_request_body`, large
-/// header limits), and a message over the limit is a gRPC error, which `failure_mode_allow`
-/// turns into an allow. keygate reads no body, but must decode it.
-pub const MAX_CHECK_BYTES: usize = 64 << 20;
-
 pub struct ExtAuthzState {
     pub settings: FrontSettings,
     pub policy: Arc<Policy>,
@@ -60,6 +55,47 @@ pub struct ExtAuthzState {
     pub shard: Arc<crate::telemetry::Shard>,
     pub connections: Arc<crate::telemetry::Connections>,
     pub resources: crate::config::Limits,
+    /// CheckRequests' size and arrival (`ext_authz.max_request_bytes` and the like), and the
+    /// bytes held for those still arriving.
+    pub buffers: Arc<Buffers>,
+}
+
+/// What the ext_authz front holds of CheckRequests: how large one may be, how long it may take
+/// to arrive, and the bytes held now for those arriving in pieces (a CheckRequest in one DATA
+/// frame is taken as it is, and not counted).
+#[derive(Debug)]
+pub struct Buffers {
+    pub limits: crate::config::CheckLimits,
+    held: std::sync::atomic::AtomicUsize,
+}
+
+impl Buffers {
+    pub fn new(limits: crate::config::CheckLimits) -> Self {
+        Buffers {
+            limits,
+            held: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// Count `n` more bytes held, unless that goes over `max_buffered_bytes`.
+    fn take(&self, n: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        let max = self.limits.max_buffered_bytes;
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                held.checked_add(n).filter(|&total| total <= max)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, n: usize) {
+        self.held.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes held now for CheckRequests arriving in pieces.
+    pub fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Serve Check and Health on `listener` until `shutdown` resolves, then let calls in flight
@@ -211,21 +247,30 @@ impl<'a> Headers<'a, '_> {
 /// cancels first). The answer is a whole gRPC message: the 5-byte prefix and a serialized
 /// `CheckResponse`, always one.
 pub async fn check(state: &ExtAuthzState, message: &[u8]) -> Bytes {
-    let mut record = Record::new(&state.shard);
     let facts = match wire::read(message) {
         Ok(facts) => facts,
         Err(wire::Malformed) => {
-            let minted = request_id::mint();
-            let id = minted.to_str().unwrap_or("");
-            let reason = DenyReason::BadRequest("the CheckRequest could not be decoded");
-            record.note.deny(&reason);
-            let answer = denied(&reason, id, &state.names, None);
-            record.finish(reason.status().as_u16(), id);
-            return answer;
+            return refused(
+                state,
+                &DenyReason::BadRequest("the CheckRequest could not be decoded"),
+            )
         }
     };
+    let mut record = Record::new(&state.shard);
     // The record by reference: an `async fn`'s argument is held twice in its future.
     decided(state, &facts, &mut record).await
+}
+
+/// A Check denied before its CheckRequest could be read (too large, too slow, undecodable):
+/// a `CheckResponse` all the same, never a gRPC error; counted and logged like any denial.
+pub(crate) fn refused(state: &ExtAuthzState, reason: &DenyReason) -> Bytes {
+    let mut record = Record::new(&state.shard);
+    let minted = request_id::mint();
+    let id = minted.to_str().unwrap_or("");
+    record.note.deny(reason);
+    let answer = denied(reason, id, &state.names, None);
+    record.finish(reason.status().as_u16(), id);
+    answer
 }
 
 async fn decided(state: &ExtAuthzState, facts: &CheckFacts<'_>, record: &mut Record<'_>) -> Bytes {

@@ -1,9 +1,10 @@
 //! The ext_authz listener's gRPC framing, driven with raw HTTP/2 frames (the `h2` crate) against
 //! the real keygate: a call that is not well-framed gRPC gets a gRPC error (compressed flag,
-//! `grpc-encoding`, wrong content type or method, oversized, truncated, empty or doubled
-//! message, `grpc-timeout` passed), a Check split across DATA frames or many on one connection
-//! are answered like any other, and every other path still reaches tonic (health, unknown
-//! methods). A well-formed Check is never a gRPC error: see `tests/ext_authz.rs`.
+//! `grpc-encoding`, wrong content type or method, truncated, empty or doubled message,
+//! `grpc-timeout` passed), a Check split across DATA frames or many on one connection are
+//! answered like any other, and every other path still reaches tonic (health, unknown methods).
+//! A well-framed Check is never a gRPC error, also when it is too large, too slow, or arrives
+//! while others hold the buffers: see also `tests/ext_authz.rs`.
 
 mod support;
 
@@ -24,6 +25,11 @@ use tonic_health::pb::HealthCheckRequest;
 const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
 
 async fn start() -> (Gate, SnapshotDir, String, SocketAddr, Upstream) {
+    start_with("").await
+}
+
+/// [`start`] with more `[ext_authz]` settings.
+async fn start_with(ext_authz: &str) -> (Gate, SnapshotDir, String, SocketAddr, Upstream) {
     let upstream = Upstream::start().await;
     let snap = SnapshotDir::new();
     let key = mint("sk_live_");
@@ -35,7 +41,7 @@ async fn start() -> (Gate, SnapshotDir, String, SocketAddr, Upstream) {
     let gate = Gate::start(&config_toml(
         &snap.path(),
         upstream.addr,
-        "[ext_authz]\nlisten = \"127.0.0.1:0\"\n",
+        &format!("[ext_authz]\nlisten = \"127.0.0.1:0\"\n{ext_authz}"),
     ))
     .await;
     let addr = gate.app.as_ref().unwrap().ext_authz_addr.unwrap();
@@ -43,6 +49,11 @@ async fn start() -> (Gate, SnapshotDir, String, SocketAddr, Upstream) {
 }
 
 fn check_request(key: &str) -> Vec<u8> {
+    check_request_with_body(key, 0)
+}
+
+/// A Check whose request carries a body of `n` bytes (Envoy's `with_request_body`).
+fn check_request_with_body(key: &str, n: usize) -> Vec<u8> {
     CheckRequest {
         attributes: Some(AttributeContext {
             request: Some(Request {
@@ -51,6 +62,7 @@ fn check_request(key: &str) -> Vec<u8> {
                     path: "/v1/analyses/1".into(),
                     host: "api.example.com".into(),
                     headers: [("x-api-key".to_owned(), key.to_owned())].into(),
+                    body: "b".repeat(n),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -177,8 +189,6 @@ async fn calls_that_are_not_well_framed_grpc_get_grpc_errors() {
     let mut two = whole.clone();
     two.extend_from_slice(&whole);
     let (compressed, flags) = (framed(1, &message), framed(2, &message));
-    let mut oversized = vec![0];
-    oversized.extend_from_slice(&((64u32 << 20) + 1).to_be_bytes());
     // (what, method, headers, body frames, end the stream, HTTP status, grpc-status)
     type Row<'a> = (
         &'a str,
@@ -245,16 +255,6 @@ async fn calls_that_are_not_well_framed_grpc_get_grpc_errors() {
             "13",
         ),
         ("GET", "GET", vec![GRPC], vec![], true, 405, "12"),
-        // Refused at its prefix, without waiting for 64 MiB: the stream stays open.
-        (
-            "oversized",
-            "POST",
-            vec![GRPC],
-            vec![&oversized],
-            false,
-            200,
-            "8",
-        ),
         ("empty body", "POST", vec![GRPC], vec![], true, 200, "13"),
         (
             "half a prefix",
@@ -597,5 +597,101 @@ async fn a_check_waiting_on_redis_is_dropped_when_its_client_resets_it() {
     // Counted because it was dropped, not because Redis gave up and the local limiter decided.
     assert_eq!(fallbacks(), fell_back);
     redis.resume();
+    gate.stop().await;
+}
+
+/// The denial in a `CheckResponse`: its HTTP status and the contract's code.
+fn denial(r: &CheckResponse) -> (u32, String) {
+    let Some(HttpResponse::DeniedResponse(d)) = &r.http_response else {
+        panic!("not a denial: {r:?}")
+    };
+    let body: serde_json::Value = serde_json::from_str(&d.body).unwrap();
+    let code = body["error"]["code"].as_str().unwrap().to_owned();
+    (d.status.as_ref().unwrap().code as u32, code)
+}
+
+/// A CheckRequest too large to hold, or one arriving while others hold what keygate buffers,
+/// is denied with a `CheckResponse` (413 `request_too_large`), never a gRPC error, which
+/// Envoy's `failure_mode_allow` would turn into an allow; one that does not arrive in time is
+/// denied 400. The connection serves on.
+#[tokio::test]
+async fn checks_too_large_or_too_slow_are_denied_not_errors() {
+    let (gate, _snap, key, addr, _up) = start_with(
+        "max_request_bytes = 400000\nmax_buffered_bytes = 600000\nread_timeout = \"500ms\"\n",
+    )
+    .await;
+    let send = connect(addr).await;
+    let small = framed(0, &check_request(&key));
+
+    // Over max_request_bytes: denied at its prefix, before 64 MiB come (the stream stays open).
+    let mut oversized = vec![0];
+    oversized.extend_from_slice(&(400_001u32).to_be_bytes());
+    let (response, _stream) = begin_check(&send, &oversized, false).await;
+    let r = check_answer(response).await;
+    assert_eq!(denial(&r), (413, "request_too_large".to_owned()));
+    assert_eq!(r.status.unwrap().code, 7, "PERMISSION_DENIED");
+    let counted = "keygate_requests_total{front=\"ext_authz\",code=\"request_too_large\"}";
+    assert_eq!(gate.metric(counted).await, Some(1.0));
+
+    // One arriving in pieces holds ~400 KB; another of 300 KB cannot be held beside it.
+    let big = framed(0, &check_request_with_body(&key, 390_000));
+    assert!(big.len() <= 400_005);
+    let (held, rest) = big.split_at(350_000);
+    let (a_response, mut a_stream) = begin_check(&send, held, false).await;
+    let second = framed(0, &check_request_with_body(&key, 290_000));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        // (Allowed until keygate has gathered the first one's pieces.)
+        let (response, _stream) = begin_check(&send, &second, true).await;
+        let r = check_answer(response).await;
+        if matches!(r.http_response, Some(HttpResponse::DeniedResponse(_))) {
+            assert_eq!(denial(&r), (413, "request_too_large".to_owned()));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never denied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A Check in one frame is not held, and still passes.
+    let (response, _stream) = begin_check(&send, &small, true).await;
+    let r = check_answer(response).await;
+    assert!(
+        matches!(r.http_response, Some(HttpResponse::OkResponse(_))),
+        "{r:?}"
+    );
+    // The first one completes, and gives its room back: the second passes now.
+    a_stream
+        .send_data(Bytes::copy_from_slice(rest), true)
+        .unwrap();
+    let r = check_answer(a_response).await;
+    assert!(
+        matches!(r.http_response, Some(HttpResponse::OkResponse(_))),
+        "{r:?}"
+    );
+    let (response, _stream) = begin_check(&send, &second, true).await;
+    let r = check_answer(response).await;
+    assert!(
+        matches!(r.http_response, Some(HttpResponse::OkResponse(_))),
+        "{r:?}"
+    );
+
+    // Half a message, and then nothing: denied once read_timeout passes.
+    let started = std::time::Instant::now();
+    let (response, _stream) = begin_check(&send, &small[..small.len() / 2], false).await;
+    let r = check_answer(response).await;
+    assert_eq!(denial(&r), (400, "invalid_request".to_owned()));
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(450), "{waited:?}");
+    // A grpc-timeout does not extend it.
+    let (response, _stream) = open(
+        &send,
+        "POST",
+        CHECK,
+        &[GRPC, ("grpc-timeout", "1H")],
+        &[&small[..9]],
+        false,
+    )
+    .await;
+    let r = check_answer(response).await;
+    assert_eq!(denial(&r), (400, "invalid_request".to_owned()));
     gate.stop().await;
 }

@@ -330,6 +330,26 @@ fn each_problem_names_its_dotted_key() {
             "ext_authz.tls_cert",
         ),
         (
+            "ext_authz buffers smaller than one CheckRequest",
+            add("[ext_authz]\nlisten = \"127.0.0.1:0\"\nmax_buffered_bytes = 1000\n"),
+            "ext_authz.max_buffered_bytes",
+        ),
+        (
+            "ext_authz.max_request_bytes zero",
+            add("[ext_authz]\nlisten = \"127.0.0.1:0\"\nmax_request_bytes = 0\n"),
+            "ext_authz.max_request_bytes",
+        ),
+        (
+            "ext_authz.max_request_bytes beyond a gRPC frame",
+            add("[ext_authz]\nlisten = \"127.0.0.1:0\"\nmax_request_bytes = 4294967296\nmax_buffered_bytes = 4294967296\n"),
+            "ext_authz.max_request_bytes",
+        ),
+        (
+            "ext_authz.read_timeout without a unit",
+            add("[ext_authz]\nlisten = \"127.0.0.1:0\"\nread_timeout = \"10\"\n"),
+            "ext_authz.read_timeout",
+        ),
+        (
             "TLS on authz_http, which does not offer it",
             add("[authz_http]\nlisten = \"127.0.0.1:0\"\ntls_cert = \"Cargo.toml\"\n"),
             "authz_http.tls_cert",

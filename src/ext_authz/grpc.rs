@@ -10,9 +10,12 @@
 //! length, the `CheckRequest`) in the request body, and the answer's message followed by
 //! `grpc-status: 0` trailers. A call that is not well-framed gRPC gets a gRPC error in a
 //! trailers-only answer (no `CheckResponse` can answer it): a content type other than
-//! `application/grpc` (415), a compressed message (keygate accepts none), a message over
-//! [`MAX_CHECK_BYTES`], a body that ends inside a message or holds more than one. A
-//! `grpc-timeout` is honoured: past it the call ends with DEADLINE_EXCEEDED.
+//! `application/grpc` (415), a compressed message (keygate accepts none), a body that ends
+//! inside a message or holds more than one. A `grpc-timeout` is honoured: past it the call ends
+//! with DEADLINE_EXCEEDED. A well-framed CheckRequest keygate will not hold or wait for (over
+//! `ext_authz.max_request_bytes`, over `max_buffered_bytes` with the others arriving, not whole
+//! within `read_timeout`) is denied with a `CheckResponse`, never a gRPC error: an error would
+//! be an allow under `failure_mode_allow`.
 //!
 //! Connections get the same rules as on every front ([`crate::listen::Http2Front`]): counted
 //! against `limits.max_connections`, told goodbye (GOAWAY) and then closed when unused, drained
@@ -25,14 +28,15 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
-use super::{check, fault_denial, guarded, ExtAuthzState, MAX_CHECK_BYTES};
+use super::{check, fault_denial, guarded, refused, Buffers, ExtAuthzState};
+use crate::deny::DenyReason;
 use crate::listen::{until_goodbye, Activity, Busy, Http2Serve, Routed, Tracked, Unvectored};
 
 /// The one path served here; everything else goes to tonic.
@@ -48,7 +52,6 @@ const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// gRPC status codes used here.
 const DEADLINE_EXCEEDED: u8 = 4;
-const RESOURCE_EXHAUSTED: u8 = 8;
 const UNIMPLEMENTED: u8 = 12;
 const INTERNAL: u8 = 13;
 
@@ -309,6 +312,7 @@ fn stream(
         }));
         return;
     }
+    let opened_at = crate::clock::now();
     let (mut body, timeout) = match opened(req) {
         Ok(opened) => opened,
         Err(refused) => {
@@ -323,8 +327,8 @@ fn stream(
             match body.poll_data(cx) {
                 Poll::Ready(Some(Ok(data))) => {
                     let _ = body.flow_control().release_capacity(data.len());
-                    if let Err(why) = message.push(data) {
-                        reply(failure(why), respond, busy);
+                    if let Err(why) = message.push(data, &state.buffers) {
+                        reply(stopped(state, why), respond, busy);
                         return;
                     }
                 }
@@ -338,7 +342,7 @@ fn stream(
         };
     if here {
         let answer = match message.whole() {
-            Ok(message) => {
+            Ok((message, _held)) => {
                 let check = std::pin::pin!(guarded(&state.names, check(state, &message[5..])));
                 match check.poll(cx) {
                     Poll::Ready(message) => answered(message),
@@ -357,7 +361,7 @@ fn stream(
     let state = state.clone();
     tokio::spawn(crate::clock::PerPoll::new(async move {
         let mut respond = respond;
-        let answer = checked(&state, message, Received::new(body), timeout);
+        let answer = checked(&state, message, Received::new(body), timeout, opened_at);
         if let Some(answer) = until_reset(&mut respond, answer).await {
             send(answer.map(|body| Tracked::new(body, busy)), respond).await;
         }
@@ -543,6 +547,28 @@ impl Body for Received {
 #[derive(Debug, PartialEq, Eq)]
 struct Failure(u8, &'static str);
 
+/// Why reading a Check stops: a gRPC error (the call is not well-framed gRPC), or a
+/// CheckRequest keygate will not hold or wait for, denied with a `CheckResponse`.
+#[derive(Debug)]
+enum Stop {
+    Grpc(Failure),
+    Denied(DenyReason),
+}
+
+impl From<Failure> for Stop {
+    fn from(failure: Failure) -> Self {
+        Stop::Grpc(failure)
+    }
+}
+
+/// The answer to a Check stopped before it was decided.
+fn stopped(state: &ExtAuthzState, stop: Stop) -> Response<Reply> {
+    match stop {
+        Stop::Grpc(why) => failure(why),
+        Stop::Denied(reason) => answered(refused(state, &reason)),
+    }
+}
+
 /// Why a call of Check is refused before its body is read.
 #[derive(Debug, Clone, Copy)]
 enum Refused {
@@ -601,27 +627,40 @@ fn opened<B>(req: Request<B>) -> Result<(B, Option<Duration>), Refused> {
     Ok((body, timeout))
 }
 
-/// Answer one call of Check whose head was [`opened`] and of whose body `message` holds what
-/// came so far.
+/// Answer one call of Check whose head was [`opened`] at `opened_at` and of whose body
+/// `message` holds what came so far.
 async fn checked(
     state: &ExtAuthzState,
     message: Message,
     mut body: Received,
     timeout: Option<Duration>,
+    opened_at: tokio::time::Instant,
 ) -> Response<Reply> {
+    let buffers = &state.buffers;
     let work = async {
-        let message = message.read_rest(&mut body).await?;
-        Ok::<_, Failure>(guarded(&state.names, check(state, &message[5..])).await)
+        // (The rest of a CheckRequest arriving in pieces: read as it comes, within the time a
+        // client has for it, whatever its grpc-timeout says.)
+        let until = opened_at + buffers.limits.read_timeout;
+        let read = tokio::time::timeout_at(until, message.read_rest(&mut body, buffers));
+        let Ok(read) = read.await else {
+            let why = DenyReason::BadRequest("the CheckRequest did not arrive in time");
+            return Err(Stop::Denied(why));
+        };
+        // Held until the Check is answered: the bytes are in memory until then.
+        let (message, _held) = read?;
+        Ok::<_, Stop>(guarded(&state.names, check(state, &message[5..])).await)
     };
     let answer = match timeout {
         None => work.await,
-        Some(timeout) => Deadline::new(work, timeout)
-            .await
-            .unwrap_or(Err(Failure(DEADLINE_EXCEEDED, "Deadline Exceeded"))),
+        Some(timeout) => Deadline::new(work, timeout).await.unwrap_or(Err(Failure(
+            DEADLINE_EXCEEDED,
+            "Deadline Exceeded",
+        )
+        .into())),
     };
     match answer {
         Ok(message) => answered(message),
-        Err(failure) => self::failure(failure),
+        Err(stop) => stopped(state, stop),
     }
 }
 
@@ -686,64 +725,121 @@ const UNREADABLE: Failure = Failure(INTERNAL, "the request body could not be rea
 
 /// The one message of a unary call's body, with its 5-byte prefix, as its DATA frames come.
 /// Usually the whole body is one frame, taken as it is; a message split across frames is
-/// gathered.
+/// gathered, its room counted in the front's [`Buffers`] before it is allocated.
 #[derive(Default)]
 struct Message {
     /// The only frame so far, or (once the message spans frames) none: all are in `gathered`.
     first: Option<Bytes>,
-    gathered: BytesMut,
+    gathered: Vec<u8>,
     /// The message's length with its prefix, once the prefix is in.
     whole: Option<usize>,
+    /// `gathered`'s room, as counted in the front's [`Buffers`].
+    held: Option<Held>,
+}
+
+/// Bytes counted in [`Buffers`], given back when dropped.
+struct Held {
+    buffers: Arc<Buffers>,
+    bytes: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.buffers.give_back(self.bytes);
+    }
 }
 
 impl Message {
-    fn push(&mut self, data: Bytes) -> Result<(), Failure> {
+    fn push(&mut self, data: Bytes, buffers: &Arc<Buffers>) -> Result<(), Stop> {
         if data.is_empty() {
             return Ok(());
         }
         if self.first.is_none() && self.gathered.is_empty() {
             self.first = Some(data);
         } else {
-            if let Some(f) = self.first.take() {
+            let first = self.first.take();
+            self.make_room(first.as_ref().map_or(0, Bytes::len) + data.len(), buffers)?;
+            if let Some(f) = first {
                 self.gathered.extend_from_slice(&f);
             }
             self.gathered.extend_from_slice(&data);
         }
         let received: &[u8] = self.first.as_deref().unwrap_or(&self.gathered);
         if self.whole.is_none() {
-            self.whole = prefix(received)?;
+            self.whole = prefix(received, buffers.limits.max_request_bytes)?;
         }
         if self.whole.is_some_and(|n| received.len() > n) {
-            return Err(Failure(INTERNAL, "more than one message in a unary call"));
+            return Err(Failure(INTERNAL, "more than one message in a unary call").into());
         }
         Ok(())
     }
 
-    /// The message, once the body has ended.
-    fn whole(self) -> Result<Bytes, Failure> {
-        let received = self.first.unwrap_or_else(|| self.gathered.freeze());
-        match self.whole {
-            Some(n) if received.len() == n => Ok(received),
+    /// Room in `gathered` for `adding` more bytes: doubled as it fills (but never past the
+    /// message's declared length), and counted in `buffers` before it is allocated. A Check
+    /// that would take the front over `max_buffered_bytes` is denied.
+    fn make_room(&mut self, adding: usize, buffers: &Arc<Buffers>) -> Result<(), Stop> {
+        let (len, room) = (self.gathered.len(), self.gathered.capacity());
+        let needed = len + adding;
+        if needed <= room {
+            return Ok(());
+        }
+        let mut grown = needed.max(room * 2);
+        if let Some(whole) = self.whole {
+            grown = grown.min(whole.max(needed));
+        }
+        let more = grown - room;
+        if !buffers.take(more) {
+            tracing::warn!(
+                held = buffers.held(),
+                max_buffered_bytes = buffers.limits.max_buffered_bytes,
+                "ext_authz: CheckRequests arriving in pieces hold the most allowed; a Check is denied"
+            );
+            return Err(Stop::Denied(DenyReason::CheckTooLarge));
+        }
+        let held = self.held.get_or_insert_with(|| Held {
+            buffers: buffers.clone(),
+            bytes: 0,
+        });
+        held.bytes += more;
+        self.gathered.reserve_exact(grown - len);
+        Ok(())
+    }
+
+    /// The message, once the body has ended, and the room it holds in the front's buffers.
+    fn whole(self) -> Result<(Bytes, Option<Held>), Failure> {
+        let Message {
+            first,
+            gathered,
+            whole,
+            held,
+        } = self;
+        let received = first.unwrap_or_else(|| Bytes::from(gathered));
+        match whole {
+            Some(n) if received.len() == n => Ok((received, held)),
             _ if received.is_empty() => Err(Failure(INTERNAL, "missing request message")),
             _ => Err(Failure(INTERNAL, "the request body ends inside a message")),
         }
     }
 
     /// The rest of `body`, then the message.
-    async fn read_rest(mut self, body: &mut Received) -> Result<Bytes, Failure> {
+    async fn read_rest(
+        mut self,
+        body: &mut Received,
+        buffers: &Arc<Buffers>,
+    ) -> Result<(Bytes, Option<Held>), Stop> {
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|_| UNREADABLE)?;
             if let Ok(data) = frame.into_data() {
-                self.push(data)?;
+                self.push(data, buffers)?;
             } // else trailers
         }
-        self.whole()
+        Ok(self.whole()?)
     }
 }
 
 /// The whole length of the message (prefix included) that `buf` begins, once its prefix is
-/// there.
-fn prefix(buf: &[u8]) -> Result<Option<usize>, Failure> {
+/// there. One longer than `max` is denied at its prefix, unread.
+fn prefix(buf: &[u8], max: usize) -> Result<Option<usize>, Stop> {
     if buf.len() < 5 {
         return Ok(None);
     }
@@ -753,16 +849,14 @@ fn prefix(buf: &[u8]) -> Result<Option<usize>, Failure> {
             return Err(Failure(
                 INTERNAL,
                 "a compressed message, but no grpc-encoding was agreed",
-            ))
+            )
+            .into())
         }
-        _ => return Err(Failure(INTERNAL, "invalid message flags")),
+        _ => return Err(Failure(INTERNAL, "invalid message flags").into()),
     }
     let len = (&buf[1..5]).get_u32() as usize;
-    if len > MAX_CHECK_BYTES {
-        return Err(Failure(
-            RESOURCE_EXHAUSTED,
-            "the CheckRequest is larger than keygate accepts (64 MiB)",
-        ));
+    if len > max {
+        return Err(Stop::Denied(DenyReason::CheckTooLarge));
     }
     Ok(Some(5 + len))
 }
@@ -920,14 +1014,22 @@ mod tests {
 
     #[test]
     fn message_prefixes() {
-        assert_eq!(prefix(&[0, 0, 0]), Ok(None));
-        assert_eq!(prefix(&[0, 0, 0, 0, 7]), Ok(Some(12)));
-        assert_eq!(prefix(&[0, 0, 0, 0, 0]), Ok(Some(5)));
-        assert_eq!(prefix(&[1, 0, 0, 0, 7]).unwrap_err().0, INTERNAL);
-        assert_eq!(prefix(&[2, 0, 0, 0, 7]).unwrap_err().0, INTERNAL);
-        let over = (MAX_CHECK_BYTES as u32 + 1).to_be_bytes();
+        let max = 64 << 20;
+        let grpc = |r: Result<Option<usize>, Stop>| match r {
+            Err(Stop::Grpc(Failure(code, _))) => code,
+            other => panic!("{other:?}"),
+        };
+        assert!(matches!(prefix(&[0, 0, 0], max), Ok(None)));
+        assert!(matches!(prefix(&[0, 0, 0, 0, 7], max), Ok(Some(12))));
+        assert!(matches!(prefix(&[0, 0, 0, 0, 0], max), Ok(Some(5))));
+        assert_eq!(grpc(prefix(&[1, 0, 0, 0, 7], max)), INTERNAL);
+        assert_eq!(grpc(prefix(&[2, 0, 0, 0, 7], max)), INTERNAL);
         let mut big = vec![0];
-        big.extend_from_slice(&over);
-        assert_eq!(prefix(&big).unwrap_err().0, RESOURCE_EXHAUSTED);
+        big.extend_from_slice(&(max as u32 + 1).to_be_bytes());
+        assert!(matches!(
+            prefix(&big, max),
+            Err(Stop::Denied(DenyReason::CheckTooLarge))
+        ));
+        assert!(matches!(prefix(&big, max + 1), Ok(Some(_))));
     }
 }

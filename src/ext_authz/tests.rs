@@ -111,6 +111,7 @@ fn fixture(extra: &str, trusted: &[&str]) -> Fixture {
         shard: telemetry.shard(crate::telemetry::Front::ExtAuthz),
         connections: telemetry.connections(crate::telemetry::Front::ExtAuthz),
         resources: crate::config::Limits::default(),
+        buffers: Arc::new(super::Buffers::new(Default::default())),
     };
     Fixture { state, ok, near }
 }
