@@ -322,6 +322,29 @@ async fn with_the_source_down_at_start_the_cache_serves_unless_too_old() {
     assert!(body["confirmed_seconds_ago"].as_f64().unwrap() >= 3590.0);
     assert_error(&status_of(&stale, &key).await, 503, "snapshot_unavailable");
     stale.stop().await;
+
+    // A control plane (or a cache before it) answering 304 to requests that named no document
+    // confirms nothing: the hour-old cache stays stale, its time untouched.
+    let lying = ControlPlane::start(&doc(9, &key, "revoked")).await;
+    lying.set(Behaviour::Status(304));
+    let gate = Gate::start(&config_toml_source(
+        &source(&lying.url(), &format!("{cache_line}\nmax_staleness = \"2s\"")),
+        upstream.addr,
+        "",
+    ))
+    .await;
+    assert_eq!(gate.revision(), Some(8));
+    let polls = lying.requests().len();
+    while lying.requests().len() < polls + 3 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(lying.requests().iter().all(|r| r.if_none_match.is_none()));
+    let (ready, body) = gate.ready().await;
+    assert_eq!(ready, 503, "{body}");
+    assert_error(&status_of(&gate, &key).await, 503, "snapshot_unavailable");
+    gate.stop().await;
+    let touched = std::fs::metadata(&cache).unwrap().modified().unwrap();
+    assert!(touched < SystemTime::now() - Duration::from_secs(3000));
 }
 
 #[tokio::test]

@@ -40,7 +40,10 @@ pub enum PollError {
     Document(#[from] super::DocumentError),
     #[error("the control plane sent revision {offered}, lower than revision {current} in force")]
     Regressed { offered: u64, current: u64 },
-    #[error("304 Not Modified without a document in force")]
+    /// A 304 confirms only the document whose ETag was sent: one to a request that sent none
+    /// (no document in force, or one in force from the cache or refused since) would pass an
+    /// old snapshot off as fresh.
+    #[error("304 Not Modified to a request that named no document (no If-None-Match)")]
     UnexpectedNotModified,
 }
 
@@ -184,8 +187,11 @@ impl HttpSource {
                 header::USER_AGENT,
                 concat!("keygate/", env!("CARGO_PKG_VERSION")),
             );
+        // Whether this request names the document in force: only then can a 304 confirm it.
+        let mut conditional = false;
         if let (Some(etag), true) = (&self.etag, store.current().is_some()) {
             req = req.header(header::IF_NONE_MATCH, etag.clone());
+            conditional = true;
         }
         if let Some(token) = &self.settings.token {
             let mut value =
@@ -208,7 +214,8 @@ impl HttpSource {
                 .map_err(|e| PollError::Unreachable(error_chain(&e)))?;
             match resp.status() {
                 StatusCode::OK => {}
-                StatusCode::NOT_MODIFIED => return Ok(None),
+                StatusCode::NOT_MODIFIED if conditional => return Ok(None),
+                StatusCode::NOT_MODIFIED => return Err(PollError::UnexpectedNotModified),
                 other => return Err(PollError::Status(other)),
             }
             let declared = resp
