@@ -6,6 +6,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -524,4 +525,46 @@ async fn an_unused_hub_connection_is_told_goodbye() {
     h2.idle_goodbye(used, Duration::from_secs(9), Duration::from_secs(15))
         .await;
     hub.stop().await;
+}
+
+/// A hub that accepts the Watch and never answers it (no response headers): the sidecar gives
+/// up on it after `idle_timeout` and calls again, as for a silent stream, and takes the
+/// snapshot of a hub that answers.
+#[tokio::test]
+async fn a_watch_the_hub_never_answers_is_called_again() {
+    let upstream = Upstream::start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                // Streams held, never answered.
+                let mut held = Vec::new();
+                while let Some(Ok(stream)) = conn.accept().await {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    held.push(stream);
+                }
+            });
+        }
+    });
+    let gate = Gate::start(&sidecar_config(addr, upstream.addr, "")).await;
+    let start = std::time::Instant::now();
+    while calls.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the sidecar waits on an unanswered Watch"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gate.revision(), None);
+    gate.stop().await;
 }

@@ -328,7 +328,10 @@ async fn with_the_source_down_at_start_the_cache_serves_unless_too_old() {
     let lying = ControlPlane::start(&doc(9, &key, "revoked")).await;
     lying.set(Behaviour::Status(304));
     let gate = Gate::start(&config_toml_source(
-        &source(&lying.url(), &format!("{cache_line}\nmax_staleness = \"2s\"")),
+        &source(
+            &lying.url(),
+            &format!("{cache_line}\nmax_staleness = \"2s\""),
+        ),
         upstream.addr,
         "",
     ))

@@ -28,6 +28,8 @@ pub enum StreamError {
     Connect(String),
     #[error("the hub refused the watch: {0}")]
     Refused(String),
+    #[error("the hub did not answer the watch within {0:?}")]
+    NoAnswer(Duration),
     #[error("the stream broke: {0}")]
     Broken(String),
     #[error("the hub ended the stream")]
@@ -105,9 +107,11 @@ impl SyncClient {
             })?;
             req.metadata_mut().insert("authorization", value);
         }
-        let stream = stub
-            .watch(req)
+        // A hub that takes the call and never answers it is no better than a silent stream.
+        let idle = self.settings.idle_timeout;
+        let stream = tokio::time::timeout(idle, stub.watch(req))
             .await
+            .map_err(|_| StreamError::NoAnswer(idle))?
             .map_err(|s| StreamError::Refused(format!("{:?}: {}", s.code(), s.message())))?
             .into_inner();
         self.stream = Some(stream);
