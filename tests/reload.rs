@@ -267,6 +267,67 @@ async fn broken_documents_keep_the_last_good_snapshot() {
     gate.stop().await;
 }
 
+/// Something other than a regular file at the path (a FIFO, which blocks an open until a
+/// writer comes; a device; a directory) is refused like a file that cannot be read: the snapshot
+/// in force stays, the next good file is put in force within a second, and shutdown is not held
+/// up by it.
+#[tokio::test]
+async fn a_fifo_or_device_at_the_path_neither_hangs_reloads_nor_shutdown() {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let (a, b) = (mint("sk_live_"), mint("sk_live_"));
+    snap.write(&two_partners(5, &a, &b, "active"));
+    let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, "")).await;
+    gate.wait_revision(5).await;
+    let errors = "keygate_snapshot_fetch_errors_total";
+    let counted = gate.metric(errors).await.unwrap_or(0.0);
+
+    let dir = snap.path().parent().unwrap().to_owned();
+    let fifo = dir.join(".fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    std::fs::rename(&fifo, snap.path()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while gate.metric(errors).await.unwrap_or(0.0) <= counted {
+        assert!(Instant::now() < deadline, "the FIFO was never refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status_of(&gate, &a).await.status, 200, "keys keep working");
+
+    // A revocation after it is seen as quickly as ever.
+    let start = Instant::now();
+    snap.write(&two_partners(6, &a, &b, "revoked"));
+    while status_of(&gate, &a).await.status != 401 {
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "the revocation was not seen"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // A symlink to an endless device, then a FIFO again: refused, and shutdown still prompt.
+    let link = dir.join(".zero");
+    std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+    std::fs::rename(&link, snap.path()).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::rename(&fifo, snap.path()).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(gate.revision(), Some(6));
+    let stopping = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), gate.stop())
+        .await
+        .expect("shutdown waited on the snapshot's path");
+    assert!(stopping.elapsed() < Duration::from_secs(5));
+}
+
 /// The file is read a block (1 MiB) at a time, never whole: a large document cut short in its
 /// keys, past the first block, is refused and the snapshot in force stays; the whole one, its
 /// keys before its partners, is then put in force.

@@ -51,7 +51,7 @@ pub fn read(
         path: shown(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(read_error)?;
+    let file = open_regular(path).map_err(read_error)?;
     let before = FileState::of(&file).map_err(read_error)?;
     let parsed = parse_reader(&file, pepper, base, before.len).map_err(|e| match e {
         ReadError::Io(source) => LoadError::Read {
@@ -103,12 +103,34 @@ fn unchanged_since(file: &std::fs::File, before: &FileState) -> std::io::Result<
 /// The file's bytes, refused if it changed while being read.
 fn read_whole(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
+    let mut file = open_regular(path)?;
     let before = FileState::of(&file)?;
     let mut bytes = Vec::with_capacity(before.len as usize);
     file.read_to_end(&mut bytes)?;
     unchanged_since(&file, &before)?;
     Ok(bytes)
+}
+
+/// Open `path` (symlinks followed) for reading if it is a regular file. Anything else at the
+/// snapshot's path would hang the reload, and with it shutdown: a FIFO's open waits for a
+/// writer, and `/dev/zero` never ends. (`O_NONBLOCK`, so that a FIFO's open returns; a regular
+/// file reads the same with it.)
+pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32);
+    }
+    let file = options.open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a FIFO, a device or a directory)",
+        ));
+    }
+    Ok(file)
 }
 
 /// Read, parse and publish; logs the outcome (never key material).
