@@ -815,7 +815,12 @@ fn load(path: &Path) -> Result<Option<Snapshot>, KeysError> {
     };
     match obj.get("schema") {
         Some(Value::String(s)) if s == SCHEMA => {}
-        Some(other) => return Err(not_snapshot(format!("schema is {other}"))),
+        // Described as the loader describes it: never echoed if it is not keygate's.
+        Some(Value::String(other)) => {
+            let shown = crate::snapshot::DocumentError::schema(Some(other));
+            return Err(not_snapshot(shown.to_string()));
+        }
+        Some(_) => return Err(not_snapshot("schema is not a string".into())),
         None => return Err(not_snapshot("no schema field".into())),
     }
     let doc = serde_json::from_value(value).map_err(|e| KeysError::Malformed {

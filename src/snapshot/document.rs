@@ -64,7 +64,7 @@ impl Document {
             .map_err(|e| DocumentError::Json(format!("line {} column {}", e.line(), e.column())))?;
         match env.schema.as_deref() {
             Some(SCHEMA) => {}
-            other => return Err(DocumentError::Schema(other.unwrap_or("").to_owned())),
+            other => return Err(DocumentError::schema(other)),
         }
         Ok(Self {
             revision: env.revision,

@@ -40,8 +40,27 @@ pub const SCHEMA: &str = "keygate.snapshot/v1";
 pub enum DocumentError {
     #[error("not a JSON snapshot document: {0}")]
     Json(String),
-    #[error("schema is {0:?}, expected \"keygate.snapshot/v1\"")]
+    /// What was found, as [`DocumentError::schema`] shows it.
+    #[error("schema is {0}, expected \"keygate.snapshot/v1\"")]
     Schema(String),
+}
+
+impl DocumentError {
+    /// A schema other than keygate's. Named when it is one of keygate's own
+    /// (`"keygate.snapshot/v2"`), only described otherwise: a document's text is never echoed
+    /// into logs, since a field may hold a key by mistake.
+    pub(crate) fn schema(found: Option<&str>) -> Self {
+        let ours = |s: &str| {
+            s.len() <= 32
+                && s.strip_prefix("keygate.snapshot/")
+                    .is_some_and(|v| v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.'))
+        };
+        DocumentError::Schema(match found {
+            None => "missing".to_owned(),
+            Some(s) if ours(s) => format!("{s:?}"),
+            Some(s) => format!("another value ({} characters)", s.chars().count()),
+        })
+    }
 }
 
 /// A document's envelope, its entries left as unparsed JSON.
@@ -357,8 +376,7 @@ impl<'b> Builder<'b> {
             serde_json::from_slice(envelope).map_err(|e| DocumentError::Json(redact(&e)))?;
         match doc.schema.as_deref() {
             Some(SCHEMA) => {}
-            Some(other) => return Err(DocumentError::Schema(other.to_owned())),
-            None => return Err(DocumentError::Schema(String::new())),
+            other => return Err(DocumentError::schema(other)),
         }
         Ok(self.finish(doc.revision, doc.generated_at))
     }

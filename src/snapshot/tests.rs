@@ -112,14 +112,27 @@ fn document_errors_reject_the_whole_document() {
         }
     }
     // The right variant for the schema cases, naming what was found.
+    let schema = |doc: &[u8]| parse(doc, None).unwrap_err().to_string();
     assert_eq!(
-        parse(br#"{"schema": "keygate.snapshot/v2", "revision": 1}"#, None).unwrap_err(),
-        DocumentError::Schema("keygate.snapshot/v2".into())
+        schema(br#"{"schema": "keygate.snapshot/v2", "revision": 1}"#),
+        r#"schema is "keygate.snapshot/v2", expected "keygate.snapshot/v1""#
     );
-    assert!(matches!(
-        parse(br#"{"revision": 1}"#, None).unwrap_err(),
-        DocumentError::Schema(_)
-    ));
+    assert_eq!(
+        schema(br#"{"revision": 1}"#),
+        r#"schema is missing, expected "keygate.snapshot/v1""#
+    );
+    // Anything else is described, never echoed: a key pasted into the wrong field stays out of
+    // the logs.
+    let key = "sk_live_2EnVFPSaUjJg7xf0dcLP9b9oRDjVkZVT3sVMw5";
+    let doc = format!(r#"{{"schema": "{key}", "revision": 1}}"#);
+    assert_eq!(
+        schema(doc.as_bytes()),
+        r#"schema is another value (46 characters), expected "keygate.snapshot/v1""#
+    );
+    let from_document = crate::snapshot::document::Document::from_json(doc.as_bytes())
+        .unwrap_err()
+        .to_string();
+    assert!(!from_document.contains(key), "{from_document}");
     // And the good document itself parses.
     assert_eq!(parse(good.as_bytes(), None).unwrap().revision, 1);
 }
