@@ -365,7 +365,10 @@ impl Drop for DirectoryWatch {
 }
 
 /// inotify on the directory, read by a task on the runtime; `None` (polling only) when it
-/// cannot be set up.
+/// cannot be set up. The directory's own parent is watched too, for the entry that names the
+/// directory: a release layout's `current` symlink swapped to another directory (inotify
+/// watches the directory a path resolved to when the watch was added), or the directory
+/// removed and made again. Either re-arms the directory's watch on what its path names now.
 #[cfg(target_os = "linux")]
 fn watch_directory(path: &Path, tx: mpsc::Sender<()>) -> Option<DirectoryWatch> {
     use inotify::{EventMask, Inotify, WatchMask};
@@ -388,10 +391,35 @@ fn watch_directory(path: &Path, tx: mpsc::Sender<()>) -> Option<DirectoryWatch> 
         | WatchMask::MOVED_TO
         | WatchMask::DELETE_SELF
         | WatchMask::MOVE_SELF;
-    if let Err(e) = inotify.watches().add(&dir, mask) {
-        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the snapshot directory; polling");
-        return None;
-    }
+    let mut watches = inotify.watches();
+    let mut watched = match watches.add(&dir, mask) {
+        Ok(wd) => Some(wd),
+        Err(e) => {
+            tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the snapshot directory; polling");
+            return None;
+        }
+    };
+    // The entry naming the directory in its parent (none for `/`, or a path ending in `..`).
+    let mut above = match (dir.parent(), dir.file_name()) {
+        (Some(parent), Some(entry)) => {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            let entry_mask =
+                WatchMask::CREATE | WatchMask::DELETE | WatchMask::MOVED_FROM | WatchMask::MOVED_TO;
+            match watches.add(parent, entry_mask) {
+                Ok(wd) => Some((wd, entry.to_owned())),
+                // The directory's own watch still serves; only a swap of it goes unseen.
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot watch the snapshot directory's parent");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     // Read as the runtime finds the descriptor readable (inotify's stream, on tokio's reactor).
     let mut events = match inotify.into_event_stream([0u8; 4096]) {
         Ok(events) => events,
@@ -403,27 +431,65 @@ fn watch_directory(path: &Path, tx: mpsc::Sender<()>) -> Option<DirectoryWatch> 
     let task = tokio::spawn(async move {
         use futures_util::StreamExt;
         while let Some(event) = events.next().await {
-            let relevant = match event {
-                // The watch is gone (the directory removed or unmounted): what a look finds is
-                // the last a watch says; polling goes on without one.
-                Ok(event) if event.mask.contains(EventMask::IGNORED) => {
-                    tracing::warn!(dir = %dir.display(), "the snapshot directory is no longer watched; polling");
-                    let _ = tx.try_send(());
-                    return;
-                }
-                Ok(event) => {
-                    // A lost event queue, or the directory itself moved or going: look again.
-                    let lost =
-                        EventMask::Q_OVERFLOW | EventMask::DELETE_SELF | EventMask::MOVE_SELF;
-                    event.mask.intersects(lost)
-                        || event
-                            .name
-                            .is_some_and(|entry| is_relevant(&entry, name.as_deref()))
-                }
+            let event = match event {
+                Ok(event) => event,
                 Err(e) => {
                     tracing::warn!(error = %e, "reading inotify failed; polling the snapshot file");
                     return;
                 }
+            };
+            let ended = |what: &str| {
+                tracing::warn!(dir = %dir.display(), "the snapshot {what} is no longer watched; polling");
+                let _ = tx.try_send(());
+            };
+            let parent_event = above.as_ref().filter(|(wd, _)| event.wd == *wd);
+            let relevant = if event.mask.contains(EventMask::Q_OVERFLOW) {
+                // Events were lost: look again.
+                true
+            } else if let Some((_, entry)) = parent_event {
+                if event.mask.contains(EventMask::IGNORED) {
+                    // The parent went: the directory's entry is not watched any more.
+                    above = None;
+                    if watched.is_none() {
+                        return ended("directory");
+                    }
+                    false
+                } else if event.name.as_deref() == Some(entry.as_os_str()) {
+                    // The directory's entry changed: watch what the path names now (the same
+                    // inode gives the same watch; another one a new watch, and the old goes).
+                    match watches.add(&dir, mask) {
+                        Ok(wd) => {
+                            if let Some(old) = watched.replace(wd.clone()).filter(|o| *o != wd) {
+                                let _ = watches.remove(old);
+                            }
+                        }
+                        // Gone for now (removed, or a symlink to nowhere): made again later.
+                        Err(_) => watched = None,
+                    }
+                    true
+                } else {
+                    false
+                }
+            } else if Some(&event.wd) != watched.as_ref() {
+                // The last events of a directory the path no longer names.
+                false
+            } else if event.mask.contains(EventMask::IGNORED) {
+                // The directory's watch is gone (removed or unmounted): what a look finds is the
+                // last it says. Its parent's watch makes it again; without one, polling goes on
+                // alone.
+                watched = None;
+                if above.is_none() {
+                    return ended("directory");
+                }
+                true
+            } else {
+                // The directory itself moved or going, or the entry that is the file.
+                event
+                    .mask
+                    .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF)
+                    || event
+                        .name
+                        .is_some_and(|entry| is_relevant(&entry, name.as_deref()))
             };
             // A full channel already means "look again": dropping the extra signal is fine.
             if relevant && tx.try_send(()).is_err() && tx.is_closed() {
@@ -544,22 +610,67 @@ mod tests {
         assert!(matches!(closed, Ok(None)), "still watching: {closed:?}");
     }
 
-    /// A watched directory removed: one last signal (the file is gone), then the watch ends and
-    /// polling carries on alone.
+    /// A signal within two seconds, then the rest of its burst drained.
+    #[cfg(target_os = "linux")]
+    async fn signalled(rx: &mut mpsc::Receiver<()>, what: &str) {
+        let got = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await;
+        assert!(matches!(got, Ok(Some(()))), "{what}: no signal");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while rx.try_recv().is_ok() {}
+    }
+
+    #[cfg(target_os = "linux")]
+    async fn quiet(rx: &mut mpsc::Receiver<()>, what: &str) {
+        let got = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await;
+        assert!(got.is_err(), "{what}: signalled {got:?}");
+    }
+
+    /// A watched directory removed: a signal (the file is gone), and once it is made again the
+    /// watch follows it there (its parent's watch sees the entry come back).
     #[cfg(target_os = "linux")]
     #[tokio::test]
-    async fn a_removed_directory_ends_the_watch_after_a_last_signal() {
-        let (dir, _path, mut rx, _watch) = watched();
-        std::fs::remove_dir_all(dir.path()).unwrap();
-        let within = Duration::from_secs(2);
-        let first = tokio::time::timeout(within, rx.recv()).await;
-        assert!(matches!(first, Ok(Some(()))), "no signal: {first:?}");
-        let ended =
-            tokio::time::timeout(within, async { while rx.recv().await.is_some() {} }).await;
-        assert!(
-            ended.is_ok(),
-            "the watch of a removed directory never ended"
-        );
+    async fn a_removed_directory_is_watched_again_once_made_again() {
+        let (dir, path, mut rx, _watch) = watched();
+        let kept = dir.path().to_owned();
+        std::fs::remove_dir_all(&kept).unwrap();
+        signalled(&mut rx, "the directory removed").await;
+        std::fs::create_dir(&kept).unwrap();
+        signalled(&mut rx, "the directory made again").await;
+        std::fs::write(&path, b"{}").unwrap();
+        signalled(&mut rx, "the file written in the new directory").await;
+        std::fs::write(kept.join("other.log"), b"x").unwrap();
+        quiet(&mut rx, "another file in the new directory").await;
+    }
+
+    /// A release layout: the path goes through a `current` symlink to a directory, and a
+    /// release is made current by renaming a new symlink over it. The watch follows the swap
+    /// at once (inotify watches the directory a path named when the watch was added), and the
+    /// old release's changes no longer signal.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_swapped_directory_symlink_is_followed() {
+        let root = tempfile::tempdir().unwrap();
+        let releases = root.path().join("releases");
+        for r in ["1", "2"] {
+            std::fs::create_dir_all(releases.join(r)).unwrap();
+            std::fs::write(releases.join(r).join("keys.json"), b"{}").unwrap();
+        }
+        let current = root.path().join("current");
+        std::os::unix::fs::symlink(releases.join("1"), &current).unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        let _watch = watch_directory(&current.join("keys.json"), tx).expect("inotify works here");
+
+        std::fs::write(releases.join("1").join("keys.json"), b"{\"revision\":2}").unwrap();
+        signalled(&mut rx, "the current release's file written").await;
+        let next = root.path().join("current.tmp");
+        std::os::unix::fs::symlink(releases.join("2"), &next).unwrap();
+        quiet(&mut rx, "a symlink made beside it").await;
+        std::fs::rename(&next, &current).unwrap();
+        signalled(&mut rx, "current swapped to release 2").await;
+        std::fs::write(releases.join("2").join("keys.json"), b"{\"revision\":3}").unwrap();
+        signalled(&mut rx, "release 2's file written").await;
+        std::fs::write(releases.join("1").join("keys.json"), b"{\"revision\":4}").unwrap();
+        quiet(&mut rx, "the old release's file written").await;
     }
 
     #[test]
