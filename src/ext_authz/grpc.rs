@@ -312,7 +312,6 @@ fn stream(
         }));
         return;
     }
-    let opened_at = crate::clock::now();
     let (mut body, timeout) = match opened(req) {
         Ok(opened) => opened,
         Err(refused) => {
@@ -358,6 +357,8 @@ fn stream(
         reply(answer, respond, busy);
         return;
     }
+    // (Read in the poll that accepted the stream: the time it opened, for `read_timeout`.)
+    let opened_at = crate::clock::now();
     let state = state.clone();
     tokio::spawn(crate::clock::PerPoll::new(async move {
         let mut respond = respond;
