@@ -184,14 +184,16 @@ fn find<'s, 'f>(
 
     // Nor may the path be another than the one decided on: some servers route by the URL a
     // URL-override field names. Naming the request's own path (its query aside) is harmless;
-    // an empty one is not (servers that test for the field's presence route it to `/`).
+    // an empty one is not (servers that test for the field's presence route it to `/`). The
+    // field reaches the upstream as sent, on every front: one with segments to resolve
+    // (`/v1/admin//../x`) could be resolved there otherwise than here, so it names no path.
     if let Some(url) = facts.url_override {
         let same = std::str::from_utf8(url.trim_ascii())
             .ok()
             .and_then(override_target)
             .is_some_and(|url| {
                 let (named, _query) = crate::path::split_target(url);
-                crate::path::normalize(named, policy.path)
+                crate::path::normalize(named, policy.path.as_sent())
                     .is_ok_and(|named| named.for_matching() == path.for_matching())
             });
         if !same {

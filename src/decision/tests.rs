@@ -993,7 +993,27 @@ fn each_check_of_the_contract() {
         },
         Case {
             name: "a URL override naming the request's own path, another query",
-            url_override: Some(" /v1//analyses/%61n_1/?page=2 "),
+            url_override: Some(" /v1/analyses/%61n_1/?page=2 "),
+            ..BASE
+        },
+        // The field reaches the upstream as sent: one that would have to be resolved names
+        // no path keygate can vouch for (RFC 3986 reads the first as /v1/admin/analyses/an_1).
+        Case {
+            name: "a URL override with segments to resolve, even to the request's path",
+            url_override: Some("/v1/admin//../analyses/an_1"),
+            want: Deny("invalid_request"),
+            ..BASE
+        },
+        Case {
+            name: "a URL override with an encoded dot segment",
+            url_override: Some("/v1/admin/%2e%2e/analyses/an_1"),
+            want: Deny("invalid_request"),
+            ..BASE
+        },
+        Case {
+            name: "a URL override with an empty segment",
+            url_override: Some("/v1//analyses/an_1"),
+            want: Deny("invalid_request"),
             ..BASE
         },
         Case {
