@@ -825,7 +825,8 @@ fn load(path: &Path) -> Result<Option<Snapshot>, KeysError> {
     }
     let doc = serde_json::from_value(value).map_err(|e| KeysError::Malformed {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        // serde quotes the offending value: a key pasted into the wrong field stays unshown.
+        reason: crate::snapshot::parse::redact(&e),
     })?;
     Ok(Some(doc))
 }

@@ -699,6 +699,29 @@ fn snapshot_check_names_every_quarantined_entry_and_its_reason() {
     }
 }
 
+/// A key pasted into the wrong field of the file the key tools read is not printed back in
+/// the error (serde quotes the offending value), nor is a wrong schema.
+#[test]
+fn key_tools_never_print_a_misplaced_key() {
+    let snap = SnapshotDir::new();
+    let key = mint("sk_live_");
+    for doc in [
+        format!(r#"{{"schema":"keygate.snapshot/v1","revision":"{key}","partners":[],"keys":[]}}"#),
+        format!(
+            r#"{{"schema":"keygate.snapshot/v1","revision":"a\"{key}","partners":[],"keys":[]}}"#
+        ),
+        format!(r#"{{"schema":"{key}","revision":1,"partners":[],"keys":[]}}"#),
+    ] {
+        snap.write_text(&doc);
+        let o = keygate(&["keys", "list", "--snapshot", s(&snap.path())]);
+        let (out, err) = text(&o);
+        assert_ne!(o.status.code(), Some(0), "{doc}: {out}{err}");
+        assert!(!err.trim().is_empty(), "{doc}: no reason given");
+        let body = &key["sk_live_".len()..];
+        assert!(!err.contains(body) && !out.contains(body), "{doc}: {err}");
+    }
+}
+
 #[test]
 fn snapshot_check_rejects_a_broken_document() {
     let snap = SnapshotDir::new();

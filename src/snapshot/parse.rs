@@ -476,17 +476,23 @@ fn not_json(
 
 /// serde's messages quote offending values (`invalid type: string "…"`). A snapshot holds no
 /// keys, but a misplaced digest or a key pasted into the wrong field must not reach a log either:
-/// quoted text is replaced by `"…"`.
-fn redact(e: &serde_json::Error) -> String {
-    let text = e.to_string();
+/// quoted text is replaced by `"…"`. (serde quotes as Rust's `Debug` does: a `"` inside is
+/// escaped, `\"`, and does not end the quote.)
+pub(crate) fn redact(e: &serde_json::Error) -> String {
+    redact_text(&e.to_string())
+}
+
+fn redact_text(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    let mut quoted = false;
+    let (mut quoted, mut escaped) = (false, false);
     for c in text.chars() {
         match (c, quoted) {
             ('"', false) => {
                 out.push_str("\"…");
                 quoted = true;
             }
+            (_, true) if escaped => escaped = false,
+            ('\\', true) => escaped = true,
             ('"', true) => {
                 out.push('"');
                 quoted = false;

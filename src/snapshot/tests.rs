@@ -146,6 +146,10 @@ fn document_errors_never_echo_key_material() {
         format!(r#"{{"schema": "keygate.snapshot/v1", "revision": "{digest}"}}"#),
         format!(r#"{{"schema": "keygate.snapshot/v1", "revision": 1, "keys": "{secret}"}}"#),
         format!(r#"{{"schema": "keygate.snapshot/v1", "revision": 1, "{secret}": 1,"#),
+        // A quote inside the value (escaped in serde's message) does not end the redaction.
+        format!(r#"{{"schema": "keygate.snapshot/v1", "revision": "a\"{secret}"}}"#),
+        format!(r#"{{"schema": "keygate.snapshot/v1", "revision": "\\\"{secret}\""}}"#),
+        format!(r#"{{"schema": "{secret}", "revision": 1}}"#),
     ] {
         let err = parse(text.as_bytes(), None).unwrap_err().to_string();
         assert_no_secret(&err, &secret, &digest);
@@ -573,6 +577,8 @@ fn quarantine_reasons_never_echo_key_material() {
         json!({"hash": secret}),
         json!({"hash": digest.to_uppercase()}),
         json!({"name": 1, "id": secret.replace('_', " ")}),
+        json!({"rate_limit_per_minute": format!("\"{secret}")}),
+        json!({"expires_at": format!("a\\\"{secret}")}),
     ];
     let mut leaks = Vec::new();
     for extra in &fields {
