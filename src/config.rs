@@ -2051,11 +2051,13 @@ impl Validator<'_> {
             ),
             ..limits
         };
-        if limits.max_buffered_bytes < limits.max_request_bytes {
+        // The largest CheckRequest arrives with its gRPC frame's 5-byte prefix.
+        let largest = limits.max_request_bytes.saturating_add(5);
+        if limits.max_buffered_bytes < largest {
             self.problem(
                 "ext_authz.max_buffered_bytes",
                 format!(
-                    "{} is less than ext_authz.max_request_bytes ({}): the largest CheckRequest could never be held",
+                    "{} is less than ext_authz.max_request_bytes ({}) and the 5 bytes of its gRPC frame: the largest CheckRequest could never be held",
                     limits.max_buffered_bytes, limits.max_request_bytes
                 ),
             );

@@ -43,9 +43,11 @@ pub enum DenyReason {
     IdempotencyKeyReused,
     /// A request body too large to fingerprint for idempotent replay.
     RequestTooLarge,
-    /// A CheckRequest larger than `ext_authz.max_request_bytes`, or one arriving in pieces
-    /// while others hold `ext_authz.max_buffered_bytes`.
+    /// A CheckRequest larger than `ext_authz.max_request_bytes`.
     CheckTooLarge,
+    /// A CheckRequest arriving in pieces while others hold `ext_authz.max_buffered_bytes`:
+    /// keygate's load, not the request's fault.
+    Overloaded,
     /// The shared idempotency store (Redis) did not answer: the request is not run unguarded.
     IdempotencyUnavailable,
     /// Seconds until a retry can succeed.
@@ -58,7 +60,7 @@ pub enum DenyReason {
 }
 
 /// Every `code` a denial can carry, in the contract's order (usage counts index into it).
-pub const CODES: [&str; 25] = [
+pub const CODES: [&str; 26] = [
     "invalid_path",
     "invalid_request",
     "not_found",
@@ -81,6 +83,7 @@ pub const CODES: [&str; 25] = [
     "idempotency_unavailable",
     "rate_limited",
     "snapshot_unavailable",
+    "overloaded",
     "upstream_unavailable",
     "upstream_timeout",
     "other",
@@ -113,7 +116,7 @@ impl DenyReason {
             EnvironmentMismatch | AccountDeactivated | PartnerSuspended | IpNotAllowed
             | ReferrerNotAllowed | RouteNotAllowed | ScopeRequired(_) => StatusCode::FORBIDDEN,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            SnapshotUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            SnapshotUnavailable | Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -144,6 +147,7 @@ impl DenyReason {
             IdempotencyUnavailable => "idempotency_unavailable",
             RateLimited { .. } => "rate_limited",
             SnapshotUnavailable => "snapshot_unavailable",
+            Overloaded => "overloaded",
             UpstreamUnavailable => "upstream_unavailable",
             UpstreamTimeout => "upstream_timeout",
         }
@@ -169,6 +173,7 @@ impl DenyReason {
             | ReferrerNotAllowed | RouteNotAllowed | ScopeRequired(_) => "permission_error",
             RateLimited { .. } => "rate_limit_error",
             SnapshotUnavailable
+            | Overloaded
             | UpstreamUnavailable
             | UpstreamTimeout
             | IdempotencyUnavailable => "api_error",
@@ -203,6 +208,7 @@ impl DenyReason {
             IdempotencyUnavailable => "Idempotency keys cannot be checked right now; retry later.".into(),
             RateLimited { .. } => "Too many requests for this API key; retry later.".into(),
             SnapshotUnavailable => "API keys cannot be checked right now; retry later.".into(),
+            Overloaded => "keygate holds as many large requests as it may right now; retry shortly.".into(),
             UpstreamUnavailable => "The upstream service is unavailable.".into(),
             UpstreamTimeout => "The upstream service did not answer in time.".into(),
         }
@@ -256,7 +262,9 @@ impl DenyReason {
                     HeaderValue::from((*retry_after_secs).max(1)),
                 );
             }
-            DenyReason::SnapshotUnavailable | DenyReason::IdempotencyUnavailable => {
+            DenyReason::SnapshotUnavailable
+            | DenyReason::IdempotencyUnavailable
+            | DenyReason::Overloaded => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

@@ -610,10 +610,10 @@ fn denial(r: &CheckResponse) -> (u32, String) {
     (d.status.as_ref().unwrap().code as u32, code)
 }
 
-/// A CheckRequest too large to hold, or one arriving while others hold what keygate buffers,
-/// is denied with a `CheckResponse` (413 `request_too_large`), never a gRPC error, which
-/// Envoy's `failure_mode_allow` would turn into an allow; one that does not arrive in time is
-/// denied 400. The connection serves on.
+/// A CheckRequest too large to hold (413 `request_too_large`), one arriving while others hold
+/// what keygate buffers (503 `overloaded`), one that does not arrive in time (400): each is
+/// denied with a `CheckResponse`, never a gRPC error, which Envoy's `failure_mode_allow` would
+/// turn into an allow. The connection serves on.
 #[tokio::test]
 async fn checks_too_large_or_too_slow_are_denied_not_errors() {
     let (gate, _snap, key, addr, _up) = start_with(
@@ -645,7 +645,9 @@ async fn checks_too_large_or_too_slow_are_denied_not_errors() {
         let (response, _stream) = begin_check(&send, &second, true).await;
         let r = check_answer(response).await;
         if matches!(r.http_response, Some(HttpResponse::DeniedResponse(_))) {
-            assert_eq!(denial(&r), (413, "request_too_large".to_owned()));
+            // keygate's load, not the request's size: 503, to be retried.
+            assert_eq!(denial(&r), (503, "overloaded".to_owned()));
+            assert_eq!(r.status.as_ref().unwrap().code, 14, "UNAVAILABLE");
             break;
         }
         assert!(std::time::Instant::now() < deadline, "never denied");
@@ -668,6 +670,39 @@ async fn checks_too_large_or_too_slow_are_denied_not_errors() {
         "{r:?}"
     );
     let (response, _stream) = begin_check(&send, &second, true).await;
+    let r = check_answer(response).await;
+    assert!(
+        matches!(r.http_response, Some(HttpResponse::OkResponse(_))),
+        "{r:?}"
+    );
+
+    // First frames of messages that wait for the rest are counted too: 40 of 16,000 bytes go
+    // over 600 KB, and some are refused at once; the others wait, and are denied once
+    // read_timeout passes.
+    let mut declared = vec![0];
+    declared.extend_from_slice(&300_000u32.to_be_bytes());
+    declared.resize(16_000, b'x');
+    let mut waiting = Vec::new();
+    for _ in 0..40 {
+        waiting.push(begin_check(&send, &declared, false).await);
+    }
+    let mut codes = Vec::new();
+    for (response, _stream) in waiting {
+        codes.push(denial(&check_answer(response).await).1);
+    }
+    let overloaded = codes.iter().filter(|c| *c == "overloaded").count();
+    assert!((1..40).contains(&overloaded), "{codes:?}");
+    assert!(
+        codes
+            .iter()
+            .all(|c| c == "overloaded" || c == "invalid_request"),
+        "{codes:?}"
+    );
+    // All given back: one in pieces passes again.
+    let (response, mut stream) = begin_check(&send, held, false).await;
+    stream
+        .send_data(Bytes::copy_from_slice(rest), true)
+        .unwrap();
     let r = check_answer(response).await;
     assert!(
         matches!(r.http_response, Some(HttpResponse::OkResponse(_))),

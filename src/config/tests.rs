@@ -335,6 +335,11 @@ fn each_problem_names_its_dotted_key() {
             "ext_authz.max_buffered_bytes",
         ),
         (
+            "ext_authz buffers that hold a CheckRequest but not its frame's prefix",
+            add("[ext_authz]\nlisten = \"127.0.0.1:0\"\nmax_request_bytes = 1000\nmax_buffered_bytes = 1004\n"),
+            "ext_authz.max_buffered_bytes",
+        ),
+        (
             "ext_authz.max_request_bytes zero",
             add("[ext_authz]\nlisten = \"127.0.0.1:0\"\nmax_request_bytes = 0\n"),
             "ext_authz.max_request_bytes",

@@ -357,6 +357,11 @@ fn stream(
         reply(answer, respond, busy);
         return;
     }
+    // What came of it so far waits in the task: counted from now on.
+    if let Err(why) = message.hold(&state.buffers) {
+        reply(stopped(state, why), respond, busy);
+        return;
+    }
     // (Read in the poll that accepted the stream: the time it opened, for `read_timeout`.)
     let opened_at = crate::clock::now();
     let state = state.clone();
@@ -734,8 +739,11 @@ struct Message {
     gathered: Vec<u8>,
     /// The message's length with its prefix, once the prefix is in.
     whole: Option<usize>,
-    /// `gathered`'s room, as counted in the front's [`Buffers`].
+    /// `gathered`'s room, and `first` once it waits for the rest, as counted in the front's
+    /// [`Buffers`].
     held: Option<Held>,
+    /// The part of `held` that is `first`'s.
+    first_held: usize,
 }
 
 /// Bytes counted in [`Buffers`], given back when dropped.
@@ -759,6 +767,11 @@ impl Message {
             self.first = Some(data);
         } else {
             let first = self.first.take();
+            // `first` is counted from here on as part of `gathered`'s room.
+            if let Some(held) = &mut self.held {
+                held.bytes -= self.first_held;
+                buffers.give_back(std::mem::take(&mut self.first_held));
+            }
             self.make_room(first.as_ref().map_or(0, Bytes::len) + data.len(), buffers)?;
             if let Some(f) = first {
                 self.gathered.extend_from_slice(&f);
@@ -795,7 +808,7 @@ impl Message {
                 max_buffered_bytes = buffers.limits.max_buffered_bytes,
                 "ext_authz: CheckRequests arriving in pieces hold the most allowed; a Check is denied"
             );
-            return Err(Stop::Denied(DenyReason::CheckTooLarge));
+            return Err(Stop::Denied(DenyReason::Overloaded));
         }
         let held = self.held.get_or_insert_with(|| Held {
             buffers: buffers.clone(),
@@ -806,6 +819,25 @@ impl Message {
         Ok(())
     }
 
+    /// Count what this message holds before its task waits for the rest of it: a first frame
+    /// taken as it is (a message answered in the turn it came in is not counted).
+    fn hold(&mut self, buffers: &Arc<Buffers>) -> Result<(), Stop> {
+        let Some(first) = &self.first else {
+            return Ok(());
+        };
+        let n = first.len();
+        if !buffers.take(n) {
+            return Err(Stop::Denied(DenyReason::Overloaded));
+        }
+        let held = self.held.get_or_insert_with(|| Held {
+            buffers: buffers.clone(),
+            bytes: 0,
+        });
+        held.bytes += n;
+        self.first_held = n;
+        Ok(())
+    }
+
     /// The message, once the body has ended, and the room it holds in the front's buffers.
     fn whole(self) -> Result<(Bytes, Option<Held>), Failure> {
         let Message {
@@ -813,6 +845,7 @@ impl Message {
             gathered,
             whole,
             held,
+            first_held: _,
         } = self;
         let received = first.unwrap_or_else(|| Bytes::from(gathered));
         match whole {
