@@ -225,6 +225,25 @@ async fn traefik_forward_auth_style() {
     let mut remove: Vec<&str> = remove.split(',').collect();
     remove.sort();
     assert_eq!(remove, ["authorization", "x-org-id", "x_partner_id"]);
+    // Named also when the caller did not pass the client's on (Envoy's HTTP service sends only
+    // its allowed_headers): the client may have sent it all the same.
+    let a = ask(
+        addr,
+        "GET",
+        "/authz",
+        &[
+            ("x-forwarded-uri", "/v1/analyses/3"),
+            ("x-forwarded-method", "GET"),
+            ("x-forwarded-for", "198.51.100.7"),
+            ("authorization", &format!("Bearer {}", k.solo)),
+        ],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(
+        a.header("x-envoy-auth-headers-to-remove"),
+        Some("x-org-id,authorization")
+    );
 
     // The client IP comes from X-Forwarded-For because the caller (127.0.0.1) is trusted.
     let a = ask(

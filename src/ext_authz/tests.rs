@@ -297,6 +297,9 @@ fn every_reason_is_a_check_response_with_its_grpc_code() {
         ),
         (DenyReason::UpstreamUnavailable, 14, 502, None),
         (DenyReason::UpstreamTimeout, 14, 504, None),
+        // The front's own: a CheckRequest too large, or the buffers full.
+        (DenyReason::CheckTooLarge, 7, 413, None),
+        (DenyReason::Overloaded, 14, 503, Some(("retry-after", "1"))),
     ];
     for (reason, grpc, http, header) in &table {
         let r = denied(reason, "req-1", names);
@@ -477,6 +480,29 @@ async fn the_query_never_changes_the_decision() {
         let s = seen(&check(&f.state, &request(path, &[("x-api-key", &f.ok)], None)).await);
         assert_eq!(s.code, code, "{path}");
     }
+}
+
+/// A method that is no HTTP method (a token, RFC 9110 §9.1) names no request: it would match
+/// no method's rule, and pass under `routes.unmatched = "allow"` with no scope checked.
+#[tokio::test]
+async fn a_method_that_is_not_a_token_is_refused() {
+    let f = fixture("", &[]);
+    for method in ["", "DELETE ", "GE T", "GET\r\n", "(GET)"] {
+        let mut req = request("/v1/analyses/1", &[("x-api-key", &f.ok)], None);
+        let http = req.attributes.as_mut().unwrap().request.as_mut().unwrap();
+        http.http.as_mut().unwrap().method = method.to_owned();
+        let s = seen(&check(&f.state, &req).await);
+        assert_eq!(
+            (s.http, s.code.as_str()),
+            (400, "invalid_request"),
+            "{method:?}"
+        );
+    }
+    // A method keygate has no rule for, spelled as a token, is decided like any.
+    let mut req = request("/v1/analyses/1", &[("x-api-key", &f.ok)], None);
+    let http = req.attributes.as_mut().unwrap().request.as_mut().unwrap();
+    http.http.as_mut().unwrap().method = "PROPFIND".to_owned();
+    assert_eq!(seen(&check(&f.state, &req).await).http, 200);
 }
 
 fn set(key: &str, value: &str) -> HeaderValueOption {
