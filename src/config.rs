@@ -389,7 +389,7 @@ pub enum SourceKind {
     Grpc,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SnapshotSettings {
     pub source: SourceKind,
     /// The file (file source).
@@ -422,6 +422,29 @@ pub struct SnapshotSettings {
     pub max_staleness: Option<Duration>,
     /// The pepper for `hmac-sha256:` digests, read from the environment at start.
     pub pepper: Option<Arc<[u8]>>,
+}
+
+/// Every field but the pepper, which is never printed (as [`Secret`] is not).
+impl std::fmt::Debug for SnapshotSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotSettings")
+            .field("source", &self.source)
+            .field("path", &self.path)
+            .field("url", &self.url)
+            .field("poll_interval", &self.poll_interval)
+            .field("token", &self.token)
+            .field("ca_file", &self.ca_file)
+            .field("client_identity", &self.client_identity)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("read_timeout", &self.read_timeout)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("backoff_max", &self.backoff_max)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("cache_path", &self.cache_path)
+            .field("max_staleness", &self.max_staleness)
+            .field("pepper", &self.pepper.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// A secret read from the environment: never printed, not even by `{:?}`.

@@ -244,7 +244,6 @@ pub struct Quarantined {
     pub reason: String,
 }
 
-#[derive(Debug)]
 pub struct Snapshot {
     pub revision: u64,
     pub generated_at: Option<Box<str>>,
@@ -270,6 +269,20 @@ pub struct Snapshot {
     memo: memo::Memo,
     /// Key entries of the document taken from the snapshot it was a reload of, unread.
     recalled: usize,
+}
+
+/// A summary: the revision and counts, never a digest or the pepper.
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("revision", &self.revision)
+            .field("generated_at", &self.generated_at)
+            .field("keys", &self.key_count)
+            .field("partners", &self.partners.len())
+            .field("quarantined", &self.quarantined.len())
+            .field("pepper", &self.pepper.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Snapshot {

@@ -791,6 +791,16 @@ fn pepper_is_read_from_the_named_variable() {
     ))
     .unwrap();
     assert_eq!(s.snapshot.pepper.as_deref(), Some(path.as_encoded_bytes()));
+    // Never printed, not even by `{:?}` (of the settings, or of a snapshot indexed with it).
+    let shown = format!("{:?}", s.snapshot);
+    assert!(shown.contains("pepper: Some(\"<redacted>\")"), "{shown}");
+    let bytes = format!("{:?}", path.as_encoded_bytes());
+    assert!(!shown.contains(&bytes[1..bytes.len() - 1]), "{shown}");
+    let doc = r#"{"schema":"keygate.snapshot/v1","revision":3,"partners":[],"keys":[]}"#;
+    let snapshot = crate::snapshot::parse(doc.as_bytes(), s.snapshot.pepper.clone()).unwrap();
+    let shown = format!("{snapshot:?}");
+    assert!(shown.starts_with("Snapshot { revision: 3,"), "{shown}");
+    assert!(!shown.contains(&bytes[1..bytes.len() - 1]), "{shown}");
 }
 
 // ---------------------------------------------------------------------------------------------
