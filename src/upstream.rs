@@ -226,7 +226,10 @@ impl Upstream {
         head: &Outbound,
         body: Bytes,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let replayable = is_idempotent(&head.method);
+        // As for a streamed body: sent again only when idempotent with no body (or when its
+        // head never went out whole). A PUT or DELETE with a body is idempotent by its method,
+        // but the body may be what an Idempotency-Key guards.
+        let replayable = is_idempotent(&head.method) && body.is_empty();
         self.send_up(head, Outgoing::Bytes(body), replayable).await
     }
 
