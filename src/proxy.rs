@@ -848,6 +848,10 @@ async fn read_request_body(
     }
 }
 
+/// How long an answer of unknown length is read ahead to be kept for retries before it is let
+/// stream to the client unkept.
+const UNKNOWN_LENGTH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How long an idempotent request's exchange may go on in the background after its client was
 /// answered 504 (or went away), so that its outcome is still recorded.
 const BACKGROUND_EXCHANGE: std::time::Duration = std::time::Duration::from_secs(300);
@@ -900,20 +904,20 @@ async fn remember(
     body.keep_out_of_trailers(names);
     body.merge_fields(&mut parts.headers)
         .map_err(|_| DenyReason::UpstreamUnavailable)?;
-    let resp = Response::from_parts(parts, body);
-    let declared = resp
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    // An answer without a length (a stream: server-sent events, chunked output) goes to the
-    // client as it comes; holding it back to keep it would turn a long stream into a 504.
-    if !idempotency::keepable(resp.status()) || declared.is_none_or(|n| n > max as u64) {
+    // The body's length as its framing gives it: a `Content-Length`, or none at all (a 204,
+    // a 304, an answer to HEAD), which no header says.
+    let declared = http_body::Body::size_hint(&body).exact();
+    if !idempotency::keepable(parts.status) || declared.is_some_and(|n| n > max as u64) {
         drop(pending);
-        return Ok(resp.map(Either::Left));
+        return Ok(Response::from_parts(parts, Either::Left(body)));
     }
-    let (parts, body) = resp.into_parts();
-    match tokio::time::timeout(timeout, body.read_ahead(max)).await {
+    // One of unknown length (chunked, or until the connection closes) is kept when it ends
+    // within `max` bytes and a moment: an API's chunked answer does. A stream (server-sent
+    // events) goes on to the client as it comes once the moment has passed, unkept.
+    let until = declared
+        .is_none()
+        .then(|| tokio::time::Instant::now() + UNKNOWN_LENGTH_WAIT);
+    match tokio::time::timeout(timeout, body.read_ahead(max, until)).await {
         Ok(Ok(ReadAhead::Whole(bytes))) => {
             // A replay gets the date it is sent on, not the first answer's.
             let mut headers = parts.headers.clone();
@@ -927,7 +931,7 @@ async fn remember(
                 .await;
             Ok(Response::from_parts(parts, Either::Right(Full::new(bytes))))
         }
-        Ok(Ok(ReadAhead::TooLarge(body))) => {
+        Ok(Ok(ReadAhead::NotWhole(body))) => {
             drop(pending);
             Ok(Response::from_parts(parts, Either::Left(body)))
         }

@@ -388,8 +388,9 @@ impl Body for PooledBody {
 pub enum ReadAhead {
     /// The whole body, within the limit.
     Whole(Bytes),
-    /// More than the limit (or trailers): the body, with what was read put back in front.
-    TooLarge(PooledBody),
+    /// More than the limit, trailers, or not whole by the deadline: the body, with what was
+    /// read put back in front.
+    NotWhole(PooledBody),
 }
 
 impl PooledBody {
@@ -442,12 +443,30 @@ impl PooledBody {
         Ok(())
     }
 
-    /// Read the body into memory if it is at most `limit` bytes; otherwise give it back intact.
-    pub async fn read_ahead(mut self, limit: usize) -> Result<ReadAhead, ConnError> {
+    /// Read the body into memory if it is at most `limit` bytes (and, with `until`, whole by
+    /// then); otherwise give it back intact.
+    pub async fn read_ahead(
+        mut self,
+        limit: usize,
+        until: Option<tokio::time::Instant>,
+    ) -> Result<ReadAhead, ConnError> {
         use http_body_util::BodyExt;
         let mut whole = bytes::BytesMut::new();
         let mut frames = VecDeque::new();
-        while let Some(frame) = self.frame().await {
+        loop {
+            let next = match until {
+                None => self.frame().await,
+                Some(until) => match tokio::time::timeout_at(until, self.frame()).await {
+                    Ok(next) => next,
+                    // Not whole by then: what came goes back in front, and the body streams on.
+                    Err(_) => {
+                        frames.append(&mut self.0.prefix);
+                        self.0.prefix = frames;
+                        return Ok(ReadAhead::NotWhole(self));
+                    }
+                },
+            };
+            let Some(frame) = next else { break };
             let frame = frame?;
             match frame.data_ref() {
                 Some(d) if whole.len() + d.len() <= limit => {
@@ -458,7 +477,7 @@ impl PooledBody {
                     frames.push_back(frame);
                     frames.append(&mut self.0.prefix);
                     self.0.prefix = frames;
-                    return Ok(ReadAhead::TooLarge(self));
+                    return Ok(ReadAhead::NotWhole(self));
                 }
             }
         }

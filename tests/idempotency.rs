@@ -307,3 +307,143 @@ async fn only_max_in_flight_idempotent_requests_are_held_at_once() {
         Err(_) => panic!("gate still shared"),
     }
 }
+
+/// What [`Raw`] answers for a path: the head, then body pieces, each after a pause (ms).
+type RawAnswer = fn(&str) -> (&'static str, Vec<(u64, &'static str)>);
+
+/// An upstream on raw TCP that answers each request on its own connection, as `answer` says
+/// for the request's path: a head, then body pieces each after a pause. Counts requests.
+struct Raw {
+    addr: std::net::SocketAddr,
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Raw {
+    async fn start(answer: RawAnswer) -> Raw {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = count.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // The head, then as much body as it declares.
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+                    let (answer_head, pieces) = answer(&path);
+                    if s.write_all(answer_head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    for (pause, piece) in pieces {
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
+                        if s.write_all(piece.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        Raw { addr, count }
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Answers without a `Content-Length` are kept like any other when they end soon and small:
+/// a 204 (which may not carry one), a chunked answer (Go's and Node's way with a body built as
+/// it is written); a retry is replayed, and one racing the first is 409, not run again. A
+/// stream that goes on (server-sent events) goes to the client unkept.
+#[tokio::test]
+async fn answers_without_a_length_are_kept_when_they_end_soon() {
+    let raw = Raw::start(|path| match path {
+        "/v1/things/1" => ("HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n", vec![]),
+        "/v1/things" => (
+            "HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
+            vec![(300, "b\r\n{\"id\":\"t1\"}\r\n"), (0, "0\r\n\r\n")],
+        ),
+        _ => (
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
+            vec![
+                (0, "7\r\ndata: 1\r\n"),
+                (700, "7\r\ndata: 2\r\n"),
+                (700, "7\r\ndata: 3\r\n"),
+                (0, "0\r\n\r\n"),
+            ],
+        ),
+    })
+    .await;
+    let snap = SnapshotDir::new();
+    let key = mint("sk_live_");
+    snap.write(&Doc::new(1).partner("partner_acme", None, "active").key(
+        "key_a",
+        &key,
+        json!({"scopes": ["analyses:write"]}),
+    ));
+    let gate = Gate::start(&config_toml(&snap.path(), raw.addr, "")).await;
+    let base = gate.url("");
+    let call = |method: &'static str, path: &'static str, idem: &'static str| {
+        let (url, key) = (format!("{base}{path}"), key.clone());
+        async move {
+            let headers = [("x-api-key", key.as_str()), ("idempotency-key", idem)];
+            send(&client(), method, &url, &headers, "{}").await
+        }
+    };
+
+    // A 204 to a DELETE: kept, and replayed.
+    let a = call("DELETE", "/v1/things/1", "del-1").await;
+    assert_eq!(a.status, 204);
+    let again = call("DELETE", "/v1/things/1", "del-1").await;
+    assert_eq!(
+        (again.status, again.header("idempotent-replayed")),
+        (204, Some("true"))
+    );
+    assert_eq!(raw.count(), 1, "the DELETE ran again");
+
+    // A chunked 201: a retry while it is in flight is 409; one after it, replayed.
+    let first = tokio::spawn(call("POST", "/v1/things", "make-1"));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let racing = call("POST", "/v1/things", "make-1").await;
+    assert_error(&racing, 409, "idempotency_key_in_use");
+    let a = first.await.unwrap();
+    assert_eq!((a.status, &a.body[..]), (201, &b"{\"id\":\"t1\"}"[..]));
+    let again = call("POST", "/v1/things", "make-1").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.body, a.body);
+    assert_eq!(raw.count(), 2, "the POST ran again");
+
+    // An event stream that goes on past the wait: passed on whole, not kept.
+    let a = call("POST", "/v1/events", "events-1").await;
+    assert_eq!(&a.body[..], b"data: 1data: 2data: 3");
+    let again = call("POST", "/v1/events", "events-1").await;
+    assert!(again.header("idempotent-replayed").is_none());
+    assert_eq!(raw.count(), 4);
+    gate.stop().await;
+}
