@@ -259,6 +259,10 @@ impl RedisIdempotency {
         let token: u64 = rand::random();
         let in_flight = format!("i:{fp}:{token:016x}");
         let ttl_ms = self.limits.ttl.as_millis().max(1) as u64;
+        // An in-flight record outlives any exchange it guards, and no more: a replica that dies
+        // mid-request, or a record that could not be released, holds the key that long, not
+        // for the whole ttl.
+        let in_flight_ms = crate::idempotency::IN_FLIGHT_HOLD.as_millis() as u64;
         let attempt = async {
             for _ in 0..3 {
                 let set: Option<String> = redis::cmd("SET")
@@ -266,7 +270,7 @@ impl RedisIdempotency {
                     .arg(&in_flight)
                     .arg("NX")
                     .arg("PX")
-                    .arg(ttl_ms)
+                    .arg(in_flight_ms)
                     .query_async(&mut conn)
                     .await?;
                 if set.is_some() {
@@ -287,7 +291,19 @@ impl RedisIdempotency {
             }
             Ok::<_, redis::RedisError>(Begin::InUse)
         };
-        match tokio::time::timeout(self.settings.timeout, attempt).await {
+        let outcome = tokio::time::timeout(self.settings.timeout, attempt).await;
+        if !matches!(outcome, Ok(Ok(_))) {
+            // The SET may still run once Redis answers (it was sent): free the key then, or
+            // every retry of this refused request would be told 409 while the record lives.
+            // (Sent on the same connection after the SET, so run after it.)
+            tokio::spawn(release(
+                conn.clone(),
+                key.clone(),
+                in_flight.clone(),
+                self.settings.timeout,
+            ));
+        }
+        match outcome {
             Ok(Ok(begin)) => begin,
             Ok(Err(e)) => {
                 tracing::error!(error = ?e.kind(), "redis: idempotency record unavailable; refusing the request");
@@ -387,9 +403,9 @@ impl RedisPending {
         )
         .await;
         if !matches!(stored, Ok(Ok(1))) {
-            // The in-flight record stays until its ttl: retries get 409, never a second run.
+            // The in-flight record stays until it expires: retries get 409, never a second run.
             tracing::error!(
-                "redis: could not record an idempotent answer; retries with its key get 409 until idempotency.ttl"
+                "redis: could not record an idempotent answer; retries with its key get 409 until its in-flight record expires (11 minutes)"
             );
         }
     }

@@ -21,6 +21,17 @@ use dashmap::DashMap;
 use http::{HeaderMap, StatusCode};
 use sha2::{Digest, Sha256};
 
+/// How long an idempotent request's exchange may go on in the background after its client was
+/// answered 504 (or went away), so that its outcome is still recorded: the request sent and
+/// answered within it, then the answer read ahead within it again.
+pub const BACKGROUND_EXCHANGE: Duration = Duration::from_secs(300);
+
+/// How long a shared (Redis) in-flight record holds its key at most: longer than the exchange
+/// it guards can run (twice [`BACKGROUND_EXCHANGE`]), and a minute more. A replica that dies
+/// mid-request, or a record whose release was lost, blocks retries (409) that long, not for
+/// the whole `idempotency.ttl`.
+pub const IN_FLIGHT_HOLD: Duration = Duration::from_secs(2 * BACKGROUND_EXCHANGE.as_secs() + 60);
+
 /// What is kept of a response.
 #[derive(Debug)]
 pub struct Stored {

@@ -852,9 +852,7 @@ async fn read_request_body(
 /// stream to the client unkept.
 const UNKNOWN_LENGTH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// How long an idempotent request's exchange may go on in the background after its client was
-/// answered 504 (or went away), so that its outcome is still recorded.
-const BACKGROUND_EXCHANGE: std::time::Duration = std::time::Duration::from_secs(300);
+use crate::idempotency::BACKGROUND_EXCHANGE;
 
 /// Send an idempotent request once and record its outcome. The exchange runs in its own task:
 /// when the answer is slower than `timeout` the client gets 504, but the request (which may

@@ -274,3 +274,98 @@ async fn idempotency_records_are_shared_and_fail_closed_without_redis() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Redis frozen while an idempotent request asks for its record: the request is refused (503),
+/// and the record its SET leaves once Redis runs it again is freed, so the retry runs instead
+/// of being told 409 for the record's life. The in-flight record lives minutes, not the ttl.
+#[tokio::test]
+async fn a_record_left_by_a_refused_request_is_freed_once_redis_answers() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let key = mint("sk_live_");
+    snap.write(&Doc::new(1).partner("partner_acme", None, "active").key(
+        "key_a",
+        &key,
+        json!({"scopes": ["analyses:read", "analyses:write"]}),
+    ));
+    let extra = format!(
+        "[idempotency]\nbackend = \"redis\"\nttl = \"1h\"\n[redis]\nurl = \"{}\"\ntimeout = \"100ms\"\nkey_prefix = \"stall{}:\"\n",
+        redis.url(),
+        std::process::id()
+    );
+    let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, &extra)).await;
+    let mut connected = false;
+    for i in 0..100 {
+        let probe = post(&gate, "/v1/analyses", &key, Some(&format!("p-{i}")), "{}").await;
+        if probe.status == 200 {
+            connected = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(connected, "never connected to Redis");
+    upstream.clear();
+
+    redis.pause();
+    let refused = post(&gate, "/v1/analyses", &key, Some("order-77"), "{}").await;
+    assert_error(&refused, 503, "idempotency_unavailable");
+    redis.resume();
+    // Once Redis has run what was queued, the retry runs (it is not 409 for an hour).
+    let mut ran = None;
+    for _ in 0..50 {
+        let retry = post(&gate, "/v1/analyses", &key, Some("order-77"), "{}").await;
+        if retry.status == 200 {
+            ran = Some(retry);
+            break;
+        }
+        assert_error(&retry, 409, "idempotency_key_in_use");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ran.is_some(), "the key stayed in use after Redis came back");
+    assert_eq!(upstream.count(), 1);
+
+    // An in-flight record lives minutes, not idempotency.ttl.
+    let slow = {
+        let (url, key) = (gate.url("/slow/500"), key.clone());
+        tokio::spawn(async move {
+            send(
+                &client(),
+                "POST",
+                &url,
+                &[("x-api-key", &key), ("idempotency-key", "slow-9")],
+                "{}",
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let record = format!(
+        "stall{}:idem:key_a:{}",
+        std::process::id(),
+        hex::encode("slow-9")
+    );
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&record)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        (600_000..=660_000).contains(&pttl),
+        "in flight for {pttl} ms"
+    );
+    assert_eq!(slow.await.unwrap().status, 200);
+    // Answered: the record is kept for idempotency.ttl.
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&record)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(pttl > 3_500_000, "kept for {pttl} ms");
+    gate.stop().await;
+}
