@@ -572,10 +572,12 @@ async fn answer(
     // Build the upstream request in place: same method, body and (cleaned) headers.
     // Only an HTTP/1.1 request with an `Upgrade` field may switch: the server marks it with the
     // client side of the switch.
+    // A request its Idempotency-Key guards is not switched (its `Upgrade` goes as any hop-by-hop
+    // field does): a tunnel's outcome cannot be kept, and the key would guard nothing.
     let on_upgrade = req
         .extensions_mut()
         .remove::<server::OnUpgrade>()
-        .filter(|_| wants_upgrade(&fields));
+        .filter(|_| replay.is_none() && wants_upgrade(&fields));
     let upgrade = on_upgrade.is_some();
     let (parts, body) = req.into_parts();
     let Some(target) = upstream_target(&parts.uri, path.as_str()) else {
@@ -635,7 +637,7 @@ async fn answer(
     };
     let timeout = state.settings.upstream_timeout;
 
-    let sent = match replay.filter(|_| !upgrade) {
+    let sent = match replay {
         None => {
             // upstream_timeout counts from the head, and again from each piece of a body that
             // streams up: a long upload is not cut off while it moves.

@@ -447,3 +447,24 @@ async fn answers_without_a_length_are_kept_when_they_end_soon() {
     assert_eq!(raw.count(), 4);
     gate.stop().await;
 }
+
+/// A mutating request with an Idempotency-Key and `Upgrade` fields is replayed like any: it is
+/// not switched (its `Upgrade` goes as a hop-by-hop field does), so the key guards it.
+#[tokio::test]
+async fn upgrade_fields_do_not_bypass_replay() {
+    let s = setup("").await;
+    let headers = [
+        ("x-api-key", s.key.as_str()),
+        ("idempotency-key", "up-1"),
+        ("connection", "upgrade"),
+        ("upgrade", "websocket"),
+    ];
+    let url = s.gate.url("/v1/analyses");
+    let first = send(&client(), "POST", &url, &headers, "{}").await;
+    assert_eq!(first.status, 200);
+    let again = send(&client(), "POST", &url, &headers, "{}").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(s.upstream.count(), 1, "the retry ran again");
+    assert!(s.upstream.last().headers.get("upgrade").is_none());
+    s.gate.stop().await;
+}
