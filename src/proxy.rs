@@ -259,11 +259,20 @@ pub async fn serve(
                 let busy = client.activity.busy();
                 async move {
                     let (mut parts, body) = req.into_parts();
+                    let head = parts.method == http::Method::HEAD;
                     let fields = RequestFields::Map(std::mem::take(&mut parts.headers));
                     let req = Request::from_parts(parts, ClientBody::H2(body));
                     let due = crate::clock::now() + state.settings.upstream_timeout;
                     let mut deadline = Deadline::new(due);
-                    let resp = handle(&state, &client, req, fields, &mut deadline).await;
+                    let mut resp = handle(&state, &client, req, fields, &mut deadline).await;
+                    // An answer to HEAD has no body: keygate's own refusals carry one, which
+                    // HTTP/2 would send as DATA (a protocol error to the client). The
+                    // upstream's answer to a HEAD has none already.
+                    if head {
+                        if let Either::Right(own) = resp.body_mut() {
+                            *own = Full::new(Bytes::new());
+                        }
+                    }
                     Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, busy)))
                 }
             });

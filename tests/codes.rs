@@ -785,7 +785,36 @@ async fn allowed_requests_carry_exactly_keygates_identity() {
     )
     .await;
     assert_error(&denied, 401, "key_revoked");
-    assert_eq!(upstream.count(), 2, "h2c denials reach nothing");
+    // A HEAD's refusal carries the refusal's fields and no body (DATA on an answer to HEAD
+    // is a protocol error to an HTTP/2 client).
+    for (headers, status) in [
+        (vec![], 401),
+        (vec![("x-api-key", f.revoked.as_str())], 401),
+    ] {
+        let denied = send(
+            &h2_client(),
+            "HEAD",
+            &gate.url("/v1/analyses/2"),
+            &headers,
+            "",
+        )
+        .await;
+        assert_eq!(denied.status, status);
+        assert!(denied.body.is_empty());
+        assert!(denied.header("www-authenticate").is_some());
+        assert_eq!(denied.header("content-type"), Some("application/json"));
+    }
+    let allowed = send(
+        &h2_client(),
+        "HEAD",
+        &gate.url("/v1/analyses/2"),
+        &[("x-api-key", &f.ok)],
+        "",
+    )
+    .await;
+    assert_eq!(allowed.status, 200);
+    assert!(allowed.body.is_empty());
+    assert_eq!(upstream.count(), 3, "h2c denials reach nothing");
     gate.stop().await;
 }
 
