@@ -755,14 +755,21 @@ async fn answer_replayable(
 ) -> Response<ProxyBody> {
     let names = &*state.names;
     let timeout = state.settings.upstream_timeout;
+    // Every answer of a request that got as far as the rate limit says where it stands.
+    let limited = |mut resp: Response<ProxyBody>| {
+        if let Some(status) = &limit {
+            add_limit_headers(resp.headers_mut(), status);
+        }
+        resp
+    };
     // Bodies of idempotent requests are held in memory: only so many at once.
     let Some(admitted) = store.admit() else {
-        return deny(
+        return limited(deny(
             &DenyReason::IdempotencyUnavailable,
             &request_id,
             names,
             false,
-        );
+        ));
     };
     // Read whole within upstream_timeout, not per piece: the body holds one of the store's
     // admissions and up to max_request_bytes of memory while it comes, and a trickle must not
@@ -778,24 +785,34 @@ async fn answer_replayable(
     .await;
     let bytes = match read {
         Ok(Ok(b)) => b,
-        Ok(Err(reason)) => return deny(&reason, &request_id, names, true),
+        Ok(Err(reason)) => return limited(deny(&reason, &request_id, names, true)),
         Err(_) => {
             let reason = DenyReason::BadRequest("the request body did not arrive in time");
-            return deny(&reason, &request_id, names, true);
+            return limited(deny(&reason, &request_id, names, true));
         }
     };
     let fingerprint =
         idempotency::fingerprint(outbound.method.as_str(), outbound.target.as_str(), &bytes);
     match store.begin(&key_id, &idempotency_key, fingerprint).await {
-        Begin::Unavailable => deny(
+        Begin::Unavailable => limited(deny(
             &DenyReason::IdempotencyUnavailable,
             &request_id,
             names,
             false,
-        ),
+        )),
         Begin::Replay(stored) => replayed(&stored, request_id, names, limit.as_ref()),
-        Begin::InUse => deny(&DenyReason::IdempotencyKeyInUse, &request_id, names, false),
-        Begin::Reused => deny(&DenyReason::IdempotencyKeyReused, &request_id, names, false),
+        Begin::InUse => limited(deny(
+            &DenyReason::IdempotencyKeyInUse,
+            &request_id,
+            names,
+            false,
+        )),
+        Begin::Reused => limited(deny(
+            &DenyReason::IdempotencyKeyReused,
+            &request_id,
+            names,
+            false,
+        )),
         Begin::Proceed(pending) => {
             let max = store.limits.max_response_bytes;
             let resp = match exchange_once(
@@ -817,7 +834,7 @@ async fn answer_replayable(
                             "upstream request failed"
                         );
                     }
-                    return deny(&reason, &request_id, names, false);
+                    return limited(deny(&reason, &request_id, names, false));
                 }
             };
             // An answer that streams on carries the request id as its own field, as answer()'s
@@ -832,11 +849,7 @@ async fn answer_replayable(
                     parts.headers.insert(names.request_id.clone(), request_id);
                 }
             }
-            let mut resp = Response::from_parts(parts, body);
-            if let Some(status) = &limit {
-                add_limit_headers(resp.headers_mut(), status);
-            }
-            resp
+            limited(Response::from_parts(parts, body))
         }
     }
 }

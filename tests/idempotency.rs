@@ -468,3 +468,29 @@ async fn upgrade_fields_do_not_bypass_replay() {
     assert!(s.upstream.last().headers.get("upgrade").is_none());
     s.gate.stop().await;
 }
+
+/// Refusals of the replay path (another request under the key, a body too large) spent the
+/// key's allowance like any request: they say where it stands, as every answer past the rate
+/// limit does.
+#[tokio::test]
+async fn replay_refusals_carry_the_rate_limit_headers() {
+    let s = setup("max_request_bytes = 100\n[rate_limit]\ndefault_per_minute = 100").await;
+    let first = post(&s.gate, "/v1/analyses", &s.key, Some("rl-1"), "{\"n\":1}").await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("x-ratelimit-limit"), Some("100"));
+    let reused = post(&s.gate, "/v1/analyses", &s.key, Some("rl-1"), "{\"n\":2}").await;
+    assert_error(&reused, 422, "idempotency_key_reused");
+    assert_eq!(reused.header("x-ratelimit-limit"), Some("100"));
+    assert_eq!(reused.header("x-ratelimit-remaining"), Some("98"));
+    let large = post(
+        &s.gate,
+        "/v1/analyses",
+        &s.key,
+        Some("rl-2"),
+        &"x".repeat(200),
+    )
+    .await;
+    assert_error(&large, 413, "request_too_large");
+    assert_eq!(large.header("x-ratelimit-remaining"), Some("97"));
+    s.gate.stop().await;
+}
