@@ -32,6 +32,9 @@ pub const BACKGROUND_EXCHANGE: Duration = Duration::from_secs(300);
 /// the whole `idempotency.ttl`.
 pub const IN_FLIGHT_HOLD: Duration = Duration::from_secs(2 * BACKGROUND_EXCHANGE.as_secs() + 60);
 
+/// The longest Idempotency-Key kept (as Stripe's API takes them): a longer one is refused.
+pub const MAX_KEY_BYTES: usize = 255;
+
 /// What is kept of a response.
 #[derive(Debug)]
 pub struct Stored {
@@ -341,7 +344,8 @@ impl LocalPending {
             );
             return;
         }
-        let size = response.size() + key.len();
+        // The key is held twice: by the map and in the eviction order.
+        let size = response.size() + 2 * key.len();
         let mut stored = false;
         if let Some(mut r) = store.records.get_mut(&key) {
             if let Record::InFlight { fingerprint, seq } = *r {

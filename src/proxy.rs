@@ -762,6 +762,12 @@ async fn answer_replayable(
         }
         resp
     };
+    // The key is kept with the answer (twice: by key and in the eviction order): a long one
+    // would make every record that much larger, and is no one's retry scheme.
+    if idempotency_key.len() > idempotency::MAX_KEY_BYTES {
+        let reason = DenyReason::BadRequest("the Idempotency-Key is longer than 255 bytes");
+        return limited(deny(&reason, &request_id, names, false));
+    }
     // Bodies of idempotent requests are held in memory: only so many at once.
     let Some(admitted) = store.admit() else {
         return limited(deny(

@@ -494,3 +494,20 @@ async fn replay_refusals_carry_the_rate_limit_headers() {
     assert_eq!(large.header("x-ratelimit-remaining"), Some("97"));
     s.gate.stop().await;
 }
+
+/// An Idempotency-Key is kept with its answer: one longer than 255 bytes is refused (400), not
+/// stored; 255 bytes are fine.
+#[tokio::test]
+async fn idempotency_keys_over_255_bytes_are_refused() {
+    let s = setup("").await;
+    let long = "k".repeat(256);
+    let a = post(&s.gate, "/v1/analyses", &s.key, Some(&long), "{}").await;
+    assert_error(&a, 400, "invalid_request");
+    assert_eq!(s.upstream.count(), 0);
+    let longest = "k".repeat(255);
+    let a = post(&s.gate, "/v1/analyses", &s.key, Some(&longest), "{}").await;
+    assert_eq!(a.status, 200);
+    let again = post(&s.gate, "/v1/analyses", &s.key, Some(&longest), "{}").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    s.gate.stop().await;
+}
