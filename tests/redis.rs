@@ -167,37 +167,51 @@ async fn post(gate: &Gate, path: &str, key: &str, idem: Option<&str>, body: &str
     send(&client(), "POST", &gate.url(path), &headers, body).await
 }
 
-#[tokio::test]
-async fn idempotency_records_are_shared_and_fail_closed_without_redis() {
-    let mut redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    let snap = SnapshotDir::new();
+/// One partner's key allowed to read and write analyses, in `snap`.
+fn one_writer(snap: &SnapshotDir) -> String {
     let key = mint("sk_live_");
     snap.write(&Doc::new(1).partner("partner_acme", None, "active").key(
         "key_a",
         &key,
         json!({"scopes": ["analyses:read", "analyses:write"]}),
     ));
-    let extra = format!(
-        "[idempotency]\nbackend = \"redis\"\n[redis]\nurl = \"{}\"\ntimeout = \"200ms\"\nkey_prefix = \"idem{}:\"\n",
+    key
+}
+
+/// `[idempotency]` on Redis (with `more` in that section), records under `<prefix><pid>:`.
+fn idempotency_on(redis: &RedisServer, prefix: &str, more: &str, timeout: &str) -> String {
+    format!(
+        "[idempotency]\nbackend = \"redis\"\n{more}[redis]\nurl = \"{}\"\ntimeout = \"{timeout}\"\nkey_prefix = \"{prefix}{}:\"\n",
         redis.url(),
         std::process::id()
-    );
+    )
+}
+
+/// Wait until `gate` has its Redis connection: idempotent requests are refused (503) until then.
+async fn until_connected(gate: &Gate, key: &str) {
+    for i in 0..100 {
+        let probe = post(gate, "/v1/analyses", key, Some(&format!("probe-{i}")), "{}").await;
+        if probe.status == 200 {
+            return;
+        }
+        assert_error(&probe, 503, "idempotency_unavailable");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never connected to Redis");
+}
+
+#[tokio::test]
+async fn idempotency_records_are_shared_and_fail_closed_without_redis() {
+    let mut redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let key = one_writer(&snap);
+    let extra = idempotency_on(&redis, "idem", "", "200ms");
     let a = Gate::start(&config_toml(&snap.path(), upstream.addr, &extra)).await;
     let b = Gate::start(&config_toml(&snap.path(), upstream.addr, &extra)).await;
     // Until both are connected, idempotent requests are refused (503), not run unguarded.
     for g in [&a, &b] {
-        let mut ok = false;
-        for i in 0..100 {
-            let probe = post(g, "/v1/analyses", &key, Some(&format!("probe-{i}")), "{}").await;
-            if probe.status == 200 {
-                ok = true;
-                break;
-            }
-            assert_error(&probe, 503, "idempotency_unavailable");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(ok, "never connected to Redis");
+        until_connected(g, &key).await;
     }
     upstream.clear();
 
@@ -283,28 +297,10 @@ async fn a_record_left_by_a_refused_request_is_freed_once_redis_answers() {
     let redis = RedisServer::start().await;
     let upstream = Upstream::start().await;
     let snap = SnapshotDir::new();
-    let key = mint("sk_live_");
-    snap.write(&Doc::new(1).partner("partner_acme", None, "active").key(
-        "key_a",
-        &key,
-        json!({"scopes": ["analyses:read", "analyses:write"]}),
-    ));
-    let extra = format!(
-        "[idempotency]\nbackend = \"redis\"\nttl = \"1h\"\n[redis]\nurl = \"{}\"\ntimeout = \"100ms\"\nkey_prefix = \"stall{}:\"\n",
-        redis.url(),
-        std::process::id()
-    );
+    let key = one_writer(&snap);
+    let extra = idempotency_on(&redis, "stall", "ttl = \"1h\"\n", "100ms");
     let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, &extra)).await;
-    let mut connected = false;
-    for i in 0..100 {
-        let probe = post(&gate, "/v1/analyses", &key, Some(&format!("p-{i}")), "{}").await;
-        if probe.status == 200 {
-            connected = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(connected, "never connected to Redis");
+    until_connected(&gate, &key).await;
     upstream.clear();
 
     redis.pause();
