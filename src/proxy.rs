@@ -936,7 +936,8 @@ async fn remember(
     // a 304, an answer to HEAD), which no header says.
     let declared = http_body::Body::size_hint(&body).exact();
     if !idempotency::keepable(parts.status) || declared.is_some_and(|n| n > max as u64) {
-        drop(pending);
+        // Not kept: a retry runs again once this answer is over, not beside it.
+        body.hold(pending);
         return Ok(Response::from_parts(parts, Either::Left(body)));
     }
     // One of unknown length (chunked, or until the connection closes) is kept when it ends
@@ -959,8 +960,8 @@ async fn remember(
                 .await;
             Ok(Response::from_parts(parts, Either::Right(Full::new(bytes))))
         }
-        Ok(Ok(ReadAhead::NotWhole(body))) => {
-            drop(pending);
+        Ok(Ok(ReadAhead::NotWhole(mut body))) => {
+            body.hold(pending);
             Ok(Response::from_parts(parts, Either::Left(body)))
         }
         Ok(Err(_)) => Err(DenyReason::UpstreamUnavailable),

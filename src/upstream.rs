@@ -269,6 +269,7 @@ impl Upstream {
             own: None,
             identity: None,
             prefix: VecDeque::new(),
+            held: None,
             inner,
             pool: self.me.clone(),
         })));
@@ -337,6 +338,9 @@ struct Pooled {
     prefix: VecDeque<Frame<Bytes>>,
     inner: ResponseBody,
     pool: Weak<Upstream>,
+    /// Held while the body lives: an idempotent request's claim on its key, for an answer that
+    /// streams on unkept (a retry meanwhile is told 409, not run beside it).
+    held: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl Body for PooledBody {
@@ -441,6 +445,11 @@ impl PooledBody {
             }
         }
         Ok(())
+    }
+
+    /// Keep `guard` until this body is dropped (read to its end, or given up).
+    pub fn hold(&mut self, guard: impl std::any::Any + Send) {
+        self.0.held = Some(Box::new(guard));
     }
 
     /// Read the body into memory if it is at most `limit` bytes (and, with `until`, whole by

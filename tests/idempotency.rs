@@ -395,7 +395,7 @@ async fn answers_without_a_length_are_kept_when_they_end_soon() {
                 (0, "7\r\ndata: 1\r\n"),
                 (700, "7\r\ndata: 2\r\n"),
                 (700, "7\r\ndata: 3\r\n"),
-                (0, "0\r\n\r\n"),
+                (700, "0\r\n\r\n"),
             ],
         ),
     })
@@ -439,8 +439,13 @@ async fn answers_without_a_length_are_kept_when_they_end_soon() {
     assert_eq!(again.body, a.body);
     assert_eq!(raw.count(), 2, "the POST ran again");
 
-    // An event stream that goes on past the wait: passed on whole, not kept.
-    let a = call("POST", "/v1/events", "events-1").await;
+    // An event stream that goes on past the wait: passed on whole, not kept; a retry while it
+    // streams is 409 (not run beside it), one after it runs.
+    let first = tokio::spawn(call("POST", "/v1/events", "events-1"));
+    tokio::time::sleep(Duration::from_millis(1400)).await;
+    let racing = call("POST", "/v1/events", "events-1").await;
+    assert_error(&racing, 409, "idempotency_key_in_use");
+    let a = first.await.unwrap();
     assert_eq!(&a.body[..], b"data: 1data: 2data: 3");
     let again = call("POST", "/v1/events", "events-1").await;
     assert!(again.header("idempotent-replayed").is_none());
