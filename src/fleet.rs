@@ -394,12 +394,14 @@ impl RedisPending {
         let mut conn = self.conn.clone();
         let stored = tokio::time::timeout(
             self.timeout * 4,
-            redis::Script::new(FINISH)
-                .key(&key)
+            redis::cmd("EVAL")
+                .arg(FINISH)
+                .arg(1)
+                .arg(&key)
                 .arg(&self.in_flight)
                 .arg(value)
                 .arg(self.ttl_ms)
-                .invoke_async::<i64>(&mut conn),
+                .query_async::<i64>(&mut conn),
         )
         .await;
         if !matches!(stored, Ok(Ok(1))) {
@@ -424,13 +426,23 @@ impl Drop for RedisPending {
     }
 }
 
+/// Free `key` if it still holds `in_flight`. One `EVAL` with the script's text (not `EVALSHA`
+/// and a second command when Redis does not know the script yet): sent at once, it keeps its
+/// place behind the commands sent before it, and runs after them even when Redis answers late
+/// (a stalled Redis, a failover, which also forget cached scripts). Waited on for seconds, not
+/// `redis.timeout`: nothing waits on it but the key's next retry.
 async fn release(mut conn: ConnectionManager, key: String, in_flight: String, timeout: Duration) {
     let _ = tokio::time::timeout(
-        timeout * 4,
-        redis::Script::new(RELEASE)
-            .key(key)
+        (timeout * 4).max(RELEASE_WAIT),
+        redis::cmd("EVAL")
+            .arg(RELEASE)
+            .arg(1)
+            .arg(key)
             .arg(in_flight)
-            .invoke_async::<i64>(&mut conn),
+            .query_async::<i64>(&mut conn),
     )
     .await;
 }
+
+/// How long a release is waited on at least.
+const RELEASE_WAIT: Duration = Duration::from_secs(10);

@@ -226,11 +226,11 @@ impl Upstream {
         head: &Outbound,
         body: Bytes,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        // As for a streamed body: sent again only when idempotent with no body (or when its
-        // head never went out whole). A PUT or DELETE with a body is idempotent by its method,
-        // but the body may be what an Idempotency-Key guards.
-        let replayable = is_idempotent(&head.method) && body.is_empty();
-        self.send_up(head, Outgoing::Bytes(body), replayable).await
+        // Only the idempotent replay sends a request read whole: one its Idempotency-Key guards,
+        // whose client asked for it to run at most once. Sent again only when its head never
+        // went out whole: a PUT or DELETE is idempotent by its method, but not always in
+        // practice (a DELETE of a queue's head, one that refunds), with a body or without.
+        self.send_up(head, Outgoing::Bytes(body), false).await
     }
 
     async fn send_up(

@@ -306,6 +306,8 @@ async fn a_record_left_by_a_refused_request_is_freed_once_redis_answers() {
     redis.pause();
     let refused = post(&gate, "/v1/analyses", &key, Some("order-77"), "{}").await;
     assert_error(&refused, 503, "idempotency_unavailable");
+    // Longer than any wait on Redis of the request's own: the release must still run.
+    tokio::time::sleep(Duration::from_millis(700)).await;
     redis.resume();
     // Once Redis has run what was queued, the retry runs (it is not 409 for an hour).
     let mut ran = None;
