@@ -161,14 +161,30 @@ fn override_target(url: &str) -> Option<&str> {
     Some(url)
 }
 
+/// Whether `method` is a token: one or more of RFC 9110's `tchar`.
+fn is_method(method: &str) -> bool {
+    !method.is_empty()
+        && method
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 /// Checks 0–3: the request's shape and the key's, up to finding its record.
 fn find<'s, 'f>(
     snapshot: Option<&'s Snapshot>,
     policy: &Policy,
     facts: &RequestFacts<'f>,
 ) -> Result<(&'s Snapshot, &'s KeyRecord, &'f NormalizedPath), DenyReason> {
-    // 0. The path must be unambiguous, and so must the method: the upstream may run the
-    // request as the method a method-override field names, which is not the one decided on.
+    // 0. The method must be one (a token, RFC 9110 §9.1): an empty or malformed one names no
+    // request, and would match no method's rule. (The proxy's HTTP parsers ensure it; what the
+    // check fronts are told may not.)
+    if !is_method(facts.method) {
+        return Err(DenyReason::BadRequest(
+            "the request's method is not an HTTP method",
+        ));
+    }
+    // The path must be unambiguous, and so must the method: the upstream may run the request
+    // as the method a method-override field names, which is not the one decided on.
     let path = facts.path.map_err(DenyReason::InvalidPath)?;
     if let Some(asked) = facts.method_override {
         if !asked

@@ -314,14 +314,6 @@ async fn decide_check(
             note,
         );
     }
-    // A method is a token (RFC 9110 §9.1): an empty or malformed one names no request, and
-    // would match no method's rule. (Envoy sends the request's own; a caller of its own may not.)
-    if http::Method::from_bytes(req.method.as_bytes()).is_err() {
-        return deny(
-            DenyReason::BadRequest("the request's method is not an HTTP method"),
-            note,
-        );
-    }
     let (path, _query) = split_target(req.path);
     // Envoy, nginx or Traefik forwards the path as it was sent, not as decided on.
     let normalized = normalize(path, state.policy.path.as_sent());

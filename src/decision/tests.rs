@@ -998,6 +998,25 @@ fn each_check_of_the_contract() {
         },
         // The field reaches the upstream as sent: one that would have to be resolved names
         // no path keygate can vouch for (RFC 3986 reads the first as /v1/admin/analyses/an_1).
+        // A method that is no token names no request (what a check front is told may be
+        // anything): refused before any rule could fail to match it.
+        Case {
+            name: "an empty method",
+            method: "",
+            want: Deny("invalid_request"),
+            ..BASE
+        },
+        Case {
+            name: "a method with a space",
+            method: "DELETE ",
+            want: Deny("invalid_request"),
+            ..BASE
+        },
+        Case {
+            name: "an extension method, a token",
+            method: "PROPFIND",
+            ..BASE
+        },
         Case {
             name: "a URL override with segments to resolve, even to the request's path",
             url_override: Some("/v1/admin//../analyses/an_1"),
