@@ -801,8 +801,26 @@ impl Message {
         if let Some(whole) = self.whole {
             grown = grown.min(whole.max(needed));
         }
-        let more = grown - room;
-        if !buffers.take(more) {
+        self.charge(grown - room, buffers)?;
+        self.gathered.reserve_exact(grown - len);
+        Ok(())
+    }
+
+    /// Count what this message holds before its task waits for the rest of it: a first frame
+    /// taken as it is (a message answered in the turn it came in is not counted).
+    fn hold(&mut self, buffers: &Arc<Buffers>) -> Result<(), Stop> {
+        let Some(n) = self.first.as_ref().map(Bytes::len) else {
+            return Ok(());
+        };
+        self.charge(n, buffers)?;
+        self.first_held = n;
+        Ok(())
+    }
+
+    /// Count `n` more bytes held by this message in `buffers`, or deny the Check if the front
+    /// holds the most it may.
+    fn charge(&mut self, n: usize, buffers: &Arc<Buffers>) -> Result<(), Stop> {
+        if !buffers.take(n) {
             tracing::warn!(
                 held = buffers.held(),
                 max_buffered_bytes = buffers.limits.max_buffered_bytes,
@@ -814,27 +832,7 @@ impl Message {
             buffers: buffers.clone(),
             bytes: 0,
         });
-        held.bytes += more;
-        self.gathered.reserve_exact(grown - len);
-        Ok(())
-    }
-
-    /// Count what this message holds before its task waits for the rest of it: a first frame
-    /// taken as it is (a message answered in the turn it came in is not counted).
-    fn hold(&mut self, buffers: &Arc<Buffers>) -> Result<(), Stop> {
-        let Some(first) = &self.first else {
-            return Ok(());
-        };
-        let n = first.len();
-        if !buffers.take(n) {
-            return Err(Stop::Denied(DenyReason::Overloaded));
-        }
-        let held = self.held.get_or_insert_with(|| Held {
-            buffers: buffers.clone(),
-            bytes: 0,
-        });
         held.bytes += n;
-        self.first_held = n;
         Ok(())
     }
 
