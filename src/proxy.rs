@@ -762,20 +762,17 @@ async fn answer_replayable(
         }
         resp
     };
+    let refuse =
+        |reason: &DenyReason, close: bool| limited(deny(reason, &request_id, names, close));
     // The key is kept with the answer (twice: by key and in the eviction order): a long one
     // would make every record that much larger, and is no one's retry scheme.
     if idempotency_key.len() > idempotency::MAX_KEY_BYTES {
         let reason = DenyReason::BadRequest("the Idempotency-Key is longer than 255 bytes");
-        return limited(deny(&reason, &request_id, names, false));
+        return refuse(&reason, false);
     }
     // Bodies of idempotent requests are held in memory: only so many at once.
     let Some(admitted) = store.admit() else {
-        return limited(deny(
-            &DenyReason::IdempotencyUnavailable,
-            &request_id,
-            names,
-            false,
-        ));
+        return refuse(&DenyReason::IdempotencyUnavailable, false);
     };
     // Read whole within upstream_timeout, not per piece: the body holds one of the store's
     // admissions and up to max_request_bytes of memory while it comes, and a trickle must not
@@ -791,34 +788,19 @@ async fn answer_replayable(
     .await;
     let bytes = match read {
         Ok(Ok(b)) => b,
-        Ok(Err(reason)) => return limited(deny(&reason, &request_id, names, true)),
+        Ok(Err(reason)) => return refuse(&reason, true),
         Err(_) => {
             let reason = DenyReason::BadRequest("the request body did not arrive in time");
-            return limited(deny(&reason, &request_id, names, true));
+            return refuse(&reason, true);
         }
     };
     let fingerprint =
         idempotency::fingerprint(outbound.method.as_str(), outbound.target.as_str(), &bytes);
     match store.begin(&key_id, &idempotency_key, fingerprint).await {
-        Begin::Unavailable => limited(deny(
-            &DenyReason::IdempotencyUnavailable,
-            &request_id,
-            names,
-            false,
-        )),
+        Begin::Unavailable => refuse(&DenyReason::IdempotencyUnavailable, false),
         Begin::Replay(stored) => replayed(&stored, request_id, names, limit.as_ref()),
-        Begin::InUse => limited(deny(
-            &DenyReason::IdempotencyKeyInUse,
-            &request_id,
-            names,
-            false,
-        )),
-        Begin::Reused => limited(deny(
-            &DenyReason::IdempotencyKeyReused,
-            &request_id,
-            names,
-            false,
-        )),
+        Begin::InUse => refuse(&DenyReason::IdempotencyKeyInUse, false),
+        Begin::Reused => refuse(&DenyReason::IdempotencyKeyReused, false),
         Begin::Proceed(pending) => {
             let max = store.limits.max_response_bytes;
             let resp = match exchange_once(
@@ -840,7 +822,7 @@ async fn answer_replayable(
                             "upstream request failed"
                         );
                     }
-                    return limited(deny(&reason, &request_id, names, false));
+                    return refuse(&reason, false);
                 }
             };
             // An answer that streams on carries the request id as its own field, as answer()'s
