@@ -33,12 +33,9 @@ use tokio::net::TcpListener;
 use crate::admit::{admit, Admitted, Refused};
 use crate::client_ip::client_ip;
 use crate::config::{FrontSettings, HeaderNames, Limits, Policy};
-use crate::credential::Credential;
 use crate::decision::{now_ms, RequestFacts};
 use crate::deny::DenyReason;
-use crate::headers::{
-    is_spoofed, joined_url_override, map_fields, request_id_str, set_identity, Read,
-};
+use crate::headers::{joined_url_override, map_fields, request_id_str, set_identity, Read};
 use crate::listen::{until_goodbye, Activity, Watched};
 use crate::path::{normalize, split_target};
 use crate::request_id;
@@ -302,30 +299,13 @@ async fn check(
     // What Envoy must remove from the original request: the credential where it was found, any
     // spoofed identity header keygate is not overwriting (`x-org-id` of a partner without an
     // org, `_` spellings), and a credential header spelled with `_`.
-    let mut remove: Vec<&str> = Vec::new();
-    // A partner without an org: the client's `x-org-id` goes, also when Envoy did not show it
-    // here (its HTTP service sends only the `allowed_headers`).
-    if allow.partner.org_id.is_none() {
-        remove.push(names.org_id.as_str());
-    }
-    if let Credential::Present { found, .. } = credential {
-        if !names.forward_credentials {
-            if found.authorization {
-                remove.push(names.credentials.authorization.as_str());
-            }
-            if found.api_key {
-                remove.push(names.credentials.api_key.as_str());
-            }
-        }
-    }
-    for name in headers.keys() {
-        if is_spoofed(name.as_str().as_bytes(), names)
-            && !h.contains_key(name)
-            && !remove.contains(&name.as_str())
-        {
-            remove.push(name.as_str());
-        }
-    }
+    let remove = crate::headers::to_remove(
+        names,
+        &credential,
+        allow.partner.org_id.is_some(),
+        headers.keys().map(|name| name.as_str().as_bytes()),
+        |name| h.contains_key(name),
+    );
     if !remove.is_empty() {
         if let Ok(v) = HeaderValue::from_str(&remove.join(",")) {
             h.insert(HEADERS_TO_REMOVE, v);

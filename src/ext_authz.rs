@@ -32,7 +32,6 @@ use crate::config::{FrontSettings, HeaderNames, Policy};
 use crate::credential::{extract, Credential};
 use crate::decision::{now_ms, Allow, RequestFacts};
 use crate::deny::DenyReason;
-use crate::headers::is_spoofed;
 use crate::path::{normalize, split_target};
 use crate::request_id;
 use crate::snapshot::SnapshotStore;
@@ -545,42 +544,13 @@ impl Allowed<'_, '_> {
     /// keygate does not overwrite (`x-org-id` of a partner without an org, `_` spellings), and
     /// credential headers spelled with `_` ([`is_spoofed`]).
     fn removed(&self, set: &[Set<'_>]) -> Vec<std::borrow::Cow<'_, str>> {
-        let names = self.names;
-        let mut remove = Vec::new();
-        // A partner without an org: a client's `x-org-id` must not reach the upstream beside
-        // keygate's identity, also when Envoy did not show it to keygate (`allowed_headers`,
-        // Istio's `includeRequestHeadersInCheck`). Removing an absent header does nothing.
-        if self.allow.partner.org_id.is_none() {
-            remove.push(names.org_id.as_str().into());
-        }
-        if let Credential::Present { found, .. } = self.credential {
-            if !names.forward_credentials {
-                if found.authorization {
-                    remove.push(names.credentials.authorization.as_str().into());
-                }
-                if found.api_key {
-                    remove.push(names.credentials.api_key.as_str().into());
-                }
-            }
-        }
-        for (name, _) in self.headers.0 {
-            // These are ASCII, spelled like an identity or credential header's name in any case.
-            if !is_spoofed(name, names) {
-                continue;
-            }
-            let Ok(name) = std::str::from_utf8(name) else {
-                continue;
-            };
-            let lower: std::borrow::Cow<'_, str> = if name.bytes().any(|b| b.is_ascii_uppercase()) {
-                name.to_ascii_lowercase().into()
-            } else {
-                name.into()
-            };
-            if !set.iter().any(|s| s.0 == lower) && !remove.contains(&lower) {
-                remove.push(lower);
-            }
-        }
-        remove
+        crate::headers::to_remove(
+            self.names,
+            &self.credential,
+            self.allow.partner.org_id.is_some(),
+            self.headers.0.iter().map(|(name, _)| *name),
+            |name| set.iter().any(|s| s.0 == name),
+        )
     }
 
     /// The metadata `Struct`'s entries (fields = 1, a map of `Value`s: null = 1, string = 3,

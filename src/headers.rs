@@ -458,6 +458,55 @@ pub fn is_spoofed(name: &[u8], names: &HeaderNames) -> bool {
     is_identity_variant(name, names) || is_underscored_credential(name, names)
 }
 
+/// The fields an external authorizer's caller must remove from the original request (Envoy's
+/// `headers_to_remove`, the forward-auth front's `x-envoy-auth-headers-to-remove`), lower-case,
+/// each once: the credential where it was found (unless credentials are forwarded); `x-org-id`
+/// for a partner without an org, also when the caller did not show the client's copy (Envoy's
+/// `allowed_headers`, Istio's `includeRequestHeadersInCheck`: removing an absent field does
+/// nothing); and every [`is_spoofed`] name among `sent` (the request's field names, any case)
+/// that keygate does not set itself (`sets`, asked of a lower-case name).
+pub fn to_remove<'a>(
+    names: &'a HeaderNames,
+    credential: &crate::credential::Credential<'_>,
+    has_org: bool,
+    sent: impl Iterator<Item = &'a [u8]>,
+    sets: impl Fn(&str) -> bool,
+) -> Vec<std::borrow::Cow<'a, str>> {
+    use std::borrow::Cow;
+    let mut remove: Vec<Cow<'a, str>> = Vec::new();
+    if !has_org {
+        remove.push(names.org_id.as_str().into());
+    }
+    if let crate::credential::Credential::Present { found, .. } = credential {
+        if !names.forward_credentials {
+            if found.authorization {
+                remove.push(names.credentials.authorization.as_str().into());
+            }
+            if found.api_key {
+                remove.push(names.credentials.api_key.as_str().into());
+            }
+        }
+    }
+    for name in sent {
+        // These are ASCII, spelled like an identity or credential header's name in any case.
+        if !is_spoofed(name, names) {
+            continue;
+        }
+        let Ok(name) = std::str::from_utf8(name) else {
+            continue;
+        };
+        let lower: Cow<'a, str> = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            name.to_ascii_lowercase().into()
+        } else {
+            name.into()
+        };
+        if !sets(&lower) && !remove.contains(&lower) {
+            remove.push(lower);
+        }
+    }
+    remove
+}
+
 /// [`is_spoofed`]'s second half: `name` spells a credential header with `_` for `-`.
 fn is_underscored_credential(name: &[u8], names: &HeaderNames) -> bool {
     let credentials = &names.credentials;
