@@ -260,6 +260,7 @@ pub struct RawIdempotency {
     pub max_response_bytes: Option<usize>,
     pub max_memory_bytes: Option<usize>,
     pub max_in_flight: Option<usize>,
+    pub max_in_flight_per_key: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -1556,6 +1557,7 @@ impl Validator<'_> {
             Some(n) => n,
             None => default,
         };
+        let max_in_flight = size("idempotency.max_in_flight", raw.max_in_flight, 256);
         let limits = crate::idempotency::Limits {
             ttl,
             max_request_bytes: size(
@@ -1573,11 +1575,31 @@ impl Validator<'_> {
                 raw.max_memory_bytes,
                 64 << 20,
             ),
-            max_in_flight: size("idempotency.max_in_flight", raw.max_in_flight, 256),
+            max_in_flight,
+            max_in_flight_per_key: self.in_flight_per_key(raw.max_in_flight_per_key, max_in_flight),
         };
         raw.replay
             .unwrap_or(true)
             .then_some(IdempotencySettings { limits, redis })
+    }
+
+    /// `idempotency.max_in_flight_per_key`: 1..=`max_in_flight`, a quarter of it by default
+    /// (four keys at their most still leave room for the others).
+    fn in_flight_per_key(&mut self, value: Option<usize>, max_in_flight: usize) -> usize {
+        let key = "idempotency.max_in_flight_per_key";
+        match value {
+            Some(0) => {
+                self.problem(key, "must be more than zero");
+                1
+            }
+            Some(n) if n > max_in_flight => {
+                let why = format!("{n} is more than idempotency.max_in_flight ({max_in_flight})");
+                self.problem(key, why);
+                max_in_flight
+            }
+            Some(n) => n,
+            None => (max_in_flight / 4).max(1),
+        }
     }
 
     fn usage_report(&mut self, raw: &RawUsage) -> Option<UsageReportSettings> {

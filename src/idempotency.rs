@@ -8,9 +8,13 @@
 //! idempotency_key_reused`), one arriving while the first is still being answered too (`409
 //! idempotency_key_in_use`). Upstream 5xx answers, keygate's own 502/504, answers larger than
 //! `max_response_bytes` and requests the client abandoned are not stored, so a retry runs again.
-//! Records expire after `ttl`; past `max_memory_bytes` the oldest are evicted first.
+//! Records expire after `ttl`. Past `max_memory_bytes`, records are evicted from the API key
+//! holding the most, its oldest first: a key that keeps many answers (a bulk job, a client
+//! minting a new Idempotency-Key per call) evicts its own, never a quieter key's. Each key
+//! holds at most `max_in_flight_per_key` of the `max_in_flight` places for requests being
+//! answered.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -104,6 +108,28 @@ pub struct Idempotency {
     pub limits: Limits,
     backend: Backend,
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Places held by each API key (present while it holds any).
+    held: Arc<Mutex<HashMap<Box<str>, usize>>>,
+}
+
+/// A place among the idempotent requests being answered, held by one API key; given back when
+/// dropped.
+pub struct Admission {
+    _place: tokio::sync::OwnedSemaphorePermit,
+    key_id: Box<str>,
+    held: Arc<Mutex<HashMap<Box<str>, usize>>>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().expect("lock poisoned");
+        if let Some(n) = held.get_mut(&self.key_id) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.key_id);
+            }
+        }
+    }
 }
 
 enum Backend {
@@ -123,13 +149,25 @@ impl Idempotency {
             limits,
             backend,
             in_flight: Arc::new(tokio::sync::Semaphore::new(limits.max_in_flight)),
+            held: Arc::default(),
         }
     }
 
-    /// A place among the requests being answered (their bodies are held in memory), or `None`
-    /// when `max_in_flight` are.
-    pub fn admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.in_flight.clone().try_acquire_owned().ok()
+    /// A place among the requests being answered (their bodies are held in memory) for a
+    /// request of API key `key_id`, or `None` when `max_in_flight` are, or that key holds
+    /// `max_in_flight_per_key` (so one key's slow endpoint cannot take every place).
+    pub fn admit(&self, key_id: &str) -> Option<Admission> {
+        let mut held = self.held.lock().expect("lock poisoned");
+        if held.get(key_id).copied().unwrap_or(0) >= self.limits.max_in_flight_per_key {
+            return None;
+        }
+        let place = self.in_flight.clone().try_acquire_owned().ok()?;
+        *held.entry(key_id.into()).or_insert(0) += 1;
+        Some(Admission {
+            _place: place,
+            key_id: key_id.into(),
+            held: self.held.clone(),
+        })
     }
 
     pub async fn begin(
@@ -163,17 +201,70 @@ pub struct Limits {
     /// Idempotent requests being answered at once; each may hold `max_request_bytes` and
     /// `max_response_bytes` in memory, so this bounds that memory. Past it: 503.
     pub max_in_flight: usize,
+    /// Of those, the most one API key may hold (1..=`max_in_flight`).
+    pub max_in_flight_per_key: usize,
 }
 
 /// The local (in-process) store.
 pub struct Store {
     records: DashMap<Box<str>, Record>,
-    /// Completed records, oldest first, for eviction (entries whose seq no longer matches are
-    /// skipped).
-    order: Mutex<VecDeque<(Box<str>, u64)>>,
+    /// Completed records by API key, for eviction. Locked after a `records` entry is let go,
+    /// never while one is held.
+    ledger: Mutex<Ledger>,
     bytes: AtomicUsize,
     seq: AtomicU64,
     pub limits: Limits,
+}
+
+/// The completed records of each API key, oldest first, and the keys by the bytes they hold.
+#[derive(Default)]
+struct Ledger {
+    holders: HashMap<Box<str>, Holder>,
+    /// (bytes held, key id) of every holder: the last holds the most.
+    by_bytes: BTreeSet<(usize, Box<str>)>,
+}
+
+#[derive(Default)]
+struct Holder {
+    /// The sizes of its completed records still in the store.
+    bytes: usize,
+    /// Its completed records (record key, seq, size), oldest first; entries whose record is
+    /// gone or was replaced (another seq) are skipped.
+    kept: VecDeque<(Box<str>, u64, usize)>,
+}
+
+impl Ledger {
+    /// Change what `key_id` holds by `add` bytes less `sub`, keeping `by_bytes` in step.
+    fn adjust(&mut self, key_id: &str, add: usize, sub: usize) -> Option<&mut Holder> {
+        let holder = self.holders.get_mut(key_id)?;
+        self.by_bytes.remove(&(holder.bytes, key_id.into()));
+        holder.bytes = (holder.bytes + add).saturating_sub(sub);
+        self.by_bytes.insert((holder.bytes, key_id.into()));
+        Some(holder)
+    }
+
+    fn kept(&mut self, key_id: &str, record: Box<str>, seq: u64, size: usize) {
+        self.holders.entry(key_id.into()).or_default();
+        if let Some(holder) = self.adjust(key_id, size, 0) {
+            holder.kept.push_back((record, seq, size));
+        }
+    }
+
+    /// A record of `key_id` of `size` bytes left the store (expired or replaced).
+    fn forget(&mut self, key_id: &str, size: usize) {
+        self.adjust(key_id, 0, size);
+    }
+
+    fn drop_holder(&mut self, key_id: &str) {
+        if let Some(holder) = self.holders.remove(key_id) {
+            self.by_bytes.remove(&(holder.bytes, key_id.into()));
+        }
+    }
+}
+
+/// The API key id a record key begins with.
+fn key_id_of(record: &str) -> &str {
+    record.split_once('\n').map_or(record, |(id, _)| id)
 }
 
 /// The fingerprint of a request: what makes a retry "the same request".
@@ -208,7 +299,7 @@ impl Store {
     pub fn new(limits: Limits) -> Self {
         Self {
             records: DashMap::new(),
-            order: Mutex::default(),
+            ledger: Mutex::default(),
             bytes: AtomicUsize::new(0),
             seq: AtomicU64::new(0),
             limits,
@@ -233,7 +324,8 @@ impl Store {
     ) -> Begin {
         let key = record_key(key_id, idempotency_key);
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        match self.records.entry(key.clone()) {
+        let mut expired = 0;
+        let begin = match self.records.entry(key.clone()) {
             Entry::Occupied(mut e) => match e.get() {
                 Record::InFlight { .. } => Begin::InUse,
                 Record::Done {
@@ -250,7 +342,7 @@ impl Store {
                 }
                 Record::Done { size, .. } => {
                     // Expired: a new request under the same key.
-                    self.bytes.fetch_sub(*size, Ordering::Relaxed);
+                    expired = *size;
                     e.insert(Record::InFlight {
                         fingerprint: fp,
                         seq,
@@ -273,25 +365,40 @@ impl Store {
                     seq,
                 }))
             }
+        };
+        if expired > 0 {
+            self.bytes.fetch_sub(expired, Ordering::Relaxed);
+            let mut ledger = self.ledger.lock().expect("lock poisoned");
+            ledger.forget(key_id, expired);
         }
+        begin
     }
 
     /// Drop expired records; returns how many remain.
     pub fn sweep(&self) -> usize {
         let now = Instant::now();
-        let mut freed = 0;
-        self.records.retain(|_, r| match r {
+        let mut freed = Vec::new();
+        self.records.retain(|k, r| match r {
             Record::Done { expires, size, .. } if *expires <= now => {
-                freed += *size;
+                freed.push((key_id_of(k).to_owned(), *size));
                 false
             }
             _ => true,
         });
-        self.bytes.fetch_sub(freed, Ordering::Relaxed);
-        let mut order = self.order.lock().expect("lock poisoned");
-        order.retain(|(k, seq)| {
-            matches!(self.records.get(k).as_deref(), Some(Record::Done { seq: s, .. }) if s == seq)
-        });
+        self.bytes
+            .fetch_sub(freed.iter().map(|(_, size)| size).sum(), Ordering::Relaxed);
+        let mut ledger = self.ledger.lock().expect("lock poisoned");
+        for (key_id, size) in &freed {
+            ledger.forget(key_id, *size);
+        }
+        let ids: Vec<Box<str>> = ledger.holders.keys().cloned().collect();
+        for id in ids {
+            let holder = ledger.holders.get_mut(&id).expect("listed");
+            holder.kept.retain(|(k, seq, _)| self.holds(k, *seq));
+            if holder.kept.is_empty() {
+                ledger.drop_holder(&id);
+            }
+        }
         self.records.len()
     }
 
@@ -308,18 +415,41 @@ impl Store {
         self.records.is_empty()
     }
 
-    fn evict(&self) {
-        let mut order = self.order.lock().expect("lock poisoned");
+    /// Whether the store holds the completed record `seq` under `key`.
+    fn holds(&self, key: &str, seq: u64) -> bool {
+        matches!(self.records.get(key).as_deref(), Some(Record::Done { seq: s, .. }) if *s == seq)
+    }
+
+    /// Keep a completed record in the ledger, then evict while over `max_memory_bytes`: the
+    /// oldest record of the key holding the most.
+    fn kept(&self, record: Box<str>, seq: u64, size: usize) {
+        let mut ledger = self.ledger.lock().expect("lock poisoned");
+        let key_id: Box<str> = key_id_of(&record).into();
+        ledger.kept(&key_id, record, seq, size);
         while self.bytes.load(Ordering::Relaxed) > self.limits.max_memory_bytes {
-            let Some((key, seq)) = order.pop_front() else {
+            let Some((_, largest)) = ledger.by_bytes.last().cloned() else {
                 break;
+            };
+            let holder = ledger.holders.get_mut(&largest).expect("listed");
+            let Some((key, seq, size)) = holder.kept.pop_front() else {
+                // Nothing of it left to evict (cannot happen: its bytes are its records').
+                ledger.drop_holder(&largest);
+                continue;
             };
             let removed = self.records.remove_if(
                 &key,
                 |_, r| matches!(r, Record::Done { seq: s, .. } if *s == seq),
             );
-            if let Some((_, Record::Done { size, .. })) = removed {
+            if removed.is_some() {
                 self.bytes.fetch_sub(size, Ordering::Relaxed);
+                ledger.forget(&largest, size);
+            }
+            if ledger
+                .holders
+                .get(&largest)
+                .is_some_and(|h| h.kept.is_empty())
+            {
+                ledger.drop_holder(&largest);
             }
         }
     }
@@ -363,12 +493,7 @@ impl LocalPending {
         }
         if stored {
             store.bytes.fetch_add(size, Ordering::Relaxed);
-            store
-                .order
-                .lock()
-                .expect("lock poisoned")
-                .push_back((key, self.seq));
-            store.evict();
+            store.kept(key, self.seq, size);
         }
     }
 }
@@ -396,6 +521,7 @@ mod tests {
             max_response_bytes: 1024,
             max_memory_bytes,
             max_in_flight: 16,
+            max_in_flight_per_key: 4,
         }))
     }
 
@@ -500,6 +626,115 @@ mod tests {
         assert!(matches!(s.begin("key_a", b"k49", last), Begin::Replay(_)));
         let first = fingerprint("POST", "/v1/x", b"0");
         assert!(matches!(s.begin("key_a", b"k0", first), Begin::Proceed(_)));
+    }
+
+    /// Completes a record of `key_id` under Idempotency-Key `k` with a ~200-byte answer.
+    fn keep(s: &Arc<Store>, key_id: &str, k: &str) {
+        let fp = fingerprint("POST", "/v1/x", k.as_bytes());
+        let Begin::Proceed(p) = s.begin(key_id, k.as_bytes(), fp) else {
+            panic!("{key_id} {k} was not new")
+        };
+        complete_local(p, ok("0123456789012345678901234567890123456789"));
+    }
+
+    fn replays(s: &Arc<Store>, key_id: &str, k: &str) -> bool {
+        let fp = fingerprint("POST", "/v1/x", k.as_bytes());
+        match s.begin(key_id, k.as_bytes(), fp) {
+            Begin::Replay(_) => true,
+            Begin::Proceed(_) => false,
+            _ => panic!("{key_id} {k}: neither replayed nor new"),
+        }
+    }
+
+    #[test]
+    fn a_key_that_keeps_many_answers_evicts_its_own() {
+        let s = store(2_000);
+        for k in ["b0", "b1", "b2"] {
+            keep(&s, "key_b", k);
+        }
+        // key_a keeps far more than fits: it evicts its own oldest, never key_b's.
+        for i in 0..50 {
+            keep(&s, "key_a", &format!("a{i}"));
+        }
+        assert!(s.memory() <= 2_000, "{}", s.memory());
+        for k in ["b0", "b1", "b2"] {
+            assert!(replays(&s, "key_b", k), "key_b's {k} was evicted");
+        }
+        assert!(replays(&s, "key_a", "a49"));
+        assert!(!replays(&s, "key_a", "a0"), "key_a's oldest was kept");
+        // Once key_b holds the most, its own oldest go first.
+        let kept_a: Vec<usize> = (0..50)
+            .filter(|i| replays(&s, "key_a", &format!("a{i}")))
+            .collect();
+        for i in 3..20 {
+            keep(&s, "key_b", &format!("b{i}"));
+        }
+        assert!(s.memory() <= 2_000, "{}", s.memory());
+        assert!(!replays(&s, "key_b", "b0"), "key_b's oldest was kept");
+        assert!(replays(&s, "key_b", "b19"));
+        let still_a = (0..50)
+            .filter(|i| replays(&s, "key_a", &format!("a{i}")))
+            .count();
+        assert!(still_a > 0, "key_b evicted all of key_a's");
+        assert!(still_a <= kept_a.len());
+    }
+
+    #[test]
+    fn expired_records_leave_the_ledger() {
+        let s = Arc::new(Store::new(Limits {
+            ttl: Duration::ZERO,
+            ..store(2_000).limits
+        }));
+        for i in 0..5 {
+            keep(&s, "key_a", &format!("a{i}"));
+            keep(&s, &format!("key_{i}"), "x");
+        }
+        assert_eq!(s.sweep(), 0);
+        assert_eq!(s.memory(), 0);
+        let ledger = s.ledger.lock().unwrap();
+        assert!(ledger.holders.is_empty() && ledger.by_bytes.is_empty());
+    }
+
+    #[test]
+    fn a_replaced_record_is_counted_once() {
+        // An expired record taken over by a new request: its bytes leave the key's count, so
+        // the key is not thought to hold more than it does (and evicted from first).
+        let s = store(1 << 20);
+        keep(&s, "key_a", "k");
+        let held = s.memory();
+        let fp = fingerprint("POST", "/v1/x", b"k");
+        let later = Instant::now() + Duration::from_secs(61);
+        let Begin::Proceed(p) = s.begin_at("key_a", b"k", fp, later) else {
+            panic!("not expired")
+        };
+        assert_eq!(s.memory(), 0);
+        complete_local(p, ok("0123456789012345678901234567890123456789"));
+        assert_eq!(s.memory(), held);
+        let ledger = s.ledger.lock().unwrap();
+        assert_eq!(ledger.holders["key_a"].bytes, held);
+        assert_eq!(ledger.by_bytes.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_key_holds_at_most_its_share_of_the_places() {
+        let limits = store(1 << 20).limits; // 16 places, 4 a key
+        let idem = Idempotency::new(crate::config::IdempotencySettings {
+            limits,
+            redis: None,
+        });
+        let a: Vec<Admission> = (0..4).map(|_| idem.admit("key_a").unwrap()).collect();
+        assert!(idem.admit("key_a").is_none(), "a fifth place for key_a");
+        let others: Vec<Admission> = (0..12)
+            .map(|i| idem.admit(&format!("key_{i}")).unwrap())
+            .collect();
+        assert!(idem.admit("key_b").is_none(), "more than 16 places");
+        drop(others);
+        assert!(idem.admit("key_a").is_none());
+        drop(a);
+        let again: Vec<Admission> = (0..4).map(|_| idem.admit("key_a").unwrap()).collect();
+        assert_eq!(again.len(), 4, "places given back");
+        drop(again);
+        assert!(idem.held.lock().unwrap().is_empty());
     }
 
     #[test]

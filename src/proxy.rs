@@ -771,7 +771,7 @@ async fn answer_replayable(
         return refuse(&reason, false);
     }
     // Bodies of idempotent requests are held in memory: only so many at once.
-    let Some(admitted) = store.admit() else {
+    let Some(admitted) = store.admit(&key_id) else {
         return refuse(&DenyReason::IdempotencyUnavailable, false);
     };
     // Read whole within upstream_timeout, not per piece: the body holds one of the store's
@@ -873,7 +873,7 @@ use crate::idempotency::BACKGROUND_EXCHANGE;
 async fn exchange_once(
     upstream: Arc<Upstream>,
     (outbound, body): (Outbound, Bytes),
-    (pending, admitted): (idempotency::Pending, tokio::sync::OwnedSemaphorePermit),
+    (pending, admitted): (idempotency::Pending, idempotency::Admission),
     max: usize,
     timeout: std::time::Duration,
     names: Arc<HeaderNames>,

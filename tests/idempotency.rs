@@ -308,6 +308,30 @@ async fn only_max_in_flight_idempotent_requests_are_held_at_once() {
     }
 }
 
+#[tokio::test]
+async fn one_key_cannot_take_every_idempotent_place() {
+    let s = setup("max_in_flight = 2\nmax_in_flight_per_key = 1").await;
+    let gate = std::sync::Arc::new(s.gate);
+    let first = {
+        let (gate, key) = (gate.clone(), s.key.clone());
+        tokio::spawn(async move { post(&gate, "/slow/500", &key, Some("one"), "{}").await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The same key's second request waits for its first; another key's runs beside it.
+    let second = post(&gate, "/slow/10", &s.key, Some("two"), "{}").await;
+    assert_error(&second, 503, "idempotency_unavailable");
+    assert_eq!(second.header("retry-after"), Some("1"));
+    let other = post(&gate, "/slow/10", &s.other, Some("two"), "{}").await;
+    assert_eq!(other.status, 200, "another key was refused a place");
+    assert_eq!(first.await.unwrap().status, 200);
+    let again = post(&gate, "/slow/10", &s.key, Some("two"), "{}").await;
+    assert_eq!(again.status, 200, "the key's place was given back");
+    match std::sync::Arc::try_unwrap(gate) {
+        Ok(g) => g.stop().await,
+        Err(_) => panic!("gate still shared"),
+    }
+}
+
 /// What [`Raw`] answers for a path: the head, then body pieces, each after a pause (ms).
 type RawAnswer = fn(&str) -> (&'static str, Vec<(u64, &'static str)>);
 

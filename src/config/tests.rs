@@ -1088,3 +1088,28 @@ fn upstream_host_names_the_upstream_as_it_expects_to_be_named() {
         UpstreamHost::Client
     );
 }
+
+#[test]
+fn a_key_holds_at_most_its_share_of_the_idempotent_places() {
+    let with = |extra: &str| format!("{WITH_PROXY}[idempotency]\n{extra}\n");
+    let limits = |extra: &str| from_toml(&with(extra)).unwrap().idempotency.unwrap().limits;
+    assert_eq!(limits("").max_in_flight_per_key, 64, "a quarter of 256");
+    assert_eq!(limits("max_in_flight = 2").max_in_flight_per_key, 1);
+    let both = limits("max_in_flight = 10\nmax_in_flight_per_key = 10");
+    assert_eq!((both.max_in_flight, both.max_in_flight_per_key), (10, 10));
+    for (extra, message) in [
+        ("max_in_flight_per_key = 0", "must be more than zero"),
+        (
+            "max_in_flight = 8\nmax_in_flight_per_key = 9",
+            "9 is more than idempotency.max_in_flight (8)",
+        ),
+    ] {
+        let got = problems(&with(extra));
+        assert!(
+            got.iter().any(
+                |p| p.key == "idempotency.max_in_flight_per_key" && p.message.contains(message)
+            ),
+            "{extra}: {got:?}"
+        );
+    }
+}
