@@ -1394,6 +1394,8 @@ impl Validator<'_> {
             poll_default,
         );
         let token = self.secret_env("snapshot.token_env", raw.token_env.as_deref());
+        self.refuse_blank("snapshot.ca_file", raw.ca_file.as_deref().map(path_text));
+        self.refuse_blank("snapshot.max_staleness", raw.max_staleness.as_deref());
         let client_identity = self.identity(
             ("snapshot.client_cert", raw.client_cert.as_ref()),
             ("snapshot.client_key", raw.client_key.as_ref()),
@@ -1517,9 +1519,26 @@ impl Validator<'_> {
         Some(uri)
     }
 
+    /// Refuses a value that is given but blank, for a key whose absence weakens a check
+    /// (staleness, a private CA, a token): that is an unset variable in a template or an
+    /// environment override, not a wish to turn the check off. Returns whether it was blank.
+    fn refuse_blank(&mut self, key: &str, value: Option<&str>) -> bool {
+        let blank = value.is_some_and(|v| v.trim().is_empty());
+        if blank {
+            self.problem(
+                key,
+                "is empty: give a value, or remove the key (an empty value does not turn it off)",
+            );
+        }
+        blank
+    }
+
     /// The value of the environment variable named at `key`, which must be set and not empty.
     fn secret_env(&mut self, key: &str, var: Option<&str>) -> Option<Secret> {
-        let var = var.map(str::trim).filter(|v| !v.is_empty())?;
+        if self.refuse_blank(key, var) {
+            return None;
+        }
+        let var = var.map(str::trim)?;
         match (self.env)(var) {
             Some(v) if !v.trim().is_empty() => Some(Secret::new(v.trim())),
             _ => {
@@ -1604,6 +1623,7 @@ impl Validator<'_> {
 
     fn usage_report(&mut self, raw: &RawUsage) -> Option<UsageReportSettings> {
         let token = self.secret_env("usage.token_env", raw.token_env.as_deref());
+        self.refuse_blank("usage.ca_file", raw.ca_file.as_deref().map(path_text));
         let interval = self.duration("usage.interval", raw.interval.as_deref(), secs(60));
         let timeout = self.duration("usage.timeout", raw.timeout.as_deref(), secs(10));
         let max_pending_batches = match raw.max_pending_batches {
@@ -2241,6 +2261,11 @@ pub fn parse_cidr(s: &str) -> Option<IpNet> {
         },
         _ => net,
     })
+}
+
+/// A path as text, for [`Validator::refuse_blank`] (a path that is not UTF-8 is not blank).
+fn path_text(p: &std::path::Path) -> &str {
+    p.to_str().unwrap_or("?")
 }
 
 fn is_token(s: &str) -> bool {

@@ -1113,3 +1113,47 @@ fn a_key_holds_at_most_its_share_of_the_idempotent_places() {
         );
     }
 }
+
+/// A blank value (an unset variable in a template, an empty override) for a key whose absence
+/// weakens a check is refused, not read as "unset": an empty max_staleness served a stale
+/// snapshot forever, an empty ca_file trusted every public CA instead of the private one.
+#[test]
+fn blank_values_do_not_turn_checks_off() {
+    let http = r#"
+environment = "live"
+[snapshot]
+source = "http"
+url = "https://cp.internal/v1/snapshot"
+[proxy]
+listen = "127.0.0.1:8080"
+upstream = "http://127.0.0.1:3000"
+"#;
+    for (var, key) in [
+        ("KEYGATE__SNAPSHOT__MAX_STALENESS", "snapshot.max_staleness"),
+        ("KEYGATE__SNAPSHOT__CA_FILE", "snapshot.ca_file"),
+        ("KEYGATE__SNAPSHOT__TOKEN_ENV", "snapshot.token_env"),
+        ("KEYGATE__USAGE__CA_FILE", "usage.ca_file"),
+        ("KEYGATE__USAGE__TOKEN_ENV", "usage.token_env"),
+        ("KEYGATE__SYNC_SERVER__TOKEN_ENV", "sync_server.token_env"),
+    ] {
+        for blank in ["", "  "] {
+            let file = write_config(http);
+            let err = load_with_env(file.path(), env(&[(var, blank)])).unwrap_err();
+            let ConfigError::Invalid(problems) = err else {
+                panic!("{var}={blank:?}: {err:?}")
+            };
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.key == key && p.message.starts_with("is empty")),
+                "{var}={blank:?}: {problems:?}"
+            );
+        }
+    }
+    // In the file too.
+    let got = problems(&http.replacen("[proxy]", "max_staleness = \"\"\n[proxy]", 1));
+    assert!(
+        got.iter().any(|p| p.key == "snapshot.max_staleness"),
+        "{got:?}"
+    );
+}
