@@ -279,6 +279,7 @@ pub struct RawLog {
     pub level: Option<String>,
     pub format: Option<String>,
     pub decisions: Option<String>,
+    pub buffered_lines: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -687,7 +688,14 @@ pub struct LogSettings {
     pub level: String,
     pub json: bool,
     pub decisions: DecisionLog,
+    /// Lines waiting for stderr at most; past it new lines are dropped (and counted), so a
+    /// stalled log reader never blocks a request.
+    pub buffered_lines: usize,
 }
+
+/// `log.buffered_lines` by default: ~5 MB of decision lines, a second or more of a busy
+/// proxy's, while stderr's reader catches up.
+pub const DEFAULT_LOG_BUFFERED_LINES: usize = 16_384;
 
 /// Which decisions are logged, one event each (target `keygate::decision`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1123,6 +1131,14 @@ pub fn validate_with_env(
                 );
                 DecisionLog::All
             }
+        },
+        buffered_lines: match raw.log.buffered_lines {
+            Some(n @ 1..=1_000_000) => n,
+            Some(n) => {
+                v.problem("log.buffered_lines", format!("{n} is not in 1..=1000000"));
+                DEFAULT_LOG_BUFFERED_LINES
+            }
+            None => DEFAULT_LOG_BUFFERED_LINES,
         },
     };
     let shutdown = ShutdownSettings {

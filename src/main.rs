@@ -134,7 +134,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::FAILURE);
                 }
             };
-            init_logging(&settings.log.level, settings.log.json);
+            let _log = init_logging(&settings.log);
             let runtime = build_runtime(&settings)?;
             runtime.block_on(keygate::app::run(settings, async {
                 shutdown_signal().await;
@@ -148,7 +148,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { listen } => {
-            init_logging("warn", false);
+            let _log = init_logging(&config::LogSettings {
+                level: "warn".into(),
+                json: false,
+                decisions: config::DecisionLog::None,
+                buffered_lines: config::DEFAULT_LOG_BUFFERED_LINES,
+            });
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(keygate::demo::run(listen, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
@@ -235,18 +240,24 @@ fn keys_command(k: KeysCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn init_logging(level: &str, json: bool) {
+/// Logs to stderr through [`keygate::telemetry::log_writer`] (never blocking a request), in
+/// colour only when stderr is a terminal. Keep the guard until exit: it writes what is left.
+fn init_logging(log: &config::LogSettings) -> tracing_appender::non_blocking::WorkerGuard {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = keygate::telemetry::log_writer(std::io::stderr(), log.buffered_lines);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(writer);
+    if log.json {
         builder.json().init();
     } else {
         builder.init();
     }
+    guard
 }
 
 fn build_runtime(settings: &Settings) -> anyhow::Result<tokio::runtime::Runtime> {

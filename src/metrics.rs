@@ -204,6 +204,12 @@ pub fn render(
         self::hub(&mut registry, h);
     }
     certificates(&mut registry, tls);
+    counter(
+        &mut registry,
+        "log_lines_dropped",
+        "Log lines dropped because stderr's reader did not keep up (log.buffered_lines)",
+        &AtomicU64::new(crate::telemetry::log_lines_dropped()),
+    );
     let current = store.current();
     let stats = &store.stats;
     if let Some(s) = current.as_ref() {

@@ -390,6 +390,36 @@ struct FrontStats {
     connections: Arc<Connections>,
 }
 
+/// Lines the log dropped because stderr did not take them in time (see [`log_writer`]).
+static LOG_DROPS: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
+    std::sync::OnceLock::new();
+
+/// A writer for the process's log that never blocks its caller: lines go to a thread of their
+/// own that writes them to `out`, at most `buffered_lines` waiting; past that, new lines are
+/// dropped and counted ([`log_lines_dropped`]). A log reader that stalls (a stuck shipper, a
+/// pipe nobody drains) would otherwise stop every request at its decision line, and
+/// `/healthz` with them. The guard writes what is waiting when dropped (at exit).
+pub fn log_writer<W: std::io::Write + Send + 'static>(
+    out: W,
+    buffered_lines: usize,
+) -> (
+    tracing_appender::non_blocking::NonBlocking,
+    tracing_appender::non_blocking::WorkerGuard,
+) {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(buffered_lines)
+        .thread_name("keygate-log")
+        .finish(out);
+    let _ = LOG_DROPS.set(writer.error_counter());
+    (writer, guard)
+}
+
+/// Lines dropped so far because stderr's reader did not keep up.
+pub fn log_lines_dropped() -> u64 {
+    LOG_DROPS.get().map_or(0, |c| c.dropped_lines() as u64)
+}
+
 /// Every front's counts, shared by the whole process.
 pub struct Telemetry {
     fronts: [FrontStats; 3],

@@ -1074,6 +1074,84 @@ async fn serve_becomes_ready_and_exits_zero_on_sigterm() {
     assert_eq!(receiver.requests("key_a"), (1, false));
 }
 
+/// A log reader that stalls (a stuck shipper: stderr a pipe nobody drains) must not stop
+/// requests at their decision line, nor /healthz: lines past log.buffered_lines are dropped
+/// and counted. (Writing to stderr on the request path froze the process at its ~240th
+/// request, once the pipe was full.)
+#[tokio::test]
+async fn a_stalled_log_reader_never_holds_up_a_request() {
+    let upstream = Upstream::start().await;
+    let (snap, key) = one_key_snapshot();
+    let (proxy, admin) = (free_port(), free_port());
+    let config = snap.dir.path().join("keygate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "environment = \"live\"\n[snapshot]\npath = {:?}\n[proxy]\nlisten = \"127.0.0.1:{proxy}\"\nupstream = \"http://{}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[log]\nlevel = \"info\"\ndecisions = \"all\"\nbuffered_lines = 100\n",
+            snap.path().display().to_string(),
+            upstream.addr,
+        ),
+    )
+    .unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--config", s(&config)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped()) // never read
+        .spawn()
+        .unwrap();
+    let mut running = Running(child);
+    let start = Instant::now();
+    let web = client();
+    loop {
+        if let Some(st) = running.0.try_wait().unwrap() {
+            panic!("serve exited before ready: {st:?}");
+        }
+        if tokio::net::TcpStream::connect(("127.0.0.1", admin))
+            .await
+            .is_ok()
+            && get(&web, &format!("http://127.0.0.1:{admin}/readyz"), &[])
+                .await
+                .status
+                == 200
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ~250 bytes of decision line each: far more than the pipe (64 KiB) and the buffer hold.
+    let url = format!("http://127.0.0.1:{proxy}/v1/x");
+    for i in 0..2_000 {
+        let a = tokio::time::timeout(
+            Duration::from_secs(5),
+            get(&web, &url, &[("x-api-key", &key)]),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("request {i} hung"));
+        assert_eq!(a.status, 200, "request {i}");
+    }
+    let health = tokio::time::timeout(
+        Duration::from_secs(5),
+        get(&web, &format!("http://127.0.0.1:{admin}/healthz"), &[]),
+    )
+    .await
+    .expect("/healthz hung");
+    assert_eq!(health.status, 200);
+    let metrics = get(&web, &format!("http://127.0.0.1:{admin}/metrics"), &[]).await;
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keygate_log_lines_dropped_total "))
+        .unwrap_or_else(|| panic!("no dropped-lines counter in {metrics}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(dropped > 1_000, "{dropped} lines dropped of ~2,000");
+    let status = running.terminate(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // demo
 
