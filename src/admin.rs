@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -43,9 +43,43 @@ pub struct AdminState {
 /// Time a probe or scraper has for a request head (and for the first one after connecting).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a `/usage` document is served again before another is written.
+const USAGE_FRESH: Duration = Duration::from_secs(1);
+
+/// The last `/usage` document and when it was written. At tens of thousands of keys writing
+/// one takes tens of milliseconds: it is written off the runtime's thread (which the fronts
+/// share under `thread_per_core`, and a document written on it stalled every one of them),
+/// one at a time, and at most once a second however often it is asked for.
+#[derive(Default)]
+struct UsageDocument(tokio::sync::Mutex<Option<(Instant, Bytes)>>);
+
+impl UsageDocument {
+    async fn get(&self, usage: &Arc<Usage>) -> Response<Full<Bytes>> {
+        let mut last = self.0.lock().await;
+        if let Some((at, body)) = &*last {
+            if at.elapsed() < USAGE_FRESH {
+                return json_text(StatusCode::OK, body.clone());
+            }
+        }
+        let usage = usage.clone();
+        match tokio::task::spawn_blocking(move || usage.report_json()).await {
+            Ok(body) => {
+                let body = Bytes::from(body);
+                *last = Some((Instant::now(), body.clone()));
+                json_text(StatusCode::OK, body)
+            }
+            Err(_) => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"error": "the usage document could not be written"}),
+            ),
+        }
+    }
+}
+
 /// Serve the admin endpoints until `shutdown` resolves.
 pub async fn serve(listener: TcpListener, state: AdminState, shutdown: impl Future<Output = ()>) {
     let state = Arc::new(state);
+    let usage = Arc::new(UsageDocument::default());
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -65,12 +99,15 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: impl Futu
             HEADER_READ_TIMEOUT,
             state.resources.idle_timeout,
         );
-        let state = state.clone();
+        let (state, usage) = (state.clone(), usage.clone());
         let service = hyper::service::service_fn(move |req| {
-            let state = state.clone();
+            let (state, usage) = (state.clone(), usage.clone());
             let busy = activity.busy();
             async move {
-                let resp = route(&state, &req);
+                let resp = match route(&state, &req) {
+                    Some(resp) => resp,
+                    None => usage.get(&state.usage).await,
+                };
                 drop(busy);
                 Ok::<_, Infallible>(resp)
             }
@@ -88,17 +125,18 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: impl Futu
     let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
 }
 
-fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// The answer to `req`, or `None` for `/usage` (written apart, see [`UsageDocument`]).
+fn route(state: &AdminState, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return json(
+        return Some(json(
             StatusCode::METHOD_NOT_ALLOWED,
             serde_json::json!({"error": "method not allowed"}),
-        );
+        ));
     }
-    match req.uri().path() {
+    Some(match req.uri().path() {
         "/healthz" => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
         "/readyz" => readiness(&state.store, *state.closing.borrow()),
-        "/usage" => json(StatusCode::OK, state.usage.report()),
+        "/usage" => return None,
         "/metrics" => {
             let mut resp = Response::new(Full::new(Bytes::from(crate::metrics::render(
                 &state.store,
@@ -118,7 +156,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": "not found"}),
         ),
-    }
+    })
 }
 
 /// 200 only while a snapshot is in force and fresh and keygate is not shutting down; the body
@@ -156,7 +194,11 @@ fn readiness(store: &SnapshotStore, closing: bool) -> Response<Full<Bytes>> {
 }
 
 fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    json_text(status, Bytes::from(body.to_string()))
+}
+
+fn json_text(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use serde_json::json;
 use support::*;
 
@@ -120,6 +122,48 @@ async fn usage_counts_every_front_under_concurrency() {
         Ok(g) => g.stop().await,
         Err(_) => panic!("gate still shared"),
     }
+}
+
+/// `/usage` is written at most once a second (off the runtime's thread): asked again within
+/// the second, the same document; after it, the counts since.
+#[tokio::test]
+async fn the_usage_document_is_written_at_most_once_a_second() {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let a = mint("sk_live_");
+    snap.write(
+        &Doc::new(1)
+            .partner("partner_acme", None, "active")
+            .key("key_a", &a, json!({})),
+    );
+    let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, "")).await;
+    let usage = || async {
+        let r = get(&client(), &format!("http://{}/usage", gate.admin), &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        r.json()
+    };
+    let requests = |u: &serde_json::Value| {
+        u["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["key_id"] == "key_a")
+            .map_or(0, |k| k["requests"].as_u64().unwrap())
+    };
+    let url = gate.url("/v1/analyses/1");
+    assert_eq!(get(&client(), &url, &[("x-api-key", &a)]).await.status, 200);
+    let first = usage().await;
+    let written = std::time::Instant::now();
+    assert_eq!(requests(&first), 1);
+    assert_eq!(get(&client(), &url, &[("x-api-key", &a)]).await.status, 200);
+    let again = usage().await;
+    if written.elapsed() < Duration::from_millis(900) {
+        assert_eq!(again, first, "written again within the second");
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(requests(&usage().await), 2);
+    gate.stop().await;
 }
 
 #[tokio::test]

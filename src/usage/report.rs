@@ -84,6 +84,18 @@ impl Reporter {
         })
     }
 
+    /// [`Reporter::take`] on a thread of the blocking pool: at tens of thousands of keys it
+    /// takes tens of milliseconds, which on the runtime's thread would stall every front
+    /// sharing it.
+    async fn take_apart(mut self) -> Self {
+        tokio::task::spawn_blocking(move || {
+            self.take(crate::decision::now_ms());
+            self
+        })
+        .await
+        .expect("taking a usage batch does not panic")
+    }
+
     /// Queue what changed since the last batch (nothing when nothing did).
     fn take(&mut self, now_ms: i64) {
         let (keys, unattributed) = self.usage.totals();
@@ -210,7 +222,7 @@ impl Reporter {
                 () = &mut stop => return self,
                 () = tokio::time::sleep(self.settings.interval) => {}
             }
-            self.take(crate::decision::now_ms());
+            self = self.take_apart().await;
             tokio::select! {
                 () = &mut stop => return self,
                 _ = self.send_pending() => {}
@@ -220,14 +232,14 @@ impl Reporter {
 
     /// Take the last batch and send everything pending. Returns how many batches are left
     /// undelivered (logged).
-    pub async fn flush(mut self) -> usize {
-        self.take(crate::decision::now_ms());
-        if !self.send_pending().await {
+    pub async fn flush(self) -> usize {
+        let mut this = self.take_apart().await;
+        if !this.send_pending().await {
             tracing::error!(
-                undelivered = self.pending.len(),
+                undelivered = this.pending.len(),
                 "usage: shutting down with undelivered batches"
             );
         }
-        self.pending.len()
+        this.pending.len()
     }
 }
