@@ -7,8 +7,9 @@ use rand::Rng;
 
 use crate::credential::PrefixRules;
 
-/// The caller's id if exactly one, well-formed value was sent that does not start with one of
-/// the configured key prefixes: an id is logged and forwarded, and a key put in the wrong
+/// The caller's id if exactly one, well-formed value was sent that does not look like a key:
+/// neither starting with one of the configured key prefixes nor ending in the checksum of the
+/// contract's key format. An id is logged, echoed and forwarded, and a key put in the wrong
 /// header by mistake must not be.
 pub fn accept<'a>(
     mut values: impl Iterator<Item = &'a [u8]>,
@@ -23,7 +24,20 @@ pub fn accept<'a>(
 
 /// Well formed and not key-like (see [`accept`]).
 pub fn acceptable(v: &[u8], prefixes: &PrefixRules) -> bool {
-    is_well_formed(v) && std::str::from_utf8(v).is_ok_and(|id| prefixes.classify(id).is_none())
+    is_well_formed(v)
+        && std::str::from_utf8(v)
+            .is_ok_and(|id| prefixes.classify(id).is_none() && !ends_in_its_checksum(id))
+}
+
+/// Whether `id` ends in the contract's checksum of what comes before it: a key in the
+/// contract's format, whatever its prefix, and whether or not `[[key_prefixes]]` are configured.
+/// (Any other id does by a chance of one in 62⁶, about 2·10⁻¹¹.)
+fn ends_in_its_checksum(id: &str) -> bool {
+    use crate::credential::{checksum, CHECKSUM_LEN};
+    id.len() > CHECKSUM_LEN + 8 && {
+        let (rest, sum) = id.split_at(id.len() - CHECKSUM_LEN);
+        checksum(rest) == sum.as_bytes()
+    }
 }
 
 pub fn is_well_formed(v: &[u8]) -> bool {
@@ -91,6 +105,32 @@ mod tests {
             Some(id.clone())
         );
         assert!(!acceptable(key.as_bytes(), &prefixes));
+    }
+
+    /// With no `[[key_prefixes]]` at all, a key in the contract's format is still known by
+    /// its checksum, whatever its prefix.
+    #[test]
+    fn refuses_ids_that_end_in_a_keys_checksum() {
+        for prefix in ["sk_live_", "pk_", "anything-"] {
+            let key = crate::credential::mint(prefix);
+            assert_eq!(accept([key.as_bytes()].into_iter(), &none()), None, "{key}");
+            // The same with one character changed is someone's id.
+            let mut other = key.into_bytes();
+            other[prefix.len()] = if other[prefix.len()] == b'a' {
+                b'b'
+            } else {
+                b'a'
+            };
+            assert!(acceptable(&other, &none()));
+        }
+        for id in [
+            "9f1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e",
+            "req-123",
+            "a1b2c3d4e5f6a7b8c9",
+        ] {
+            assert!(acceptable(id.as_bytes(), &none()), "{id}");
+        }
+        assert!(acceptable(mint().as_bytes(), &none()));
     }
 
     #[test]
