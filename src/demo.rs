@@ -91,8 +91,11 @@ impl Drop for TempDir {
 
 /// Run the demo until `shutdown` resolves.
 pub async fn run(listen: SocketAddr, shutdown: impl Future<Output = ()>) -> Result<(), DemoError> {
-    let dir = TempDir(std::env::temp_dir().join(format!("keygate-demo-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0)?;
+    // A new directory of a random name, only ours (0700), never one found there: another user
+    // of the machine who made it first could have planted a snapshot holding their own key.
+    let path = std::env::temp_dir().join(format!("keygate-demo-{:016x}", rand::random::<u64>()));
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700).create(&path)?;
+    let dir = TempDir(path);
     let snapshot = dir.0.join("keys.json");
     let now = time::OffsetDateTime::now_utc();
     let created = keys::create(

@@ -1172,8 +1172,10 @@ fn key_on(line: &str, prefix: &str) -> String {
 
 #[tokio::test]
 async fn demo_is_the_readmes_first_command() {
+    let tmp = tempfile::tempdir().unwrap();
     let child = Command::new(BIN)
         .args(["demo", "--listen", "127.0.0.1:0"])
+        .env("TMPDIR", tmp.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -1205,6 +1207,22 @@ async fn demo_is_the_readmes_first_command() {
             .unwrap_or_else(|| panic!("no {what} line: {lines:#?}"))
             .clone()
     };
+
+    // Its snapshot is in a directory of its own: a new, random name, only the user's (a name
+    // known in advance could be made first by someone else, with their own key in it).
+    let made: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap())
+        .collect();
+    assert_eq!(made.len(), 1, "{made:?}");
+    let name = made[0].file_name().into_string().unwrap();
+    let random = name.strip_prefix("keygate-demo-").unwrap_or("");
+    assert!(
+        random.len() == 16 && random.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{name}"
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(&made[0].metadata().unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700, "{name}: {mode:o}");
 
     // Allowed: 200, an echo with the identity headers and no Authorization.
     let allowed = find("allowed curl", &|l| {
