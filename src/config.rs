@@ -1506,6 +1506,9 @@ impl Validator<'_> {
     }
 
     fn source_url(&mut self, text: &str, source: SourceKind) -> Option<http::Uri> {
+        if self.refuse_credentials("snapshot.url", text) {
+            return None;
+        }
         let uri: http::Uri = match text.parse() {
             Ok(u) => u,
             Err(_) => {
@@ -1533,6 +1536,23 @@ impl Validator<'_> {
             return None;
         }
         Some(uri)
+    }
+
+    /// Refuses a URL with user information (`user:password@`), without quoting it: problems
+    /// are printed and logged, and the password would be with them. Returns whether it had any.
+    fn refuse_credentials(&mut self, key: &str, text: &str) -> bool {
+        let after_scheme = text.split_once("://").map_or(text, |(_, rest)| rest);
+        let authority = after_scheme.split(['/', '?', '#']).next().unwrap_or("");
+        let Some((_, host)) = authority.rsplit_once('@') else {
+            return false;
+        };
+        self.problem(
+            key,
+            format!(
+                "the URL (host {host:?}) holds a user name or password: keygate sends none from a URL; name a bearer token with token_env"
+            ),
+        );
+        true
     }
 
     /// Refuses a value that is given but blank, for a key whose absence weakens a check
@@ -1664,6 +1684,9 @@ impl Validator<'_> {
             .as_deref()
             .map(str::trim)
             .filter(|t| !t.is_empty())?;
+        if self.refuse_credentials("usage.report_url", text) {
+            return None;
+        }
         let url = match text.parse::<http::Uri>() {
             Ok(u)
                 if matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some() =>

@@ -1157,3 +1157,39 @@ upstream = "http://127.0.0.1:3000"
         "{got:?}"
     );
 }
+
+/// A URL with a password in it is refused without being quoted: problems are printed and
+/// logged. (A malformed one was echoed whole, password and all.)
+#[test]
+fn urls_with_credentials_are_refused_unquoted() {
+    for (section, url, key) in [
+        (
+            "[snapshot]\nsource = \"http\"\nurl",
+            "htps://svc:S3cretP4ss@cp.internal/v1/snapshot",
+            "snapshot.url",
+        ),
+        (
+            "[snapshot]\nsource = \"http\"\nurl",
+            "https://svc:S3cretP4ss@cp.internal/v1/snapshot",
+            "snapshot.url",
+        ),
+        (
+            "[snapshot]\npath = \"keys.json\"\n[usage]\nreport_url",
+            "https://svc:S3cretP4ss@billing.internal/usage",
+            "usage.report_url",
+        ),
+    ] {
+        let text = format!(
+            "environment = \"live\"\n{section} = \"{url}\"\n[admin]\nlisten = \"127.0.0.1:9901\"\n"
+        );
+        let got = problems(&text);
+        let p = got
+            .iter()
+            .find(|p| p.key == key)
+            .unwrap_or_else(|| panic!("{url}: {got:?}"));
+        assert!(p.message.contains("user name or password"), "{p}");
+        let shown = format!("{got:?}");
+        assert!(!shown.contains("S3cretP4ss"), "{shown}");
+        assert!(shown.contains("cp.internal") || shown.contains("billing.internal"));
+    }
+}
