@@ -58,6 +58,13 @@ impl SyncClient {
             .clone()
             .ok_or("snapshot.url is required with source = \"grpc\"")?;
         let tls = client_tls(&settings, &url)?;
+        if url.scheme_str() == Some("http") && !is_loopback(&url) {
+            // Whoever sees the stream learns every key digest (and the token, which lets them
+            // ask again); whoever can change it can put their own key in force.
+            tracing::warn!(
+                "snapshot.url is plain http to a hub off this host: the snapshot (and the token) cross the network unencrypted and unauthenticated; use https:// or a mesh that encrypts"
+            );
+        }
         let mut endpoint = Endpoint::from(url)
             .connect_timeout(settings.connect_timeout)
             .tcp_nodelay(true)
@@ -102,9 +109,12 @@ impl SyncClient {
             since_digest,
         });
         if let Some(token) = &self.settings.token {
-            let value = format!("Bearer {}", token.expose()).parse().map_err(|_| {
-                StreamError::Connect("the token is not a valid header value".into())
-            })?;
+            let mut value: tonic::metadata::MetadataValue<_> =
+                format!("Bearer {}", token.expose()).parse().map_err(|_| {
+                    StreamError::Connect("the token is not a valid header value".into())
+                })?;
+            // Never in HPACK's table (a peer's table can be probed for it).
+            value.set_sensitive(true);
             req.metadata_mut().insert("authorization", value);
         }
         // A hub that takes the call and never answers it is no better than a silent stream.
@@ -376,8 +386,48 @@ fn publish(
     Ok(doc)
 }
 
+/// Whether `url`'s host is this machine's loopback (`localhost`, `127.0.0.0/8`, `::1`).
+fn is_loopback(url: &http::Uri) -> bool {
+    match url
+        .host()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+    {
+        Some("localhost") => true,
+        Some(host) => host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    }
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback;
+
+    #[test]
+    fn only_this_machines_addresses_are_loopback() {
+        for url in [
+            "http://127.0.0.1:9393",
+            "http://127.1.2.3:1",
+            "http://[::1]:9393",
+            "http://localhost:9393",
+        ] {
+            assert!(is_loopback(&url.parse().unwrap()), "{url}");
+        }
+        for url in [
+            "http://hub:9393",
+            "http://10.0.0.7:9393",
+            "http://[::2]:1",
+            "http://localhost.evil:1",
+            "http://127.0.0.1.nip.io:1",
+        ] {
+            assert!(!is_loopback(&url.parse().unwrap()), "{url}");
+        }
+    }
 }
