@@ -568,3 +568,72 @@ async fn a_watch_the_hub_never_answers_is_called_again() {
     assert_eq!(gate.revision(), None);
     gate.stop().await;
 }
+
+/// A TCP relay to `to`: what the client sends goes on at once; what comes back, `chunk` bytes
+/// every `every` (a slow link from the hub).
+async fn slow_relay(to: SocketAddr, chunk: usize, every: Duration) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(hub) = tokio::net::TcpStream::connect(to).await else {
+                continue;
+            };
+            let (mut from_client, mut to_client) = client.into_split();
+            let (mut from_hub, mut to_hub) = hub.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut from_client, &mut to_hub).await;
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; chunk];
+                loop {
+                    let n = match from_hub.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if to_client.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A full snapshot that takes longer than `idle_timeout` to arrive whole is waited for while
+/// its bytes keep coming: the hub cannot beat inside one message. (The client gave up on
+/// every whole-message wait past `idle_timeout`, and called again for the whole document,
+/// forever: a large snapshot over a modest link never arrived.)
+#[tokio::test]
+async fn a_full_snapshot_slower_than_idle_timeout_still_arrives() {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let keys: Vec<String> = (0..8_000).map(|_| mint("sk_live_")).collect();
+    let mut d = Doc::new(1).partner("partner_acme", Some("org_1"), "active");
+    for (i, k) in keys.iter().enumerate() {
+        d = d.key(
+            &format!("key_{i:05}"),
+            k,
+            json!({"name": "a key with a name of some length"}),
+        );
+    }
+    snap.write(&d);
+    let hub = Gate::start(&hub_config(&snap, upstream.addr, "127.0.0.1:0", "")).await;
+    // ~0.8 MB/s: the document (~2 MB) takes well over the sidecar's idle_timeout (1 s).
+    let relay = slow_relay(hub_addr(&hub), 16 * 1024, Duration::from_millis(20)).await;
+    let sidecar = Gate::start(&sidecar_config(relay, upstream.addr, "")).await;
+    let start = Instant::now();
+    while sidecar.revision() != Some(1) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the full snapshot never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status(&sidecar, &keys[7_999]).await, 200);
+    sidecar.stop().await;
+    hub.stop().await;
+}

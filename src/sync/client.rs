@@ -2,13 +2,21 @@
 //!
 //! The client keeps the document as entries by id, applies each delta to them, re-indexes off the
 //! request path and publishes. A stream that breaks, ends, or stays silent longer than
-//! `snapshot.idle_timeout` (the hub sends heartbeats) is dropped and reopened with the revision
+//! `snapshot.idle_timeout` (the hub sends heartbeats; a message still arriving, such as a large
+//! full snapshot over a slow link, is not silence) is dropped and reopened with the revision
 //! held, after a backoff with jitter; until then the snapshot in force keeps serving, for as long
 //! as `snapshot.max_staleness` allows, counted from the hub's own last confirmation.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use serde_json::value::RawValue;
 use tonic::codec::Streaming;
@@ -49,7 +57,14 @@ pub struct SyncClient {
     stream: Option<Streaming<WatchResponse>>,
     failures: u32,
     cache_touch: crate::snapshot::cache::Toucher,
+    /// Bytes read from the hub so far, to tell a message still arriving from silence.
+    received: Arc<AtomicU64>,
 }
+
+/// Bytes that must arrive within `idle_timeout` for a message still arriving to count as one:
+/// more than the hub's HTTP/2 control frames (a PING's answer, a WINDOW_UPDATE) make, so a hub
+/// whose connection lives but whose stream went quiet is still found silent.
+const PROGRESS_BYTES: u64 = 4096;
 
 impl SyncClient {
     pub fn new(settings: SnapshotSettings) -> Result<Self, String> {
@@ -80,6 +95,7 @@ impl SyncClient {
             stream: None,
             failures: 0,
             cache_touch: crate::snapshot::cache::Toucher::default(),
+            received: Arc::default(),
         })
     }
 
@@ -89,9 +105,12 @@ impl SyncClient {
     }
 
     async fn open(&mut self) -> Result<(), StreamError> {
+        let counting = Counting {
+            received: self.received.clone(),
+        };
         let channel: Channel = self
             .endpoint
-            .connect()
+            .connect_with_connector(counting)
             .await
             .map_err(|e| StreamError::Connect(error_chain(&e)))?;
         let mut stub = Stub::new(channel).max_decoding_message_size(super::MAX_MESSAGE_BYTES);
@@ -151,7 +170,18 @@ impl SyncClient {
         }
         let idle = self.settings.idle_timeout;
         let stream = self.stream.as_mut().expect("opened above");
-        let msg = match tokio::time::timeout(idle, stream.message()).await {
+        let received = self.received.clone();
+        let next = loop {
+            // A message whose bytes keep coming is waited for, however long it takes whole (a
+            // full snapshot of a million keys over a modest link): the hub cannot beat inside
+            // one. (`message` keeps what it has read in the stream: waiting again loses none.)
+            let before = received.load(Ordering::Relaxed);
+            match tokio::time::timeout(idle, stream.message()).await {
+                Err(_) if received.load(Ordering::Relaxed) - before >= PROGRESS_BYTES => continue,
+                next => break next,
+            }
+        };
+        let msg = match next {
             Err(_) => return Err(StreamError::Silent(idle)),
             Ok(Err(status)) => {
                 return Err(StreamError::Broken(format!(
@@ -384,6 +414,90 @@ fn publish(
         cache.write(path, bytes);
     }
     Ok(doc)
+}
+
+/// Connects to the hub as tonic would (TCP, no delay; tonic adds TLS and the connect timeout),
+/// counting the bytes read on the connection into `received`.
+#[derive(Clone)]
+struct Counting {
+    received: Arc<AtomicU64>,
+}
+
+impl tower_service::Service<http::Uri> for Counting {
+    type Response = TokioIo<Counted>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let received = self.received.clone();
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+                .ok_or_else(|| std::io::Error::other("the hub's URL has no host"))?;
+            let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+                Some("https") => 443,
+                _ => 80,
+            });
+            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            Ok(TokioIo::new(Counted { tcp, received }))
+        })
+    }
+}
+
+/// A connection to the hub that counts what it reads.
+struct Counted {
+    tcp: TcpStream,
+    received: Arc<AtomicU64>,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.received.fetch_add(n as u64, Ordering::Relaxed);
+        read
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
 }
 
 /// Whether `url`'s host is this machine's loopback (`localhost`, `127.0.0.0/8`, `::1`).
