@@ -9,7 +9,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".keygate.sync.v1.Full.document")
         .bytes(".keygate.sync.v1.Delta")
         .build_client(true)
-        .build_server(true)
+        // The hub frames its answers itself (src/sync/wire.rs), sending a full snapshot from
+        // its one copy of the document.
+        .build_server(false)
         .compile_fds(files)?;
     Ok(())
 }

@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod server;
+mod wire;
 
 /// Generated from `proto/keygate/sync/v1/sync.proto` at build time.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -637,3 +637,74 @@ async fn a_full_snapshot_slower_than_idle_timeout_still_arrives() {
     sidecar.stop().await;
     hub.stop().await;
 }
+
+/// A Watch from revision 0 (an empty WatchRequest) on `stream`, whose answer is never read.
+async fn watch_unread(h2: &mut support::h2_frames::RawH2, authority: &str, stream: u32) {
+    use support::h2_frames::{DATA, END_STREAM};
+    let fields = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", authority),
+        (":path", "/keygate.sync.v1.Sync/Watch"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ];
+    h2.headers(stream, &fields, false).await;
+    h2.send(DATA, END_STREAM, stream, &[0, 0, 0, 0, 0]).await;
+}
+
+/// This process's resident memory, in bytes.
+fn resident() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// Callers that take a full snapshot and never read it hold a reference to the hub's one copy
+/// of the document, not a copy each. (tonic encoded each stream's message into a buffer of its
+/// own, kept until the client read it: 40 such streams of a 5 MB document held 200 MB, a fleet
+/// of sidecars all needing a full snapshot at once took one copy each.)
+#[tokio::test]
+async fn callers_that_do_not_read_share_the_hubs_copy_of_the_document() {
+    use support::h2_frames::RawH2;
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let mut d = Doc::new(1).partner("partner_acme", Some("org_1"), "active");
+    for i in 0..20_000 {
+        d = d.key(
+            &format!("key_{i:05}"),
+            &mint("sk_live_"),
+            json!({"name": "a key with a name of some length"}),
+        );
+    }
+    snap.write(&d);
+    let hub = Gate::start(&hub_config(&snap, upstream.addr, "127.0.0.1:0", "")).await;
+    let addr = hub_addr(&hub);
+    let document_bytes = std::fs::metadata(snap.path()).unwrap().len();
+    assert!(document_bytes > 4_000_000, "{document_bytes}");
+    // Each call: a Watch from revision 0 (an empty WatchRequest), then nothing read: after the
+    // first 64 KiB of flow-control window, the hub can send no more.
+    let mut h2 = RawH2::connect(addr).await;
+    let authority = addr.to_string();
+    watch_unread(&mut h2, &authority, 1).await;
+    metric_reaches(&hub, "keygate_sync_watchers", 1.0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // the full document is made once
+    let before = resident();
+    for i in 1..40u32 {
+        watch_unread(&mut h2, &authority, 1 + 2 * i).await;
+    }
+    metric_reaches(&hub, "keygate_sync_watchers", 40.0).await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let grew = resident().saturating_sub(before);
+    eprintln!("39 unread full snapshots of {document_bytes} bytes: the hub grew by {grew} bytes");
+    assert!(
+        grew < 8 * document_bytes,
+        "39 unread full snapshots of {document_bytes} bytes grew the hub by {grew} bytes"
+    );
+    drop(h2);
+    hub.stop().await;
+}

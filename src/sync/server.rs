@@ -8,7 +8,6 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,11 +15,8 @@ use std::time::Duration;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::server::NamedService;
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
-use super::proto::sync_server::{Sync, SyncServer};
 use super::proto::{watch_response, Delta, Full, Heartbeat, WatchRequest, WatchResponse};
 use crate::config::SyncServerSettings;
 use crate::snapshot::document::{diff, Document};
@@ -303,6 +299,29 @@ impl Hub {
         )
     }
 
+    /// Start a Watch stream for a caller (at `peer`) that asked with `req`: what the stream
+    /// sends arrives on the receiver, which the call's answer reads ([`super::wire`]).
+    pub(super) fn watch(
+        self: &Arc<Self>,
+        peer: Option<std::net::SocketAddr>,
+        req: WatchRequest,
+    ) -> Result<mpsc::Receiver<Result<WatchResponse, Status>>, Status> {
+        if *self.closing.borrow() {
+            return Err(Status::unavailable("the hub is shutting down"));
+        }
+        let WatchRequest {
+            since_revision,
+            client,
+            since_digest,
+        } = req;
+        // The caller's own name, shown escaped and cut short: it must not forge log lines.
+        let client: String = client.chars().take(128).collect();
+        tracing::info!(?peer, client = ?client, since_revision, "sync: a client is watching");
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(stream(self.clone(), since_revision, since_digest, tx));
+        Ok(rx)
+    }
+
     fn message(&self, event: watch_response::Event) -> WatchResponse {
         WatchResponse {
             event: Some(event),
@@ -313,13 +332,13 @@ impl Hub {
         }
     }
 
-    fn authorized<T>(&self, req: &Request<T>) -> Result<(), Status> {
+    /// Whether a call's headers carry the hub's token (any call, when it has none).
+    pub(super) fn authorized(&self, headers: &http::HeaderMap) -> Result<(), Status> {
         let Some(token) = &self.settings.token else {
             return Ok(());
         };
-        let presented = req
-            .metadata()
-            .get("authorization")
+        let presented = headers
+            .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| {
                 let (scheme, rest) = v.split_once(' ')?;
@@ -340,47 +359,6 @@ fn size(d: &Delta) -> usize {
         + d.remove_keys.len()
         + d.upsert_partners.len()
         + d.remove_partners.len()
-}
-
-/// The tonic service.
-#[derive(Clone)]
-pub struct Service(pub Arc<Hub>);
-
-impl NamedService for Service {
-    const NAME: &'static str = "keygate.sync.v1.Sync";
-}
-
-type WatchStream =
-    Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchResponse, Status>> + Send + 'static>>;
-
-#[tonic::async_trait]
-impl Sync for Service {
-    type WatchStream = WatchStream;
-
-    async fn watch(
-        &self,
-        req: Request<WatchRequest>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
-        self.0.authorized(&req)?;
-        if *self.0.closing.borrow() {
-            return Err(Status::unavailable("the hub is shutting down"));
-        }
-        let peer = req
-            .extensions()
-            .get::<crate::listen::ClientAddr>()
-            .map(|a| a.0);
-        let WatchRequest {
-            since_revision,
-            client,
-            since_digest,
-        } = req.into_inner();
-        // The caller's own name, shown escaped and cut short: it must not forge log lines.
-        let client: String = client.chars().take(128).collect();
-        tracing::info!(?peer, client = ?client, since_revision, "sync: a client is watching");
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(stream(self.0.clone(), since_revision, since_digest, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
 }
 
 /// Feed one Watch stream until the caller goes away.
@@ -494,12 +472,7 @@ pub async fn serve(
         shutdown.await;
         closing.closing.send_replace(true);
     };
-    let routes = tonic::service::Routes::new(
-        SyncServer::new(Service(hub))
-            .max_encoding_message_size(super::MAX_MESSAGE_BYTES)
-            .max_decoding_message_size(64 * 1024),
-    )
-    .prepare();
+    let routes = tonic::service::Routes::new(super::wire::Service(hub)).prepare();
     let front = crate::listen::Http2Front {
         name: "sync_server",
         connections,
