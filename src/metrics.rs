@@ -186,6 +186,18 @@ fn certificates(registry: &mut Registry, servers: &[Arc<TlsServer>]) {
          as seconds since the Unix epoch",
         expiry,
     );
+    let failed = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+    for server in servers {
+        failed
+            .get_or_create(&vec![("listener", server.name())])
+            .inc_by(server.failed_reloads());
+    }
+    registry.register(
+        "tls_reload_failures",
+        "Changed certificate files a TLS listener could not put in force (it kept the \
+         certificate in force)",
+        failed,
+    );
 }
 
 /// Encode the current metrics. `fronts` are the fronts this keygate runs, `tls` its TLS

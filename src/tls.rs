@@ -37,6 +37,22 @@ pub const ALPN_HTTP: &[&[u8]] = &[b"h2", b"http/1.1"];
 pub const ALPN_GRPC: &[&[u8]] = &[b"h2"];
 
 /// A DER certificate's notAfter, in seconds since the Unix epoch.
+/// Says so when the certificate a listener is about to serve has expired (its notAfter is past):
+/// rustls serves it, and every client will refuse the handshake.
+fn warn_if_expired(listener: &str, path: &std::path::Path, leaf: &[u8]) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if let Some(at) = not_after(leaf).filter(|at| *at < now) {
+        tracing::warn!(
+            listener,
+            cert = %path.display(),
+            expired_seconds_ago = now - at,
+            "TLS: the certificate served has expired; clients will refuse it"
+        );
+    }
+}
+
 fn not_after(der: &[u8]) -> Option<u64> {
     use x509_cert::der::Decode;
     let cert = x509_cert::Certificate::from_der(der).ok()?;
@@ -270,6 +286,8 @@ pub struct TlsServer {
     current: ArcSwap<InForce>,
     /// What the files looked like at the last look, so a bad replacement is reported once.
     seen: Mutex<Seen>,
+    /// Changed files that could not be put in force (the certificate in force was kept).
+    failed_reloads: std::sync::atomic::AtomicU64,
 }
 
 impl TlsServer {
@@ -281,13 +299,21 @@ impl TlsServer {
     ) -> Result<Arc<Self>, TlsError> {
         let files = Files::read(&settings)?;
         let config = files.server_config(&settings, alpn)?;
+        warn_if_expired(name, &settings.identity.cert, &config.leaf);
         Ok(Arc::new(TlsServer {
             name,
             alpn,
             current: ArcSwap::from_pointee(config),
             seen: Mutex::new(Ok(files.fingerprint())),
             settings,
+            failed_reloads: std::sync::atomic::AtomicU64::new(0),
         }))
+    }
+
+    /// Changed certificate files that could not be put in force, since start.
+    pub fn failed_reloads(&self) -> u64 {
+        self.failed_reloads
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The configuration new connections get.
@@ -346,6 +372,7 @@ impl TlsServer {
         }
         match files.and_then(|f| f.server_config(&self.settings, self.alpn)) {
             Ok(in_force) => {
+                warn_if_expired(self.name, &self.settings.identity.cert, &in_force.leaf);
                 self.current.store(Arc::new(in_force));
                 tracing::info!(
                     listener = self.name,
@@ -353,12 +380,16 @@ impl TlsServer {
                     "TLS: new certificate files in force"
                 );
             }
-            Err(e) => tracing::warn!(
-                listener = self.name,
-                file = %e.path,
-                error = %e.reason,
-                "TLS: the changed certificate files are not usable; the certificate in force is kept"
-            ),
+            Err(e) => {
+                self.failed_reloads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(
+                    listener = self.name,
+                    file = %e.path,
+                    error = %e.reason,
+                    "TLS: the changed certificate files are not usable; the certificate in force is kept"
+                );
+            }
         }
     }
 

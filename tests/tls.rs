@@ -644,13 +644,15 @@ async fn a_broken_replacement_keeps_the_certificate_in_force() {
     std::fs::write(&key_file, &second.key_pem).unwrap();
     wait_for_certificate(gate.addr, &client, &second.cert_der).await;
 
-    // A certificate file that is not PEM: warned about by name, the second pair stays.
+    // A certificate file that is not PEM: warned about by name, the second pair stays. (The
+    // key's warning above names the certificate too: a new warning is waited for.)
+    let before = warnings_about(&cert);
     std::fs::File::create(&cert)
         .unwrap()
         .write_all(b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n")
         .unwrap();
     let start = Instant::now();
-    while warnings_about(&cert) == 0 {
+    while warnings_about(&cert) == before {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "no warning:\n{}",
@@ -662,10 +664,30 @@ async fn a_broken_replacement_keeps_the_certificate_in_force() {
         served_certificate(gate.addr, &client).await.unwrap(),
         second.cert_der
     );
+    // Both refusals are counted, for an alert that does not read logs.
+    assert_eq!(
+        gate.metric("keygate_tls_reload_failures_total{listener=\"proxy\"}")
+            .await,
+        Some(2.0)
+    );
+
+    // An expired pair is put in force (rustls serves it), with a warning that clients will
+    // refuse it.
+    let expired = pki.issue_until(&["127.0.0.1"], (2020, 1, 1));
+    expired.write_to(&cert, &key_file);
+    let start = Instant::now();
+    while !log_text().contains("the certificate served has expired") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no warning of the expired certificate:\n{}",
+            log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Nothing logged anywhere in this binary holds key material.
     let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
-    for issued in [&first, &second] {
+    for issued in [&first, &second, &expired] {
         let body: String = issued
             .key_pem
             .lines()
