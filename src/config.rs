@@ -693,6 +693,9 @@ pub struct LogSettings {
     pub buffered_lines: usize,
 }
 
+/// The most `runtime.worker_threads` taken.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
 /// `log.buffered_lines` by default: ~5 MB of decision lines, a second or more of a busy
 /// proxy's, while stderr's reader catches up.
 pub const DEFAULT_LOG_BUFFERED_LINES: usize = 16_384;
@@ -1172,7 +1175,17 @@ pub fn validate_with_env(
                 RuntimeFlavor::MultiThread
             }
         },
-        worker_threads: raw.runtime.worker_threads.unwrap_or(0),
+        worker_threads: match raw.runtime.worker_threads {
+            // Each is a thread (and, under thread_per_core, a listening socket) of its own.
+            Some(n) if n > MAX_WORKER_THREADS => {
+                v.problem(
+                    "runtime.worker_threads",
+                    format!("{n} is more than {MAX_WORKER_THREADS}"),
+                );
+                0
+            }
+            n => n.unwrap_or(0),
+        },
     };
 
     let no_front = proxy.is_none()
@@ -1660,7 +1673,13 @@ impl Validator<'_> {
     fn usage_report(&mut self, raw: &RawUsage) -> Option<UsageReportSettings> {
         let token = self.secret_env("usage.token_env", raw.token_env.as_deref());
         self.refuse_blank("usage.ca_file", raw.ca_file.as_deref().map(path_text));
-        let interval = self.duration("usage.interval", raw.interval.as_deref(), secs(60));
+        let mut interval = self.duration("usage.interval", raw.interval.as_deref(), secs(60));
+        if interval < Duration::from_millis(100) {
+            // A batch (and, while the receiver is down, a failed attempt and its warning) per
+            // interval: "1ns" is a typo, not a reporting need.
+            self.problem("usage.interval", format!("{interval:?} is less than 100ms"));
+            interval = secs(60);
+        }
         let timeout = self.duration("usage.timeout", raw.timeout.as_deref(), secs(10));
         let max_pending_batches = match raw.max_pending_batches {
             Some(0) => {

@@ -1193,3 +1193,27 @@ fn urls_with_credentials_are_refused_unquoted() {
         assert!(shown.contains("cp.internal") || shown.contains("billing.internal"));
     }
 }
+
+#[test]
+fn values_that_pass_the_types_but_not_their_use_are_refused() {
+    for (extra, key, message) in [
+        (
+            "[usage]\nreport_url = \"http://127.0.0.1:9/u\"\ninterval = \"1ns\"\n",
+            "usage.interval",
+            "less than 100ms",
+        ),
+        (
+            "[runtime]\nworker_threads = 100000\n",
+            "runtime.worker_threads",
+            "100000 is more than 1024",
+        ),
+    ] {
+        let got = problems(&format!("{WITH_PROXY}{extra}"));
+        assert!(
+            got.iter()
+                .any(|p| p.key == key && p.message.contains(message)),
+            "{extra}: {got:?}"
+        );
+    }
+    assert!(from_toml(&format!("{WITH_PROXY}[runtime]\nworker_threads = 1024\n")).is_ok());
+}

@@ -67,6 +67,11 @@ impl Reporter {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
+        if settings.url.scheme_str() == Some("http") && settings.token.is_some() {
+            tracing::warn!(
+                "usage.report_url is plain http: the bearer token crosses the network unencrypted"
+            );
+        }
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
             .unwrap_or_default();
