@@ -156,7 +156,7 @@ pub struct RawSyncServer {
 pub struct RawProxy {
     pub listen: Option<String>,
     pub upstream: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "list_or_text")]
     pub trusted_proxies: Vec<String>,
     pub connect_timeout: Option<String>,
     pub upstream_timeout: Option<String>,
@@ -186,7 +186,7 @@ pub struct RawListen {
 #[serde(deny_unknown_fields)]
 pub struct RawFront {
     pub listen: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "list_or_text")]
     pub trusted_proxies: Vec<String>,
     pub header_read_timeout: Option<String>,
 }
@@ -196,7 +196,7 @@ pub struct RawFront {
 #[serde(deny_unknown_fields)]
 pub struct RawExtAuthz {
     pub listen: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "list_or_text")]
     pub trusted_proxies: Vec<String>,
     pub read_timeout: Option<String>,
     pub max_request_bytes: Option<usize>,
@@ -943,6 +943,26 @@ fn fields_of<T: for<'de> Deserialize<'de>>() -> &'static [&'static str] {
     fields
 }
 
+/// A list from the file, or from an environment variable as its items joined by commas
+/// (`KEYGATE__PROXY__TRUSTED_PROXIES=10.0.0.0/8,192.168.0.0/16`; one item is a list of one).
+fn list_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrText {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match ListOrText::deserialize(d)? {
+        ListOrText::List(items) => items,
+        ListOrText::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
 fn read_raw(
     path: &Path,
     env: impl IntoIterator<Item = (String, String)>,
@@ -961,11 +981,10 @@ fn read_raw(
     let environment = config::Environment::with_prefix("KEYGATE")
         .prefix_separator("__")
         .separator("__")
-        .try_parsing(true)
-        .list_separator(",")
-        .with_list_parse_key("proxy.trusted_proxies")
-        .with_list_parse_key("ext_authz.trusted_proxies")
-        .with_list_parse_key("authz_http.trusted_proxies")
+        // Values stay text: serde reads numbers and booleans from it where a key takes one, and
+        // a text key keeps what was written (try_parsing turned "007" into "7", "1e3" into
+        // "1000", "TRUE" into "true"). A list is its items joined by commas ([`list_or_text`]).
+        .try_parsing(false)
         .source(Some(env));
     config::Config::builder()
         .add_source(config::File::from(path).format(config::FileFormat::Toml))

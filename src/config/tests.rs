@@ -1217,3 +1217,37 @@ fn values_that_pass_the_types_but_not_their_use_are_refused() {
     }
     assert!(from_toml(&format!("{WITH_PROXY}[runtime]\nworker_threads = 1024\n")).is_ok());
 }
+
+/// An environment override is the text it was written as where a key takes text, and a number
+/// or a boolean where a key takes one. ("007" was read as 7 and given back as "7".)
+#[test]
+fn environment_overrides_keep_text_as_written() {
+    let file = write_config(WITH_PROXY);
+    let s = load_with_env(
+        file.path(),
+        env(&[
+            ("KEYGATE__ENVIRONMENT", "007"),
+            ("KEYGATE__IDENTITY_HEADERS__KEY_ID", "x-1e3"),
+            ("KEYGATE__LIMITS__MAX_CONNECTIONS", "50"),
+            ("KEYGATE__IDEMPOTENCY__REQUIRED", "true"),
+            ("KEYGATE__AUTHZ_HTTP__LISTEN", "127.0.0.1:9192"),
+            ("KEYGATE__AUTHZ_HTTP__TRUSTED_PROXIES", "10.0.0.1"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(s.policy.environment, "007");
+    assert_eq!(s.headers.key_id.as_str(), "x-1e3");
+    assert_eq!(s.limits.max_connections, 50);
+    assert!(s.policy.idempotency_required);
+    assert_eq!(
+        s.authz_http.unwrap().trusted_proxies[..],
+        ["10.0.0.1/32".parse().unwrap()]
+    );
+    // A number where text is wanted is still refused by name.
+    let err = load_with_env(
+        file.path(),
+        env(&[("KEYGATE__LIMITS__MAX_CONNECTIONS", "many")]),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("max_connections"), "{err}");
+}
