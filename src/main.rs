@@ -173,6 +173,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     for q in &s.quarantined {
                         eprintln!("{}: {}: {}", file.display(), q.entry, q.reason);
                     }
+                    if s.revision == 0 {
+                        eprintln!(
+                            "{}: warning: revision 0 is read as \"nothing\" by keygate.sync.v1: a hub serving it sends its sidecars nothing (start revisions at 1)",
+                            file.display()
+                        );
+                    }
                     println!(
                         "{}: revision {}, {} keys usable, {} entries quarantined",
                         file.display(),

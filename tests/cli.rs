@@ -624,6 +624,18 @@ fn snapshot_check_passes_a_good_file_with_revision_and_counts() {
     assert!(out.contains("2 keys usable"), "{out}");
     assert!(out.contains("0 entries quarantined"), "{out}");
     assert!(!digest_like(&out) && !digest_like(&err), "{out}{err}");
+    assert!(err.is_empty(), "{err}");
+
+    // Revision 0 is a valid document, which a hub cannot serve: said so, still exit 0.
+    snap.write(&Doc::new(0).partner("partner_acme", None, "active").key(
+        "key_good",
+        &mint("sk_live_"),
+        json!({}),
+    ));
+    let o = keygate(&["snapshot", "check", s(&snap.path())]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(err.contains("warning: revision 0"), "{err}");
 }
 
 #[test]

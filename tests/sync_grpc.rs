@@ -708,3 +708,31 @@ async fn callers_that_do_not_read_share_the_hubs_copy_of_the_document() {
     drop(h2);
     hub.stop().await;
 }
+
+/// A hub whose snapshot is at revision 0 (which keygate.sync.v1 reads as "nothing"; the hub
+/// logs an error saying so) serves nothing: its sidecars stay not ready (fail closed) until a
+/// revision of 1 or more is in force.
+#[tokio::test]
+async fn a_hub_at_revision_0_serves_nothing_until_revision_1() {
+    let upstream = Upstream::start().await;
+    let (a, b) = (mint("sk_live_"), mint("sk_live_"));
+    let snap = SnapshotDir::new();
+    snap.write(&doc(0, (&a, "active"), (&b, "active")));
+    let hub = Gate::start(&hub_config(&snap, upstream.addr, "127.0.0.1:0", "")).await;
+    let sidecar = Gate::start(&sidecar_config(hub_addr(&hub), upstream.addr, "")).await;
+    assert_eq!(sidecar.revision(), None);
+    assert_eq!(sidecar.ready().await.0, 503);
+    // Revision 1 is served at once.
+    snap.write(&doc(1, (&a, "active"), (&b, "active")));
+    let start = Instant::now();
+    while sidecar.revision() != Some(1) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "revision 1 never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status(&sidecar, &a).await, 200);
+    sidecar.stop().await;
+    hub.stop().await;
+}

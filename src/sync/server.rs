@@ -178,6 +178,15 @@ impl Hub {
 
     /// Make `doc` the hub's current document, with the delta that leads to it.
     fn record(&self, doc: Arc<Document>) {
+        if doc.revision == 0 {
+            // keygate.sync.v1 reads revision 0 as "nothing held": such a document can be
+            // neither sent nor vouched for. Said at once rather than left to sidecars that
+            // never become ready.
+            tracing::error!(
+                "sync: the snapshot in force has revision 0, which keygate.sync.v1 reads as nothing: the sidecars following this hub get no snapshot until one with revision 1 or more is in force"
+            );
+            return;
+        }
         let digest = doc.digest();
         let mut h = self.history.lock().expect("lock poisoned");
         let revision = doc.revision;
