@@ -51,23 +51,26 @@ const USAGE_FRESH: Duration = Duration::from_secs(1);
 /// share under `thread_per_core`, and a document written on it stalled every one of them),
 /// one at a time, and at most once a second however often it is asked for.
 #[derive(Default)]
-struct UsageDocument(tokio::sync::Mutex<Option<(Instant, Bytes)>>);
+struct UsageDocument(Arc<tokio::sync::Mutex<Option<(Instant, Bytes)>>>);
 
 impl UsageDocument {
     async fn get(&self, usage: &Arc<Usage>) -> Response<Full<Bytes>> {
-        let mut last = self.0.lock().await;
+        let mut last = self.0.clone().lock_owned().await;
         if let Some((at, body)) = &*last {
             if at.elapsed() < USAGE_FRESH {
                 return json_text(StatusCode::OK, body.clone());
             }
         }
+        // The lock goes with the work: a caller that leaves while it runs (its future dropped)
+        // frees neither the lock nor the document, which the next caller then gets.
         let usage = usage.clone();
-        match tokio::task::spawn_blocking(move || usage.report_json()).await {
-            Ok(body) => {
-                let body = Bytes::from(body);
-                *last = Some((Instant::now(), body.clone()));
-                json_text(StatusCode::OK, body)
-            }
+        let written = tokio::task::spawn_blocking(move || {
+            let body = Bytes::from(usage.report_json());
+            *last = Some((Instant::now(), body.clone()));
+            body
+        });
+        match written.await {
+            Ok(body) => json_text(StatusCode::OK, body),
             Err(_) => json(
                 StatusCode::SERVICE_UNAVAILABLE,
                 serde_json::json!({"error": "the usage document could not be written"}),

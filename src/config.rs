@@ -1538,31 +1538,45 @@ impl Validator<'_> {
     }
 
     fn source_url(&mut self, text: &str, source: SourceKind) -> Option<http::Uri> {
-        if self.refuse_credentials("snapshot.url", text) {
-            return None;
-        }
-        let uri: http::Uri = match text.parse() {
-            Ok(u) => u,
-            Err(_) => {
-                self.problem("snapshot.url", format!("{text:?} is not a URL"));
-                return None;
-            }
-        };
-        match (uri.scheme_str(), uri.authority()) {
-            (Some("http" | "https"), Some(_)) => {}
-            _ => {
-                self.problem(
-                    "snapshot.url",
-                    format!("{text:?} must be an http:// or https:// URL with a host"),
-                );
-                return None;
-            }
-        }
+        let uri = self.http_url("snapshot.url", text)?;
         if source == SourceKind::Grpc && !matches!(uri.path(), "" | "/") {
             self.problem(
                 "snapshot.url",
                 format!(
-                    "{text:?}: a gRPC hub is an address without a path, like \"http://hub:9393\""
+                    "{}: a gRPC hub is an address without a path, like \"http://hub:9393\"",
+                    shown_url(&uri)
+                ),
+            );
+            return None;
+        }
+        Some(uri)
+    }
+
+    /// An `http://` or `https://` URL with a host (and a port that is a number, if any), and no
+    /// user information. Never quoted whole in a problem: a password in it would be printed
+    /// and logged (one with `/`, `?` or `#` in it even ends the host early, unnoticed).
+    fn http_url(&mut self, key: &str, text: &str) -> Option<http::Uri> {
+        if self.refuse_credentials(key, text) {
+            return None;
+        }
+        let Ok(uri) = text.parse::<http::Uri>() else {
+            self.problem(key, "is not a URL");
+            return None;
+        };
+        let port_ok = uri.authority().is_some_and(|a| {
+            let s = a.as_str();
+            // After an IPv6 literal's `]`, or after the host: a port is all digits.
+            let after_host = s.rsplit_once(']').map_or(s, |(_, rest)| rest);
+            after_host
+                .split_once(':')
+                .is_none_or(|(_, port)| port.parse::<u16>().is_ok())
+        });
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || !port_ok {
+            self.problem(
+                key,
+                format!(
+                    "{} must be an http:// or https:// URL with a host (and a port that is a number)",
+                    shown_url(&uri)
                 ),
             );
             return None;
@@ -1722,23 +1736,7 @@ impl Validator<'_> {
             .as_deref()
             .map(str::trim)
             .filter(|t| !t.is_empty())?;
-        if self.refuse_credentials("usage.report_url", text) {
-            return None;
-        }
-        let url = match text.parse::<http::Uri>() {
-            Ok(u)
-                if matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some() =>
-            {
-                u
-            }
-            _ => {
-                self.problem(
-                    "usage.report_url",
-                    format!("{text:?} must be an http:// or https:// URL with a host"),
-                );
-                return None;
-            }
-        };
+        let url = self.http_url("usage.report_url", text)?;
         Some(UsageReportSettings {
             url,
             token,
@@ -2338,6 +2336,16 @@ pub fn parse_cidr(s: &str) -> Option<IpNet> {
         },
         _ => net,
     })
+}
+
+/// A URL as a problem shows it: its scheme and host only (no port, path or query, where a
+/// mistyped password could be).
+fn shown_url(uri: &http::Uri) -> String {
+    match (uri.scheme_str(), uri.host()) {
+        (Some(scheme), Some(host)) => format!("\"{scheme}://{host}…\""),
+        (None, Some(host)) => format!("\"{host}…\""),
+        _ => "the URL".to_owned(),
+    }
 }
 
 /// A path as text, for [`Validator::refuse_blank`] (a path that is not UTF-8 is not blank).
