@@ -62,9 +62,14 @@ pub struct SyncClient {
 }
 
 /// Bytes that must arrive within `idle_timeout` for a message still arriving to count as one:
-/// more than the hub's HTTP/2 control frames (a PING's answer, a WINDOW_UPDATE) make, so a hub
-/// whose connection lives but whose stream went quiet is still found silent.
-const PROGRESS_BYTES: u64 = 4096;
+/// far more than the hub's HTTP/2 control frames (a PING's answer, a WINDOW_UPDATE) make, so
+/// a hub whose connection lives but whose stream went quiet is still found silent.
+const PROGRESS_BYTES: u64 = 64 * 1024;
+
+/// The longest one message may take to arrive while its bytes keep coming (a full snapshot of
+/// 300 MB needs half a megabyte a second): a hub that trickles one never holds a client on it
+/// for longer, and the client calls again (perhaps another hub behind the same address).
+const MESSAGE_DEADLINE: Duration = Duration::from_secs(600);
 
 impl SyncClient {
     pub fn new(settings: SnapshotSettings) -> Result<Self, String> {
@@ -105,7 +110,14 @@ impl SyncClient {
     }
 
     async fn open(&mut self) -> Result<(), StreamError> {
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        // As tonic's own connector: any scheme (TLS is tonic's), no delay, the connect
+        // timeout per address tried (IPv6 then IPv4 after 300 ms, as hyper does).
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(self.settings.connect_timeout));
         let counting = Counting {
+            http,
             received: self.received.clone(),
         };
         let channel: Channel = self
@@ -171,13 +183,19 @@ impl SyncClient {
         let idle = self.settings.idle_timeout;
         let stream = self.stream.as_mut().expect("opened above");
         let received = self.received.clone();
+        let started = tokio::time::Instant::now();
         let next = loop {
-            // A message whose bytes keep coming is waited for, however long it takes whole (a
-            // full snapshot of a million keys over a modest link): the hub cannot beat inside
-            // one. (`message` keeps what it has read in the stream: waiting again loses none.)
+            // A message whose bytes keep coming is waited for, up to MESSAGE_DEADLINE (a full
+            // snapshot of a million keys over a modest link): the hub cannot beat inside one.
+            // (`message` keeps what it has read in the stream: waiting again loses none.)
             let before = received.load(Ordering::Relaxed);
             match tokio::time::timeout(idle, stream.message()).await {
-                Err(_) if received.load(Ordering::Relaxed) - before >= PROGRESS_BYTES => continue,
+                Err(_)
+                    if received.load(Ordering::Relaxed) - before >= PROGRESS_BYTES
+                        && started.elapsed() < MESSAGE_DEADLINE =>
+                {
+                    continue
+                }
                 next => break next,
             }
         };
@@ -416,10 +434,11 @@ fn publish(
     Ok(doc)
 }
 
-/// Connects to the hub as tonic would (TCP, no delay; tonic adds TLS and the connect timeout),
-/// counting the bytes read on the connection into `received`.
+/// Connects to the hub with hyper's connector, as tonic would (tonic adds TLS), counting the
+/// bytes read on the connection into `received`.
 #[derive(Clone)]
 struct Counting {
+    http: hyper_util::client::legacy::connect::HttpConnector,
     received: Arc<AtomicU64>,
 }
 
@@ -428,24 +447,19 @@ impl tower_service::Service<http::Uri> for Counting {
     type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.http.poll_ready(cx).map_err(std::io::Error::other)
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
         let received = self.received.clone();
+        let connecting = self.http.call(uri);
         Box::pin(async move {
-            let host = uri
-                .host()
-                .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
-                .ok_or_else(|| std::io::Error::other("the hub's URL has no host"))?;
-            let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
-                Some("https") => 443,
-                _ => 80,
-            });
-            let tcp = TcpStream::connect((host.as_str(), port)).await?;
-            tcp.set_nodelay(true)?;
-            Ok(TokioIo::new(Counted { tcp, received }))
+            let io = connecting.await.map_err(std::io::Error::other)?;
+            Ok(TokioIo::new(Counted {
+                tcp: io.into_inner(),
+                received,
+            }))
         })
     }
 }
