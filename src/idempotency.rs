@@ -420,10 +420,38 @@ impl Store {
         matches!(self.records.get(key).as_deref(), Some(Record::Done { seq: s, .. }) if *s == seq)
     }
 
-    /// Keep a completed record in the ledger, then evict while over `max_memory_bytes`: the
-    /// oldest record of the key holding the most.
-    fn kept(&self, record: Box<str>, seq: u64, size: usize) {
+    /// Complete the in-flight record `seq` under `record` with `response` (unless it is gone:
+    /// abandoned or expired), count it in the ledger, then evict while over
+    /// `max_memory_bytes`: the oldest record of the key holding the most. Under the ledger's
+    /// lock throughout, so that a record is never seen completed and not yet counted (an
+    /// expiry or a sweep in between would make the counts drift).
+    fn keep(&self, record: Box<str>, seq: u64, response: Stored) {
+        // The key is held twice: by the map and in the eviction order.
+        let size = response.size() + 2 * record.len();
         let mut ledger = self.ledger.lock().expect("lock poisoned");
+        let stored = match self.records.get_mut(&record) {
+            Some(mut r) => match *r {
+                Record::InFlight {
+                    fingerprint,
+                    seq: s,
+                } if s == seq => {
+                    *r = Record::Done {
+                        fingerprint,
+                        response: Arc::new(response),
+                        expires: Instant::now() + self.limits.ttl,
+                        seq,
+                        size,
+                    };
+                    true
+                }
+                _ => false,
+            },
+            None => false,
+        };
+        if !stored {
+            return;
+        }
+        self.bytes.fetch_add(size, Ordering::Relaxed);
         let key_id: Box<str> = key_id_of(&record).into();
         ledger.kept(&key_id, record, seq, size);
         while self.bytes.load(Ordering::Relaxed) > self.limits.max_memory_bytes {
@@ -474,27 +502,7 @@ impl LocalPending {
             );
             return;
         }
-        // The key is held twice: by the map and in the eviction order.
-        let size = response.size() + 2 * key.len();
-        let mut stored = false;
-        if let Some(mut r) = store.records.get_mut(&key) {
-            if let Record::InFlight { fingerprint, seq } = *r {
-                if seq == self.seq {
-                    *r = Record::Done {
-                        fingerprint,
-                        response: Arc::new(response),
-                        expires: Instant::now() + store.limits.ttl,
-                        seq,
-                        size,
-                    };
-                    stored = true;
-                }
-            }
-        }
-        if stored {
-            store.bytes.fetch_add(size, Ordering::Relaxed);
-            store.kept(key, self.seq, size);
-        }
+        store.keep(key, self.seq, response);
     }
 }
 

@@ -115,13 +115,25 @@ enum ConfigCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli.command) {
+    let code = match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    flush_log();
+    code
+}
+
+/// The log's writer thread, kept until exit ([`init_logging`]).
+static LOG: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
+    std::sync::Mutex::new(None);
+
+/// Write out the lines still waiting (at most a second; the guard's own bound), before exit.
+fn flush_log() {
+    let guard = LOG.lock().map(|mut g| g.take()).unwrap_or(None);
+    drop(guard);
 }
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
@@ -134,7 +146,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::FAILURE);
                 }
             };
-            let _log = init_logging(&settings.log);
+            init_logging(&settings.log);
             let runtime = build_runtime(&settings)?;
             runtime.block_on(keygate::app::run(settings, async {
                 shutdown_signal().await;
@@ -142,13 +154,14 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 tokio::spawn(async {
                     shutdown_signal().await;
                     eprintln!("second signal: exiting without waiting for the drain");
+                    flush_log();
                     std::process::exit(1);
                 });
             }))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { listen } => {
-            let _log = init_logging(&config::LogSettings {
+            init_logging(&config::LogSettings {
                 level: "warn".into(),
                 json: false,
                 decisions: config::DecisionLog::None,
@@ -247,8 +260,9 @@ fn keys_command(k: KeysCommand) -> anyhow::Result<ExitCode> {
 }
 
 /// Logs to stderr through [`keygate::telemetry::log_writer`] (never blocking a request), in
-/// colour only when stderr is a terminal. Keep the guard until exit: it writes what is left.
-fn init_logging(log: &config::LogSettings) -> tracing_appender::non_blocking::WorkerGuard {
+/// colour only when stderr is a terminal. The writer's guard is kept in [`LOG`] until
+/// [`flush_log`].
+fn init_logging(log: &config::LogSettings) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
@@ -263,7 +277,9 @@ fn init_logging(log: &config::LogSettings) -> tracing_appender::non_blocking::Wo
     } else {
         builder.init();
     }
-    guard
+    if let Ok(mut kept) = LOG.lock() {
+        *kept = Some(guard);
+    }
 }
 
 fn build_runtime(settings: &Settings) -> anyhow::Result<tokio::runtime::Runtime> {
