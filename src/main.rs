@@ -122,18 +122,8 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     };
-    flush_log();
+    keygate::telemetry::flush_log();
     code
-}
-
-/// The log's writer thread, kept until exit ([`init_logging`]).
-static LOG: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
-    std::sync::Mutex::new(None);
-
-/// Write out the lines still waiting (at most a second; the guard's own bound), before exit.
-fn flush_log() {
-    let guard = LOG.lock().map(|mut g| g.take()).unwrap_or(None);
-    drop(guard);
 }
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
@@ -154,7 +144,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 tokio::spawn(async {
                     shutdown_signal().await;
                     eprintln!("second signal: exiting without waiting for the drain");
-                    flush_log();
+                    keygate::telemetry::flush_log();
                     std::process::exit(1);
                 });
             }))?;
@@ -259,15 +249,14 @@ fn keys_command(k: KeysCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Logs to stderr through [`keygate::telemetry::log_writer`] (never blocking a request), in
-/// colour only when stderr is a terminal. The writer's guard is kept in [`LOG`] until
-/// [`flush_log`].
+/// Logs to stderr through [`keygate::telemetry::LogWriter`] (never blocking a request), in
+/// colour only when stderr is a terminal.
 fn init_logging(log: &config::LogSettings) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = keygate::telemetry::log_writer(std::io::stderr(), log.buffered_lines);
+    let writer = keygate::telemetry::LogWriter::new(log.buffered_lines);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -276,9 +265,6 @@ fn init_logging(log: &config::LogSettings) {
         builder.json().init();
     } else {
         builder.init();
-    }
-    if let Ok(mut kept) = LOG.lock() {
-        *kept = Some(guard);
     }
 }
 

@@ -390,29 +390,65 @@ struct FrontStats {
     connections: Arc<Connections>,
 }
 
-/// Lines the log dropped because stderr did not take them in time (see [`log_writer`]).
+/// Lines the log dropped because stderr did not take them in time (see [`LogWriter`]).
 static LOG_DROPS: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
     std::sync::OnceLock::new();
 
-/// A writer for the process's log that never blocks its caller: lines go to a thread of their
-/// own that writes them to `out`, at most `buffered_lines` waiting; past that, new lines are
-/// dropped and counted ([`log_lines_dropped`]). A log reader that stalls (a stuck shipper, a
-/// pipe nobody drains) would otherwise stop every request at its decision line, and
-/// `/healthz` with them. The guard writes what is waiting when dropped (at exit).
-pub fn log_writer<W: std::io::Write + Send + 'static>(
-    out: W,
+/// The log's writer thread, kept until [`flush_log`].
+static LOG_GUARD: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
+    std::sync::Mutex::new(None);
+
+/// The process's log writer: never blocks its caller. Lines go to a thread of their own that
+/// writes them to stderr, at most `buffered_lines` waiting; past that, new lines are dropped and
+/// counted ([`log_lines_dropped`]). A log reader that stalls (a stuck shipper, a pipe nobody
+/// drains) would otherwise stop every request at its decision line, and `/healthz` with them.
+///
+/// The thread starts with the first line written, not before: a keygate that logs nothing
+/// (`level = "warn"` and all well) stays a single-threaded process when pinned to one core,
+/// where glibc's `malloc` and socket calls skip their locking and cancellation work (~1% of
+/// a proxied request's instructions, BENCHMARKS.md §3).
+pub struct LogWriter {
+    writer: std::sync::OnceLock<tracing_appender::non_blocking::NonBlocking>,
     buffered_lines: usize,
-) -> (
-    tracing_appender::non_blocking::NonBlocking,
-    tracing_appender::non_blocking::WorkerGuard,
-) {
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(buffered_lines)
-        .thread_name("keygate-log")
-        .finish(out);
-    let _ = LOG_DROPS.set(writer.error_counter());
-    (writer, guard)
+}
+
+impl LogWriter {
+    pub fn new(buffered_lines: usize) -> Self {
+        Self {
+            writer: std::sync::OnceLock::new(),
+            buffered_lines,
+        }
+    }
+
+    fn writer(&self) -> &tracing_appender::non_blocking::NonBlocking {
+        self.writer.get_or_init(|| {
+            let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+                .lossy(true)
+                .buffered_lines_limit(self.buffered_lines)
+                .thread_name("keygate-log")
+                .finish(std::io::stderr());
+            let _ = LOG_DROPS.set(writer.error_counter());
+            if let Ok(mut kept) = LOG_GUARD.lock() {
+                *kept = Some(guard);
+            }
+            writer
+        })
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = tracing_appender::non_blocking::NonBlocking;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.writer().clone()
+    }
+}
+
+/// Write out the log lines still waiting (within the writer's own bound of a second), before
+/// the process exits.
+pub fn flush_log() {
+    let guard = LOG_GUARD.lock().map(|mut g| g.take()).unwrap_or(None);
+    drop(guard);
 }
 
 /// Lines dropped so far because stderr's reader did not keep up.
