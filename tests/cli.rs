@@ -1021,6 +1021,41 @@ fn serve_refuses_a_broken_config_at_once_naming_the_key() {
     assert!(text(&o).1.contains("absent.toml"), "{}", text(&o).1);
 }
 
+/// `keygate serve --config <config>` with `env` and its stderr to `stderr`, once `/readyz` on
+/// the admin port answers 200 (within 10 s).
+async fn serve_ready(config: &Path, env: &[(&str, &str)], stderr: Stdio, admin: u16) -> Running {
+    let child = Command::new(BIN)
+        .args(["serve", "--config", s(config)])
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut running = Running(child);
+    let start = Instant::now();
+    loop {
+        if let Some(st) = running.0.try_wait().unwrap() {
+            panic!("serve exited before ready: {st:?}");
+        }
+        if tokio::net::TcpStream::connect(("127.0.0.1", admin))
+            .await
+            .is_ok()
+            && get(&client(), &format!("http://127.0.0.1:{admin}/readyz"), &[])
+                .await
+                .status
+                == 200
+        {
+            return running;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "/readyz not 200 within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn serve_becomes_ready_and_exits_zero_on_sigterm() {
     let upstream = Upstream::start().await;
@@ -1038,35 +1073,13 @@ async fn serve_becomes_ready_and_exits_zero_on_sigterm() {
         ),
     )
     .unwrap();
-    let child = Command::new(BIN)
-        .args(["serve", "--config", s(&config)])
-        .env("USAGE_TOKEN", "usage-token")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut running = Running(child);
-    let start = Instant::now();
-    loop {
-        if let Some(st) = running.0.try_wait().unwrap() {
-            panic!("serve exited before ready: {st:?}");
-        }
-        if tokio::net::TcpStream::connect(("127.0.0.1", admin))
-            .await
-            .is_ok()
-        {
-            let r = get(&client(), &format!("http://127.0.0.1:{admin}/readyz"), &[]).await;
-            if r.status == 200 {
-                break;
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "/readyz not 200 within 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut running = serve_ready(
+        &config,
+        &[("USAGE_TOKEN", "usage-token")],
+        Stdio::null(),
+        admin,
+    )
+    .await;
     let url = format!("http://127.0.0.1:{proxy}/v1/x");
     let a = get(&client(), &url, &[("x-api-key", &key)]).await;
     assert_eq!(a.status, 200, "{:?}", a.body);
@@ -1105,33 +1118,9 @@ async fn a_stalled_log_reader_never_holds_up_a_request() {
         ),
     )
     .unwrap();
-    let child = Command::new(BIN)
-        .args(["serve", "--config", s(&config)])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped()) // never read
-        .spawn()
-        .unwrap();
-    let mut running = Running(child);
-    let start = Instant::now();
+    // stderr a pipe that is never read.
+    let mut running = serve_ready(&config, &[], Stdio::piped(), admin).await;
     let web = client();
-    loop {
-        if let Some(st) = running.0.try_wait().unwrap() {
-            panic!("serve exited before ready: {st:?}");
-        }
-        if tokio::net::TcpStream::connect(("127.0.0.1", admin))
-            .await
-            .is_ok()
-            && get(&web, &format!("http://127.0.0.1:{admin}/readyz"), &[])
-                .await
-                .status
-                == 200
-        {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "not ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     // ~250 bytes of decision line each: far more than the pipe (64 KiB) and the buffer hold.
     let url = format!("http://127.0.0.1:{proxy}/v1/x");
     for i in 0..2_000 {
