@@ -124,11 +124,8 @@ async fn usage_counts_every_front_under_concurrency() {
     }
 }
 
-/// `/usage` is written at most once a second (off the runtime's thread): asked again within
-/// the second, the same document; after it, the counts since.
-#[tokio::test]
-async fn the_usage_document_is_written_at_most_once_a_second() {
-    let upstream = Upstream::start().await;
+/// A snapshot of one key, `key_a`, and its secret.
+fn one_key() -> (SnapshotDir, String) {
     let snap = SnapshotDir::new();
     let a = mint("sk_live_");
     snap.write(
@@ -136,6 +133,15 @@ async fn the_usage_document_is_written_at_most_once_a_second() {
             .partner("partner_acme", None, "active")
             .key("key_a", &a, json!({})),
     );
+    (snap, a)
+}
+
+/// `/usage` is written at most once a second (off the runtime's thread): asked again within
+/// the second, the same document; after it, the counts since.
+#[tokio::test]
+async fn the_usage_document_is_written_at_most_once_a_second() {
+    let upstream = Upstream::start().await;
+    let (snap, a) = one_key();
     let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, "")).await;
     let usage = || async {
         let r = get(&client(), &format!("http://{}/usage", gate.admin), &[]).await;
@@ -170,13 +176,7 @@ async fn the_usage_document_is_written_at_most_once_a_second() {
 async fn usage_reports_arrive_once_through_a_receiver_outage_and_on_shutdown() {
     use std::sync::atomic::Ordering::SeqCst;
     let upstream = Upstream::start().await;
-    let snap = SnapshotDir::new();
-    let a = mint("sk_live_");
-    snap.write(
-        &Doc::new(1)
-            .partner("partner_acme", None, "active")
-            .key("key_a", &a, json!({})),
-    );
+    let (snap, a) = one_key();
     let receiver = UsageReceiver::start().await;
     let usage = |interval: &str| {
         format!(
