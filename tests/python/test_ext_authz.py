@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 import unittest
 import zlib
 
@@ -50,6 +51,24 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def serve_until_ready(config, admin_port, env=None, log=None):
+    """Start `keygate serve --config config` (stdout and stderr to `log`, or inherited) and wait
+    until /readyz on `admin_port` answers 200; kill it and raise if it does not within 15 s."""
+    proc = subprocess.Popen([BINARY, "serve", "--config", config], stdout=log, stderr=log, env=env)
+    deadline = time.time() + 15
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError("keygate never became ready")
+        time.sleep(0.05)
 
 
 class ExtAuthzWire(unittest.TestCase):

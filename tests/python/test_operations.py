@@ -20,10 +20,8 @@ import http.client
 import http.server
 import json
 import os
-import subprocess
 import tempfile
 import threading
-import time
 import unittest
 
 import grpc
@@ -33,7 +31,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as ea
 from envoy.service.auth.v3 import external_auth_pb2_grpc as eag
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from test_ext_authz import BINARY, free_port, mint
+from test_ext_authz import free_port, mint, serve_until_ready
 
 
 class Upstream(http.server.BaseHTTPRequestHandler):
@@ -95,20 +93,9 @@ class Operations(unittest.TestCase):
         cls.log_path = os.path.join(cls.dir.name, "stderr.log")
         cls.log = open(cls.log_path, "wb")
         env = {k: v for k, v in os.environ.items() if k != "RUST_LOG" and not k.startswith("KEYGATE")}
-        cls.proc = subprocess.Popen([BINARY, "serve", "--config", config],
-                                    stdout=cls.log, stderr=cls.log, env=env)
+        cls.proc = serve_until_ready(config, cls.ports["admin"], env=env, log=cls.log)
         # tearDownClass does not run when setUpClass fails: never leave keygate behind.
         cls.addClassCleanup(lambda: cls.proc.poll() is None and cls.proc.kill())
-        deadline = time.time() + 15
-        while True:
-            try:
-                if cls.admin("/readyz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline or cls.proc.poll() is not None:
-                raise RuntimeError("keygate never became ready")
-            time.sleep(0.05)
         cls.sent = cls.traffic()
         cls.metrics_text = cls.admin("/metrics")[1]
         cls.proc.terminate()

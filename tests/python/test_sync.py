@@ -12,15 +12,12 @@ Needs: pip install grpcio
 import hashlib
 import json
 import os
-import subprocess
 import tempfile
-import time
 import unittest
-import urllib.request
 
 import grpc
 
-from test_ext_authz import BINARY, free_port, mint
+from test_ext_authz import free_port, mint, serve_until_ready
 
 TOKEN = "sync-token-for-the-test"
 WATCH = "/keygate.sync.v1.Sync/Watch"
@@ -109,20 +106,8 @@ class Hub(unittest.TestCase):
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE")}
         env["SYNC_TOKEN"] = TOKEN
         cls.log = open(os.path.join(cls.dir.name, "stderr.log"), "wb")
-        cls.proc = subprocess.Popen([BINARY, "serve", "--config", config],
-                                    stdout=cls.log, stderr=cls.log, env=env)
+        cls.proc = serve_until_ready(config, cls.admin_port, env=env, log=cls.log)
         cls.addClassCleanup(lambda: cls.proc.poll() is None and cls.proc.kill())
-        deadline = time.time() + 15
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{cls.admin_port}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline or cls.proc.poll() is not None:
-                raise RuntimeError("keygate never became ready")
-            time.sleep(0.05)
 
     @classmethod
     def tearDownClass(cls):
