@@ -1,6 +1,6 @@
 //! The admin listener: `/healthz` (the process answers), `/readyz` (200 only while a snapshot
-//! is in force and fresh) and `/metrics` (Prometheus). Loopback by default; it exposes no key
-//! material.
+//! is in force and fresh), `/metrics` (Prometheus) and `/usage` (per-key counts). Loopback by
+//! default; it exposes no key material.
 
 use std::convert::Infallible;
 use std::future::Future;
