@@ -21,7 +21,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use hmac::{Hmac, Mac};
@@ -252,36 +252,54 @@ struct Partner {
     extra: Map<String, Value>,
 }
 
+/// A key entry. Only `id` is read as typed: an entry a keygate would quarantine (a field
+/// missing or of the wrong type) is listed with what it has and can be revoked, and never stops
+/// the tools from editing the others. Every other field is kept as it was read, absent or
+/// `null` alike.
 #[derive(Serialize, Deserialize)]
 struct KeyRecord {
     id: String,
-    #[serde(default)]
-    name: Option<String>,
-    prefix: String,
-    hash: String,
-    partner_id: String,
-    environment: String,
-    scopes: Vec<String>,
-    status: String,
-    created_at: String,
-    #[serde(default)]
-    expires_at: Option<String>,
     #[serde(flatten)]
-    extra: Map<String, Value>,
+    fields: Map<String, Value>,
 }
 
 impl KeyRecord {
+    /// A field's text, or "" when it is absent or not text.
+    fn text(&self, field: &str) -> String {
+        self.fields
+            .get(field)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    fn optional(&self, field: &str) -> Option<String> {
+        self.fields
+            .get(field)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    }
+
     fn summary(&self) -> KeySummary {
         KeySummary {
             id: self.id.clone(),
-            name: self.name.clone(),
-            prefix: self.prefix.clone(),
-            partner_id: self.partner_id.clone(),
-            environment: self.environment.clone(),
-            status: self.status.clone(),
-            scopes: self.scopes.clone(),
-            created_at: self.created_at.clone(),
-            expires_at: self.expires_at.clone(),
+            name: self.optional("name"),
+            prefix: self.text("prefix"),
+            partner_id: self.text("partner_id"),
+            environment: self.text("environment"),
+            status: self.text("status"),
+            scopes: self
+                .fields
+                .get("scopes")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            created_at: self.text("created_at"),
+            expires_at: self.optional("expires_at"),
         }
     }
 }
@@ -299,7 +317,7 @@ pub fn create(
     let now = timestamp(now);
 
     let target = resolve(snapshot)?;
-    let _lock = lock(&target)?;
+    let mut lock = lock(&target)?;
     let mut doc = match load(&target)? {
         Some(doc) => doc,
         None => Snapshot {
@@ -335,29 +353,31 @@ pub fn create(
     );
     let name = input.name.unwrap_or_else(|| id.clone());
 
-    let mut extra = Map::new();
-    extra.insert(
-        "rate_limit_per_minute".into(),
+    let mut fields = Map::new();
+    let mut set = |field: &str, value: Value| fields.insert(field.into(), value);
+    set("name", name.clone().into());
+    set("prefix", display_prefix.clone().into());
+    set("hash", digest(&secret, opts.pepper.as_deref()).into());
+    set("partner_id", input.partner.clone().into());
+    set("environment", input.environment.clone().into());
+    set("scopes", input.scopes.clone().into());
+    set("status", "active".into());
+    set("created_at", now.clone().into());
+    set("expires_at", input.expires_at.clone().into());
+    set(
+        "rate_limit_per_minute",
         input.rate_limit.map_or(Value::Null, Value::from),
     );
     for field in ["allowed_cidrs", "allowed_referrers", "allowed_routes"] {
-        extra.insert(field.into(), Value::Array(Vec::new()));
+        set(field, Value::Array(Vec::new()));
     }
     doc.keys.push(KeyRecord {
         id: id.clone(),
-        name: Some(name.clone()),
-        prefix: display_prefix.clone(),
-        hash: digest(&secret, opts.pepper.as_deref()),
-        partner_id: input.partner.clone(),
-        environment: input.environment.clone(),
-        scopes: input.scopes.clone(),
-        status: "active".into(),
-        created_at: now.clone(),
-        expires_at: input.expires_at.clone(),
-        extra,
+        fields,
     });
-    bump(&mut doc, &target, &now)?;
+    bump(&mut doc, &mut lock, &target, &now)?;
     save(&target, &doc)?;
+    lock.note(doc.revision);
 
     Ok(Created {
         id,
@@ -388,7 +408,7 @@ pub fn list(snapshot: &Path) -> Result<Vec<KeySummary>, KeysError> {
 pub fn revoke(snapshot: &Path, key_id: &str, now: OffsetDateTime) -> Result<Revoked, KeysError> {
     let now = timestamp(now);
     let target = resolve(snapshot)?;
-    let _lock = lock(&target)?;
+    let mut lock = lock(&target)?;
     let mut doc = load(&target)?.ok_or_else(|| KeysError::SnapshotMissing {
         path: snapshot.to_path_buf(),
     })?;
@@ -400,18 +420,19 @@ pub fn revoke(snapshot: &Path, key_id: &str, now: OffsetDateTime) -> Result<Revo
             path: snapshot.to_path_buf(),
         });
     };
-    let name = first.name.clone();
-    let partner_id = first.partner_id.clone();
+    let name = first.optional("name");
+    let partner_id = first.text("partner_id");
     let mut changed = false;
     for key in matching {
-        if key.status != "revoked" {
-            key.status = "revoked".into();
+        if key.fields.get("status").and_then(Value::as_str) != Some("revoked") {
+            key.fields.insert("status".into(), "revoked".into());
             changed = true;
         }
     }
     if changed {
-        bump(&mut doc, &target, &now)?;
+        bump(&mut doc, &mut lock, &target, &now)?;
         save(&target, &doc)?;
+        lock.note(doc.revision);
     }
     Ok(Revoked {
         id: key_id.to_string(),
@@ -738,9 +759,14 @@ fn ensure_partner(
     Ok((true, "active".into()))
 }
 
-fn bump(doc: &mut Snapshot, path: &Path, now: &str) -> Result<(), KeysError> {
+/// The next revision: past the file's, and past any these tools wrote before through `lock`
+/// (a file restored from a backup, or made again, would otherwise go back to a revision lower
+/// than the one a running keygate has in force, which refuses it: an edit, a revocation
+/// included, would never take effect).
+fn bump(doc: &mut Snapshot, lock: &mut Lock, path: &Path, now: &str) -> Result<(), KeysError> {
     doc.revision = doc
         .revision
+        .max(lock.written())
         .checked_add(1)
         .ok_or_else(|| KeysError::Malformed {
             path: path.to_path_buf(),
@@ -784,17 +810,68 @@ fn open_private(opts: &mut OpenOptions) -> &mut OpenOptions {
     opts
 }
 
-/// Exclusive advisory lock on `<snapshot>.lock`, held until the returned file drops.
-/// The lock file is left in place: removing it would let two writers lock different files.
-fn lock(target: &Path) -> Result<File, KeysError> {
+/// The exclusive advisory lock on `<snapshot>.lock`, held until dropped. The lock file is left
+/// in place (removing it would let two writers lock different files), and holds the highest
+/// revision written to the snapshot through it.
+struct Lock {
+    file: File,
+    writable: bool,
+}
+
+impl Lock {
+    /// The highest revision these tools wrote to the snapshot (0: none known).
+    fn written(&mut self) -> u64 {
+        let mut text = String::new();
+        let _ = self
+            .file
+            .seek(io::SeekFrom::Start(0))
+            .and_then(|_| self.file.read_to_string(&mut text));
+        text.trim().parse().unwrap_or(0)
+    }
+
+    /// Note `revision` as written (best effort: a lock file this user may only read keeps its
+    /// older mark).
+    fn note(&mut self, revision: u64) {
+        if self.writable {
+            let _ = self
+                .file
+                .set_len(0)
+                .and_then(|()| self.file.seek(io::SeekFrom::Start(0)))
+                .and_then(|_| self.file.write_all(format!("{revision}\n").as_bytes()));
+        }
+    }
+}
+
+/// Lock the snapshot `target` for an edit. The lock file gets the snapshot's owner and mode
+/// when made (so a `sudo` edit does not lock the service account out), and one this user may
+/// only read is locked read-only.
+fn lock(target: &Path) -> Result<Lock, KeysError> {
     let mut name = target.as_os_str().to_owned();
     name.push(".lock");
     let path = PathBuf::from(name);
-    let file = open_private(OpenOptions::new().read(true).write(true).create(true))
-        .open(&path)
-        .map_err(io_err("create lock file", &path))?;
-    file.lock().map_err(io_err("lock", &path))?;
-    Ok(file)
+    let opened = open_private(OpenOptions::new().read(true).write(true).create(true)).open(&path);
+    let (file, writable) = match opened {
+        Ok(file) => {
+            if let Ok(meta) = fs::metadata(target) {
+                keep_owner(&file, &meta);
+                let _ = file.set_permissions(meta.permissions());
+            }
+            (file, true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => (
+            File::open(&path).map_err(io_err("open lock file", &path))?,
+            false,
+        ),
+        Err(e) => return Err(io_err("create lock file", &path)(e)),
+    };
+    if file.try_lock().is_err() {
+        eprintln!(
+            "waiting for {}: another keys command is editing the snapshot",
+            path.display()
+        );
+        file.lock().map_err(io_err("lock", &path))?;
+    }
+    Ok(Lock { file, writable })
 }
 
 /// `None` if the file does not exist.
@@ -823,11 +900,40 @@ fn load(path: &Path) -> Result<Option<Snapshot>, KeysError> {
         Some(_) => return Err(not_snapshot("schema is not a string".into())),
         None => return Err(not_snapshot("no schema field".into())),
     }
-    let doc = serde_json::from_value(value).map_err(|e| KeysError::Malformed {
+    // serde quotes the offending value: a key pasted into the wrong field stays unshown.
+    let malformed = |what: String, e: serde_json::Error| KeysError::Malformed {
         path: path.to_path_buf(),
-        // serde quotes the offending value: a key pasted into the wrong field stays unshown.
-        reason: crate::snapshot::parse::redact(&e),
-    })?;
+        reason: format!("{what}{}", crate::snapshot::parse::redact(&e)),
+    };
+    let Value::Object(mut obj) = value else {
+        unreachable!("checked above")
+    };
+    // Each entry on its own, so that a problem names the entry it is in.
+    let mut entries = |field: &str| match obj.remove(field) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(list)) => Ok(list),
+        Some(_) => Err(malformed(
+            String::new(),
+            serde::de::Error::custom(format!("{field} is not a list")),
+        )),
+    };
+    let (keys, partners) = (entries("keys")?, entries("partners")?);
+    let mut doc: Snapshot =
+        serde_json::from_value(Value::Object(obj)).map_err(|e| malformed(String::new(), e))?;
+    doc.keys = keys
+        .into_iter()
+        .enumerate()
+        .map(|(i, k)| {
+            serde_json::from_value(k).map_err(|e| malformed(format!("key entry {i}: "), e))
+        })
+        .collect::<Result<_, _>>()?;
+    doc.partners = partners
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            serde_json::from_value(p).map_err(|e| malformed(format!("partner entry {i}: "), e))
+        })
+        .collect::<Result<_, _>>()?;
     Ok(Some(doc))
 }
 
@@ -890,7 +996,10 @@ fn keep_owner(file: &File, meta: &fs::Metadata) {
         .metadata()
         .is_ok_and(|m| m.uid() == meta.uid() && m.gid() == meta.gid());
     if !same {
-        let _ = std::os::unix::fs::fchown(file, Some(meta.uid()), Some(meta.gid()));
+        // The owner only root may give; the group, a member of it too: asked apart, so that
+        // a group member's edit keeps the group (the sidecar may read the file through it).
+        let _ = std::os::unix::fs::fchown(file, Some(meta.uid()), None);
+        let _ = std::os::unix::fs::fchown(file, None, Some(meta.gid()));
     }
 }
 

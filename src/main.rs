@@ -1,5 +1,6 @@
 //! The `keygate` command: parse the command line, set up logging, and call into the library.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -232,7 +233,24 @@ fn keys_command(k: KeysCommand) -> anyhow::Result<ExitCode> {
                 pepper,
             };
             let created = keys::create(&a.snapshot, &opts, now)?;
-            println!("{}", keys::render_created(&created, a.json));
+            // The key is in the file already: if its secret cannot be shown (stdout closed or
+            // full), say which key to revoke rather than leave an active key nobody holds.
+            let shown = writeln!(
+                std::io::stdout(),
+                "{}",
+                keys::render_created(&created, a.json)
+            )
+            .and_then(|()| std::io::stdout().flush());
+            if let Err(e) = shown {
+                eprintln!(
+                    "error: key {} was added to {} but its secret could not be printed ({e}); revoke it: keygate keys revoke --snapshot {} {}",
+                    created.id,
+                    a.snapshot.display(),
+                    a.snapshot.display(),
+                    created.id
+                );
+                return Ok(ExitCode::FAILURE);
+            }
         }
         KeysCommand::List { snapshot, json } => {
             println!("{}", keys::render_list(&keys::list(&snapshot)?, json));

@@ -781,3 +781,86 @@ fn concurrent_creates_lose_nothing() {
     assert_eq!(stored.len(), THREADS * EACH, "ids unique");
     assert_eq!(strays(dir.path()), Vec::<String>::new());
 }
+
+/// A snapshot restored from a backup, or made again, goes back to a lower revision than a
+/// running keygate has in force, which refuses it: the next edit (a revocation) would never
+/// take effect. The lock file remembers the highest revision written, and the edit goes past it.
+#[test]
+fn an_edit_after_a_restore_goes_past_every_revision_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let first = create(&path, &opts("partner_acme", "live", &["a:b"]), now()).unwrap();
+    let backup = dir.path().join("backup.json");
+    fs::copy(&path, &backup).unwrap();
+    create(&path, &opts("partner_acme", "live", &["a:b"]), now()).unwrap();
+    assert_eq!(read_json(&path)["revision"], 2);
+    fs::copy(&backup, &path).unwrap(); // back to revision 1
+    let r = revoke(&path, &first.id, now()).unwrap();
+    assert_eq!(r.revision, 3, "past the 2 a keygate may have in force");
+    assert_eq!(read_json(&path)["revision"], 3);
+    // Made again from nothing: the same.
+    fs::remove_file(&path).unwrap();
+    let again = create(&path, &opts("partner_acme", "live", &["a:b"]), now()).unwrap();
+    assert_eq!(again.revision, 4);
+}
+
+/// An entry a keygate would quarantine (a field missing, or of the wrong type) is listed with
+/// what it has and can be revoked; it never stops an edit of the others, and every entry is
+/// written back as it was.
+#[test]
+fn entries_a_keygate_would_quarantine_do_not_block_the_tools() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let mut doc = sample_doc();
+    doc["keys"].as_array_mut().unwrap().extend([
+        json!({"id": "key_from_cp", "hash": format!("sha256:{}", "cd".repeat(32)),
+               "partner_id": "partner_acme", "environment": "live", "scopes": ["a:b"],
+               "status": "active"}),
+        json!({"id": "key_odd", "scopes": "a:b", "status": "active", "created_at": 7}),
+    ]);
+    write_doc(&path, &doc);
+    let listed = list(&path).unwrap();
+    let ids: Vec<&str> = listed.iter().map(|k| k.id.as_str()).collect();
+    assert_eq!(ids, ["key_8f2k1", "key_from_cp", "key_odd"]);
+    assert_eq!(listed[1].prefix, "");
+    assert!(listed[2].scopes.is_empty());
+    let r = revoke(&path, "key_odd", now()).unwrap();
+    assert!(!r.already_revoked);
+    create(&path, &opts("partner_acme", "live", &["a:b"]), now()).unwrap();
+    let after = read_json(&path);
+    let keys = after["keys"].as_array().unwrap();
+    assert_eq!(keys[0], doc["keys"][0], "untouched");
+    assert_eq!(keys[1], doc["keys"][1], "untouched");
+    let mut odd = doc["keys"][2].clone();
+    odd["status"] = json!("revoked");
+    assert_eq!(keys[2], odd, "only its status changed");
+    // An entry without an id is named by its place.
+    doc["keys"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"status": "active"}));
+    write_doc(&path, &doc);
+    let err = list(&path)
+        .err()
+        .expect("an entry without an id")
+        .to_string();
+    assert!(err.contains("key entry 3"), "{err}");
+}
+
+/// The lock file made by one user (root, with `sudo`) gets the snapshot's mode, so that the
+/// service account it belongs to can still lock it.
+#[cfg(unix)]
+#[test]
+fn the_lock_file_gets_the_snapshots_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    write_doc(&path, &sample_doc());
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o660)).unwrap();
+    create(&path, &opts("partner_acme", "live", &["a:b"]), now()).unwrap();
+    let mode = fs::metadata(dir.path().join("keys.json.lock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o660);
+}
