@@ -840,10 +840,10 @@ fn entries_a_keygate_would_quarantine_do_not_block_the_tools() {
         .unwrap()
         .push(json!({"status": "active"}));
     write_doc(&path, &doc);
-    let err = list(&path)
-        .err()
-        .expect("an entry without an id")
-        .to_string();
+    let Err(err) = list(&path) else {
+        panic!("an entry without an id was read")
+    };
+    let err = err.to_string();
     assert!(err.contains("key entry 3"), "{err}");
 }
 
