@@ -507,18 +507,18 @@ pub fn to_remove<'a>(
     remove
 }
 
-/// [`is_spoofed`]'s second half: `name` spells a credential header with `_` for `-`.
+/// [`is_spoofed`]'s second half: `name` spells a credential header with `_` or `.` for `-`.
 fn is_underscored_credential(name: &[u8], names: &HeaderNames) -> bool {
     let credentials = &names.credentials;
     [&credentials.authorization, &credentials.api_key]
         .into_iter()
         .any(|n| {
             let n = n.as_str().as_bytes();
-            n.len() == name.len() && name.contains(&b'_') && folded_eq_any_case(n, name)
+            n.len() == name.len() && joined_otherwise(name) && folded_eq_any_case(n, name)
         })
 }
 
-/// Is `name` (any case) one of the identity headers, in any variant (`_` for `-`)?
+/// Is `name` (any case) one of the identity headers, in any variant (`_` or `.` for `-`)?
 pub fn is_identity_variant(name: &[u8], names: &HeaderNames) -> bool {
     names
         .identity()
@@ -526,13 +526,22 @@ pub fn is_identity_variant(name: &[u8], names: &HeaderNames) -> bool {
         .any(|n| folded_eq_any_case(n.as_str().as_bytes(), name))
 }
 
-/// `lower` (a lower-case name) and `name` spell the same header, in any case and with `_` for
-/// `-`: how CGI-style servers read them.
+/// `lower` (a lower-case name) and `name` spell the same header, in any case and with `_` or
+/// `.` for `-`: how CGI-style servers read them (Apache's environment turns every character
+/// that is not a letter or a digit into `_`, so `X.Org.Id` arrives as `HTTP_X_ORG_ID`).
 pub fn folded_eq_any_case(lower: &[u8], name: &[u8]) -> bool {
+    let joiner = |b: u8| matches!(b, b'_' | b'-' | b'.');
     lower.len() == name.len()
-        && lower.iter().zip(name).all(|(&x, &y)| {
-            x == y.to_ascii_lowercase() || (matches!(x, b'_' | b'-') && matches!(y, b'_' | b'-'))
-        })
+        && lower
+            .iter()
+            .zip(name)
+            .all(|(&x, &y)| x == y.to_ascii_lowercase() || (joiner(x) && joiner(y)))
+}
+
+/// Whether `name` is spelled with a `_` or a `.` where a field name has `-` (see
+/// [`folded_eq_any_case`]).
+fn joined_otherwise(name: &[u8]) -> bool {
+    name.iter().any(|b| matches!(b, b'_' | b'.'))
 }
 
 /// Set the identity headers of an allow (inbound variants must have been stripped already).

@@ -1023,12 +1023,12 @@ fn set_forwarded(
     const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
     const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
     let trusted = is_trusted(peer.ip, trusted);
-    // `_` spellings are what CGI-style upstreams read as HTTP_X_FORWARDED_FOR too: never pass
+    // `_` and `.` spellings are what CGI-style upstreams read as HTTP_X_FORWARDED_FOR too: never pass
     // them on, from anyone. From an untrusted client, none of the chain's fields go on (RFC
     // 7239 `Forwarded` included): keygate says what it saw.
     h.remove_where(|name| {
         let forwarding = [&XFF, &XFP, &XFH, &header::FORWARDED];
-        (!trusted || name.contains(&b'_'))
+        (!trusted || name.iter().any(|b| matches!(b, b'_' | b'.')))
             && forwarding
                 .iter()
                 .any(|n| folded_eq_any_case(n.as_str().as_bytes(), name))

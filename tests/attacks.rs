@@ -1358,16 +1358,21 @@ async fn a_credential_header_spelled_with_underscores_never_reaches_the_upstream
     let r = req(
         "GET /v1/analyses/1",
         Some(&f.read),
-        &format!("X_API_Key: {}\r\nx_api_key: {}\r\n", f.full, f.none),
+        &format!(
+            "X_API_Key: {}\r\nx_api_key: {}\r\nX.API.Key: {}\r\n",
+            f.full, f.none, f.full
+        ),
     );
     let a = raw(f.gate.addr, &r).await;
     assert_eq!(a.status, 200, "{:?}", a.body);
     let seen = f.upstream.last();
-    assert!(
-        seen.headers.get("x_api_key").is_none(),
-        "{:?}",
-        seen.headers
-    );
+    for name in ["x_api_key", "x.api.key"] {
+        assert!(
+            seen.headers.get(name).is_none(),
+            "{name}: {:?}",
+            seen.headers
+        );
+    }
     assert_eq!(seen.headers["x-key-id"], "key_read");
     let a = send(
         &h2_client(),
@@ -2282,7 +2287,9 @@ async fn h2_identity_spoofs_are_replaced_like_h1() {
         ("x-partner-id", "evil"),
         ("x-partner-id", "evil2"),
         ("x_partner_id", "evil3"),
+        ("x.partner.id", "evil4"),
         ("x-org-id", "evil"),
+        ("x.org.id", "evil"),
         ("x_org_id", "evil"),
         ("x-key-id", "evil"),
         ("x-key_id", "evil"),
@@ -2303,6 +2310,12 @@ async fn h2_identity_spoofs_are_replaced_like_h1() {
     assert_only(&seen, "x-scopes", FULL_SCOPES);
     assert_only(&seen, "x-request-id", a.header("x-request-id").unwrap());
     assert!(all(&seen, "authorization").is_empty());
+    for spelled in ["x.partner.id", "x.org.id", "x_partner_id"] {
+        assert!(
+            all(&seen, spelled).is_empty(),
+            "{spelled} reached the upstream"
+        );
+    }
     // Without a key, over h2: denied and nothing forwarded.
     f.upstream.clear();
     let a = send(&c, "GET", &f.gate.url("/v1/analyses/1"), &spoof[..3], "").await;
