@@ -131,6 +131,8 @@ async fn traefik_forward_auth_with_the_shipped_config() {
             ("x-partner-id", "partner_evil"),
             ("x_key_id", "key_evil"),
             ("x_api_key", "sk_live_another"),
+            ("x.org.id", "org_evil"),
+            ("x.api.key", "sk_live_another"),
         ],
     )
     .await;
@@ -142,7 +144,13 @@ async fn traefik_forward_auth_with_the_shipped_config() {
     assert_eq!(seen.headers["x-org-id"], "org_1");
     assert_eq!(seen.headers["x-key-id"], "key_reader");
     assert_eq!(seen.headers["x-scopes"], "analyses:read");
-    assert!(seen.headers.get("x_key_id").is_none(), "{:?}", seen.headers);
+    for spelled in ["x_key_id", "x.org.id", "x.api.key"] {
+        assert!(
+            seen.headers.get(spelled).is_none(),
+            "{spelled}: {:?}",
+            seen.headers
+        );
+    }
     assert!(
         seen.headers.get("x_api_key").is_none(),
         "{:?}",
