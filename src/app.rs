@@ -356,6 +356,13 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
         let listener = bind("sync_server.listen", sync.listen).await?;
         sync_addr = listener.local_addr().ok();
         let tls = tls_server("sync_server", sync.tls.as_ref(), ALPN_GRPC, &mut tasks, &rx)?;
+        if tls.is_none() && !sync.listen.ip().is_loopback() {
+            // The token keeps strangers from asking; it does not hide the answer on the way.
+            tracing::warn!(
+                listen = %sync.listen,
+                "sync_server is plain h2c on a network address: the token and every key digest cross the network unencrypted; set sync_server.tls_cert (or run inside a mesh that encrypts)"
+            );
+        }
         certificates.extend(tls.clone());
         let hub =
             crate::sync::server::Hub::new(store.clone(), sync, settings.limits.max_connections);
