@@ -308,6 +308,7 @@ pub async fn start(settings: Settings) -> Result<App, AppError> {
             shard: telemetry.shard(Front::AuthzHttp),
             connections: telemetry.connections(Front::AuthzHttp),
             resources: settings.limits,
+            retold: Default::default(),
         });
         fronts.spawn(crate::authz_http::serve(
             listener,

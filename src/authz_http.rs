@@ -48,6 +48,66 @@ pub const PREFIX: &str = "/authz";
 /// Tells Envoy's `http_service` which headers to remove from the original request.
 const HEADERS_TO_REMOVE: HeaderName = HeaderName::from_static("x-envoy-auth-headers-to-remove");
 
+/// Asked on a check (nginx's `auth_request`): keep a denial to tell again. The denial then
+/// names it in [`RETELL`].
+const RETELL_ASK: HeaderName = HeaderName::from_static("x-keygate-retell-ask");
+
+/// A kept denial's name, on the denial; sent back on a second ask (nginx's `error_page`
+/// location, which must ask again for an answer to send the client), it gets the same answer
+/// again, neither decided nor counted twice.
+const RETELL: HeaderName = HeaderName::from_static("x-keygate-retell");
+
+/// How long a kept denial can be told again, and how many are kept at most (the oldest go).
+const RETELL_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+const RETELL_MAX: usize = 4096;
+
+/// Denials kept to be told again once, by a random name (a caller cannot pick another's).
+#[derive(Default)]
+pub struct Retold(std::sync::Mutex<RetoldInner>);
+
+type Answer = (StatusCode, HeaderMap, Full<Bytes>);
+
+#[derive(Default)]
+struct RetoldInner {
+    answers: std::collections::HashMap<HeaderValue, Answer>,
+    order: std::collections::VecDeque<(std::time::Instant, HeaderValue)>,
+}
+
+impl Retold {
+    /// Keep `resp` under a new name, returned.
+    fn keep(&self, resp: &Response<Full<Bytes>>) -> HeaderValue {
+        let name = request_id::mint();
+        let now = std::time::Instant::now();
+        let mut inner = self.0.lock().expect("lock poisoned");
+        while let Some((at, _)) = inner.order.front() {
+            if now.duration_since(*at) < RETELL_FOR && inner.order.len() < RETELL_MAX {
+                break;
+            }
+            let (_, old) = inner.order.pop_front().expect("looked at");
+            inner.answers.remove(&old);
+        }
+        let answer = (resp.status(), resp.headers().clone(), resp.body().clone());
+        inner.answers.insert(name.clone(), answer);
+        inner.order.push_back((now, name.clone()));
+        name
+    }
+
+    /// The denial kept under `name`, once, while it may be told again.
+    fn take(&self, name: &HeaderValue) -> Option<Response<Full<Bytes>>> {
+        let mut inner = self.0.lock().expect("lock poisoned");
+        let fresh = inner
+            .order
+            .iter()
+            .find(|(_, n)| n == name)
+            .is_some_and(|(at, _)| at.elapsed() < RETELL_FOR);
+        let (status, headers, body) = inner.answers.remove(name).filter(|_| fresh)?;
+        let mut resp = Response::new(body);
+        *resp.status_mut() = status;
+        *resp.headers_mut() = headers;
+        Some(resp)
+    }
+}
+
 pub struct AuthzState {
     pub settings: FrontSettings,
     pub policy: Arc<Policy>,
@@ -58,6 +118,7 @@ pub struct AuthzState {
     pub shard: Arc<Shard>,
     pub connections: Arc<Connections>,
     pub resources: Limits,
+    pub retold: Retold,
 }
 
 /// Answer forward-auth checks on `listener` until `shutdown` resolves.
@@ -207,13 +268,21 @@ async fn answered(
     peer: SocketAddr,
     req: &Request<Incoming>,
 ) -> Response<Full<Bytes>> {
+    // A second ask for a denial already decided: the same answer, not decided or counted again.
+    if let Some(told) = req.headers().get(RETELL).and_then(|n| state.retold.take(n)) {
+        return told;
+    }
     let mut record = Record::new(&state.shard);
-    let resp = check(state, peer, req, &mut record.note).await;
+    let mut resp = check(state, peer, req, &mut record.note).await;
     let request_id = resp
         .headers()
         .get(&state.names.request_id)
         .map_or("", request_id_str);
     record.finish(resp.status().as_u16(), request_id);
+    if !resp.status().is_success() && req.headers().contains_key(RETELL_ASK) {
+        let name = state.retold.keep(&resp);
+        resp.headers_mut().insert(RETELL, name);
+    }
     resp
 }
 
@@ -333,4 +402,38 @@ fn deny(
     resp.headers_mut()
         .insert(names.request_id.clone(), request_id.clone());
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn denial(status: StatusCode) -> Response<Full<Bytes>> {
+        let mut resp = Response::new(Full::new(Bytes::from_static(b"{\"error\":{}}")));
+        *resp.status_mut() = status;
+        resp.headers_mut()
+            .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+        resp
+    }
+
+    /// A kept denial is told again once, by its name only, and at most RETELL_MAX are kept.
+    #[test]
+    fn a_denial_is_told_again_once_by_its_name() {
+        let retold = Retold::default();
+        let name = retold.keep(&denial(StatusCode::TOO_MANY_REQUESTS));
+        assert!(retold.take(&HeaderValue::from_static("made-up")).is_none());
+        let told = retold.take(&name).expect("kept");
+        assert_eq!(told.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(told.headers()["www-authenticate"], "Bearer");
+        assert!(retold.take(&name).is_none(), "told twice");
+        let first = retold.keep(&denial(StatusCode::UNAUTHORIZED));
+        for _ in 0..RETELL_MAX {
+            retold.keep(&denial(StatusCode::UNAUTHORIZED));
+        }
+        assert!(
+            retold.take(&first).is_none(),
+            "the oldest goes past RETELL_MAX"
+        );
+        assert!(retold.0.lock().unwrap().answers.len() <= RETELL_MAX);
+    }
 }

@@ -214,6 +214,27 @@ async fn nginx_auth_request_with_the_shipped_config() {
     .await;
     assert_error(&a, 401, "invalid_api_key");
     assert_eq!(upstream.count(), 0, "a denied request reached the upstream");
+    // Each denial was decided and counted once: the second ask (error_page) was told the first
+    // answer again, by its name.
+    let counted =
+        |code: &str| format!("keygate_requests_total{{front=\"authz_http\",code=\"{code}\"}}");
+    for code in [
+        "authentication_required",
+        "scope_required",
+        "invalid_path",
+        "invalid_api_key",
+    ] {
+        assert_eq!(gate.metric(&counted(code)).await, Some(1.0), "{code}");
+    }
+    // A client cannot name a denial of its own for the check: nginx clears the header there.
+    let a = get(
+        &c,
+        &url("/v1/analyses/1"),
+        &[("x-keygate-retell", "made-up"), ("x-api-key", &reader)],
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    upstream.clear();
     // nginx passes the client's path on as sent (`proxy_pass` without a URI, `$request_uri`):
     // one with segments to resolve is refused, since the API might resolve them otherwise
     // than keygate (`/v1/admin//../x` is `/v1/admin/x` to RFC 3986).
