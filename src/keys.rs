@@ -887,6 +887,17 @@ fn load(path: &Path) -> Result<Option<Snapshot>, KeysError> {
     };
     let value: Value =
         serde_json::from_slice(&bytes).map_err(|e| not_snapshot(format!("not valid JSON: {e}")))?;
+    // A field twice in one object: a keygate reads such an entry as broken and leaves it out,
+    // but read here the last copy would win and be written back alone (an entry both revoked
+    // and active, quarantined, would come back active at an unrelated edit).
+    serde_json::from_slice::<NoDuplicates>(&bytes).map_err(|e| KeysError::Malformed {
+        path: path.to_path_buf(),
+        reason: format!(
+            "a field appears twice in one object (line {}, column {}): a keygate leaves such an entry out; fix it by hand before editing with keys",
+            e.line(),
+            e.column()
+        ),
+    })?;
     let Value::Object(obj) = &value else {
         return Err(not_snapshot("not a JSON object".into()));
     };
@@ -935,6 +946,63 @@ fn load(path: &Path) -> Result<Option<Snapshot>, KeysError> {
         })
         .collect::<Result<_, _>>()?;
     Ok(Some(doc))
+}
+
+/// Any JSON value, read only to refuse an object holding a field twice.
+struct NoDuplicates;
+
+impl<'de> Deserialize<'de> for NoDuplicates {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoDuplicates)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicates {
+    type Value = NoDuplicates;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        let mut seen = BTreeSet::new();
+        while let Some(field) = map.next_key::<String>()? {
+            if !seen.insert(field) {
+                return Err(serde::de::Error::custom("a field appears twice"));
+            }
+            map.next_value::<NoDuplicates>()?;
+        }
+        Ok(NoDuplicates)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<NoDuplicates>()?.is_some() {}
+        Ok(NoDuplicates)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(NoDuplicates)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(NoDuplicates)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(NoDuplicates)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(NoDuplicates)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(NoDuplicates)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(NoDuplicates)
+    }
 }
 
 fn save(target: &Path, doc: &Snapshot) -> Result<(), KeysError> {

@@ -864,3 +864,30 @@ fn the_lock_file_gets_the_snapshots_mode() {
         .mode();
     assert_eq!(mode & 0o777, 0o660);
 }
+
+/// A field twice in one entry: a keygate leaves the entry out; read here, the last copy would
+/// win and be written back alone (a key both revoked and active would come back active at an
+/// unrelated edit). The tools refuse the file, naming where, and leave it as it was.
+#[test]
+fn a_field_twice_in_one_entry_is_refused_not_laundered() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let text = r#"{"schema": "keygate.snapshot/v1", "revision": 3,
+ "partners": [{"id": "partner_acme", "status": "active"}],
+ "keys": [{"id": "key_twice", "partner_id": "partner_acme", "status": "revoked",
+           "status": "active"}]}"#;
+    fs::write(&path, text).unwrap();
+    let err = create(&path, &opts("partner_acme", "live", &["a:b"]), now())
+        .err()
+        .map(|e| e.to_string());
+    let err = err.expect("refused");
+    assert!(
+        err.contains("appears twice") && err.contains("line 4"),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read_to_string(&path).unwrap(),
+        text,
+        "the file was changed"
+    );
+}
