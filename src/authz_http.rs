@@ -31,7 +31,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::admit::{admit, Admitted, Refused};
-use crate::client_ip::client_ip;
+use crate::client_ip::{client_ip, is_trusted};
 use crate::config::{FrontSettings, HeaderNames, Limits, Policy};
 use crate::decision::{now_ms, RequestFacts};
 use crate::deny::DenyReason;
@@ -65,11 +65,13 @@ const RETELL_MAX: usize = 4096;
 #[derive(Default)]
 pub struct Retold(std::sync::Mutex<RetoldInner>);
 
-type Answer = (StatusCode, HeaderMap, Full<Bytes>);
+/// A kept denial, and when it was kept.
+type Answer = (std::time::Instant, StatusCode, HeaderMap, Full<Bytes>);
 
 #[derive(Default)]
 struct RetoldInner {
     answers: std::collections::HashMap<HeaderValue, Answer>,
+    /// Names in the order kept, for eviction (some already told and gone from `answers`).
     order: std::collections::VecDeque<(std::time::Instant, HeaderValue)>,
 }
 
@@ -86,7 +88,12 @@ impl Retold {
             let (_, old) = inner.order.pop_front().expect("looked at");
             inner.answers.remove(&old);
         }
-        let answer = (resp.status(), resp.headers().clone(), resp.body().clone());
+        let answer = (
+            now,
+            resp.status(),
+            resp.headers().clone(),
+            resp.body().clone(),
+        );
         inner.answers.insert(name.clone(), answer);
         inner.order.push_back((now, name.clone()));
         name
@@ -95,12 +102,10 @@ impl Retold {
     /// The denial kept under `name`, once, while it may be told again.
     fn take(&self, name: &HeaderValue) -> Option<Response<Full<Bytes>>> {
         let mut inner = self.0.lock().expect("lock poisoned");
-        let fresh = inner
-            .order
-            .iter()
-            .find(|(_, n)| n == name)
-            .is_some_and(|(at, _)| at.elapsed() < RETELL_FOR);
-        let (status, headers, body) = inner.answers.remove(name).filter(|_| fresh)?;
+        let (at, status, headers, body) = inner.answers.remove(name)?;
+        if at.elapsed() >= RETELL_FOR {
+            return None;
+        }
         let mut resp = Response::new(body);
         *resp.status_mut() = status;
         *resp.headers_mut() = headers;
@@ -269,7 +274,14 @@ async fn answered(
     req: &Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     // A second ask for a denial already decided: the same answer, not decided or counted again.
-    if let Some(told) = req.headers().get(RETELL).and_then(|n| state.retold.take(n)) {
+    // Only for a trusted proxy (nginx next to keygate), which sets both headers itself.
+    let retelling = is_trusted(peer.ip(), &state.settings.trusted_proxies);
+    if let Some(told) = req
+        .headers()
+        .get(RETELL)
+        .filter(|_| retelling)
+        .and_then(|n| state.retold.take(n))
+    {
         return told;
     }
     let mut record = Record::new(&state.shard);
@@ -279,7 +291,7 @@ async fn answered(
         .get(&state.names.request_id)
         .map_or("", request_id_str);
     record.finish(resp.status().as_u16(), request_id);
-    if !resp.status().is_success() && req.headers().contains_key(RETELL_ASK) {
+    if retelling && !resp.status().is_success() && req.headers().contains_key(RETELL_ASK) {
         let name = state.retold.keep(&resp);
         resp.headers_mut().insert(RETELL, name);
     }

@@ -352,7 +352,7 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
     }
 }
 
-/// A field named like one that frames a message or is hop-by-hop, but with `_` for `-`
+/// A field named like one that frames a message or is hop-by-hop, but with `_` or `.` for `-`
 /// (`Transfer_Encoding`, `Content_Length`, `Keep_Alive`): CGI-style servers read it as that
 /// field, which would give them a second framing beside the one keygate sends. `name` in any
 /// case. This runs for every field of every request: the length picks the one name it could
@@ -367,7 +367,7 @@ pub fn is_underscored_framing(name: &[u8]) -> bool {
         19 => ("proxy-authorization", 5),
         _ => return false,
     };
-    name[at] == b'_' && folded_eq_any_case(dashed.as_bytes(), name)
+    matches!(name[at], b'_' | b'.') && folded_eq_any_case(dashed.as_bytes(), name)
 }
 
 /// Remove, in one pass over the names, what must not travel on: hop-by-hop headers (also when
@@ -527,8 +527,9 @@ pub fn is_identity_variant(name: &[u8], names: &HeaderNames) -> bool {
 }
 
 /// `lower` (a lower-case name) and `name` spell the same header, in any case and with `_` or
-/// `.` for `-`: how CGI-style servers read them (Apache's environment turns every character
-/// that is not a letter or a digit into `_`, so `X.Org.Id` arrives as `HTTP_X_ORG_ID`).
+/// `.` for `-`: how CGI-style servers read them (PHP's variable registration turns `.` into
+/// `_`, as Apache 2.2's environment did every character not a letter or a digit, so `X.Org.Id`
+/// arrives as `HTTP_X_ORG_ID`).
 pub fn folded_eq_any_case(lower: &[u8], name: &[u8]) -> bool {
     let joiner = |b: u8| matches!(b, b'_' | b'-' | b'.');
     lower.len() == name.len()
@@ -593,6 +594,9 @@ mod tests {
             "proxy_connection",
             "Proxy_Authenticate",
             "proxy_authorization",
+            "Transfer.Encoding",
+            "Content.Length",
+            "proxy.authorization",
         ] {
             assert!(is_underscored_framing(name.as_bytes()), "{name}");
         }

@@ -826,7 +826,12 @@ impl Lock {
             .file
             .seek(io::SeekFrom::Start(0))
             .and_then(|_| self.file.read_to_string(&mut text));
-        text.trim().parse().unwrap_or(0)
+        // A mark no edit could have reached (another tool's junk) is no mark.
+        text.trim()
+            .parse()
+            .ok()
+            .filter(|mark| *mark < u64::MAX / 2)
+            .unwrap_or(0)
     }
 
     /// Note `revision` as written (best effort: a lock file this user may only read keeps its
@@ -842,15 +847,26 @@ impl Lock {
     }
 }
 
-/// Lock the snapshot `target` for an edit. The lock file gets the snapshot's owner and mode
-/// when made (so a `sudo` edit does not lock the service account out), and one this user may
-/// only read is locked read-only.
+/// Lock the snapshot `target` for an edit. A lock file this run makes gets the snapshot's owner
+/// and mode (so a `sudo` edit does not lock the service account out); one already there is
+/// opened as it is, read-only when this user may only read it. Never through a symlink, and
+/// only a regular file of one link: whoever may write the directory could otherwise point
+/// `keys.json.lock` at another file, which a root edit would hand over and overwrite.
 fn lock(target: &Path) -> Result<Lock, KeysError> {
     let mut name = target.as_os_str().to_owned();
     name.push(".lock");
     let path = PathBuf::from(name);
-    let opened = open_private(OpenOptions::new().read(true).write(true).create(true)).open(&path);
-    let (file, writable) = match opened {
+    let no_follow = |opts: &mut OpenOptions| {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
+        }
+    };
+    let mut create = OpenOptions::new();
+    create.read(true).write(true).create_new(true);
+    no_follow(&mut create);
+    let (file, writable) = match open_private(&mut create).open(&path) {
         Ok(file) => {
             if let Ok(meta) = fs::metadata(target) {
                 keep_owner(&file, &meta);
@@ -858,12 +874,38 @@ fn lock(target: &Path) -> Result<Lock, KeysError> {
             }
             (file, true)
         }
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => (
-            File::open(&path).map_err(io_err("open lock file", &path))?,
-            false,
-        ),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let mut existing = OpenOptions::new();
+            existing.read(true).write(true);
+            no_follow(&mut existing);
+            match existing.open(&path) {
+                Ok(file) => (file, true),
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    let mut read_only = OpenOptions::new();
+                    read_only.read(true);
+                    no_follow(&mut read_only);
+                    let file = read_only
+                        .open(&path)
+                        .map_err(io_err("open lock file", &path))?;
+                    (file, false)
+                }
+                Err(e) => return Err(io_err("open lock file", &path)(e)),
+            }
+        }
         Err(e) => return Err(io_err("create lock file", &path)(e)),
     };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = file
+            .metadata()
+            .map_err(io_err("inspect lock file", &path))?;
+        if !meta.is_file() || meta.nlink() != 1 {
+            return Err(io_err("use lock file", &path)(io::Error::other(
+                "not a regular file of its own (one link): remove it",
+            )));
+        }
+    }
     if file.try_lock().is_err() {
         eprintln!(
             "waiting for {}: another keys command is editing the snapshot",

@@ -891,3 +891,31 @@ fn a_field_twice_in_one_entry_is_refused_not_laundered() {
         "the file was changed"
     );
 }
+
+/// Whoever may write the snapshot's directory could point `keys.json.lock` at another file:
+/// a root edit would have handed it over (owner, mode) and overwritten it. A lock file that is
+/// a symlink, or another file's hard link, is refused and left alone.
+#[cfg(unix)]
+#[test]
+fn a_lock_file_that_is_a_link_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    write_doc(&path, &sample_doc());
+    let victim = dir.path().join("victim");
+    fs::write(&victim, "precious\n").unwrap();
+    let lock = dir.path().join("keys.json.lock");
+    std::os::unix::fs::symlink(&victim, &lock).unwrap();
+    let err = create(&path, &opts("partner_acme", "live", &["a:b"]), now());
+    assert!(err.is_err(), "edited through a symlinked lock file");
+    fs::remove_file(&lock).unwrap();
+    fs::hard_link(&victim, &lock).unwrap();
+    let err = revoke(&path, "key_8f2k1", now())
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        err.is_some_and(|e| e.contains("one link")),
+        "edited through a hard link"
+    );
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert_eq!(read_json(&path)["revision"], 42, "the snapshot was edited");
+}
