@@ -256,11 +256,43 @@ struct Partner {
 /// missing or of the wrong type) is listed with what it has and can be revoked, and never stops
 /// the tools from editing the others. Every other field is kept as it was read, absent or
 /// `null` alike.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct KeyRecord {
     id: String,
     #[serde(flatten)]
     fields: Map<String, Value>,
+}
+
+/// The contract's key fields, in the order a key is written: the rest follow as read.
+const KEY_FIELDS: [&str; 9] = [
+    "name",
+    "prefix",
+    "hash",
+    "partner_id",
+    "environment",
+    "scopes",
+    "status",
+    "created_at",
+    "expires_at",
+];
+
+impl Serialize for KeyRecord {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(1 + self.fields.len()))?;
+        map.serialize_entry("id", &self.id)?;
+        for field in KEY_FIELDS {
+            if let Some(value) = self.fields.get(field) {
+                map.serialize_entry(field, value)?;
+            }
+        }
+        for (field, value) in &self.fields {
+            if field != "id" && !KEY_FIELDS.contains(&field.as_str()) {
+                map.serialize_entry(field, value)?;
+            }
+        }
+        map.end()
+    }
 }
 
 impl KeyRecord {

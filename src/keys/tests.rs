@@ -919,3 +919,27 @@ fn a_lock_file_that_is_a_link_is_refused() {
     assert_eq!(fs::read_to_string(&victim).unwrap(), "precious\n");
     assert_eq!(read_json(&path)["revision"], 42, "the snapshot was edited");
 }
+
+/// A key is written with the contract's fields in their order (id, name, prefix, hash, …),
+/// then the others: an edit does not reorder every entry of a file written before.
+#[test]
+fn keys_are_written_in_the_contracts_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    create(&path, &opts("partner_acme", "live", &["a:b"]), now()).unwrap();
+    let text = fs::read_to_string(&path).unwrap();
+    let at = |field: &str| text.find(&format!("\"{field}\"")).unwrap();
+    let order = [
+        "id",
+        "name",
+        "prefix",
+        "hash",
+        "partner_id",
+        "environment",
+        "scopes",
+    ];
+    for pair in order.windows(2) {
+        assert!(at(pair[0]) < at(pair[1]), "{} after {}", pair[0], pair[1]);
+    }
+    assert!(at("expires_at") < at("allowed_cidrs"));
+}
