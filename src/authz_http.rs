@@ -72,7 +72,7 @@ type Answer = (std::time::Instant, StatusCode, HeaderMap, Full<Bytes>);
 struct RetoldInner {
     answers: std::collections::HashMap<HeaderValue, Answer>,
     /// Names in the order kept, for eviction (some already told and gone from `answers`).
-    order: std::collections::VecDeque<(std::time::Instant, HeaderValue)>,
+    order: std::collections::VecDeque<HeaderValue>,
 }
 
 impl Retold {
@@ -81,12 +81,18 @@ impl Retold {
         let name = request_id::mint();
         let now = std::time::Instant::now();
         let mut inner = self.0.lock().expect("lock poisoned");
-        while let Some((at, _)) = inner.order.front() {
-            if now.duration_since(*at) < RETELL_FOR && inner.order.len() < RETELL_MAX {
+        // The oldest go: told already, past RETELL_FOR, or past RETELL_MAX.
+        while let Some(oldest) = inner.order.front() {
+            let kept = inner.answers.get(oldest).map(|(at, ..)| *at);
+            // (The count is of names, told ones included: that bounds both.)
+            if kept.is_some_and(|at| {
+                now.duration_since(at) < RETELL_FOR && inner.order.len() < RETELL_MAX
+            }) {
                 break;
             }
-            let (_, old) = inner.order.pop_front().expect("looked at");
-            inner.answers.remove(&old);
+            if let Some(old) = inner.order.pop_front() {
+                inner.answers.remove(&old);
+            }
         }
         let answer = (
             now,
@@ -95,7 +101,7 @@ impl Retold {
             resp.body().clone(),
         );
         inner.answers.insert(name.clone(), answer);
-        inner.order.push_back((now, name.clone()));
+        inner.order.push_back(name.clone());
         name
     }
 
@@ -379,7 +385,7 @@ async fn check(
     h.insert(names.request_id.clone(), request_id);
     // What Envoy must remove from the original request: the credential where it was found, any
     // spoofed identity header keygate is not overwriting (`x-org-id` of a partner without an
-    // org, `_` spellings), and a credential header spelled with `_`.
+    // org, `_` and `.` spellings), and a credential header so spelled.
     let remove = crate::headers::to_remove(
         names,
         &credential,

@@ -541,7 +541,7 @@ pub fn folded_eq_any_case(lower: &[u8], name: &[u8]) -> bool {
 
 /// Whether `name` is spelled with a `_` or a `.` where a field name has `-` (see
 /// [`folded_eq_any_case`]).
-fn joined_otherwise(name: &[u8]) -> bool {
+pub fn joined_otherwise(name: &[u8]) -> bool {
     name.iter().any(|b| matches!(b, b'_' | b'.'))
 }
 

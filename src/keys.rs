@@ -888,17 +888,18 @@ fn lock(target: &Path) -> Result<Lock, KeysError> {
     let mut name = target.as_os_str().to_owned();
     name.push(".lock");
     let path = PathBuf::from(name);
-    let no_follow = |opts: &mut OpenOptions| {
+    // Never through a symlink; made (O_EXCL) private, given the snapshot's owner and mode below.
+    let open = |write: bool, create: bool| {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(write).create_new(create);
         #[cfg(unix)]
         {
             use std::os::unix::fs::OpenOptionsExt;
             opts.custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
         }
+        open_private(&mut opts).open(&path)
     };
-    let mut create = OpenOptions::new();
-    create.read(true).write(true).create_new(true);
-    no_follow(&mut create);
-    let (file, writable) = match open_private(&mut create).open(&path) {
+    let (file, writable) = match open(true, true) {
         Ok(file) => {
             if let Ok(meta) = fs::metadata(target) {
                 keep_owner(&file, &meta);
@@ -906,24 +907,14 @@ fn lock(target: &Path) -> Result<Lock, KeysError> {
             }
             (file, true)
         }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            let mut existing = OpenOptions::new();
-            existing.read(true).write(true);
-            no_follow(&mut existing);
-            match existing.open(&path) {
-                Ok(file) => (file, true),
-                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                    let mut read_only = OpenOptions::new();
-                    read_only.read(true);
-                    no_follow(&mut read_only);
-                    let file = read_only
-                        .open(&path)
-                        .map_err(io_err("open lock file", &path))?;
-                    (file, false)
-                }
-                Err(e) => return Err(io_err("open lock file", &path)(e)),
-            }
-        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => match open(true, false) {
+            Ok(file) => (file, true),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => (
+                open(false, false).map_err(io_err("open lock file", &path))?,
+                false,
+            ),
+            Err(e) => return Err(io_err("open lock file", &path)(e)),
+        },
         Err(e) => return Err(io_err("create lock file", &path)(e)),
     };
     #[cfg(unix)]

@@ -8,7 +8,7 @@
 //! nothing itself.
 
 use crate::deadline::Deadline;
-use crate::idempotency::{self, Begin, Stored};
+use crate::idempotency::{self, Begin, Stored, BACKGROUND_EXCHANGE};
 use crate::ratelimit::RateLimits;
 use crate::upstream::ReadAhead;
 use std::convert::Infallible;
@@ -34,8 +34,8 @@ use crate::credential::Credential;
 use crate::decision::{now_ms, RequestFacts};
 use crate::deny::DenyReason;
 use crate::headers::{
-    folded_eq_any_case, request_id_str, set_identity_fields, strip_hop_and_identity, wants_upgrade,
-    FieldEdit, FieldLookup, Read, RequestFields,
+    folded_eq_any_case, joined_otherwise, request_id_str, set_identity_fields,
+    strip_hop_and_identity, wants_upgrade, FieldEdit, FieldLookup, Read, RequestFields,
 };
 use crate::listen::{until_goodbye, Activity, Tracked, Watched};
 use crate::path::normalize_uri;
@@ -864,8 +864,6 @@ async fn read_request_body(
 /// stream to the client unkept.
 const UNKNOWN_LENGTH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
-use crate::idempotency::BACKGROUND_EXCHANGE;
-
 /// Send an idempotent request once and record its outcome. The exchange runs in its own task:
 /// when the answer is slower than `timeout` the client gets 504, but the request (which may
 /// already be executing upstream) is not abandoned; its answer is recorded when it comes, so a
@@ -1023,12 +1021,12 @@ fn set_forwarded(
     const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
     const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
     let trusted = is_trusted(peer.ip, trusted);
-    // `_` and `.` spellings are what CGI-style upstreams read as HTTP_X_FORWARDED_FOR too: never pass
-    // them on, from anyone. From an untrusted client, none of the chain's fields go on (RFC
+    // `_` and `.` spellings are what CGI-style upstreams read as HTTP_X_FORWARDED_FOR too: never
+    // pass them on, from anyone. From an untrusted client, none of the chain's fields go on (RFC
     // 7239 `Forwarded` included): keygate says what it saw.
     h.remove_where(|name| {
         let forwarding = [&XFF, &XFP, &XFH, &header::FORWARDED];
-        (!trusted || name.iter().any(|b| matches!(b, b'_' | b'.')))
+        (!trusted || joined_otherwise(name))
             && forwarding
                 .iter()
                 .any(|n| folded_eq_any_case(n.as_str().as_bytes(), name))
