@@ -479,6 +479,14 @@ async fn health_and_unknown_methods_are_tonics() {
     gate.stop().await;
 }
 
+/// The Check was allowed (an `OkResponse`).
+fn assert_allowed(r: &CheckResponse) {
+    assert!(
+        matches!(r.http_response, Some(HttpResponse::OkResponse(_))),
+        "{r:?}"
+    );
+}
+
 /// Begin a Check with `first` (a piece of its message, or all of it with `end`).
 async fn begin_check(
     send: &h2::client::SendRequest<Bytes>,
@@ -511,10 +519,7 @@ async fn a_check_arriving_in_pieces_over_time_and_one_reset_half_way() {
         .send_data(Bytes::copy_from_slice(rest), true)
         .unwrap();
     let r = check_answer(response).await;
-    assert!(
-        matches!(r.http_response, Some(HttpResponse::OkResponse(_))),
-        "{r:?}"
-    );
+    assert_allowed(&r);
 
     let (response, mut stream) = begin_check(&send, head, false).await;
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -523,10 +528,7 @@ async fn a_check_arriving_in_pieces_over_time_and_one_reset_half_way() {
 
     let (response, _stream) = begin_check(&send, &whole, true).await;
     let r = check_answer(response).await;
-    assert!(
-        matches!(r.http_response, Some(HttpResponse::OkResponse(_))),
-        "{r:?}"
-    );
+    assert_allowed(&r);
     gate.stop().await;
 }
 
@@ -656,25 +658,16 @@ async fn checks_too_large_or_too_slow_are_denied_not_errors() {
     // A Check in one frame is not held, and still passes.
     let (response, _stream) = begin_check(&send, &small, true).await;
     let r = check_answer(response).await;
-    assert!(
-        matches!(r.http_response, Some(HttpResponse::OkResponse(_))),
-        "{r:?}"
-    );
+    assert_allowed(&r);
     // The first one completes, and gives its room back: the second passes now.
     a_stream
         .send_data(Bytes::copy_from_slice(rest), true)
         .unwrap();
     let r = check_answer(a_response).await;
-    assert!(
-        matches!(r.http_response, Some(HttpResponse::OkResponse(_))),
-        "{r:?}"
-    );
+    assert_allowed(&r);
     let (response, _stream) = begin_check(&send, &second, true).await;
     let r = check_answer(response).await;
-    assert!(
-        matches!(r.http_response, Some(HttpResponse::OkResponse(_))),
-        "{r:?}"
-    );
+    assert_allowed(&r);
 
     // First frames of messages that wait for the rest are counted too: 40 of 16,000 bytes go
     // over 600 KB, and some are refused at once; the others wait, and are denied once
@@ -704,10 +697,7 @@ async fn checks_too_large_or_too_slow_are_denied_not_errors() {
         .send_data(Bytes::copy_from_slice(rest), true)
         .unwrap();
     let r = check_answer(response).await;
-    assert!(
-        matches!(r.http_response, Some(HttpResponse::OkResponse(_))),
-        "{r:?}"
-    );
+    assert_allowed(&r);
 
     // Half a message, and then nothing: denied once read_timeout passes.
     let started = std::time::Instant::now();

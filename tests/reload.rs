@@ -12,6 +12,18 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use support::*;
 
+/// A keygate with [`two_partners`] at revision 5 in force (both keys active): its upstream, the
+/// snapshot's directory, the keygate and the two keys.
+async fn in_force_at_5() -> (Upstream, SnapshotDir, Gate, String, String) {
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    let (a, b) = (mint("sk_live_"), mint("sk_live_"));
+    snap.write(&two_partners(5, &a, &b, "active"));
+    let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, "")).await;
+    gate.wait_revision(5).await;
+    (upstream, snap, gate, a, b)
+}
+
 fn two_partners(revision: u64, a: &str, b: &str, a_status: &str) -> Doc {
     Doc::new(revision)
         .partner("partner_a", Some("org_a"), "active")
@@ -229,12 +241,7 @@ async fn revocation_under_concurrent_load_has_no_5xx_and_no_mixups() {
 
 #[tokio::test]
 async fn broken_documents_keep_the_last_good_snapshot() {
-    let upstream = Upstream::start().await;
-    let snap = SnapshotDir::new();
-    let (a, b) = (mint("sk_live_"), mint("sk_live_"));
-    snap.write(&two_partners(5, &a, &b, "active"));
-    let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, "")).await;
-    gate.wait_revision(5).await;
+    let (_upstream, snap, gate, a, b) = in_force_at_5().await;
 
     let good = two_partners(6, &a, &b, "revoked").to_json();
     let broken = [
@@ -273,12 +280,7 @@ async fn broken_documents_keep_the_last_good_snapshot() {
 /// up by it.
 #[tokio::test]
 async fn a_fifo_or_device_at_the_path_neither_hangs_reloads_nor_shutdown() {
-    let upstream = Upstream::start().await;
-    let snap = SnapshotDir::new();
-    let (a, b) = (mint("sk_live_"), mint("sk_live_"));
-    snap.write(&two_partners(5, &a, &b, "active"));
-    let gate = Gate::start(&config_toml(&snap.path(), upstream.addr, "")).await;
-    gate.wait_revision(5).await;
+    let (_upstream, snap, gate, a, b) = in_force_at_5().await;
     let errors = "keygate_snapshot_fetch_errors_total";
     let counted = gate.metric(errors).await.unwrap_or(0.0);
 
