@@ -384,6 +384,31 @@ class KubernetesManifests(unittest.TestCase):
                 declared = {p["containerPort"] for p in pod.keygate.get("ports", [])}
                 self.assertLessEqual(declared, exposed)
 
+    def test_dockerfile_copies_only_what_the_context_holds(self):
+        """.dockerignore leaves out everything but what the Dockerfile copies: a COPY of a path
+        it does not let in fails `docker build` (the image is never built here)."""
+        with open(os.path.join(ROOT, "Dockerfile")) as f:
+            dockerfile = f.read()
+        with open(os.path.join(ROOT, ".dockerignore")) as f:
+            rules = [l.strip() for l in f if l.strip() and not l.startswith("#")]
+        self.assertEqual(rules[0], "*", ".dockerignore starts by leaving everything out")
+        allowed = [r[1:].rstrip("/") for r in rules[1:] if r.startswith("!")]
+        sources = []
+        for line in re.findall(r"^COPY\s+(.*)$", dockerfile, re.M):
+            words = line.split()
+            if any(w.startswith("--from") for w in words):
+                continue
+            sources += words[:-1]
+        self.assertIn("scripts/build-release", sources, "the image is built by scripts/build-release")
+        for source in sources:
+            with self.subTest(source):
+                source = source.rstrip("/")
+                self.assertTrue(os.path.exists(os.path.join(ROOT, source)), f"{source} is not in the repo")
+                self.assertTrue(any(source == a or source.startswith(a + "/") for a in allowed),
+                                f".dockerignore leaves {source} out of the build context")
+        # The release build step runs the script the context holds.
+        self.assertRegex(dockerfile, r"(?m)^RUN bash scripts/build-release\b")
+
     def test_istio_provider_points_at_the_ext_authz_service(self):
         """deploy/istio registers keygate at <service>:<port>: the overlay's gRPC Service port."""
         with open(os.path.join(ROOT, "deploy", "istio", "keygate-ext-authz.yaml")) as f:
