@@ -73,6 +73,11 @@ pub enum KeysError {
     #[error("the pepper is empty: set it to a long random value, or leave out --pepper-env")]
     EmptyPepper,
     #[error(
+        "{0} stores its keys as hmac-sha256 digests: pass --pepper-env with the variable holding \
+         the sidecar's pepper (a sha256 digest would let a leaked snapshot confirm this key)"
+    )]
+    PepperNeeded(String),
+    #[error(
         "partner {partner} already exists with org_id {existing}, not {given}: \
          leave out --org or pass the partner's own org"
     )]
@@ -263,6 +268,16 @@ struct KeyRecord {
     fields: Map<String, Value>,
 }
 
+impl KeyRecord {
+    /// Whether its digest is keyed with a pepper (`hmac-sha256:`).
+    fn is_peppered(&self) -> bool {
+        self.fields
+            .get("hash")
+            .and_then(Value::as_str)
+            .is_some_and(|h| h.starts_with("hmac-sha256:"))
+    }
+}
+
 /// The contract's key fields, in the order a key is written: the rest follow as read.
 const KEY_FIELDS: [&str; 9] = [
     "name",
@@ -362,6 +377,11 @@ pub fn create(
         },
     };
 
+    // A file whose keys are peppered gets peppered keys only: an unpeppered one added to it
+    // would be the one entry a leaked copy can confirm a guess against.
+    if opts.pepper.is_none() && doc.keys.iter().any(KeyRecord::is_peppered) {
+        return Err(KeysError::PepperNeeded(target.display().to_string()));
+    }
     let (partner_added, partner_status) = ensure_partner(&mut doc, &input.partner, &input.org)?;
 
     let id = loop {

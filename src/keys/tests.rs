@@ -175,6 +175,39 @@ fn hmac_digest_matches_an_independent_computation() {
 }
 
 #[test]
+fn a_peppered_file_gets_no_unpeppered_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let mut peppered = opts("partner_acme", "live", &["a"]);
+    peppered.pepper = Some(b"pepper".to_vec());
+    create(&path, &peppered, now()).unwrap();
+    let before = fs::read(&path).unwrap();
+
+    let err = create(&path, &opts("partner_acme", "live", &["a"]), now()).unwrap_err();
+    assert!(
+        matches!(&err, KeysError::PepperNeeded(f) if f.ends_with("keys.json")),
+        "{err}"
+    );
+    assert!(err.to_string().contains("--pepper-env"), "{err}");
+    assert_eq!(
+        fs::read(&path).unwrap(),
+        before,
+        "the file is left as it was"
+    );
+
+    // With the pepper it goes on; a file of sha256 digests may take a peppered key.
+    create(&path, &peppered, now()).unwrap();
+    let plain = dir.path().join("plain.json");
+    create(&plain, &opts("partner_acme", "live", &["a"]), now()).unwrap();
+    create(&plain, &peppered, now()).unwrap();
+    let doc = read_json(&plain);
+    assert!(doc["keys"][1]["hash"]
+        .as_str()
+        .unwrap()
+        .starts_with("hmac-sha256:"));
+}
+
+#[test]
 fn pepper_comes_from_the_environment_as_raw_bytes() {
     // No set_var: other tests may read the environment concurrently.
     let var = "KEYGATE_KEYS_TEST_PEPPER_UNSET_6c1f";
