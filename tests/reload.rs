@@ -539,7 +539,8 @@ async fn readyz_follows_the_file_without_a_restart() {
 }
 
 /// The configured path is a symlink into another directory (a mounted volume, a shared
-/// config directory): a change there is seen too, not only changes beside the link.
+/// config directory): a change there is seen too, not only changes beside the link, and by the
+/// watch, not the poll (an hour here; `keygate keys` writes in the target's directory).
 #[cfg(unix)]
 #[tokio::test]
 async fn symlink_into_another_directory_follows_its_target() {
@@ -550,8 +551,15 @@ async fn symlink_into_another_directory_follows_its_target() {
     there.write(&two_partners(1, &a, &b, "active"));
     let link = here.path().join("keys.json");
     std::os::unix::fs::symlink(there.path(), &link).unwrap();
-    let gate = Gate::start(&config_toml(&link, upstream.addr, "")).await;
+    let table = format!(
+        "path = {:?}\npoll_interval = \"1h\"\n",
+        link.display().to_string()
+    );
+    let gate = Gate::start(&config_toml_source(&table, upstream.addr, "")).await;
     gate.wait_revision(1).await;
+    // The source's first look at the file (its poll's first tick) is behind us: what follows
+    // is seen by a watch or not at all.
+    tokio::time::sleep(Duration::from_millis(200)).await;
 
     let start = Instant::now();
     there.write(&two_partners(2, &a, &b, "revoked"));
@@ -576,5 +584,16 @@ async fn symlink_into_another_directory_follows_its_target() {
         gate.revision()
     );
     assert_eq!(status_of(&gate, &a).await.status, 200);
+
+    // And the new target's directory is watched in its turn (the old one's no longer counts).
+    there.write(&two_partners(5, &a, &b, "active"));
+    other.write(&two_partners(4, &a, &b, "revoked"));
+    let ok = eventually(Duration::from_secs(1), || gate.revision() == Some(4)).await;
+    assert!(
+        ok,
+        "a change beside the re-pointed link's target was not seen; revision {:?}",
+        gate.revision()
+    );
+    assert_error(&status_of(&gate, &a).await, 401, "key_revoked");
     gate.stop().await;
 }

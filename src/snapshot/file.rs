@@ -257,7 +257,9 @@ async fn watch(
     shutdown: impl Future<Output = ()>,
 ) {
     let (tx, mut rx) = mpsc::channel::<()>(1);
-    let _watcher = watch_directory(&settings.path, tx);
+    let _watcher = watch_directory(&settings.path, tx.clone());
+    let mut target = TargetWatch::default();
+    target.follow(&settings.path, &tx);
     let mut poll = tokio::time::interval(settings.poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -279,6 +281,7 @@ async fn watch(
             }
             _ = poll.tick() => true,
         };
+        target.follow(&settings.path, &tx);
         let now = fingerprint(&settings.path);
         if now.is_none() {
             continue;
@@ -351,6 +354,41 @@ fn directory_and_name(path: &Path) -> (PathBuf, Option<std::ffi::OsString>) {
 /// Secret's `..data` symlink swap). Other files in a busy directory must not wake the reloader.
 fn is_relevant(entry: &std::ffi::OsStr, name: Option<&std::ffi::OsStr>) -> bool {
     Some(entry) == name || entry.as_encoded_bytes().starts_with(b"..")
+}
+
+/// What [`watch_directory`] returns: the watch lasts as long as it lives.
+#[cfg(target_os = "linux")]
+type Watch = DirectoryWatch;
+#[cfg(not(target_os = "linux"))]
+type Watch = notify::RecommendedWatcher;
+
+/// A snapshot path that is a symlink into another directory (a mounted volume, a shared config
+/// directory): changes there leave the path's own directory untouched (`keygate keys` writes
+/// beside the file the link resolves to), so that directory is watched too, and the watch moves
+/// when the link is pointed elsewhere. Without it such edits waited for the poll.
+#[derive(Default)]
+struct TargetWatch {
+    /// What the path resolved to when last looked at.
+    resolved: Option<PathBuf>,
+    watch: Option<Watch>,
+}
+
+impl TargetWatch {
+    /// Look at what `path` resolves to now; watch its directory if that is another one than
+    /// the path's own (already watched), and stop watching the one it no longer names.
+    fn follow(&mut self, path: &Path, tx: &mpsc::Sender<()>) {
+        let resolved = std::fs::canonicalize(path).ok();
+        if resolved == self.resolved {
+            return;
+        }
+        let own = std::fs::canonicalize(directory_and_name(path).0).ok();
+        self.watch = None;
+        self.watch = resolved
+            .as_deref()
+            .filter(|r| r.parent() != own.as_deref())
+            .and_then(|r| watch_directory(r, tx.clone()));
+        self.resolved = resolved;
+    }
 }
 
 /// Watches the directory while it lives (the watch ends when it is dropped).
