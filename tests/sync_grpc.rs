@@ -736,3 +736,36 @@ async fn a_hub_at_revision_0_serves_nothing_until_revision_1() {
     sidecar.stop().await;
     hub.stop().await;
 }
+
+/// A Watch that reaches a hub as it starts gets the document the hub started with, not a hub
+/// holding nothing yet (a heartbeat of revision 0): the hub takes its first call only once its
+/// copy of the document is made (grpcio's test of a resuming caller once met the gap).
+#[tokio::test]
+async fn a_watch_as_the_hub_starts_gets_its_document() {
+    use keygate::sync::proto::{sync_client::SyncClient, watch_response::Event, WatchRequest};
+    let upstream = Upstream::start().await;
+    let snap = SnapshotDir::new();
+    // Large enough that making the hub's copy takes a while.
+    let mut d = Doc::new(3).partner("partner_acme", Some("org_1"), "active");
+    for i in 0..20_000 {
+        d = d.key(&format!("key_{i}"), &mint("sk_live_"), json!({}));
+    }
+    snap.write(&d);
+    let hub = Gate::start(&hub_config(&snap, upstream.addr, "127.0.0.1:0", "")).await;
+    let mut client = SyncClient::connect(format!("http://{}", hub_addr(&hub)))
+        .await
+        .unwrap()
+        .max_decoding_message_size(64 << 20);
+    let request = WatchRequest {
+        since_revision: 3,
+        client: "test".into(),
+        since_digest: Vec::new(),
+    };
+    let mut stream = client.watch(request).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().expect("a first message");
+    match first.event {
+        Some(Event::Full(full)) => assert_eq!(full.revision, 3),
+        other => panic!("expected the document (no digest: sent whole), got {other:?}"),
+    }
+    hub.stop().await;
+}

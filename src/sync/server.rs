@@ -187,6 +187,11 @@ impl Hub {
             );
             return;
         }
+        let current = |h: &History| h.current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &doc));
+        if current(&self.history.lock().expect("lock poisoned")) {
+            // Recorded already (the follower's first look at what `serve` recorded).
+            return;
+        }
         let digest = doc.digest();
         let mut h = self.history.lock().expect("lock poisoned");
         let revision = doc.revision;
@@ -473,6 +478,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let connections = hub.connections.clone();
+    // The document in force as the hub starts is its own before it takes a call: a Watch
+    // accepted first would find it holding nothing (a heartbeat of revision 0) for a moment.
+    // Callers connecting meanwhile wait in the listener's backlog.
+    if let Some(doc) = hub.store.document() {
+        let first = hub.clone();
+        let _ = tokio::task::spawn_blocking(move || first.record(doc)).await;
+    }
     let follower = tokio::spawn(hub.clone().follow(std::future::pending::<()>()));
     let closing = hub.clone();
     // Watch streams are told to end (each client reconnects, to another hub if there is one)
