@@ -199,7 +199,42 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Config(ConfigCommand::Check { config: path }) => match config::load(&path) {
-            Ok(_) => {
+            Ok(settings) => {
+                // Served all the same (a renewal replaces the files in place), but said.
+                let listeners = [
+                    (
+                        "proxy",
+                        settings.proxy.as_ref().and_then(|p| p.tls.as_ref()),
+                    ),
+                    (
+                        "ext_authz",
+                        settings.ext_authz.as_ref().and_then(|f| f.tls.as_ref()),
+                    ),
+                    (
+                        "authz_http",
+                        settings.authz_http.as_ref().and_then(|f| f.tls.as_ref()),
+                    ),
+                    (
+                        "sync_server",
+                        settings.sync_server.as_ref().and_then(|s| s.tls.as_ref()),
+                    ),
+                ];
+                for (section, tls) in listeners {
+                    let Some(tls) = tls else { continue };
+                    if let Some(at) = keygate::tls::expired_at(tls) {
+                        let at = time::OffsetDateTime::from_unix_timestamp(at as i64)
+                            .ok()
+                            .and_then(|t| {
+                                t.format(&time::format_description::well_known::Rfc3339)
+                                    .ok()
+                            })
+                            .unwrap_or_else(|| format!("{at} (Unix time)"));
+                        eprintln!(
+                            "warning: {section}.tls_cert: {}: the certificate expired at {at}; clients will refuse the handshake",
+                            tls.identity.cert.display()
+                        );
+                    }
+                }
                 println!("{}: ok", path.display());
                 Ok(ExitCode::SUCCESS)
             }

@@ -36,13 +36,10 @@ pub const ALPN_HTTP: &[&[u8]] = &[b"h2", b"http/1.1"];
 /// ALPN of a gRPC listener.
 pub const ALPN_GRPC: &[&[u8]] = &[b"h2"];
 
-/// A DER certificate's notAfter, in seconds since the Unix epoch.
 /// Says so when the certificate a listener is about to serve has expired (its notAfter is past):
 /// rustls serves it, and every client will refuse the handshake.
 fn warn_if_expired(listener: &str, path: &std::path::Path, leaf: &[u8]) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = unix_now();
     if let Some(at) = not_after(leaf).filter(|at| *at < now) {
         tracing::warn!(
             listener,
@@ -53,6 +50,24 @@ fn warn_if_expired(listener: &str, path: &std::path::Path, leaf: &[u8]) {
     }
 }
 
+/// The certificate a listener's files name, when it has expired: its notAfter, in seconds since
+/// the Unix epoch (`config check` warns of it as `serve` does; files that cannot be read or do
+/// not go together are `check_server`'s to report).
+pub fn expired_at(settings: &ServerTlsSettings) -> Option<u64> {
+    let config = Files::read(settings)
+        .ok()?
+        .server_config(settings, ALPN_HTTP)
+        .ok()?;
+    not_after(&config.leaf).filter(|at| *at < unix_now())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A DER certificate's notAfter, in seconds since the Unix epoch.
 fn not_after(der: &[u8]) -> Option<u64> {
     use x509_cert::der::Decode;
     let cert = x509_cert::Certificate::from_der(der).ok()?;

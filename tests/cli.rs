@@ -865,6 +865,42 @@ fn config_check_passes_a_valid_file() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o).1);
 }
 
+/// An expired certificate passes (`serve` serves it until the files are renewed in place) but
+/// is said, with the listener's key, the file and when it expired; a valid one is not.
+#[test]
+fn config_check_warns_of_an_expired_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let (cert, key) = (dir.path().join("old.pem"), dir.path().join("old-key.pem"));
+    pki.issue_until(&["127.0.0.1"], (2021, 1, 1))
+        .write_to(&cert, &key);
+    let toml = |cert: &Path, key: &Path| {
+        format!(
+            "{GOOD_CONFIG}tls_cert = {:?}\ntls_key = {:?}\n",
+            s(cert),
+            s(key)
+        )
+    };
+    let config = dir.path().join("keygate.toml");
+    std::fs::write(&config, toml(&cert, &key)).unwrap();
+    let o = keygate(&["config", "check", "--config", s(&config)]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(out.contains("ok"), "{out}");
+    assert!(
+        err.contains("warning: proxy.tls_cert")
+            && err.contains("old.pem")
+            && err.contains("expired at 2021-01-01T00:00:00Z"),
+        "{err}"
+    );
+
+    std::fs::write(&config, toml(&pki.server_cert, &pki.server_key)).unwrap();
+    let o = keygate(&["config", "check", "--config", s(&config)]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(!err.contains("warning"), "{err}");
+}
+
 #[test]
 fn config_check_names_every_bad_value_by_dotted_key() {
     let dir = tempfile::tempdir().unwrap();
