@@ -1345,26 +1345,41 @@ impl Validator<'_> {
             1,
             100_000,
         );
+        let idle_timeout = self.duration(
+            "limits.idle_timeout",
+            raw.idle_timeout.as_deref(),
+            d.idle_timeout,
+        );
+        // Unset, PINGs come at least twice per idle_timeout.
+        let keep_alive = self.duration(
+            "limits.http2_keep_alive_interval",
+            raw.http2_keep_alive_interval.as_deref(),
+            d.http2_keep_alive_interval.min(idle_timeout / 2),
+        );
+        if keep_alive >= idle_timeout {
+            // A quiet stream (Envoy's health Watch, a hub's Watch between heartbeats) is kept
+            // only while PINGs answered show its client is there: they must come first.
+            self.problem(
+                "limits.http2_keep_alive_interval",
+                format!(
+                    "{} is not shorter than limits.idle_timeout ({}): quiet HTTP/2 and gRPC streams would be closed as idle before a keep-alive PING",
+                    humantime::format_duration(keep_alive),
+                    humantime::format_duration(idle_timeout)
+                ),
+            );
+        }
         Limits {
             max_connections,
             http2_max_concurrent_streams: streams,
             http2_max_pending_accept_reset_streams: pending_resets,
             http2_max_local_error_reset_streams: local_resets,
-            http2_keep_alive_interval: self.duration(
-                "limits.http2_keep_alive_interval",
-                raw.http2_keep_alive_interval.as_deref(),
-                d.http2_keep_alive_interval,
-            ),
+            http2_keep_alive_interval: keep_alive,
             http2_keep_alive_timeout: self.duration(
                 "limits.http2_keep_alive_timeout",
                 raw.http2_keep_alive_timeout.as_deref(),
                 d.http2_keep_alive_timeout,
             ),
-            idle_timeout: self.duration(
-                "limits.idle_timeout",
-                raw.idle_timeout.as_deref(),
-                d.idle_timeout,
-            ),
+            idle_timeout,
         }
     }
 

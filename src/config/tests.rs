@@ -487,6 +487,11 @@ fn each_problem_names_its_dotted_key() {
             "limits.http2_keep_alive_interval",
         ),
         (
+            "keep-alive PINGs no more often than the idle timeout",
+            add("[limits]\nhttp2_keep_alive_interval = \"3m\"\nidle_timeout = \"3m\"\n"),
+            "limits.http2_keep_alive_interval",
+        ),
+        (
             "bad runtime flavor",
             add("[runtime]\nflavor = \"single\"\n"),
             "runtime.flavor",
@@ -1239,6 +1244,22 @@ fn values_that_pass_the_types_but_not_their_use_are_refused() {
         );
     }
     assert!(from_toml(&format!("{WITH_PROXY}[runtime]\nworker_threads = 1024\n")).is_ok());
+}
+
+/// HTTP/2 keep-alive PINGs come before the idle timeout closes a quiet stream: unset, the
+/// interval is at most half of `limits.idle_timeout`; set at or past it, it is refused.
+#[test]
+fn keep_alive_pings_come_within_the_idle_timeout() {
+    let s = from_toml(&format!("{WITH_PROXY}\n[limits]\nidle_timeout = \"10s\"\n")).unwrap();
+    assert_eq!(s.limits.http2_keep_alive_interval, Duration::from_secs(5));
+    let s = from_toml(WITH_PROXY).unwrap();
+    assert_eq!(s.limits.http2_keep_alive_interval, Duration::from_secs(30));
+    assert_eq!(s.limits.idle_timeout, Duration::from_secs(180));
+    let s = from_toml(&format!(
+        "{WITH_PROXY}\n[limits]\nidle_timeout = \"10s\"\nhttp2_keep_alive_interval = \"9s\"\n"
+    ))
+    .unwrap();
+    assert_eq!(s.limits.http2_keep_alive_interval, Duration::from_secs(9));
 }
 
 /// An environment override is the text it was written as where a key takes text, and a number
