@@ -366,29 +366,44 @@ type Watch = notify::RecommendedWatcher;
 /// directory): changes there leave the path's own directory untouched (`keygate keys` writes
 /// beside the file the link resolves to), so that directory is watched too, and the watch moves
 /// when the link is pointed elsewhere. Without it such edits waited for the poll.
+///
+/// The link is read one level, not resolved to the end: `/srv/current/keys.json` stays that, so
+/// the directory's own watch follows `current` when it is swapped, and a Kubernetes volume's
+/// `..data/keys.json` (beside the link, swapped at each update) needs no watch of its own.
 #[derive(Default)]
 struct TargetWatch {
-    /// What the path resolved to when last looked at.
-    resolved: Option<PathBuf>,
+    /// What the link pointed at when last looked at (joined to the link's directory).
+    target: Option<PathBuf>,
     watch: Option<Watch>,
 }
 
 impl TargetWatch {
-    /// Look at what `path` resolves to now; watch its directory if that is another one than
-    /// the path's own (already watched), and stop watching the one it no longer names.
+    /// Look at what `path` points at now; watch its directory if that is not the path's own
+    /// (already watched), and stop watching the one it no longer names.
     fn follow(&mut self, path: &Path, tx: &mpsc::Sender<()>) {
-        let resolved = std::fs::canonicalize(path).ok();
-        if resolved == self.resolved {
+        let (own, _) = directory_and_name(path);
+        let target = std::fs::read_link(path).ok().map(|t| own.join(t));
+        if target == self.target {
             return;
         }
-        let own = std::fs::canonicalize(directory_and_name(path).0).ok();
         self.watch = None;
-        self.watch = resolved
+        self.watch = target
             .as_deref()
-            .filter(|r| r.parent() != own.as_deref())
-            .and_then(|r| watch_directory(r, tx.clone()));
-        self.resolved = resolved;
+            .filter(|t| !beside(&own, t))
+            .and_then(|t| watch_directory(t, tx.clone()));
+        self.target = target;
     }
+}
+
+/// Whether `target` is in `own`, or in a `..`-named directory there (a Kubernetes volume's
+/// `..data`), whose changes `own`'s watch sees already.
+fn beside(own: &Path, target: &Path) -> bool {
+    let (dir, _) = directory_and_name(target);
+    dir == own
+        || (dir.parent() == Some(own)
+            && dir
+                .file_name()
+                .is_some_and(|n| n.as_encoded_bytes().starts_with(b"..")))
 }
 
 /// Watches the directory while it lives (the watch ends when it is dropped).
@@ -576,6 +591,27 @@ fn watch_directory(path: &Path, tx: mpsc::Sender<()>) -> Option<notify::Recommen
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// A link's target needs a watch of its own only outside the link's directory and its
+    /// `..`-named directories (a Kubernetes volume's `..data`, swapped beside the link).
+    #[test]
+    fn a_target_beside_the_link_needs_no_watch_of_its_own() {
+        let own = Path::new("/etc/keygate/snapshot");
+        for (target, is_beside) in [
+            ("/etc/keygate/snapshot/keys.v2.json", true),
+            ("/etc/keygate/snapshot/..data/keys.json", true),
+            ("/etc/keygate/snapshot/..2026_12_05/keys.json", true),
+            ("/etc/keygate/snapshot/releases/keys.json", false),
+            ("/srv/keys/keys.json", false),
+            ("/etc/keygate/keys.json", false),
+        ] {
+            assert_eq!(beside(own, Path::new(target)), is_beside, "{target}");
+        }
+        assert!(beside(
+            Path::new("."),
+            &Path::new(".").join("..data/keys.json")
+        ));
+    }
 
     /// A snapshot file in a directory of its own, and the directory's watch with its signals.
     #[cfg(target_os = "linux")]
