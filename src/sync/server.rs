@@ -481,7 +481,8 @@ pub async fn serve(
     // The document in force as the hub starts is its own before it takes a call: a Watch
     // accepted first would find it holding nothing (a heartbeat of revision 0) for a moment.
     // Callers connecting meanwhile wait in the listener's backlog.
-    if let Some(doc) = hub.store.document() {
+    // (Revision 0 is the follower's to report, once.)
+    if let Some(doc) = hub.store.document().filter(|d| d.revision != 0) {
         let first = hub.clone();
         let _ = tokio::task::spawn_blocking(move || first.record(doc)).await;
     }
