@@ -247,14 +247,61 @@ struct Snapshot {
     extra: Map<String, Value>,
 }
 
-#[derive(Serialize, Deserialize)]
+/// A partner entry, read like a key's: only `id` is typed, so a partner a keygate would
+/// quarantine (no `status`, an `org_id` that is not text) never stops the tools; every other
+/// field is kept as read.
+#[derive(Deserialize)]
 struct Partner {
     id: String,
-    #[serde(default)]
-    org_id: Option<String>,
-    status: String,
     #[serde(flatten)]
-    extra: Map<String, Value>,
+    fields: Map<String, Value>,
+}
+
+/// The contract's partner fields, in the order a partner is written: the rest follow as read.
+const PARTNER_FIELDS: [&str; 2] = ["org_id", "status"];
+
+impl Serialize for Partner {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        ordered(s, &self.id, &PARTNER_FIELDS, &self.fields)
+    }
+}
+
+impl Partner {
+    fn org_id(&self) -> Option<&str> {
+        self.fields.get("org_id").and_then(Value::as_str)
+    }
+
+    /// Its status as written, or how it is not there.
+    fn status(&self) -> String {
+        match self.fields.get("status") {
+            Some(Value::String(s)) => s.clone(),
+            None => "without a status".into(),
+            Some(other) => format!("of status {other}"),
+        }
+    }
+}
+
+/// An entry written `id` first, then the contract's fields in its order, then the rest as read.
+fn ordered<S: serde::Serializer>(
+    s: S,
+    id: &str,
+    order: &[&str],
+    fields: &Map<String, Value>,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(1 + fields.len()))?;
+    map.serialize_entry("id", id)?;
+    for field in order {
+        if let Some(value) = fields.get(*field) {
+            map.serialize_entry(field, value)?;
+        }
+    }
+    for (field, value) in fields {
+        if field != "id" && !order.contains(&field.as_str()) {
+            map.serialize_entry(field, value)?;
+        }
+    }
+    map.end()
 }
 
 /// A key entry. Only `id` is read as typed: an entry a keygate would quarantine (a field
@@ -293,20 +340,7 @@ const KEY_FIELDS: [&str; 9] = [
 
 impl Serialize for KeyRecord {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut map = s.serialize_map(Some(1 + self.fields.len()))?;
-        map.serialize_entry("id", &self.id)?;
-        for field in KEY_FIELDS {
-            if let Some(value) = self.fields.get(field) {
-                map.serialize_entry(field, value)?;
-            }
-        }
-        for (field, value) in &self.fields {
-            if field != "id" && !KEY_FIELDS.contains(&field.as_str()) {
-                map.serialize_entry(field, value)?;
-            }
-        }
-        map.end()
+        ordered(s, &self.id, &KEY_FIELDS, &self.fields)
     }
 }
 
@@ -792,21 +826,26 @@ fn ensure_partner(
 ) -> Result<(bool, String), KeysError> {
     if let Some(p) = doc.partners.iter().find(|p| p.id == partner) {
         if let Some(given) = org {
-            if p.org_id.as_ref() != Some(given) {
+            if p.org_id() != Some(given.as_str()) {
                 return Err(KeysError::OrgMismatch {
                     partner: partner.to_string(),
-                    existing: p.org_id.clone().unwrap_or_else(|| "(none)".into()),
+                    existing: match p.fields.get("org_id") {
+                        Some(Value::String(o)) => o.clone(),
+                        None | Some(Value::Null) => "(none)".into(),
+                        Some(other) => other.to_string(),
+                    },
                     given: given.clone(),
                 });
             }
         }
-        return Ok((false, p.status.clone()));
+        return Ok((false, p.status()));
     }
+    let mut fields = Map::new();
+    fields.insert("org_id".into(), org.clone().into());
+    fields.insert("status".into(), "active".into());
     doc.partners.push(Partner {
         id: partner.to_string(),
-        org_id: org.clone(),
-        status: "active".into(),
-        extra: Map::new(),
+        fields,
     });
     Ok((true, "active".into()))
 }

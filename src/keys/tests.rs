@@ -443,6 +443,50 @@ fn org_must_agree_with_an_existing_partner() {
     }
 }
 
+/// A partner entry a keygate would quarantine (no status, an org that is not text) does not
+/// stop the tools: keys are listed, created for other partners and revoked; its fields are
+/// written back as read, in the contract's order first.
+#[test]
+fn a_malformed_partner_blocks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let mut doc = sample_doc();
+    doc["partners"].as_array_mut().unwrap().push(json!({
+        "x_first": 1, "org_id": 7, "id": "partner_broken"
+    }));
+    write_doc(&path, &doc);
+
+    assert_eq!(list(&path).unwrap().len(), 1);
+    let c = create(&path, &opts("partner_broken", "live", &["a"]), now()).unwrap();
+    assert_eq!(c.partner_status, "without a status");
+    assert!(render_created(&c, false).contains("partner_broken is without a status"));
+    let err = create(
+        &path,
+        &CreateOptions {
+            org: Some("org_9".into()),
+            ..opts("partner_broken", "live", &["a"])
+        },
+        now(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("org_id 7, not org_9"), "{err}");
+    revoke(&path, &c.id, now()).unwrap();
+
+    let text = String::from_utf8(fs::read(&path).unwrap()).unwrap();
+    let broken = text.find("\"partner_broken\"").unwrap();
+    let (org, first) = (
+        text[broken..].find("\"org_id\"").unwrap(),
+        text[broken..].find("\"x_first\"").unwrap(),
+    );
+    assert!(org < first, "contract fields first: {text}");
+    let written = read_json(&path);
+    assert_eq!(
+        written["partners"][1],
+        json!({"id": "partner_broken", "org_id": 7, "x_first": 1})
+    );
+    assert_eq!(written["partners"][0], sample_doc()["partners"][0]);
+}
+
 #[test]
 fn inactive_partner_is_kept_and_noted() {
     let dir = tempfile::tempdir().unwrap();
