@@ -769,3 +769,74 @@ async fn a_watch_as_the_hub_starts_gets_its_document() {
     }
     hub.stop().await;
 }
+
+/// A hub whose every Watch says one thing and then fails (a hub crashing on each stream, one
+/// that keeps sending what cannot apply) is called again ever later, up to `backoff_max`: one
+/// message on a stream is not a stream that held, so it does not start the backoff over (it
+/// did: such a hub was called every half second to second by every sidecar, forever).
+#[tokio::test]
+async fn a_hub_failing_each_watch_after_one_message_is_called_ever_later() {
+    use keygate::sync::proto::{watch_response::Event, Heartbeat, WatchResponse};
+    use prost::Message;
+    use std::sync::Mutex;
+    let upstream = Upstream::start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let calls: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let counted = calls.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_request, mut respond))) = conn.accept().await {
+                    counted.lock().unwrap().push(Instant::now());
+                    let head = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(())
+                        .unwrap();
+                    let Ok(mut send) = respond.send_response(head, false) else {
+                        continue;
+                    };
+                    let message = WatchResponse {
+                        event: Some(Event::Heartbeat(Heartbeat {
+                            revision: 0,
+                            interval_ms: 200,
+                        })),
+                        confirmed_age_ms: None,
+                    }
+                    .encode_to_vec();
+                    let mut frame = vec![0u8];
+                    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+                    frame.extend_from_slice(&message);
+                    let _ = send.send_data(frame.into(), false);
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", "14".parse().unwrap());
+                    let _ = send.send_trailers(trailers);
+                }
+            });
+        }
+    });
+    let config = sidecar_config(addr, upstream.addr, "")
+        .replace("backoff_max = \"200ms\"", "backoff_max = \"10s\"");
+    let gate = Gate::start(&config).await;
+    let start = Instant::now();
+    while calls.lock().unwrap().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(5), "never called");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let first = calls.lock().unwrap()[0];
+    tokio::time::sleep(Duration::from_millis(4500).saturating_sub(first.elapsed())).await;
+    // Waits of 1, 2, 4 s (each between half and all of it): at most 4 calls in 4.5 s. Started
+    // over after each message, the waits were all 0.5–1 s: at least 5.
+    let made: Vec<Duration> = calls.lock().unwrap().iter().map(|t| *t - first).collect();
+    assert!(made.len() >= 2, "called again: {made:?}");
+    assert!(made.len() <= 4, "called again and again: {made:?}");
+    assert_eq!(gate.revision(), None);
+    gate.stop().await;
+}

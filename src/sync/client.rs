@@ -55,6 +55,9 @@ pub struct SyncClient {
     endpoint: Endpoint,
     doc: Option<Arc<Document>>,
     stream: Option<Streaming<WatchResponse>>,
+    /// When the stream in use was opened.
+    opened: Option<std::time::Instant>,
+    /// Streams lost in a row; a stream that held for `backoff_max` starts the count over.
     failures: u32,
     cache_touch: crate::snapshot::cache::Toucher,
     /// Bytes read from the hub so far, to tell a message still arriving from silence.
@@ -98,6 +101,7 @@ impl SyncClient {
             endpoint,
             doc: None,
             stream: None,
+            opened: None,
             failures: 0,
             cache_touch: crate::snapshot::cache::Toucher::default(),
             received: Arc::default(),
@@ -156,6 +160,7 @@ impl SyncClient {
             .map_err(|s| StreamError::Refused(format!("{:?}: {}", s.code(), s.message())))?
             .into_inner();
         self.stream = Some(stream);
+        self.opened = Some(std::time::Instant::now());
         Ok(())
     }
 
@@ -351,6 +356,16 @@ impl SyncClient {
 
     fn failed(&mut self, store: &SnapshotStore, e: &StreamError) {
         self.stream = None;
+        // A stream that held for a while was a success: the next wait starts short again. One
+        // that failed soon after it opened, whatever it delivered first, was not (a hub that
+        // sends a message and then fails would otherwise be called every second, forever).
+        if self
+            .opened
+            .take()
+            .is_some_and(|at| at.elapsed() >= self.settings.backoff_max)
+        {
+            self.failures = 0;
+        }
         self.failures = self.failures.saturating_add(1);
         let counter = match e {
             StreamError::Gap { .. } | StreamError::Document(_) => &store.stats.reloads_rejected,
@@ -379,9 +394,8 @@ impl SyncClient {
                 () = &mut shutdown => return,
                 step = self.step(&store) => step,
             };
-            match step {
-                Ok(_) => self.failures = 0,
-                Err(e) => self.failed(&store, &e),
+            if let Err(e) = step {
+                self.failed(&store, &e);
             }
         }
     }
