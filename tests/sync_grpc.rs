@@ -840,3 +840,40 @@ async fn a_hub_failing_each_watch_after_one_message_is_called_ever_later() {
     assert_eq!(gate.revision(), None);
     gate.stop().await;
 }
+
+/// A hub shutting down ends its Watch streams as UNAVAILABLE, a status to call again on, not
+/// OK (which says a call is complete: a client other than keygate's could stop there).
+#[tokio::test]
+async fn a_hub_shutting_down_ends_its_watches_as_unavailable() {
+    use keygate::sync::proto::{sync_client::SyncClient, watch_response::Event, WatchRequest};
+    let upstream = Upstream::start().await;
+    let (a, b) = (mint("sk_live_"), mint("sk_live_"));
+    let snap = SnapshotDir::new();
+    snap.write(&doc(1, (&a, "active"), (&b, "active")));
+    let hub = Gate::start(&hub_config(&snap, upstream.addr, "127.0.0.1:0", "")).await;
+    let mut client = SyncClient::connect(format!("http://{}", hub_addr(&hub)))
+        .await
+        .unwrap();
+    let request = WatchRequest {
+        since_revision: 0,
+        client: "test".into(),
+        since_digest: Vec::new(),
+    };
+    let mut stream = client.watch(request).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().expect("the document");
+    assert!(matches!(first.event, Some(Event::Full(_))));
+    let stopping = tokio::spawn(hub.stop());
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+            Ok(Ok(Some(_heartbeat))) => continue,
+            Ok(other) => break other,
+            Err(_) => panic!("the stream outlived the hub's shutdown"),
+        }
+    };
+    match ended {
+        Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}"),
+        Ok(None) => panic!("the stream ended as complete (grpc-status 0)"),
+        Ok(Some(_)) => unreachable!(),
+    }
+    stopping.await.unwrap();
+}

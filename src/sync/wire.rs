@@ -178,7 +178,9 @@ impl http_body::Body for WatchBody {
                     Err(status) => status,
                 },
                 Some(Err(status)) => status,
-                None => Status::ok(""),
+                // A Watch is answered for as long as the hub runs: ended by the hub (shutting
+                // down), it is one to call again, not one that completed.
+                None => Status::unavailable("the hub ended the stream: call again"),
             };
             self.done = true;
             self.rx.close();
@@ -360,6 +362,6 @@ mod tests {
         }
         assert_eq!(got, want);
         assert!(pieces >= 5, "{pieces} pieces");
-        assert_eq!(trailers.unwrap()["grpc-status"], "0");
+        assert_eq!(trailers.unwrap()["grpc-status"], "14");
     }
 }
