@@ -533,29 +533,15 @@ async fn an_unused_hub_connection_is_told_goodbye() {
 #[tokio::test]
 async fn a_watch_the_hub_never_answers_is_called_again() {
     let upstream = Upstream::start().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = calls.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let counted = counted.clone();
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(tcp).await else {
-                    return;
-                };
-                // Streams held, never answered.
-                let mut held = Vec::new();
-                while let Some(Ok(stream)) = conn.accept().await {
-                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    held.push(stream);
-                }
-            });
-        }
-    });
+    // Streams held, never answered.
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let addr = fake_hub(move |request, respond| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        held.lock().unwrap().push((request, respond));
+    })
+    .await;
     let gate = Gate::start(&sidecar_config(addr, upstream.addr, "")).await;
     let start = std::time::Instant::now();
     while calls.load(std::sync::atomic::Ordering::SeqCst) < 3 {
@@ -742,7 +728,7 @@ async fn a_hub_at_revision_0_serves_nothing_until_revision_1() {
 /// copy of the document is made (grpcio's test of a resuming caller once met the gap).
 #[tokio::test]
 async fn a_watch_as_the_hub_starts_gets_its_document() {
-    use keygate::sync::proto::{sync_client::SyncClient, watch_response::Event, WatchRequest};
+    use keygate::sync::proto::watch_response::Event;
     let upstream = Upstream::start().await;
     let snap = SnapshotDir::new();
     // Large enough that making the hub's copy takes a while.
@@ -752,16 +738,7 @@ async fn a_watch_as_the_hub_starts_gets_its_document() {
     }
     snap.write(&d);
     let hub = Gate::start(&hub_config(&snap, upstream.addr, "127.0.0.1:0", "")).await;
-    let mut client = SyncClient::connect(format!("http://{}", hub_addr(&hub)))
-        .await
-        .unwrap()
-        .max_decoding_message_size(64 << 20);
-    let request = WatchRequest {
-        since_revision: 3,
-        client: "test".into(),
-        since_digest: Vec::new(),
-    };
-    let mut stream = client.watch(request).await.unwrap().into_inner();
+    let mut stream = watch(&hub, 3).await;
     let first = stream.message().await.unwrap().expect("a first message");
     match first.event {
         Some(Event::Full(full)) => assert_eq!(full.revision, 3),
@@ -780,48 +757,34 @@ async fn a_hub_failing_each_watch_after_one_message_is_called_ever_later() {
     use prost::Message;
     use std::sync::Mutex;
     let upstream = Upstream::start().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let calls: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let counted = calls.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let counted = counted.clone();
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(tcp).await else {
-                    return;
-                };
-                while let Some(Ok((_request, mut respond))) = conn.accept().await {
-                    counted.lock().unwrap().push(Instant::now());
-                    let head = http::Response::builder()
-                        .header("content-type", "application/grpc")
-                        .body(())
-                        .unwrap();
-                    let Ok(mut send) = respond.send_response(head, false) else {
-                        continue;
-                    };
-                    let message = WatchResponse {
-                        event: Some(Event::Heartbeat(Heartbeat {
-                            revision: 0,
-                            interval_ms: 200,
-                        })),
-                        confirmed_age_ms: None,
-                    }
-                    .encode_to_vec();
-                    let mut frame = vec![0u8];
-                    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
-                    frame.extend_from_slice(&message);
-                    let _ = send.send_data(frame.into(), false);
-                    let mut trailers = http::HeaderMap::new();
-                    trailers.insert("grpc-status", "14".parse().unwrap());
-                    let _ = send.send_trailers(trailers);
-                }
-            });
+    let addr = fake_hub(move |_request, mut respond| {
+        counted.lock().unwrap().push(Instant::now());
+        let head = http::Response::builder()
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let Ok(mut send) = respond.send_response(head, false) else {
+            return;
+        };
+        let message = WatchResponse {
+            event: Some(Event::Heartbeat(Heartbeat {
+                revision: 0,
+                interval_ms: 200,
+            })),
+            confirmed_age_ms: None,
         }
-    });
+        .encode_to_vec();
+        let mut frame = vec![0u8];
+        frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&message);
+        let _ = send.send_data(frame.into(), false);
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "14".parse().unwrap());
+        let _ = send.send_trailers(trailers);
+    })
+    .await;
     let config = sidecar_config(addr, upstream.addr, "")
         .replace("backoff_max = \"200ms\"", "backoff_max = \"10s\"");
     let gate = Gate::start(&config).await;
@@ -845,21 +808,13 @@ async fn a_hub_failing_each_watch_after_one_message_is_called_ever_later() {
 /// OK (which says a call is complete: a client other than keygate's could stop there).
 #[tokio::test]
 async fn a_hub_shutting_down_ends_its_watches_as_unavailable() {
-    use keygate::sync::proto::{sync_client::SyncClient, watch_response::Event, WatchRequest};
+    use keygate::sync::proto::watch_response::Event;
     let upstream = Upstream::start().await;
     let (a, b) = (mint("sk_live_"), mint("sk_live_"));
     let snap = SnapshotDir::new();
     snap.write(&doc(1, (&a, "active"), (&b, "active")));
     let hub = Gate::start(&hub_config(&snap, upstream.addr, "127.0.0.1:0", "")).await;
-    let mut client = SyncClient::connect(format!("http://{}", hub_addr(&hub)))
-        .await
-        .unwrap();
-    let request = WatchRequest {
-        since_revision: 0,
-        client: "test".into(),
-        since_digest: Vec::new(),
-    };
-    let mut stream = client.watch(request).await.unwrap().into_inner();
+    let mut stream = watch(&hub, 0).await;
     let first = stream.message().await.unwrap().expect("the document");
     assert!(matches!(first.event, Some(Event::Full(_))));
     let stopping = tokio::spawn(hub.stop());
@@ -876,4 +831,51 @@ async fn a_hub_shutting_down_ends_its_watches_as_unavailable() {
         Ok(Some(_)) => unreachable!(),
     }
     stopping.await.unwrap();
+}
+
+/// A Watch of `hub` by tonic's client, as a caller holding `since_revision` (no digest).
+async fn watch(
+    hub: &Gate,
+    since_revision: u64,
+) -> tonic::Streaming<keygate::sync::proto::WatchResponse> {
+    use keygate::sync::proto::{sync_client::SyncClient, WatchRequest};
+    let mut client = SyncClient::connect(format!("http://{}", hub_addr(hub)))
+        .await
+        .unwrap()
+        .max_decoding_message_size(64 << 20);
+    let request = WatchRequest {
+        since_revision,
+        client: "test".into(),
+        since_digest: Vec::new(),
+    };
+    client.watch(request).await.unwrap().into_inner()
+}
+
+/// A stand-in hub: an HTTP/2 server on 127.0.0.1 that hands every stream to `on_stream`.
+async fn fake_hub<F>(on_stream: F) -> SocketAddr
+where
+    F: Fn(http::Request<h2::RecvStream>, h2::server::SendResponse<bytes::Bytes>)
+        + Clone
+        + Send
+        + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let on_stream = on_stream.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((request, respond))) = conn.accept().await {
+                    on_stream(request, respond);
+                }
+            });
+        }
+    });
+    addr
 }
