@@ -1345,18 +1345,29 @@ impl Validator<'_> {
             1,
             100_000,
         );
-        let idle_timeout = self.duration(
+        let problems = self.problems.len();
+        let idle_timeout = match self.duration(
             "limits.idle_timeout",
             raw.idle_timeout.as_deref(),
             d.idle_timeout,
-        );
+        ) {
+            t if t < Duration::from_millis(100) => {
+                self.problem(
+                    "limits.idle_timeout",
+                    "must be at least 100ms (HTTP/2 keep-alive PINGs come within it)",
+                );
+                d.idle_timeout
+            }
+            t => t,
+        };
+        let idle_timeout_ok = self.problems.len() == problems;
         // Unset, PINGs come at least twice per idle_timeout.
         let keep_alive = self.duration(
             "limits.http2_keep_alive_interval",
             raw.http2_keep_alive_interval.as_deref(),
             d.http2_keep_alive_interval.min(idle_timeout / 2),
         );
-        if keep_alive >= idle_timeout {
+        if keep_alive >= idle_timeout && idle_timeout_ok {
             // A quiet stream (Envoy's health Watch, a hub's Watch between heartbeats) is kept
             // only while PINGs answered show its client is there: they must come first.
             self.problem(

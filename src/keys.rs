@@ -271,12 +271,23 @@ impl Partner {
         self.fields.get("org_id").and_then(Value::as_str)
     }
 
-    /// Its status as written, or how it is not there.
+    /// Its status as a keygate reads it: as written when the entry is one a keygate takes,
+    /// otherwise why a keygate leaves the partner out (and refuses its keys).
     fn status(&self) -> String {
-        match self.fields.get("status") {
-            Some(Value::String(s)) => s.clone(),
-            None => "without a status".into(),
-            Some(other) => format!("of status {other}"),
+        const STATUSES: [&str; 4] = ["active", "suspended", "deactivated", "payment_required"];
+        let quarantined = |why: String| format!("quarantined by keygate ({why})");
+        let status = match self.fields.get("status") {
+            Some(Value::String(s)) if STATUSES.contains(&s.as_str()) => s.clone(),
+            Some(Value::String(s)) => return quarantined(format!("unknown status {s:?}")),
+            None => return quarantined("no status".into()),
+            Some(other) => return quarantined(format!("status {other} is not text")),
+        };
+        match self.fields.get("org_id") {
+            None | Some(Value::Null) => status,
+            Some(Value::String(org)) if is_id(org) => status,
+            Some(other) => quarantined(format!(
+                "org_id {other} is not 1-128 of A-Z a-z 0-9 _ - . :"
+            )),
         }
     }
 }
@@ -830,9 +841,9 @@ fn ensure_partner(
                 return Err(KeysError::OrgMismatch {
                     partner: partner.to_string(),
                     existing: match p.fields.get("org_id") {
-                        Some(Value::String(o)) => o.clone(),
+                        Some(Value::String(o)) => printable(o),
                         None | Some(Value::Null) => "(none)".into(),
-                        Some(other) => other.to_string(),
+                        Some(other) => format!("{} (not text)", printable(&other.to_string())),
                     },
                     given: given.clone(),
                 });

@@ -487,6 +487,11 @@ fn each_problem_names_its_dotted_key() {
             "limits.http2_keep_alive_interval",
         ),
         (
+            "an idle timeout too short for keep-alive PINGs",
+            add("[limits]\nidle_timeout = \"1ns\"\n"),
+            "limits.idle_timeout",
+        ),
+        (
             "keep-alive PINGs no more often than the idle timeout",
             add("[limits]\nhttp2_keep_alive_interval = \"3m\"\nidle_timeout = \"3m\"\n"),
             "limits.http2_keep_alive_interval",

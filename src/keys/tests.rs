@@ -458,8 +458,9 @@ fn a_malformed_partner_blocks_nothing() {
 
     assert_eq!(list(&path).unwrap().len(), 1);
     let c = create(&path, &opts("partner_broken", "live", &["a"]), now()).unwrap();
-    assert_eq!(c.partner_status, "without a status");
-    assert!(render_created(&c, false).contains("partner_broken is without a status"));
+    assert_eq!(c.partner_status, "quarantined by keygate (no status)");
+    assert!(render_created(&c, false)
+        .contains("partner_broken is quarantined by keygate (no status); this key is refused"));
     let err = create(
         &path,
         &CreateOptions {
@@ -469,8 +470,24 @@ fn a_malformed_partner_blocks_nothing() {
         now(),
     )
     .unwrap_err();
-    assert!(err.to_string().contains("org_id 7, not org_9"), "{err}");
+    assert!(
+        err.to_string().contains("org_id 7 (not text), not org_9"),
+        "{err}"
+    );
     revoke(&path, &c.id, now()).unwrap();
+
+    // Active, but with an org_id a keygate refuses: the key made is refused too, and said.
+    let odd = dir.path().join("odd.json");
+    let mut doc = sample_doc();
+    doc["partners"][0]["org_id"] = json!("org 1");
+    write_doc(&odd, &doc);
+    let c = create(&odd, &opts("partner_acme", "live", &["a"]), now()).unwrap();
+    assert!(
+        c.partner_status
+            .starts_with("quarantined by keygate (org_id \"org 1\""),
+        "{}",
+        c.partner_status
+    );
 
     let text = String::from_utf8(fs::read(&path).unwrap()).unwrap();
     let broken = text.find("\"partner_broken\"").unwrap();

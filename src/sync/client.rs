@@ -57,7 +57,8 @@ pub struct SyncClient {
     stream: Option<Streaming<WatchResponse>>,
     /// When the stream in use was opened.
     opened: Option<std::time::Instant>,
-    /// Streams lost in a row; a stream that held for `backoff_max` starts the count over.
+    /// Streams lost in a row; a stream that held for `idle_timeout` (or `backoff_max`, if
+    /// shorter) starts the count over.
     failures: u32,
     cache_touch: crate::snapshot::cache::Toucher,
     /// Bytes read from the hub so far, to tell a message still arriving from silence.
@@ -359,10 +360,12 @@ impl SyncClient {
         // A stream that held for a while was a success: the next wait starts short again. One
         // that failed soon after it opened, whatever it delivered first, was not (a hub that
         // sends a message and then fails would otherwise be called every second, forever).
+        // "A while": an idle_timeout (heartbeats arrived through it), or backoff_max if shorter.
+        let held_for = self.settings.backoff_max.min(self.settings.idle_timeout);
         if self
             .opened
             .take()
-            .is_some_and(|at| at.elapsed() >= self.settings.backoff_max)
+            .is_some_and(|at| at.elapsed() >= held_for)
         {
             self.failures = 0;
         }
