@@ -1066,20 +1066,21 @@ fn load(path: &Path) -> Result<Option<Snapshot>, KeysError> {
     let (keys, partners) = (entries("keys")?, entries("partners")?);
     let mut doc: Snapshot =
         serde_json::from_value(Value::Object(obj)).map_err(|e| malformed(String::new(), e))?;
-    doc.keys = keys
-        .into_iter()
-        .enumerate()
-        .map(|(i, k)| {
-            serde_json::from_value(k).map_err(|e| malformed(format!("key entry {i}: "), e))
-        })
-        .collect::<Result<_, _>>()?;
-    doc.partners = partners
-        .into_iter()
-        .enumerate()
-        .map(|(i, p)| {
-            serde_json::from_value(p).map_err(|e| malformed(format!("partner entry {i}: "), e))
-        })
-        .collect::<Result<_, _>>()?;
+    // Each entry read alone, so that a problem names the entry it is in.
+    fn each<T: serde::de::DeserializeOwned>(
+        list: Vec<Value>,
+        what: &str,
+        malformed: &impl Fn(String, serde_json::Error) -> KeysError,
+    ) -> Result<Vec<T>, KeysError> {
+        list.into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                serde_json::from_value(v).map_err(|e| malformed(format!("{what} entry {i}: "), e))
+            })
+            .collect()
+    }
+    doc.keys = each(keys, "key", &malformed)?;
+    doc.partners = each(partners, "partner", &malformed)?;
     Ok(Some(doc))
 }
 
