@@ -19,6 +19,17 @@
 #   DURATION=10s               measured wrk run
 #   WARMUP=2s                  warmup wrk run (not measured)
 #   CONNECTIONS=50             wrk connections (1 thread)
+#   RATE=""                    requests/s: instead of wrk (closed-loop, as fast as the proxy
+#                              answers), send that many requests per second, evenly paced,
+#                              measuring each from when it was due (examples/http_load.rs:
+#                              cargo build --release --example http_load); warmup paced too
+#   HTTP_LOAD=target/release/examples/http_load
+#   INTERLEAVE=0               1 (with RATE): nginx-gate and keygate run at once, both on
+#                              PROXY_CPU, and the paced client sends to them in turn (RATE/2
+#                              each), so both meet the same pauses of the machine (§2 of
+#                              BENCHMARKS.md: a VM's cores stop for milliseconds about once a
+#                              second, and one run after another each proxy's p99 depends on how
+#                              many its own run met)
 #   KEYGATE=target/release/keygate
 #   PROXY_CPU=0                core the proxy under test is pinned to
 #   LOAD_CPU=1                 core for wrk and the upstream nginx
@@ -39,6 +50,9 @@ KEYS="${KEYS:-10000}"
 DURATION="${DURATION:-10s}"
 WARMUP="${WARMUP:-2s}"
 CONNECTIONS="${CONNECTIONS:-50}"
+RATE="${RATE:-}"
+HTTP_LOAD="${HTTP_LOAD:-target/release/examples/http_load}"
+INTERLEAVE="${INTERLEAVE:-0}"
 KEYGATE="${KEYGATE:-target/release/keygate}"
 PROXY_CPU="${PROXY_CPU:-0}"
 LOAD_CPU="${LOAD_CPU:-1}"
@@ -240,6 +254,18 @@ done
 
 [[ "$KEYS" =~ ^[1-9][0-9]*$ ]] || die "KEYS must be a positive integer (got '$KEYS')"
 [[ "$CONNECTIONS" =~ ^[1-9][0-9]*$ ]] || die "CONNECTIONS must be a positive integer (got '$CONNECTIONS')"
+if [[ -n "$RATE" ]]; then
+    [[ "$RATE" =~ ^[1-9][0-9]*$ ]] || die "RATE must be a positive integer of requests per second (got '$RATE')"
+    [[ -x "$HTTP_LOAD" ]] || die "the paced client '$HTTP_LOAD' is not built.
+    Build it with: cargo build --release --example http_load   (or set HTTP_LOAD=/path/to/http_load)"
+    HTTP_LOAD="$(cd "$(dirname "$HTTP_LOAD")" && pwd)/$(basename "$HTTP_LOAD")"
+fi
+case "$INTERLEAVE" in
+    0) ;;
+    1) [[ -n "$RATE" ]] || die "INTERLEAVE=1 needs RATE (the paced client sends to both proxies in turn)"
+       [[ " ${contenders[*]} " == " nginx keygate " ]] || die "INTERLEAVE=1 compares nginx and keygate: set CONTENDERS=\"nginx keygate\" (got '${contenders[*]}')" ;;
+    *) die "INTERLEAVE must be 0 or 1 (got '$INTERLEAVE')" ;;
+esac
 [[ "$DURATION" =~ ^[0-9]+[smh]?$ ]] || die "DURATION must look like 10s (got '$DURATION')"
 [[ "$WARMUP" =~ ^[0-9]+[smh]?$ ]] || die "WARMUP must look like 2s (got '$WARMUP')"
 for cpu in "$PROXY_CPU" "$LOAD_CPU"; do
@@ -482,6 +508,69 @@ run_wrk() {   # $1 = url, $2 = duration, $3 = output file
         || { cat "$3" >&2; die "wrk failed against $1"; }
 }
 
+# The paced client instead of wrk: $1 seconds of requests at RATE, to each "url output-file"
+# pair that follows in turn. Each server's line becomes a wrk-like summary that parse_wrk reads,
+# the client's own line kept below it.
+run_paced() {   # $1 = duration, then url output [url output]
+    local duration="$1" requests line i=0
+    shift
+    local -a addrs=() outs=() lines=()
+    while (( $# )); do addrs+=(--addr "${1#http://}"); outs+=("$2"); shift 2; done
+    requests=$(( RATE * ${duration%s} ))
+    if ! mapfile -t lines < <(taskset -c "$LOAD_CPU" "$HTTP_LOAD" "${addrs[@]}" --path "$REQUEST_PATH" \
+            --header "X-API-Key: $CLIENT_KEY" --rate "$RATE" --requests "$requests" --warmup 0 \
+            --connections "$CONNECTIONS" 2>"${outs[0]}.err"; echo "exit $?"); then
+        die "the paced client could not be run"
+    fi
+    if [[ "${lines[-1]}" != "exit 0" || ${#lines[@]} -ne $(( ${#outs[@]} + 1 )) ]]; then
+        printf '%s\n' "${lines[@]}" >&2; cat "${outs[0]}.err" >&2; die "the paced client failed (${addrs[*]})"
+    fi
+    for line in "${lines[@]:0:${#outs[@]}}"; do
+        # rate <asked> <achieved> ok <n> failed <n> p50 <ms> p90 <ms> p99 <ms> p99.9 <ms> max <ms> late-p99 <ms>
+        awk '{ printf "  Latency Distribution\n     50%%  %.0fus\n     99%%  %.0fus\n  %s requests in %ss\nRequests/sec: %s\n", $9 * 1000, $13 * 1000, $5, "-", $3
+               if ($7 > 0) printf "Non-2xx or 3xx responses: %d\n", $7 }' <<<"$line" >"${outs[i]}"
+        echo "paced: $line" >>"${outs[i]}"
+        i=$(( i + 1 ))
+    done
+}
+
+# The figures of contender $1 from its output ($WRK_DIR/$1.txt) and the samples taken around
+# its measured run (t0/t1: its CPU ticks, if $2 > 0; pc0/pc1, lc0/lc1: the cores'; w0/w1: wall
+# clock). $3: percent of the proxy core that another contender measured at the same time took.
+account() {
+    local c="$1" measured_pids="$2" beside="$3" parsed rps req p50 p99 non2xx errs u0 s0 u1 s1 ticks other
+    R_PCORE[$c]="$(core_pct "$pc0" "$pc1")"
+    R_LCORE[$c]="$(core_pct "$lc0" "$lc1")"
+
+    parsed="$(parse_wrk "$WRK_DIR/$c.txt")" || { cat "$WRK_DIR/$c.txt" >&2; die "could not parse wrk output for $c"; }
+    read -r rps req p50 p99 non2xx errs <<<"$parsed"
+    R_RPS[$c]="$rps"; R_REQ[$c]="$req"; R_P50[$c]="$p50"; R_P99[$c]="$p99"
+    R_NON2XX[$c]="$non2xx"; R_ERRS[$c]="$errs"
+    (( R_REQ[$c] > 0 )) || die "$c: wrk completed 0 requests"
+
+    if (( measured_pids )); then
+        read -r u0 s0 <<<"$t0"; read -r u1 s1 <<<"$t1"
+        ticks=$(( u1 + s1 - u0 - s0 ))
+        # User space alone: what the proxy's own code costs, apart from the kernel's network
+        # stack (which both proxies share).
+        R_USER_US[$c]="$(awk -v t="$(( u1 - u0 ))" -v hz="$CLK_TCK" -v n="${R_REQ[$c]}" 'BEGIN { printf "%.2f", t * 1e6 / hz / n }')"
+        R_CPU_US[$c]="$(awk -v t="$ticks" -v hz="$CLK_TCK" -v n="${R_REQ[$c]}" 'BEGIN { printf "%.2f", t * 1e6 / hz / n }')"
+        R_BUSY[$c]="$(awk -v t="$ticks" -v hz="$CLK_TCK" -v ns="$(( w1 - w0 ))" 'BEGIN { printf "%.0f", 100 * (t / hz) / (ns / 1e9) }')"
+        if (( ticks < 100 )); then
+            WARNINGS+=("$c: only $ticks CPU ticks measured (1 tick = $(( 1000 / CLK_TCK )) ms): use a longer DURATION for a precise CPU/req")
+        fi
+    fi
+    # Anything else running on the proxy core (this machine may be shared) skews the numbers.
+    other=$(( R_PCORE[$c] - ${R_BUSY[$c]:-0} - beside ))
+    if (( other > 10 )); then
+        WARNINGS+=("$c: core $PROXY_CPU was ${other}% busy with something other than the proxy during the measured run (shared machine?): rerun on a quiet machine")
+    fi
+    if (( R_NON2XX[$c] > 0 || R_ERRS[$c] > 0 )); then
+        WARNINGS+=("$c: ${R_NON2XX[$c]} non-2xx responses and ${R_ERRS[$c]} socket errors during the measured run")
+    fi
+    log "$c: ${R_RPS[$c]} req/s, p50 $(fmt_us "${R_P50[$c]}"), p99 $(fmt_us "${R_P99[$c]}"), proxy CPU ${R_CPU_US[$c]:-n/a} µs/req (user ${R_USER_US[$c]:-n/a})"
+}
+
 declare -A R_RPS R_REQ R_P50 R_P99 R_NON2XX R_ERRS R_CPU_US R_USER_US R_BUSY R_PCORE R_LCORE
 WARNINGS=()
 WRK_DIR="$TMP/wrk"; mkdir -p "$WRK_DIR"
@@ -497,7 +586,35 @@ done = function(summary, latency, requests)
 end
 LUA
 
-for c in "${contenders[@]}"; do
+# INTERLEAVE=1: both proxies at once, the paced client sending to each in turn.
+sequential=("${contenders[@]}")
+if [[ "$INTERLEAVE" == 1 ]]; then
+    sequential=()
+    log "=== nginx and keygate, interleaved"
+    start_contender nginx; sanity_check nginx "$URL"; NG_PID="$PROXY_PID"; NG_URL="$URL"
+    start_contender keygate; sanity_check keygate "$URL"; KG_PID="$PROXY_PID"; KG_URL="$URL"
+    log "warmup $WARMUP"
+    run_paced "$WARMUP" "$NG_URL" "$WRK_DIR/nginx-warmup.txt" "$KG_URL" "$WRK_DIR/keygate-warmup.txt"
+    log "measuring $DURATION ($CONNECTIONS connections to each, $RATE requests/s paced in all)"
+    mapfile -t ng_pids < <(proc_tree "$NG_PID")
+    ng0="$(cpu_ticks "${ng_pids[@]}")"; kg0="$(cpu_ticks "$KG_PID")"
+    pc0="$(core_ticks "$PROXY_CPU")"; lc0="$(core_ticks "$LOAD_CPU")"
+    w0="$(date +%s%N)"
+    run_paced "$DURATION" "$NG_URL" "$WRK_DIR/nginx.txt" "$KG_URL" "$WRK_DIR/keygate.txt"
+    w1="$(date +%s%N)"
+    pc1="$(core_ticks "$PROXY_CPU")"; lc1="$(core_ticks "$LOAD_CPU")"
+    ng1="$(cpu_ticks "${ng_pids[@]}")"; kg1="$(cpu_ticks "$KG_PID")"
+    # Each proxy's share of the core, so that the other's is not taken for a stranger's.
+    share() { awk -v a="$1" -v b="$2" -v hz="$CLK_TCK" -v ns="$(( w1 - w0 ))" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.0f", 100 * ((y[1] + y[2] - x[1] - x[2]) / hz) / (ns / 1e9) }'; }
+    t0="$ng0"; t1="$ng1"; account nginx 1 "$(share "$kg0" "$kg1")"
+    t0="$kg0"; t1="$kg1"; account keygate 1 "$(share "$ng0" "$ng1")"
+    for pid in "$NG_PID" "$KG_PID"; do
+        stop_pid "$pid"
+        if alive "$pid"; then die "pid $pid did not stop"; fi
+    done
+fi
+
+for c in "${sequential[@]}"; do
     log "=== $c"
     start_contender "$c"
     sanity_check "$c" "$URL"
@@ -536,48 +653,19 @@ for c in "${contenders[@]}"; do
     fi
 
     log "$c: warmup $WARMUP"
-    run_wrk "$URL" "$WARMUP" "$WRK_DIR/$c-warmup.txt"
+    if [[ -n "$RATE" ]]; then run_paced "$WARMUP" "$URL" "$WRK_DIR/$c-warmup.txt"; else run_wrk "$URL" "$WARMUP" "$WRK_DIR/$c-warmup.txt"; fi
 
-    log "$c: measuring $DURATION ($CONNECTIONS connections)"
+    log "$c: measuring $DURATION ($CONNECTIONS connections${RATE:+, $RATE requests/s paced})"
     pids=()
     if [[ -n "$PROXY_PID" ]]; then mapfile -t pids < <(proc_tree "$PROXY_PID"); fi
     if (( ${#pids[@]} )); then t0="$(cpu_ticks "${pids[@]}")"; fi
     pc0="$(core_ticks "$PROXY_CPU")"; lc0="$(core_ticks "$LOAD_CPU")"
     w0="$(date +%s%N)"
-    run_wrk "$URL" "$DURATION" "$WRK_DIR/$c.txt"
+    if [[ -n "$RATE" ]]; then run_paced "$DURATION" "$URL" "$WRK_DIR/$c.txt"; else run_wrk "$URL" "$DURATION" "$WRK_DIR/$c.txt"; fi
     w1="$(date +%s%N)"
     pc1="$(core_ticks "$PROXY_CPU")"; lc1="$(core_ticks "$LOAD_CPU")"
-    R_PCORE[$c]="$(core_pct "$pc0" "$pc1")"
-    R_LCORE[$c]="$(core_pct "$lc0" "$lc1")"
     if (( ${#pids[@]} )); then t1="$(cpu_ticks "${pids[@]}")"; fi
-
-    parsed="$(parse_wrk "$WRK_DIR/$c.txt")" || { cat "$WRK_DIR/$c.txt" >&2; die "could not parse wrk output for $c"; }
-    read -r rps req p50 p99 non2xx errs <<<"$parsed"
-    R_RPS[$c]="$rps"; R_REQ[$c]="$req"; R_P50[$c]="$p50"; R_P99[$c]="$p99"
-    R_NON2XX[$c]="$non2xx"; R_ERRS[$c]="$errs"
-    (( R_REQ[$c] > 0 )) || die "$c: wrk completed 0 requests"
-
-    if (( ${#pids[@]} )); then
-        read -r u0 s0 <<<"$t0"; read -r u1 s1 <<<"$t1"
-        ticks=$(( u1 + s1 - u0 - s0 ))
-        # User space alone: what the proxy's own code costs, apart from the kernel's network
-        # stack (which both proxies share).
-        R_USER_US[$c]="$(awk -v t="$(( u1 - u0 ))" -v hz="$CLK_TCK" -v n="${R_REQ[$c]}" 'BEGIN { printf "%.2f", t * 1e6 / hz / n }')"
-        R_CPU_US[$c]="$(awk -v t="$ticks" -v hz="$CLK_TCK" -v n="${R_REQ[$c]}" 'BEGIN { printf "%.2f", t * 1e6 / hz / n }')"
-        R_BUSY[$c]="$(awk -v t="$ticks" -v hz="$CLK_TCK" -v ns="$(( w1 - w0 ))" 'BEGIN { printf "%.0f", 100 * (t / hz) / (ns / 1e9) }')"
-        if (( ticks < 100 )); then
-            WARNINGS+=("$c: only $ticks CPU ticks measured (1 tick = $(( 1000 / CLK_TCK )) ms): use a longer DURATION for a precise CPU/req")
-        fi
-    fi
-    # Anything else running on the proxy core (this machine may be shared) skews the numbers.
-    other=$(( R_PCORE[$c] - ${R_BUSY[$c]:-0} ))
-    if (( other > 10 )); then
-        WARNINGS+=("$c: core $PROXY_CPU was ${other}% busy with something other than the proxy during the measured run (shared machine?): rerun on a quiet machine")
-    fi
-    if (( R_NON2XX[$c] > 0 || R_ERRS[$c] > 0 )); then
-        WARNINGS+=("$c: ${R_NON2XX[$c]} non-2xx responses and ${R_ERRS[$c]} socket errors during the measured run")
-    fi
-    log "$c: ${R_RPS[$c]} req/s, p50 $(fmt_us "${R_P50[$c]}"), p99 $(fmt_us "${R_P99[$c]}"), proxy CPU ${R_CPU_US[$c]:-n/a} µs/req (user ${R_USER_US[$c]:-n/a})"
+    account "$c" "${#pids[@]}" 0
 
     if [[ -n "$RELOADER_PID" ]]; then
         kill "$RELOADER_PID" 2>/dev/null || true
@@ -682,7 +770,13 @@ REPORT="$RESULTS_DIR/load-$(date +%Y-%m-%d-%H%M%S).md"
     echo
     echo "- CONTENDERS=\"${contenders[*]}\""
     echo "- KEYS=$KEYS SEED=$SEED"
-    echo "- DURATION=$DURATION WARMUP=$WARMUP CONNECTIONS=$CONNECTIONS (wrk -t1 -c$CONNECTIONS --latency)"
+    if [[ "$INTERLEAVE" == 1 ]]; then
+        echo "- DURATION=$DURATION WARMUP=$WARMUP CONNECTIONS=$CONNECTIONS RATE=$RATE INTERLEAVE=1 (examples/http_load: evenly paced, latency from each request's due time; both proxies at once on PROXY_CPU, requests to each in turn, RATE/2 each)"
+    elif [[ -n "$RATE" ]]; then
+        echo "- DURATION=$DURATION WARMUP=$WARMUP CONNECTIONS=$CONNECTIONS RATE=$RATE (examples/http_load: evenly paced, latency from each request's due time)"
+    else
+        echo "- DURATION=$DURATION WARMUP=$WARMUP CONNECTIONS=$CONNECTIONS (wrk -t1 -c$CONNECTIONS --latency)"
+    fi
     echo "- PROXY_CPU=$PROXY_CPU (proxy under test), LOAD_CPU=$LOAD_CPU (wrk + upstream nginx)"
     echo "- request: GET $REQUEST_PATH with X-API-Key (key ${CLIENT_KEY_ID}, ${CLIENT_PARTNER})"
     if [[ -n "$KEYGATE_EXTRA_TOML" ]]; then

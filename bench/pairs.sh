@@ -10,6 +10,11 @@
 #
 #   cargo build --release && PAIRS=10 bash bench/pairs.sh
 #
+# p99 at a fixed rate, both proxies meeting the same moments of the machine (§2, "The pauses"):
+#
+#   cargo build --release --example http_load
+#   PAIRS=10 RATE=30000 INTERLEAVE=1 bash bench/pairs.sh
+#
 # Every other variable is passed to bench/load.sh (KEYS, DURATION, KEYGATE, ...). Run it with
 # nothing else on the machine: a build or another benchmark moves both proxies' figures.
 set -euo pipefail
@@ -36,7 +41,10 @@ def ms(text):
 rows = []
 for path in sys.argv[1:]:
     found, busy = {}, {}
-    for line in open(path, encoding="utf-8"):
+    text = open(path, encoding="utf-8").read()
+    # INTERLEAVE=1: both proxies shared core 0 at once, each the other's "other work".
+    together = "INTERLEAVE=1" in text
+    for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) < 5 or cells[0] not in ("nginx-gate", "keygate"):
             continue
@@ -46,13 +54,17 @@ for path in sys.argv[1:]:
             except (AttributeError, ValueError):
                 sys.exit(f"{path}: {cells[0]} was not measured ({line.strip()})")
         elif cells[0] not in busy:  # the CPU table: the proxy's share of core 0, core 0 busy
-            busy[cells[0]] = float(cells[2].rstrip("%")) - float(cells[1].rstrip("%"))
+            busy[cells[0]] = (float(cells[1].rstrip("%")), float(cells[2].rstrip("%")))
     if len(found) != 2:
         sys.exit(f"{path}: no nginx-gate and keygate rows")
     (np99, ncpu), (kp99, kcpu) = found["nginx-gate"], found["keygate"]
     # Core 0 is the proxy's alone in a clean run: more than 10 points of it spent by other
     # tasks (a build, another benchmark) make the run say little.
-    shared = max(busy.values(), default=0.0) > 10
+    if together and len(busy) == 2:
+        others = [busy["keygate"][1] - busy["keygate"][0] - busy["nginx-gate"][0]]
+    else:
+        others = [core - own for own, core in busy.values()]
+    shared = max(others, default=0.0) > 10
     rows.append((path, ncpu, kcpu, kcpu / ncpu, np99, kp99, shared))
 
 print("| run | nginx CPU µs/req | keygate CPU µs/req | keygate vs nginx | p99 nginx / keygate (ms) |")
