@@ -30,6 +30,10 @@
 #                              BENCHMARKS.md: a VM's cores stop for milliseconds about once a
 #                              second, and one run after another each proxy's p99 depends on how
 #                              many its own run met)
+#   INTERLEAVE_FIRST=nginx     which proxy gets request 0, 2, 4, … (the other 1, 3, 5, …):
+#                              requests leave in twos and threes, and of two arriving together
+#                              on the shared core one is served first (bench/pairs.sh
+#                              alternates it from run to run)
 #   KEYGATE=target/release/keygate
 #   PROXY_CPU=0                core the proxy under test is pinned to
 #   LOAD_CPU=1                 core for wrk and the upstream nginx
@@ -53,6 +57,7 @@ CONNECTIONS="${CONNECTIONS:-50}"
 RATE="${RATE:-}"
 HTTP_LOAD="${HTTP_LOAD:-target/release/examples/http_load}"
 INTERLEAVE="${INTERLEAVE:-0}"
+INTERLEAVE_FIRST="${INTERLEAVE_FIRST:-nginx}"
 KEYGATE="${KEYGATE:-target/release/keygate}"
 PROXY_CPU="${PROXY_CPU:-0}"
 LOAD_CPU="${LOAD_CPU:-1}"
@@ -266,6 +271,8 @@ case "$INTERLEAVE" in
        [[ " ${contenders[*]} " == " nginx keygate " ]] || die "INTERLEAVE=1 compares nginx and keygate: set CONTENDERS=\"nginx keygate\" (got '${contenders[*]}')" ;;
     *) die "INTERLEAVE must be 0 or 1 (got '$INTERLEAVE')" ;;
 esac
+[[ "$INTERLEAVE_FIRST" == nginx || "$INTERLEAVE_FIRST" == keygate ]] \
+    || die "INTERLEAVE_FIRST must be nginx or keygate (got '$INTERLEAVE_FIRST')"
 [[ "$DURATION" =~ ^[0-9]+[smh]?$ ]] || die "DURATION must look like 10s (got '$DURATION')"
 [[ "$WARMUP" =~ ^[0-9]+[smh]?$ ]] || die "WARMUP must look like 2s (got '$WARMUP')"
 for cpu in "$PROXY_CPU" "$LOAD_CPU"; do
@@ -593,14 +600,17 @@ if [[ "$INTERLEAVE" == 1 ]]; then
     log "=== nginx and keygate, interleaved"
     start_contender nginx; sanity_check nginx "$URL"; NG_PID="$PROXY_PID"; NG_URL="$URL"
     start_contender keygate; sanity_check keygate "$URL"; KG_PID="$PROXY_PID"; KG_URL="$URL"
+    # The servers in the order they are sent to: "url output-stem" each.
+    order=("$NG_URL" nginx "$KG_URL" keygate)
+    if [[ "$INTERLEAVE_FIRST" == keygate ]]; then order=("$KG_URL" keygate "$NG_URL" nginx); fi
     log "warmup $WARMUP"
-    run_paced "$WARMUP" "$NG_URL" "$WRK_DIR/nginx-warmup.txt" "$KG_URL" "$WRK_DIR/keygate-warmup.txt"
+    run_paced "$WARMUP" "${order[0]}" "$WRK_DIR/${order[1]}-warmup.txt" "${order[2]}" "$WRK_DIR/${order[3]}-warmup.txt"
     log "measuring $DURATION ($CONNECTIONS connections to each, $RATE requests/s paced in all)"
     mapfile -t ng_pids < <(proc_tree "$NG_PID")
     ng0="$(cpu_ticks "${ng_pids[@]}")"; kg0="$(cpu_ticks "$KG_PID")"
     pc0="$(core_ticks "$PROXY_CPU")"; lc0="$(core_ticks "$LOAD_CPU")"
     w0="$(date +%s%N)"
-    run_paced "$DURATION" "$NG_URL" "$WRK_DIR/nginx.txt" "$KG_URL" "$WRK_DIR/keygate.txt"
+    run_paced "$DURATION" "${order[0]}" "$WRK_DIR/${order[1]}.txt" "${order[2]}" "$WRK_DIR/${order[3]}.txt"
     w1="$(date +%s%N)"
     pc1="$(core_ticks "$PROXY_CPU")"; lc1="$(core_ticks "$LOAD_CPU")"
     ng1="$(cpu_ticks "${ng_pids[@]}")"; kg1="$(cpu_ticks "$KG_PID")"
@@ -771,7 +781,7 @@ REPORT="$RESULTS_DIR/load-$(date +%Y-%m-%d-%H%M%S).md"
     echo "- CONTENDERS=\"${contenders[*]}\""
     echo "- KEYS=$KEYS SEED=$SEED"
     if [[ "$INTERLEAVE" == 1 ]]; then
-        echo "- DURATION=$DURATION WARMUP=$WARMUP CONNECTIONS=$CONNECTIONS RATE=$RATE INTERLEAVE=1 (examples/http_load: evenly paced, latency from each request's due time; both proxies at once on PROXY_CPU, requests to each in turn, RATE/2 each)"
+        echo "- DURATION=$DURATION WARMUP=$WARMUP CONNECTIONS=$CONNECTIONS RATE=$RATE INTERLEAVE=1 (examples/http_load: evenly paced, latency from each request's due time; both proxies at once on PROXY_CPU, requests to each in turn, RATE/2 each, $INTERLEAVE_FIRST first)"
     elif [[ -n "$RATE" ]]; then
         echo "- DURATION=$DURATION WARMUP=$WARMUP CONNECTIONS=$CONNECTIONS RATE=$RATE (examples/http_load: evenly paced, latency from each request's due time)"
     else

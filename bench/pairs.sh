@@ -24,7 +24,10 @@ RESULTS_DIR="${RESULTS_DIR:-bench/results}"
 export RESULTS_DIR
 reports=()
 for i in $(seq 1 "$PAIRS"); do
-    out=$(CONTENDERS="nginx keygate" bash bench/load.sh 2>&1) || { echo "$out" >&2; exit 1; }
+    # Interleaved, each proxy is sent the first request of every pair in half of the runs.
+    first=nginx
+    if [[ "${INTERLEAVE:-0}" == 1 ]] && (( i % 2 == 0 )); then first=keygate; fi
+    out=$(CONTENDERS="nginx keygate" INTERLEAVE_FIRST="$first" bash bench/load.sh 2>&1) || { echo "$out" >&2; exit 1; }
     report=$(echo "$out" | sed -n 's/.*report written to \(.*\)$/\1/p' | tail -1)
     [[ -f "$report" ]] || { echo "run $i: no report found in its output" >&2; echo "$out" >&2; exit 1; }
     reports+=("$report")
@@ -44,6 +47,7 @@ for path in sys.argv[1:]:
     text = open(path, encoding="utf-8").read()
     # INTERLEAVE=1: both proxies shared core 0 at once, each the other's "other work".
     together = "INTERLEAVE=1" in text
+    order = (" (keygate first)" if "keygate first)" in text else " (nginx first)") if together else ""
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) < 5 or cells[0] not in ("nginx-gate", "keygate"):
@@ -65,12 +69,12 @@ for path in sys.argv[1:]:
     else:
         others = [core - own for own, core in busy.values()]
     shared = max(others, default=0.0) > 10
-    rows.append((path, ncpu, kcpu, kcpu / ncpu, np99, kp99, shared))
+    rows.append((path, ncpu, kcpu, kcpu / ncpu, np99, kp99, shared, order))
 
 print("| run | nginx CPU µs/req | keygate CPU µs/req | keygate vs nginx | p99 nginx / keygate (ms) |")
 print("|---|---:|---:|---:|---:|")
-for i, (path, ncpu, kcpu, ratio, np99, kp99, shared) in enumerate(rows, 1):
-    note = " (core 0 shared with other work)" if shared else ""
+for i, (path, ncpu, kcpu, ratio, np99, kp99, shared, order) in enumerate(rows, 1):
+    note = order + (" (core 0 shared with other work)" if shared else "")
     print(f"| {i}{note} | {ncpu:.2f} | {kcpu:.2f} | {ratio:.2f}× | {np99:.2f} / {kp99:.2f} |")
 n = len(rows)
 shared = sum(r[6] for r in rows)

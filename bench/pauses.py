@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""bench/pauses.py: how often, and for how long, each core of this machine stops running us.
+
+One busy loop pinned to each core reads the clock as fast as it can for SECONDS; any gap over
+0.5 ms between two readings is a moment the core did something else (a kernel thread, an
+interrupt, another process, or, on a VM, the host not running this virtual CPU at all). A
+proxy's p99 cannot be below what these pauses do to 1% of its requests, so run this before
+trusting a p99 from bench/load.sh: if the cores stop for milliseconds about once a second, a
+p99 mostly counts the pauses each run met (BENCHMARKS.md §2, "The pauses of the machine").
+
+    python3 bench/pauses.py [SECONDS=10]
+
+Prints, per core: the pauses over 0.5 ms, their total in ms and as a share of the run, and the
+longest five. Both cores are busy during it, as in a load run.
+"""
+import os
+import sys
+import time
+from multiprocessing import Pool
+
+THRESHOLD_S = 0.0005
+
+
+def watch(args):
+    core, seconds = args
+    os.sched_setaffinity(0, {core})
+    clock = time.perf_counter
+    last = clock()
+    end = last + seconds
+    pauses = []
+    while last < end:
+        now = clock()
+        if now - last > THRESHOLD_S:
+            pauses.append(now - last)
+        last = now
+    return core, seconds, pauses
+
+
+def main():
+    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 10.0
+    cores = sorted(os.sched_getaffinity(0))
+    with Pool(len(cores)) as pool:
+        results = pool.map(watch, [(core, seconds) for core in cores])
+    for core, run, pauses in results:
+        total = sum(pauses)
+        longest = ", ".join(f"{p * 1000:.1f}" for p in sorted(pauses, reverse=True)[:5])
+        print(
+            f"core {core}: {len(pauses)} pauses over {THRESHOLD_S * 1000:g} ms in {run:g} s, "
+            f"{total * 1000:.1f} ms in all ({100 * total / run:.2f}% of the run); "
+            f"longest (ms): {longest or '-'}"
+        )
+
+
+if __name__ == "__main__":
+    main()
