@@ -43,6 +43,11 @@
 #   RELOAD_EVERY=1             seconds between snapshot replacements for keygate-reload
 #   KEYGATE_EXTRA_TOML=""      appended to keygate.toml (printf %b: "\n" becomes a newline),
 #                              e.g. KEYGATE_EXTRA_TOML='[runtime]\nflavor = "current_thread"'
+#   INJECT_PAUSES=""           FOR/EVERY in ms, e.g. 5/100: a real-time busy loop takes
+#                              PROXY_CPU for FOR ms every EVERY ms while the contenders run
+#                              (bench/pauses.py --inject under chrt -f 1; root): pauses far more
+#                              frequent than the machine's own then set every contender's tail,
+#                              the same for each
 #   SEED=42                    key generation seed
 #   RESULTS_DIR=bench/results  where the Markdown report goes
 #   KEEP_TMP=0                 1 = keep the temp dir (configs, logs, wrk outputs)
@@ -65,6 +70,7 @@ CONTENDERS="${CONTENDERS:-direct nginx keygate}"
 RELOAD_EVERY="${RELOAD_EVERY:-1}"
 KEYGATE_EXTRA_TOML="${KEYGATE_EXTRA_TOML:-}"
 SEED="${SEED:-42}"
+INJECT_PAUSES="${INJECT_PAUSES:-}"
 RESULTS_DIR="${RESULTS_DIR:-bench/results}"
 KEEP_TMP="${KEEP_TMP:-0}"
 NGINX="${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}"
@@ -265,6 +271,12 @@ if [[ -n "$RATE" ]]; then
     Build it with: cargo build --release --example http_load   (or set HTTP_LOAD=/path/to/http_load)"
     HTTP_LOAD="$(cd "$(dirname "$HTTP_LOAD")" && pwd)/$(basename "$HTTP_LOAD")"
 fi
+if [[ -n "$INJECT_PAUSES" ]]; then
+    [[ "$INJECT_PAUSES" =~ ^([1-9][0-9]*)/([1-9][0-9]*)$ ]] \
+        || die "INJECT_PAUSES must be FOR/EVERY in milliseconds, e.g. 5/100 (got '$INJECT_PAUSES')"
+    PAUSE_FOR="${BASH_REMATCH[1]}"; PAUSE_EVERY="${BASH_REMATCH[2]}"
+    chrt -f 1 true 2>/dev/null || die "INJECT_PAUSES: cannot start a real-time task (chrt -f 1; root needed)"
+fi
 case "$INTERLEAVE" in
     0) ;;
     1) [[ -n "$RATE" ]] || die "INTERLEAVE=1 needs RATE (the paced client sends to both proxies in turn)"
@@ -447,6 +459,12 @@ taskset -c "$LOAD_CPU" "$NGINX" -p "$UP_DIR" -c "$UP_DIR/nginx.conf" >"$UP_DIR/s
 UPSTREAM_PID=$!
 PIDS+=("$UPSTREAM_PID")
 wait_ready upstream "$UPSTREAM_PID" "http://127.0.0.1:$UPSTREAM_PORT$REQUEST_PATH" 200 "$UP_DIR/error.log"
+
+if [[ -n "$INJECT_PAUSES" ]]; then
+    log "injecting a ${PAUSE_FOR} ms pause every ${PAUSE_EVERY} ms on CPU $PROXY_CPU"
+    chrt -f 1 python3 "$SCRIPT_DIR/pauses.py" --inject "$PROXY_CPU" "$PAUSE_EVERY" "$PAUSE_FOR" &
+    PIDS+=("$!")
+fi
 
 # ---------------------------------------------------------------- contenders
 # Start contender $1 (pinned to PROXY_CPU); sets PROXY_PID, URL, LOGFILE.
@@ -780,6 +798,9 @@ REPORT="$RESULTS_DIR/load-$(date +%Y-%m-%d-%H%M%S).md"
     echo
     echo "- CONTENDERS=\"${contenders[*]}\""
     echo "- KEYS=$KEYS SEED=$SEED"
+    if [[ -n "$INJECT_PAUSES" ]]; then
+        echo "- INJECT_PAUSES=$INJECT_PAUSES (a real-time busy loop took CPU $PROXY_CPU for $PAUSE_FOR ms every $PAUSE_EVERY ms throughout)"
+    fi
     if [[ "$INTERLEAVE" == 1 ]]; then
         echo "- DURATION=$DURATION WARMUP=$WARMUP CONNECTIONS=$CONNECTIONS RATE=$RATE INTERLEAVE=1 (examples/http_load: evenly paced, latency from each request's due time; both proxies at once on PROXY_CPU, requests to each in turn, RATE/2 each, $INTERLEAVE_FIRST first)"
     elif [[ -n "$RATE" ]]; then

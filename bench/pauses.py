@@ -12,6 +12,13 @@ p99 mostly counts the pauses each run met (BENCHMARKS.md §2, "The pauses of the
 
 Prints, per core: the pauses over 0.5 ms, their total in ms and as a share of the run, and the
 longest five. Both cores are busy during it, as in a load run.
+
+    python3 bench/pauses.py --inject CORE EVERY_MS FOR_MS
+
+makes pauses instead: every EVERY_MS it takes core CORE for FOR_MS (a busy loop; run it as a
+real-time task, `chrt -f 1`, so that it preempts whatever runs there at once), until killed.
+bench/load.sh does this with INJECT_PAUSES=FOR/EVERY: pauses many times more frequent than the
+machine's own then set both proxies' tails, the same for each.
 """
 import os
 import sys
@@ -36,7 +43,20 @@ def watch(args):
     return core, seconds, pauses
 
 
+def inject(core, every_ms, for_ms):
+    os.sched_setaffinity(0, {core})
+    clock = time.perf_counter
+    while True:
+        time.sleep(every_ms / 1000)
+        end = clock() + for_ms / 1000
+        while clock() < end:
+            pass
+
+
 def main():
+    if len(sys.argv) == 5 and sys.argv[1] == "--inject":
+        inject(int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]))
+        return
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 10.0
     cores = sorted(os.sched_getaffinity(0))
     with Pool(len(cores)) as pool:
