@@ -257,7 +257,7 @@ async fn watch(
     shutdown: impl Future<Output = ()>,
 ) {
     let (tx, mut rx) = mpsc::channel::<()>(1);
-    let _watcher = watch_directory(&settings.path, tx.clone());
+    let _watcher = watch_directory(&settings.path, Watched::Snapshot, tx.clone());
     let mut target = TargetWatch::default();
     target.follow(&settings.path, &tx);
     let mut poll = tokio::time::interval(settings.poll_interval);
@@ -356,6 +356,28 @@ fn is_relevant(entry: &std::ffi::OsStr, name: Option<&std::ffi::OsStr>) -> bool 
     Some(entry) == name || entry.as_encoded_bytes().starts_with(b"..")
 }
 
+/// Which directory a watch is for, and so what its failure leaves: the warnings say which.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Watched {
+    /// The snapshot path's own directory: without its watch, only the poll sees a change.
+    Snapshot,
+    /// Where the snapshot's symlink points, outside the path's directory ([`TargetWatch`]):
+    /// the path's own directory is still watched.
+    LinkTarget,
+}
+
+impl Watched {
+    fn fallback(self) -> &'static str {
+        match self {
+            Watched::Snapshot => "polling the snapshot file",
+            Watched::LinkTarget => {
+                "changes made where the snapshot's symlink points wait for the poll (the \
+                 link's own directory is still watched)"
+            }
+        }
+    }
+}
+
 /// What [`watch_directory`] returns: the watch lasts as long as it lives.
 #[cfg(target_os = "linux")]
 type Watch = DirectoryWatch;
@@ -390,7 +412,7 @@ impl TargetWatch {
         self.watch = target
             .as_deref()
             .filter(|t| !beside(&own, t))
-            .and_then(|t| watch_directory(t, tx.clone()));
+            .and_then(|t| watch_directory(t, Watched::LinkTarget, tx.clone()));
         self.target = target;
     }
 }
@@ -423,14 +445,18 @@ impl Drop for DirectoryWatch {
 /// watches the directory a path resolved to when the watch was added), or the directory
 /// removed and made again. Either re-arms the directory's watch on what its path names now.
 #[cfg(target_os = "linux")]
-fn watch_directory(path: &Path, tx: mpsc::Sender<()>) -> Option<DirectoryWatch> {
+fn watch_directory(
+    path: &Path,
+    watched_as: Watched,
+    tx: mpsc::Sender<()>,
+) -> Option<DirectoryWatch> {
     use inotify::{EventMask, Inotify, WatchMask};
 
     let (dir, name) = directory_and_name(path);
     let inotify = match Inotify::init() {
         Ok(i) => i,
         Err(e) => {
-            tracing::warn!(error = %e, "inotify unavailable; polling the snapshot file");
+            tracing::warn!(error = %e, "inotify unavailable; {}", watched_as.fallback());
             return None;
         }
     };
@@ -448,7 +474,7 @@ fn watch_directory(path: &Path, tx: mpsc::Sender<()>) -> Option<DirectoryWatch> 
     let mut watched = match watches.add(&dir, mask) {
         Ok(wd) => Some(wd),
         Err(e) => {
-            tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the snapshot directory; polling");
+            tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the directory; {}", watched_as.fallback());
             return None;
         }
     };
@@ -477,7 +503,7 @@ fn watch_directory(path: &Path, tx: mpsc::Sender<()>) -> Option<DirectoryWatch> 
     let mut events = match inotify.into_event_stream([0u8; 4096]) {
         Ok(events) => events,
         Err(e) => {
-            tracing::warn!(error = %e, "inotify not pollable; polling the snapshot file");
+            tracing::warn!(error = %e, "inotify not pollable; {}", watched_as.fallback());
             return None;
         }
     };
@@ -487,12 +513,12 @@ fn watch_directory(path: &Path, tx: mpsc::Sender<()>) -> Option<DirectoryWatch> 
             let event = match event {
                 Ok(event) => event,
                 Err(e) => {
-                    tracing::warn!(error = %e, "reading inotify failed; polling the snapshot file");
+                    tracing::warn!(error = %e, "reading inotify failed; {}", watched_as.fallback());
                     return;
                 }
             };
             let ended = |what: &str| {
-                tracing::warn!(dir = %dir.display(), "the snapshot {what} is no longer watched; polling");
+                tracing::warn!(dir = %dir.display(), "the {what} is no longer watched; {}", watched_as.fallback());
                 let _ = tx.try_send(());
             };
             let parent_event = above.as_ref().filter(|(wd, _)| event.wd == *wd);
@@ -556,7 +582,11 @@ fn watch_directory(path: &Path, tx: mpsc::Sender<()>) -> Option<DirectoryWatch> 
 /// inotify (or the platform's watch) on the directory through `notify`, on a thread of its own;
 /// `None` (polling only) when it cannot be set up.
 #[cfg(not(target_os = "linux"))]
-fn watch_directory(path: &Path, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+fn watch_directory(
+    path: &Path,
+    watched_as: Watched,
+    tx: mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher};
 
     let (dir, name) = directory_and_name(path);
@@ -576,12 +606,12 @@ fn watch_directory(path: &Path, tx: mpsc::Sender<()>) -> Option<notify::Recommen
     let mut watcher = match notify::recommended_watcher(handler) {
         Ok(w) => w,
         Err(e) => {
-            tracing::warn!(error = %e, "file watching unavailable; polling the snapshot file");
+            tracing::warn!(error = %e, "file watching unavailable; {}", watched_as.fallback());
             return None;
         }
     };
     if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
-        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the snapshot directory; polling");
+        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the directory; {}", watched_as.fallback());
         return None;
     }
     Some(watcher)
@@ -625,7 +655,7 @@ mod tests {
         let path = dir.path().join("keys.json");
         std::fs::write(&path, b"{}").unwrap();
         let (tx, rx) = mpsc::channel(1);
-        let watch = watch_directory(&path, tx).expect("inotify works here");
+        let watch = watch_directory(&path, Watched::Snapshot, tx).expect("inotify works here");
         (dir, path, rx, watch)
     }
 
@@ -732,7 +762,8 @@ mod tests {
         let current = root.path().join("current");
         std::os::unix::fs::symlink(releases.join("1"), &current).unwrap();
         let (tx, mut rx) = mpsc::channel(1);
-        let _watch = watch_directory(&current.join("keys.json"), tx).expect("inotify works here");
+        let _watch = watch_directory(&current.join("keys.json"), Watched::Snapshot, tx)
+            .expect("inotify works here");
 
         std::fs::write(releases.join("1").join("keys.json"), b"{\"revision\":2}").unwrap();
         signalled(&mut rx, "the current release's file written").await;
@@ -745,6 +776,47 @@ mod tests {
         signalled(&mut rx, "release 2's file written").await;
         std::fs::write(releases.join("1").join("keys.json"), b"{\"revision\":4}").unwrap();
         quiet(&mut rx, "the old release's file written").await;
+    }
+
+    /// A symlinked snapshot whose target directory cannot be watched keeps its own directory's
+    /// watch: the warning says so, not that the file is now only polled.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn an_unwatchable_link_target_is_not_called_polling_only() {
+        #[derive(Clone, Default)]
+        struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("keys.json");
+        std::os::unix::fs::symlink(dir.path().join("gone/keys.json"), &link).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let mut target = TargetWatch::default();
+        tracing::subscriber::with_default(subscriber, || target.follow(&link, &tx));
+        assert!(
+            target.watch.is_none(),
+            "a missing directory cannot be watched"
+        );
+        let logged = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            logged.contains("cannot watch the directory")
+                && logged.contains("link's own directory is still watched")
+                && !logged.contains("polling the snapshot file"),
+            "{logged}"
+        );
     }
 
     #[test]
