@@ -552,6 +552,11 @@ pub fn render_created(c: &Created, json: bool) -> String {
             secret: &'a str,
             prefix: &'a str,
             partner_id: &'a str,
+            /// The partner's status as a keygate reads it ("active", "suspended", or why it
+            /// would be quarantined): a key of a partner not active is refused.
+            partner_status: &'a str,
+            /// Whether this command added the partner to the file.
+            partner_added: bool,
             environment: &'a str,
             scopes: &'a [String],
             created_at: &'a str,
@@ -563,6 +568,8 @@ pub fn render_created(c: &Created, json: bool) -> String {
             secret: &c.secret,
             prefix: &c.display_prefix,
             partner_id: &c.partner_id,
+            partner_status: &c.partner_status,
+            partner_added: c.partner_added,
             environment: &c.environment,
             scopes: &c.scopes,
             created_at: &c.created_at,

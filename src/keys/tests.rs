@@ -515,6 +515,9 @@ fn inactive_partner_is_kept_and_noted() {
     assert_eq!(c.partner_status, "suspended");
     assert_eq!(read_json(&path)["partners"][0]["status"], "suspended");
     assert!(render_created(&c, false).contains("partner_acme is suspended"));
+    let v: Value = serde_json::from_str(&render_created(&c, true)).unwrap();
+    assert_eq!(v["partner_status"], "suspended");
+    assert_eq!(v["partner_added"], false);
 }
 
 #[test]
@@ -551,7 +554,9 @@ fn render_created_prints_the_secret_exactly_once() {
             "environment",
             "expires_at",
             "id",
+            "partner_added",
             "partner_id",
+            "partner_status",
             "prefix",
             "revision",
             "scopes",
