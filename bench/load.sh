@@ -16,9 +16,10 @@
 #
 # Parameters (environment variables):
 #   KEYS=10000                 keys in the snapshot / nginx map
-#   DURATION=10s               measured wrk run
-#   WARMUP=2s                  warmup wrk run (not measured)
-#   CONNECTIONS=50             wrk connections (1 thread)
+#   DURATION=10s               measured run (wrk's, or the paced client's with RATE)
+#   WARMUP=2s                  warmup run (not measured)
+#   CONNECTIONS=50             wrk connections (1 thread); with RATE, the paced client's
+#                              connections to each server
 #   RATE=""                    requests/s: instead of wrk (closed-loop, as fast as the proxy
 #                              answers), send that many requests per second, evenly paced,
 #                              measuring each from when it was due (examples/http_load.rs:
@@ -234,6 +235,17 @@ parse_wrk() {
             if (rps == "" || req == "" || p50 == "" || p99 == "") exit 1
             printf "%s %s %s %s %d %d\n", rps, req, p50, p99, non2xx, errs
         }' "$1"
+}
+
+# A DURATION or WARMUP ("10s", "2m", "1h", "30") in seconds.
+seconds() {
+    local v="$1"
+    case "$v" in
+        *h) echo $(( ${v%h} * 3600 )) ;;
+        *m) echo $(( ${v%m} * 60 )) ;;
+        *s) echo "${v%s}" ;;
+        *) echo "$v" ;;
+    esac
 }
 
 # Format microseconds for humans: "212 µs" or "1.53 ms".
@@ -463,8 +475,17 @@ wait_ready upstream "$UPSTREAM_PID" "http://127.0.0.1:$UPSTREAM_PORT$REQUEST_PAT
 if [[ -n "$INJECT_PAUSES" ]]; then
     log "injecting a ${PAUSE_FOR} ms pause every ${PAUSE_EVERY} ms on CPU $PROXY_CPU"
     chrt -f 1 python3 "$SCRIPT_DIR/pauses.py" --inject "$PROXY_CPU" "$PAUSE_EVERY" "$PAUSE_FOR" &
-    PIDS+=("$!")
+    INJECT_PID=$!
+    PIDS+=("$INJECT_PID")
 fi
+
+# The injector's CPU ticks ("user sys"; "0 0" without one), which must be alive: its share of the
+# proxy core is not a stranger's, and a run it stopped in would not be what the report says.
+injector_ticks() {
+    if [[ -z "${INJECT_PID:-}" ]]; then echo "0 0"; return; fi
+    alive "$INJECT_PID" || die "the pause injector (pid $INJECT_PID) is gone"
+    cpu_ticks "$INJECT_PID"
+}
 
 # ---------------------------------------------------------------- contenders
 # Start contender $1 (pinned to PROXY_CPU); sets PROXY_PID, URL, LOGFILE.
@@ -537,26 +558,31 @@ run_wrk() {   # $1 = url, $2 = duration, $3 = output file
 # pair that follows in turn. Each server's line becomes a wrk-like summary that parse_wrk reads,
 # the client's own line kept below it.
 run_paced() {   # $1 = duration, then url output [url output]
-    local duration="$1" requests line i=0
+    local duration="$1" requests line i=0 raw
     shift
     local -a addrs=() outs=() lines=()
     while (( $# )); do addrs+=(--addr "${1#http://}"); outs+=("$2"); shift 2; done
-    requests=$(( RATE * ${duration%s} ))
-    if ! mapfile -t lines < <(taskset -c "$LOAD_CPU" "$HTTP_LOAD" "${addrs[@]}" --path "$REQUEST_PATH" \
-            --header "X-API-Key: $CLIENT_KEY" --rate "$RATE" --requests "$requests" --warmup 0 \
-            --connections "$CONNECTIONS" 2>"${outs[0]}.err"; echo "exit $?"); then
-        die "the paced client could not be run"
-    fi
-    if [[ "${lines[-1]}" != "exit 0" || ${#lines[@]} -ne $(( ${#outs[@]} + 1 )) ]]; then
-        printf '%s\n' "${lines[@]}" >&2; cat "${outs[0]}.err" >&2; die "the paced client failed (${addrs[*]})"
-    fi
-    for line in "${lines[@]:0:${#outs[@]}}"; do
-        # rate <asked> <achieved> ok <n> failed <n> p50 <ms> p90 <ms> p99 <ms> p99.9 <ms> max <ms> late-p99 <ms>
-        awk '{ printf "  Latency Distribution\n     50%%  %.0fus\n     99%%  %.0fus\n  %s requests in %ss\nRequests/sec: %s\n", $9 * 1000, $13 * 1000, $5, "-", $3
-               if ($7 > 0) printf "Non-2xx or 3xx responses: %d\n", $7 }' <<<"$line" >"${outs[i]}"
+    requests=$(( RATE * $(seconds "$duration") ))
+    raw="${outs[0]}.raw"
+    taskset -c "$LOAD_CPU" "$HTTP_LOAD" "${addrs[@]}" --path "$REQUEST_PATH" \
+        --header "X-API-Key: $CLIENT_KEY" --rate "$RATE" --requests "$requests" --warmup 0 \
+        --connections "$CONNECTIONS" >"$raw" 2>"${outs[0]}.err" \
+        || { cat "$raw" "${outs[0]}.err" >&2; die "the paced client failed (${addrs[*]})"; }
+    mapfile -t lines <"$raw"
+    (( ${#lines[@]} == ${#outs[@]} )) \
+        || { cat "$raw" "${outs[0]}.err" >&2; die "the paced client printed ${#lines[@]} lines for ${#outs[@]} servers"; }
+    for line in "${lines[@]}"; do
+        # rate <asked> <achieved> ok <n> failed <n> p50 <ms> p90 <ms> p99 <ms> p99.9 <ms> max <ms> wait-p99 <ms> pace-p99 <ms>
+        awk '{ printf "  Latency Distribution\n     50%%  %.0fus\n     99%%  %.0fus\n  %s requests in %ss\nRequests/sec: %s\n", $9 * 1000, $13 * 1000, $5, "-", $3 }' <<<"$line" >"${outs[i]}"
         echo "paced: $line" >>"${outs[i]}"
         i=$(( i + 1 ))
     done
+}
+
+# Percent of the measured run's wall time (w0..w1) that the CPU ticks between two cpu_ticks
+# samples ("user sys" each) amount to.
+share() {
+    awk -v a="$1" -v b="$2" -v hz="$CLK_TCK" -v ns="$(( w1 - w0 ))" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.0f", 100 * ((y[1] + y[2] - x[1] - x[2]) / hz) / (ns / 1e9) }'
 }
 
 # The figures of contender $1 from its output ($WRK_DIR/$1.txt) and the samples taken around
@@ -625,17 +651,17 @@ if [[ "$INTERLEAVE" == 1 ]]; then
     run_paced "$WARMUP" "${order[0]}" "$WRK_DIR/${order[1]}-warmup.txt" "${order[2]}" "$WRK_DIR/${order[3]}-warmup.txt"
     log "measuring $DURATION ($CONNECTIONS connections to each, $RATE requests/s paced in all)"
     mapfile -t ng_pids < <(proc_tree "$NG_PID")
-    ng0="$(cpu_ticks "${ng_pids[@]}")"; kg0="$(cpu_ticks "$KG_PID")"
+    ng0="$(cpu_ticks "${ng_pids[@]}")"; kg0="$(cpu_ticks "$KG_PID")"; inj0="$(injector_ticks)"
     pc0="$(core_ticks "$PROXY_CPU")"; lc0="$(core_ticks "$LOAD_CPU")"
     w0="$(date +%s%N)"
     run_paced "$DURATION" "${order[0]}" "$WRK_DIR/${order[1]}.txt" "${order[2]}" "$WRK_DIR/${order[3]}.txt"
     w1="$(date +%s%N)"
     pc1="$(core_ticks "$PROXY_CPU")"; lc1="$(core_ticks "$LOAD_CPU")"
-    ng1="$(cpu_ticks "${ng_pids[@]}")"; kg1="$(cpu_ticks "$KG_PID")"
+    ng1="$(cpu_ticks "${ng_pids[@]}")"; kg1="$(cpu_ticks "$KG_PID")"; inj1="$(injector_ticks)"
     # Each proxy's share of the core, so that the other's is not taken for a stranger's.
-    share() { awk -v a="$1" -v b="$2" -v hz="$CLK_TCK" -v ns="$(( w1 - w0 ))" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.0f", 100 * ((y[1] + y[2] - x[1] - x[2]) / hz) / (ns / 1e9) }'; }
-    t0="$ng0"; t1="$ng1"; account nginx 1 "$(share "$kg0" "$kg1")"
-    t0="$kg0"; t1="$kg1"; account keygate 1 "$(share "$ng0" "$ng1")"
+    injected="$(share "$inj0" "$inj1")"
+    t0="$ng0"; t1="$ng1"; account nginx 1 "$(( $(share "$kg0" "$kg1") + injected ))"
+    t0="$kg0"; t1="$kg1"; account keygate 1 "$(( $(share "$ng0" "$ng1") + injected ))"
     for pid in "$NG_PID" "$KG_PID"; do
         stop_pid "$pid"
         if alive "$pid"; then die "pid $pid did not stop"; fi
@@ -653,7 +679,7 @@ for c in "${sequential[@]}"; do
         # over it) for as long as wrk runs: every reload re-parses all $KEYS keys. The next
         # revisions are written beforehand, so that writing them (a sed over the whole file)
         # does not take CPU from the proxy or wrk during the measurement: only the rename is.
-        reloads=$(( ( ${WARMUP%s} + ${DURATION%s} ) / RELOAD_EVERY + 3 ))
+        reloads=$(( ( $(seconds "$WARMUP") + $(seconds "$DURATION") ) / RELOAD_EVERY + 3 ))
         for rev in $(seq 2 $(( reloads + 1 ))); do
             sed -E "0,/\"revision\": [0-9]+/s//\"revision\": $rev/" "$TMP/keys.json" >"$TMP/keys.json.$rev"
         done
@@ -687,13 +713,15 @@ for c in "${sequential[@]}"; do
     pids=()
     if [[ -n "$PROXY_PID" ]]; then mapfile -t pids < <(proc_tree "$PROXY_PID"); fi
     if (( ${#pids[@]} )); then t0="$(cpu_ticks "${pids[@]}")"; fi
+    inj0="$(injector_ticks)"
     pc0="$(core_ticks "$PROXY_CPU")"; lc0="$(core_ticks "$LOAD_CPU")"
     w0="$(date +%s%N)"
     if [[ -n "$RATE" ]]; then run_paced "$DURATION" "$URL" "$WRK_DIR/$c.txt"; else run_wrk "$URL" "$DURATION" "$WRK_DIR/$c.txt"; fi
     w1="$(date +%s%N)"
     pc1="$(core_ticks "$PROXY_CPU")"; lc1="$(core_ticks "$LOAD_CPU")"
     if (( ${#pids[@]} )); then t1="$(cpu_ticks "${pids[@]}")"; fi
-    account "$c" "${#pids[@]}" 0
+    inj1="$(injector_ticks)"
+    account "$c" "${#pids[@]}" "$(share "$inj0" "$inj1")"
 
     if [[ -n "$RELOADER_PID" ]]; then
         kill "$RELOADER_PID" 2>/dev/null || true

@@ -16,9 +16,9 @@ longest five. Both cores are busy during it, as in a load run.
     python3 bench/pauses.py --inject CORE EVERY_MS FOR_MS
 
 makes pauses instead: every EVERY_MS it takes core CORE for FOR_MS (a busy loop; run it as a
-real-time task, `chrt -f 1`, so that it preempts whatever runs there at once), until killed.
-bench/load.sh does this with INJECT_PAUSES=FOR/EVERY: pauses many times more frequent than the
-machine's own then set both proxies' tails, the same for each.
+real-time task, `chrt -f 1`, so that it preempts whatever runs there at once), until killed or
+its parent is gone. bench/load.sh does this with INJECT_PAUSES=FOR/EVERY: pauses several times
+as frequent as the machine's own then set both proxies' tails, the same for each.
 """
 import os
 import sys
@@ -45,10 +45,19 @@ def watch(args):
 
 def inject(core, every_ms, for_ms):
     os.sched_setaffinity(0, {core})
+    parent = os.getppid()
     clock = time.perf_counter
-    while True:
-        time.sleep(every_ms / 1000)
-        end = clock() + for_ms / 1000
+    start = clock()
+    # On a fixed schedule (pause n starts at start + n * every), so that neither the pauses nor
+    # the wake-ups' lateness add up into a longer period.
+    n = 0
+    while os.getppid() == parent:  # a real-time busy loop must not outlive its benchmark
+        n += 1
+        begin = start + n * every_ms / 1000
+        wait = begin - clock()
+        if wait > 0:
+            time.sleep(wait)
+        end = begin + for_ms / 1000
         while clock() < end:
             pass
 

@@ -11,7 +11,12 @@
 //! The pacing thread sleeps until each request is due (it never spins: the upstream shares this
 //! core in the benchmark, and a spinning client would take the core from it); the kernel's timer
 //! slack wakes it up to ~60 µs late, so requests leave in twos and threes at 50,000/s. How late
-//! they left is reported (`late-p99`), so a run whose client could not keep pace shows as such.
+//! the pacer itself handed requests over is reported (`pace-p99`), so a run whose client could
+//! not keep pace shows as such; `wait-p99` is how long a request then waited to be written,
+//! mostly for a free connection (every one busy: the server is behind).
+//!
+//! A request unanswered after 2 s counts as failed (as wrk's timeout), and its connection is
+//! made again.
 //!
 //! With several `--addr`, requests go to them in turn (request `i` to server `i mod n`), each
 //! server with its own `--connections`, and each gets its own line: two proxies measured this
@@ -28,7 +33,8 @@
 //!     --header 'X-API-Key: sk_live_…' --rate 40000 --requests 400000 --connections 50
 //! ```
 //! Prints one line per server, in the order given: `rate <asked> <achieved> ok <n> failed <n>
-//! p50 <ms> p90 <ms> p99 <ms> p99.9 <ms> max <ms> late-p99 <ms>` (the rate each server got).
+//! p50 <ms> p90 <ms> p99 <ms> p99.9 <ms> max <ms> wait-p99 <ms> pace-p99 <ms>` (the rate each
+//! server got; `pace-p99` is the pacer's, the same on every line).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -63,6 +69,9 @@ struct Args {
     connections: usize,
 }
 
+/// How long a request may go unanswered before it counts as failed (wrk's default timeout).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// One request to send: its number and when it was due.
 struct Due {
     index: u64,
@@ -74,7 +83,7 @@ struct Tally {
     /// Nanoseconds from a request's due time to the end of its answer, measured requests only.
     latency: Vec<u64>,
     /// Nanoseconds from a request's due time to its write.
-    lateness: Vec<u64>,
+    waited: Vec<u64>,
     /// When the last measured answer ended.
     last: Option<Instant>,
     failed: u64,
@@ -123,7 +132,7 @@ async fn run(args: Args) -> i32 {
         let share = (args.requests / servers + 1) as usize;
         let tally = Arc::new(Mutex::new(Tally {
             latency: Vec::with_capacity(share),
-            lateness: Vec::with_capacity(share),
+            waited: Vec::with_capacity(share),
             ..Tally::default()
         }));
         let (send, receive) = mpsc::unbounded_channel::<Due>();
@@ -147,26 +156,36 @@ async fn run(args: Args) -> i32 {
     let interval = Duration::from_secs_f64(1.0 / args.rate);
     let start = Instant::now() + Duration::from_millis(10);
     let measured_start = start + interval.mul_f64(args.warmup as f64);
-    // Sleeping, not spinning: see the module's comment.
+    // Sleeping, not spinning: see the module's comment. A server none of whose connections is
+    // left (each failed to connect again) is sent nothing more; the others go on.
     let pacer = std::thread::spawn(move || {
+        let mut sends: Vec<_> = sends.into_iter().map(Some).collect();
+        let mut late = Vec::with_capacity(args.requests as usize);
         for index in 0..total {
             let at = start + interval.mul_f64(index as f64);
             let now = Instant::now();
             if at > now {
                 std::thread::sleep(at - now);
             }
-            if sends[(index % servers) as usize]
-                .send(Due { index, at })
-                .is_err()
+            if index >= args.warmup {
+                late.push(Instant::now().saturating_duration_since(at).as_nanos() as u64);
+            }
+            let slot = &mut sends[(index % servers) as usize];
+            if slot
+                .as_ref()
+                .is_some_and(|s| s.send(Due { index, at }).is_err())
             {
-                return;
+                *slot = None;
             }
         }
+        late
     });
     for worker in workers {
         worker.await.expect("a connection task");
     }
-    pacer.join().expect("the pacing thread");
+    let mut pace = pacer.join().expect("the pacing thread");
+    pace.sort_unstable();
+    let pace_p99 = quantile_ms(&pace, 0.99);
     let mut failed = false;
     for tally in tallies {
         let tally = Arc::try_unwrap(tally)
@@ -174,28 +193,31 @@ async fn run(args: Args) -> i32 {
             .expect("every task is done")
             .into_inner()
             .expect("the tally");
-        failed |= report(tally, args.rate / servers as f64, measured_start);
+        failed |= report(tally, args.rate / servers as f64, measured_start, pace_p99);
     }
     i32::from(failed)
 }
 
+/// The nearest-rank quantile `q` of sorted nanoseconds, in milliseconds.
+fn quantile_ms(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1] as f64 / 1e6
+}
+
 /// Prints one server's line; true if any of its requests failed.
-fn report(mut tally: Tally, rate: f64, measured_start: Instant) -> bool {
+fn report(mut tally: Tally, rate: f64, measured_start: Instant, pace_p99: f64) -> bool {
     let elapsed = tally
         .last
         .map_or(f64::NAN, |last| (last - measured_start).as_secs_f64());
     tally.latency.sort_unstable();
-    tally.lateness.sort_unstable();
-    let ms = |sorted: &[u64], q: f64| -> f64 {
-        if sorted.is_empty() {
-            return f64::NAN;
-        }
-        let at = ((q * sorted.len() as f64) as usize).min(sorted.len() - 1);
-        sorted[at] as f64 / 1e6
-    };
+    tally.waited.sort_unstable();
+    let ms = quantile_ms;
     let lat = &tally.latency;
     println!(
-        "rate {:.0} {:.0} ok {} failed {} p50 {:.3} p90 {:.3} p99 {:.3} p99.9 {:.3} max {:.3} late-p99 {:.3}",
+        "rate {:.0} {:.0} ok {} failed {} p50 {:.3} p90 {:.3} p99 {:.3} p99.9 {:.3} max {:.3} wait-p99 {:.3} pace-p99 {:.3}",
         rate,
         lat.len() as f64 / elapsed,
         lat.len(),
@@ -205,7 +227,8 @@ fn report(mut tally: Tally, rate: f64, measured_start: Instant) -> bool {
         ms(lat, 0.99),
         ms(lat, 0.999),
         ms(lat, 1.0),
-        ms(&tally.lateness, 0.99),
+        ms(&tally.waited, 0.99),
+        pace_p99,
     );
     if let Some(failure) = tally.first_failure {
         eprintln!("first failure: {failure}");
@@ -234,14 +257,17 @@ async fn worker(
             return;
         };
         let sent = Instant::now();
-        let outcome = exchange(&mut stream, &request, &mut buffer).await;
+        let outcome =
+            tokio::time::timeout(ANSWER_TIMEOUT, exchange(&mut stream, &request, &mut buffer))
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {ANSWER_TIMEOUT:?}")));
         let done = Instant::now();
         let failed = {
             let mut tally = tally.lock().expect("the tally");
             match outcome {
                 Ok(()) if due.index >= warmup => {
                     tally.latency.push((done - due.at).as_nanos() as u64);
-                    tally.lateness.push((sent - due.at).as_nanos() as u64);
+                    tally.waited.push((sent - due.at).as_nanos() as u64);
                     tally.last = Some(tally.last.map_or(done, |last| last.max(done)));
                     false
                 }
