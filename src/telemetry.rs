@@ -557,6 +557,32 @@ impl Telemetry {
     }
 }
 
+/// What `f` logs on this thread, through a real `fmt` subscriber (at its default level, info),
+/// as text: for tests of what keygate says.
+#[cfg(test)]
+pub(crate) fn logged_by(f: impl FnOnce()) -> String {
+    #[derive(Clone, Default)]
+    struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = Sink::default();
+    let writer = sink.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let out = sink.0.lock().unwrap().clone();
+    String::from_utf8(out).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -599,24 +625,7 @@ mod tests {
 
     /// What `log.decisions` lets through, captured from a real subscriber.
     fn logged(mode: DecisionLog) -> String {
-        #[derive(Clone, Default)]
-        struct Sink(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Sink {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let sink = Sink::default();
-        let writer = sink.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        logged_by(|| {
             let t = Telemetry::new(10, mode);
             let s = t.shard(Front::AuthzHttp);
             let mut allowed = Note::default();
@@ -629,9 +638,7 @@ mod tests {
             let mut denied = Note::default();
             denied.deny(&DenyReason::KeyRevoked);
             s.answered(Instant::now(), &denied, 401, "req-denied");
-        });
-        let out = sink.0.lock().unwrap().clone();
-        String::from_utf8(out).unwrap()
+        })
     }
 
     #[test]

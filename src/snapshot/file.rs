@@ -783,34 +783,16 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn an_unwatchable_link_target_is_not_called_polling_only() {
-        #[derive(Clone, Default)]
-        struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Sink {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let dir = tempfile::tempdir().unwrap();
         let link = dir.path().join("keys.json");
         std::os::unix::fs::symlink(dir.path().join("gone/keys.json"), &link).unwrap();
         let (tx, _rx) = mpsc::channel(1);
-        let sink = Sink::default();
-        let writer = sink.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
         let mut target = TargetWatch::default();
-        tracing::subscriber::with_default(subscriber, || target.follow(&link, &tx));
+        let logged = crate::telemetry::logged_by(|| target.follow(&link, &tx));
         assert!(
             target.watch.is_none(),
             "a missing directory cannot be watched"
         );
-        let logged = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
         assert!(
             logged.contains("cannot watch the directory")
                 && logged.contains("link's own directory is still watched")
