@@ -32,6 +32,8 @@ use clap::Parser;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
+mod support;
+
 #[derive(Parser)]
 struct Args {
     /// The gRPC server.
@@ -148,26 +150,15 @@ async fn run(args: Args, body: Bytes) -> i32 {
         .expect("the tally");
     tally.latency.sort_unstable();
     tally.lateness.sort_unstable();
-    let ms = |sorted: &[u64], q: f64| -> f64 {
-        if sorted.is_empty() {
-            return f64::NAN;
-        }
-        let at = ((q * sorted.len() as f64) as usize).min(sorted.len() - 1);
-        sorted[at] as f64 / 1e6
-    };
-    let lat = &tally.latency;
     println!(
-        "rate {:.0} {:.0} ok {} failed {} p50 {:.3} p90 {:.3} p99 {:.3} p99.9 {:.3} max {:.3} late-p99 {:.3}",
-        args.rate,
-        args.requests as f64 / elapsed,
-        lat.len(),
-        tally.failed,
-        ms(lat, 0.5),
-        ms(lat, 0.9),
-        ms(lat, 0.99),
-        ms(lat, 0.999),
-        ms(lat, 1.0),
-        ms(&tally.lateness, 0.99),
+        "{} late-p99 {:.3}",
+        support::summary(
+            args.rate,
+            args.requests as f64 / elapsed,
+            tally.failed,
+            &tally.latency
+        ),
+        support::quantile_ms(&tally.lateness, 0.99),
     );
     if let Some(failure) = tally.first_failure {
         eprintln!("first failure: {failure}");

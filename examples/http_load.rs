@@ -45,6 +45,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+mod support;
+
 #[derive(Parser)]
 struct Args {
     /// The server; repeatable: requests go to each in turn.
@@ -185,7 +187,7 @@ async fn run(args: Args) -> i32 {
     }
     let mut pace = pacer.join().expect("the pacing thread");
     pace.sort_unstable();
-    let pace_p99 = quantile_ms(&pace, 0.99);
+    let pace_p99 = support::quantile_ms(&pace, 0.99);
     let mut failed = false;
     for tally in tallies {
         let tally = Arc::try_unwrap(tally)
@@ -198,15 +200,6 @@ async fn run(args: Args) -> i32 {
     i32::from(failed)
 }
 
-/// The nearest-rank quantile `q` of sorted nanoseconds, in milliseconds.
-fn quantile_ms(sorted: &[u64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1] as f64 / 1e6
-}
-
 /// Prints one server's line; true if any of its requests failed.
 fn report(mut tally: Tally, rate: f64, measured_start: Instant, pace_p99: f64) -> bool {
     let elapsed = tally
@@ -214,21 +207,11 @@ fn report(mut tally: Tally, rate: f64, measured_start: Instant, pace_p99: f64) -
         .map_or(f64::NAN, |last| (last - measured_start).as_secs_f64());
     tally.latency.sort_unstable();
     tally.waited.sort_unstable();
-    let ms = quantile_ms;
-    let lat = &tally.latency;
+    let achieved = tally.latency.len() as f64 / elapsed;
     println!(
-        "rate {:.0} {:.0} ok {} failed {} p50 {:.3} p90 {:.3} p99 {:.3} p99.9 {:.3} max {:.3} wait-p99 {:.3} pace-p99 {:.3}",
-        rate,
-        lat.len() as f64 / elapsed,
-        lat.len(),
-        tally.failed,
-        ms(lat, 0.5),
-        ms(lat, 0.9),
-        ms(lat, 0.99),
-        ms(lat, 0.999),
-        ms(lat, 1.0),
-        ms(&tally.waited, 0.99),
-        pace_p99,
+        "{} wait-p99 {:.3} pace-p99 {pace_p99:.3}",
+        support::summary(rate, achieved, tally.failed, &tally.latency),
+        support::quantile_ms(&tally.waited, 0.99),
     );
     if let Some(failure) = tally.first_failure {
         eprintln!("first failure: {failure}");

@@ -562,7 +562,7 @@ impl Telemetry {
 #[cfg(test)]
 pub(crate) fn logged_by(f: impl FnOnce()) -> String {
     #[derive(Clone, Default)]
-    struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+    struct Sink(Arc<Mutex<Vec<u8>>>);
     impl std::io::Write for Sink {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
             self.0.lock().unwrap().extend_from_slice(b);

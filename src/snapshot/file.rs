@@ -357,7 +357,7 @@ fn is_relevant(entry: &std::ffi::OsStr, name: Option<&std::ffi::OsStr>) -> bool 
 }
 
 /// Which directory a watch is for, and so what its failure leaves: the warnings say which.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum Watched {
     /// The snapshot path's own directory: without its watch, only the poll sees a change.
     Snapshot,
